@@ -1,0 +1,1 @@
+"""numba-mamba: Mamba's selective state space scan for NumPy and CuPy arrays."""

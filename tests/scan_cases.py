@@ -1,0 +1,64 @@
+"""Random inputs for the selective scan tests, shared by every test file.
+
+``make_inputs`` returns a dict of keyword arguments for ``selective_scan`` /
+``selective_scan_vjp`` (NumPy arrays; move them to CuPy in GPU tests).  The
+values are drawn so the scan is well conditioned: negative A, positive delta
+around the range a trained Mamba uses, unit-scale u, B, C.
+"""
+
+import numpy as np
+
+__all__ = ["make_inputs", "TOLERANCES", "assert_close"]
+
+
+def _bc(rng, kind, Bt, Dc, N, L, G, dtype):
+    if kind == "const":
+        return rng.standard_normal((Dc, N)).astype(dtype)
+    if kind == "var":
+        return rng.standard_normal((Bt, N, L)).astype(dtype)
+    if kind == "grouped":
+        return rng.standard_normal((Bt, G, N, L)).astype(dtype)
+    raise ValueError(kind)
+
+
+def make_inputs(rng, Bt=2, Dc=4, L=16, N=4, dtype=np.float64, B_kind="var", C_kind="var",
+                G=2, D=False, z=False, delta_bias=False, softplus=False, initial_state=False):
+    """Keyword arguments for one selective scan call, drawn from ``rng``."""
+    if softplus:
+        delta = rng.uniform(-3.0, 0.5, (Bt, Dc, L))
+    else:
+        delta = rng.uniform(0.01, 0.6, (Bt, Dc, L))
+    args = dict(
+        u=rng.standard_normal((Bt, Dc, L)).astype(dtype),
+        delta=delta.astype(dtype),
+        A=(-rng.uniform(0.2, 3.0, (Dc, N))).astype(dtype),
+        B=_bc(rng, B_kind, Bt, Dc, N, L, G, dtype),
+        C=_bc(rng, C_kind, Bt, Dc, N, L, G, dtype),
+        D=rng.standard_normal(Dc).astype(dtype) if D else None,
+        z=rng.standard_normal((Bt, Dc, L)).astype(dtype) if z else None,
+        delta_bias=rng.uniform(-1.0, 1.0, Dc).astype(dtype) if delta_bias else None,
+        delta_softplus=bool(softplus),
+        initial_state=rng.standard_normal((Bt, Dc, N)).astype(dtype) if initial_state else None,
+    )
+    return args
+
+
+# rtol, atol per dtype and quantity.  float32 figures are the reference
+# project's own test tolerances (out rtol 6e-4 atol 2e-3; du 2x; ddelta 5x,
+# 10x with z; weights 1e-3).
+TOLERANCES = {
+    np.dtype(np.float64): dict(out=(1e-10, 1e-10), du=(1e-9, 1e-9), ddelta=(1e-9, 1e-9),
+                               weights=(1e-9, 1e-9)),
+    np.dtype(np.float32): dict(out=(6e-4, 2e-3), du=(1.2e-3, 4e-3), ddelta=(3e-3, 1e-2),
+                               ddelta_z=(6e-3, 2e-2), weights=(1e-3, 1e-3)),
+}
+
+
+def assert_close(name, got, expected, rtol, atol):
+    """assert_allclose that names the quantity and prints the max error."""
+    got = np.asarray(got, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert got.shape == expected.shape, f"{name}: shape {got.shape} != {expected.shape}"
+    err = np.max(np.abs(got - expected)) if got.size else 0.0
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol,
+                               err_msg=f"{name}: max abs error {err:.3g}")
