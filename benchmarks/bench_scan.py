@@ -1,0 +1,132 @@
+"""Benchmark the GPU selective scan against the reference CUDA kernel's figures.
+
+For each row: forward and backward times (CUDA events, median of ``--reps``
+runs after warm-up, fresh random inputs each run), the effective bandwidth of
+the bytes each pass must move, the ratio to the memory floor at the copy
+bandwidth measured in the same run, and the ratio to the reference
+implementation's figures measured on an H200 (issue 3).
+
+Run:  python benchmarks/bench_scan.py [--quick] [--reps 20]
+"""
+
+import argparse
+import datetime
+import statistics
+
+import numpy as np
+
+import numba_mamba as nm
+
+# (batch, D, N, L, dtype): reference fwd ms, bwd ms (state-spaces/mamba csrc/selective_scan,
+# sm_90 build, H200, z, D, delta_bias, softplus on, B and C variable (batch, N, L)).
+ROWS = [
+    ((8, 1536, 16, 2048, "float32"), 0.89, 2.09),
+    ((8, 1536, 16, 2048, "bfloat16"), 0.47, 1.82),
+    ((2, 1536, 16, 16384, "float32"), 1.91, 4.20),
+    ((64, 64, 16, 1024, "float32"), 0.17, 0.44),
+]
+
+
+def copy_bandwidth(cupy, nbytes=2 << 30, reps=10):
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    src = cupy.ones(nbytes // 4, dtype=cupy.float32)
+    dst = cupy.empty_like(src)
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(reps):
+        start.record()
+        dst[...] = src
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def make_inputs(cupy, Bt, Dc, N, L, dtype, rng):
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (rng.standard_normal(shape, dtype=cupy.float32) * scale + shift).astype(dtype)
+    return dict(
+        u=rnd(Bt, Dc, L), delta=rnd(Bt, Dc, L, scale=0.5, shift=-1.0),
+        A=-cupy.exp(rnd(Dc, N, scale=0.5).astype(cupy.float32)),
+        B=rnd(Bt, N, L), C=rnd(Bt, N, L), D=rnd(Dc).astype(cupy.float32),
+        z=rnd(Bt, Dc, L), delta_bias=rnd(Dc, scale=0.1).astype(cupy.float32),
+        delta_softplus=True,
+    )
+
+
+def time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup=3):
+    rng = cupy.random.default_rng(0)
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    fwd, bwd = [], []
+    for i in range(warmup + reps):
+        args = make_inputs(cupy, Bt, Dc, N, L, dtype, rng)  # fresh inputs, never zeros
+        dout = rng.standard_normal((Bt, Dc, L), dtype=cupy.float32).astype(dtype)
+        cupy.cuda.get_current_stream().synchronize()
+        start.record()
+        out, last, backward = nm.selective_scan_vjp(**args)
+        stop.record()
+        stop.synchronize()
+        t_fwd = cupy.cuda.get_elapsed_time(start, stop)
+        start.record()
+        backward(dout)
+        stop.record()
+        stop.synchronize()
+        t_bwd = cupy.cuda.get_elapsed_time(start, stop)
+        if i >= warmup:
+            fwd.append(t_fwd)
+            bwd.append(t_bwd)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def pass_bytes(Bt, Dc, N, L, itemsize):
+    """Bytes each pass must move at least (inputs read once, outputs written once)."""
+    seq = Bt * Dc * L * itemsize  # one (Bt, D, L) tensor
+    bc = Bt * N * L * itemsize  # one variable B or C
+    fwd = 3 * seq + 2 * bc + seq  # u, delta, z, B, C in; out
+    bwd = 4 * seq + 2 * bc + 3 * seq + 2 * bc  # u, delta, z, dout, B, C in; du, ddelta, dz, dB, dC
+    return fwd, bwd
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="first row only")
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    import cupy
+
+    rows = ROWS[:1] if args.quick else ROWS
+    bw = copy_bandwidth(cupy)
+    dev = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+    print(f"# {datetime.date.today()} on {dev}; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          f"median of {args.reps} after warm-up")
+    header = ("| batch, D, N, L | dtype | fwd ms | fwd GB/s | fwd / floor | ref fwd ms | fwd / ref "
+              "| bwd ms | bwd GB/s | bwd / floor | ref bwd ms | bwd / ref |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for (Bt, Dc, N, L, dtype_name), ref_fwd, ref_bwd in rows:
+        dtype = cupy.dtype(dtype_name) if dtype_name != "bfloat16" else _bf16(cupy)
+        if dtype is None:
+            print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | (this CuPy has no bfloat16) |")
+            continue
+        t_fwd, t_bwd = time_row(cupy, Bt, Dc, N, L, dtype, args.reps)
+        b_fwd, b_bwd = pass_bytes(Bt, Dc, N, L, dtype.itemsize)
+        floor_fwd, floor_bwd = b_fwd / bw * 1e3, b_bwd / bw * 1e3
+        print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {t_fwd:.3f} | {b_fwd / t_fwd / 1e6:.0f} | "
+              f"{t_fwd / floor_fwd:.1f} | {ref_fwd} | {t_fwd / ref_fwd:.2f} | {t_bwd:.3f} | "
+              f"{b_bwd / t_bwd / 1e6:.0f} | {t_bwd / floor_bwd:.1f} | {ref_bwd} | "
+              f"{t_bwd / ref_bwd:.2f} |")
+
+
+def _bf16(cupy):
+    try:
+        import ml_dtypes
+        dt = np.dtype(ml_dtypes.bfloat16)
+        cupy.zeros(2, dtype=dt)
+        return dt
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()

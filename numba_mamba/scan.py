@@ -1,0 +1,311 @@
+"""The selective scan of Mamba: public API, validation and dispatch.
+
+NumPy arrays run on the CPU (Numba ``@njit`` kernels in
+:mod:`numba_mamba._cpu_scan`), CuPy arrays on the GPU (Numba CUDA kernels in
+``cuda_kernels/scan.py``).  Both backends see one canonical layout: C-contiguous
+arrays of one compute dtype, B and C either constant ``(D, N)`` or grouped
+``(Bt, G, N, L)``.
+"""
+
+import numpy as np
+
+from ._validation import (array_namespace, check_dtype, check_shape, compute_dtype,
+                          missing_gpu_stack_message)
+from .reference import ScanGrads
+
+__all__ = ["ScanGrads", "selective_scan", "selective_scan_vjp"]
+
+
+def _gpu_backend():
+    try:
+        from numba import cuda
+        if not cuda.is_available():
+            raise RuntimeError("numba.cuda.is_available() is False")
+        try:
+            from .cuda_kernels import scan as backend  # installed wheel / editable install
+        except ImportError:
+            from cuda_kernels import scan as backend  # source tree on sys.path
+    except (ImportError, RuntimeError) as exc:
+        raise RuntimeError(f"{missing_gpu_stack_message} ({exc})") from exc
+    return backend
+
+
+def _backend(xp):
+    if xp is np:
+        from . import _cpu_scan
+        return _cpu_scan
+    return _gpu_backend()
+
+
+def _as_array(name, x, xp):
+    if xp is np and not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+        if x.dtype.kind in "iub":
+            x = x.astype(np.float64)
+    check_dtype(name, x)
+    return x
+
+
+def _check_bc(name, M, Bt, Dc, N, L):
+    if M.ndim == 2:
+        check_shape(name, M, (Dc, N), "(constant: channels, states)")
+    elif M.ndim == 3:
+        check_shape(name, M, (Bt, N, L), "(variable: batch, states, length)")
+    elif M.ndim == 4:
+        G = M.shape[1]
+        if G < 1 or Dc % G:
+            raise ValueError(f"{name} has {G} groups (shape {tuple(M.shape)}); the number of "
+                             f"groups must divide the {Dc} channels")
+        check_shape(name, M, (Bt, G, N, L), "(grouped: batch, groups, states, length)")
+    else:
+        raise ValueError(f"{name} must have 2 dims (D, N), 3 dims (Bt, N, L) or 4 dims "
+                         f"(Bt, G, N, L), got {M.ndim} dims with shape {tuple(M.shape)}")
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    """Validate the scan's arguments and return (xp, backend, canonical args, originals)."""
+    given = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                 initial_state=initial_state)
+    for name in ("u", "delta", "A", "B", "C"):
+        if given[name] is None:
+            raise TypeError(f"{name} is required, got None")
+    xp = array_namespace(**given)
+    arrays = {name: None if x is None else _as_array(name, x, xp) for name, x in given.items()}
+    u = arrays["u"]
+    if u.ndim != 3:
+        raise ValueError(f"u must have 3 dims (batch, channels, length), got {u.ndim} dims "
+                         f"with shape {tuple(u.shape)}")
+    Bt, Dc, L = u.shape
+    if L == 0 or Bt == 0 or Dc == 0:
+        raise ValueError(f"u must have non-empty batch, channels and length, got shape "
+                         f"{tuple(u.shape)}")
+    check_shape("delta", arrays["delta"], u.shape, "like u")
+    A = arrays["A"]
+    if A.ndim != 2 or A.shape[0] != Dc or A.shape[1] == 0:
+        raise ValueError(f"A must have shape ({Dc}, N) with N >= 1 (channels of u, states), "
+                         f"got {tuple(A.shape)}")
+    N = A.shape[1]
+    if not bool(xp.isfinite(A).all()):
+        raise ValueError("A must be finite: exp(delta * A) and its gradient are undefined "
+                         "for infinite or NaN entries")
+    _check_bc("B", arrays["B"], Bt, Dc, N, L)
+    _check_bc("C", arrays["C"], Bt, Dc, N, L)
+    for name in ("D", "delta_bias"):
+        if arrays[name] is not None:
+            check_shape(name, arrays[name], (Dc,), "(one per channel)")
+    if arrays["z"] is not None:
+        check_shape("z", arrays["z"], u.shape, "like u")
+    if arrays["initial_state"] is not None:
+        check_shape("initial_state", arrays["initial_state"], (Bt, Dc, N),
+                    "(batch, channels, states)")
+
+    ftype = compute_dtype(*arrays.values())
+    canon = {}
+    for name, x in arrays.items():
+        if x is None:
+            canon[name] = None
+            continue
+        if name in ("B", "C") and x.ndim == 3:
+            x = x[:, None]  # (Bt, N, L) is one group
+        canon[name] = xp.ascontiguousarray(x, dtype=ftype)
+    canon["delta_softplus"] = bool(delta_softplus)
+    order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus",
+             "initial_state")
+    return xp, _backend(xp), tuple(canon[k] for k in order), arrays, ftype
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, initial_state=None):
+    """Selective state space scan of Mamba.
+
+    Computes, for every batch element and channel, the time-varying linear
+    recurrence over the N states (zero-order hold for A, Euler for B)::
+
+        delta = softplus(delta + delta_bias)           # each step optional
+        h_t   = exp(delta_t A) * h_{t-1} + delta_t B_t u_t
+        y_t   = <C_t, h_t>
+        out_t = (y_t + D u_t) * silu(z_t)              # D and z optional
+
+    NumPy arrays run on the CPU, CuPy arrays on the GPU; the output is of the
+    same kind.
+
+    Parameters
+    ----------
+    u : array, shape (Bt, D, L)
+        Input signal: batch, channels, length.
+    delta : array, shape (Bt, D, L)
+        Time step of each sample (before ``delta_bias`` and softplus).
+    A : array, shape (D, N)
+        Diagonal state matrix of each channel (real, finite; negative for a
+        stable filter).
+    B, C : array, shape (D, N), (Bt, N, L) or (Bt, G, N, L)
+        Input and output matrices: constant per channel, varying along time
+        (selective), or varying in ``G`` groups of ``D // G`` channels.
+    D : array, shape (D,), optional
+        Skip connection.
+    z : array, shape (Bt, D, L), optional
+        Gate: the output is multiplied by ``silu(z)``.
+    delta_bias : array, shape (D,), optional
+        Added to ``delta`` before the softplus.
+    delta_softplus : bool, optional
+        Apply ``softplus`` to ``delta`` (after the bias).
+    return_last_state : bool, optional
+        Also return the final state ``h_L``.
+    initial_state : array, shape (Bt, D, N), optional
+        State ``h_0`` before the first step (zeros if omitted).
+
+    Returns
+    -------
+    out : array, shape (Bt, D, L)
+        Dtype of ``u``.
+    last_state : array, shape (Bt, D, N)
+        Only if ``return_last_state``; in the compute dtype (float64 if any
+        input is float64, else float32), so that it can seed the next piece
+        of a sequence without losing precision.
+
+    Raises
+    ------
+    TypeError
+        NumPy and CuPy arrays mixed; unsupported dtype (supported: float16,
+        bfloat16, float32, float64).
+    ValueError
+        Wrong number of dims or shape (the message names the argument, the
+        expected and the actual shape); empty ``u``; non-finite ``A``.
+    RuntimeError
+        CuPy arrays given but the CUDA stack is missing (the message says what
+        to install).
+
+    See Also
+    --------
+    selective_scan_vjp : the same scan with its hand-written backward pass.
+    numba_mamba.reference.selective_scan : readable float64 reference.
+
+    Notes
+    -----
+    float32 and float64 inputs compute in their own precision; float16 and
+    bfloat16 compute in float32 and return their own dtype.  Non-contiguous
+    inputs are copied to C order first.
+
+    The GPU path is a hierarchical parallel scan along L with the associative
+    operator ``(a1, b1) o (a2, b2) = (a2*a1, a2*b1 + b2)`` [2]_: each thread
+    scans a contiguous segment, warps combine segment summaries with shuffles,
+    warps combine through shared memory, and a carry passes between chunks.
+
+    References
+    ----------
+    .. [1] A. Gu and T. Dao, "Mamba: Linear-Time Sequence Modeling with
+       Selective State Spaces", arXiv:2312.00752, 2023.
+    .. [2] G. E. Blelloch, "Prefix Sums and Their Applications", CMU-CS-90-190,
+       1990.
+
+    Examples
+    --------
+    A single channel with one state is a first-order low-pass filter:
+
+    >>> import numpy as np
+    >>> import numba_mamba as nm
+    >>> u = np.ones((1, 1, 6))
+    >>> delta = np.full((1, 1, 6), 0.5)
+    >>> A = np.array([[-1.0]]); B = np.array([[1.0]]); C = np.array([[1.0]])
+    >>> np.round(nm.selective_scan(u, delta, A, B, C), 3)
+    array([[[0.5  , 0.803, 0.987, 1.099, 1.166, 1.207]]])
+
+    Splitting a sequence and passing the state on gives the same result:
+
+    >>> rng = np.random.default_rng(0)
+    >>> u = rng.standard_normal((2, 3, 10)); delta = rng.uniform(0.1, 1, (2, 3, 10))
+    >>> A = -rng.uniform(0.5, 2, (3, 4)); B = rng.standard_normal((2, 4, 10))
+    >>> C = rng.standard_normal((2, 4, 10))
+    >>> whole = nm.selective_scan(u, delta, A, B, C)
+    >>> first, h = nm.selective_scan(u[..., :4], delta[..., :4], A, B[..., :4], C[..., :4],
+    ...                              return_last_state=True)
+    >>> second = nm.selective_scan(u[..., 4:], delta[..., 4:], A, B[..., 4:], C[..., 4:],
+    ...                            initial_state=h)
+    >>> bool(np.allclose(whole, np.concatenate([first, second], axis=-1)))
+    True
+    """
+    xp, backend, args, given, ftype = _prepare(u, delta, A, B, C, D, z, delta_bias,
+                                               delta_softplus, initial_state)
+    out, last_state, _ = backend.scan_forward(*args)
+    out = out.astype(given["u"].dtype, copy=False)
+    if return_last_state:
+        return out, last_state
+    return out
+
+
+def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, initial_state=None):
+    """Selective scan with its vector-Jacobian product (hand-written backward pass).
+
+    Parameters are those of :func:`selective_scan`.
+
+    Returns
+    -------
+    out : array, shape (Bt, D, L)
+        As :func:`selective_scan`.
+    last_state : array, shape (Bt, D, N)
+        Final state ``h_L``, in the compute dtype.
+    backward : callable
+        ``backward(dout, dlast_state=None)`` takes the gradient of a loss with
+        respect to ``out`` (shape (Bt, D, L)) and optionally ``last_state``
+        (shape (Bt, D, N); for truncated backpropagation through time) and
+        returns :class:`ScanGrads` ``(du, ddelta, dA, dB, dC, dD, dz,
+        ddelta_bias, dinitial_state)``: each with the shape and dtype of its
+        input, None where the input was None.  ``ddelta`` is with respect to
+        the raw ``delta`` argument.  It may be called more than once.
+
+    Notes
+    -----
+    The forward keeps only the state entering each chunk of the sequence; the
+    backward recomputes the states inside a chunk from it and runs the adjoint
+    recurrence ``dh_t = C_t dy_t + exp(delta_{t+1} A) dh_{t+1}`` in reverse
+    with the same parallel scan.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import numba_mamba as nm
+    >>> rng = np.random.default_rng(0)
+    >>> u = rng.standard_normal((1, 2, 8)); delta = rng.uniform(0.1, 1, (1, 2, 8))
+    >>> A = -rng.uniform(0.5, 2, (2, 3)); B = rng.standard_normal((1, 3, 8))
+    >>> C = rng.standard_normal((1, 3, 8))
+    >>> out, last_state, backward = nm.selective_scan_vjp(u, delta, A, B, C, D=np.ones(2))
+    >>> grads = backward(np.ones_like(out))
+    >>> grads.dA.shape, grads.dB.shape, grads.dz is None
+    ((2, 3), (1, 3, 8), True)
+
+    The gradient agrees with a finite difference of the forward:
+
+    >>> eps = 1e-6; A2 = A.copy(); A2[0, 0] += eps
+    >>> numeric = (nm.selective_scan(u, delta, A2, B, C, D=np.ones(2)).sum() - out.sum()) / eps
+    >>> bool(abs(numeric - grads.dA[0, 0]) < 1e-4)
+    True
+    """
+    xp, backend, args, given, ftype = _prepare(u, delta, A, B, C, D, z, delta_bias,
+                                               delta_softplus, initial_state)
+    out, last_state, saved = backend.scan_forward(*args)
+    Bt, Dc, L = args[0].shape
+    N = args[2].shape[1]
+
+    def backward(dout, dlast_state=None):
+        array_namespace(u=given["u"], dout=dout, dlast_state=dlast_state)  # not mixed
+        dout = _as_array("dout", dout, xp)
+        check_shape("dout", dout, (Bt, Dc, L), "like out")
+        dout = xp.ascontiguousarray(dout, dtype=ftype)
+        if dlast_state is not None:
+            dlast_state = _as_array("dlast_state", dlast_state, xp)
+            check_shape("dlast_state", dlast_state, (Bt, Dc, N), "like last_state")
+            dlast_state = xp.ascontiguousarray(dlast_state, dtype=ftype)
+        grads = backend.scan_backward(dout, dlast_state, *args, saved)
+        result = {}
+        for field, g in zip(ScanGrads._fields, grads):
+            original = given[field[1:]]
+            if original is None:
+                result[field] = None
+                continue
+            if g.shape != original.shape:  # a (Bt, N, L) B or C was passed on as one group
+                g = g.reshape(original.shape)
+            result[field] = g.astype(original.dtype, copy=False)
+        return ScanGrads(**result)
+
+    return out.astype(given["u"].dtype, copy=False), last_state, backward
