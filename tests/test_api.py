@@ -103,6 +103,8 @@ def test_dtype_preserved_and_half_computes_in_float32(dtype):
     for field, g in grads._asdict().items():
         assert g.dtype == low[field[1:]].dtype and g.shape == low[field[1:]].shape, field
 
+    if dtype.itemsize > 2:
+        return
     # The half-precision result equals the float32 computation on the same
     # (rounded) values, rounded once at the end.
     as32 = {k: (v.astype(np.float32) if isinstance(v, np.ndarray) else v) for k, v in low.items()}

@@ -1,0 +1,190 @@
+"""The GPU backend (``cuda_kernels.scan``) against the float64 reference.
+
+Calls ``scan_forward`` / ``scan_backward`` directly, in the canonical layout of
+the backend contract (a (Bt, N, L) B or C passed as one group, (Bt, 1, N, L)).
+Inputs are drawn in float64 and rounded to the dtype under test; the reference
+runs in float64 on the rounded values, so the comparison measures the
+kernels' arithmetic.  Runs only where CuPy sees a CUDA GPU (marker ``gpu``).
+"""
+
+import numpy as np
+import pytest
+
+from numba_mamba import reference
+from tests.scan_cases import TOLERANCES, assert_close, make_inputs
+
+cupy = pytest.importorskip("cupy")
+try:
+    _HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0
+except Exception:  # CUDA driver or runtime missing
+    _HAVE_GPU = False
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAVE_GPU, reason="no CUDA GPU")]
+
+if _HAVE_GPU:
+    from cuda_kernels import scan
+
+LENGTHS = [1, 7, 8, 372, 784, 1134, 2048, 4097]
+FLAG_SETS = [
+    dict(),
+    dict(D=True, z=True, delta_bias=True, softplus=True, initial_state=True),
+    dict(D=True, initial_state=True),
+    dict(z=True, delta_bias=True, softplus=True),
+]
+BC_KINDS = [("var", "var"), ("const", "const"), ("grouped", "const"), ("const", "grouped"),
+            ("grouped", "grouped")]
+GRADS = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinitial_state")
+
+
+def _backend_bc(M):
+    """A (Bt, N, L) B or C goes to the backend as one group, (Bt, 1, N, L)."""
+    return M[:, None] if M.ndim == 3 else M
+
+
+def _kind(field, with_z, dtype):
+    if field in ("out", "last_state"):
+        return "out"
+    if field in ("du", "dz", "dinitial_state"):
+        return "du"
+    if field == "ddelta":
+        return "ddelta_z" if with_z and dtype == np.float32 else "ddelta"
+    return "weights"
+
+
+def _run_and_compare(kw, dtype, with_dlast, rng, **tuning):
+    """Run the backend forward + backward and compare everything to the reference."""
+    dtype = np.dtype(dtype)
+    host = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    exact = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v)
+             for k, v in host.items()}
+    dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in host.items()}
+    for name in ("B", "C"):
+        dev[name] = cupy.ascontiguousarray(_backend_bc(dev[name]))
+    args = [dev[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                             "delta_softplus", "initial_state")]
+
+    out, last, saved = scan.scan_forward(*args, **tuning)
+    rout, rlast, rbackward = reference.selective_scan_vjp(**exact)
+    assert out.dtype == dtype and last.dtype == dtype
+    tol = TOLERANCES[dtype]
+    with_z = kw["z"] is not None
+    assert_close("out", out.get(), rout, *tol["out"])
+    assert_close("last_state", last.get(), rlast, *tol["out"])
+
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dlast = rng.standard_normal(last.shape).astype(dtype) if with_dlast else None
+    grads = scan.scan_backward(cupy.asarray(dout),
+                               None if dlast is None else cupy.asarray(dlast),
+                               *args, saved, **tuning)
+    want = rbackward(dout.astype(np.float64),
+                     None if dlast is None else dlast.astype(np.float64))
+    assert len(grads) == len(GRADS)
+    for field, g in zip(GRADS, grads):
+        w = getattr(want, field)
+        if w is None:
+            assert g is None, field
+            continue
+        assert isinstance(g, cupy.ndarray) and g.dtype == dtype, field
+        assert_close(field, g.get().reshape(w.shape), w, *tol[_kind(field, with_z, dtype)])
+    return out, grads
+
+
+def _grid():
+    cases = []
+    for i, L in enumerate(LENGTHS):
+        for j, dtype in enumerate(("float32", "float64")):
+            k = 2 * i + j
+            cases.append((L, dtype, BC_KINDS[k % len(BC_KINDS)], FLAG_SETS[k % len(FLAG_SETS)],
+                          k % 3 != 0))
+    # every flag set with every B/C kind, past one chunk of the default tuning
+    for dtype in ("float32", "float64"):
+        for f, flags in enumerate(FLAG_SETS):
+            for b, bc in enumerate(BC_KINDS):
+                cases.append((2500, dtype, bc, flags, (f + b) % 2 == 0))
+    return cases
+
+
+def _id(case):
+    L, dtype, bc, flags, dlast = case
+    return (f"L{L}-{dtype}-{bc[0]}-{bc[1]}-{'+'.join(flags) or 'plain'}-"
+            f"{'dlast' if dlast else 'nodlast'}")
+
+
+@pytest.mark.parametrize("case", _grid(), ids=_id)
+def test_gpu_matches_reference(case):
+    L, dtype, (bk, ck), flags, with_dlast = case
+    rng = np.random.default_rng(L * 7 + len(flags))
+    kw = make_inputs(rng, Bt=2, Dc=8, L=L, N=5, dtype=np.float64, B_kind=bk, C_kind=ck,
+                     G=2, **flags)
+    _run_and_compare(kw, dtype, with_dlast, rng)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("threads,items", [(32, 1), (32, 4), (64, 3), (128, 16), (256, 2)])
+def test_gpu_result_independent_of_threads_and_items(dtype, threads, items):
+    rng = np.random.default_rng(11)
+    kw = make_inputs(rng, Bt=2, Dc=6, L=1134, N=4, dtype=np.float64, B_kind="grouped",
+                     C_kind="var", G=3, D=True, z=True, delta_bias=True, softplus=True,
+                     initial_state=True)
+    _run_and_compare(kw, dtype, True, rng, threads=threads, items=items)
+
+
+def test_gpu_backward_rejects_a_chunk_other_than_the_forwards():
+    kw = make_inputs(np.random.default_rng(0), Bt=1, Dc=2, L=50, N=2, dtype=np.float32,
+                     B_kind="const", C_kind="const")
+    args = [cupy.asarray(v) if isinstance(v, np.ndarray) else v
+            for v in (kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], None, None, None,
+                      False, None)]
+    out, _, saved = scan.scan_forward(*args, threads=64, items=2)
+    with pytest.raises(ValueError, match=r"threads \* items must equal the forward's chunk 128"):
+        scan.scan_backward(cupy.ones_like(out), None, *args, saved, threads=32, items=2)
+    # the same chunk split differently is fine
+    g = scan.scan_backward(cupy.ones_like(out), None, *args, saved, threads=32, items=4)
+    g_ref = scan.scan_backward(cupy.ones_like(out), None, *args, saved)
+    np.testing.assert_allclose(g[0].get(), g_ref[0].get(), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_launches_on_the_current_cupy_stream():
+    rng = np.random.default_rng(5)
+    kw = make_inputs(rng, Bt=2, Dc=8, L=3000, N=4, dtype=np.float32, D=True, z=True)
+    args = [cupy.asarray(kw[k]) if isinstance(kw[k], np.ndarray) else kw[k]
+            for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus",
+                      "initial_state")]
+    args[3] = cupy.ascontiguousarray(args[3][:, None])
+    args[4] = cupy.ascontiguousarray(args[4][:, None])
+    expected = scan.scan_forward(*args)[0].get()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        out = scan.scan_forward(*args)[0]
+        host = cupy.asnumpy(out, stream=stream)  # ordered after the kernel on `stream`
+    stream.synchronize()
+    np.testing.assert_array_equal(host, expected)
+
+
+@pytest.mark.slow
+def test_gpu_forward_past_2_31_elements():
+    """u, delta and out have more than 2**31 elements: 64-bit indexing."""
+    Bt, Dc, L, N = 1024, 1024, 2049, 2
+    assert Bt * Dc * L > 2**31
+    rng = np.random.default_rng(7)
+    crng = cupy.random.default_rng(7)
+    u = crng.standard_normal((Bt, Dc, L), dtype=cupy.float32)
+    delta = crng.random((Bt, Dc, L), dtype=cupy.float32) * np.float32(3.5) - np.float32(3.0)
+    A = -rng.uniform(0.2, 3.0, (Dc, N)).astype(np.float32)
+    B = rng.standard_normal((Dc, N)).astype(np.float32)
+    C = rng.standard_normal((Dc, N)).astype(np.float32)
+    D = rng.standard_normal(Dc).astype(np.float32)
+    bias = rng.uniform(-1.0, 1.0, Dc).astype(np.float32)
+    out, last, _ = scan.scan_forward(u, delta, cupy.asarray(A), cupy.asarray(B),
+                                     cupy.asarray(C), cupy.asarray(D), None,
+                                     cupy.asarray(bias), True, None)
+    tol = TOLERANCES[np.dtype(np.float32)]["out"]
+    # the first channel, channels whose offsets straddle 2**31, and the last one
+    flat = [0, 2**31 // L, 2**31 // L + 1, Bt * Dc - 1]
+    for f in flat:
+        b, d = divmod(f, Dc)
+        ch = slice(d, d + 1)
+        rout, rlast = reference.selective_scan(
+            u[b:b + 1, ch].get(), delta[b:b + 1, ch].get(), A[ch], B[ch], C[ch], D=D[ch],
+            delta_bias=bias[ch], delta_softplus=True, return_last_state=True)
+        assert_close(f"out[{b}, {d}]", out[b:b + 1, ch].get(), rout, *tol)
+        assert_close(f"last_state[{b}, {d}]", last[b:b + 1, ch].get(), rlast, *tol)
