@@ -47,6 +47,8 @@ def main():
     parser.add_argument("--Dc", type=int, default=1536)
     parser.add_argument("--N", type=int, default=16)
     parser.add_argument("--L", type=int, default=2048)
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time other (threads, items) splits and B/C kinds")
     args = parser.parse_args()
 
     import cupy
@@ -104,6 +106,9 @@ def main():
     print(f"forward : median {t_fwd[0]:.3f} ms (min {t_fwd[1]:.3f})")
     print(f"backward: median {t_bwd[0]:.3f} ms (min {t_bwd[1]:.3f})")
 
+    if args.sweep:
+        _sweep(scan, dev, dout, stream, args.repeat)
+
     print("kernel resources (registers/thread, local bytes/thread, static shared bytes):")
     for dtype, (threads, items) in scan.DEFAULT_TUNING.items():
         k = scan.get_kernels(dtype, threads, items)  # compiled once, cached
@@ -112,6 +117,37 @@ def main():
                   f"regs {_per_kernel(disp.get_regs_per_thread())}, "
                   f"local {_per_kernel(disp.get_local_mem_per_thread())}, "
                   f"shared {_per_kernel(disp.get_shared_mem_per_block())}")
+
+
+def _sweep(scan, dev, dout, stream, repeat):
+    """Time splits of the chunk and kinds of B/C (what the atomics cost)."""
+    import cupy
+
+    Bt, Dc, L = dev["u"].shape
+    N = dev["A"].shape[1]
+    kinds = {
+        "B/C variable, G=1 (atomics over Dc)": (dev["B"], dev["C"]),
+        "B/C grouped, G=Dc (plain stores)": (
+            cupy.broadcast_to(dev["B"], (Bt, Dc, N, L)).copy(),
+            cupy.broadcast_to(dev["C"], (Bt, Dc, N, L)).copy()),
+        "B/C constant": (dev["B"][0, 0, :, :1].T.repeat(Dc, 0).copy(),
+                         dev["C"][0, 0, :, :1].T.repeat(Dc, 0).copy()),
+    }
+    for label, (B, C) in kinds.items():
+        fargs = (dev["u"], dev["delta"], dev["A"], B, C, dev["D"], dev["z"],
+                 dev["delta_bias"], True, None)
+        for threads, items in [(128, 16), (256, 8), (512, 4)]:
+            fwd = _time(lambda: scan.scan_forward(*fargs, threads=threads, items=items),
+                        stream, repeat)
+            saved = scan.scan_forward(*fargs, threads=threads, items=items)[2]
+            bwd = _time(lambda: scan.scan_backward(dout, None, *fargs, saved), stream, repeat)
+            print(f"  {label:38s} threads {threads:3d} items {items:2d}: "
+                  f"forward {fwd[0]:.3f} ms, backward {bwd[0]:.3f} ms")
+        for threads, items in [(128, 16), (256, 8), (512, 4)]:
+            k = scan.get_kernels(np.float32, threads, items).backward
+            print(f"    backward threads {threads} items {items}: regs "
+                  f"{_per_kernel(k.get_regs_per_thread())}, local "
+                  f"{_per_kernel(k.get_local_mem_per_thread())}")
 
 
 if __name__ == "__main__":

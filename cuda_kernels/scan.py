@@ -60,6 +60,14 @@ Forward (one thread block per (batch, channel); ``grid = Bt * Dc``):
    is the carry into the next chunk.
 3. The epilogue adds ``D * u`` and multiplies by ``silu(z)``.
 
+A variable ``B`` or ``C`` row (one state, one chunk) is first loaded by the
+whole block in coalesced order (consecutive threads, consecutive steps) into
+shared memory, padded to ``items + 1`` per thread so the threads' strided
+reads hit distinct banks; the backward stages its ``dB``/``dC`` rows the same
+way before storing them.  Four staged rows must fit in 48 KiB of static shared
+memory, which bounds the chunk (2048 steps in float32, 1024 in float64 with
+``items`` = 16 and 8).
+
 The (Bt, Dc, L, N) state is never written to memory: only ``chunk_states``
 (the state entering every chunk, kept for the backward) and ``last_state``.
 
@@ -69,10 +77,10 @@ chunk is recomputed from ``chunk_states`` (the same block scan), which gives
 operator mirrored) gives ``q_{t+1}`` at every step from the reverse carry,
 which flows from the later chunk to the earlier one, starting at
 ``dlast_state``.  Per-step gradients (``du``, ``ddelta``, ``dz``, ``dB`` and
-``dC`` of a channel's own variable group) are stored per element; quantities
-summed over steps or shared channels (``dA``, constant ``dB``/``dC``, ``dD``,
-``ddelta_bias``, grouped ``dB``/``dC``) are reduced in the warp and then
-atomically added into zeroed outputs.
+``dC`` of a channel's own variable group) are stored per element; ``dB`` and
+``dC`` of a group shared by several channels are atomically added per element;
+sums over steps (``dA``, constant ``dB``/``dC``, ``dD``, ``ddelta_bias``) are
+reduced in the warp first and then atomically added into zeroed outputs.
 
 References
 ----------
@@ -112,6 +120,7 @@ FLAG_C_VAR = 64
 FLAG_DLAST = 128
 
 _FULL_MASK = 0xFFFFFFFF
+_MAX_STATIC_SHARED = 48 * 1024  # bytes of static shared memory per block
 _WARP = 32
 # Under the CUDA simulator a "warp" is emulated in shared memory; a small size
 # lets tiny blocks still exercise the combine across warps.
@@ -177,6 +186,12 @@ def _make_kernels(ftype, threads, items, sim):
     forward, backward : function
         Plain Python functions, to be wrapped by ``cuda.jit`` or compiled with
         ``cuda.compile_ptx``.
+
+    Raises
+    ------
+    ValueError
+        If ``threads`` is not a multiple of the warp size, or the staged rows
+        of a chunk do not fit in 48 KiB of static shared memory.
     """
     ftype = np.dtype(ftype).type
     zero = ftype(0.0)
@@ -189,6 +204,15 @@ def _make_kernels(ftype, threads, items, sim):
     NW = threads // WS
     CHUNK = threads * items
     SC = threads if sim else 1  # scratch for the simulated warp operations
+    # a staged row of B, C, dB or dC: thread k's steps at k*(items+1) + i, the
+    # padding keeps the threads' strided reads free of bank conflicts
+    SP = CHUNK + threads
+    shared_bytes = (4 * SP + 4 * NW + 2 * SC) * np.dtype(ftype).itemsize
+    if shared_bytes > _MAX_STATIC_SHARED:
+        raise ValueError(
+            f"threads * items = {CHUNK} needs {shared_bytes} bytes of shared memory "
+            f"for {np.dtype(ftype).name}, more than {_MAX_STATIC_SHARED}; use a "
+            f"smaller chunk")
 
     # ------------------------------------------------------------------ helpers
     # Every helper takes (lane, tid, sc_a, sc_b) so both variants share one
@@ -348,9 +372,10 @@ def _make_kernels(ftype, threads, items, sim):
         if has_bias:
             bias = delta_bias[d]
 
-        # warp totals, double-buffered so one barrier per state suffices
-        tot_a = cuda.shared.array((2, NW), ftype)
-        tot_b = cuda.shared.array((2, NW), ftype)
+        tot_a = cuda.shared.array(NW, ftype)  # warp totals
+        tot_b = cuda.shared.array(NW, ftype)
+        sB = cuda.shared.array(SP, ftype)  # variable B row of the chunk
+        sC = cuda.shared.array(SP, ftype)  # variable C row of the chunk
         sc_a = cuda.shared.array(SC, ftype)
         sc_b = cuda.shared.array(SC, ftype)
         u_v = cuda.local.array(items, ftype)
@@ -358,6 +383,7 @@ def _make_kernels(ftype, threads, items, sim):
         y_v = cuda.local.array(items, ftype)
         a_v = cuda.local.array(items, ftype)
         b_v = cuda.local.array(items, ftype)  # b_t, then h_t
+        own = tid * (items + 1)  # this thread's steps in a staged row
 
         if tid == 0:
             for n in range(N):
@@ -368,9 +394,9 @@ def _make_kernels(ftype, threads, items, sim):
         # (the first barrier below, before any thread reads chunk_states,
         # publishes these writes)
 
-        par = 0
         for c in range(n_chunks):
-            t0 = c * CHUNK + tid * items
+            c0 = c * CHUNK
+            t0 = c0 + tid * items
             for i in range(items):
                 t = t0 + i
                 uu = zero
@@ -392,14 +418,23 @@ def _make_kernels(ftype, threads, items, sim):
                 C_n = zero
                 if not c_var:
                     C_n = C[0, gC, n, 0]
+                if b_var:
+                    for j in range(items):  # coalesced: consecutive threads, steps
+                        tl = j * threads + tid
+                        v = zero
+                        if c0 + tl < L:
+                            v = B[bi, gB, n, c0 + tl]
+                        sB[tl + tl // items] = v
+                # staged B visible; also every thread is done with the
+                # previous state's C row and warp totals
+                cuda.syncthreads()
                 # serial summary of this thread's steps
                 sa = one
                 sb = zero
                 for i in range(items):
-                    t = t0 + i
                     bt = B_n
-                    if b_var and t < L:
-                        bt = B[bi, gB, n, t]
+                    if b_var:
+                        bt = sB[own + i]
                     a = math.exp(dt_v[i] * A_n)
                     bb = dt_v[i] * bt * u_v[i]
                     a_v[i] = a
@@ -408,19 +443,25 @@ def _make_kernels(ftype, threads, items, sim):
                     sa = a * sa
                 sa, sb, ea, eb = scan_up(sa, sb, lane, tid, sc_a, sc_b)
                 if lane == WS - 1:
-                    tot_a[par, wid] = sa
-                    tot_b[par, wid] = sb
-                cuda.syncthreads()  # warp totals (and the carry) are visible
+                    tot_a[wid] = sa
+                    tot_b[wid] = sb
+                if c_var:
+                    for j in range(items):
+                        tl = j * threads + tid
+                        v = zero
+                        if c0 + tl < L:
+                            v = C[bi, gC, n, c0 + tl]
+                        sC[tl + tl // items] = v
+                cuda.syncthreads()  # warp totals, staged C and the carry are visible
                 h = chunk_states[bi, d, c, n]
                 for k in range(wid):
-                    h = tot_a[par, k] * h + tot_b[par, k]
+                    h = tot_a[k] * h + tot_b[k]
                 h = ea * h + eb  # state entering this thread's steps
                 for i in range(items):
-                    t = t0 + i
                     h = a_v[i] * h + b_v[i]
                     ct = C_n
-                    if c_var and t < L:
-                        ct = C[bi, gC, n, t]
+                    if c_var:
+                        ct = sC[own + i]
                     y_v[i] += ct * h
                 if tid == threads - 1:
                     # h is now the state at the end of the chunk
@@ -428,7 +469,6 @@ def _make_kernels(ftype, threads, items, sim):
                         chunk_states[bi, d, c + 1, n] = h
                     else:
                         last_state[bi, d, n] = h
-                par = 1 - par
 
             for i in range(items):
                 t = t0 + i
@@ -472,10 +512,14 @@ def _make_kernels(ftype, threads, items, sim):
         if has_bias:
             bias = delta_bias[d]
 
-        fa = cuda.shared.array((1, NW), ftype)  # forward warp totals
-        fb = cuda.shared.array((1, NW), ftype)
-        ra = cuda.shared.array((1, NW), ftype)  # reverse warp totals
-        rb = cuda.shared.array((1, NW), ftype)
+        fa = cuda.shared.array(NW, ftype)  # forward warp totals
+        fb = cuda.shared.array(NW, ftype)
+        ra = cuda.shared.array(NW, ftype)  # reverse warp totals
+        rb = cuda.shared.array(NW, ftype)
+        sB = cuda.shared.array(SP, ftype)   # variable B row of the chunk
+        sC = cuda.shared.array(SP, ftype)   # variable C row
+        sdB = cuda.shared.array(SP, ftype)  # its dB row, before the store
+        sdC = cuda.shared.array(SP, ftype)  # its dC row
         sc_a = cuda.shared.array(SC, ftype)
         sc_b = cuda.shared.array(SC, ftype)
         u_v = cuda.local.array(items, ftype)
@@ -486,7 +530,7 @@ def _make_kernels(ftype, threads, items, sim):
         ddt_v = cuda.local.array(items, ftype)  # d/d(delta after softplus)
         a_v = cuda.local.array(items, ftype)
         h_v = cuda.local.array(items, ftype)    # b_t, then h_t
-        g_v = cuda.local.array(items, ftype)    # C_t * dy_t
+        own = tid * (items + 1)  # this thread's steps in a staged row
 
         # reverse carry q lives in q_buf[slot]; chunk c reads slot (c+1)%2 and
         # writes slot c%2, so a slot is never read and written in one pass
@@ -502,7 +546,8 @@ def _make_kernels(ftype, threads, items, sim):
         acc_bias = zero
         for cc in range(n_chunks):
             c = n_chunks - 1 - cc
-            t0 = c * CHUNK + tid * items
+            c0 = c * CHUNK
+            t0 = c0 + tid * items
             for i in range(items):
                 t = t0 + i
                 uu = zero
@@ -532,15 +577,28 @@ def _make_kernels(ftype, threads, items, sim):
                 C_n = zero
                 if not c_var:
                     C_n = C[0, gC, n, 0]
+                # stage the variable rows, coalesced (every thread finished
+                # with the previous rows before the last barrier of state n-1)
+                for j in range(items):
+                    tl = j * threads + tid
+                    vb = zero
+                    vc = zero
+                    if c0 + tl < L:
+                        if b_var:
+                            vb = B[bi, gB, n, c0 + tl]
+                        if c_var:
+                            vc = C[bi, gC, n, c0 + tl]
+                    sB[tl + tl // items] = vb
+                    sC[tl + tl // items] = vc
+                cuda.syncthreads()  # staged B and C are visible
 
                 # recompute the forward inside the chunk
                 sa = one
                 sb = zero
                 for i in range(items):
-                    t = t0 + i
                     bt = B_n
-                    if b_var and t < L:
-                        bt = B[bi, gB, n, t]
+                    if b_var:
+                        bt = sB[own + i]
                     a = math.exp(dt_v[i] * A_n)
                     bb = dt_v[i] * bt * u_v[i]
                     a_v[i] = a
@@ -549,78 +607,80 @@ def _make_kernels(ftype, threads, items, sim):
                     sa = a * sa
                 sa, sb, ea, eb = scan_up(sa, sb, lane, tid, sc_a, sc_b)
                 if lane == WS - 1:
-                    fa[0, wid] = sa
-                    fb[0, wid] = sb
+                    fa[wid] = sa
+                    fb[wid] = sb
                 cuda.syncthreads()  # forward warp totals are visible
                 h = chunk_states[bi, d, c, n]
                 for k in range(wid):
-                    h = fa[0, k] * h + fb[0, k]
+                    h = fa[k] * h + fb[k]
                 h = ea * h + eb
                 h_in = h  # state before this thread's first step
                 acc_C = zero
                 for i in range(items):
-                    t = t0 + i
                     h = a_v[i] * h + h_v[i]
                     h_v[i] = h
                     ct = C_n
-                    if c_var and t < L:
-                        ct = C[bi, gC, n, t]
+                    if c_var:
+                        ct = sC[own + i]
                     y_v[i] += ct * h
-                    g_v[i] = ct * dy_v[i]
                     dct = dy_v[i] * h  # dC_t[n]
                     if c_var:
-                        if t < L:
-                            if cpgC == 1:
-                                dC_acc[bi, gC, n, t] = dct
-                            else:
-                                cuda.atomic.add(dC_acc, (bi, gC, n, t), dct)
+                        sdC[own + i] = dct
                     else:
                         acc_C += dct
 
-                # reverse scan of q_t = a_t * q_{t+1} + a_t * g_t
+                # reverse scan of q_t = a_t * q_{t+1} + a_t * g_t, g_t = C_t * dy_t
+                # (g is recomputed from the staged C rather than kept in registers)
                 sa = one
                 sb = zero
                 for j in range(items):
                     i = items - 1 - j
                     a = a_v[i]
-                    sb = a * sb + a * g_v[i]
+                    ct = C_n
+                    if c_var:
+                        ct = sC[own + i]
+                    sb = a * sb + a * (ct * dy_v[i])
                     sa = a * sa
                 sa, sb, ea, eb = scan_down(sa, sb, lane, tid, sc_a, sc_b)
                 if lane == 0:
-                    ra[0, wid] = sa
-                    rb[0, wid] = sb
-                cuda.syncthreads()  # reverse warp totals are visible
-                # (all reads of fa/fb happened before this barrier and the next
-                # writes to them follow it, so they need no second buffer; the
-                # same holds for ra/rb with the first barrier of the next state)
+                    ra[wid] = sa
+                    rb[wid] = sb
+                cuda.syncthreads()  # reverse warp totals and the dC row are visible
+                if c_var:
+                    for j in range(items):  # coalesced store of the dC row
+                        tl = j * threads + tid
+                        if c0 + tl < L:
+                            v = sdC[tl + tl // items]
+                            if cpgC == 1:
+                                dC_acc[bi, gC, n, c0 + tl] = v
+                            else:
+                                cuda.atomic.add(dC_acc, (bi, gC, n, c0 + tl), v)
                 q = q_buf[(c + 1) % 2, bi, d, n]
                 for j in range(NW - 1 - wid):
                     k = NW - 1 - j
-                    q = ra[0, k] * q + rb[0, k]
+                    q = ra[k] * q + rb[k]
                 q = ea * q + eb  # q_{t+1} after this thread's last step
                 acc_A = zero
                 acc_B = zero
                 for j in range(items):
                     i = items - 1 - j
-                    t = t0 + i
                     a = a_v[i]
                     if i > 0:
                         h_prev = h_v[i - 1]
                     else:
                         h_prev = h_in
-                    dh = g_v[i] + q
+                    ct = C_n
+                    if c_var:
+                        ct = sC[own + i]
+                    dh = ct * dy_v[i] + q
                     q = a * dh
                     bt = B_n
-                    if b_var and t < L:
-                        bt = B[bi, gB, n, t]
+                    if b_var:
+                        bt = sB[own + i]
                     dt = dt_v[i]
                     dbt = dh * dt * u_v[i]  # dB_t[n]
                     if b_var:
-                        if t < L:
-                            if cpgB == 1:
-                                dB_acc[bi, gB, n, t] = dbt
-                            else:
-                                cuda.atomic.add(dB_acc, (bi, gB, n, t), dbt)
+                        sdB[own + i] = dbt
                     else:
                         acc_B += dbt
                     du_v[i] += dh * dt * bt
@@ -630,6 +690,18 @@ def _make_kernels(ftype, threads, items, sim):
                 if tid == 0:
                     # q is now q at the first step of the chunk
                     q_buf[c % 2, bi, d, n] = q
+                # the dB row is visible; also every thread is done with this
+                # state's staged rows and warp totals
+                cuda.syncthreads()
+                if b_var:
+                    for j in range(items):  # coalesced store of the dB row
+                        tl = j * threads + tid
+                        if c0 + tl < L:
+                            v = sdB[tl + tl // items]
+                            if cpgB == 1:
+                                dB_acc[bi, gB, n, c0 + tl] = v
+                            else:
+                                cuda.atomic.add(dB_acc, (bi, gB, n, c0 + tl), v)
 
                 # dA always; the sums of constant B and C ride along
                 if b_var and c_var:
@@ -758,7 +830,29 @@ def _as4(x):
     return x.reshape(1, x.shape[0], x.shape[1], 1) if x.ndim == 2 else x
 
 
+def _c_strided(x):
+    """``x`` (C-contiguous) viewed with exactly C strides.
+
+    NumPy and CuPy call an array with a zero stride on a length-1 axis (as
+    ``B[:, None]`` makes) C-contiguous, Numba does not, and the kernels are
+    compiled for C-contiguous arrays only.
+    """
+    if not hasattr(x, "strides") or isinstance(x, np.ndarray):
+        return x  # scalars; NumPy arrays only reach the simulator, which has no types
+    stride = x.itemsize
+    ok = True
+    for size, s in zip(reversed(x.shape), reversed(x.strides)):
+        ok = ok and s == stride
+        stride *= size
+    if ok:
+        return x
+    import cupy
+
+    return cupy.ndarray(x.shape, x.dtype, x.data)
+
+
 def _launch(kernel, grid, threads, stream, args):
+    args = [_c_strided(a) for a in args]
     if stream is None:
         kernel[grid, threads](*args)
     else:

@@ -85,3 +85,11 @@ def test_default_tuning_keeps_item_arrays_in_registers(ptx, dtype):
     for kind in ("forward", "backward"):
         text = ptx[f"{kind}_{dtype}_t{threads}_i{items}"]
         assert "__local_depot" not in text, f"{kind} {dtype} uses local memory"
+
+
+
+@pytest.mark.parametrize("dtype,threads,items", [("float32", 256, 16), ("float64", 128, 16)])
+def test_chunk_too_large_for_static_shared_memory_is_rejected(dtype, threads, items):
+    # four staged rows of threads * (items + 1) values must fit in 48 KiB
+    with pytest.raises(ValueError, match=rf"^threads \* items = {threads * items} needs"):
+        scan._make_kernels(np.dtype(dtype), threads, items, sim=False)

@@ -118,9 +118,13 @@ def test_gpu_matches_reference(case):
     _run_and_compare(kw, dtype, with_dlast, rng)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("threads,items", [(32, 1), (32, 4), (64, 3), (128, 16), (256, 2)])
-def test_gpu_result_independent_of_threads_and_items(dtype, threads, items):
+TUNINGS = [("float32", t) for t in [(32, 1), (32, 4), (64, 3), (128, 16), (256, 2), (512, 4)]]
+TUNINGS += [("float64", t) for t in [(32, 1), (32, 4), (64, 3), (128, 8), (256, 2)]]
+
+
+@pytest.mark.parametrize("dtype,tuning", TUNINGS, ids=[f"{d}-t{t}-i{i}" for d, (t, i) in TUNINGS])
+def test_gpu_result_independent_of_threads_and_items(dtype, tuning):
+    threads, items = tuning
     rng = np.random.default_rng(11)
     kw = make_inputs(rng, Bt=2, Dc=6, L=1134, N=4, dtype=np.float64, B_kind="grouped",
                      C_kind="var", G=3, D=True, z=True, delta_bias=True, softplus=True,
