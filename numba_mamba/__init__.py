@@ -21,10 +21,40 @@ Public functions
 selective_scan       forward scan, returning out (and the last state)
 selective_scan_vjp   forward scan and a backward closure returning ScanGrads
 reference            readable float64 implementation used as the oracle
+discretize           diagonal continuous -> discrete (zoh, euler, backward_diff,
+                     bilinear, mamba), with discretize_vjp for its backward
+ssm_filter           an SSM as a filter on signals (scipy.signal conventions),
+                     with ssm_kernel (its impulse response) and SSMFilter
+                     (streaming)
+
+Models (issue 5)
+layers               Linear, Embedding, RMSNorm, causal depthwise Conv1d, SiLU,
+                     softplus, the scan, each with its hand-written backward
+models               MambaConfig, init_params, Mamba and LTI blocks, residual
+                     stack with LM / regression heads, losses, loss_and_grads
+optim                AdamW, clip_grad_norm, warmup_cosine
+training             train (loop with progress bar, checkpoint/resume), seed_everything
+checkpoint           save_checkpoint / load_checkpoint (one .npz, no pickle)
+inference            prefill, step, generate: recurrent inference
 """
 
 from . import reference
+from .discretize import DISCRETIZE_METHODS, DiscretizeGrads, discretize, discretize_vjp
+from .filters import SSMFilter, UnstableFilterWarning, ssm_filter, ssm_kernel
 from .scan import ScanGrads, selective_scan, selective_scan_vjp
+from . import checkpoint, inference, layers, models, optim, training
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .inference import generate, prefill
+from .models import MambaConfig, init_params, loss_and_grads, model_backward, model_forward
+from .optim import AdamW, clip_grad_norm, warmup_cosine
+from .training import seed_everything, train
 
-__all__ = ["ScanGrads", "reference", "selective_scan", "selective_scan_vjp"]
+__all__ = ["DISCRETIZE_METHODS", "DiscretizeGrads", "SSMFilter", "ScanGrads",
+           "UnstableFilterWarning", "discretize", "discretize_vjp", "reference",
+           "selective_scan", "selective_scan_vjp", "ssm_filter", "ssm_kernel",
+           # issue 5: models
+           "AdamW", "CheckpointError", "MambaConfig", "checkpoint", "clip_grad_norm",
+           "generate", "inference", "init_params", "layers", "load_checkpoint",
+           "loss_and_grads", "model_backward", "model_forward", "models", "optim", "prefill",
+           "save_checkpoint", "seed_everything", "train", "training", "warmup_cosine"]
 __version__ = "0.1.0"

@@ -1,0 +1,166 @@
+"""CPU backend of the causal depthwise convolution: Numba ``@njit(parallel=True)``.
+
+The public layer (:func:`numba_mamba.layers.conv1d_forward`) validates the
+inputs and hands this module C-contiguous arrays of one dtype ``ftype``
+(float32 or float64); nothing here validates or moves axes.
+
+Math
+----
+Each channel ``c`` is filtered by its own ``W`` taps, causally (the input is
+padded with ``W - 1`` zeros on the left, as ``torch.nn.Conv1d(groups=C,
+padding=W-1)`` truncated to the first ``L`` outputs)::
+
+    pre[b, c, t] = bias[c] + sum_{k=0}^{W-1} weight[c, k] * x[b, c, t - (W-1) + k]
+    out[b, c, t] = pre  or  silu(pre) = pre * sigmoid(pre)
+
+and the backward, with ``g = dout`` (times ``silu'(pre)`` with the activation)::
+
+    dx[b, c, s]  = sum_k weight[c, k] * g[b, c, s + (W-1) - k]     (terms with index < L)
+    dweight[c, k] = sum_{b, t} g[b, c, t] * x[b, c, t - (W-1) + k]
+    dbias[c]      = sum_{b, t} g[b, c, t]
+
+Canonical layout
+----------------
+==============  ==============  =======================================
+name            shape           notes
+==============  ==============  =======================================
+``x``, ``out``  ``(Bt, C, L)``  batch, channels, length
+``weight``      ``(C, W)``      ``weight[c, W-1]`` multiplies ``x_t``
+``bias``        ``(C,)``        or a dummy with ``has_bias`` False
+==============  ==============  =======================================
+
+The forward keeps nothing: the backward recomputes ``pre`` from ``x`` (``W``
+multiply-adds per element) instead of storing it.
+
+References
+----------
+.. [1] A. Gu and T. Dao, "Mamba: Linear-Time Sequence Modeling with Selective
+   State Spaces", arXiv:2312.00752, 2023 (the short causal convolution
+   before the scan).
+"""
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["conv1d_forward", "conv1d_backward"]
+
+
+@njit(cache=True)
+def _sigmoid(x, one):
+    # ``one`` is 1 in the dtype of x: a bare literal would widen float32 to float64
+    return one / (one + np.exp(-x))
+
+
+@njit(cache=True)
+def _pre(x, w, bias, has_bias, b, c, t):
+    """Pre-activation at (b, c, t): bias plus the causal window of W taps."""
+    W = w.shape[1]
+    acc = bias[c] if has_bias else x.dtype.type(0)
+    for k in range(W):
+        s = t - (W - 1) + k
+        if s >= 0:
+            acc += w[c, k] * x[b, c, s]
+    return acc
+
+
+@njit(parallel=True, cache=True)
+def _forward_kernel(x, w, bias, has_bias, silu, out):
+    """Overwrite out (Bt, C, L); one parallel task per (batch, channel)."""
+    Bt, C, L = x.shape
+    one = x.dtype.type(1)
+    for bc in prange(Bt * C):
+        b = bc // C
+        c = bc - b * C
+        for t in range(L):
+            acc = _pre(x, w, bias, has_bias, b, c, t)
+            if silu:
+                acc = acc * _sigmoid(acc, one)
+            out[b, c, t] = acc
+
+
+@njit(parallel=True, cache=True)
+def _backward_kernel(dout, x, w, bias, has_bias, silu, dx, dw_part, db_part):
+    """Overwrite dx (Bt, C, L), dw_part (Bt, C, W) and db_part (Bt, C).
+
+    Task (b, c) writes only its own rows, so the partial sums over time need
+    no atomics; the caller sums them over the batch.
+    """
+    Bt, C, L = x.shape
+    W = w.shape[1]
+    zero = x.dtype.type(0)
+    one = x.dtype.type(1)
+    for bc in prange(Bt * C):
+        b = bc // C
+        c = bc - b * C
+        g = np.empty(L, dtype=x.dtype)  # (L,) gradient at the pre-activation
+        dw = np.zeros(W, dtype=x.dtype)
+        db = zero
+        for t in range(L):
+            gt = dout[b, c, t]
+            if silu:  # recomputed, not stored by the forward
+                pre = _pre(x, w, bias, has_bias, b, c, t)
+                s = _sigmoid(pre, one)
+                gt *= s * (one + pre * (one - s))
+            g[t] = gt
+            db += gt
+            for k in range(W):
+                s_idx = t - (W - 1) + k
+                if s_idx >= 0:
+                    dw[k] += gt * x[b, c, s_idx]
+        for s_idx in range(L):
+            acc = zero
+            for k in range(W):
+                t = s_idx + (W - 1) - k
+                if t < L:
+                    acc += w[c, k] * g[t]
+            dx[b, c, s_idx] = acc
+        for k in range(W):
+            dw_part[b, c, k] = dw[k]
+        db_part[b, c] = db
+
+
+def conv1d_forward(x, weight, bias, silu):
+    """Causal depthwise convolution (optionally followed by SiLU) on the CPU.
+
+    Parameters
+    ----------
+    x : ndarray, shape (Bt, C, L)
+    weight : ndarray, shape (C, W)
+    bias : ndarray, shape (C,), or None
+    silu : bool
+
+    Returns
+    -------
+    out : ndarray, shape (Bt, C, L)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba import _cpu_conv1d
+    >>> x = np.arange(1.0, 6.0).reshape(1, 1, 5)
+    >>> _cpu_conv1d.conv1d_forward(x, np.array([[1.0, 1.0]]), None, False)
+    array([[[1., 3., 5., 7., 9.]]])
+    """
+    out = np.empty_like(x)
+    _forward_kernel(x, weight, _bias_or_dummy(bias, x.dtype), bias is not None, bool(silu), out)
+    return out
+
+
+def conv1d_backward(dout, x, weight, bias, silu):
+    """Gradients ``(dx, dweight, dbias)`` of :func:`conv1d_forward`.
+
+    ``dbias`` is None when ``bias`` is None.  See the module docstring for
+    the formulas.
+    """
+    Bt, C, L = x.shape
+    W = weight.shape[1]
+    dx = np.empty_like(x)
+    dw_part = np.empty((Bt, C, W), dtype=x.dtype)
+    db_part = np.empty((Bt, C), dtype=x.dtype)
+    _backward_kernel(dout, x, weight, _bias_or_dummy(bias, x.dtype), bias is not None,
+                     bool(silu), dx, dw_part, db_part)
+    return dx, dw_part.sum(axis=0), None if bias is None else db_part.sum(axis=0)
+
+
+def _bias_or_dummy(bias, dtype):
+    return np.zeros(1, dtype=dtype) if bias is None else bias

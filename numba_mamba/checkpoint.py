@@ -1,0 +1,201 @@
+"""Checkpoints: parameters and optimizer state in one ``.npz`` file, without pickle.
+
+File format (version 1): an uncompressed NumPy ``.npz`` archive holding
+
+==========================  ===================================================
+entry                       content
+==========================  ===================================================
+``__meta__``                uint8 array: UTF-8 JSON with ``format``
+                            (``"numba-mamba-checkpoint"``), ``version``, the
+                            model ``config``, ``step``, the optimizer's
+                            hyperparameters and step count, ``extra`` (any
+                            JSON), and the name, shape and dtype of every array
+``param/<name>``            each parameter
+``adam_m/<name>``,          AdamW's first and second moments, where saved
+``adam_v/<name>``
+==========================  ===================================================
+
+Loading uses ``numpy.load(..., allow_pickle=False)``: reading a checkpoint never
+executes code.  Saving writes a temporary file in the target's folder, flushes
+it to disk and renames it over the target (``os.replace``), so a crash leaves
+either the old file or the new one, never half of one.  Arrays are stored
+byte for byte: a round trip is bit-exact.  CuPy arrays are copied to the host
+to be saved; :func:`load_checkpoint` returns NumPy arrays unless given
+``xp=cupy``.
+"""
+
+import json
+import os
+import tempfile
+import zipfile
+from typing import NamedTuple
+
+import numpy as np
+
+from ._validation import is_cupy_array
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "Checkpoint", "CheckpointError",
+           "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT_FORMAT = "numba-mamba-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable numba-mamba checkpoint (truncated, corrupted, foreign)."""
+
+
+class Checkpoint(NamedTuple):
+    """What :func:`load_checkpoint` returns."""
+
+    params: dict  # name -> array
+    config: object  # MambaConfig, or None if none was saved
+    optimizer: object  # AdamW state dict (load with AdamW.load_state_dict), or None
+    step: int
+    extra: object  # the JSON value saved as ``extra``
+
+
+def _host(x):
+    return x.get() if is_cupy_array(x) else np.asarray(x)
+
+
+def save_checkpoint(path, params, config=None, optimizer=None, step=0, extra=None):
+    """Write parameters, optimizer state and metadata to ``path`` atomically.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Target file (written as given; ``.npz`` is the customary suffix).
+    params : dict
+        Name -> NumPy or CuPy array.
+    config : MambaConfig, optional
+    optimizer : AdamW or dict, optional
+        An :class:`~numba_mamba.optim.AdamW` or its ``state_dict()``.
+    step : int, optional
+        Training step reached.
+    extra : JSON-serialisable, optional
+        Anything else to keep (e.g. a loss history).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from numba_mamba.checkpoint import save_checkpoint, load_checkpoint
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.npz")
+    >>> save_checkpoint(path, {"w": np.arange(3.0)}, step=7)
+    >>> ck = load_checkpoint(path)
+    >>> ck.params["w"], ck.step
+    (array([0., 1., 2.]), 7)
+    """
+    path = os.fspath(path)
+    arrays = {}
+    manifest = {}
+
+    def put(key, x):
+        a = np.ascontiguousarray(_host(x))
+        if a.dtype.hasobject:
+            raise TypeError(f"{key} has dtype object, which cannot be saved without pickle")
+        arrays[key] = a
+        manifest[key] = [list(a.shape), a.dtype.str]
+
+    for name, x in params.items():
+        put(f"param/{name}", x)
+    opt_meta = None
+    if optimizer is not None:
+        state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
+        opt_meta = {k: v for k, v in state.items() if k not in ("m", "v")}
+        for name, x in state["m"].items():
+            put(f"adam_m/{name}", x)
+        for name, x in state["v"].items():
+            put(f"adam_v/{name}", x)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": None if config is None else config.to_dict(),
+        "step": int(step),
+        "optimizer": opt_meta,
+        "extra": extra,
+        "arrays": manifest,
+    }
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, xp=np):
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    xp : module, optional
+        ``numpy`` (default) or ``cupy``: where the returned arrays live.
+
+    Returns
+    -------
+    Checkpoint
+        ``(params, config, optimizer, step, extra)``.
+
+    Raises
+    ------
+    CheckpointError
+        The file is truncated or corrupted (bad zip, CRC mismatch), is not a
+        numba-mamba checkpoint (no or foreign ``__meta__``), has a newer
+        format version, or its arrays disagree with its manifest.
+    FileNotFoundError
+        No file at ``path``.
+    """
+    from .models import MambaConfig
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "__meta__" not in npz.files:
+                raise CheckpointError(f"{path} is not a numba-mamba checkpoint: it has no "
+                                      f"__meta__ entry (entries: {npz.files[:5]})")
+            meta = json.loads(npz["__meta__"].tobytes().decode("utf-8"))
+            if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path} is not a numba-mamba checkpoint: format "
+                                      f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+            if meta.get("version") != CHECKPOINT_VERSION:
+                raise CheckpointError(f"{path} has checkpoint format version "
+                                      f"{meta.get('version')}; this numba-mamba reads version "
+                                      f"{CHECKPOINT_VERSION}")
+            manifest = meta["arrays"]
+            if set(manifest) != set(npz.files) - {"__meta__"}:
+                raise CheckpointError(f"{path}: its entries do not match its manifest")
+            arrays = {}
+            for key, (shape, dtype) in manifest.items():
+                a = npz[key]  # reads the member: a truncated or corrupted one raises here
+                if list(a.shape) != shape or a.dtype.str != dtype:
+                    raise CheckpointError(f"{path}: {key} has shape {a.shape} and dtype "
+                                          f"{a.dtype}, the manifest says {tuple(shape)} {dtype}")
+                arrays[key] = a
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, TypeError,
+            UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable numba-mamba checkpoint "
+                              f"(truncated or corrupted?): {type(exc).__name__}: {exc}") from exc
+
+    def section(prefix):
+        n = len(prefix)
+        return {k[n:]: xp.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
+
+    optimizer = None
+    if meta["optimizer"] is not None:
+        optimizer = dict(meta["optimizer"], m=section("adam_m/"), v=section("adam_v/"))
+    config = None if meta["config"] is None else MambaConfig.from_dict(meta["config"])
+    return Checkpoint(section("param/"), config, optimizer, int(meta["step"]), meta["extra"])

@@ -1,0 +1,264 @@
+"""Mamba block, residual stack, heads and losses (CPU): gradients, initialization, overfitting."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.signal
+import scipy.special
+
+from numba_mamba import layers, models
+from numba_mamba.optim import AdamW
+from tests.test_layers import assert_grads_match, numeric_grad
+
+TINY = dict(d_model=4, d_state=3, d_conv=3, expand=2)
+
+
+def _perturbed(params, rng, scale=0.3):
+    """Parameters moved off their initial values (D = 1, zero biases are special points)."""
+    return {k: v + scale * rng.standard_normal(v.shape) for k, v in params.items()}
+
+
+# ---------------------------------------------------------------- config and init
+
+
+def test_config_rejects_both_heads():
+    with pytest.raises(ValueError, match=r"^give either vocab_size"):
+        models.MambaConfig(d_model=4, n_layers=1, vocab_size=5, d_input=2, d_output=2)
+
+
+def test_config_rejects_unknown_block():
+    with pytest.raises(ValueError, match=r"^block must be one of \('mamba', 'lti'\)"):
+        models.MambaConfig(d_model=4, n_layers=1, vocab_size=5, block="s4")
+
+
+def test_config_round_trips_through_dict():
+    cfg = models.MambaConfig(d_model=48, n_layers=3, vocab_size=7, block="lti", dt_rank=5)
+    assert models.MambaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_init_follows_the_paper():
+    cfg = models.MambaConfig(d_model=40, n_layers=4, vocab_size=11, d_state=8)
+    p = models.init_params(cfg, seed=3, dtype=np.float64)
+    m = "layers.1.mixer."
+    R = math.ceil(40 / 16)
+    assert cfg.rank == R == 3
+    assert p[m + "in_proj.weight"].shape == (160, 40)
+    assert p[m + "x_proj.weight"].shape == (R + 16, 80)
+    np.testing.assert_allclose(-np.exp(p[m + "A_log"]), -np.tile(np.arange(1.0, 9.0), (80, 1)),
+                               rtol=1e-15)
+    np.testing.assert_array_equal(p[m + "D"], np.ones(80))
+    dt = np.log1p(np.exp(p[m + "dt_proj.bias"]))  # softplus of the bias is the initial dt
+    assert dt.min() >= 1e-3 * (1 - 1e-9) and dt.max() <= 1e-1 * (1 + 1e-9)
+    assert np.log(dt).std() > 0.5  # log-uniform over two decades, not a constant
+    assert np.abs(p[m + "dt_proj.weight"]).max() <= R ** -0.5
+    assert np.abs(p[m + "dt_proj.weight"]).max() > 0.9 * R ** -0.5
+    bound = 80 ** -0.5 / math.sqrt(4)
+    assert bound * 0.9 < np.abs(p[m + "out_proj.weight"]).max() <= bound
+
+
+def test_init_dt_floor_applies():
+    cfg = models.MambaConfig(d_model=8, n_layers=1, vocab_size=5, dt_min=1e-6, dt_max=2e-6,
+                             dt_init_floor=1e-4)
+    dt = np.log1p(np.exp(models.init_params(cfg, dtype=np.float64)["layers.0.mixer.dt_proj.bias"]))
+    np.testing.assert_allclose(dt, 1e-4, rtol=1e-8)
+
+
+def test_init_is_reproducible_from_the_seed():
+    cfg = models.MambaConfig(d_model=8, n_layers=2, vocab_size=5)
+    a, b = models.init_params(cfg, seed=1), models.init_params(cfg, seed=1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["layers.0.mixer.in_proj.weight"],
+                              models.init_params(cfg, seed=2)["layers.0.mixer.in_proj.weight"])
+
+
+# ---------------------------------------------------------------- block
+
+
+@pytest.mark.parametrize("block", ["mamba", "lti"])
+def test_block_backward_matches_finite_differences(block):
+    rng = np.random.default_rng(0)
+    cfg = models.MambaConfig(n_layers=1, vocab_size=5, block=block, proj_bias=True, **TINY)
+    p = _perturbed(models.layer_params(models.init_params(cfg, seed=0, dtype=np.float64), 0),
+                   rng)
+    arrays = dict(p, u=rng.standard_normal((2, 7, 4)))
+    R = rng.standard_normal((2, 7, 4))
+
+    def f():
+        params = {k: v for k, v in arrays.items() if k != "u"}
+        return float((models.mamba_block_forward(arrays["u"], params)[0] * R).sum())
+
+    out, cache = models.mamba_block_forward(arrays["u"], p)
+    du, grads = models.mamba_block_backward(R, cache)
+    assert sorted(grads) == sorted(p)
+    assert_grads_match("du", du, numeric_grad(f, arrays, "u"))
+    for name in p:
+        assert_grads_match(name, grads[name], numeric_grad(f, arrays, name))
+
+
+def test_lti_block_equals_its_convolution_kernel():
+    # S4D view of the LTI block: y = K * x + D x with K[k] = sum_n C_n exp(dt A_n)^k dt B_n
+    rng = np.random.default_rng(1)
+    cfg = models.MambaConfig(n_layers=1, d_input=2, d_output=2, block="lti", **TINY)
+    p = _perturbed(models.layer_params(models.init_params(cfg, seed=0, dtype=np.float64), 0),
+                   rng, 0.2)
+    u = rng.standard_normal((2, 9, 4))
+    out, _ = models.mamba_block_forward(u, p)
+    di = cfg.d_inner
+    xz = u @ p["in_proj.weight"].T
+    x, z = xz[..., :di].transpose(0, 2, 1), xz[..., di:].transpose(0, 2, 1)
+    xc, _ = layers.conv1d_forward(np.ascontiguousarray(x), p["conv1d.weight"], p["conv1d.bias"],
+                                  activation="silu")
+    dt = np.log1p(np.exp(p["dt_bias"]))[:, None]  # (di, 1)
+    A = -np.exp(p["A_log"])
+    k = np.arange(9)
+    K = np.einsum("dn,dnk->dk", p["C"] * dt * p["B"], np.exp(dt * A)[..., None] ** k)
+    y = np.stack([[scipy.signal.lfilter(K[d], [1.0], xc[b, d]) for d in range(di)]
+                  for b in range(2)]) + p["D"][:, None] * xc
+    y = y * z * scipy.special.expit(z)
+    np.testing.assert_allclose(out, y.transpose(0, 2, 1) @ p["out_proj.weight"].T, rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_block_float32_matches_float64():
+    rng = np.random.default_rng(2)
+    cfg = models.MambaConfig(d_model=16, n_layers=1, vocab_size=5, d_state=8)
+    p64 = models.layer_params(models.init_params(cfg, seed=0, dtype=np.float64), 0)
+    p32 = {k: v.astype(np.float32) for k, v in p64.items()}
+    u = rng.standard_normal((2, 40, 16))
+    R = rng.standard_normal((2, 40, 16))
+    o64, c64 = models.mamba_block_forward(u, p64)
+    o32, c32 = models.mamba_block_forward(u.astype(np.float32), p32)
+    assert o32.dtype == np.float32
+    np.testing.assert_allclose(o32, o64, rtol=1e-4, atol=1e-5)
+    du64, g64 = models.mamba_block_backward(R, c64)
+    du32, g32 = models.mamba_block_backward(R.astype(np.float32), c32)
+    np.testing.assert_allclose(du32, du64, rtol=1e-3, atol=1e-4)
+    for k in g64:
+        assert g32[k].dtype == np.float32, k
+        scale = np.abs(g64[k]).max()
+        np.testing.assert_allclose(g32[k], g64[k], rtol=1e-3, atol=1e-4 * scale, err_msg=k)
+
+
+def test_block_rejects_2d_input():
+    cfg = models.MambaConfig(n_layers=1, vocab_size=5, **TINY)
+    p = models.layer_params(models.init_params(cfg), 0)
+    with pytest.raises(ValueError, match=r"^u must have 3 dims"):
+        models.mamba_block_forward(np.zeros((7, 4), np.float32), p)
+
+
+# ---------------------------------------------------------------- whole model
+
+
+def _model_fd(cfg, inputs, targets, mask=None, seed=0):
+    rng = np.random.default_rng(seed)
+    params = _perturbed(models.init_params(cfg, seed=seed, dtype=np.float64), rng, 0.2)
+    loss, grads = models.loss_and_grads(inputs, targets, params, cfg, mask=mask)
+    assert sorted(grads) == sorted(params)
+
+    def f():
+        return models.loss_and_grads(inputs, targets, params, cfg, mask=mask)[0]
+
+    for name in params:
+        assert_grads_match(name, grads[name], numeric_grad(f, params, name))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_model_backward_matches_finite_differences(tied):
+    cfg = models.MambaConfig(n_layers=2, vocab_size=6, tie_embeddings=tied, **TINY)
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 6, (2, 5))
+    targets = rng.integers(0, 6, (2, 5))
+    targets[0, 1] = -100  # ignored position
+    _model_fd(cfg, tokens, targets, mask=np.array([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]], bool))
+
+
+def test_regression_lti_model_backward_matches_finite_differences():
+    cfg = models.MambaConfig(n_layers=2, d_input=2, d_output=3, block="lti", **TINY)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 2))
+    y = rng.standard_normal((2, 6, 3))
+    _model_fd(cfg, x, y, mask=rng.random((2, 6, 1)) > 0.3)
+
+
+def test_regression_model_input_gradient_matches_finite_differences():
+    cfg = models.MambaConfig(n_layers=1, d_input=2, d_output=2, **TINY)
+    rng = np.random.default_rng(5)
+    params = _perturbed(models.init_params(cfg, dtype=np.float64), rng, 0.2)
+    arrays = dict(x=rng.standard_normal((1, 5, 2)))
+    R = rng.standard_normal((1, 5, 2))
+    out, cache = models.model_forward(arrays["x"], params, cfg)
+    dx, _ = models.model_backward(R, cache)
+
+    def f():
+        return float((models.model_forward(arrays["x"], params, cfg)[0] * R).sum())
+
+    assert_grads_match("dinputs", dx, numeric_grad(f, arrays, "x"))
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_cross_entropy_matches_logsumexp_and_ignores_masked_positions():
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((2, 4, 5))
+    targets = rng.integers(0, 5, (2, 4))
+    targets[1, 2] = -100
+    mask = np.ones((2, 4), bool)
+    mask[0, 0] = False
+    loss, _ = models.cross_entropy_forward(logits, targets, mask=mask)
+    keep = (targets != -100) & mask
+    lp = logits - scipy.special.logsumexp(logits, axis=-1, keepdims=True)
+    want = -np.take_along_axis(lp, np.where(keep, targets, 0)[..., None], -1)[..., 0][keep].mean()
+    assert abs(float(loss) - want) < 1e-12
+
+
+def test_cross_entropy_backward_matches_finite_differences():
+    rng = np.random.default_rng(7)
+    arrays = dict(logits=rng.standard_normal((2, 3, 4)))
+    targets = np.array([[0, 3, -100], [2, 2, 1]])
+    _, cache = models.cross_entropy_forward(arrays["logits"], targets)
+    d = models.cross_entropy_backward(1.7, cache)
+
+    def f():
+        return 1.7 * float(models.cross_entropy_forward(arrays["logits"], targets)[0])
+
+    assert_grads_match("dlogits", d, numeric_grad(f, arrays, "logits"))
+    assert not d[0, 2].any()
+
+
+def test_mse_backward_matches_finite_differences_with_mask():
+    rng = np.random.default_rng(8)
+    arrays = dict(pred=rng.standard_normal((2, 3, 2)))
+    target = rng.standard_normal((2, 3, 2))
+    mask = rng.random((2, 3, 1)) > 0.4
+    _, cache = models.mse_forward(arrays["pred"], target, mask=mask)
+    d = models.mse_backward(1.0, cache)
+
+    def f():
+        return float(models.mse_forward(arrays["pred"], target, mask=mask)[0])
+
+    assert_grads_match("dpred", d, numeric_grad(f, arrays, "pred"))
+
+
+def test_cross_entropy_rejects_out_of_range_targets():
+    with pytest.raises(ValueError, match=r"^targets must lie in \[0, 3\)"):
+        models.cross_entropy_forward(np.zeros((2, 3)), np.array([0, 3]))
+
+
+# ---------------------------------------------------------------- overfitting
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    cfg = models.MambaConfig(d_model=32, n_layers=2, vocab_size=16, d_state=8)
+    params = models.init_params(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 16, (4, 33))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    opt = AdamW(lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        loss, grads = models.loss_and_grads(inputs, targets, params, cfg)
+        opt.step(params, grads)
+        losses.append(loss)
+    assert losses[-1] < losses[0] / 100, f"loss {losses[0]:.3f} -> {losses[-1]:.5f}"
