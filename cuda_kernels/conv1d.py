@@ -53,7 +53,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from .scan import _c_strided, _device
+from ._common import c_strided, current_stream, inline_device
 
 __all__ = ["THREADS", "conv1d_backward", "conv1d_forward", "get_kernels", "ptx_signatures"]
 
@@ -85,7 +85,7 @@ def _make_kernels(ftype, width):
     TILE = T + W - 1  # a tile of g and its halo of W - 1 later steps
     RED = (W + 1) * T  # the block's W + 1 partial sums, row k at k * T
 
-    @_device
+    @inline_device
     def pre_at(x, w, bias, has_bias, b, c, t):
         acc = bias[c] if has_bias else zero
         for k in range(W):
@@ -94,7 +94,7 @@ def _make_kernels(ftype, width):
                 acc += w[c, k] * x[b, c, s]
         return acc
 
-    @_device
+    @inline_device
     def sigmoid(v):
         return one / (one + math.exp(-v))
 
@@ -192,12 +192,6 @@ def ptx_signatures(widths=(4,)):
             yield (f"conv1d_backward_{tag}", bwd_py, bwd_t, dtype == np.float32, (THREADS,))
 
 
-def _stream():
-    import cupy
-
-    return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
-
-
 def _flags(bias, silu):
     return np.int32((FLAG_BIAS if bias is not None else 0) | (FLAG_SILU if silu else 0))
 
@@ -211,8 +205,8 @@ def conv1d_forward(x, weight, bias, silu):
     out = cupy.empty_like(x)
     dummy = cupy.zeros(1, x.dtype) if bias is None else bias
     n = Bt * C * L
-    args = [_c_strided(a) for a in (x, weight, dummy)]
-    fwd[(n + THREADS - 1) // THREADS, THREADS, _stream()](*args, _flags(bias, silu), out)
+    args = [c_strided(a) for a in (x, weight, dummy)]
+    fwd[(n + THREADS - 1) // THREADS, THREADS, current_stream()](*args, _flags(bias, silu), out)
     return out
 
 
@@ -227,6 +221,6 @@ def conv1d_backward(dout, x, weight, bias, silu):
     dw_part = cupy.empty((Bt, C, W), x.dtype)
     db_part = cupy.empty((Bt, C), x.dtype)
     dummy = cupy.zeros(1, x.dtype) if bias is None else bias
-    args = [_c_strided(a) for a in (dout, x, weight, dummy)]
-    bwd[Bt * C, THREADS, _stream()](*args, _flags(bias, silu), dx, dw_part, db_part)
+    args = [c_strided(a) for a in (dout, x, weight, dummy)]
+    bwd[Bt * C, THREADS, current_stream()](*args, _flags(bias, silu), dx, dw_part, db_part)
     return dx, dw_part.sum(axis=0), None if bias is None else db_part.sum(axis=0)

@@ -72,6 +72,8 @@ import numba
 import numpy as np
 from numba import cuda, types
 
+from ._common import array_module, c_strided, current_stream, inline_device, simulator
+
 __all__ = [
     "METHOD_CODES",
     "discretize_backward",
@@ -98,17 +100,6 @@ _MIN_CHUNK, _MAX_CHUNK = 16, 4096
 _PHI2_SERIES = tuple((m - 1) / math.factorial(m) for m in range(2, 11))
 
 
-def _simulator():
-    return bool(numba.config.ENABLE_CUDASIM)
-
-
-def _device(fn):
-    """Force-inlined device function; a plain function under the simulator."""
-    if _simulator():
-        return fn
-    return cuda.jit(device=True, forceinline=True)(fn)
-
-
 # ------------------------------------------------------------ discretization
 def _make_discretize_kernels(ftype, cplx):
     """Python bodies of the forward and backward discretization kernels.
@@ -128,7 +119,7 @@ def _make_discretize_kernels(ftype, cplx):
                                               -1 / 3628800))
     own_sincos = np.dtype(ftype) == np.float32
 
-    @_device
+    @inline_device
     def sincos_poly(y):
         # y = k pi/2 + r with |r| <= pi/4; Taylor polynomials (error < 2e-9)
         k = int(math.floor(y * two_over_pi + half))
@@ -146,7 +137,7 @@ def _make_discretize_kernels(ftype, cplx):
             return -s, -c
         return -c, s
 
-    @_device
+    @inline_device
     def sincos(y):
         # float32: libdevice's sinf/cosf carry a float64 path for huge
         # arguments, so float32 kernels use the polynomial above
@@ -155,11 +146,11 @@ def _make_discretize_kernels(ftype, cplx):
         return math.sin(y), math.cos(y)
 
     # -- complex helpers on (re, im) pairs
-    @_device
+    @inline_device
     def cmul(ar, ai, br, bi):
         return ar * br - ai * bi, ar * bi + ai * br
 
-    @_device
+    @inline_device
     def cdiv(ar, ai, br, bi):
         # Smith's algorithm: no overflow in |b|^2
         if abs(br) >= abs(bi):
@@ -170,27 +161,27 @@ def _make_discretize_kernels(ftype, cplx):
         den = br * r + bi
         return (ar * r + ai) / den, (ai * r - ar) / den
 
-    @_device
+    @inline_device
     def cexp(x, y):
         e = math.exp(x)
         sn, cs = sincos(y)
         return e * cs, e * sn
 
-    @_device
+    @inline_device
     def cexpm1(x, y):
         # exp(x + iy) - 1 without cancellation near 0
         s, _ = sincos(half * y)
         sn, cs = sincos(y)
         return math.expm1(x) * cs - two * s * s, math.exp(x) * sn
 
-    @_device
+    @inline_device
     def cphi1(x, y):
         if x == zero and y == zero:
             return one, zero
         er, ei = cexpm1(x, y)
         return cdiv(er, ei, x, y)
 
-    @_device
+    @inline_device
     def cphi2(x, y):
         if x * x + y * y < small * small:
             # Horner on the series 1/2 + z/3 + z^2/8 + ...
@@ -217,13 +208,13 @@ def _make_discretize_kernels(ftype, cplx):
         zr, zi = cmul(x, y, x, y)
         return cdiv(nr - mr, ni - mi, zr, zi)
 
-    @_device
+    @inline_device
     def phi1(z):
         if z == zero:
             return one
         return math.expm1(z) / z
 
-    @_device
+    @inline_device
     def phi2(z):
         if abs(z) < small:
             p = c10
@@ -373,7 +364,7 @@ def _make_recurrence_kernels(ftype, cplx):
     zero, one = ftype(0.0), ftype(1.0)
     W = 2 if cplx else 1
 
-    @_device
+    @inline_device
     def load(m, r, t, n):
         # element (r, t, n) of a (R, La, N*W) array; t is ignored when La == 1
         tt = t if m.shape[1] > 1 else 0
@@ -505,39 +496,8 @@ def ptx_signatures():
 
 
 # -------------------------------------------------------------- launchers
-def _array_module(x):
-    if isinstance(x, np.ndarray):
-        return np
-    import cupy
-
-    return cupy
-
-
-def _current_stream(xp):
-    if xp is np:
-        return None  # the simulator
-    import cupy
-
-    return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
-
-
-def _c_strided(x):
-    """``x`` (C-contiguous) with exactly C strides (Numba rejects a zero
-    stride on a length-1 axis, which CuPy calls contiguous)."""
-    if isinstance(x, np.ndarray) or not hasattr(x, "strides"):
-        return x
-    stride = x.itemsize
-    for size, s in zip(reversed(x.shape), reversed(x.strides)):
-        if s != stride:
-            import cupy
-
-            return cupy.ndarray(x.shape, x.dtype, x.data)
-        stride *= size
-    return x
-
-
 def _launch(kernel, n_threads, stream, args):
-    args = [_c_strided(a) for a in args]
+    args = [c_strided(a) for a in args]
     blocks = max(1, -(-n_threads // _THREADS))
     if stream is None:
         kernel[blocks, _THREADS](*args)
@@ -569,14 +529,14 @@ def discretize_forward(A, B, dt, method):
     Ab, Bb : array, (M,)
         Dtype of ``A``.
     """
-    xp = _array_module(A)
+    xp = array_module(A)
     cplx = A.dtype.kind == "c"
     ftype = dt.dtype
     code, alpha = METHOD_CODES[method]
     Ab = xp.empty_like(A)
     Bb = xp.empty_like(A)
-    fwd, _ = _get_kernels("discretize", ftype, cplx, _simulator())
-    _launch(fwd, dt.shape[0], _current_stream(xp),
+    fwd, _ = _get_kernels("discretize", ftype, cplx, simulator())
+    _launch(fwd, dt.shape[0], current_stream(xp),
             (_real_view(A), _real_view(B), dt, _real_view(Ab), _real_view(Bb),
              np.int32(code), ftype.type(alpha)))
     return Ab, Bb
@@ -599,15 +559,15 @@ def discretize_backward(A, B, dt, gAb, gBb, method):
     ddt : array, (M,)
         Real.
     """
-    xp = _array_module(A)
+    xp = array_module(A)
     cplx = A.dtype.kind == "c"
     ftype = dt.dtype
     code, alpha = METHOD_CODES[method]
     dA = xp.empty_like(A)
     dB = xp.empty_like(A)
     ddt = xp.empty_like(dt)
-    _, bwd = _get_kernels("discretize", ftype, cplx, _simulator())
-    _launch(bwd, dt.shape[0], _current_stream(xp),
+    _, bwd = _get_kernels("discretize", ftype, cplx, simulator())
+    _launch(bwd, dt.shape[0], current_stream(xp),
             (_real_view(A), _real_view(B), dt, _real_view(gAb), _real_view(gBb),
              _real_view(dA), _real_view(dB), ddt, np.int32(code), ftype.type(alpha)))
     return dA, dB, ddt
@@ -642,14 +602,14 @@ def recurrence(x, a, b, c, h0, chunk=None):
     hf : array, (R, N)
         Final state, dtype of ``a``.
     """
-    xp = _array_module(x)
+    xp = array_module(x)
     cplx = a.dtype.kind == "c"
     R, L = x.shape
     N = a.shape[2]
     T = chunk_length(R, L) if chunk is None else int(chunk)
     K = -(-L // T)
-    summary, carry, output = _get_kernels("recurrence", x.dtype, cplx, _simulator())
-    stream = _current_stream(xp)
+    summary, carry, output = _get_kernels("recurrence", x.dtype, cplx, simulator())
+    stream = current_stream(xp)
     sa = xp.empty((R, K, N), a.dtype)
     sb = xp.empty((R, K, N), a.dtype)
     carries = xp.empty((R, K, N), a.dtype)

@@ -24,6 +24,8 @@ import numba
 import numpy as np
 from numba import cuda, types
 
+from ._common import current_stream
+
 __all__ = ["THREADS", "get_kernels", "ptx_signatures", "silu_backward", "silu_forward",
            "softplus_backward", "softplus_forward"]
 
@@ -95,7 +97,7 @@ def _launch(name, *arrays):
     out = cupy.empty_like(x)
     n = x.size
     blocks = max(1, min((n + THREADS - 1) // THREADS, 65536))
-    stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+    stream = current_stream()
     kernel = get_kernels(x.dtype)[name]
     kernel[blocks, THREADS, stream](*(a.reshape(-1) for a in arrays), out.reshape(-1))
     return out

@@ -98,6 +98,8 @@ import numba
 import numpy as np
 from numba import cuda, types
 
+from ._common import array_module, c_strided, current_stream, inline_device, simulator
+
 __all__ = [
     "DEFAULT_TUNING",
     "GpuScanSaved",
@@ -131,21 +133,6 @@ DEFAULT_TUNING = {
     np.dtype(np.float32): (128, 16),
     np.dtype(np.float64): (128, 8),  # 16 doubles per array would spill
 }
-
-
-def _simulator():
-    return bool(numba.config.ENABLE_CUDASIM)
-
-
-def _device(fn):
-    """Compile ``fn`` as a device function, force-inlined into its callers.
-
-    Under the simulator it stays a plain Python function (the simulator runs
-    kernels as Python, with the ``cuda`` module swapped for its emulation).
-    """
-    if _simulator():
-        return fn
-    return cuda.jit(device=True, forceinline=True)(fn)
 
 
 def _argtypes(ftype):
@@ -219,7 +206,7 @@ def _make_kernels(ftype, threads, items, sim):
     # signature; the shuffle variants ignore tid and the scratch arrays.
     if sim:
 
-        @_device
+        @inline_device
         def scan_up(a, b, lane, tid, sc_a, sc_b):
             # inclusive and exclusive scans of (a, b) over the lanes of the warp
             sc_a[tid] = a
@@ -233,7 +220,7 @@ def _make_kernels(ftype, threads, items, sim):
             cuda.syncthreads()  # all reads done before the scratch is reused
             return a * ea, a * eb + b, ea, eb
 
-        @_device
+        @inline_device
         def scan_down(a, b, lane, tid, sc_a, sc_b):
             # the same over lanes lane..WS-1, later lanes applied first
             sc_a[tid] = a
@@ -248,7 +235,7 @@ def _make_kernels(ftype, threads, items, sim):
             cuda.syncthreads()  # all reads done before the scratch is reused
             return a * ea, a * eb + b, ea, eb
 
-        @_device
+        @inline_device
         def warp_sum(v, lane, tid, sc_a, sc_b):
             # sum of v over the warp, valid on lane 0
             sc_a[tid] = v
@@ -260,7 +247,7 @@ def _make_kernels(ftype, threads, items, sim):
             cuda.syncthreads()  # reads done before the scratch is reused
             return s
 
-        @_device
+        @inline_device
         def warp_sum2(v, w, lane, tid, sc_a, sc_b):
             # sums of v and of w over the warp, valid on lane 0
             sc_a[tid] = v
@@ -277,7 +264,7 @@ def _make_kernels(ftype, threads, items, sim):
 
     else:
 
-        @_device
+        @inline_device
         def scan_up(a, b, lane, tid, sc_a, sc_b):
             # inclusive and exclusive scans of (a, b) over the lanes of the warp
             off = 1
@@ -295,7 +282,7 @@ def _make_kernels(ftype, threads, items, sim):
                 eb = zero
             return a, b, ea, eb
 
-        @_device
+        @inline_device
         def scan_down(a, b, lane, tid, sc_a, sc_b):
             # the same over lanes lane..WS-1, later lanes applied first
             off = 1
@@ -313,7 +300,7 @@ def _make_kernels(ftype, threads, items, sim):
                 eb = zero
             return a, b, ea, eb
 
-        @_device
+        @inline_device
         def warp_sum(v, lane, tid, sc_a, sc_b):
             # sum of v over the warp, valid on lane 0
             off = WS // 2
@@ -322,7 +309,7 @@ def _make_kernels(ftype, threads, items, sim):
                 off //= 2
             return v
 
-        @_device
+        @inline_device
         def warp_sum2(v, w, lane, tid, sc_a, sc_b):
             # sums of v and of w over the warp, valid on lane 0
             off = WS // 2
@@ -332,13 +319,13 @@ def _make_kernels(ftype, threads, items, sim):
                 off //= 2
             return v, w
 
-    @_device
+    @inline_device
     def softplus(x):
         if x > twenty:
             return x
         return math.log1p(math.exp(x))
 
-    @_device
+    @inline_device
     def sigmoid(x):
         return one / (one + math.exp(-x))
 
@@ -784,7 +771,7 @@ def get_kernels(dtype, threads, items):
         ``(forward, backward, threads, items)``; under the CUDA simulator the
         kernels are the simulator's and use shared memory for warp operations.
     """
-    return _get_kernels(np.dtype(dtype), int(threads), int(items), _simulator())
+    return _get_kernels(np.dtype(dtype), int(threads), int(items), simulator())
 
 
 def ptx_signatures(tunings=None):
@@ -817,42 +804,13 @@ def ptx_signatures(tunings=None):
 
 
 # ---------------------------------------------------------------- launchers
-def _array_module(x):
-    if isinstance(x, np.ndarray):
-        return np
-    import cupy
-
-    return cupy
-
-
 def _as4(x):
     """(Dc, N) -> (1, Dc, N, 1) view; (Bt, G, N, L) unchanged."""
     return x.reshape(1, x.shape[0], x.shape[1], 1) if x.ndim == 2 else x
 
 
-def _c_strided(x):
-    """``x`` (C-contiguous) viewed with exactly C strides.
-
-    NumPy and CuPy call an array with a zero stride on a length-1 axis (as
-    ``B[:, None]`` makes) C-contiguous, Numba does not, and the kernels are
-    compiled for C-contiguous arrays only.
-    """
-    if not hasattr(x, "strides") or isinstance(x, np.ndarray):
-        return x  # scalars; NumPy arrays only reach the simulator, which has no types
-    stride = x.itemsize
-    ok = True
-    for size, s in zip(reversed(x.shape), reversed(x.strides)):
-        ok = ok and s == stride
-        stride *= size
-    if ok:
-        return x
-    import cupy
-
-    return cupy.ndarray(x.shape, x.dtype, x.data)
-
-
 def _launch(kernel, grid, threads, stream, args):
-    args = [_c_strided(a) for a in args]
+    args = [c_strided(a) for a in args]
     if stream is None:
         kernel[grid, threads](*args)
     else:
@@ -880,7 +838,7 @@ def forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     stream : numba stream, optional
         Launch stream; None launches on the default stream.
     """
-    xp = _array_module(u)
+    xp = array_module(u)
     dtype = u.dtype
     Bt, Dc, _ = u.shape
     dummy1 = xp.zeros((1,), dtype)
@@ -914,7 +872,7 @@ def backward_into(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     the gradient w.r.t. the initial state.  Absent optional arrays are None.
     Works on CuPy arrays and, under the CUDA simulator, on NumPy arrays.
     """
-    xp = _array_module(u)
+    xp = array_module(u)
     dtype = u.dtype
     Bt, Dc, _ = u.shape
     dummy1 = xp.zeros((1,), dtype)
@@ -955,12 +913,6 @@ def _tuning(dtype, threads, items):
             di if items is None else int(items))
 
 
-def _current_stream():
-    import cupy
-
-    return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
-
-
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                  initial_state, *, threads=None, items=None):
     """Selective scan forward on CuPy arrays (canonical layout).
@@ -998,7 +950,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     chunk_states = cupy.empty((Bt, Dc, n_chunks, N), u.dtype)
     forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                  initial_state, out, last_state, chunk_states,
-                 threads=threads, items=items, stream=_current_stream())
+                 threads=threads, items=items, stream=current_stream())
     return out, last_state, GpuScanSaved(chunk_states, threads, items)
 
 
@@ -1058,6 +1010,6 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     backward_into(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                   delta_softplus, saved.chunk_states, du, ddelta, dA, dB, dC,
                   dD, dz, ddelta_bias, q_buf, threads=threads, items=items,
-                  stream=_current_stream())
+                  stream=current_stream())
     dinitial_state = None if initial_state is None else q_buf[0]
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state

@@ -38,7 +38,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from .scan import _c_strided
+from ._common import c_strided, current_stream
 
 __all__ = ["THREADS", "conv_step", "get_kernels", "ptx_signatures", "ssm_step"]
 
@@ -129,12 +129,6 @@ def ptx_signatures():
         yield (f"ssm_step_{dtype.name}", ssm_py, ssm_t, dtype == np.float32, ())
 
 
-def _stream():
-    import cupy
-
-    return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
-
-
 def _grid(n):
     return max(1, (n + THREADS - 1) // THREADS)
 
@@ -147,8 +141,8 @@ def conv_step(x, conv_state, weight, bias, silu):
     out = cupy.empty_like(x)
     flags = np.int32((FLAG_BIAS if bias is not None else 0) | (FLAG_SILU if silu else 0))
     bias = cupy.zeros(1, x.dtype) if bias is None else bias
-    args = [_c_strided(a) for a in (x, conv_state, weight, bias)]
-    conv[_grid(x.shape[0] * x.shape[1]), THREADS, _stream()](*args, flags, out)
+    args = [c_strided(a) for a in (x, conv_state, weight, bias)]
+    conv[_grid(x.shape[0] * x.shape[1]), THREADS, current_stream()](*args, flags, out)
     return out
 
 
@@ -168,9 +162,9 @@ def ssm_step(x, dt, A, B, C, D, z, dt_bias, softplus, ssm_state, variable):
     d1 = cupy.zeros(1, x.dtype)
     d2 = cupy.zeros((1, 1), x.dtype)
     out = cupy.empty_like(x)
-    args = [_c_strided(a) for a in (
+    args = [c_strided(a) for a in (
         x, dt, A, cupy.ascontiguousarray(B).reshape(shape3),
         cupy.ascontiguousarray(C).reshape(shape3), d1 if D is None else D,
         d2 if z is None else z, d1 if dt_bias is None else dt_bias)]
-    ssm[_grid(Bt * Dc), THREADS, _stream()](*args, np.int32(flags), ssm_state, out)
+    ssm[_grid(Bt * Dc), THREADS, current_stream()](*args, np.int32(flags), ssm_state, out)
     return out

@@ -38,23 +38,26 @@ checkpoint           save_checkpoint / load_checkpoint (one .npz, no pickle)
 inference            prefill, step, generate: recurrent inference
 """
 
-from . import reference
+from . import checkpoint, inference, layers, models, optim, reference, training
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .discretize import DISCRETIZE_METHODS, DiscretizeGrads, discretize, discretize_vjp
 from .filters import SSMFilter, UnstableFilterWarning, ssm_filter, ssm_kernel
-from .scan import ScanGrads, selective_scan, selective_scan_vjp
-from . import checkpoint, inference, layers, models, optim, training
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .inference import generate, prefill
 from .models import MambaConfig, init_params, loss_and_grads, model_backward, model_forward
 from .optim import AdamW, clip_grad_norm, warmup_cosine
+from .scan import ScanGrads, selective_scan, selective_scan_vjp
 from .training import seed_everything, train
 
-__all__ = ["DISCRETIZE_METHODS", "DiscretizeGrads", "SSMFilter", "ScanGrads",
-           "UnstableFilterWarning", "discretize", "discretize_vjp", "reference",
-           "selective_scan", "selective_scan_vjp", "ssm_filter", "ssm_kernel",
-           # issue 5: models
-           "AdamW", "CheckpointError", "MambaConfig", "checkpoint", "clip_grad_norm",
-           "generate", "inference", "init_params", "layers", "load_checkpoint",
-           "loss_and_grads", "model_backward", "model_forward", "models", "optim", "prefill",
-           "save_checkpoint", "seed_everything", "train", "training", "warmup_cosine"]
+__all__ = [
+    # the selective scan
+    "ScanGrads", "reference", "selective_scan", "selective_scan_vjp",
+    # sequence filters
+    "DISCRETIZE_METHODS", "DiscretizeGrads", "SSMFilter", "UnstableFilterWarning", "discretize",
+    "discretize_vjp", "ssm_filter", "ssm_kernel",
+    # models
+    "AdamW", "CheckpointError", "MambaConfig", "checkpoint", "clip_grad_norm", "generate",
+    "inference", "init_params", "layers", "load_checkpoint", "loss_and_grads", "model_backward",
+    "model_forward", "models", "optim", "prefill", "save_checkpoint", "seed_everything", "train",
+    "training", "warmup_cosine",
+]
 __version__ = "0.1.0"

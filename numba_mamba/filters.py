@@ -44,10 +44,11 @@ Engines
                  ``cupy.fft``); ``zi`` and ``zf`` by closed-form sums.
 ``mode='auto'``  the scan on the CPU (it is O(N L) with a small constant and
                  beats the FFT at every size measured; see
-                 benchmarks/RESULTS.md); on the GPU the scan, except for a
-                 time-invariant filter without a selective-scan fast path
-                 (complex A, or methods other than 'zoh' and 'mamba') of at
-                 least :data:`GPU_CONV_MIN_LENGTH` samples.
+                 benchmarks/RESULTS.md); on the GPU the convolution for a
+                 time-invariant filter of at least
+                 :data:`GPU_CONV_MIN_LENGTH_FAST_SCAN` samples (real A with
+                 'zoh' or 'mamba') or :data:`GPU_CONV_MIN_LENGTH` samples
+                 (complex A, other methods), else the scan.
 """
 
 import math
@@ -59,13 +60,16 @@ from numba import njit, prange
 from ._validation import array_namespace, is_cupy_array
 from .discretize import _phi1, as_param, check_method, complex_of, discretize
 
-__all__ = ["GPU_CONV_MIN_LENGTH", "SSMFilter", "UnstableFilterWarning", "ssm_filter",
-           "ssm_kernel"]
+__all__ = ["GPU_CONV_MIN_LENGTH", "GPU_CONV_MIN_LENGTH_FAST_SCAN", "SSMFilter",
+           "UnstableFilterWarning", "ssm_filter", "ssm_kernel"]
 
 MODES = ("auto", "scan", "conv")
-#: on the GPU, ``mode='auto'`` convolves time-invariant filters without the
-#: selective-scan fast path from this length on
-GPU_CONV_MIN_LENGTH = 4096
+#: on the GPU, ``mode='auto'`` convolves a time-invariant filter from this length on when
+#: it has no selective-scan fast path (complex A, or a method other than 'zoh'/'mamba')...
+GPU_CONV_MIN_LENGTH = 2**14
+#: ...and from this length on when it has one.  Both are the crossovers measured on an H200
+#: for 64 channels x 16 states in float32 (benchmarks/bench_filter.py, benchmarks/RESULTS.md).
+GPU_CONV_MIN_LENGTH_FAST_SCAN = 2**16
 
 
 class UnstableFilterWarning(RuntimeWarning):
@@ -318,7 +322,6 @@ def _selective_scan_gpu(p):
     xp = p["xp"]
     x, A, dt, B, C, h0 = p["x"], p["A"], p["dt"], p["B"], p["C"], p["h0"]
     R, L = x.shape
-    N = p["N"]
     Bp = B
     if p["method"] == "zoh":
         Bp = B * _phi1(dt[:, :, None] * A[:, None, :], xp)  # (R, Ld or Lb, N)
@@ -416,7 +419,8 @@ def _pick_mode(p, mode):
     if p["xp"] is np or not lti:
         return "scan"
     fast_scan = not p["cplx"] and p["method"] in ("zoh", "mamba")
-    return "conv" if (not fast_scan and p["L"] >= GPU_CONV_MIN_LENGTH) else "scan"
+    threshold = GPU_CONV_MIN_LENGTH_FAST_SCAN if fast_scan else GPU_CONV_MIN_LENGTH
+    return "conv" if p["L"] >= threshold else "scan"
 
 
 def _filter(A, B, C, x, D, dt, method, axis, zi, mode):

@@ -3,12 +3,19 @@
 ``numba.cuda.compile_ptx`` needs NVRTC/NVVM (the ``cu12`` extra of numba-cuda)
 but no GPU, so this runs on any machine.  A stray Python float literal in a
 float32 kernel would promote arithmetic to float64 (slow on most GPUs, and a
-silent change of precision); the PTX shows it as ``.f64`` instructions.
+silent change of precision); the PTX shows it as ``.f64`` instructions.  So
+does a libdevice function with a float64 slow path (``sinf`` and ``cosf`` have
+one, which is why the complex float32 filter kernels use their own sine and
+cosine).
 
 Numba compiles a kernel's device functions through their dispatchers, which
 ask the current device for its compute capability; here a stand-in device
 reporting (9, 0) answers, so the whole kernel is compiled for sm_90 without a
-driver.
+driver.  (That stand-in patches numba-cuda 0.30's private
+``numba.cuda.dispatcher.get_current_device``.)
+
+Each module of ``cuda_kernels`` lists its kernels with ``ptx_signatures()``:
+``(name, py_func, argtypes, is_float32[, launch_bounds])``.
 """
 
 import re
@@ -25,10 +32,13 @@ if numba.config.ENABLE_CUDASIM:  # pragma: no cover - the simulator has no PTX
 
 from numba.cuda import dispatcher as _dispatcher  # noqa: E402
 
-from cuda_kernels import scan  # noqa: E402
+from cuda_kernels import conv1d, discretize, elementwise, scan, step  # noqa: E402
 
 CC = (9, 0)
-SIGNATURES = {name: rest for name, *rest in scan.ptx_signatures()}
+SIGNATURES = {}
+for _module in (scan, discretize, conv1d, elementwise, step):
+    for _name, _py_func, _argtypes, _is_f32, *_bounds in _module.ptx_signatures():
+        SIGNATURES[_name] = (_py_func, _argtypes, _is_f32, _bounds[0] if _bounds else None)
 _F64 = re.compile(r"\.f64\b")
 
 
@@ -43,26 +53,31 @@ def ptx():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_dispatcher, "get_current_device", lambda: _Sm90())
         for name, (py_func, argtypes, _, launch_bounds) in SIGNATURES.items():
-            text, _ = cuda.compile_ptx(py_func, argtypes, cc=CC, launch_bounds=launch_bounds)
-            out[name] = text
+            kwargs = dict(launch_bounds=launch_bounds) if launch_bounds else {}
+            out[name], _ = cuda.compile_ptx(py_func, argtypes, cc=CC, **kwargs)
     return out
 
 
-def test_lists_forward_and_backward_for_both_dtypes():
+def test_lists_every_kernel_for_both_dtypes():
     names = set(SIGNATURES)
     for dtype in ("float32", "float64"):
         threads, items = scan.DEFAULT_TUNING[np.dtype(dtype)]
         tag = f"{dtype}_t{threads}_i{items}"
         assert {f"forward_{tag}", f"backward_{tag}"} <= names
+        for kind in ("real", "complex"):
+            assert {f"discretize_forward_{kind}_{dtype}", f"discretize_backward_{kind}_{dtype}",
+                    *(f"recurrence_{k}_{kind}_{dtype}" for k in ("summary", "carry", "output"))
+                    } <= names
+        assert {f"conv1d_forward_{dtype}_w4", f"conv1d_backward_{dtype}_w4",
+                f"silu_forward_{dtype}", f"silu_backward_{dtype}",
+                f"softplus_forward_{dtype}", f"softplus_backward_{dtype}",
+                f"conv_step_{dtype}", f"ssm_step_{dtype}"} <= names
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
 def test_kernel_compiles_to_sm90_ptx(ptx, name):
-    text = ptx[name]
-    assert ".target sm_90" in text
-    assert ".entry" in text
-    # the warp combine uses shuffles, not the simulator's shared-memory path
-    assert "shfl.sync" in text
+    assert ".target sm_90" in ptx[name]
+    assert ".entry" in ptx[name]
 
 
 @pytest.mark.parametrize("name", sorted(n for n, r in SIGNATURES.items() if r[2]))
@@ -77,8 +92,15 @@ def test_float64_kernel_computes_in_float64(ptx, name):
     assert not re.search(r"\bcvt\.rn\.f32\.f64\b", ptx[name]), "float64 kernel rounds to float32"
 
 
+@pytest.mark.parametrize("name", sorted(n for n in SIGNATURES if n.startswith(("forward_",
+                                                                              "backward_"))))
+def test_scan_warp_combine_uses_shuffles(ptx, name):
+    # not the simulator's shared-memory path
+    assert "shfl.sync" in ptx[name]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_default_tuning_keeps_item_arrays_in_registers(ptx, dtype):
+def test_default_scan_tuning_keeps_item_arrays_in_registers(ptx, dtype):
     # the per-thread item arrays are fully unrolled into registers; a local
     # memory depot would mean they are indexed dynamically (slow)
     threads, items = scan.DEFAULT_TUNING[np.dtype(dtype)]
@@ -86,6 +108,16 @@ def test_default_tuning_keeps_item_arrays_in_registers(ptx, dtype):
         text = ptx[f"{kind}_{dtype}_t{threads}_i{items}"]
         assert "__local_depot" not in text, f"{kind} {dtype} uses local memory"
 
+
+@pytest.mark.parametrize("name", sorted(n for n, r in SIGNATURES.items()
+                                        if r[2] and n.startswith(("discretize_", "recurrence_"))))
+def test_float32_filter_kernels_use_no_local_memory(ptx, name):
+    assert "__local_depot" not in ptx[name], f"{name} uses local memory"
+
+
+def test_conv1d_backward_uses_shared_memory_and_barriers(ptx):
+    text = ptx["conv1d_backward_float32_w4"]
+    assert ".shared" in text and "bar.sync" in text
 
 
 @pytest.mark.parametrize("dtype,threads,items", [("float32", 256, 16), ("float64", 128, 16)])

@@ -140,5 +140,5 @@ def test_gpu_streaming_equals_one_pass(dtype):
 
 
 def test_gpu_rejects_mixed_numpy_and_cupy():
-    with pytest.raises(TypeError, match="all NumPy .* or all CuPy"):
+    with pytest.raises(TypeError, match="must all be NumPy .* or all CuPy"):
         nm.ssm_filter(cupy.asarray(-np.ones(2)), np.ones(2), np.ones(2), np.ones(10))

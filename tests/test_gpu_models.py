@@ -34,7 +34,7 @@ def _gpu(tree):
 
 def assert_close(name, got, want, rtol, atol, scale_atol=True):
     got = cupy.asnumpy(got) if isinstance(got, cupy.ndarray) else np.asarray(got)
-    want = np.asarray(want)
+    want = cupy.asnumpy(want) if isinstance(want, cupy.ndarray) else np.asarray(want)
     assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
     err = np.max(np.abs(got.astype(np.float64) - want)) if want.size else 0.0
     scale = np.max(np.abs(want)) if (want.size and scale_atol) else 1.0
