@@ -36,9 +36,14 @@ optim                AdamW, clip_grad_norm, warmup_cosine
 training             train (loop with progress bar, checkpoint/resume), seed_everything
 checkpoint           save_checkpoint / load_checkpoint (one .npz, no pickle)
 inference            prefill, step, generate: recurrent inference
+
+Forecasting (issue 7)
+timeseries           MambaForecaster (fit/predict, scaling, early stopping, regular
+                     or irregular sample times, save/load), make_windows, Scaler,
+                     metrics mae, rmse, mase, smape, seasonal_naive
 """
 
-from . import checkpoint, inference, layers, models, optim, reference, training
+from . import checkpoint, inference, layers, models, optim, reference, timeseries, training
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .discretize import DISCRETIZE_METHODS, DiscretizeGrads, discretize, discretize_vjp
 from .filters import SSMFilter, UnstableFilterWarning, ssm_filter, ssm_kernel
@@ -46,6 +51,7 @@ from .inference import generate, prefill
 from .models import MambaConfig, init_params, loss_and_grads, model_backward, model_forward
 from .optim import AdamW, clip_grad_norm, warmup_cosine
 from .scan import ScanGrads, selective_scan, selective_scan_vjp
+from .timeseries import MambaForecaster
 from .training import seed_everything, train
 
 __all__ = [
@@ -59,5 +65,7 @@ __all__ = [
     "inference", "init_params", "layers", "load_checkpoint", "loss_and_grads", "model_backward",
     "model_forward", "models", "optim", "prefill", "save_checkpoint", "seed_everything", "train",
     "training", "warmup_cosine",
+    # forecasting
+    "MambaForecaster", "timeseries",
 ]
 __version__ = "0.1.0"
