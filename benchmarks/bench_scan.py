@@ -6,7 +6,12 @@ the bytes each pass must move, the ratio to the memory floor at the copy
 bandwidth measured in the same run, and the ratio to the reference
 implementation's figures measured on an H200 (issue 3).
 
-Run:  python benchmarks/bench_scan.py [--quick] [--reps 20]
+Both GPU engines are timed in the same run: ``states`` (one thread per state,
+``cuda_kernels/scan_states.py``) and ``blocks`` (the parallel block scan along
+the sequence, ``cuda_kernels/scan.py``); ``auto`` is what the public API picks.
+The last table lists registers and local memory (spills) of every kernel used.
+
+Run:  python benchmarks/bench_scan.py [--quick] [--reps 20] [--engines states,blocks]
 """
 
 import argparse
@@ -55,7 +60,35 @@ def make_inputs(cupy, Bt, Dc, N, L, dtype, rng):
     )
 
 
-def time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup=3):
+def _backends():
+    """The GPU kernel modules (``cuda_kernels`` of the source tree or the installed wheel)."""
+    import importlib
+
+    from numba_mamba.scan import _gpu_backend
+
+    backend = _gpu_backend()
+    return backend, importlib.import_module(backend.__package__ + ".scan_states")
+
+
+def force_engine(engine):
+    """Make the public API use ``engine`` (None: its own choice); returns the previous chooser."""
+    backend, _ = _backends()
+    previous = backend.choose_engine
+    if engine is not None:
+        backend.choose_engine = lambda Bt, Dc, N: engine
+    return previous
+
+
+def time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup=3, engine=None):
+    backend, _ = _backends()
+    chooser = force_engine(engine)
+    try:
+        return _time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup)
+    finally:
+        backend.choose_engine = chooser
+
+
+def _time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup):
     rng = cupy.random.default_rng(0)
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
     fwd, bwd = [], []
@@ -92,7 +125,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="first row only")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--engines", default="states,blocks",
+                        help="comma-separated engines to time: states, blocks, auto")
     args = parser.parse_args()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     import cupy
 
     rows = ROWS[:1] if args.quick else ROWS
@@ -100,7 +136,7 @@ def main():
     dev = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
     print(f"# {datetime.date.today()} on {dev}; copy bandwidth {bw / 1e12:.2f} TB/s; "
           f"median of {args.reps} after warm-up")
-    header = ("| batch, D, N, L | dtype | fwd ms | fwd GB/s | fwd / floor | ref fwd ms | fwd / ref "
+    header = ("| batch, D, N, L | dtype | engine | fwd ms | fwd GB/s | fwd / floor | ref fwd ms | fwd / ref "
               "| bwd ms | bwd GB/s | bwd / floor | ref bwd ms | bwd / ref |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -109,13 +145,41 @@ def main():
         if dtype is None:
             print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | (this CuPy has no bfloat16) |")
             continue
-        t_fwd, t_bwd = time_row(cupy, Bt, Dc, N, L, dtype, args.reps)
         b_fwd, b_bwd = pass_bytes(Bt, Dc, N, L, dtype.itemsize)
         floor_fwd, floor_bwd = b_fwd / bw * 1e3, b_bwd / bw * 1e3
-        print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {t_fwd:.3f} | {b_fwd / t_fwd / 1e6:.0f} | "
-              f"{t_fwd / floor_fwd:.1f} | {ref_fwd} | {t_fwd / ref_fwd:.2f} | {t_bwd:.3f} | "
-              f"{b_bwd / t_bwd / 1e6:.0f} | {t_bwd / floor_bwd:.1f} | {ref_bwd} | "
-              f"{t_bwd / ref_bwd:.2f} |")
+        for engine in engines:
+            t_fwd, t_bwd = time_row(cupy, Bt, Dc, N, L, dtype, args.reps,
+                                    engine=None if engine == "auto" else engine)
+            print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {engine} | {t_fwd:.3f} | "
+                  f"{b_fwd / t_fwd / 1e6:.0f} | {t_fwd / floor_fwd:.1f} | {ref_fwd} | "
+                  f"{t_fwd / ref_fwd:.2f} | {t_bwd:.3f} | {b_bwd / t_bwd / 1e6:.0f} | "
+                  f"{t_bwd / floor_bwd:.1f} | {ref_bwd} | {t_bwd / ref_bwd:.2f} |", flush=True)
+    print_registers({(np.float32 if dtype_name != "float64" else np.float64, N, Dc)
+                     for (Bt, Dc, N, L, dtype_name), _, _ in rows})
+
+
+def print_registers(configs):
+    """Registers and local memory per thread of the scan kernels of ``configs``.
+
+    ``configs``: set of (compute dtype, N, Dc) of the timed rows (B and C variable).
+    """
+    backend, scan_states = _backends()
+    print()
+    print("| kernel | registers / thread | local bytes / thread |")
+    print("|---|---|---|")
+    for dtype, N, Dc in sorted(configs, key=str):
+        threads, items = backend.DEFAULT_TUNING[np.dtype(dtype)]
+        p = scan_states.plan(dtype, N, Dc, 1, 1)
+        named = [(f"blocks {np.dtype(dtype).name} threads={threads} items={items}",
+                  backend.get_kernels(dtype, threads, items)),
+                 (f"states {np.dtype(dtype).name} N={N} block={p.ch}x{N} tiles={p.t_fwd}/{p.t_bwd}",
+                  scan_states.get_kernels(dtype, N, p, True, True))]
+        for name, kernels in named:
+            for kind in ("forward", "backward"):
+                disp = getattr(kernels, kind)
+                for overload in disp.overloads.values():
+                    print(f"| {name} {kind} | {overload.regs_per_thread} | "
+                          f"{overload.local_mem_per_thread} |")
 
 
 def _bf16(cupy):

@@ -98,12 +98,14 @@ import numba
 import numpy as np
 from numba import cuda, types
 
+from . import scan_states
 from ._common import array_module, c_strided, current_stream, inline_device, simulator
 
 __all__ = [
     "DEFAULT_TUNING",
     "GpuScanSaved",
     "backward_into",
+    "choose_engine",
     "forward_into",
     "get_kernels",
     "ptx_signatures",
@@ -913,8 +915,15 @@ def _tuning(dtype, threads, items):
             di if items is None else int(items))
 
 
+def choose_engine(Bt, Dc, N):
+    """``'states'`` (:mod:`cuda_kernels.scan_states`) where ``Bt * Dc * N``
+    recurrences fill the GPU by themselves, else ``'blocks'`` (this module's
+    parallel scan along the sequence)."""
+    return "states" if scan_states.usable(Bt, Dc, N) else "blocks"
+
+
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                 initial_state, *, threads=None, items=None):
+                 initial_state, *, threads=None, items=None, engine=None):
     """Selective scan forward on CuPy arrays (canonical layout).
 
     Parameters
@@ -927,22 +936,31 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     delta_softplus : bool
     initial_state : cupy.ndarray, (Bt, Dc, N), or None
     threads, items : int, optional
-        Block size (multiple of 32) and steps per thread; defaults in
-        :data:`DEFAULT_TUNING`.  The result does not depend on them beyond
-        rounding.
+        Block size (multiple of 32) and steps per thread of the ``'blocks'``
+        engine; defaults in :data:`DEFAULT_TUNING`.  The result does not
+        depend on them beyond rounding.  Giving either selects that engine.
+    engine : {'blocks', 'states'}, optional
+        Default :func:`choose_engine`.
 
     Returns
     -------
     out : cupy.ndarray, (Bt, Dc, L)
     last_state : cupy.ndarray, (Bt, Dc, N)
-    saved : GpuScanSaved
-        Chunk-boundary states and the tuning, for :func:`scan_backward`.
+    saved : GpuScanSaved or scan_states.StatesSaved
+        Saved states and the tuning, for :func:`scan_backward`.
     """
     import cupy
 
-    threads, items = _tuning(u.dtype, threads, items)
     Bt, Dc, L = u.shape
     N = A.shape[1]
+    if engine is None:
+        engine = "blocks" if threads or items else choose_engine(Bt, Dc, N)
+    if engine == "states":
+        return scan_states.scan_forward(u, delta, A, B, C, D, z, delta_bias,
+                                        delta_softplus, initial_state)
+    if engine != "blocks":
+        raise ValueError(f"engine must be 'blocks' or 'states', got {engine!r}")
+    threads, items = _tuning(u.dtype, threads, items)
     chunk = threads * items
     n_chunks = (L + chunk - 1) // chunk
     out = cupy.empty_like(u)
@@ -965,8 +983,8 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     dlast_state : cupy.ndarray, (Bt, Dc, N), or None (zeros)
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         As given to :func:`scan_forward`.
-    saved : GpuScanSaved
-        From :func:`scan_forward`.
+    saved : GpuScanSaved or scan_states.StatesSaved
+        From :func:`scan_forward`; selects the engine.
     threads, items : int, optional
         Default: those of the forward.  ``threads * items`` must equal the
         forward's chunk, since ``saved`` holds one state per chunk.
@@ -985,6 +1003,9 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     """
     import cupy
 
+    if isinstance(saved, scan_states.StatesSaved):
+        return scan_states.scan_backward(dout, dlast_state, u, delta, A, B, C, D, z,
+                                         delta_bias, delta_softplus, initial_state, saved)
     chunk = saved.threads * saved.items
     if threads is None and items is None:
         threads, items = saved.threads, saved.items

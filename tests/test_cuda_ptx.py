@@ -32,11 +32,11 @@ if numba.config.ENABLE_CUDASIM:  # pragma: no cover - the simulator has no PTX
 
 from numba.cuda import dispatcher as _dispatcher  # noqa: E402
 
-from cuda_kernels import conv1d, discretize, elementwise, scan, step  # noqa: E402
+from cuda_kernels import conv1d, discretize, elementwise, scan, scan_states, step  # noqa: E402
 
 CC = (9, 0)
 SIGNATURES = {}
-for _module in (scan, discretize, conv1d, elementwise, step):
+for _module in (scan, scan_states, discretize, conv1d, elementwise, step):
     for _name, _py_func, _argtypes, _is_f32, *_bounds in _module.ptx_signatures():
         SIGNATURES[_name] = (_py_func, _argtypes, _is_f32, _bounds[0] if _bounds else None)
 _F64 = re.compile(r"\.f64\b")

@@ -9,8 +9,11 @@ memory instead, with a 4-lane "warp" so that a block of 8 threads has two.
 
 The simulator must be switched on before ``numba.cuda`` is first imported, so
 each case runs in a subprocess: this file, run as a script.  Sizes are tiny
-(the simulator runs one Python thread per CUDA thread): 8 threads x 2 items
-gives chunks of 16 steps, and L = 33 crosses two chunk boundaries (the last chunk holds one step).
+(the simulator runs one Python thread per CUDA thread).  The block-scan engine
+runs with 8 threads x 2 items
+gives chunks of 16 steps, and L = 33 crosses two chunk boundaries (the last chunk holds one step);
+the state-parallel engine (``scan_states``, no warp operations at all) runs
+the same checks with small blocks and tiles.
 """
 
 import json
@@ -36,6 +39,19 @@ CASES = {
     "float32-var-grouped-allflags": ("float32", "var", "grouped", ALL_FLAGS, True),
     "float32-const-var-allflags": ("float32", "const", "var", ALL_FLAGS, True),
 }
+# The state-parallel engine (cuda_kernels/scan_states.py), with small blocks and
+# tiles: (channels per block, forward tile, backward tile).  Dc = 4 channels in
+# G = 2 groups; 3 channels per block leave a block with one channel and idle
+# threads, forward tiles of 8 hold four backward tiles of 2 (L = 33: 5 tiles,
+# the last of one step).
+STATES_CASES = {
+    "states-float64-var-var-allflags": ("float64", "var", "var", ALL_FLAGS, True, (3, 8, 2)),
+    "states-float64-grouped-const-noflags": ("float64", "grouped", "const", {}, False, (2, 4, 4)),
+    "states-float64-const-grouped-allflags": ("float64", "const", "grouped", ALL_FLAGS, True,
+                                              (1, 16, 8)),
+    "states-float32-grouped-var-allflags": ("float32", "grouped", "var", ALL_FLAGS, True,
+                                            (4, 8, 8)),
+}
 
 
 def _to_backend_bc(M):
@@ -53,9 +69,13 @@ def _simulate_case(name):
     assert numba.config.ENABLE_CUDASIM, "the simulator must be on"
     from cuda_kernels import scan
     from numba_mamba import reference
-    from tests.scan_cases import TOLERANCES, make_inputs
+    from tests.scan_cases import make_inputs
 
-    dtype, bk, ck, flags, with_dlast = CASES[name]
+    if name in STATES_CASES:
+        dtype, bk, ck, flags, with_dlast, tuning = STATES_CASES[name]
+    else:
+        dtype, bk, ck, flags, with_dlast = CASES[name]
+        tuning = None
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     Bt, Dc, L, N, G = 1, 4, 33, 3, 2
@@ -71,6 +91,16 @@ def _simulate_case(name):
     B, C = _to_backend_bc(kw["B"]), _to_backend_bc(kw["C"])
     D, z, bias = kw["D"], kw["z"], kw["delta_bias"]
     sp, init = kw["delta_softplus"], kw["initial_state"]
+    if tuning is not None:
+        from cuda_kernels import scan_states
+
+        args = (u, delta, A, B, C, D, z, bias, sp, init)
+        out, last, saved = scan_states.scan_forward(*args, tuning=tuning)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = scan_states.scan_backward(
+            dout, dlast, *args, saved)
+        q_buf = np.stack([dinit if dinit is not None else np.zeros_like(last)] * 2)
+        return _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA,
+                        dB, dC, dD, dz, dbias, q_buf)
     n_chunks = -(-L // (THREADS * ITEMS))
     out = np.full((Bt, Dc, L), np.nan, dtype)
     last = np.full((Bt, Dc, N), np.nan, dtype)
@@ -90,6 +120,14 @@ def _simulate_case(name):
     scan.backward_into(dout, dlast, u, delta, A, B, C, D, z, bias, sp, states,
                        du, ddelta, dA, dB, dC, dD, dz, dbias, q_buf,
                        threads=THREADS, items=ITEMS)
+    return _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA, dB, dC,
+                    dD, dz, dbias, q_buf)
+
+
+def _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA, dB, dC, dD,
+             dz, dbias, q_buf):
+    """{quantity: {ok, max_err}} of the kernels' results against the reference."""
+    from tests.scan_cases import TOLERANCES
 
     tol = TOLERANCES[dtype]
     got = dict(out=out, last_state=last, du=du, ddelta=ddelta, dA=dA,
@@ -114,7 +152,7 @@ def _simulate_case(name):
     return report
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(STATES_CASES))
 def test_simulated_kernels_match_reference(name):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, __file__, name], cwd=ROOT, env=env,

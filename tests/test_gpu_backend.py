@@ -21,7 +21,7 @@ except Exception:  # CUDA driver or runtime missing
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAVE_GPU, reason="no CUDA GPU")]
 
 if _HAVE_GPU:
-    from cuda_kernels import scan
+    from cuda_kernels import scan, scan_states
 
 LENGTHS = [1, 7, 8, 372, 784, 1134, 2048, 4097]
 FLAG_SETS = [
@@ -50,8 +50,14 @@ def _kind(field, with_z, dtype):
     return "weights"
 
 
-def _run_and_compare(kw, dtype, with_dlast, rng, **tuning):
-    """Run the backend forward + backward and compare everything to the reference."""
+def _run_and_compare(kw, dtype, with_dlast, rng, engine=None, states_tuning=None, **tuning):
+    """Run the backend forward + backward and compare everything to the reference.
+
+    ``engine`` picks the forward's engine (the backward follows what the
+    forward saved); ``states_tuning`` runs the state-parallel engine with that
+    ``(channels per block, forward tile, backward tile)``; ``tuning`` is the
+    block engine's ``threads``/``items``.
+    """
     dtype = np.dtype(dtype)
     host = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
     exact = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v)
@@ -62,7 +68,14 @@ def _run_and_compare(kw, dtype, with_dlast, rng, **tuning):
     args = [dev[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
                              "delta_softplus", "initial_state")]
 
-    out, last, saved = scan.scan_forward(*args, **tuning)
+    if states_tuning is not None:
+        out, last, saved = scan_states.scan_forward(*args, tuning=states_tuning)
+    elif engine is not None:
+        out, last, saved = scan.scan_forward(*args, engine=engine, **tuning)
+    else:
+        out, last, saved = scan.scan_forward(*args, **tuning)
+    if engine == "states" or states_tuning is not None:
+        assert isinstance(saved, scan_states.StatesSaved)
     rout, rlast, rbackward = reference.selective_scan_vjp(**exact)
     assert out.dtype == dtype and last.dtype == dtype
     tol = TOLERANCES[dtype]
@@ -109,13 +122,39 @@ def _id(case):
             f"{'dlast' if dlast else 'nodlast'}")
 
 
+@pytest.mark.parametrize("engine", ["blocks", "states"])
 @pytest.mark.parametrize("case", _grid(), ids=_id)
-def test_gpu_matches_reference(case):
+def test_gpu_matches_reference(case, engine):
     L, dtype, (bk, ck), flags, with_dlast = case
     rng = np.random.default_rng(L * 7 + len(flags))
     kw = make_inputs(rng, Bt=2, Dc=8, L=L, N=5, dtype=np.float64, B_kind=bk, C_kind=ck,
                      G=2, **flags)
-    _run_and_compare(kw, dtype, with_dlast, rng)
+    _run_and_compare(kw, dtype, with_dlast, rng, engine=engine)
+
+
+# (channels per block, forward tile, backward tile): one channel per block,
+# channels not dividing the group, tiles of one step, sub-tiles, the default
+STATES_TUNINGS = [(1, 1, 1), (3, 8, 2), (4, 32, 16), (6, 16, 16), None]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("tuning", STATES_TUNINGS, ids=str)
+@pytest.mark.parametrize("N", [1, 5, 16, 64])
+def test_gpu_states_engine_independent_of_layout(dtype, tuning, N):
+    rng = np.random.default_rng(N)
+    kw = make_inputs(rng, Bt=2, Dc=12, L=300, N=N, dtype=np.float64, B_kind="grouped",
+                     C_kind="var", G=2, D=True, z=True, delta_bias=True, softplus=True,
+                     initial_state=True)
+    if tuning is None:
+        p = scan_states.plan(dtype, N, 12, 2, 1)
+        tuning = (p.ch, p.t_fwd, p.t_bwd)
+    _run_and_compare(kw, dtype, True, rng, states_tuning=tuning)
+
+
+def test_gpu_engine_choice():
+    assert scan.choose_engine(8, 1536, 16) == "states"
+    assert scan.choose_engine(1, 4, 4) == "blocks"
+    assert scan.choose_engine(64, 64, 256) == "blocks"  # more states than a block holds
 
 
 TUNINGS = [("float32", t) for t in [(32, 1), (32, 4), (64, 3), (128, 16), (256, 2), (512, 4)]]
@@ -165,7 +204,8 @@ def test_gpu_launches_on_the_current_cupy_stream():
 
 
 @pytest.mark.slow
-def test_gpu_forward_past_2_31_elements():
+@pytest.mark.parametrize("engine", ["blocks", "states"])
+def test_gpu_forward_past_2_31_elements(engine):
     """u, delta and out have more than 2**31 elements: 64-bit indexing."""
     Bt, Dc, L, N = 1024, 1024, 2049, 2
     assert Bt * Dc * L > 2**31
@@ -180,7 +220,7 @@ def test_gpu_forward_past_2_31_elements():
     bias = rng.uniform(-1.0, 1.0, Dc).astype(np.float32)
     out, last, _ = scan.scan_forward(u, delta, cupy.asarray(A), cupy.asarray(B),
                                      cupy.asarray(C), cupy.asarray(D), None,
-                                     cupy.asarray(bias), True, None)
+                                     cupy.asarray(bias), True, None, engine=engine)
     tol = TOLERANCES[np.dtype(np.float32)]["out"]
     # the first channel, channels whose offsets straddle 2**31, and the last one
     flat = [0, 2**31 // L, 2**31 // L + 1, Bt * Dc - 1]

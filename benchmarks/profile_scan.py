@@ -1,0 +1,104 @@
+"""Run the GPU scan kernels once each on benchmark shapes, for a profiler (Nsight Compute).
+
+Calls the backend directly (canonical layout, no public-API overhead), so a
+profiler sees each kernel's own time.  Run on the GPU machine, e.g.::
+
+    ncu --clock-control none --metrics gpu__time_duration.sum python benchmarks/profile_scan.py
+
+Arguments: ``--rows`` (indices into ``bench_scan.ROWS``), ``--engines``.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_scan  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="0,3")
+    parser.add_argument("--engines", default="states,blocks")
+    parser.add_argument("--bwd-min-blocks", default="0",
+                        help="comma-separated values of the state engine's backward MIN_BLOCKS to run")
+    parser.add_argument("--host", action="store_true",
+                        help="instead, print the host time of each call (no profiler)")
+    args = parser.parse_args()
+    import cupy
+
+    if args.host:
+        return host_times(cupy)
+
+    backend, scan_states = bench_scan._backends()
+    rng = cupy.random.default_rng(0)
+    for mb in (int(v) for v in args.bwd_min_blocks.split(",")):
+        for key in list(scan_states.MIN_BLOCKS):
+            if key[1] == "backward":
+                scan_states.MIN_BLOCKS[key] = mb
+        print(f"backward MIN_BLOCKS {mb}", flush=True)
+        run_rows(cupy, backend, args, rng)
+
+
+def run_rows(cupy, backend, args, rng):
+    for r in (int(i) for i in args.rows.split(",")):
+        (Bt, Dc, N, L, dtype_name), _, _ = bench_scan.ROWS[r]
+        if dtype_name == "bfloat16":
+            continue
+        kw = bench_scan.make_inputs(cupy, Bt, Dc, N, L, cupy.dtype(dtype_name), rng)
+        B = cupy.ascontiguousarray(kw["B"][:, None])
+        C = cupy.ascontiguousarray(kw["C"][:, None])
+        a = (kw["u"], kw["delta"], kw["A"], B, C, kw["D"], kw["z"], kw["delta_bias"], True, None)
+        dout = rng.standard_normal(kw["u"].shape, dtype=cupy.float32).astype(kw["u"].dtype)
+        for engine in args.engines.split(","):
+            for _ in range(2):  # the second run is the one to read (compiled, warm)
+                out, last, saved = backend.scan_forward(*a, engine=engine)
+                backend.scan_backward(dout, None, *a, saved)
+            cupy.cuda.get_current_stream().synchronize()
+            print(f"row {r} {Bt, Dc, N, L, dtype_name} engine {engine} done", flush=True)
+
+
+def host_times(cupy, reps=30):
+    """Host microseconds per call of the API and backend pieces (median), GPU kept busy-free."""
+    import statistics
+    import time
+
+    import numba_mamba as nm
+    from numba_mamba import scan as api
+
+    backend, _ = bench_scan._backends()
+    rng = cupy.random.default_rng(0)
+
+    def med(fn):
+        ts = []
+        for _ in range(reps):
+            cupy.cuda.get_current_stream().synchronize()
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        cupy.cuda.get_current_stream().synchronize()
+        return statistics.median(ts) * 1e6
+
+    for shape in [(1, 4, 4, 16), (8, 1536, 16, 2048)]:
+        Bt, Dc, N, L = shape
+        kw = bench_scan.make_inputs(cupy, Bt, Dc, N, L, cupy.float32, rng)
+        B = cupy.ascontiguousarray(kw["B"][:, None])
+        C = cupy.ascontiguousarray(kw["C"][:, None])
+        a = (kw["u"], kw["delta"], kw["A"], B, C, kw["D"], kw["z"], kw["delta_bias"], True, None)
+        res = {}
+        res["api selective_scan"] = med(lambda: nm.selective_scan(**kw))
+        res["api _prepare"] = med(lambda: api._prepare(
+            kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
+            kw["delta_bias"], True, None))
+        for engine in ("states", "blocks"):
+            res[f"backend forward {engine}"] = med(lambda: backend.scan_forward(*a, engine=engine))
+        res["cupy.isfinite(A).all() -> bool"] = med(lambda: bool(cupy.isfinite(kw["A"]).all()))
+        res["cupy.empty x3"] = med(lambda: [cupy.empty_like(kw["u"]) for _ in range(3)])
+        res["cupy.zeros(1) x2"] = med(lambda: [cupy.zeros((1,), cupy.float32) for _ in range(2)])
+        print(f"host us per call, shape {shape}:")
+        for k, v in res.items():
+            print(f"  {k:40s} {v:9.1f}")
+
+
+if __name__ == "__main__":
+    main()

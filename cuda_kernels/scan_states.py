@@ -1,0 +1,738 @@
+"""State-parallel selective scan kernels: one thread per (batch, channel, state).
+
+Same math and canonical layout as :mod:`cuda_kernels.scan` (see its module
+docstring); a second engine for problems with many independent recurrences.
+
+Why a second engine
+-------------------
+The block-scan engine of ``scan.py`` gives each (batch, channel) one thread
+block and parallelises along the sequence: every state of every chunk pays a
+serial summary, a warp scan, a cross-warp fold through shared memory and two
+block barriers.  When ``Bt * Dc * N`` is large (a Mamba layer has
+``8 * 1536 * 16`` = 196,608 independent recurrences) there is parallelism
+enough without splitting the sequence: here every thread runs the recurrence
+of one state serially along the whole sequence, which does the least work
+possible (one ``exp``, one multiply and one fused multiply-add per step and
+state) with no scan machinery at all.  The block-scan engine stays the choice
+when ``Bt * Dc * N`` is too small to fill the GPU (long sequences of few
+channels), where parallelism along the sequence is what counts.
+
+Layout of a block
+-----------------
+A block holds ``CH`` channels times ``N`` states (``CH * N <= 128`` threads;
+thread ``tid`` is channel ``tid // N``, state ``tid % N``).  Its channels lie
+in one group of every variable ``B``/``C`` (blocks are laid out per group of
+``Dg`` channels), so the block shares one ``B`` and one ``C`` row per state.
+The sequence is walked in tiles of ``T`` steps:
+
+1. the block loads the tile's rows of ``B``, ``C`` (N x T) and ``delta`` and
+   ``u`` of its channels (CH x T) in coalesced order into shared memory,
+   applying bias and softplus once per element;
+2. each thread advances its state through the T steps and writes
+   ``C_t[n] * h_t[n]`` into a (T, CH*N) shared tile;
+3. the block sums that tile over ``n`` and writes ``out`` with the ``D`` and
+   ``silu(z)`` epilogue, consecutive threads on consecutive steps.
+
+The forward saves the state entering every tile, ``(Bt, Dc, n_tiles, N)``
+(``N / T`` of the size of ``u``), and ``last_state``.
+
+The backward walks the tiles in reverse.  For each tile it recomputes the
+states from the saved one into shared memory, sums ``C h`` over ``n`` to
+rebuild ``y`` for the ``z`` gate, and runs the adjoint recurrence
+``dh_t = C_t dy_t + q_{t+1}``, ``q_t = a_t dh_t`` serially backwards; the
+per-step terms of ``ddelta`` and ``du`` are summed over ``n`` and those of
+variable ``dB``/``dC`` over the block's channels through shared tiles, then
+written (or atomically added where several blocks share a group).  Sums over
+steps (``dA``, constant ``dB``/``dC``, ``dD``, ``ddelta_bias``) stay in
+registers and are atomically added once per thread at the end.
+
+No warp shuffles are used, so the same code runs in the CUDA simulator.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import cuda, types
+
+from ._common import array_module, c_strided, current_stream, inline_device, simulator
+
+__all__ = [
+    "MAX_STATES",
+    "MIN_BLOCKS",
+    "MIN_RECURRENCES",
+    "StatesPlan",
+    "StatesSaved",
+    "launch_bounds",
+    "plan",
+    "ptx_signatures",
+    "scan_backward",
+    "scan_forward",
+    "usable",
+]
+
+FLAG_D = 1
+FLAG_Z = 2
+FLAG_BIAS = 4
+FLAG_SOFTPLUS = 8
+FLAG_INIT = 16
+FLAG_DLAST = 128
+
+_BLOCK = 128  # most threads per block
+_MAX_STATIC_SHARED = 48 * 1024
+
+#: Largest state size the engine takes (one block holds at least one channel).
+MAX_STATES = _BLOCK
+#: ``Bt * Dc * N`` from which :func:`usable` chooses this engine: 16 threads
+#: per streaming multiprocessor of an H200 at 1024 threads each.
+MIN_RECURRENCES = 16384
+
+
+def usable(Bt, Dc, N):
+    """True where the state-parallel engine is the better choice."""
+    return N <= MAX_STATES and Bt * Dc * N >= MIN_RECURRENCES
+
+
+class StatesPlan(NamedTuple):
+    """Block layout for one problem (see the module docstring)."""
+
+    ch: int       # channels per block
+    dg: int       # channels per common group of the variable B and C
+    t_fwd: int    # tile length of the forward
+    t_bwd: int    # tile length of the backward
+
+
+def _tile_bytes(N, ch, T, itemsize, backward):
+    rowlen = T + 1
+    if backward:
+        words = 2 * N * rowlen + 4 * ch * rowlen + 4 * T * (ch * N + 1)
+    else:
+        words = 2 * N * rowlen + 2 * ch * rowlen + T * (ch * N + 1)
+    return words * itemsize
+
+
+def _tile(N, ch, itemsize, backward):
+    T = 32
+    while T > 1 and _tile_bytes(N, ch, T, itemsize, backward) > _MAX_STATIC_SHARED:
+        T //= 2
+    return T  # a power of two, so the backward's tile divides the forward's
+
+
+def plan(dtype, N, Dc, groups_B, groups_C):
+    """Block layout for ``N`` states, ``Dc`` channels and the given groups.
+
+    Parameters
+    ----------
+    dtype : numpy dtype
+    N, Dc : int
+    groups_B, groups_C : int
+        Groups of a variable ``B``/``C``; 0 for a constant one.
+
+    Returns
+    -------
+    StatesPlan
+    """
+    if N > MAX_STATES:
+        raise ValueError(f"the state-parallel engine takes at most {MAX_STATES} states, got {N}")
+    dg = Dc
+    for g in (groups_B, groups_C):
+        if g:
+            dg = math.gcd(dg, Dc // g)
+    ch = max(1, min(_BLOCK // N, dg))
+    itemsize = np.dtype(dtype).itemsize
+    t_bwd = _tile(N, ch, itemsize, True)
+    return StatesPlan(ch, dg, max(t_bwd, _tile(N, ch, itemsize, False)), t_bwd)
+
+
+def _argtypes(ftype):
+    t = numba.from_dtype(np.dtype(ftype))
+    a1 = types.Array(t, 1, "C")
+    a2 = types.Array(t, 2, "C")
+    a3 = types.Array(t, 3, "C")
+    a4 = types.Array(t, 4, "C")
+    i32 = types.int32
+    i64 = types.int64
+    # u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state,
+    # tile_states, flags, dg
+    fwd = (a3, a3, a2, a4, a4, a1, a3, a1, a3, a3, a3, a4, i32, i64)
+    # dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, tile_states,
+    # du, ddelta, dA_acc, dB_acc, dC_acc, dD_acc, dz, ddelta_bias_acc,
+    # dinitial_state, flags, dg
+    bwd = (a3, a3, a3, a3, a2, a4, a4, a1, a3, a1, a4,
+           a3, a3, a2, a4, a4, a1, a3, a1, a3, i32, i64)
+    return fwd, bwd
+
+
+def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
+    """Python bodies of the forward and backward kernels for one layout.
+
+    ``N`` states, ``CH`` channels per block, tiles of ``TF`` (forward) and
+    ``TB`` (backward) steps; ``b_var``/``c_var`` select variable or constant
+    ``B``/``C`` at compile time.  Every constant is cast to ``ftype``.
+    """
+    ftype = np.dtype(ftype).type
+    zero = ftype(0.0)
+    one = ftype(1.0)
+    twenty = ftype(20.0)
+    log2e = ftype(1.4426950408889634)
+    U = np.uint64  # shared-memory indices: unsigned, so no negative-index wraparound code
+    NT = CH * N           # threads per block
+    YW = NT + 1           # row of a (T, CH*N) tile, padded against bank conflicts
+    BF = (N, TF + 1) if b_var else (1, 1)
+    CF = (N, TF + 1) if c_var else (1, 1)
+    BB = (N, TB + 1) if b_var else (1, 1)
+    CB = (N, TB + 1) if c_var else (1, 1)
+    CHF = (CH, TF + 1)    # per-channel rows of a forward tile
+    CHB = (CH, TB + 1)
+    YF = (TF, YW)
+    YB = (TB, YW)
+
+    @inline_device
+    def softplus(x):
+        if x > twenty:
+            return x
+        return math.log1p(math.exp(x))
+
+    @inline_device
+    def sigmoid(x):
+        return one / (one + math.exp(-x))
+
+    @inline_device
+    def block_channels(Dc, dg):
+        # (batch, first channel of the block, channels in the block)
+        nb = (dg + CH - 1) // CH
+        per_b = (Dc // dg) * nb
+        blk = np.int64(cuda.blockIdx.x)
+        bi = blk // per_b
+        r = blk - bi * per_b
+        sg = r // nb
+        k = r - sg * nb
+        d0 = sg * dg + k * CH
+        nch = min(CH, dg - k * CH)
+        return bi, d0, nch, nb
+
+    # ------------------------------------------------------------------ forward
+    def forward(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                out, last_state, tile_states, flags, dg):
+        tid = cuda.threadIdx.x
+        ch = tid // N
+        n = tid - ch * N
+        Dc = u.shape[1]
+        L = u.shape[2]
+        n_saved = tile_states.shape[2]
+        bi, d0, nch, nb = block_channels(Dc, dg)
+        valid = ch < nch
+        d = d0 + min(ch, nch - 1)  # clamped: idle threads read, never write
+        gB = d0 // (Dc // B.shape[1])  # variable B: the block's group
+        gC = d0 // (Dc // C.shape[1])
+
+        has_D = (flags & FLAG_D) != 0
+        has_z = (flags & FLAG_Z) != 0
+        has_bias = (flags & FLAG_BIAS) != 0
+        use_softplus = (flags & FLAG_SOFTPLUS) != 0
+        has_init = (flags & FLAG_INIT) != 0
+
+        sB = cuda.shared.array(BF, ftype)
+        sC = cuda.shared.array(CF, ftype)
+        sdt = cuda.shared.array(CHF, ftype)   # delta after bias/softplus
+        sdu = cuda.shared.array(CHF, ftype)   # delta * u
+        sy = cuda.shared.array(YF, ftype)        # C_t[n] h_t[n]
+
+        A2 = A[d, n] * log2e  # exp(dt * A) = exp2(dt * A2)
+        B_n = zero
+        if not b_var:
+            B_n = B[0, d, n, 0]
+        C_n = zero
+        if not c_var:
+            C_n = C[0, d, n, 0]
+        D_d = zero
+        if has_D:
+            D_d = D[d]
+        uch = U(ch)
+        un = U(n)
+        utid = U(tid)
+        h = zero
+        if has_init:
+            h = initial_state[bi, d, n]
+
+        n_tiles = (L + TF - 1) // TF
+        for tile in range(n_tiles):
+            t0 = tile * TF
+            # 1. stage the tile, consecutive threads on consecutive steps
+            if b_var:
+                for e in range(tid, N * TF, NT):
+                    r = e // TF
+                    tt = e - r * TF
+                    v = zero
+                    if t0 + tt < L:
+                        v = B[bi, gB, r, t0 + tt]
+                    sB[r, tt] = v
+            if c_var:
+                for e in range(tid, N * TF, NT):
+                    r = e // TF
+                    tt = e - r * TF
+                    v = zero
+                    if t0 + tt < L:
+                        v = C[bi, gC, r, t0 + tt]
+                    sC[r, tt] = v
+            for e in range(tid, CH * TF, NT):
+                c = e // TF
+                tt = e - c * TF
+                dt = zero  # past L or an idle channel: a = 1, b = 0
+                du_ = zero
+                if c < nch and t0 + tt < L:
+                    dt = delta[bi, d0 + c, t0 + tt]
+                    if has_bias:
+                        dt += delta_bias[d0 + c]
+                    if use_softplus:
+                        dt = softplus(dt)
+                    du_ = dt * u[bi, d0 + c, t0 + tt]
+                sdt[c, tt] = dt
+                sdu[c, tt] = du_
+            cuda.syncthreads()  # the tile is staged
+            # 2. the recurrence of this thread's state through the tile,
+            # saving the state entering every backward tile
+            for sub in range(TF // TB):
+                ts = tile * (TF // TB) + sub
+                if valid and ts < n_saved:
+                    tile_states[bi, d, ts, n] = h
+                for tt in range(sub * TB, (sub + 1) * TB):
+                    k = U(tt)
+                    a = math.exp2(sdt[uch, k] * A2)
+                    bt = B_n
+                    if b_var:
+                        bt = sB[un, k]
+                    ct = C_n
+                    if c_var:
+                        ct = sC[un, k]
+                    h = a * h + sdu[uch, k] * bt
+                    sy[k, utid] = ct * h
+            cuda.syncthreads()  # every C h of the tile is written
+            # 3. y = sum over states, then the epilogue
+            if valid:
+                for tt in range(n, TF, N):
+                    t = t0 + tt
+                    if t < L:
+                        y = zero
+                        row = U(tt)
+                        base = U(ch * N)
+                        for k in range(N):
+                            y += sy[row, base + U(k)]
+                        o = y + D_d * u[bi, d, t]
+                        if has_z:
+                            zz = z[bi, d, t]
+                            o = o * zz * sigmoid(zz)
+                        out[bi, d, t] = o
+            # (the next tile's staging writes sB, sC, sdt, sdu, read only in
+            # step 2, which every thread has left at the barrier above; sy is
+            # next written after the next staging barrier)
+        if valid:
+            last_state[bi, d, n] = h
+
+    # ----------------------------------------------------------------- backward
+    def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                 tile_states, du, ddelta, dA_acc, dB_acc, dC_acc, dD_acc, dz,
+                 ddelta_bias_acc, dinitial_state, flags, dg):
+        tid = cuda.threadIdx.x
+        ch = tid // N
+        n = tid - ch * N
+        Dc = u.shape[1]
+        L = u.shape[2]
+        n_tiles = tile_states.shape[2]
+        bi, d0, nch, nb = block_channels(Dc, dg)
+        valid = ch < nch
+        d = d0 + min(ch, nch - 1)
+        gB = d0 // (Dc // B.shape[1])
+        gC = d0 // (Dc // C.shape[1])
+
+        has_D = (flags & FLAG_D) != 0
+        has_z = (flags & FLAG_Z) != 0
+        has_bias = (flags & FLAG_BIAS) != 0
+        use_softplus = (flags & FLAG_SOFTPLUS) != 0
+        has_dlast = (flags & FLAG_DLAST) != 0
+
+        sB = cuda.shared.array(BB, ftype)
+        sC = cuda.shared.array(CB, ftype)
+        sdt = cuda.shared.array(CHB, ftype)   # delta after bias/softplus
+        su = cuda.shared.array(CHB, ftype)    # u
+        sdy = cuda.shared.array(CHB, ftype)   # dL/dy (after the z gate)
+        ssg = cuda.shared.array(CHB, ftype)   # d softplus / d delta
+        sh = cuda.shared.array(YB, ftype)        # h_t, then dB terms
+        s1 = cuda.shared.array(YB, ftype)        # C h, then dC terms
+        s2 = cuda.shared.array(YB, ftype)        # ddelta terms
+        s3 = cuda.shared.array(YB, ftype)        # du terms
+
+        A_n = A[d, n]
+        A2 = A_n * log2e
+        B_n = zero
+        if not b_var:
+            B_n = B[0, d, n, 0]
+        C_n = zero
+        if not c_var:
+            C_n = C[0, d, n, 0]
+        D_d = zero
+        if has_D:
+            D_d = D[d]
+        uch = U(ch)
+        un = U(n)
+        utid = U(tid)
+        # the tile length as a value the compiler cannot see: full unrolling of
+        # the loops over the tile would hold every step's values in registers
+        TBr = min(TB, L + TB)
+        q = zero  # adjoint flowing in from later steps
+        if has_dlast:
+            q = dlast_state[bi, d, n]
+        dA_r = zero
+        dB_r = zero
+        dC_r = zero
+        dD_r = zero
+        dbias_r = zero
+
+        for rt in range(n_tiles):
+            tile = n_tiles - 1 - rt
+            t0 = tile * TB
+            cuda.syncthreads()  # the previous tile's shared tiles are consumed
+            if b_var:
+                for e in range(tid, N * TB, NT):
+                    r = e // TB
+                    tt = e - r * TB
+                    v = zero
+                    if t0 + tt < L:
+                        v = B[bi, gB, r, t0 + tt]
+                    sB[r, tt] = v
+            if c_var:
+                for e in range(tid, N * TB, NT):
+                    r = e // TB
+                    tt = e - r * TB
+                    v = zero
+                    if t0 + tt < L:
+                        v = C[bi, gC, r, t0 + tt]
+                    sC[r, tt] = v
+            for e in range(tid, CH * TB, NT):
+                c = e // TB
+                tt = e - c * TB
+                dt = zero
+                uu = zero
+                sg = one
+                if c < nch and t0 + tt < L:
+                    dt = delta[bi, d0 + c, t0 + tt]
+                    if has_bias:
+                        dt += delta_bias[d0 + c]
+                    if use_softplus:
+                        if dt <= twenty:
+                            sg = sigmoid(dt)
+                        dt = softplus(dt)
+                    uu = u[bi, d0 + c, t0 + tt]
+                sdt[c, tt] = dt
+                su[c, tt] = uu
+                ssg[c, tt] = sg
+            h0 = tile_states[bi, d, tile, n]
+            cuda.syncthreads()  # the tile is staged
+            # recompute the states of the tile
+            h = h0
+            for tt in range(TBr):
+                k = U(tt)
+                dt = sdt[uch, k]
+                a = math.exp2(dt * A2)
+                bt = B_n
+                if b_var:
+                    bt = sB[un, k]
+                ct = C_n
+                if c_var:
+                    ct = sC[un, k]
+                h = a * h + dt * su[uch, k] * bt
+                sh[k, utid] = h
+                s1[k, utid] = ct * h
+            cuda.syncthreads()  # states and C h are written
+            # y over states, the z gate, dz, dD; dy for the adjoint
+            for tt in range(n, TB, N):
+                t = t0 + tt
+                g = zero
+                if valid and t < L:
+                    y = zero
+                    row = U(tt)
+                    base = U(ch * N)
+                    for k in range(N):
+                        y += s1[row, base + U(k)]
+                    uu = su[ch, tt]
+                    go = dout[bi, d, t]
+                    g = go
+                    if has_z:
+                        zz = z[bi, d, t]
+                        sz = sigmoid(zz)
+                        g = go * zz * sz
+                        dz[bi, d, t] = go * (y + D_d * uu) * sz * (one + zz * (one - sz))
+                    dD_r += g * uu
+                sdy[ch, tt] = g
+            cuda.syncthreads()  # dy is staged
+            # the adjoint recurrence, backwards through the tile
+            for rr in range(TBr):
+                k = U(TBr - 1 - rr)
+                dt = sdt[uch, k]
+                uu = su[uch, k]
+                g = sdy[uch, k]
+                bt = B_n
+                if b_var:
+                    bt = sB[un, k]
+                ct = C_n
+                if c_var:
+                    ct = sC[un, k]
+                h_t = sh[k, utid]
+                h_prev = h0
+                if rr < TBr - 1:
+                    h_prev = sh[k - U(1), utid]
+                a = math.exp2(dt * A2)
+                dh = q + ct * g
+                dCp = g * h_t
+                dBp = dh * dt * uu
+                if c_var:
+                    s1[k, utid] = dCp
+                else:
+                    dC_r += dCp
+                if b_var:
+                    sh[k, utid] = dBp  # h_t is not read again
+                else:
+                    dB_r += dBp
+                ah = a * h_prev
+                dA_r += dh * dt * ah
+                s2[k, utid] = dh * (A_n * ah + bt * uu)
+                s3[k, utid] = dh * dt * bt
+                q = a * dh
+            cuda.syncthreads()  # the per-step terms are written
+            # ddelta and du: sums over states
+            if valid:
+                for tt in range(n, TB, N):
+                    t = t0 + tt
+                    if t < L:
+                        sd = zero
+                        sv = zero
+                        row = U(tt)
+                        base = U(ch * N)
+                        for k in range(N):
+                            sd += s2[row, base + U(k)]
+                            sv += s3[row, base + U(k)]
+                        sd *= ssg[ch, tt]
+                        ddelta[bi, d, t] = sd
+                        dbias_r += sd
+                        du[bi, d, t] = sv + D_d * sdy[ch, tt]
+            # variable dB and dC: sums over the block's channels
+            if b_var or c_var:
+                for tt in range(ch, TB, CH):
+                    t = t0 + tt
+                    if t < L:
+                        if b_var:
+                            s = zero
+                            for c in range(nch):
+                                s += sh[U(tt), U(c * N + n)]
+                            cuda.atomic.add(dB_acc, (bi, gB, n, t), s)
+                        if c_var:
+                            s = zero
+                            for c in range(nch):
+                                s += s1[U(tt), U(c * N + n)]
+                            cuda.atomic.add(dC_acc, (bi, gC, n, t), s)
+
+        if valid:
+            dinitial_state[bi, d, n] = q
+            cuda.atomic.add(dA_acc, (d, n), dA_r)
+            if not b_var:
+                cuda.atomic.add(dB_acc, (0, d, n, 0), dB_r)
+            if not c_var:
+                cuda.atomic.add(dC_acc, (0, d, n, 0), dC_r)
+            if has_D:
+                cuda.atomic.add(dD_acc, d, dD_r)
+            if has_bias:
+                cuda.atomic.add(ddelta_bias_acc, d, dbias_r)
+
+    return forward, backward
+
+
+class _Kernels(NamedTuple):
+    forward: object
+    backward: object
+
+
+#: Blocks per multiprocessor the compiler must fit in registers (``launch_bounds``'
+#: second entry; 0 leaves it free), per dtype and kernel.  The forward's
+#: figures keep it free of spills at N = 16 (ptxas for sm_90: 78 registers).
+#: The float32 backward at 3 (168 registers, 116 bytes of spills with
+#: variable B and C) measured 4.47 ms against 5.70 ms with the compiler's
+#: own 242 registers on (8, 1536, 16, 2048), 8.76 against 14.59 ms on
+#: (2, 1536, 16, 16384), 1.11 against 0.97 ms on (64, 64, 16, 1024) (H200,
+#: Nsight Compute, 2026-11-28).
+MIN_BLOCKS = {
+    (np.dtype(np.float32), "forward"): 6,
+    (np.dtype(np.float64), "forward"): 4,
+    (np.dtype(np.float32), "backward"): 3,
+    (np.dtype(np.float64), "backward"): 0,
+}
+
+
+def launch_bounds(dtype, kind, threads):
+    """``launch_bounds`` of a kernel of this module."""
+    m = MIN_BLOCKS[(np.dtype(dtype), kind)]
+    return (threads, m) if m else (threads,)
+
+
+@functools.lru_cache(maxsize=None)
+def _get_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, sim, bounds):
+    fwd_py, bwd_py = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var)
+    if sim:
+        return _Kernels(cuda.jit(fwd_py), cuda.jit(bwd_py))
+    fwd_t, bwd_t = _argtypes(dtype)
+    return _Kernels(cuda.jit(types.void(*fwd_t), launch_bounds=bounds[0])(fwd_py),
+                    cuda.jit(types.void(*bwd_t), launch_bounds=bounds[1])(bwd_py))
+
+
+def get_kernels(dtype, N, p, b_var, c_var):
+    """Compiled kernels for ``N`` states, plan ``p``, variable/constant B and C (cached)."""
+    dtype = np.dtype(dtype)
+    bounds = (launch_bounds(dtype, "forward", p.ch * N),
+              launch_bounds(dtype, "backward", p.ch * N))
+    return _get_kernels(dtype, int(N), p.ch, p.t_fwd, p.t_bwd,
+                        bool(b_var), bool(c_var), simulator(), bounds)
+
+
+def ptx_signatures():
+    """Every kernel variant of this module with its argument types, for PTX checks.
+
+    Yields ``(name, py_func, argtypes, is_float32, launch_bounds)`` for both
+    dtypes, variable and constant ``B``/``C``, and a Mamba-sized (N = 16) and
+    an odd-sized (N = 5) layout.
+    """
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        fwd_t, bwd_t = _argtypes(dtype)
+        for N in (16, 5):
+            p = plan(dtype, N, 1536, 1, 0)
+            for b_var, c_var in ((True, True), (False, False), (True, False)):
+                fwd_py, bwd_py = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var, c_var)
+                tag = f"{dtype.name}_n{N}_b{'var' if b_var else 'const'}_c{'var' if c_var else 'const'}"
+                yield (f"states_forward_{tag}", fwd_py, fwd_t, dtype == np.float32,
+                       launch_bounds(dtype, "forward", p.ch * N))
+                yield (f"states_backward_{tag}", bwd_py, bwd_t, dtype == np.float32,
+                       launch_bounds(dtype, "backward", p.ch * N))
+
+
+# ---------------------------------------------------------------- launchers
+def _as4(x):
+    """(Dc, N) -> (1, Dc, N, 1) view; (Bt, G, N, L) unchanged."""
+    return x.reshape(1, x.shape[0], x.shape[1], 1) if x.ndim == 2 else x
+
+
+def _groups(M):
+    return M.shape[1] if M.ndim == 4 else 0
+
+
+def _grid(Bt, Dc, p):
+    return Bt * (Dc // p.dg) * ((p.dg + p.ch - 1) // p.ch)
+
+
+def _launch(kernel, grid, threads, stream, args):
+    args = [c_strided(a) for a in args]
+    if stream is None:
+        kernel[grid, threads](*args)
+    else:
+        kernel[grid, threads, stream](*args)
+
+
+class StatesSaved(NamedTuple):
+    """What :func:`scan_forward` keeps for :func:`scan_backward`."""
+
+    tile_states: object  # (Bt, Dc, n_tiles, N) state entering each forward tile
+    plan: StatesPlan
+
+
+def _flags(D, z, delta_bias, delta_softplus, init_or_dlast, init_bit):
+    flags = 0
+    flags |= FLAG_D if D is not None else 0
+    flags |= FLAG_Z if z is not None else 0
+    flags |= FLAG_BIAS if delta_bias is not None else 0
+    flags |= FLAG_SOFTPLUS if delta_softplus else 0
+    flags |= init_bit if init_or_dlast is not None else 0
+    return np.int32(flags)
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                 initial_state, *, tuning=None, stream="current"):
+    """Selective scan forward, state-parallel engine (canonical layout).
+
+    Parameters and returns as :func:`cuda_kernels.scan.scan_forward`, except
+    that ``saved`` is a :class:`StatesSaved`.  Works on CuPy arrays and, under
+    the CUDA simulator, on NumPy arrays.
+
+    ``tuning``, for tests: ``(channels per block, forward tile, backward
+    tile)`` in place of :func:`plan`'s choice; the tiles powers of two, the
+    backward's no longer than the forward's.
+    """
+    xp = array_module(u)
+    dtype = u.dtype
+    Bt, Dc, L = u.shape
+    N = A.shape[1]
+    p = plan(dtype, N, Dc, _groups(B), _groups(C))
+    if tuning is not None:
+        ch, t_fwd, t_bwd = (int(v) for v in tuning)
+        if t_fwd % t_bwd or t_fwd & (t_fwd - 1):
+            raise ValueError(f"tiles must be powers of two, backward <= forward; got {tuning}")
+        p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd)
+    # the backward recomputes from the state entering each of its tiles
+    n_tiles = (L + p.t_bwd - 1) // p.t_bwd
+    out = xp.empty_like(u)
+    last_state = xp.empty((Bt, Dc, N), dtype)
+    tile_states = xp.empty((Bt, Dc, n_tiles, N), dtype)
+    dummy1 = xp.zeros((1,), dtype)
+    dummy3 = xp.zeros((1, 1, 1), dtype)
+    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
+    args = (u, delta, A, _as4(B), _as4(C),
+            dummy1 if D is None else D,
+            dummy3 if z is None else z,
+            dummy1 if delta_bias is None else delta_bias,
+            dummy3 if initial_state is None else initial_state,
+            out, last_state, tile_states,
+            _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT),
+            np.int64(p.dg))
+    _launch(k.forward, _grid(Bt, Dc, p), p.ch * N,
+            current_stream(xp) if stream == "current" else stream, args)
+    return out, last_state, StatesSaved(tile_states, p)
+
+
+def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                  delta_softplus, initial_state, saved, *, stream="current"):
+    """Selective scan backward, state-parallel engine (canonical layout).
+
+    Parameters and returns as :func:`cuda_kernels.scan.scan_backward`, with
+    ``saved`` from :func:`scan_forward` of this module.
+    """
+    xp = array_module(u)
+    dtype = u.dtype
+    Bt, Dc, L = u.shape
+    N = A.shape[1]
+    p = saved.plan
+    du = xp.empty_like(u)
+    ddelta = xp.empty_like(u)
+    dA = xp.zeros((Dc, N), dtype)
+    dB = xp.zeros(B.shape, dtype)
+    dC = xp.zeros(C.shape, dtype)
+    dD = None if D is None else xp.zeros((Dc,), dtype)
+    dz = None if z is None else xp.empty_like(u)
+    ddelta_bias = None if delta_bias is None else xp.zeros((Dc,), dtype)
+    dinit = xp.empty((Bt, Dc, N), dtype)
+    dummy1 = xp.zeros((1,), dtype)
+    dummy3 = xp.zeros((1, 1, 1), dtype)
+    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
+    args = (dout, dummy3 if dlast_state is None else dlast_state,
+            u, delta, A, _as4(B), _as4(C),
+            dummy1 if D is None else D,
+            dummy3 if z is None else z,
+            dummy1 if delta_bias is None else delta_bias,
+            saved.tile_states, du, ddelta, dA, _as4(dB), _as4(dC),
+            dummy1 if dD is None else dD,
+            dummy3 if dz is None else dz,
+            dummy1 if ddelta_bias is None else ddelta_bias,
+            dinit,
+            _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST),
+            np.int64(p.dg))
+    _launch(k.backward, _grid(Bt, Dc, p), p.ch * N,
+            current_stream(xp) if stream == "current" else stream, args)
+    dinitial_state = None if initial_state is None else dinit
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
