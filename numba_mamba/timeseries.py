@@ -39,6 +39,16 @@ for an external time step, so the time-aware stack (:func:`timed_model_forward`,
 with the same parameter names; with ``dtau = 1`` it equals
 :func:`~numba_mamba.models.model_forward`.
 
+Linear skip
+-----------
+With ``linear_skip=True`` the forecast is ``skip(y[k-P+1..k]) + model(window)``:
+a ridge-regression direct forecast of all ``H`` steps from the last ``P``
+scaled values (a linear autoregression, fitted in closed form, like the
+highway component of LSTNet [4]_ or the linear models of [5]_) plus the Mamba
+model's correction, trained on the skip's residuals.  With instance
+normalisation the model's inputs are the normalised window and its targets
+``(y - skip) / sd``.  ``steps=0`` gives the skip alone, an ablation.
+
 Metrics
 -------
 :func:`mae`, :func:`rmse`, :func:`mase` (scaled by the in-sample mean
@@ -53,6 +63,10 @@ References
    accuracy", International Journal of Forecasting 22(4), 2006 (MASE).
 .. [3] T. Kim et al., "Reversible Instance Normalization for Accurate
    Time-Series Forecasting against Distribution Shift", ICLR 2022.
+.. [4] G. Lai et al., "Modeling Long- and Short-Term Temporal Patterns with
+   Deep Neural Networks" (LSTNet), SIGIR 2018.
+.. [5] A. Zeng et al., "Are Transformers Effective for Time Series
+   Forecasting?", AAAI 2023.
 """
 
 import math
@@ -80,6 +94,7 @@ __all__ = [
 SCALERS = ("standard", "robust", "none")
 TIME_AS = ("delta", "feature")
 TRAIN_ON = ("auto", "all", "last")
+COMBINE = ("mean", "median")
 _FORMAT = "numba-mamba-forecaster"
 
 
@@ -603,7 +618,8 @@ class MambaForecaster:
         With sample times: time step as the SSM's step and as input
         (``"delta"``), or as input only (``"feature"``).
     steps : int, optional
-        Maximum optimizer steps per ensemble member.
+        Maximum optimizer steps per ensemble member (0 with ``linear_skip``:
+        the linear skip alone, no training).
     batch_size : int, optional
         Windows per step.
     lr, weight_decay, warmup_steps, max_grad_norm : optional
@@ -620,7 +636,23 @@ class MambaForecaster:
         the whole series (validation part included) for the chosen number of
         steps.
     n_members : int, optional
-        Ensemble size: members differ in seed, forecasts are averaged.
+        Ensemble size: members differ in seed, forecasts are combined.
+    combine : {"mean", "median"}, optional
+        How the members' forecasts are combined.
+    linear_skip : bool, optional
+        Add a direct linear autoregression to the model's forecast: ridge
+        regression of the next ``horizon`` (scaled) values on the last
+        ``skip_lags`` ones, fitted in closed form on the training part
+        before the model is trained; the Mamba model then learns what it
+        leaves over (its head starts at zero, and step 0, the skip alone,
+        is a candidate for early stopping).  The skip sees the globally
+        scaled values, so it keeps the level and amplitude that instance
+        normalisation and the final RMSNorm take from the model's input.
+    skip_lags : int, optional
+        Lags of the linear skip (<= ``lookback``); default ``lookback``.
+    skip_ridge : float, optional
+        Ridge penalty of the skip, per training row (the intercept is not
+        penalised).
     seed : int, optional
     dtype : {numpy.float32, numpy.float64}, optional
     device : {None, "cpu", "gpu"}, optional
@@ -636,6 +668,8 @@ class MambaForecaster:
     history_ : list of dict
         Per member: ``best_step``, ``best_val`` (validation MSE in scaled
         units), ``steps_run``, ``train_losses``, ``val_losses``.
+    skip_ : array, shape (skip_lags * C + 1, horizon * C) or None
+        Weights of the linear skip (scaled units; last row the intercept).
 
     Examples
     --------
@@ -655,13 +689,15 @@ class MambaForecaster:
                  instance_norm=False, train_on="auto", time_as="delta", steps=1000,
                  batch_size=32, lr=3e-3, weight_decay=0.01, warmup_steps=50,
                  max_grad_norm=1.0, val_fraction=0.15, patience=10, eval_every=25,
-                 refit=False, n_members=1, seed=0, dtype=np.float32, device=None,
+                 refit=False, n_members=1, combine="mean", linear_skip=False,
+                 skip_lags=None, skip_ridge=1e-3, seed=0, dtype=np.float32, device=None,
                  progress=True):
         self.lookback = _check_int("lookback", lookback)
         self.horizon = _check_int("horizon", horizon)
-        for name in ("d_model", "n_layers", "d_state", "d_conv", "expand", "steps",
+        for name in ("d_model", "n_layers", "d_state", "d_conv", "expand",
                      "batch_size", "patience", "eval_every", "n_members"):
             _check_int(name, locals()[name])
+        _check_int("steps", steps, low=0 if linear_skip else 1)  # 0: the linear skip alone
         _check_int("warmup_steps", warmup_steps, low=0)
         if scaler not in SCALERS:
             raise ValueError(f"scaler must be one of {SCALERS}, got {scaler!r}")
@@ -669,6 +705,15 @@ class MambaForecaster:
             raise ValueError(f"time_as must be one of {TIME_AS}, got {time_as!r}")
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+        if combine not in COMBINE:
+            raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+        if skip_lags is not None:
+            skip_lags = _check_int("skip_lags", skip_lags)
+            if skip_lags > self.lookback:
+                raise ValueError(f"skip_lags must be <= lookback = {self.lookback}, "
+                                 f"got {skip_lags}")
+        if not skip_ridge >= 0:
+            raise ValueError(f"skip_ridge must be >= 0, got {skip_ridge!r}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         if np.dtype(dtype) not in (np.float32, np.float64):
@@ -685,12 +730,15 @@ class MambaForecaster:
             max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
             val_fraction=float(val_fraction), patience=int(patience),
             eval_every=int(eval_every), refit=bool(refit), n_members=int(n_members),
-            seed=int(seed), dtype=np.dtype(dtype).name, device=device,
+            combine=combine, linear_skip=bool(linear_skip),
+            skip_lags=None if skip_lags is None else int(skip_lags),
+            skip_ridge=float(skip_ridge), seed=int(seed), dtype=np.dtype(dtype).name, device=device,
             progress=bool(progress))
         self.config_ = None
         self.members_ = None
         self.history_ = None
         self.tau_ = None
+        self.skip_ = None
 
     def __repr__(self):
         s = self.settings
@@ -833,15 +881,29 @@ class MambaForecaster:
         # window w covers positions [w, w + L); its last position w + L - 1 forecasts up to w+L-1+H
         n_train = cut - L - H + 1  # last target inside [0, cut)
         val_ends = list(range(max(cut - 1, L - 1), T - H))  # last positions of validation windows
-        self._data = (F, Y, DT)
+        skip = skip_all = S = S_all = None
+        if s["linear_skip"]:
+            # ridge regression of y[k+1..k+H] on y[k-P+1..k] (scaled units), rows k whose
+            # targets lie in the training part; the model then learns what it leaves over
+            Z = self._lags(ys)  # (T, P*C + 1)
+            P = self._skip_lags
+            Yh = ys[idx].reshape(T, H * C)
+            skip = skip_all = self._fit_skip(Z[P - 1:cut - H], Yh[P - 1:cut - H])
+            S = S_all = (Z @ skip).astype(dt)  # (T, H*C)
+            if n_val and s["refit"]:  # the refit's skip sees all of y too
+                skip_all = self._fit_skip(Z[P - 1:T - H], Yh[P - 1:T - H])
+                S_all = (Z @ skip_all).astype(dt)
         self.members_, self.history_ = [], []
         for j in range(s["n_members"]):
+            self._data, self.skip_ = (F, Y, DT, S), skip
             params, hist = self._train_member(j, n_train, val_ends, s["steps"])
             if n_val and s["refit"]:
+                self._data, self.skip_ = (F, Y, DT, S_all), skip_all
                 params, h2 = self._train_member(j, T - L - H + 1, [], hist["best_step"])
                 hist["refit_train_losses"] = h2["train_losses"]
             self.members_.append(params)
             self.history_.append(hist)
+        self.skip_ = skip_all
         keep = min(T, L)
         self.last_y_ = y2[T - keep:]
         self.last_t_ = None if tt is None else tt[T - keep:]
@@ -851,25 +913,61 @@ class MambaForecaster:
     def _window(self, starts, train_on, with_scale=False):
         """Gather windows starting at ``starts`` (host ints): inputs, targets, dtau, mask.
 
+        With the linear skip the targets are what the skip leaves over.
         ``with_scale``: also return the instance-norm scale ``(B, 1, C)`` (or None).
         """
         xp = self.xp_
-        F, Y, DT = self._data
+        F, Y, DT, S = self._data
         L = self.settings["lookback"]
         pos = xp.asarray(starts)[:, None] + xp.arange(L)  # (B, L)
         x, y = F[pos], Y[pos]  # (B, L, d_in), (B, L, H*C)
+        base = None if S is None else S[pos]
         dtau = None if DT is None or not self._use_delta else DT[pos]
         sd = None
         if self.settings["instance_norm"]:
-            x, y, _, sd = self._instance_norm(x, y)
+            x, y, _, sd = self._instance_norm(x, y, base)
+        elif base is not None:
+            y = y - base
         mask = None
         if train_on == "last":
             mask = xp.zeros((1, L, 1), dtype=x.dtype)
             mask[:, -1] = 1
+        elif S is not None and int(starts.min()) < self._skip_lags - 1:
+            # the first P - 1 samples of the series have no full lag vector for the skip
+            mask = (pos >= self._skip_lags - 1)[..., None].astype(x.dtype)
         return (x, y, dtau, mask, sd) if with_scale else (x, y, dtau, mask)
 
-    def _instance_norm(self, x, y=None):
-        """Normalise the value columns of windows ``x (B, L, d_in)`` by their own stats."""
+    @property
+    def _skip_lags(self):
+        return self.settings["skip_lags"] or self.settings["lookback"]
+
+    def _lags(self, ys):
+        """Rows ``[ys[k-P+1..k] flattened, 1]`` of the linear skip, ``(T, P*C + 1)``.
+
+        Before the start of the series the lags are 0.
+        """
+        xp = array_namespace(ys=ys)
+        T, C = ys.shape
+        P = self._skip_lags
+        pad = xp.concatenate([xp.zeros((P - 1, C)), ys.astype(np.float64)])
+        idx = xp.arange(T)[:, None] + xp.arange(P)  # (T, P): pad rows k .. k+P-1
+        return xp.concatenate([pad[idx].reshape(T, P * C), xp.ones((T, 1))], axis=1)
+
+    def _fit_skip(self, Z, Y):
+        """Ridge solution ``W (P*C + 1, H*C)`` of ``Z W ~ Y`` (penalty ``skip_ridge * n``,
+        the intercept not penalised)."""
+        xp = array_namespace(Z=Z)
+        n, d = Z.shape
+        R = xp.eye(d) * (self.settings["skip_ridge"] * n)
+        R[-1, -1] = 0.0
+        return xp.linalg.solve(Z.T @ Z + R, Z.T @ Y.astype(np.float64))
+
+    def _instance_norm(self, x, y=None, base=None):
+        """Normalise the value columns of windows ``x (B, L, d_in)`` by their own stats.
+
+        Targets ``y`` become ``(y - mu) / sd``, or ``(y - base) / sd`` given the
+        skip's forecast ``base``.
+        """
         xp = self.xp_
         C = self.n_channels_
         v = x[..., :C]
@@ -879,7 +977,8 @@ class MambaForecaster:
         x[..., :C] = (v - mu) / sd
         if y is not None:
             B, L = y.shape[:2]
-            y = ((y.reshape(B, L, -1, C) - mu[:, :, None]) / sd[:, :, None]).reshape(B, L, -1)
+            sub = mu[:, :, None] if base is None else base.reshape(B, L, -1, C)
+            y = ((y.reshape(B, L, -1, C) - sub) / sd[:, :, None]).reshape(B, L, -1)
         return x, y, mu, sd
 
     def _loss_grads(self, params, x, y, dtau, mask):
@@ -907,11 +1006,17 @@ class MambaForecaster:
         rng = np.random.default_rng([s["seed"], j])
         params = init_params(self.config_, seed=np.random.default_rng([s["seed"], j, 1]),
                              dtype=self.dtype_, xp=self.xp_)
+        if s["linear_skip"]:  # start from the skip alone: the head's output is 0
+            params["decoder.weight"][...] = 0
         opt = AdamW(lr=s["lr"], weight_decay=s["weight_decay"])
         warm = min(s["warmup_steps"], s["steps"])
         best = dict(val=math.inf, step=steps, params=None)
         hist = dict(train_losses=[], val_losses=[])
         bad = 0
+        if val_ends and s["linear_skip"]:  # step 0 (the skip alone) is a candidate too
+            v = self._val_loss(params, val_ends)
+            hist["val_losses"].append((0, v))
+            best.update(val=v, step=0, params={k: a.copy() for k, a in params.items()})
         bar = _progress(range(steps), s["progress"], f"member {j + 1}/{s['n_members']}")
         for step in bar:
             starts = rng.integers(0, n_train, min(s["batch_size"], n_train))
@@ -1038,13 +1143,17 @@ class MambaForecaster:
         if self.settings["instance_norm"]:
             x, _, mu, sd = self._instance_norm(x)
         dt = None if dtau is None or not self._use_delta else dtau.astype(self.dtype_)[None]
-        acc = xp.zeros((H, C))
-        for params in self.members_:
-            out, _ = _forward(x, params, self.config_, dt)
-            acc += out[0, -1].reshape(H, C)
-        pred = acc / len(self.members_)
-        if mu is not None:
-            pred = pred * sd[0] + mu[0]
+        outs = [_forward(x, params, self.config_, dt)[0][0, -1].reshape(H, C).astype(np.float64)
+                for params in self.members_]
+        outs = xp.stack(outs)  # (n_members, H, C)
+        if sd is not None:
+            outs = outs * sd[0]
+        if self.skip_ is not None:
+            outs = outs + (self._lags(ys)[-1] @ self.skip_).reshape(H, C)
+        elif mu is not None:
+            outs = outs + mu[0]
+        pred = xp.median(outs, axis=0) if self.settings["combine"] == "median" \
+            else outs.mean(axis=0)
         return self.scaler_.inverse_transform(pred)
 
     # ------------------------------------------------------------ save / load
@@ -1061,6 +1170,8 @@ class MambaForecaster:
         arrays["scaler.center"] = self.scaler_.center_
         arrays["scaler.scale"] = self.scaler_.scale_
         arrays["data.last_y"] = self.last_y_
+        if self.skip_ is not None:
+            arrays["skip.weight"] = self.skip_
         if self.last_t_ is not None:
             arrays["data.last_t"] = self.last_t_
         extra = {"format": _FORMAT, "settings": self.settings, "one_d": self.one_d_,
@@ -1100,6 +1211,7 @@ class MambaForecaster:
         self.scaler_.scale_ = ck.params["scaler.scale"]
         self.last_y_ = ck.params["data.last_y"]
         self.last_t_ = ck.params.get("data.last_t")
+        self.skip_ = ck.params.get("skip.weight")
         n = s["n_members"]
         self.members_ = [{k[len(f"member{j}."):]: v for k, v in ck.params.items()
                           if k.startswith(f"member{j}.")} for j in range(n)]
