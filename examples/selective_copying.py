@@ -274,6 +274,7 @@ def main(argv=None):
         args.d_model, args.n_layers = 64, 2
         args.steps, args.batch, args.lr, args.min_lr_ratio, args.warmup = 400_000, 64, 1e-4, 1.0, 0
         args.eval_every = 5000
+    t_start = time.perf_counter()
     device, xp = pick_device(args.device)
     nm.seed_everything(args.seed)
     eval_set = make_batch(np.random.default_rng([args.seed, 2]), args.n_eval, args.seq_len,
@@ -284,9 +285,12 @@ def main(argv=None):
     print_table(results, args)
     if args.out:
         plot(results, args, args.out)
+    wall = time.perf_counter() - t_start
+    print(f"wall time {wall:.0f} s ({device})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": device, "results": results}, f)
+            json.dump({"args": vars(args), "device": device, "wall_s": wall,
+                       "results": results}, f)
         print(f"saved {args.json}")
     return results
 

@@ -7,6 +7,7 @@ accuracies in [0, 1] at every evaluated length, and the plot file.
 """
 
 import importlib.util
+import json
 import math
 import pathlib
 
@@ -87,13 +88,36 @@ def test_selective_copying_tiny_run_trains_both_blocks(selective_copying, tmp_pa
 
 
 def test_induction_heads_tiny_run_tests_every_length(induction_heads, tmp_path):
-    png = tmp_path / "ih.png"
+    png, js = tmp_path / "ih.png", tmp_path / "ih.json"
     out = induction_heads.main(TINY + ["--train-len", "32", "--n-eval", "32",
+                                       "--monitor-log2", "7", "--n-monitor", "8",
                                        "--max-test-log2", "8", "--n-test", "16",
                                        "--eval-tokens", "128", "--test-tokens", "2048",
-                                       "--min-test", "4", "--out", str(png)])
+                                       "--min-test", "4", "--out", str(png), "--json", str(js)])
     check_losses(out["losses"], 16)
     assert [r[0] for r in out["test"]] == [64, 128, 256]
     assert [r[1] for r in out["test"]] == [16, 16, 8]  # 2048 // 256 beyond eval-tokens
     assert all(0.0 <= r[2] <= 1.0 for r in out["test"])
+    assert out["curve"]["step"] == [6, 12]
+    assert len(out["curve"]["acc@128"]) == 2  # the monitored longer length
+    assert all(0.0 <= a <= 1.0 for a in out["curve"]["acc@128"])
     assert png.exists() == has_matplotlib()
+    saved = json.loads(js.read_text())
+    assert saved["wall_s"] >= saved["train_s"] > 0
+    assert saved["steps_done"] == 12 and len(saved["test"]) == 3
+    assert saved["config"]["dt_min"] == saved["args"]["dt_min"]
+
+
+def test_induction_heads_eval_matches_recurrent_inference(induction_heads):
+    """The parallel forward used for testing agrees with token-by-token inference."""
+    from numba_mamba import inference, models
+    m = induction_heads
+    config = models.MambaConfig(d_model=16, n_layers=2, vocab_size=8, d_state=4,
+                                dt_min=0.1, dt_max=1.0)
+    params = models.init_params(config, seed=3)
+    x, _ = m.make_batch(np.random.default_rng(1), batch=2, length=40, vocab=8)
+    logits, _ = models.model_forward(x, params, config)
+    state = inference.init_state(2, params, config)
+    for t in range(x.shape[1]):
+        step_logits, state = inference.step(x[:, t], state, params, config)
+    np.testing.assert_allclose(step_logits, logits[:, -1], rtol=1e-4, atol=1e-4)
