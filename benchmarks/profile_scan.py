@@ -87,11 +87,20 @@ def host_times(cupy, reps=30):
         a = (kw["u"], kw["delta"], kw["A"], B, C, kw["D"], kw["z"], kw["delta_bias"], True, None)
         res = {}
         res["api selective_scan"] = med(lambda: nm.selective_scan(**kw))
+        out, _, backward = nm.selective_scan_vjp(**kw)
+        dout = cupy.ones_like(out)
+        res["api backward(dout)"] = med(lambda: backward(dout))
         res["api _prepare"] = med(lambda: api._prepare(
             kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
             kw["delta_bias"], True, None))
-        for engine in ("states", "blocks"):
-            res[f"backend forward {engine}"] = med(lambda: backend.scan_forward(*a, engine=engine))
+        common = sys.modules[backend.__package__ + "._common"]
+        for raw in (True, False):
+            common.RAW_LAUNCH = raw
+            how = "CuPy launch" if raw else "Numba launch"
+            for engine in ("states", "blocks"):
+                res[f"backend forward {engine}, {how}"] = med(
+                    lambda: backend.scan_forward(*a, engine=engine))
+        common.RAW_LAUNCH = True
         res["cupy.isfinite(A).all() -> bool"] = med(lambda: bool(cupy.isfinite(kw["A"]).all()))
         res["cupy.empty x3"] = med(lambda: [cupy.empty_like(kw["u"]) for _ in range(3)])
         res["cupy.zeros(1) x2"] = med(lambda: [cupy.zeros((1,), cupy.float32) for _ in range(2)])

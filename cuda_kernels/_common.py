@@ -1,14 +1,17 @@
 """Helpers shared by the kernel modules: device functions, streams, layouts.
 
 Nothing here computes; these are the few lines every launcher needs, kept in
-one place.
+one place, and a cheaper way to launch a compiled kernel on CuPy arrays.
 """
+
+import os
 
 import numba
 import numpy as np
 from numba import cuda
 
-__all__ = ["array_module", "c_strided", "current_stream", "inline_device", "simulator"]
+__all__ = ["RAW_LAUNCH", "RawLaunch", "array_module", "c_strided", "current_stream",
+           "inline_device", "launch", "simulator"]
 
 
 def simulator():
@@ -63,3 +66,97 @@ def c_strided(x):
             return cupy.ndarray(x.shape, x.dtype, x.data)
         stride *= size
     return x
+
+
+# ------------------------------------------------------------------ launching
+#: Launch kernels on CuPy arrays through CuPy (:class:`RawLaunch`) rather than
+#: through Numba's dispatcher.  Environment ``NUMBA_MAMBA_RAW_LAUNCH=0`` turns
+#: it off.
+RAW_LAUNCH = os.environ.get("NUMBA_MAMBA_RAW_LAUNCH", "1") != "0"
+
+
+class RawLaunch:
+    """Launch one compiled Numba kernel as a CuPy function.
+
+    Numba's dispatcher spends tens of microseconds per launch and 12-15 more
+    per CuPy array argument (it wraps each one as a Numba device array).  This
+    loads the kernel's cubin, as Numba linked it, into a CuPy module once, and
+    passes the arguments the way Numba's launcher does: an array of ``ndim``
+    dimensions as ``(meminfo, parent, size, itemsize, data, *shape,
+    *strides)``, an integer by value.
+
+    Parameters
+    ----------
+    dispatcher : numba.cuda dispatcher
+        Compiled for exactly one signature (``cuda.jit(signature)``), with
+        C-contiguous array and integer arguments only.
+    """
+
+    def __init__(self, dispatcher):
+        import cupy
+        from numba.core import types as nbtypes
+
+        (kernel,) = dispatcher.overloads.values()
+        self._pack = []
+        for ty in kernel.argument_types:
+            if isinstance(ty, nbtypes.Array) and ty.layout == "C":
+                self._pack.append(ty.ndim)
+            elif isinstance(ty, nbtypes.Integer):
+                self._pack.append(np.dtype(str(ty)).type)
+            else:
+                raise TypeError(f"RawLaunch takes C arrays and integers, got {ty}")
+        lib = kernel._codelibrary
+        self._module = cupy.cuda.function.Module()
+        image = lib.get_cubin()
+        image = getattr(image, "code", image)  # numba-cuda on cuda.core: an ObjectCode
+        if not isinstance(image, bytes):
+            raise TypeError(f"expected the kernel's cubin as bytes, got {type(image).__name__}")
+        self._module.load(image)
+        self._function = self._module.get_function(lib._entry_name)
+
+    def __call__(self, grid, block, stream, args):
+        """Launch on CuPy arrays ``args`` (C-contiguous) on ``stream`` (a CuPy stream)."""
+        packed = []
+        i64 = np.int64
+        null = np.uint64(0)
+        for kind, value in zip(self._pack, args):
+            if kind.__class__ is int:  # an array of `kind` dimensions
+                itemsize = value.itemsize
+                packed += (null, null, i64(value.size), i64(itemsize), np.uint64(value.data.ptr))
+                shape = value.shape
+                packed += [i64(s) for s in shape]
+                stride = itemsize
+                strides = []
+                for s in reversed(shape):  # C strides: Numba's kernels index by them
+                    strides.append(i64(stride))
+                    stride *= s
+                packed += reversed(strides)
+            else:
+                packed.append(kind(value))
+        self._function((int(grid),), (int(block),), tuple(packed), stream=stream)
+
+
+_RAW = {}
+
+
+def launch(kernel, grid, block, stream, args):
+    """Launch ``kernel[grid, block, stream](*args)``.
+
+    On CuPy arrays (and :data:`RAW_LAUNCH` on) through :class:`RawLaunch` on
+    CuPy's current stream, else through Numba's dispatcher on ``stream``
+    (None: the default stream; the CUDA simulator and NumPy arrays take this
+    path).
+    """
+    if RAW_LAUNCH and not simulator() and not isinstance(args[0], np.ndarray):
+        raw = _RAW.get(id(kernel))
+        if raw is None or raw[0] is not kernel:
+            raw = _RAW[id(kernel)] = (kernel, RawLaunch(kernel))
+        import cupy
+
+        raw[1](grid, block, cupy.cuda.get_current_stream(), args)
+        return
+    args = [c_strided(a) for a in args]
+    if stream is None:
+        kernel[grid, block](*args)
+    else:
+        kernel[grid, block, stream](*args)

@@ -99,7 +99,7 @@ import numpy as np
 from numba import cuda, types
 
 from . import scan_states
-from ._common import array_module, c_strided, current_stream, inline_device, simulator
+from ._common import array_module, current_stream, inline_device, launch, simulator
 
 __all__ = [
     "DEFAULT_TUNING",
@@ -812,11 +812,7 @@ def _as4(x):
 
 
 def _launch(kernel, grid, threads, stream, args):
-    args = [c_strided(a) for a in args]
-    if stream is None:
-        kernel[grid, threads](*args)
-    else:
-        kernel[grid, threads, stream](*args)
+    launch(kernel, grid, threads, stream, args)
 
 
 def forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -1019,14 +1015,8 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     Bt, Dc, L = u.shape
     N = A.shape[1]
     dtype = u.dtype
-    du = cupy.empty_like(u)
-    ddelta = cupy.empty_like(u)
-    dA = cupy.zeros((Dc, N), dtype)
-    dB = cupy.zeros(B.shape, dtype)
-    dC = cupy.zeros(C.shape, dtype)
-    dD = None if D is None else cupy.zeros((Dc,), dtype)
-    dz = None if z is None else cupy.empty_like(u)
-    ddelta_bias = None if delta_bias is None else cupy.zeros((Dc,), dtype)
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = scan_states.gradient_buffers(
+        cupy, u, A, B, C, D, z, delta_bias)
     q_buf = cupy.empty((2, Bt, Dc, N), dtype)
     backward_into(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                   delta_softplus, saved.chunk_states, du, ddelta, dA, dB, dC,

@@ -57,7 +57,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import array_module, c_strided, current_stream, inline_device, simulator
+from ._common import array_module, current_stream, inline_device, launch, simulator
 
 __all__ = [
     "MAX_STATES",
@@ -65,6 +65,7 @@ __all__ = [
     "MIN_RECURRENCES",
     "StatesPlan",
     "StatesSaved",
+    "gradient_buffers",
     "launch_bounds",
     "plan",
     "ptx_signatures",
@@ -200,6 +201,18 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         return one / (one + math.exp(-x))
 
     @inline_device
+    def stage_rows(M, bi, g, t0, L, sM, T, tid):
+        # rows M[bi, g, :, t0:t0+T] into sM (N, T+1), zeros past L; consecutive
+        # threads on consecutive steps, so the global reads coalesce
+        for e in range(tid, N * T, NT):
+            r = e // T
+            tt = e - r * T
+            v = zero
+            if t0 + tt < L:
+                v = M[bi, g, r, t0 + tt]
+            sM[r, tt] = v
+
+    @inline_device
     def block_channels(Dc, dg):
         # (batch, first channel of the block, channels in the block)
         nb = (dg + CH - 1) // CH
@@ -262,21 +275,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
             t0 = tile * TF
             # 1. stage the tile, consecutive threads on consecutive steps
             if b_var:
-                for e in range(tid, N * TF, NT):
-                    r = e // TF
-                    tt = e - r * TF
-                    v = zero
-                    if t0 + tt < L:
-                        v = B[bi, gB, r, t0 + tt]
-                    sB[r, tt] = v
+                stage_rows(B, bi, gB, t0, L, sB, TF, tid)
             if c_var:
-                for e in range(tid, N * TF, NT):
-                    r = e // TF
-                    tt = e - r * TF
-                    v = zero
-                    if t0 + tt < L:
-                        v = C[bi, gC, r, t0 + tt]
-                    sC[r, tt] = v
+                stage_rows(C, bi, gC, t0, L, sC, TF, tid)
             for e in range(tid, CH * TF, NT):
                 c = e // TF
                 tt = e - c * TF
@@ -395,21 +396,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
             t0 = tile * TB
             cuda.syncthreads()  # the previous tile's shared tiles are consumed
             if b_var:
-                for e in range(tid, N * TB, NT):
-                    r = e // TB
-                    tt = e - r * TB
-                    v = zero
-                    if t0 + tt < L:
-                        v = B[bi, gB, r, t0 + tt]
-                    sB[r, tt] = v
+                stage_rows(B, bi, gB, t0, L, sB, TB, tid)
             if c_var:
-                for e in range(tid, N * TB, NT):
-                    r = e // TB
-                    tt = e - r * TB
-                    v = zero
-                    if t0 + tt < L:
-                        v = C[bi, gC, r, t0 + tt]
-                    sC[r, tt] = v
+                stage_rows(C, bi, gC, t0, L, sC, TB, tid)
             for e in range(tid, CH * TB, NT):
                 c = e // TB
                 tt = e - c * TB
@@ -629,11 +618,7 @@ def _grid(Bt, Dc, p):
 
 
 def _launch(kernel, grid, threads, stream, args):
-    args = [c_strided(a) for a in args]
-    if stream is None:
-        kernel[grid, threads](*args)
-    else:
-        kernel[grid, threads, stream](*args)
+    launch(kernel, grid, threads, stream, args)
 
 
 class StatesSaved(NamedTuple):
@@ -696,6 +681,18 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     return out, last_state, StatesSaved(tile_states, p)
 
 
+def gradient_buffers(xp, u, A, B, C, D, z, delta_bias):
+    """Outputs of a backward kernel: ``du, ddelta, dz`` (overwritten), ``dA, dB, dC,
+    dD, ddelta_bias`` (accumulated into, so zeroed); None where the input is None."""
+    dtype = u.dtype
+    Dc, N = A.shape
+    return (xp.empty_like(u), xp.empty_like(u), xp.zeros((Dc, N), dtype),
+            xp.zeros(B.shape, dtype), xp.zeros(C.shape, dtype),
+            None if D is None else xp.zeros((Dc,), dtype),
+            None if z is None else xp.empty_like(u),
+            None if delta_bias is None else xp.zeros((Dc,), dtype))
+
+
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                   delta_softplus, initial_state, saved, *, stream="current"):
     """Selective scan backward, state-parallel engine (canonical layout).
@@ -708,14 +705,8 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     Bt, Dc, L = u.shape
     N = A.shape[1]
     p = saved.plan
-    du = xp.empty_like(u)
-    ddelta = xp.empty_like(u)
-    dA = xp.zeros((Dc, N), dtype)
-    dB = xp.zeros(B.shape, dtype)
-    dC = xp.zeros(C.shape, dtype)
-    dD = None if D is None else xp.zeros((Dc,), dtype)
-    dz = None if z is None else xp.empty_like(u)
-    ddelta_bias = None if delta_bias is None else xp.zeros((Dc,), dtype)
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = gradient_buffers(xp, u, A, B, C, D, z,
+                                                                   delta_bias)
     dinit = xp.empty((Bt, Dc, N), dtype)
     dummy1 = xp.zeros((1,), dtype)
     dummy3 = xp.zeros((1, 1, 1), dtype)

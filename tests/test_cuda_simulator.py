@@ -10,10 +10,10 @@ memory instead, with a 4-lane "warp" so that a block of 8 threads has two.
 The simulator must be switched on before ``numba.cuda`` is first imported, so
 each case runs in a subprocess: this file, run as a script.  Sizes are tiny
 (the simulator runs one Python thread per CUDA thread).  The block-scan engine
-runs with 8 threads x 2 items
-gives chunks of 16 steps, and L = 33 crosses two chunk boundaries (the last chunk holds one step);
-the state-parallel engine (``scan_states``, no warp operations at all) runs
-the same checks with small blocks and tiles.
+runs with 8 threads x 2 items, chunks of 16 steps, and L = 33 crosses two
+chunk boundaries (the last chunk holds one step); the state-parallel engine
+(``scan_states``, no warp operations at all) runs the same checks with small
+blocks and tiles.
 """
 
 import json

@@ -151,6 +151,36 @@ def test_gpu_states_engine_independent_of_layout(dtype, tuning, N):
     _run_and_compare(kw, dtype, True, rng, states_tuning=tuning)
 
 
+@pytest.mark.parametrize("engine", ["blocks", "states"])
+def test_gpu_raw_launch_matches_numba_launch(engine, monkeypatch):
+    """Kernels launched through CuPy (``_common.RawLaunch``) give what Numba's launcher gives."""
+    from cuda_kernels import _common
+
+    rng = np.random.default_rng(3)
+    kw = make_inputs(rng, Bt=2, Dc=12, L=777, N=5, dtype=np.float32, B_kind="grouped",
+                     C_kind="var", G=3, D=True, z=True, delta_bias=True, softplus=True,
+                     initial_state=True)
+    args = [cupy.asarray(kw[k]) if isinstance(kw[k], np.ndarray) else kw[k]
+            for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus",
+                      "initial_state")]
+    args[4] = cupy.ascontiguousarray(args[4][:, None])
+    dout = cupy.asarray(rng.standard_normal(kw["u"].shape).astype(np.float32))
+    dlast = cupy.asarray(rng.standard_normal((2, 12, 5)).astype(np.float32))
+    results = {}
+    for raw in (False, True):
+        monkeypatch.setattr(_common, "RAW_LAUNCH", raw)
+        out, last, saved = scan.scan_forward(*args, engine=engine)
+        grads = scan.scan_backward(dout, dlast, *args, saved)
+        results[raw] = [out.get(), last.get()] + [g.get() for g in grads]
+    assert _common._RAW, "the raw launcher was not used"
+    names = ("out", "last_state") + GRADS
+    for name, a, b in zip(names, results[False], results[True]):
+        if name in ("dA", "dB", "dC", "dD", "ddelta_bias"):  # float32 atomics: order varies
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(b, a, err_msg=name)
+
+
 def test_gpu_engine_choice():
     assert scan.choose_engine(8, 1536, 16) == "states"
     assert scan.choose_engine(1, 4, 4) == "blocks"
