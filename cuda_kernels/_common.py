@@ -4,13 +4,14 @@ Nothing here computes; these are the few lines every launcher needs, kept in
 one place, and a cheaper way to launch a compiled kernel on CuPy arrays.
 """
 
+import math
 import os
 
 import numba
 import numpy as np
 from numba import cuda
 
-__all__ = ["RAW_LAUNCH", "RawLaunch", "array_module", "c_strided", "current_stream",
+__all__ = ["RAW_LAUNCH", "RawLaunch", "activations", "array_module", "c_strided", "current_stream",
            "inline_device", "launch", "simulator"]
 
 
@@ -28,6 +29,25 @@ def inline_device(fn):
     if simulator():
         return fn
     return cuda.jit(device=True, forceinline=True)(fn)
+
+
+def activations(ftype):
+    """Device functions ``softplus(x)`` (``x`` itself above 20) and ``sigmoid(x)``
+    with every constant cast to ``ftype``, so float32 code stays float32."""
+    one = ftype(1.0)
+    twenty = ftype(20.0)
+
+    @inline_device
+    def softplus(x):
+        if x > twenty:
+            return x
+        return math.log1p(math.exp(x))
+
+    @inline_device
+    def sigmoid(x):
+        return one / (one + math.exp(-x))
+
+    return softplus, sigmoid
 
 
 def array_module(x):

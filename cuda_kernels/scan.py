@@ -99,7 +99,7 @@ import numpy as np
 from numba import cuda, types
 
 from . import scan_states
-from ._common import array_module, current_stream, inline_device, launch, simulator
+from ._common import activations, array_module, current_stream, inline_device, launch, simulator
 
 __all__ = [
     "DEFAULT_TUNING",
@@ -185,7 +185,6 @@ def _make_kernels(ftype, threads, items, sim):
     ftype = np.dtype(ftype).type
     zero = ftype(0.0)
     one = ftype(1.0)
-    twenty = ftype(20.0)
     WS = _SIM_WARP if sim else _WARP
     WS = min(WS, threads)
     if threads % WS:
@@ -321,15 +320,7 @@ def _make_kernels(ftype, threads, items, sim):
                 off //= 2
             return v, w
 
-    @inline_device
-    def softplus(x):
-        if x > twenty:
-            return x
-        return math.log1p(math.exp(x))
-
-    @inline_device
-    def sigmoid(x):
-        return one / (one + math.exp(-x))
+    softplus, sigmoid = activations(ftype)
 
     # ------------------------------------------------------------------ forward
     def forward(u, delta, A, B, C, D, z, delta_bias, initial_state,

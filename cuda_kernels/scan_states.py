@@ -57,7 +57,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import array_module, current_stream, inline_device, launch, simulator
+from ._common import activations, array_module, current_stream, inline_device, launch, simulator
 
 __all__ = [
     "MAX_STATES",
@@ -190,15 +190,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
     YF = (TF, YW)
     YB = (TB, YW)
 
-    @inline_device
-    def softplus(x):
-        if x > twenty:
-            return x
-        return math.log1p(math.exp(x))
-
-    @inline_device
-    def sigmoid(x):
-        return one / (one + math.exp(-x))
+    softplus, sigmoid = activations(ftype)
 
     @inline_device
     def stage_rows(M, bi, g, t0, L, sM, T, tid):
