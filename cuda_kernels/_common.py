@@ -168,11 +168,12 @@ def launch(kernel, grid, block, stream, args):
     path).
     """
     if RAW_LAUNCH and not simulator() and not isinstance(args[0], np.ndarray):
-        raw = _RAW.get(id(kernel))
-        if raw is None or raw[0] is not kernel:
-            raw = _RAW[id(kernel)] = (kernel, RawLaunch(kernel))
         import cupy
 
+        key = (id(kernel), cupy.cuda.runtime.getDevice())  # a module per device
+        raw = _RAW.get(key)
+        if raw is None or raw[0] is not kernel:
+            raw = _RAW[key] = (kernel, RawLaunch(kernel))
         raw[1](grid, block, cupy.cuda.get_current_stream(), args)
         return
     args = [c_strided(a) for a in args]
