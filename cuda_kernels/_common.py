@@ -11,7 +11,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-__all__ = ["RAW_LAUNCH", "RawLaunch", "activations", "array_module", "c_strided", "current_stream",
+__all__ = ["RAW_LAUNCH", "RawLaunch", "activations", "array_module", "as_variable", "c_strided", "current_stream",
            "inline_device", "launch", "simulator"]
 
 
@@ -48,6 +48,12 @@ def activations(ftype):
         return one / (one + math.exp(-x))
 
     return softplus, sigmoid
+
+
+def as_variable(M):
+    """A constant ``B``/``C`` (Dc, N) viewed as (1, Dc, N, 1): a variable one with
+    G = Dc groups, batch 1 and length 1; a (Bt, G, N, L) one unchanged."""
+    return M.reshape(1, M.shape[0], M.shape[1], 1) if M.ndim == 2 else M
 
 
 def array_module(x):

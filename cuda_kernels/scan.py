@@ -99,7 +99,8 @@ import numpy as np
 from numba import cuda, types
 
 from . import scan_states
-from ._common import activations, array_module, current_stream, inline_device, launch, simulator
+from ._common import (activations, array_module, as_variable, current_stream, inline_device,
+                      launch, simulator)
 
 __all__ = [
     "DEFAULT_TUNING",
@@ -797,15 +798,6 @@ def ptx_signatures(tunings=None):
 
 
 # ---------------------------------------------------------------- launchers
-def _as4(x):
-    """(Dc, N) -> (1, Dc, N, 1) view; (Bt, G, N, L) unchanged."""
-    return x.reshape(1, x.shape[0], x.shape[1], 1) if x.ndim == 2 else x
-
-
-def _launch(kernel, grid, threads, stream, args):
-    launch(kernel, grid, threads, stream, args)
-
-
 def forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                  initial_state, out, last_state, chunk_states, *, threads,
                  items, stream=None):
@@ -841,13 +833,13 @@ def forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     flags |= FLAG_B_VAR if B.ndim == 4 else 0
     flags |= FLAG_C_VAR if C.ndim == 4 else 0
     k = get_kernels(dtype, threads, items)
-    args = (u, delta, A, _as4(B), _as4(C),
+    args = (u, delta, A, as_variable(B), as_variable(C),
             dummy1 if D is None else D,
             dummy3 if z is None else z,
             dummy1 if delta_bias is None else delta_bias,
             dummy3 if initial_state is None else initial_state,
             out, last_state, chunk_states, np.int32(flags))
-    _launch(k.forward, Bt * Dc, threads, stream, args)
+    launch(k.forward, Bt * Dc, threads, stream, args)
 
 
 def backward_into(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
@@ -876,16 +868,16 @@ def backward_into(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     flags |= FLAG_C_VAR if C.ndim == 4 else 0
     k = get_kernels(dtype, threads, items)
     args = (dout, dummy3 if dlast_state is None else dlast_state,
-            u, delta, A, _as4(B), _as4(C),
+            u, delta, A, as_variable(B), as_variable(C),
             dummy1 if D is None else D,
             dummy3 if z is None else z,
             dummy1 if delta_bias is None else delta_bias,
-            chunk_states, du, ddelta, dA, _as4(dB), _as4(dC),
+            chunk_states, du, ddelta, dA, as_variable(dB), as_variable(dC),
             dummy1 if dD is None else dD,
             dummy3 if dz is None else dz,
             dummy1 if ddelta_bias is None else ddelta_bias,
             q_buf, np.int32(flags))
-    _launch(k.backward, Bt * Dc, threads, stream, args)
+    launch(k.backward, Bt * Dc, threads, stream, args)
 
 
 class GpuScanSaved(NamedTuple):

@@ -57,7 +57,8 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import activations, array_module, current_stream, inline_device, launch, simulator
+from ._common import (activations, array_module, as_variable, current_stream, inline_device,
+                      launch, simulator)
 
 __all__ = [
     "MAX_STATES",
@@ -216,7 +217,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         k = r - sg * nb
         d0 = sg * dg + k * CH
         nch = min(CH, dg - k * CH)
-        return bi, d0, nch, nb
+        return bi, d0, nch
 
     # ------------------------------------------------------------------ forward
     def forward(u, delta, A, B, C, D, z, delta_bias, initial_state,
@@ -227,7 +228,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         Dc = u.shape[1]
         L = u.shape[2]
         n_saved = tile_states.shape[2]
-        bi, d0, nch, nb = block_channels(Dc, dg)
+        bi, d0, nch = block_channels(Dc, dg)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)  # clamped: idle threads read, never write
         gB = d0 // (Dc // B.shape[1])  # variable B: the block's group
@@ -334,7 +335,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         Dc = u.shape[1]
         L = u.shape[2]
         n_tiles = tile_states.shape[2]
-        bi, d0, nch, nb = block_channels(Dc, dg)
+        bi, d0, nch = block_channels(Dc, dg)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)
         gB = d0 // (Dc // B.shape[1])
@@ -596,21 +597,12 @@ def ptx_signatures():
 
 
 # ---------------------------------------------------------------- launchers
-def _as4(x):
-    """(Dc, N) -> (1, Dc, N, 1) view; (Bt, G, N, L) unchanged."""
-    return x.reshape(1, x.shape[0], x.shape[1], 1) if x.ndim == 2 else x
-
-
 def _groups(M):
     return M.shape[1] if M.ndim == 4 else 0
 
 
 def _grid(Bt, Dc, p):
     return Bt * (Dc // p.dg) * ((p.dg + p.ch - 1) // p.ch)
-
-
-def _launch(kernel, grid, threads, stream, args):
-    launch(kernel, grid, threads, stream, args)
 
 
 class StatesSaved(NamedTuple):
@@ -660,7 +652,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     dummy1 = xp.zeros((1,), dtype)
     dummy3 = xp.zeros((1, 1, 1), dtype)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
-    args = (u, delta, A, _as4(B), _as4(C),
+    args = (u, delta, A, as_variable(B), as_variable(C),
             dummy1 if D is None else D,
             dummy3 if z is None else z,
             dummy1 if delta_bias is None else delta_bias,
@@ -668,7 +660,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
             out, last_state, tile_states,
             _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT),
             np.int64(p.dg))
-    _launch(k.forward, _grid(Bt, Dc, p), p.ch * N,
+    launch(k.forward, _grid(Bt, Dc, p), p.ch * N,
             current_stream(xp) if stream == "current" else stream, args)
     return out, last_state, StatesSaved(tile_states, p)
 
@@ -704,18 +696,18 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     dummy3 = xp.zeros((1, 1, 1), dtype)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
     args = (dout, dummy3 if dlast_state is None else dlast_state,
-            u, delta, A, _as4(B), _as4(C),
+            u, delta, A, as_variable(B), as_variable(C),
             dummy1 if D is None else D,
             dummy3 if z is None else z,
             dummy1 if delta_bias is None else delta_bias,
-            saved.tile_states, du, ddelta, dA, _as4(dB), _as4(dC),
+            saved.tile_states, du, ddelta, dA, as_variable(dB), as_variable(dC),
             dummy1 if dD is None else dD,
             dummy3 if dz is None else dz,
             dummy1 if ddelta_bias is None else ddelta_bias,
             dinit,
             _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST),
             np.int64(p.dg))
-    _launch(k.backward, _grid(Bt, Dc, p), p.ch * N,
+    launch(k.backward, _grid(Bt, Dc, p), p.ch * N,
             current_stream(xp) if stream == "current" else stream, args)
     dinitial_state = None if initial_state is None else dinit
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
