@@ -57,8 +57,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import (activations, array_module, as_variable, current_stream, inline_device,
-                      launch, simulator)
+from ._common import activations, array_module, current_stream, inline_device, launch, simulator
 
 __all__ = [
     "MAX_STATES",
@@ -67,6 +66,7 @@ __all__ = [
     "StatesPlan",
     "StatesSaved",
     "gradient_buffers",
+    "compile_options",
     "launch_bounds",
     "plan",
     "ptx_signatures",
@@ -157,13 +157,14 @@ def _argtypes(ftype):
     i32 = types.int32
     i64 = types.int64
     # u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state,
-    # tile_states, flags, dg
-    fwd = (a3, a3, a2, a4, a4, a1, a3, a1, a3, a3, a3, a4, i32, i64)
+    # tile_states, flags, dg, L, groups_B, groups_C (u, delta, B, C, z, out flat)
+    fwd = (a1, a1, a2, a1, a1, a1, a1, a1, a3, a1, a3, a4, i32, i64, i64, i64, i64)
     # dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, tile_states,
     # du, ddelta, dA_acc, dB_acc, dC_acc, dD_acc, dz, ddelta_bias_acc,
     # dinitial_state, flags, dg
-    bwd = (a3, a3, a3, a3, a2, a4, a4, a1, a3, a1, a4,
-           a3, a3, a2, a4, a4, a1, a3, a1, a3, i32, i64)
+    # (per-step arrays flat as in the forward), L, groups_B, groups_C
+    bwd = (a1, a3, a1, a1, a2, a1, a1, a1, a1, a1, a4,
+           a1, a1, a2, a1, a1, a1, a1, a1, a3, i32, i64, i64, i64, i64)
     return fwd, bwd
 
 
@@ -193,17 +194,25 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
 
     softplus, sigmoid = activations(ftype)
 
-    @inline_device
-    def stage_rows(M, bi, g, t0, L, sM, T, tid):
-        # rows M[bi, g, :, t0:t0+T] into sM (N, T+1), zeros past L; consecutive
-        # threads on consecutive steps, so the global reads coalesce
-        for e in range(tid, N * T, NT):
-            r = e // T
-            tt = e - r * T
-            v = zero
-            if t0 + tt < L:
-                v = M[bi, g, r, t0 + tt]
-            sM[r, tt] = v
+    def flat_stager(T):
+        # rows base + r*L + t0 .. + T of a flat M into sM (N, T+1), zeros past
+        # L; consecutive threads on consecutive steps, so the global reads coalesce
+        per_thread = (N * T + NT - 1) // NT
+        uT = U(T)
+
+        @inline_device
+        def stage(M, base, L, t0, full, sM, tid):
+            uL = U(L)
+            for i in range(per_thread):
+                e = U(tid) + U(i * NT)
+                if per_thread * NT == N * T or e < U(N * T):
+                    r = e // uT
+                    tt = e - r * uT
+                    v = zero
+                    if full or t0 + tt < uL:
+                        v = M[base + r * uL + t0 + tt]
+                    sM[r, tt] = v
+        return stage
 
     @inline_device
     def block_channels(Dc, dg):
@@ -220,19 +229,39 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         return bi, d0, nch
 
     # ------------------------------------------------------------------ forward
+    # The forward takes its per-step arrays flat (u, delta, z, out: Bt*Dc*L;
+    # variable B/C: Bt*G*N*L; constant B/C: Dc*N) and indexes them with
+    # unsigned offsets computed from row bases fixed for the whole sequence:
+    # a 4-D signed index costs some 35 instructions per staged element
+    # (wraparound selects, 64-bit stride products), an offset 3.
+    CSTAGE = (CH * TF + NT - 1) // NT     # delta/u elements each thread stages per tile
+    NSUM = (TF + N - 1) // N              # output steps each thread sums per tile
+    UTF = U(TF)
+    UN = U(N)
+    UNT = U(NT)
+    stage_flat = flat_stager(TF)
+
     def forward(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                out, last_state, tile_states, flags, dg):
+                out, last_state, tile_states, flags, dg, L, GB, GC):
         tid = cuda.threadIdx.x
         ch = tid // N
         n = tid - ch * N
-        Dc = u.shape[1]
-        L = u.shape[2]
+        Dc = A.shape[0]
         n_saved = tile_states.shape[2]
         bi, d0, nch = block_channels(Dc, dg)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)  # clamped: idle threads read, never write
-        gB = d0 // (Dc // B.shape[1])  # variable B: the block's group
-        gC = d0 // (Dc // C.shape[1])
+        uL = U(L)
+        # flat offsets: row (bi, d0 + c) of u/delta at c*L past row0; the
+        # block's rows of variable B/C at baseB/baseC
+        row0 = U(bi * Dc + d0) * uL
+        rowd = U(bi * Dc + d) * uL
+        baseB = U(0)
+        if b_var:
+            baseB = U(bi * GB + d0 // (Dc // GB)) * UN * uL
+        baseC = U(0)
+        if c_var:
+            baseC = U(bi * GC + d0 // (Dc // GC)) * UN * uL
 
         has_D = (flags & FLAG_D) != 0
         has_z = (flags & FLAG_Z) != 0
@@ -249,10 +278,10 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         A2 = A[d, n] * log2e  # exp(dt * A) = exp2(dt * A2)
         B_n = zero
         if not b_var:
-            B_n = B[0, d, n, 0]
+            B_n = B[U(d) * UN + U(n)]
         C_n = zero
         if not c_var:
-            C_n = C[0, d, n, 0]
+            C_n = C[U(d) * UN + U(n)]
         D_d = zero
         if has_D:
             D_d = D[d]
@@ -265,26 +294,30 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
 
         n_tiles = (L + TF - 1) // TF
         for tile in range(n_tiles):
-            t0 = tile * TF
+            t0 = U(tile) * UTF
+            full = t0 + UTF <= uL
             # 1. stage the tile, consecutive threads on consecutive steps
             if b_var:
-                stage_rows(B, bi, gB, t0, L, sB, TF, tid)
+                stage_flat(B, baseB, L, t0, full, sB, tid)
             if c_var:
-                stage_rows(C, bi, gC, t0, L, sC, TF, tid)
-            for e in range(tid, CH * TF, NT):
-                c = e // TF
-                tt = e - c * TF
-                dt = zero  # past L or an idle channel: a = 1, b = 0
-                du_ = zero
-                if c < nch and t0 + tt < L:
-                    dt = delta[bi, d0 + c, t0 + tt]
-                    if has_bias:
-                        dt += delta_bias[d0 + c]
-                    if use_softplus:
-                        dt = softplus(dt)
-                    du_ = dt * u[bi, d0 + c, t0 + tt]
-                sdt[c, tt] = dt
-                sdu[c, tt] = du_
+                stage_flat(C, baseC, L, t0, full, sC, tid)
+            for i in range(CSTAGE):
+                e = utid + U(i) * UNT
+                if CSTAGE * NT == CH * TF or e < U(CH) * UTF:
+                    c = e // UTF
+                    tt = e - c * UTF
+                    dt = zero  # past L or an idle channel: a = 1, b = 0
+                    du_ = zero
+                    if c < U(nch) and (full or t0 + tt < uL):
+                        o = row0 + c * uL + t0 + tt
+                        dt = delta[o]
+                        if has_bias:
+                            dt += delta_bias[U(d0) + c]
+                        if use_softplus:
+                            dt = softplus(dt)
+                        du_ = dt * u[o]
+                    sdt[c, tt] = dt
+                    sdu[c, tt] = du_
             cuda.syncthreads()  # the tile is staged
             # 2. the recurrence of this thread's state through the tile,
             # saving the state entering every backward tile
@@ -306,19 +339,19 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
             cuda.syncthreads()  # every C h of the tile is written
             # 3. y = sum over states, then the epilogue
             if valid:
-                for tt in range(n, TF, N):
-                    t = t0 + tt
-                    if t < L:
+                base = uch * UN
+                for j in range(NSUM):
+                    tt = un + U(j) * UN
+                    if (NSUM * N == TF or tt < UTF) and (full or t0 + tt < uL):
                         y = zero
-                        row = U(tt)
-                        base = U(ch * N)
                         for k in range(N):
-                            y += sy[row, base + U(k)]
-                        o = y + D_d * u[bi, d, t]
+                            y += sy[tt, base + U(k)]
+                        o = rowd + t0 + tt
+                        y += D_d * u[o]
                         if has_z:
-                            zz = z[bi, d, t]
-                            o = o * zz * sigmoid(zz)
-                        out[bi, d, t] = o
+                            zz = z[o]
+                            y = y * zz * sigmoid(zz)
+                        out[o] = y
             # (the next tile's staging writes sB, sC, sdt, sdu, read only in
             # step 2, which every thread has left at the barrier above; sy is
             # next written after the next staging barrier)
@@ -326,20 +359,34 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
             last_state[bi, d, n] = h
 
     # ----------------------------------------------------------------- backward
+    # Flat arrays and unsigned offsets as in the forward (gradients too:
+    # du, ddelta, dz like u; dB_acc/dC_acc like B/C).
+    CSTAGEB = (CH * TB + NT - 1) // NT
+    NSUMB = (TB + N - 1) // N             # steps each thread sums over states per tile
+    NSUMC = (TB + CH - 1) // CH           # steps each thread sums over channels per tile
+    UTB = U(TB)
+    stage_bwd = flat_stager(TB)
+
     def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                  tile_states, du, ddelta, dA_acc, dB_acc, dC_acc, dD_acc, dz,
-                 ddelta_bias_acc, dinitial_state, flags, dg):
+                 ddelta_bias_acc, dinitial_state, flags, dg, L, GB, GC):
         tid = cuda.threadIdx.x
         ch = tid // N
         n = tid - ch * N
-        Dc = u.shape[1]
-        L = u.shape[2]
+        Dc = A.shape[0]
         n_tiles = tile_states.shape[2]
         bi, d0, nch = block_channels(Dc, dg)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)
-        gB = d0 // (Dc // B.shape[1])
-        gC = d0 // (Dc // C.shape[1])
+        uL = U(L)
+        row0 = U(bi * Dc + d0) * uL
+        rowd = U(bi * Dc + d) * uL
+        baseB = U(0)
+        if b_var:
+            baseB = U(bi * GB + d0 // (Dc // GB)) * UN * uL
+        baseC = U(0)
+        if c_var:
+            baseC = U(bi * GC + d0 // (Dc // GC)) * UN * uL
 
         has_D = (flags & FLAG_D) != 0
         has_z = (flags & FLAG_Z) != 0
@@ -360,12 +407,13 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
 
         A_n = A[d, n]
         A2 = A_n * log2e
+        dn = U(d) * UN + U(n)  # flat (d, n) of a constant B/C and of its gradient
         B_n = zero
         if not b_var:
-            B_n = B[0, d, n, 0]
+            B_n = B[dn]
         C_n = zero
         if not c_var:
-            C_n = C[0, d, n, 0]
+            C_n = C[dn]
         D_d = zero
         if has_D:
             D_d = D[d]
@@ -386,30 +434,34 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
 
         for rt in range(n_tiles):
             tile = n_tiles - 1 - rt
-            t0 = tile * TB
+            t0 = U(tile) * UTB
+            full = t0 + UTB <= uL
             cuda.syncthreads()  # the previous tile's shared tiles are consumed
             if b_var:
-                stage_rows(B, bi, gB, t0, L, sB, TB, tid)
+                stage_bwd(B, baseB, L, t0, full, sB, tid)
             if c_var:
-                stage_rows(C, bi, gC, t0, L, sC, TB, tid)
-            for e in range(tid, CH * TB, NT):
-                c = e // TB
-                tt = e - c * TB
-                dt = zero
-                uu = zero
-                sg = one
-                if c < nch and t0 + tt < L:
-                    dt = delta[bi, d0 + c, t0 + tt]
-                    if has_bias:
-                        dt += delta_bias[d0 + c]
-                    if use_softplus:
-                        if dt <= twenty:
-                            sg = sigmoid(dt)
-                        dt = softplus(dt)
-                    uu = u[bi, d0 + c, t0 + tt]
-                sdt[c, tt] = dt
-                su[c, tt] = uu
-                ssg[c, tt] = sg
+                stage_bwd(C, baseC, L, t0, full, sC, tid)
+            for i in range(CSTAGEB):
+                e = utid + U(i * NT)
+                if CSTAGEB * NT == CH * TB or e < U(CH * TB):
+                    c = e // UTB
+                    tt = e - c * UTB
+                    dt = zero
+                    uu = zero
+                    sg = one
+                    if c < U(nch) and (full or t0 + tt < uL):
+                        o = row0 + c * uL + t0 + tt
+                        dt = delta[o]
+                        if has_bias:
+                            dt += delta_bias[U(d0) + c]
+                        if use_softplus:
+                            if dt <= twenty:
+                                sg = sigmoid(dt)
+                            dt = softplus(dt)
+                        uu = u[o]
+                    sdt[c, tt] = dt
+                    su[c, tt] = uu
+                    ssg[c, tt] = sg
             h0 = tile_states[bi, d, tile, n]
             cuda.syncthreads()  # the tile is staged
             # recompute the states of the tile
@@ -429,25 +481,26 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
                 s1[k, utid] = ct * h
             cuda.syncthreads()  # states and C h are written
             # y over states, the z gate, dz, dD; dy for the adjoint
-            for tt in range(n, TB, N):
-                t = t0 + tt
-                g = zero
-                if valid and t < L:
-                    y = zero
-                    row = U(tt)
-                    base = U(ch * N)
-                    for k in range(N):
-                        y += s1[row, base + U(k)]
-                    uu = su[ch, tt]
-                    go = dout[bi, d, t]
-                    g = go
-                    if has_z:
-                        zz = z[bi, d, t]
-                        sz = sigmoid(zz)
-                        g = go * zz * sz
-                        dz[bi, d, t] = go * (y + D_d * uu) * sz * (one + zz * (one - sz))
-                    dD_r += g * uu
-                sdy[ch, tt] = g
+            base = uch * UN
+            for j in range(NSUMB):
+                tt = un + U(j) * UN
+                if NSUMB * N == TB or tt < UTB:
+                    g = zero
+                    if valid and (full or t0 + tt < uL):
+                        y = zero
+                        for k in range(N):
+                            y += s1[tt, base + U(k)]
+                        uu = su[uch, tt]
+                        o = rowd + t0 + tt
+                        go = dout[o]
+                        g = go
+                        if has_z:
+                            zz = z[o]
+                            sz = sigmoid(zz)
+                            g = go * zz * sz
+                            dz[o] = go * (y + D_d * uu) * sz * (one + zz * (one - sz))
+                        dD_r += g * uu
+                    sdy[uch, tt] = g
             cuda.syncthreads()  # dy is staged
             # the adjoint recurrence, backwards through the tile
             for rr in range(TBr):
@@ -485,43 +538,42 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
             cuda.syncthreads()  # the per-step terms are written
             # ddelta and du: sums over states
             if valid:
-                for tt in range(n, TB, N):
-                    t = t0 + tt
-                    if t < L:
+                for j in range(NSUMB):
+                    tt = un + U(j) * UN
+                    if (NSUMB * N == TB or tt < UTB) and (full or t0 + tt < uL):
                         sd = zero
                         sv = zero
-                        row = U(tt)
-                        base = U(ch * N)
                         for k in range(N):
-                            sd += s2[row, base + U(k)]
-                            sv += s3[row, base + U(k)]
-                        sd *= ssg[ch, tt]
-                        ddelta[bi, d, t] = sd
+                            sd += s2[tt, base + U(k)]
+                            sv += s3[tt, base + U(k)]
+                        sd *= ssg[uch, tt]
+                        o = rowd + t0 + tt
+                        ddelta[o] = sd
                         dbias_r += sd
-                        du[bi, d, t] = sv + D_d * sdy[ch, tt]
+                        du[o] = sv + D_d * sdy[uch, tt]
             # variable dB and dC: sums over the block's channels
             if b_var or c_var:
-                for tt in range(ch, TB, CH):
-                    t = t0 + tt
-                    if t < L:
+                for j in range(NSUMC):
+                    tt = uch + U(j * CH)
+                    if (NSUMC * CH == TB or tt < UTB) and (full or t0 + tt < uL):
                         if b_var:
                             s = zero
                             for c in range(nch):
-                                s += sh[U(tt), U(c * N + n)]
-                            cuda.atomic.add(dB_acc, (bi, gB, n, t), s)
+                                s += sh[tt, U(c) * UN + un]
+                            cuda.atomic.add(dB_acc, baseB + un * uL + t0 + tt, s)
                         if c_var:
                             s = zero
                             for c in range(nch):
-                                s += s1[U(tt), U(c * N + n)]
-                            cuda.atomic.add(dC_acc, (bi, gC, n, t), s)
+                                s += s1[tt, U(c) * UN + un]
+                            cuda.atomic.add(dC_acc, baseC + un * uL + t0 + tt, s)
 
         if valid:
             dinitial_state[bi, d, n] = q
             cuda.atomic.add(dA_acc, (d, n), dA_r)
             if not b_var:
-                cuda.atomic.add(dB_acc, (0, d, n, 0), dB_r)
+                cuda.atomic.add(dB_acc, dn, dB_r)
             if not c_var:
-                cuda.atomic.add(dC_acc, (0, d, n, 0), dC_r)
+                cuda.atomic.add(dC_acc, dn, dC_r)
             if has_D:
                 cuda.atomic.add(dD_acc, d, dD_r)
             if has_bias:
@@ -557,14 +609,24 @@ def launch_bounds(dtype, kind, threads):
     return (threads, m) if m else (threads,)
 
 
+def compile_options(dtype, kind, threads):
+    """Keyword arguments of ``cuda.jit`` for a kernel of this module.
+
+    ``fastmath``: flush-to-zero float32 (``ex2.approx.ftz``: 10 instead of 13
+    instructions per step and state in the forward's recurrence; a state
+    below 1e-38 becomes 0) and approximate division in the sigmoid (2 ulp).
+    """
+    return {"launch_bounds": launch_bounds(dtype, kind, threads), "fastmath": True}
+
+
 @functools.lru_cache(maxsize=None)
 def _get_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, sim, bounds):
     fwd_py, bwd_py = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var)
     if sim:
         return _Kernels(cuda.jit(fwd_py), cuda.jit(bwd_py))
     fwd_t, bwd_t = _argtypes(dtype)
-    return _Kernels(cuda.jit(types.void(*fwd_t), launch_bounds=bounds[0])(fwd_py),
-                    cuda.jit(types.void(*bwd_t), launch_bounds=bounds[1])(bwd_py))
+    return _Kernels(cuda.jit(types.void(*fwd_t), launch_bounds=bounds[0], fastmath=True)(fwd_py),
+                    cuda.jit(types.void(*bwd_t), launch_bounds=bounds[1], fastmath=True)(bwd_py))
 
 
 def get_kernels(dtype, N, p, b_var, c_var):
@@ -579,7 +641,8 @@ def get_kernels(dtype, N, p, b_var, c_var):
 def ptx_signatures():
     """Every kernel variant of this module with its argument types, for PTX checks.
 
-    Yields ``(name, py_func, argtypes, is_float32, launch_bounds)`` for both
+    Yields ``(name, py_func, argtypes, is_float32, options)`` (``options``: the
+    keyword arguments of ``cuda.jit``, from :func:`compile_options`) for both
     dtypes, variable and constant ``B``/``C``, and a Mamba-sized (N = 16) and
     an odd-sized (N = 5) layout.
     """
@@ -591,9 +654,9 @@ def ptx_signatures():
                 fwd_py, bwd_py = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var, c_var)
                 tag = f"{dtype.name}_n{N}_b{'var' if b_var else 'const'}_c{'var' if c_var else 'const'}"
                 yield (f"states_forward_{tag}", fwd_py, fwd_t, dtype == np.float32,
-                       launch_bounds(dtype, "forward", p.ch * N))
+                       compile_options(dtype, "forward", p.ch * N))
                 yield (f"states_backward_{tag}", bwd_py, bwd_t, dtype == np.float32,
-                       launch_bounds(dtype, "backward", p.ch * N))
+                       compile_options(dtype, "backward", p.ch * N))
 
 
 # ---------------------------------------------------------------- launchers
@@ -652,14 +715,14 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     dummy1 = xp.zeros((1,), dtype)
     dummy3 = xp.zeros((1, 1, 1), dtype)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
-    args = (u, delta, A, as_variable(B), as_variable(C),
+    args = (u.reshape(-1), delta.reshape(-1), A, B.reshape(-1), C.reshape(-1),
             dummy1 if D is None else D,
-            dummy3 if z is None else z,
+            dummy1 if z is None else z.reshape(-1),
             dummy1 if delta_bias is None else delta_bias,
             dummy3 if initial_state is None else initial_state,
-            out, last_state, tile_states,
+            out.reshape(-1), last_state, tile_states,
             _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT),
-            np.int64(p.dg))
+            np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)))
     launch(k.forward, _grid(Bt, Dc, p), p.ch * N,
             current_stream(xp) if stream == "current" else stream, args)
     return out, last_state, StatesSaved(tile_states, p)
@@ -695,18 +758,19 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     dummy1 = xp.zeros((1,), dtype)
     dummy3 = xp.zeros((1, 1, 1), dtype)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
-    args = (dout, dummy3 if dlast_state is None else dlast_state,
-            u, delta, A, as_variable(B), as_variable(C),
+    args = (dout.reshape(-1), dummy3 if dlast_state is None else dlast_state,
+            u.reshape(-1), delta.reshape(-1), A, B.reshape(-1), C.reshape(-1),
             dummy1 if D is None else D,
-            dummy3 if z is None else z,
+            dummy1 if z is None else z.reshape(-1),
             dummy1 if delta_bias is None else delta_bias,
-            saved.tile_states, du, ddelta, dA, as_variable(dB), as_variable(dC),
+            saved.tile_states, du.reshape(-1), ddelta.reshape(-1), dA,
+            dB.reshape(-1), dC.reshape(-1),
             dummy1 if dD is None else dD,
-            dummy3 if dz is None else dz,
+            dummy1 if dz is None else dz.reshape(-1),
             dummy1 if ddelta_bias is None else ddelta_bias,
             dinit,
             _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST),
-            np.int64(p.dg))
+            np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)))
     launch(k.backward, _grid(Bt, Dc, p), p.ch * N,
             current_stream(xp) if stream == "current" else stream, args)
     dinitial_state = None if initial_state is None else dinit

@@ -15,7 +15,7 @@ driver.  (That stand-in patches numba-cuda 0.30's private
 ``numba.cuda.dispatcher.get_current_device``.)
 
 Each module of ``cuda_kernels`` lists its kernels with ``ptx_signatures()``:
-``(name, py_func, argtypes, is_float32[, launch_bounds])``.
+``(name, py_func, argtypes, is_float32[, launch_bounds or dict of cuda.jit options])``.
 """
 
 import re
@@ -52,8 +52,10 @@ def ptx():
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_dispatcher, "get_current_device", lambda: _Sm90())
-        for name, (py_func, argtypes, _, launch_bounds) in SIGNATURES.items():
-            kwargs = dict(launch_bounds=launch_bounds) if launch_bounds else {}
+        for name, (py_func, argtypes, _, options) in SIGNATURES.items():
+            # a module yields its launch bounds, or a dict of cuda.jit keywords
+            kwargs = (options if isinstance(options, dict)
+                      else dict(launch_bounds=options) if options else {})
             out[name], _ = cuda.compile_ptx(py_func, argtypes, cc=CC, **kwargs)
     return out
 
