@@ -109,7 +109,7 @@ class StatesPlan(NamedTuple):
 def _tile_bytes(N, ch, T, itemsize, backward):
     rowlen = T + 1
     if backward:
-        words = 2 * N * rowlen + 4 * ch * rowlen + 4 * T * (ch * N + 1)
+        words = 2 * N * rowlen + 4 * ch * rowlen + (4 * T + 1) * (ch * N + 1)
     else:
         words = 2 * N * rowlen + 2 * ch * rowlen + T * (ch * N + 1)
     return words * itemsize
@@ -191,6 +191,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
     CHB = (CH, TB + 1)
     YF = (TF, YW)
     YB = (TB, YW)
+    HB = (TB + 1, YW)     # states of a backward tile: row 0 enters it, row k + 1 after step k
 
     softplus, sigmoid = activations(ftype)
 
@@ -400,7 +401,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         su = cuda.shared.array(CHB, ftype)    # u
         sdy = cuda.shared.array(CHB, ftype)   # dL/dy (after the z gate)
         ssg = cuda.shared.array(CHB, ftype)   # d softplus / d delta
-        sh = cuda.shared.array(YB, ftype)        # h_t, then dB terms
+        sh = cuda.shared.array(HB, ftype)        # h_t (row t + 1), then dB terms
         s1 = cuda.shared.array(YB, ftype)        # C h, then dC terms
         s2 = cuda.shared.array(YB, ftype)        # ddelta terms
         s3 = cuda.shared.array(YB, ftype)        # du terms
@@ -420,9 +421,6 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         uch = U(ch)
         un = U(n)
         utid = U(tid)
-        # the tile length as a value the compiler cannot see: full unrolling of
-        # the loops over the tile would hold every step's values in registers
-        TBr = min(TB, L + TB)
         q = zero  # adjoint flowing in from later steps
         if has_dlast:
             q = dlast_state[bi, d, n]
@@ -466,7 +464,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
             cuda.syncthreads()  # the tile is staged
             # recompute the states of the tile
             h = h0
-            for tt in range(TBr):
+            sh[U(0), utid] = h0
+            for tt in range(TB):
                 k = U(tt)
                 dt = sdt[uch, k]
                 a = math.exp2(dt * A2)
@@ -477,7 +476,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
                 if c_var:
                     ct = sC[un, k]
                 h = a * h + dt * su[uch, k] * bt
-                sh[k, utid] = h
+                sh[k + U(1), utid] = h
                 s1[k, utid] = ct * h
             cuda.syncthreads()  # states and C h are written
             # y over states, the z gate, dz, dD; dy for the adjoint
@@ -503,8 +502,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
                     sdy[uch, tt] = g
             cuda.syncthreads()  # dy is staged
             # the adjoint recurrence, backwards through the tile
-            for rr in range(TBr):
-                k = U(TBr - 1 - rr)
+            k = UTB
+            while k > U(0):
+                k -= U(1)
                 dt = sdt[uch, k]
                 uu = su[uch, k]
                 g = sdy[uch, k]
@@ -514,10 +514,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
                 ct = C_n
                 if c_var:
                     ct = sC[un, k]
-                h_t = sh[k, utid]
-                h_prev = h0
-                if rr < TBr - 1:
-                    h_prev = sh[k - U(1), utid]
+                h_t = sh[k + U(1), utid]
+                h_prev = sh[k, utid]
                 a = math.exp2(dt * A2)
                 dh = q + ct * g
                 dCp = g * h_t
@@ -527,7 +525,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
                 else:
                     dC_r += dCp
                 if b_var:
-                    sh[k, utid] = dBp  # h_t is not read again
+                    sh[k + U(1), utid] = dBp  # h_t is not read again
                 else:
                     dB_r += dBp
                 ah = a * h_prev
@@ -551,19 +549,21 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
                         ddelta[o] = sd
                         dbias_r += sd
                         du[o] = sv + D_d * sdy[uch, tt]
-            # variable dB and dC: sums over the block's channels
+            # variable dB and dC: sums over the block's channels (all CH of
+            # them: an idle channel staged delta = 0 and dy = 0, so its dB and
+            # dC terms are exact zeros)
             if b_var or c_var:
                 for j in range(NSUMC):
                     tt = uch + U(j * CH)
                     if (NSUMC * CH == TB or tt < UTB) and (full or t0 + tt < uL):
                         if b_var:
                             s = zero
-                            for c in range(nch):
-                                s += sh[tt, U(c) * UN + un]
+                            for c in range(CH):
+                                s += sh[tt + U(1), U(c) * UN + un]
                             cuda.atomic.add(dB_acc, baseB + un * uL + t0 + tt, s)
                         if c_var:
                             s = zero
-                            for c in range(nch):
+                            for c in range(CH):
                                 s += s1[tt, U(c) * UN + un]
                             cuda.atomic.add(dC_acc, baseC + un * uL + t0 + tt, s)
 
