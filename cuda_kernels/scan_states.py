@@ -72,6 +72,7 @@ __all__ = [
     "ptx_signatures",
     "scan_backward",
     "scan_forward",
+    "segments",
     "usable",
 ]
 
@@ -157,15 +158,20 @@ def _argtypes(ftype):
     i32 = types.int32
     i64 = types.int64
     # u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state,
-    # tile_states, flags, dg, L, groups_B, groups_C (u, delta, B, C, z, out flat)
-    fwd = (a1, a1, a2, a1, a1, a1, a1, a1, a3, a1, a3, a4, i32, i64, i64, i64, i64)
+    # tile_states, flags, dg, L, groups_B, groups_C (u, delta, B, C, z, out
+    # flat), segment end states, segment delta sums, segment length, segments
+    fwd = (a1, a1, a2, a1, a1, a1, a1, a1, a3, a1, a3, a4, i32, i64, i64, i64, i64,
+           a4, a3, i64, i64)
+    # u, delta, A, B, delta_bias, segment end states, segment delta sums,
+    # flags, dg, L, groups_B, segment length, segments
+    ends = (a1, a1, a2, a1, a1, a4, a3, i32, i64, i64, i64, i64, i64)
     # dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, tile_states,
     # du, ddelta, dA_acc, dB_acc, dC_acc, dD_acc, dz, ddelta_bias_acc,
     # dinitial_state, flags, dg
     # (per-step arrays flat as in the forward), L, groups_B, groups_C
     bwd = (a1, a3, a1, a1, a2, a1, a1, a1, a1, a1, a4,
            a1, a1, a2, a1, a1, a1, a1, a1, a3, i32, i64, i64, i64, i64)
-    return fwd, bwd
+    return fwd, bwd, ends
 
 
 def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
@@ -216,11 +222,11 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         return stage
 
     @inline_device
-    def block_channels(Dc, dg):
-        # (batch, first channel of the block, channels in the block)
+    def block_channels(Dc, dg, blk):
+        # (batch, first channel of the block, channels in the block) of block
+        # number blk (of one segment of the sequence)
         nb = (dg + CH - 1) // CH
         per_b = (Dc // dg) * nb
-        blk = np.int64(cuda.blockIdx.x)
         bi = blk // per_b
         r = blk - bi * per_b
         sg = r // nb
@@ -235,6 +241,13 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
     # unsigned offsets computed from row bases fixed for the whole sequence:
     # a 4-D signed index costs some 35 instructions per staged element
     # (wraparound selects, 64-bit stride products), an offset 3.
+    #
+    # Where Bt * Dc * N recurrences are too few to fill the GPU, the sequence
+    # is split into NS segments of SL steps (a multiple of TF), and a first
+    # kernel (forward_ends) runs each segment but the last from a zero state,
+    # keeping its final state and the sum of its deltas: the state entering
+    # segment s is then h = exp(A * sum delta) * h + h_end over the segments
+    # before it, and the forward runs every segment from there in parallel.
     CSTAGE = (CH * TF + NT - 1) // NT     # delta/u elements each thread stages per tile
     NSUM = (TF + N - 1) // N              # output steps each thread sums per tile
     UTF = U(TF)
@@ -242,14 +255,101 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
     UNT = U(NT)
     stage_flat = flat_stager(TF)
 
+    @inline_device
+    def stage_delta(u, delta, delta_bias, row0, d0, nch, t0, full, L, has_bias,
+                    use_softplus, sdt, sdu, utid):
+        # delta after bias and softplus, and delta * u, of the block's
+        # channels into sdt, sdu (CH, TF+1); zeros past L and for idle channels
+        uL = U(L)
+        for i in range(CSTAGE):
+            e = utid + U(i) * UNT
+            if CSTAGE * NT == CH * TF or e < U(CH) * UTF:
+                c = e // UTF
+                tt = e - c * UTF
+                dt = zero  # past L or an idle channel: a = 1, b = 0
+                du_ = zero
+                if c < U(nch) and (full or t0 + tt < uL):
+                    o = row0 + c * uL + t0 + tt
+                    dt = delta[o]
+                    if has_bias:
+                        dt += delta_bias[U(d0) + c]
+                    if use_softplus:
+                        dt = softplus(dt)
+                    du_ = dt * u[o]
+                sdt[c, tt] = dt
+                sdu[c, tt] = du_
+
+    @inline_device
+    def segment_blocks(Dc, dg, n_segments):
+        # (segment, batch, first channel, channels) of this block
+        nblk = np.int64(cuda.gridDim.x) // n_segments
+        blk = np.int64(cuda.blockIdx.x)
+        seg = blk // nblk
+        bi, d0, nch = block_channels(Dc, dg, blk - seg * nblk)
+        return seg, bi, d0, nch
+
+    def forward_ends(u, delta, A, B, delta_bias, seg_h, seg_dt, flags, dg, L, GB, SL, NS):
+        tid = cuda.threadIdx.x
+        ch = tid // N
+        n = tid - ch * N
+        Dc = A.shape[0]
+        # segments 0 .. NS-2 (the last one's end is not needed)
+        seg, bi, d0, nch = segment_blocks(Dc, dg, NS - 1)
+        valid = ch < nch
+        d = d0 + min(ch, nch - 1)
+        uL = U(L)
+        row0 = U(bi * Dc + d0) * uL
+        baseB = U(0)
+        if b_var:
+            baseB = U(bi * GB + d0 // (Dc // GB)) * UN * uL
+        has_bias = (flags & FLAG_BIAS) != 0
+        use_softplus = (flags & FLAG_SOFTPLUS) != 0
+
+        sB = cuda.shared.array(BF, ftype)
+        sdt = cuda.shared.array(CHF, ftype)
+        sdu = cuda.shared.array(CHF, ftype)
+
+        A2 = A[d, n] * log2e
+        B_n = zero
+        if not b_var:
+            B_n = B[U(d) * UN + U(n)]
+        uch = U(ch)
+        un = U(n)
+        utid = U(tid)
+        h = zero
+        sum_dt = zero
+        t_end = min((seg + 1) * SL, L)
+        for tile in range(seg * (SL // TF), (t_end + TF - 1) // TF):
+            t0 = U(tile) * UTF
+            full = t0 + UTF <= uL
+            if b_var:
+                stage_flat(B, baseB, L, t0, full, sB, tid)
+            stage_delta(u, delta, delta_bias, row0, d0, nch, t0, full, L, has_bias,
+                        use_softplus, sdt, sdu, utid)
+            cuda.syncthreads()  # the tile is staged
+            for tt in range(TF):
+                k = U(tt)
+                dt = sdt[uch, k]
+                bt = B_n
+                if b_var:
+                    bt = sB[un, k]
+                h = math.exp2(dt * A2) * h + sdu[uch, k] * bt
+                sum_dt += dt
+            cuda.syncthreads()  # the tile is consumed
+        if valid:
+            seg_h[bi, d, seg, n] = h
+            if n == 0:
+                seg_dt[bi, d, seg] = sum_dt
+
     def forward(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                out, last_state, tile_states, flags, dg, L, GB, GC):
+                out, last_state, tile_states, flags, dg, L, GB, GC,
+                seg_h, seg_dt, SL, NS):
         tid = cuda.threadIdx.x
         ch = tid // N
         n = tid - ch * N
         Dc = A.shape[0]
         n_saved = tile_states.shape[2]
-        bi, d0, nch = block_channels(Dc, dg)
+        seg, bi, d0, nch = segment_blocks(Dc, dg, NS)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)  # clamped: idle threads read, never write
         uL = U(L)
@@ -292,9 +392,11 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         h = zero
         if has_init:
             h = initial_state[bi, d, n]
+        for s in range(seg):  # the state entering this block's segment
+            h = math.exp2(seg_dt[bi, d, s] * A2) * h + seg_h[bi, d, s, n]
 
-        n_tiles = (L + TF - 1) // TF
-        for tile in range(n_tiles):
+        t_end = min((seg + 1) * SL, L)
+        for tile in range(seg * (SL // TF), (t_end + TF - 1) // TF):
             t0 = U(tile) * UTF
             full = t0 + UTF <= uL
             # 1. stage the tile, consecutive threads on consecutive steps
@@ -302,23 +404,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
                 stage_flat(B, baseB, L, t0, full, sB, tid)
             if c_var:
                 stage_flat(C, baseC, L, t0, full, sC, tid)
-            for i in range(CSTAGE):
-                e = utid + U(i) * UNT
-                if CSTAGE * NT == CH * TF or e < U(CH) * UTF:
-                    c = e // UTF
-                    tt = e - c * UTF
-                    dt = zero  # past L or an idle channel: a = 1, b = 0
-                    du_ = zero
-                    if c < U(nch) and (full or t0 + tt < uL):
-                        o = row0 + c * uL + t0 + tt
-                        dt = delta[o]
-                        if has_bias:
-                            dt += delta_bias[U(d0) + c]
-                        if use_softplus:
-                            dt = softplus(dt)
-                        du_ = dt * u[o]
-                    sdt[c, tt] = dt
-                    sdu[c, tt] = du_
+            stage_delta(u, delta, delta_bias, row0, d0, nch, t0, full, L, has_bias,
+                        use_softplus, sdt, sdu, utid)
             cuda.syncthreads()  # the tile is staged
             # 2. the recurrence of this thread's state through the tile,
             # saving the state entering every backward tile
@@ -356,7 +443,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
             # (the next tile's staging writes sB, sC, sdt, sdu, read only in
             # step 2, which every thread has left at the barrier above; sy is
             # next written after the next staging barrier)
-        if valid:
+        if valid and seg == NS - 1:
             last_state[bi, d, n] = h
 
     # ----------------------------------------------------------------- backward
@@ -376,7 +463,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         n = tid - ch * N
         Dc = A.shape[0]
         n_tiles = tile_states.shape[2]
-        bi, d0, nch = block_channels(Dc, dg)
+        bi, d0, nch = block_channels(Dc, dg, np.int64(cuda.blockIdx.x))
         valid = ch < nch
         d = d0 + min(ch, nch - 1)
         uL = U(L)
@@ -579,12 +666,13 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
             if has_bias:
                 cuda.atomic.add(ddelta_bias_acc, d, dbias_r)
 
-    return forward, backward
+    return forward, backward, forward_ends
 
 
 class _Kernels(NamedTuple):
     forward: object
     backward: object
+    forward_ends: object
 
 
 #: Blocks per multiprocessor the compiler must fit in registers (``launch_bounds``'
@@ -621,12 +709,14 @@ def compile_options(dtype, kind, threads):
 
 @functools.lru_cache(maxsize=None)
 def _get_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, sim, bounds):
-    fwd_py, bwd_py = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var)
+    fwd_py, bwd_py, ends_py = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var)
     if sim:
-        return _Kernels(cuda.jit(fwd_py), cuda.jit(bwd_py))
-    fwd_t, bwd_t = _argtypes(dtype)
-    return _Kernels(cuda.jit(types.void(*fwd_t), launch_bounds=bounds[0], fastmath=True)(fwd_py),
-                    cuda.jit(types.void(*bwd_t), launch_bounds=bounds[1], fastmath=True)(bwd_py))
+        return _Kernels(cuda.jit(fwd_py), cuda.jit(bwd_py), cuda.jit(ends_py))
+    fwd_t, bwd_t, ends_t = _argtypes(dtype)
+    return _Kernels(
+        cuda.jit(types.void(*fwd_t), launch_bounds=bounds[0], fastmath=True)(fwd_py),
+        cuda.jit(types.void(*bwd_t), launch_bounds=bounds[1], fastmath=True)(bwd_py),
+        cuda.jit(types.void(*ends_t), launch_bounds=bounds[0], fastmath=True)(ends_py))
 
 
 def get_kernels(dtype, N, p, b_var, c_var):
@@ -647,16 +737,20 @@ def ptx_signatures():
     an odd-sized (N = 5) layout.
     """
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
-        fwd_t, bwd_t = _argtypes(dtype)
+        fwd_t, bwd_t, ends_t = _argtypes(dtype)
         for N in (16, 5):
             p = plan(dtype, N, 1536, 1, 0)
             for b_var, c_var in ((True, True), (False, False), (True, False)):
-                fwd_py, bwd_py = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var, c_var)
+                fwd_py, bwd_py, ends_py = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd,
+                                                        b_var, c_var)
                 tag = f"{dtype.name}_n{N}_b{'var' if b_var else 'const'}_c{'var' if c_var else 'const'}"
                 yield (f"states_forward_{tag}", fwd_py, fwd_t, dtype == np.float32,
                        compile_options(dtype, "forward", p.ch * N))
                 yield (f"states_backward_{tag}", bwd_py, bwd_t, dtype == np.float32,
                        compile_options(dtype, "backward", p.ch * N))
+                if c_var:  # (the segment ends do not read C)
+                    yield (f"states_forward_ends_{tag}", ends_py, ends_t, dtype == np.float32,
+                           compile_options(dtype, "forward", p.ch * N))
 
 
 # ---------------------------------------------------------------- launchers
@@ -685,8 +779,33 @@ def _flags(D, z, delta_bias, delta_softplus, init_or_dlast, init_bit):
     return np.int32(flags)
 
 
+#: Thread blocks the forward aims for before it splits the sequence: an H200
+#: holds 132 multiprocessors x 8 forward blocks.
+TARGET_BLOCKS = 1056
+#: Shortest segment of a split sequence (steps).
+MIN_SEGMENT = 256
+
+
+def segments(Bt, Dc, L, p, n_segments=None):
+    """``(S, SL)``: the forward's split of the sequence into ``S`` segments of
+    ``SL`` steps (a multiple of the forward tile; the last one shorter).
+
+    One segment where ``Bt * Dc`` channels make :data:`TARGET_BLOCKS` blocks;
+    fewer blocks split the sequence so that they approach that count, with
+    segments of at least :data:`MIN_SEGMENT` steps.  ``n_segments`` forces a
+    count (for tests).
+    """
+    if n_segments is None:
+        S = min(-(-TARGET_BLOCKS // _grid(Bt, Dc, p)), L // MIN_SEGMENT)
+    else:
+        S = int(n_segments)
+    S = max(1, min(S, -(-L // p.t_fwd)))
+    SL = -(-(-(-L // S)) // p.t_fwd) * p.t_fwd
+    return -(-L // SL), SL
+
+
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                 initial_state, *, tuning=None, stream="current"):
+                 initial_state, *, tuning=None, n_segments=None, stream="current"):
     """Selective scan forward, state-parallel engine (canonical layout).
 
     Parameters and returns as :func:`cuda_kernels.scan.scan_forward`, except
@@ -695,7 +814,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
 
     ``tuning``, for tests: ``(channels per block, forward tile, backward
     tile)`` in place of :func:`plan`'s choice; the tiles powers of two, the
-    backward's no longer than the forward's.
+    backward's no longer than the forward's.  ``n_segments``, for tests: the
+    number of segments of the sequence (see :func:`segments`).
     """
     xp = array_module(u)
     dtype = u.dtype
@@ -715,16 +835,26 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     dummy1 = xp.zeros((1,), dtype)
     dummy3 = xp.zeros((1, 1, 1), dtype)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
+    S, SL = segments(Bt, Dc, L, p, n_segments)
+    # (at least one segment's room: no empty arrays through the launchers)
+    seg_h = xp.empty((Bt, Dc, max(S - 1, 1), N), dtype)
+    seg_dt = xp.empty((Bt, Dc, max(S - 1, 1)), dtype)
+    flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)
+    stream = current_stream(xp) if stream == "current" else stream
+    if S > 1:
+        launch(k.forward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream,
+               (u.reshape(-1), delta.reshape(-1), A, B.reshape(-1),
+                dummy1 if delta_bias is None else delta_bias, seg_h, seg_dt, flags,
+                np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(SL), np.int64(S)))
     args = (u.reshape(-1), delta.reshape(-1), A, B.reshape(-1), C.reshape(-1),
             dummy1 if D is None else D,
             dummy1 if z is None else z.reshape(-1),
             dummy1 if delta_bias is None else delta_bias,
             dummy3 if initial_state is None else initial_state,
-            out.reshape(-1), last_state, tile_states,
-            _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT),
-            np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)))
-    launch(k.forward, _grid(Bt, Dc, p), p.ch * N,
-            current_stream(xp) if stream == "current" else stream, args)
+            out.reshape(-1), last_state, tile_states, flags,
+            np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)),
+            seg_h, seg_dt, np.int64(SL), np.int64(S))
+    launch(k.forward, S * _grid(Bt, Dc, p), p.ch * N, stream, args)
     return out, last_state, StatesSaved(tile_states, p)
 
 

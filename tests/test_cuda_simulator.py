@@ -43,7 +43,9 @@ CASES = {
 # tiles: (channels per block, forward tile, backward tile).  Dc = 4 channels in
 # G = 2 groups; 3 channels per block leave a block with one channel and idle
 # threads, forward tiles of 8 hold four backward tiles of 2 (L = 33: 5 tiles,
-# the last of one step).
+# the last of one step).  A seventh entry splits the forward's sequence into
+# that many segments (``scan_states.segments``; 3 with tiles of 8: segments of
+# 16, 16 and 1 steps; 2 with tiles of 4: 20 and 13).
 STATES_CASES = {
     "states-float64-var-var-allflags": ("float64", "var", "var", ALL_FLAGS, True, (3, 8, 2)),
     "states-float64-grouped-const-noflags": ("float64", "grouped", "const", {}, False, (2, 4, 4)),
@@ -51,6 +53,10 @@ STATES_CASES = {
                                               (1, 16, 8)),
     "states-float32-grouped-var-allflags": ("float32", "grouped", "var", ALL_FLAGS, True,
                                             (4, 8, 8)),
+    "states-float64-var-var-allflags-3segments": ("float64", "var", "var", ALL_FLAGS, True,
+                                                  (3, 8, 2), 3),
+    "states-float32-const-grouped-noflags-2segments": ("float32", "const", "grouped", {},
+                                                       False, (2, 4, 4), 2),
 }
 
 
@@ -71,8 +77,10 @@ def _simulate_case(name):
     from numba_mamba import reference
     from tests.scan_cases import make_inputs
 
+    n_segments = None
     if name in STATES_CASES:
-        dtype, bk, ck, flags, with_dlast, tuning = STATES_CASES[name]
+        dtype, bk, ck, flags, with_dlast, tuning, *n_segments = STATES_CASES[name]
+        n_segments = n_segments[0] if n_segments else None
     else:
         dtype, bk, ck, flags, with_dlast = CASES[name]
         tuning = None
@@ -95,7 +103,11 @@ def _simulate_case(name):
         from cuda_kernels import scan_states
 
         args = (u, delta, A, B, C, D, z, bias, sp, init)
-        out, last, saved = scan_states.scan_forward(*args, tuning=tuning)
+        out, last, saved = scan_states.scan_forward(*args, tuning=tuning,
+                                                    n_segments=n_segments)
+        if n_segments is not None:  # the split is the one asked for
+            p = scan_states.StatesPlan(*tuning[:1], 0, *tuning[1:])
+            assert scan_states.segments(Bt, Dc, L, p, n_segments)[0] == n_segments
         du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = scan_states.scan_backward(
             dout, dlast, *args, saved)
         q_buf = np.stack([dinit if dinit is not None else np.zeros_like(last)] * 2)
