@@ -5,7 +5,10 @@ profiler sees each kernel's own time.  Run on the GPU machine, e.g.::
 
     ncu --clock-control none --metrics gpu__time_duration.sum python benchmarks/profile_scan.py
 
-Arguments: ``--rows`` (indices into ``bench_scan.ROWS``), ``--engines``.
+Arguments: ``--rows`` (indices into ``bench_scan.ROWS``), ``--engines``, and
+for the state engine ``--min-blocks`` (``forward:backward`` pairs of
+``scan_states.MIN_BLOCKS`` to compile with) and ``--target-blocks``
+(``scan_states.TARGET_BLOCKS`` values; 0 never splits the sequence).
 """
 
 import argparse
@@ -20,8 +23,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="0,3")
     parser.add_argument("--engines", default="states,blocks")
-    parser.add_argument("--bwd-min-blocks", default="0",
-                        help="comma-separated values of the state engine's backward MIN_BLOCKS to run")
+    parser.add_argument("--min-blocks", default="",
+                        help="comma-separated forward:backward pairs of the state engine's "
+                             "MIN_BLOCKS (float32) to run; default: the module's")
+    parser.add_argument("--target-blocks", default="",
+                        help="comma-separated values of the state engine's TARGET_BLOCKS to run "
+                             "(0: one segment); default: the module's")
     parser.add_argument("--host", action="store_true",
                         help="instead, print the host time of each call (no profiler)")
     args = parser.parse_args()
@@ -32,12 +39,19 @@ def main():
 
     backend, scan_states = bench_scan._backends()
     rng = cupy.random.default_rng(0)
-    for mb in (int(v) for v in args.bwd_min_blocks.split(",")):
-        for key in list(scan_states.MIN_BLOCKS):
-            if key[1] == "backward":
-                scan_states.MIN_BLOCKS[key] = mb
-        print(f"backward MIN_BLOCKS {mb}", flush=True)
-        run_rows(cupy, backend, args, rng)
+    f32 = cupy.dtype("float32")
+    pairs = [tuple(int(v) for v in pair.split(":")) for pair in args.min_blocks.split(",") if pair]
+    pairs = pairs or [(scan_states.MIN_BLOCKS[(f32, "forward")],
+                       scan_states.MIN_BLOCKS[(f32, "backward")])]
+    targets = [int(v) for v in args.target_blocks.split(",") if v] or [scan_states.TARGET_BLOCKS]
+    for fwd_mb, bwd_mb in pairs:
+        scan_states.MIN_BLOCKS[(f32, "forward")] = fwd_mb
+        scan_states.MIN_BLOCKS[(f32, "backward")] = bwd_mb
+        for target in targets:
+            scan_states.TARGET_BLOCKS = target
+            print(f"float32 MIN_BLOCKS forward {fwd_mb} backward {bwd_mb}, "
+                  f"TARGET_BLOCKS {target}", flush=True)
+            run_rows(cupy, backend, args, rng)
 
 
 def run_rows(cupy, backend, args, rng):

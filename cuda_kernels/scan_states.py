@@ -676,17 +676,15 @@ class _Kernels(NamedTuple):
 
 
 #: Blocks per multiprocessor the compiler must fit in registers (``launch_bounds``'
-#: second entry; 0 leaves it free), per dtype and kernel.  The forward's
-#: figures keep it free of spills at N = 16 (ptxas for sm_90: 78 registers).
-#: The float32 backward at 3 (168 registers, 116 bytes of spills with
-#: variable B and C) measured 4.47 ms against 5.70 ms with the compiler's
-#: own 242 registers on (8, 1536, 16, 2048), 8.76 against 14.59 ms on
-#: (2, 1536, 16, 16384), 1.11 against 0.97 ms on (64, 64, 16, 1024) (H200,
-#: Nsight Compute, 2026-11-28).
+#: second entry; 0 leaves it free), per dtype and kernel.  float32 at N = 16
+#: (ptxas for sm_90, variable B and C): the forward fits 8 blocks in 64
+#: registers (80 at 6) and the backward 5 in 92 (117 at 3), both without
+#: spills; 8 forward blocks of 22.8 KB and 5 backward blocks of 37.9 KB of
+#: shared memory also fit an H200's 228 KB.  Timings: benchmarks/RESULTS.md.
 MIN_BLOCKS = {
-    (np.dtype(np.float32), "forward"): 6,
+    (np.dtype(np.float32), "forward"): 8,
     (np.dtype(np.float64), "forward"): 4,
-    (np.dtype(np.float32), "backward"): 3,
+    (np.dtype(np.float32), "backward"): 5,
     (np.dtype(np.float64), "backward"): 0,
 }
 

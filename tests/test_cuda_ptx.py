@@ -127,3 +127,18 @@ def test_chunk_too_large_for_static_shared_memory_is_rejected(dtype, threads, it
     # four staged rows of threads * (items + 1) values must fit in 48 KiB
     with pytest.raises(ValueError, match=rf"^threads \* items = {threads * items} needs"):
         scan._make_kernels(np.dtype(dtype), threads, items, sim=False)
+
+
+@pytest.mark.parametrize("shape", [(8, 1536, 2048), (2, 1536, 16384), (64, 64, 1024),
+                                   (1, 1536, 2 ** 20), (1, 4, 16), (3, 40, 1000)])
+def test_state_engine_segments_cover_the_sequence(shape):
+    """The forward's split: whole tiles, every step once, more segments for fewer blocks."""
+    Bt, Dc, L = shape
+    p = scan_states.plan(np.float32, 16, Dc, 1, 1)
+    S, SL = scan_states.segments(Bt, Dc, L, p)
+    assert SL % p.t_fwd == 0 and (S - 1) * SL < L <= S * SL
+    blocks = scan_states._grid(Bt, Dc, p)
+    if blocks >= scan_states.TARGET_BLOCKS or L < 2 * scan_states.MIN_SEGMENT:
+        assert S == 1
+    else:
+        assert S > 1 and SL >= scan_states.MIN_SEGMENT - p.t_fwd

@@ -50,13 +50,15 @@ def _kind(field, with_z, dtype):
     return "weights"
 
 
-def _run_and_compare(kw, dtype, with_dlast, rng, engine=None, states_tuning=None, **tuning):
+def _run_and_compare(kw, dtype, with_dlast, rng, engine=None, states_tuning=None,
+                     n_segments=None, **tuning):
     """Run the backend forward + backward and compare everything to the reference.
 
     ``engine`` picks the forward's engine (the backward follows what the
     forward saved); ``states_tuning`` runs the state-parallel engine with that
-    ``(channels per block, forward tile, backward tile)``; ``tuning`` is the
-    block engine's ``threads``/``items``.
+    ``(channels per block, forward tile, backward tile)`` (and ``n_segments``
+    segments of the sequence); ``tuning`` is the block engine's
+    ``threads``/``items``.
     """
     dtype = np.dtype(dtype)
     host = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
@@ -69,7 +71,8 @@ def _run_and_compare(kw, dtype, with_dlast, rng, engine=None, states_tuning=None
                              "delta_softplus", "initial_state")]
 
     if states_tuning is not None:
-        out, last, saved = scan_states.scan_forward(*args, tuning=states_tuning)
+        out, last, saved = scan_states.scan_forward(*args, tuning=states_tuning,
+                                                    n_segments=n_segments)
     elif engine is not None:
         out, last, saved = scan.scan_forward(*args, engine=engine, **tuning)
     else:
@@ -149,6 +152,20 @@ def test_gpu_states_engine_independent_of_layout(dtype, tuning, N):
         p = scan_states.plan(dtype, N, 12, 2, 1)
         tuning = (p.ch, p.t_fwd, p.t_bwd)
     _run_and_compare(kw, dtype, True, rng, states_tuning=tuning)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n_segments", [2, 3, 8])
+def test_gpu_states_engine_split_sequence(dtype, n_segments):
+    """The forward split into segments (last one short) matches the reference."""
+    rng = np.random.default_rng(n_segments)
+    kw = make_inputs(rng, Bt=2, Dc=12, L=1000, N=16, dtype=np.float64, B_kind="var",
+                     C_kind="grouped", G=2, D=True, z=True, delta_bias=True, softplus=True,
+                     initial_state=True)
+    p = scan_states.plan(dtype, 16, 12, 1, 2)
+    assert scan_states.segments(2, 12, 1000, p, n_segments)[0] == n_segments
+    _run_and_compare(kw, dtype, True, rng, states_tuning=(p.ch, p.t_fwd, p.t_bwd),
+                     n_segments=n_segments)
 
 
 @pytest.mark.parametrize("engine", ["blocks", "states"])
