@@ -36,6 +36,13 @@ The sequence is walked in tiles of ``T`` steps:
 The forward saves the state entering every tile, ``(Bt, Dc, n_tiles, N)``
 (``N / T`` of the size of ``u``), and ``last_state``.
 
+Where ``Bt * Dc`` channels make too few blocks to fill the GPU, the forward
+splits the sequence into segments (:func:`segments`): a first kernel runs
+every segment but the last from a zero state and keeps its end state and the
+sum of its deltas (the segment's decay is ``exp(A * sum delta)``); the
+forward then starts each segment's blocks from the state these give, all
+segments at once.
+
 The backward walks the tiles in reverse.  For each tile it recomputes the
 states from the saved one into shared memory, sums ``C h`` over ``n`` to
 rebuild ``y`` for the ``z`` gate, and runs the adjoint recurrence
@@ -46,6 +53,10 @@ written (or atomically added where several blocks share a group).  Sums over
 steps (``dA``, constant ``dB``/``dC``, ``dD``, ``ddelta_bias``) stay in
 registers and are atomically added once per thread at the end.
 
+Per-step arrays reach the kernels flat and are indexed with unsigned
+offsets from per-row bases; shared-memory indices are unsigned too (Numba's
+negative-index handling of signed indices costs instructions on every
+access), and the kernels compile with ``fastmath`` (:func:`compile_options`).
 No warp shuffles are used, so the same code runs in the CUDA simulator.
 """
 
@@ -235,6 +246,25 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         nch = min(CH, dg - k * CH)
         return bi, d0, nch
 
+    @inline_device
+    def group_rows(bi, d0, Dc, G, uL):
+        # flat offset of the first row of the block's group of a variable B/C
+        return U(bi * G + d0 // (Dc // G)) * U(N) * uL
+
+    @inline_device
+    def delta_at(delta, delta_bias, o, k, has_bias, use_softplus):
+        # delta at flat offset o after the bias of channel k and the softplus,
+        # and the softplus's derivative there (1 without it)
+        dt = delta[o]
+        if has_bias:
+            dt += delta_bias[k]
+        sg = one
+        if use_softplus:
+            if dt <= twenty:
+                sg = sigmoid(dt)
+            dt = softplus(dt)
+        return dt, sg
+
     # ------------------------------------------------------------------ forward
     # The forward takes its per-step arrays flat (u, delta, z, out: Bt*Dc*L;
     # variable B/C: Bt*G*N*L; constant B/C: Dc*N) and indexes them with
@@ -270,11 +300,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
                 du_ = zero
                 if c < U(nch) and (full or t0 + tt < uL):
                     o = row0 + c * uL + t0 + tt
-                    dt = delta[o]
-                    if has_bias:
-                        dt += delta_bias[U(d0) + c]
-                    if use_softplus:
-                        dt = softplus(dt)
+                    dt = delta_at(delta, delta_bias, o, U(d0) + c, has_bias, use_softplus)[0]
                     du_ = dt * u[o]
                 sdt[c, tt] = dt
                 sdu[c, tt] = du_
@@ -288,6 +314,11 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         bi, d0, nch = block_channels(Dc, dg, blk - seg * nblk)
         return seg, bi, d0, nch
 
+    @inline_device
+    def segment_tiles(seg, SL, L):
+        # the forward tiles of segment seg: first, one past the last
+        return seg * (SL // TF), (min((seg + 1) * SL, L) + TF - 1) // TF
+
     def forward_ends(u, delta, A, B, delta_bias, seg_h, seg_dt, flags, dg, L, GB, SL, NS):
         tid = cuda.threadIdx.x
         ch = tid // N
@@ -299,9 +330,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         d = d0 + min(ch, nch - 1)
         uL = U(L)
         row0 = U(bi * Dc + d0) * uL
-        baseB = U(0)
-        if b_var:
-            baseB = U(bi * GB + d0 // (Dc // GB)) * UN * uL
+        baseB = group_rows(bi, d0, Dc, GB, uL) if b_var else U(0)
         has_bias = (flags & FLAG_BIAS) != 0
         use_softplus = (flags & FLAG_SOFTPLUS) != 0
 
@@ -318,8 +347,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         utid = U(tid)
         h = zero
         sum_dt = zero
-        t_end = min((seg + 1) * SL, L)
-        for tile in range(seg * (SL // TF), (t_end + TF - 1) // TF):
+        first, stop = segment_tiles(seg, SL, L)
+        for tile in range(first, stop):
             t0 = U(tile) * UTF
             full = t0 + UTF <= uL
             if b_var:
@@ -357,12 +386,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         # block's rows of variable B/C at baseB/baseC
         row0 = U(bi * Dc + d0) * uL
         rowd = U(bi * Dc + d) * uL
-        baseB = U(0)
-        if b_var:
-            baseB = U(bi * GB + d0 // (Dc // GB)) * UN * uL
-        baseC = U(0)
-        if c_var:
-            baseC = U(bi * GC + d0 // (Dc // GC)) * UN * uL
+        baseB = group_rows(bi, d0, Dc, GB, uL) if b_var else U(0)
+        baseC = group_rows(bi, d0, Dc, GC, uL) if c_var else U(0)
 
         has_D = (flags & FLAG_D) != 0
         has_z = (flags & FLAG_Z) != 0
@@ -395,8 +420,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         for s in range(seg):  # the state entering this block's segment
             h = math.exp2(seg_dt[bi, d, s] * A2) * h + seg_h[bi, d, s, n]
 
-        t_end = min((seg + 1) * SL, L)
-        for tile in range(seg * (SL // TF), (t_end + TF - 1) // TF):
+        first, stop = segment_tiles(seg, SL, L)
+        for tile in range(first, stop):
             t0 = U(tile) * UTF
             full = t0 + UTF <= uL
             # 1. stage the tile, consecutive threads on consecutive steps
@@ -469,12 +494,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         uL = U(L)
         row0 = U(bi * Dc + d0) * uL
         rowd = U(bi * Dc + d) * uL
-        baseB = U(0)
-        if b_var:
-            baseB = U(bi * GB + d0 // (Dc // GB)) * UN * uL
-        baseC = U(0)
-        if c_var:
-            baseC = U(bi * GC + d0 // (Dc // GC)) * UN * uL
+        baseB = group_rows(bi, d0, Dc, GB, uL) if b_var else U(0)
+        baseC = group_rows(bi, d0, Dc, GC, uL) if c_var else U(0)
 
         has_D = (flags & FLAG_D) != 0
         has_z = (flags & FLAG_Z) != 0
@@ -536,13 +557,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
                     sg = one
                     if c < U(nch) and (full or t0 + tt < uL):
                         o = row0 + c * uL + t0 + tt
-                        dt = delta[o]
-                        if has_bias:
-                            dt += delta_bias[U(d0) + c]
-                        if use_softplus:
-                            if dt <= twenty:
-                                sg = sigmoid(dt)
-                            dt = softplus(dt)
+                        dt, sg = delta_at(delta, delta_bias, o, U(d0) + c, has_bias,
+                                          use_softplus)
                         uu = u[o]
                     sdt[c, tt] = dt
                     su[c, tt] = uu
@@ -676,13 +692,15 @@ class _Kernels(NamedTuple):
 
 
 #: Blocks per multiprocessor the compiler must fit in registers (``launch_bounds``'
-#: second entry; 0 leaves it free), per dtype and kernel.  float32 at N = 16
-#: (ptxas for sm_90, variable B and C): the forward fits 8 blocks in 64
-#: registers (80 at 6) and the backward 5 in 92 (117 at 3), both without
-#: spills; 8 forward blocks of 22.8 KB and 5 backward blocks of 37.9 KB of
-#: shared memory also fit an H200's 228 KB.  Timings: benchmarks/RESULTS.md.
+#: second entry; 0 leaves it free), per dtype and kernel.  float32 at N = 16,
+#: variable B and C (ptxas for sm_90; Nsight Compute on an H200, 2026-11-29):
+#: the forward at 6 takes 80 registers and ran 0.733 / 2.26 / 0.180 ms on the
+#: three float32 rows of benchmarks/RESULTS.md against 0.767 / 2.35 / 0.173 at
+#: 8 (64 registers); the backward at 5 takes 92 registers and ran 2.14 / 5.15 /
+#: 0.390 ms against 2.19 / 5.36 / 0.408 at 3 (117).  None spills; 5 backward
+#: blocks of 37.9 KB of shared memory fit an H200's 228 KB, 6 would not.
 MIN_BLOCKS = {
-    (np.dtype(np.float32), "forward"): 8,
+    (np.dtype(np.float32), "forward"): 6,
     (np.dtype(np.float64), "forward"): 4,
     (np.dtype(np.float32), "backward"): 5,
     (np.dtype(np.float64), "backward"): 0,

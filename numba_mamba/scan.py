@@ -186,10 +186,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     bfloat16 compute in float32 and return their own dtype.  Non-contiguous
     inputs are copied to C order first.
 
-    The GPU path is a hierarchical parallel scan along L with the associative
-    operator ``(a1, b1) o (a2, b2) = (a2*a1, a2*b1 + b2)`` [2]_: each thread
-    scans a contiguous segment, warps combine segment summaries with shuffles,
-    warps combine through shared memory, and a carry passes between chunks.
+    The GPU has two engines, chosen by the problem's size.  Where there are
+    many recurrences (``Bt * D * N >= 16384``, ``N <= 128``: a Mamba layer) one thread runs
+    each (batch, channel, state) serially along L, with tiles of the inputs
+    staged in shared memory (and, where ``Bt * D`` is small, the sequence
+    split into segments whose end states are combined first).  Otherwise a
+    hierarchical parallel scan along L with the associative operator
+    ``(a1, b1) o (a2, b2) = (a2*a1, a2*b1 + b2)`` [2]_: each thread scans a
+    contiguous piece, warps combine summaries with shuffles, warps combine
+    through shared memory, and a carry passes between chunks.
 
     References
     ----------
