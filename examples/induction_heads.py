@@ -56,27 +56,19 @@ import json
 import math
 import time
 
+import sys
+from pathlib import Path
+
 import numpy as np
 
 import numba_mamba as nm
 from numba_mamba import models
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared loop
+from _training import fit, pick_device  # noqa: E402
+
 IGNORE = -100  # target id of positions that are not scored
 TRIGGER = 0
-
-
-def pick_device(name):
-    """``(name, xp)``: NumPy on the CPU, or CuPy when ``--device gpu`` and a GPU is visible."""
-    if name == "gpu":
-        try:
-            import cupy
-            if cupy.cuda.runtime.getDeviceCount() > 0:
-                return "gpu", cupy
-            raise RuntimeError("CuPy sees no GPU")
-        except Exception as exc:  # no CuPy, or no GPU
-            raise SystemExit(f"--device gpu: no usable CuPy GPU ({exc}); "
-                             f"install the extra: pip install '.[cuda12]'")
-    return "cpu", np
 
 
 def to_host(a):
@@ -148,75 +140,37 @@ def train(args, xp):
                                 dt_init_floor=min(1e-4, args.dt_min))
     params = models.init_params(config, seed=args.seed, xp=xp)
     n_params = sum(int(p.size) for p in params.values())
-    opt = nm.AdamW(lr=args.lr, weight_decay=args.weight_decay)
     held_out = eval_set(args.seed, args.train_len, args.n_eval, args.vocab)
     monitor = {2 ** k: eval_set(args.seed + 3, 2 ** k, args.n_monitor, args.vocab)
                for k in args.monitor_log2}
     curve = {"step": [], "acc": [], "val_loss": [], "seconds": [],
              **{f"acc@{length}": [] for length in monitor}}
     best = {"step": 0, "acc": -1.0, "val_loss": math.inf, "params": None}
-    losses = []
-    bar = _progress(range(args.steps), not args.no_progress)
-    t0 = t1 = time.perf_counter()  # t1: end of the first step
-    for s in bar:
-        x, y = make_batch(np.random.default_rng([args.seed, 1, s]), args.batch, args.train_len,
+
+    def batch(s):
+        return make_batch(np.random.default_rng([args.seed, 1, s]), args.batch, args.train_len,
                           args.vocab)
-        loss, grads = models.loss_and_grads(xp.asarray(x), xp.asarray(y), params, config)
-        if not math.isfinite(loss):
-            raise SystemExit(f"loss is {loss} at step {s}")
-        if args.clip:
-            nm.clip_grad_norm(grads, args.clip)
-        # With --time-limit the schedule runs on whichever is further along, steps or time
-        # (the time left after the first step, which holds the JIT compiles), so that a run
-        # cut short by the clock still ends with the learning rate decayed.
-        s_eff = s
-        if args.time_limit and s > 0:
-            left = max(args.time_limit - (t1 - t0), 1e-3)
-            s_eff = max(s, int((time.perf_counter() - t1) / left * args.steps))
-        lr = nm.warmup_cosine(min(s_eff, args.steps - 1), args.lr, min(args.warmup, args.steps),
-                              args.steps, args.lr * args.min_lr_ratio)
-        opt.step(params, grads, lr=lr)
-        losses.append(loss)
-        if s == 0:
-            t1 = time.perf_counter()
-            print(f"first step {t1 - t0:.1f} s (with JIT compiles)", flush=True)
-        done = s + 1
-        out_of_time = bool(args.time_limit) and time.perf_counter() - t0 > args.time_limit
-        if done % args.eval_every == 0 or done == args.steps or out_of_time:
-            acc, val_loss = evaluate(params, config, held_out, xp, args.eval_tokens)
-            curve["step"].append(done)
-            curve["acc"].append(acc)
-            curve["val_loss"].append(val_loss)
-            curve["seconds"].append(time.perf_counter() - t0)
-            # Best checkpoint, chosen on the held-out set at the *training* length only:
-            # higher accuracy, ties broken by lower held-out loss.
-            if (acc, -val_loss) > (best["acc"], -best["val_loss"]):
-                best.update(step=done, acc=acc, val_loss=val_loss,
-                            params={k: v.copy() for k, v in params.items()})
-            msg = (f"step {done:6d}  loss {np.mean(losses[-args.eval_every:]):.4f}  "
-                   f"acc@{args.train_len} {acc:.4f}  val {val_loss:.2e}")
-            for length, data in monitor.items():
-                a = accuracy(params, config, data, xp, args.eval_tokens)
-                curve[f"acc@{length}"].append(a)
-                msg += f"  acc@{length} {a:.3f}"
-            msg += f"  ({time.perf_counter() - t0:.0f} s)"
-            bar.write(msg) if hasattr(bar, "write") else print(msg, flush=True)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss:.3f}")
-        if out_of_time:
-            print(f"--time-limit {args.time_limit:g} s reached after {done} steps")
-            break
-    return params, config, n_params, losses, curve, time.perf_counter() - t0, best
 
+    def on_eval(done, loss, seconds):
+        acc, val_loss = evaluate(params, config, held_out, xp, args.eval_tokens)
+        curve["step"].append(done)
+        curve["acc"].append(acc)
+        curve["val_loss"].append(val_loss)
+        curve["seconds"].append(seconds)
+        # Best checkpoint, chosen on the held-out set at the *training* length only:
+        # higher accuracy, ties broken by lower held-out loss.
+        if (acc, -val_loss) > (best["acc"], -best["val_loss"]):
+            best.update(step=done, acc=acc, val_loss=val_loss,
+                        params={k: v.copy() for k, v in params.items()})
+        msg = f"step {done:6d}  loss {loss:.4f}  acc@{args.train_len} {acc:.4f}  val {val_loss:.2e}"
+        for length, data in monitor.items():
+            a = accuracy(params, config, data, xp, args.eval_tokens)
+            curve[f"acc@{length}"].append(a)
+            msg += f"  acc@{length} {a:.3f}"
+        return msg + f"  ({seconds:.0f} s)"
 
-def _progress(iterable, enabled):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return iterable
-    return tqdm(iterable, desc="train", mininterval=2.0)
+    losses, wall = fit(params, config, args, xp, batch, on_eval)
+    return params, config, n_params, losses, curve, wall, best
 
 
 def measure_lengths(params, config, args, xp):

@@ -35,29 +35,20 @@ Run:  python examples/selective_copying.py [--device cpu|gpu] [--block both|mamb
 
 import argparse
 import json
-import math
 import time
+
+import sys
+from pathlib import Path
 
 import numpy as np
 
 import numba_mamba as nm
 from numba_mamba import models
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared loop
+from _training import fit, pick_device  # noqa: E402
+
 IGNORE = -100  # target id of positions that are not scored
-
-
-def pick_device(name):
-    """``(name, xp)``: NumPy on the CPU, or CuPy when ``--device gpu`` and a GPU is visible."""
-    if name == "gpu":
-        try:
-            import cupy
-            if cupy.cuda.runtime.getDeviceCount() > 0:
-                return "gpu", cupy
-            raise RuntimeError("CuPy sees no GPU")
-        except Exception as exc:  # no CuPy, or no GPU
-            raise SystemExit(f"--device gpu: no usable CuPy GPU ({exc}); "
-                             f"install the extra: pip install '.[cuda12]'")
-    return "cpu", np
 
 
 def to_host(a):
@@ -123,65 +114,21 @@ def train_one(block, args, xp, eval_set):
                                 vocab_size=args.vocab, d_state=args.d_state, block=block)
     params = models.init_params(config, seed=args.seed, xp=xp)
     n_params = sum(int(p.size) for p in params.values())
-    opt = nm.AdamW(lr=args.lr, weight_decay=args.weight_decay)
     curve = {"step": [], "acc": [], "seq_acc": []}
-    losses = []
-    bar = _progress(range(args.steps), not args.no_progress, desc=f"{block:5s}")
-    t0 = t1 = time.perf_counter()  # t1: end of the first step
-    for s in bar:
-        x, y = batch_for_step(args.seed, s, args)
-        loss, grads = models.loss_and_grads(xp.asarray(x), xp.asarray(y), params, config)
-        if not math.isfinite(loss):
-            raise SystemExit(f"{block}: loss is {loss} at step {s}")
-        if args.clip:
-            nm.clip_grad_norm(grads, args.clip)
-        # With --time-limit the schedule runs on whichever is further along, steps or time
-        # (the time left after the first step, which holds the JIT compiles), so that a run
-        # cut short by the clock still ends with the learning rate decayed.
-        s_eff = s
-        if args.time_limit and s > 0:
-            left = max(args.time_limit - (t1 - t0), 1e-3)
-            s_eff = max(s, int((time.perf_counter() - t1) / left * args.steps))
-        lr = nm.warmup_cosine(min(s_eff, args.steps - 1), args.lr, min(args.warmup, args.steps),
-                              args.steps, args.lr * args.min_lr_ratio)
-        opt.step(params, grads, lr=lr)
-        losses.append(loss)
-        if s == 0:
-            t1 = time.perf_counter()
-            print(f"{block}: first step {t1 - t0:.1f} s (with JIT compiles)",
-                  flush=True)
-        done = s + 1
-        out_of_time = bool(args.time_limit) and time.perf_counter() - t0 > args.time_limit
-        if done % args.eval_every == 0 or done == args.steps or out_of_time:
-            acc, seq_acc = evaluate(params, config, eval_set, xp, args.eval_batch)
-            curve["step"].append(done)
-            curve["acc"].append(acc)
-            curve["seq_acc"].append(seq_acc)
-            msg = f"step {done:6d}  loss {np.mean(losses[-args.eval_every:]):.4f}  acc {acc:.4f}"
-            if hasattr(bar, "write"):
-                bar.write(f"{block:5s} {msg}")
-            else:
-                print(f"{block:5s} {msg}", flush=True)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss:.3f}")
-        if out_of_time:
-            print(f"{block}: --time-limit {args.time_limit:g} s reached after {done} steps")
-            break
-    wall = time.perf_counter() - t0
+
+    def on_eval(done, loss, seconds):
+        acc, seq_acc = evaluate(params, config, eval_set, xp, args.eval_batch)
+        curve["step"].append(done)
+        curve["acc"].append(acc)
+        curve["seq_acc"].append(seq_acc)
+        return f"step {done:6d}  loss {loss:.4f}  acc {acc:.4f}"
+
+    losses, wall = fit(params, config, args, xp, lambda s: batch_for_step(args.seed, s, args),
+                       on_eval, label=f"{block:5s}")
     return {"block": block, "n_params": n_params, "losses": losses, "curve": curve,
             "steps_done": len(losses),
             "acc": curve["acc"][-1], "seq_acc": curve["seq_acc"][-1], "best_acc": max(curve["acc"]),
             "wall_s": wall}
-
-
-def _progress(iterable, enabled, desc):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return iterable
-    return tqdm(iterable, desc=desc, mininterval=2.0)
 
 
 # ---------------------------------------------------------------- report

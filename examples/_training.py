@@ -1,0 +1,108 @@
+"""The training loop shared by the synthetic-task examples.
+
+``selective_copying.py`` and ``induction_heads.py`` train the library's
+language model (``numba_mamba.models``) the same way: AdamW, gradient-norm
+clipping, linear warmup then cosine decay, an optional wall-clock limit, and an
+evaluation every so many steps.  What differs -- the task's batches and what an
+evaluation measures -- comes in as two functions.
+"""
+
+import math
+import time
+
+import numpy as np
+
+import numba_mamba as nm
+from numba_mamba import models
+
+
+def pick_device(name):
+    """``(name, xp)``: NumPy on the CPU, or CuPy when ``--device gpu`` and a GPU is visible."""
+    if name == "gpu":
+        try:
+            import cupy
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                return "gpu", cupy
+            raise RuntimeError("CuPy sees no GPU")
+        except Exception as exc:  # no CuPy, or no GPU
+            raise SystemExit(f"--device gpu: no usable CuPy GPU ({exc}); "
+                             f"install the extra: pip install '.[cuda12]'")
+    return "cpu", np
+
+
+def progress(iterable, enabled, desc):
+    """``iterable`` under a tqdm bar where asked for and tqdm is installed."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return iterable
+    return tqdm(iterable, desc=desc, mininterval=2.0)
+
+
+def fit(params, config, args, xp, batch, on_eval, label=""):
+    """Train ``params`` in place for ``args.steps`` steps (or ``args.time_limit`` seconds).
+
+    Parameters
+    ----------
+    params, config
+        From ``models.init_params`` and the ``models.MambaConfig``.
+    args : argparse.Namespace
+        ``steps, lr, min_lr_ratio, warmup, weight_decay, clip, time_limit,
+        eval_every, no_progress``.
+    xp : module
+        ``numpy`` or ``cupy``: where ``params`` live.
+    batch : callable
+        ``batch(step) -> (inputs, targets)``, NumPy integer arrays.
+    on_eval : callable
+        ``on_eval(done, mean_recent_loss, seconds) -> str``: evaluates the
+        model after ``done`` steps and returns the line to print.
+    label : str
+        Printed before each line (the model's name where a script trains several).
+
+    Returns
+    -------
+    losses : list of float
+        Training loss of every step run.
+    seconds : float
+        Wall time of the loop, the first step's JIT compiles included.
+    """
+    opt = nm.AdamW(lr=args.lr, weight_decay=args.weight_decay)
+    prefix = f"{label} " if label else ""
+    losses = []
+    bar = progress(range(args.steps), not args.no_progress, desc=label or "train")
+    t0 = t1 = time.perf_counter()  # t1: end of the first step
+    for s in bar:
+        x, y = batch(s)
+        loss, grads = models.loss_and_grads(xp.asarray(x), xp.asarray(y), params, config)
+        if not math.isfinite(loss):
+            raise SystemExit(f"{prefix}loss is {loss} at step {s}")
+        if args.clip:
+            nm.clip_grad_norm(grads, args.clip)
+        # With --time-limit the schedule runs on whichever is further along, steps or time
+        # (the time left after the first step, which holds the JIT compiles), so that a run
+        # cut short by the clock still ends with the learning rate decayed.
+        s_eff = s
+        if args.time_limit and s > 0:
+            left = max(args.time_limit - (t1 - t0), 1e-3)
+            s_eff = max(s, int((time.perf_counter() - t1) / left * args.steps))
+        lr = nm.warmup_cosine(min(s_eff, args.steps - 1), args.lr, min(args.warmup, args.steps),
+                              args.steps, args.lr * args.min_lr_ratio)
+        opt.step(params, grads, lr=lr)
+        losses.append(loss)
+        if s == 0:
+            t1 = time.perf_counter()
+            print(f"{prefix}first step {t1 - t0:.1f} s (with JIT compiles)", flush=True)
+        done = s + 1
+        out_of_time = bool(args.time_limit) and time.perf_counter() - t0 > args.time_limit
+        if done % args.eval_every == 0 or done == args.steps or out_of_time:
+            msg = prefix + on_eval(done, float(np.mean(losses[-args.eval_every:])),
+                                   time.perf_counter() - t0)
+            bar.write(msg) if hasattr(bar, "write") else print(msg, flush=True)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss:.3f}")
+        if out_of_time:
+            print(f"{prefix}--time-limit {args.time_limit:g} s reached after {done} steps")
+            break
+    return losses, time.perf_counter() - t0
