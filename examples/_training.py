@@ -16,6 +16,29 @@ import numba_mamba as nm
 from numba_mamba import models
 
 
+def add_training_args(parser):
+    """The flags :func:`fit` reads (and ``--device``, ``--seed``, the model's sizes)."""
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--n-layers", type=int, default=2)
+    parser.add_argument("--d-state", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1,
+                        help="cosine decays to lr * this")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="AdamW decay of the matrices (never A_log, D, biases, norms)")
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm (0: none)")
+    parser.add_argument("--time-limit", type=float, default=0,
+                        help="stop training after this many seconds (0: none); the cosine "
+                             "schedule follows time or steps, whichever is further along")
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--no-progress", action="store_true")
+
+
 def pick_device(name):
     """``(name, xp)``: NumPy on the CPU, or CuPy when ``--device gpu`` and a GPU is visible."""
     if name == "gpu":

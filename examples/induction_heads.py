@@ -65,7 +65,7 @@ import numba_mamba as nm
 from numba_mamba import models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared loop
-from _training import fit, pick_device  # noqa: E402
+from _training import add_training_args, fit, pick_device  # noqa: E402
 
 IGNORE = -100  # target id of positions that are not scored
 TRIGGER = 0
@@ -237,31 +237,14 @@ def plot(losses, curve, rows, args, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_args(parser)
     parser.add_argument("--block", choices=["mamba", "lti"], default="mamba")
     parser.add_argument("--train-len", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=16, help="incl. the trigger token")
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--dt-min", type=float, default=0.1,
                         help="initial delta log-uniform in [dt-min, dt-max] (the reference "
                              "code and --paper: 1e-3, 1e-1)")
     parser.add_argument("--dt-max", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1,
-                        help="cosine decays to lr * this")
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--weight-decay", type=float, default=0.0,
-                        help="AdamW decay of the matrices (never A_log, D, biases, norms)")
-    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm (0: none)")
-    parser.add_argument("--time-limit", type=float, default=0,
-                        help="stop training after this many seconds (0: none); the cosine "
-                             "schedule follows time or steps, whichever is further along")
-    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--n-eval", type=int, default=256,
                         help="held-out sequences at the training length (during training)")
     parser.add_argument("--monitor-log2", type=int, nargs="*", default=[],
@@ -290,7 +273,6 @@ def main(argv=None):
     parser.add_argument("--json", default="", help="write results (curves included) here")
     parser.add_argument("--save", default="",
                         help="save the trained parameters here (numba_mamba.save_checkpoint)")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.paper:
         args.train_len, args.vocab, args.d_model, args.n_layers = 256, 16, 64, 2

@@ -46,7 +46,7 @@ import numba_mamba as nm
 from numba_mamba import models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared loop
-from _training import fit, pick_device  # noqa: E402
+from _training import add_training_args, fit, pick_device  # noqa: E402
 
 IGNORE = -100  # target id of positions that are not scored
 
@@ -186,27 +186,11 @@ def plot(results, args, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_args(parser)
     parser.add_argument("--block", choices=["both", "mamba", "lti"], default="both")
     parser.add_argument("--seq-len", type=int, default=64, help="context length (before markers)")
     parser.add_argument("--n-tokens", type=int, default=4, help="data tokens to copy")
     parser.add_argument("--vocab", type=int, default=16, help="incl. noise and marker tokens")
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--d-state", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1,
-                        help="cosine decays to lr * this")
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm (0: none)")
-    parser.add_argument("--time-limit", type=float, default=0,
-                        help="stop training after this many seconds (0: none); the cosine "
-                             "schedule follows time or steps, whichever is further along")
-    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--n-eval", type=int, default=256, help="held-out sequences")
     parser.add_argument("--eval-batch", type=int, default=64)
     parser.add_argument("--paper", action="store_true",
@@ -214,7 +198,6 @@ def main(argv=None):
                              "batch 64, lr 1e-4 (constant)")
     parser.add_argument("--out", default="selective_copying.png", help="PNG path ('' to skip)")
     parser.add_argument("--json", default="", help="write results (curves included) here")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.paper:
         args.seq_len, args.n_tokens, args.vocab = 4096, 16, 16
