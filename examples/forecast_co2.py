@@ -29,14 +29,13 @@ Run:  python examples/forecast_co2.py [--quick] [--device cpu|gpu] [--seed 0]
 
 import argparse
 import os
-import time
 import warnings
 
 import numpy as np
 
 from numba_mamba.timeseries import seasonal_naive
 
-from forecast_sunspots import MAMBA, ensemble, pick_ridge, pick_xp, table
+from forecast_sunspots import mamba_rows, pick_xp, table
 
 
 def holt_winters(train, h):
@@ -88,27 +87,7 @@ def main():
         sarima = SARIMAX(train, order=(1, 1, 1), seasonal_order=(0, 1, 1, 12)).fit(disp=False)
         rows.append(("SARIMA(1,1,1)(0,1,1,12)", sarima.forecast(h)))
 
-    lookbacks = [int(v) for v in args.lookbacks.split(",")]
-    seeds = list(range(args.seed, args.seed + (1 if args.quick else args.members)))
-    n = len(lookbacks) * len(seeds)
-    t0 = time.perf_counter()
-    ridge, scores = pick_ridge(train, h, lookbacks, xp)
-    print("ridge penalty of the linear part, mean validation MSE (scaled units): "
-          + ", ".join(f"{r:g}: {v:.4f}" for r, v in scores.items()) + f" -> {ridge:g}")
-    skip, _ = ensemble(train, h, lookbacks, [args.seed], xp, steps=0, linear_skip=True,
-                       skip_ridge=ridge, **MAMBA)
-    rows.append((f"linear part alone (x{len(lookbacks)})", skip))
-    if not args.quick:
-        t1 = time.perf_counter()
-        alone, stops = ensemble(train, h, lookbacks, seeds, xp, steps=args.steps, **MAMBA)
-        print(f"Mamba alone: stopping steps {stops} ({time.perf_counter() - t1:.1f} s)")
-        rows.append((f"Mamba alone (x{n})", alone))
-    t1 = time.perf_counter()
-    fc, stops = ensemble(train, h, lookbacks, seeds, xp, steps=args.steps, linear_skip=True,
-                         skip_ridge=ridge, **MAMBA)
-    print(f"Mamba + linear part: stopping steps {stops} ({time.perf_counter() - t1:.1f} s)")
-    secs = time.perf_counter() - t0
-    rows.append((f"Mamba + linear part (x{n})", fc))
+    lookbacks, seeds, secs = mamba_rows(rows, train, h, args, xp)
 
     print(f"\nCO2 monthly, train {dates[0]:%Y-%m} .. {dates[-h - 1]:%Y-%m} ({len(train)} months), "
           f"test {dates[-h]:%Y-%m} .. {dates[-1]:%Y-%m} (h = {h}); lookbacks {lookbacks}, "

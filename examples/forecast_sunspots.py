@@ -95,6 +95,35 @@ MAMBA = dict(d_model=16, n_layers=2, d_state=16, dt_min=0.01, dt_max=1.0, lr=2e-
              val_fraction=0.15, patience=100, refit=True, instance_norm=True)
 
 
+def mamba_rows(rows, train, h, args, xp):
+    """Append the forecaster's rows to ``rows``: its linear part alone, Mamba alone (not with
+    ``--quick``) and both, each an ensemble over ``--lookbacks`` x seeds (median).
+
+    Returns ``(lookbacks, seeds, seconds)``.
+    """
+    lookbacks = [int(v) for v in args.lookbacks.split(",")]
+    seeds = list(range(args.seed, args.seed + (1 if args.quick else args.members)))
+    n = len(lookbacks) * len(seeds)
+    t0 = time.perf_counter()
+    ridge, scores = pick_ridge(train, h, lookbacks, xp)
+    print("ridge penalty of the linear part, mean validation MSE (scaled units): "
+          + ", ".join(f"{r:g}: {v:.4f}" for r, v in scores.items()) + f" -> {ridge:g}")
+    skip, _ = ensemble(train, h, lookbacks, [args.seed], xp, steps=0, linear_skip=True,
+                       skip_ridge=ridge, **MAMBA)
+    rows.append((f"linear part alone (x{len(lookbacks)})", skip))
+    if not args.quick:
+        t1 = time.perf_counter()
+        alone, stops = ensemble(train, h, lookbacks, seeds, xp, steps=args.steps, **MAMBA)
+        print(f"Mamba alone: stopping steps {stops} ({time.perf_counter() - t1:.1f} s)")
+        rows.append((f"Mamba alone (x{n})", alone))
+    t1 = time.perf_counter()
+    fc, stops = ensemble(train, h, lookbacks, seeds, xp, steps=args.steps, linear_skip=True,
+                         skip_ridge=ridge, **MAMBA)
+    print(f"Mamba + linear part: stopping steps {stops} ({time.perf_counter() - t1:.1f} s)")
+    rows.append((f"Mamba + linear part (x{n})", fc))
+    return lookbacks, seeds, time.perf_counter() - t0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -123,27 +152,7 @@ def main():
         rows.append(("AutoReg(9)", AutoReg(train, lags=9).fit().forecast(h)))
         rows.append(("ARIMA(9,0,0)", ARIMA(train, order=(9, 0, 0)).fit().forecast(h)))
 
-    lookbacks = [int(v) for v in args.lookbacks.split(",")]
-    seeds = list(range(args.seed, args.seed + (1 if args.quick else args.members)))
-    n = len(lookbacks) * len(seeds)
-    t0 = time.perf_counter()
-    ridge, scores = pick_ridge(train, h, lookbacks, xp)
-    print("ridge penalty of the linear part, mean validation MSE (scaled units): "
-          + ", ".join(f"{r:g}: {v:.4f}" for r, v in scores.items()) + f" -> {ridge:g}")
-    skip, _ = ensemble(train, h, lookbacks, [args.seed], xp, steps=0, linear_skip=True,
-                       skip_ridge=ridge, **MAMBA)
-    rows.append((f"linear part alone (x{len(lookbacks)})", skip))
-    if not args.quick:
-        t1 = time.perf_counter()
-        alone, stops = ensemble(train, h, lookbacks, seeds, xp, steps=args.steps, **MAMBA)
-        print(f"Mamba alone: stopping steps {stops} ({time.perf_counter() - t1:.1f} s)")
-        rows.append((f"Mamba alone (x{n})", alone))
-    t1 = time.perf_counter()
-    fc, stops = ensemble(train, h, lookbacks, seeds, xp, steps=args.steps, linear_skip=True,
-                         skip_ridge=ridge, **MAMBA)
-    print(f"Mamba + linear part: stopping steps {stops} ({time.perf_counter() - t1:.1f} s)")
-    secs = time.perf_counter() - t0
-    rows.append((f"Mamba + linear part (x{n})", fc))
+    lookbacks, seeds, secs = mamba_rows(rows, train, h, args, xp)
 
     print(f"\nSunspots, train 1700-1988 ({len(train)} years), test 1989-2008 (h = {h}); "
           f"lookbacks {lookbacks}, seeds {seeds}; MASE scale: in-sample naive (m = 1)")
