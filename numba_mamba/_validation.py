@@ -59,11 +59,18 @@ def array_namespace(**arrays):
     return cupy
 
 
+_CHECKED_DTYPES = set()  # dtypes found supported (``dtype.name`` costs microseconds a call)
+
+
 def check_dtype(name, x):
     """Raise TypeError unless ``x`` has a supported floating dtype."""
-    if x.dtype.name not in SUPPORTED_DTYPES:
+    dtype = x.dtype
+    if dtype in _CHECKED_DTYPES:
+        return
+    if dtype.name not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must have dtype {', '.join(SUPPORTED_DTYPES)}, "
                         f"got {x.dtype}")
+    _CHECKED_DTYPES.add(dtype)
 
 
 def compute_dtype(*arrays):
