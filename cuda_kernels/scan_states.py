@@ -104,6 +104,13 @@ MAX_STATES = _BLOCK
 MIN_RECURRENCES = 16384
 
 
+#: Backward tiles per state the forward keeps (``StatesPlan.save_every``): 1
+#: keeps the state entering every backward tile (as many values as ``u`` at
+#: N = 16); K keeps one in K and the backward reruns the recurrence through
+#: each stretch of K tiles once more to recover the others.
+SAVE_EVERY = 1
+
+
 def usable(Bt, Dc, N):
     """True where the state-parallel engine is the better choice."""
     return N <= MAX_STATES and Bt * Dc * N >= MIN_RECURRENCES
@@ -116,6 +123,7 @@ class StatesPlan(NamedTuple):
     dg: int       # channels per common group of the variable B and C
     t_fwd: int    # tile length of the forward
     t_bwd: int    # tile length of the backward
+    save_every: int = 1  # the forward keeps the state entering every save_every-th backward tile
 
 
 def _tile_bytes(N, ch, T, itemsize, backward):
@@ -157,7 +165,7 @@ def plan(dtype, N, Dc, groups_B, groups_C):
     ch = max(1, min(_BLOCK // N, dg))
     itemsize = np.dtype(dtype).itemsize
     t_bwd = _tile(N, ch, itemsize, True)
-    return StatesPlan(ch, dg, max(t_bwd, _tile(N, ch, itemsize, False)), t_bwd)
+    return StatesPlan(ch, dg, max(t_bwd, _tile(N, ch, itemsize, False)), t_bwd, SAVE_EVERY)
 
 
 def _argtypes(ftype):
@@ -185,7 +193,7 @@ def _argtypes(ftype):
     return fwd, bwd, ends
 
 
-def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
+def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
     """Python bodies of the forward and backward kernels for one layout.
 
     ``N`` states, ``CH`` channels per block, tiles of ``TF`` (forward) and
@@ -377,7 +385,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         ch = tid // N
         n = tid - ch * N
         Dc = A.shape[0]
-        n_saved = tile_states.shape[2]
+        n_btiles = tile_states.shape[2] if K == 1 else (L + TB - 1) // TB
         seg, bi, d0, nch = segment_blocks(Dc, dg, NS)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)  # clamped: idle threads read, never write
@@ -436,8 +444,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
             # saving the state entering every backward tile
             for sub in range(TF // TB):
                 ts = tile * (TF // TB) + sub
-                if valid and ts < n_saved:
-                    tile_states[bi, d, ts, n] = h
+                if valid and ts < n_btiles and ts % K == 0:
+                    tile_states[bi, d, ts // K, n] = h
                 for tt in range(sub * TB, (sub + 1) * TB):
                     k = U(tt)
                     a = math.exp2(sdt[uch, k] * A2)
@@ -480,6 +488,35 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
     UTB = U(TB)
     stage_bwd = flat_stager(TB)
 
+    SENT = (K, NT) if K > 1 else (1, 1)
+
+    @inline_device
+    def stage_tile(B, C, delta, u, delta_bias, baseB, baseC, row0, d0, nch, t0, full, L,
+                   has_bias, use_softplus, sB, sC, sdt, su, ssg, tid):
+        # a backward tile's rows of B, C, and delta (after bias and softplus),
+        # u and the softplus's derivative of the block's channels
+        if b_var:
+            stage_bwd(B, baseB, L, t0, full, sB, tid)
+        if c_var:
+            stage_bwd(C, baseC, L, t0, full, sC, tid)
+        utid = U(tid)
+        uL = U(L)
+        for i in range(CSTAGEB):
+            e = utid + U(i * NT)
+            if CSTAGEB * NT == CH * TB or e < U(CH * TB):
+                c = e // UTB
+                tt = e - c * UTB
+                dt = zero
+                uu = zero
+                sg = one
+                if c < U(nch) and (full or t0 + tt < uL):
+                    o = row0 + c * uL + t0 + tt
+                    dt, sg = delta_at(delta, delta_bias, o, U(d0) + c, has_bias, use_softplus)
+                    uu = u[o]
+                sdt[c, tt] = dt
+                su[c, tt] = uu
+                ssg[c, tt] = sg
+
     def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                  tile_states, du, ddelta, dA_acc, dB_acc, dC_acc, dD_acc, dz,
                  ddelta_bias_acc, dinitial_state, flags, dg, L, GB, GC):
@@ -487,7 +524,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         ch = tid // N
         n = tid - ch * N
         Dc = A.shape[0]
-        n_tiles = tile_states.shape[2]
+        n_btiles = tile_states.shape[2] if K == 1 else (L + TB - 1) // TB
         bi, d0, nch = block_channels(Dc, dg, np.int64(cuda.blockIdx.x))
         valid = ch < nch
         d = d0 + min(ch, nch - 1)
@@ -513,6 +550,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         s1 = cuda.shared.array(YB, ftype)        # C h, then dC terms
         s2 = cuda.shared.array(YB, ftype)        # ddelta terms
         s3 = cuda.shared.array(YB, ftype)        # du terms
+        sent = cuda.shared.array(SENT, ftype)    # states entering the tiles of a saved stretch
 
         A_n = A[d, n]
         A2 = A_n * log2e
@@ -538,32 +576,38 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var):
         dD_r = zero
         dbias_r = zero
 
-        for rt in range(n_tiles):
-            tile = n_tiles - 1 - rt
+        for rt in range(n_btiles):
+            tile = n_btiles - 1 - rt
             t0 = U(tile) * UTB
             full = t0 + UTB <= uL
+            first = (tile // K) * K  # the first backward tile of this one's saved stretch
+            if K > 1 and tile == min(first + K, n_btiles) - 1:
+                # entering a stretch of K tiles from its end: rerun the recurrence
+                # from the saved state through the stretch, keeping the state
+                # entering each tile
+                h = tile_states[bi, d, tile // K, n]
+                sent[U(0), utid] = h
+                for kt in range(first, tile):
+                    cuda.syncthreads()  # the shared tiles are consumed
+                    ta = U(kt) * UTB
+                    stage_tile(B, C, delta, u, delta_bias, baseB, baseC, row0, d0, nch, ta,
+                               True, L, has_bias, use_softplus, sB, sC, sdt, su, ssg, tid)
+                    cuda.syncthreads()  # the tile is staged
+                    for tt in range(TB):
+                        k = U(tt)
+                        dt = sdt[uch, k]
+                        bt = B_n
+                        if b_var:
+                            bt = sB[un, k]
+                        h = math.exp2(dt * A2) * h + dt * su[uch, k] * bt
+                    sent[U(kt - first + 1), utid] = h
             cuda.syncthreads()  # the previous tile's shared tiles are consumed
-            if b_var:
-                stage_bwd(B, baseB, L, t0, full, sB, tid)
-            if c_var:
-                stage_bwd(C, baseC, L, t0, full, sC, tid)
-            for i in range(CSTAGEB):
-                e = utid + U(i * NT)
-                if CSTAGEB * NT == CH * TB or e < U(CH * TB):
-                    c = e // UTB
-                    tt = e - c * UTB
-                    dt = zero
-                    uu = zero
-                    sg = one
-                    if c < U(nch) and (full or t0 + tt < uL):
-                        o = row0 + c * uL + t0 + tt
-                        dt, sg = delta_at(delta, delta_bias, o, U(d0) + c, has_bias,
-                                          use_softplus)
-                        uu = u[o]
-                    sdt[c, tt] = dt
-                    su[c, tt] = uu
-                    ssg[c, tt] = sg
-            h0 = tile_states[bi, d, tile, n]
+            stage_tile(B, C, delta, u, delta_bias, baseB, baseC, row0, d0, nch, t0, full, L,
+                       has_bias, use_softplus, sB, sC, sdt, su, ssg, tid)
+            if K > 1:
+                h0 = sent[U(tile - first), utid]
+            else:
+                h0 = tile_states[bi, d, tile, n]
             cuda.syncthreads()  # the tile is staged
             # recompute the states of the tile
             h = h0
@@ -724,8 +768,8 @@ def compile_options(dtype, kind, threads):
 
 
 @functools.lru_cache(maxsize=None)
-def _get_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, sim, bounds):
-    fwd_py, bwd_py, ends_py = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var)
+def _get_kernels(dtype, N, ch, t_fwd, t_bwd, save_every, b_var, c_var, sim, bounds):
+    fwd_py, bwd_py, ends_py = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, save_every)
     if sim:
         return _Kernels(cuda.jit(fwd_py), cuda.jit(bwd_py), cuda.jit(ends_py))
     fwd_t, bwd_t, ends_t = _argtypes(dtype)
@@ -740,7 +784,7 @@ def get_kernels(dtype, N, p, b_var, c_var):
     dtype = np.dtype(dtype)
     bounds = (launch_bounds(dtype, "forward", p.ch * N),
               launch_bounds(dtype, "backward", p.ch * N))
-    return _get_kernels(dtype, int(N), p.ch, p.t_fwd, p.t_bwd,
+    return _get_kernels(dtype, int(N), p.ch, p.t_fwd, p.t_bwd, p.save_every,
                         bool(b_var), bool(c_var), simulator(), bounds)
 
 
@@ -767,6 +811,13 @@ def ptx_signatures():
                 if c_var:  # (the segment ends do not read C)
                     yield (f"states_forward_ends_{tag}", ends_py, ends_t, dtype == np.float32,
                            compile_options(dtype, "forward", p.ch * N))
+                if b_var and c_var:  # one saved state in 4 backward tiles
+                    fwd4, bwd4, _ = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var, c_var,
+                                                  4)
+                    yield (f"states_forward_{tag}_save4", fwd4, fwd_t, dtype == np.float32,
+                           compile_options(dtype, "forward", p.ch * N))
+                    yield (f"states_backward_{tag}_save4", bwd4, bwd_t, dtype == np.float32,
+                           compile_options(dtype, "backward", p.ch * N))
 
 
 # ---------------------------------------------------------------- launchers
@@ -781,7 +832,7 @@ def _grid(Bt, Dc, p):
 class StatesSaved(NamedTuple):
     """What :func:`scan_forward` keeps for :func:`scan_backward`."""
 
-    tile_states: object  # (Bt, Dc, n_tiles, N) state entering each forward tile
+    tile_states: object  # (Bt, Dc, n, N) state entering every save_every-th backward tile
     plan: StatesPlan
 
 
@@ -829,8 +880,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     the CUDA simulator, on NumPy arrays.
 
     ``tuning``, for tests: ``(channels per block, forward tile, backward
-    tile)`` in place of :func:`plan`'s choice; the tiles powers of two, the
-    backward's no longer than the forward's.  ``n_segments``, for tests: the
+    tile[, save_every])`` in place of :func:`plan`'s choice; the tiles powers
+    of two, the backward's no longer than the forward's.  ``n_segments``, for tests: the
     number of segments of the sequence (see :func:`segments`).
     """
     xp = array_module(u)
@@ -839,12 +890,12 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     N = A.shape[1]
     p = plan(dtype, N, Dc, _groups(B), _groups(C))
     if tuning is not None:
-        ch, t_fwd, t_bwd = (int(v) for v in tuning)
+        ch, t_fwd, t_bwd, *save = (int(v) for v in tuning)
         if t_fwd % t_bwd or t_fwd & (t_fwd - 1):
             raise ValueError(f"tiles must be powers of two, backward <= forward; got {tuning}")
-        p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd)
-    # the backward recomputes from the state entering each of its tiles
-    n_tiles = (L + p.t_bwd - 1) // p.t_bwd
+        p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd, save[0] if save else p.save_every)
+    # the backward recomputes from the state entering every save_every-th of its tiles
+    n_tiles = -(-(-(-L // p.t_bwd)) // p.save_every)
     out = xp.empty_like(u)
     last_state = xp.empty((Bt, Dc, N), dtype)
     tile_states = xp.empty((Bt, Dc, n_tiles, N), dtype)

@@ -57,6 +57,13 @@ STATES_CASES = {
                                                   (3, 8, 2), 3),
     "states-float32-const-grouped-noflags-2segments": ("float32", "const", "grouped", {},
                                                        False, (2, 4, 4), 2),
+    # a fourth tuning entry keeps one state in that many backward tiles: 17 tiles
+    # of 2 steps in stretches of 3 (the last of 2); 9 tiles of 4 in stretches of
+    # 4 (the last of 1), with the sequence in 2 segments
+    "states-float64-var-var-allflags-save3": ("float64", "var", "var", ALL_FLAGS, True,
+                                              (3, 8, 2, 3)),
+    "states-float32-grouped-const-allflags-save4-2segments": ("float32", "grouped", "const",
+                                                              ALL_FLAGS, True, (2, 4, 4, 4), 2),
 }
 
 
@@ -105,6 +112,8 @@ def _simulate_case(name):
         args = (u, delta, A, B, C, D, z, bias, sp, init)
         out, last, saved = scan_states.scan_forward(*args, tuning=tuning,
                                                     n_segments=n_segments)
+        if len(tuning) > 3:  # one saved state per stretch of backward tiles
+            assert saved.tile_states.shape[2] == -(-(-(-L // tuning[2])) // tuning[3])
         if n_segments is not None:  # the split is the one asked for
             p = scan_states.StatesPlan(*tuning[:1], 0, *tuning[1:])
             assert scan_states.segments(Bt, Dc, L, p, n_segments)[0] == n_segments

@@ -168,6 +168,20 @@ def test_gpu_states_engine_split_sequence(dtype, n_segments):
                      n_segments=n_segments)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("save_every", [2, 8])
+def test_gpu_states_engine_keeps_one_state_in_several_tiles(dtype, save_every):
+    """The forward keeps one state per ``save_every`` backward tiles (the last stretch short);
+    the backward recovers the others and matches the reference."""
+    rng = np.random.default_rng(save_every)
+    kw = make_inputs(rng, Bt=2, Dc=12, L=1000, N=16, dtype=np.float64, B_kind="grouped",
+                     C_kind="var", G=3, D=True, z=True, delta_bias=True, softplus=True,
+                     initial_state=True)
+    p = scan_states.plan(dtype, 16, 12, 3, 1)
+    _run_and_compare(kw, dtype, True, rng,
+                     states_tuning=(p.ch, p.t_fwd, p.t_bwd, save_every), n_segments=3)
+
+
 @pytest.mark.parametrize("engine", ["blocks", "states"])
 def test_gpu_raw_launch_matches_numba_launch(engine, monkeypatch):
     """Kernels launched through CuPy (``_common.RawLaunch``) give what Numba's launcher gives."""
