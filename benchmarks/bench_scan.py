@@ -9,9 +9,14 @@ implementation's figures measured on an H200 (issue 3).
 Both GPU engines are timed in the same run: ``states`` (one thread per state,
 ``cuda_kernels/scan_states.py``) and ``blocks`` (the parallel block scan along
 the sequence, ``cuda_kernels/scan.py``); ``auto`` is what the public API picks.
-The last table lists registers and local memory (spills) of every kernel used.
+Where PyTorch with CUDA is importable, a second table times the forward as a
+plain PyTorch loop over the sequence (one step of the recurrence per
+iteration, :func:`sequential_loop`) on the same inputs, next to the figure
+issue 3 quotes for it.  The last table lists registers and local memory
+(spills) of every kernel used.
 
 Run:  python benchmarks/bench_scan.py [--quick] [--reps 20] [--engines states,blocks]
+      [--torch-reps 5]
 """
 
 import argparse
@@ -30,6 +35,55 @@ ROWS = [
     ((2, 1536, 16, 16384, "float32"), 1.91, 4.20),
     ((64, 64, 16, 1024, "float32"), 0.17, 0.44),
 ]
+# PyTorch sequential loop, forward ms, as issue 3 quotes it (None: not given).
+TORCH_LOOP_MS = [117, 191, None, 66]
+
+
+def sequential_loop(exp, softplus, sigmoid, u, delta, A, B, C, D, z, delta_bias):
+    """The selective scan forward as a loop over the sequence, one step per iteration.
+
+    Array-library neutral (NumPy, PyTorch): ``exp``, ``softplus`` and ``sigmoid``
+    are the library's; ``u, delta, z`` (Bt, D, L), ``A`` (D, N), ``B, C`` (Bt, N, L),
+    ``D, delta_bias`` (D,); softplus on.  Returns ``out`` (Bt, D, L).
+    """
+    dt = softplus(delta + delta_bias[:, None])
+    h = (u[:, :, 0, None] * 0) * A  # (Bt, D, N) zeros of the library's kind
+    y = u * 0
+    for t in range(u.shape[2]):
+        dt_t = dt[:, :, t, None]  # (Bt, D, 1)
+        h = exp(dt_t * A) * h + (dt_t * u[:, :, t, None]) * B[:, None, :, t]
+        y[:, :, t] = (h * C[:, None, :, t]).sum(-1)
+    out = y + D[:, None] * u
+    return out * z * sigmoid(z)
+
+
+def torch_loop_ms(cupy, Bt, Dc, N, L, dtype_name, reps):
+    """Median forward time (ms) of :func:`sequential_loop` in PyTorch on the GPU, or None
+    where PyTorch with CUDA is not importable."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+    except Exception:
+        return None
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    rng = cupy.random.default_rng(1)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(reps + 1):  # the first run warms up
+        args = make_inputs(cupy, Bt, Dc, N, L, cupy.float32, rng)
+        t = {k: torch.from_dlpack(v).to(tdtype) if k in ("u", "delta", "z", "B", "C")
+             else torch.from_dlpack(v) for k, v in args.items() if k != "delta_softplus"}
+        torch.cuda.synchronize()
+        start.record()
+        sequential_loop(torch.exp, torch.nn.functional.softplus, torch.sigmoid,
+                        t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
+                        t["delta_bias"])
+        stop.record()
+        torch.cuda.synchronize()
+        if i:
+            times.append(start.elapsed_time(stop))
+    return statistics.median(times)
 
 
 def copy_bandwidth(cupy, nbytes=2 << 30, reps=10):
@@ -127,6 +181,8 @@ def main():
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--engines", default="states,blocks",
                         help="comma-separated engines to time: states, blocks, auto")
+    parser.add_argument("--torch-reps", type=int, default=5,
+                        help="timed runs of the PyTorch loop per row (0: skip it)")
     args = parser.parse_args()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     import cupy
@@ -154,6 +210,15 @@ def main():
                   f"{b_fwd / t_fwd / 1e6:.0f} | {t_fwd / floor_fwd:.1f} | {ref_fwd} | "
                   f"{t_fwd / ref_fwd:.2f} | {t_bwd:.3f} | {b_bwd / t_bwd / 1e6:.0f} | "
                   f"{t_bwd / floor_bwd:.1f} | {ref_bwd} | {t_bwd / ref_bwd:.2f} |", flush=True)
+    if args.torch_reps:
+        print()
+        print("| batch, D, N, L | dtype | PyTorch loop fwd ms (median) | issue 3's figure |")
+        print("|---|---|---|---|")
+        for ((Bt, Dc, N, L, dtype_name), _, _), quoted in zip(rows, TORCH_LOOP_MS):
+            ms = torch_loop_ms(cupy, Bt, Dc, N, L, dtype_name, args.torch_reps)
+            shown = "(no PyTorch with CUDA)" if ms is None else f"{ms:.1f}"
+            print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {shown} | {quoted or '-'} |",
+                  flush=True)
     print_registers({(np.float32 if dtype_name != "float64" else np.float64, N, Dc)
                      for (Bt, Dc, N, L, dtype_name), _, _ in rows})
 
