@@ -15,8 +15,12 @@ iteration, :func:`sequential_loop`) on the same inputs, next to the figure
 issue 3 quotes for it.  The last table lists registers and local memory
 (spills) of every kernel used.
 
+``--memory`` reports, per row and engine, the bytes the forward keeps for the
+backward and the device memory CuPy's pool held at most during one forward +
+backward (:func:`peak_pool_bytes`).
+
 Run:  python benchmarks/bench_scan.py [--quick] [--reps 20] [--engines states,blocks]
-      [--torch-reps 5]
+      [--torch-reps 5] [--memory]
 """
 
 import argparse
@@ -166,6 +170,34 @@ def _time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup):
     return statistics.median(fwd), statistics.median(bwd)
 
 
+def peak_pool_bytes(cupy, Bt, Dc, N, L, dtype, engine=None):
+    """``(input bytes, saved bytes, peak pool bytes)`` of one forward + backward.
+
+    The pool is emptied first; CuPy's pool keeps every block it has handed out
+    (freed ones cached for reuse), so its total afterwards is the most device
+    memory the call held at once, rounding and fragmentation included.
+    ``saved`` is what the forward keeps for the backward (its saved states).
+    """
+    backend, _ = _backends()
+    chooser = force_engine(engine)
+    pool = cupy.get_default_memory_pool()
+    try:
+        rng = cupy.random.default_rng(0)
+        args = make_inputs(cupy, Bt, Dc, N, L, dtype, rng)
+        dout = rng.standard_normal((Bt, Dc, L), dtype=cupy.float32).astype(dtype)
+        inputs = sum(v.nbytes for v in args.values() if hasattr(v, "nbytes")) + dout.nbytes
+        cupy.cuda.get_current_stream().synchronize()
+        base = pool.used_bytes()
+        pool.free_all_blocks()
+        out, last, backward = nm.selective_scan_vjp(**args)
+        saved = pool.used_bytes() - base - out.nbytes - last.nbytes
+        backward(dout)
+        cupy.cuda.get_current_stream().synchronize()
+        return inputs, saved, pool.total_bytes() - base
+    finally:
+        backend.choose_engine = chooser
+
+
 def pass_bytes(Bt, Dc, N, L, itemsize):
     """Bytes each pass must move at least (inputs read once, outputs written once)."""
     seq = Bt * Dc * L * itemsize  # one (Bt, D, L) tensor
@@ -183,6 +215,8 @@ def main():
                         help="comma-separated engines to time: states, blocks, auto")
     parser.add_argument("--torch-reps", type=int, default=5,
                         help="timed runs of the PyTorch loop per row (0: skip it)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also report saved bytes and the peak pool size of forward+backward")
     args = parser.parse_args()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     import cupy
@@ -210,6 +244,20 @@ def main():
                   f"{b_fwd / t_fwd / 1e6:.0f} | {t_fwd / floor_fwd:.1f} | {ref_fwd} | "
                   f"{t_fwd / ref_fwd:.2f} | {t_bwd:.3f} | {b_bwd / t_bwd / 1e6:.0f} | "
                   f"{t_bwd / floor_bwd:.1f} | {ref_bwd} | {t_bwd / ref_bwd:.2f} |", flush=True)
+    if args.memory:
+        print()
+        print("| batch, D, N, L | dtype | engine | inputs MB | kept for the backward MB "
+              "| peak pool during fwd+bwd MB |")
+        print("|---|---|---|---|---|---|")
+        for (Bt, Dc, N, L, dtype_name), _, _ in rows:
+            dtype = cupy.dtype(dtype_name) if dtype_name != "bfloat16" else _bf16(cupy)
+            if dtype is None:
+                continue
+            for engine in engines:
+                inputs, saved, peak = peak_pool_bytes(cupy, Bt, Dc, N, L, dtype,
+                                                      None if engine == "auto" else engine)
+                print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {engine} | {inputs / 1e6:.1f} | "
+                      f"{saved / 1e6:.1f} | {peak / 1e6:.1f} |", flush=True)
     if args.torch_reps:
         print()
         print("| batch, D, N, L | dtype | PyTorch loop fwd ms (median) | issue 3's figure |")
