@@ -8,7 +8,8 @@ profiler sees each kernel's own time.  Run on the GPU machine, e.g.::
 Arguments: ``--rows`` (indices into ``bench_scan.ROWS``), ``--engines``, and
 for the state engine ``--min-blocks`` (``forward:backward`` pairs of
 ``scan_states.MIN_BLOCKS`` to compile with) and ``--target-blocks``
-(``scan_states.TARGET_BLOCKS`` values; 0 never splits the sequence).
+(``scan_states.TARGET_BLOCKS`` values; 0 never splits the sequence) and
+``--save-every`` (``scan_states.SAVE_EVERY`` values: backward tiles per saved state).
 """
 
 import argparse
@@ -29,6 +30,9 @@ def main():
     parser.add_argument("--target-blocks", default="",
                         help="comma-separated values of the state engine's TARGET_BLOCKS to run "
                              "(0: one segment); default: the module's")
+    parser.add_argument("--save-every", default="",
+                        help="comma-separated values of the state engine's SAVE_EVERY to run; "
+                             "default: the module's")
     parser.add_argument("--host", action="store_true",
                         help="instead, print the host time of each call (no profiler)")
     args = parser.parse_args()
@@ -44,14 +48,17 @@ def main():
     pairs = pairs or [(scan_states.MIN_BLOCKS[(f32, "forward")],
                        scan_states.MIN_BLOCKS[(f32, "backward")])]
     targets = [int(v) for v in args.target_blocks.split(",") if v] or [scan_states.TARGET_BLOCKS]
+    saves = [int(v) for v in args.save_every.split(",") if v] or [scan_states.SAVE_EVERY]
     for fwd_mb, bwd_mb in pairs:
         scan_states.MIN_BLOCKS[(f32, "forward")] = fwd_mb
         scan_states.MIN_BLOCKS[(f32, "backward")] = bwd_mb
         for target in targets:
             scan_states.TARGET_BLOCKS = target
-            print(f"float32 MIN_BLOCKS forward {fwd_mb} backward {bwd_mb}, "
-                  f"TARGET_BLOCKS {target}", flush=True)
-            run_rows(cupy, backend, args, rng)
+            for save in saves:
+                scan_states.SAVE_EVERY = save
+                print(f"float32 MIN_BLOCKS forward {fwd_mb} backward {bwd_mb}, "
+                      f"TARGET_BLOCKS {target}, SAVE_EVERY {save}", flush=True)
+                run_rows(cupy, backend, args, rng)
 
 
 def run_rows(cupy, backend, args, rng):
