@@ -19,8 +19,12 @@ issue 3 quotes for it.  The last table lists registers and local memory
 backward and the device memory CuPy's pool held at most during one forward +
 backward (:func:`peak_pool_bytes`).
 
+``--long`` instead runs one sequence of 2**20 steps (batch 1, D 1536, N 16)
+forward and backward and checks 8 of its channels against the CPU scan in
+float64 (:func:`long_sequence`).
+
 Run:  python benchmarks/bench_scan.py [--quick] [--reps 20] [--engines states,blocks]
-      [--torch-reps 5] [--memory]
+      [--torch-reps 5] [--memory] [--long]
 """
 
 import argparse
@@ -171,31 +175,87 @@ def _time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup):
 
 
 def peak_pool_bytes(cupy, Bt, Dc, N, L, dtype, engine=None):
-    """``(input bytes, saved bytes, peak pool bytes)`` of one forward + backward.
+    """``(input bytes, saved bytes, peak bytes)`` of one forward + backward.
 
-    The pool is emptied first; CuPy's pool keeps every block it has handed out
-    (freed ones cached for reuse), so its total afterwards is the most device
-    memory the call held at once, rounding and fragmentation included.
-    ``saved`` is what the forward keeps for the backward (its saved states).
+    Runs with a fresh CuPy memory pool as the allocator: the pool keeps every
+    block it has handed out (freed ones cached for reuse), so its size after
+    the backward, less the inputs, is the most device memory the two calls
+    held at once beyond the inputs (rounding and fragmentation included).
+    ``saved`` is what the forward keeps for the backward (its saved states,
+    and any cast copies of the inputs).
     """
     backend, _ = _backends()
     chooser = force_engine(engine)
-    pool = cupy.get_default_memory_pool()
+    pool = cupy.cuda.MemoryPool()
+    allocator = cupy.cuda.get_allocator()
+    cupy.cuda.set_allocator(pool.malloc)
     try:
         rng = cupy.random.default_rng(0)
         args = make_inputs(cupy, Bt, Dc, N, L, dtype, rng)
         dout = rng.standard_normal((Bt, Dc, L), dtype=cupy.float32).astype(dtype)
         inputs = sum(v.nbytes for v in args.values() if hasattr(v, "nbytes")) + dout.nbytes
         cupy.cuda.get_current_stream().synchronize()
+        pool.free_all_blocks()  # the temporaries of drawing the inputs
         base = pool.used_bytes()
-        pool.free_all_blocks()
         out, last, backward = nm.selective_scan_vjp(**args)
+        cupy.cuda.get_current_stream().synchronize()
         saved = pool.used_bytes() - base - out.nbytes - last.nbytes
         backward(dout)
         cupy.cuda.get_current_stream().synchronize()
         return inputs, saved, pool.total_bytes() - base
     finally:
+        cupy.cuda.set_allocator(allocator)
         backend.choose_engine = chooser
+
+
+def long_sequence(cupy, Bt=1, Dc=1536, N=16, L=2**20, reps=3, check_channels=8):
+    """Forward + backward of one long sequence (issue 3: batch 1, D 1536, N 16,
+    L = 2**20, float32); returns a dict of times (ms, median of ``reps``), the
+    peak pool bytes and the largest relative errors of ``check_channels``
+    channels against the CPU scan in float64 on the same inputs.
+
+    The channels of a scan are independent, so a few of them are a complete
+    check of the sequence direction (``out``, ``du``, ``ddelta``, ``dz`` and
+    the rows of ``dA``, ``dD``, ``ddelta_bias``); ``dB`` and ``dC`` sum over
+    every channel and are left out.
+    """
+    rng = cupy.random.default_rng(7)
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    args = make_inputs(cupy, Bt, Dc, N, L, cupy.float32, rng)
+    dout = rng.standard_normal((Bt, Dc, L), dtype=cupy.float32)
+    fwd, bwd = [], []
+    pool = cupy.get_default_memory_pool()
+    for _ in range(reps):
+        cupy.cuda.get_current_stream().synchronize()
+        start.record()
+        out, last, backward = nm.selective_scan_vjp(**args)
+        stop.record()
+        stop.synchronize()
+        fwd.append(cupy.cuda.get_elapsed_time(start, stop))
+        start.record()
+        grads = backward(dout)
+        stop.record()
+        stop.synchronize()
+        bwd.append(cupy.cuda.get_elapsed_time(start, stop))
+    peak = pool.total_bytes()
+    pick = slice(0, check_channels)
+    picked = dict(args, u=args["u"][:, pick], delta=args["delta"][:, pick], z=args["z"][:, pick],
+                  A=args["A"][pick], D=args["D"][pick], delta_bias=args["delta_bias"][pick])
+    sub = {k: (cupy.asnumpy(v).astype(np.float64) if hasattr(v, "shape") else v)
+           for k, v in picked.items()}
+    r_out, _, r_backward = nm.selective_scan_vjp(**sub)
+    r = r_backward(cupy.asnumpy(dout[:, pick]).astype(np.float64))
+
+    def rel(got, want):
+        got = cupy.asnumpy(got).astype(np.float64)
+        return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
+
+    errors = {"out": rel(out[:, pick], r_out), "du": rel(grads.du[:, pick], r.du),
+              "ddelta": rel(grads.ddelta[:, pick], r.ddelta), "dz": rel(grads.dz[:, pick], r.dz),
+              "dA": rel(grads.dA[pick], r.dA), "dD": rel(grads.dD[pick], r.dD),
+              "ddelta_bias": rel(grads.ddelta_bias[pick], r.ddelta_bias)}
+    return dict(fwd_ms=statistics.median(fwd), bwd_ms=statistics.median(bwd), peak=peak,
+                errors=errors)
 
 
 def pass_bytes(Bt, Dc, N, L, itemsize):
@@ -217,7 +277,20 @@ def main():
                         help="timed runs of the PyTorch loop per row (0: skip it)")
     parser.add_argument("--memory", action="store_true",
                         help="also report saved bytes and the peak pool size of forward+backward")
+    parser.add_argument("--long", action="store_true",
+                        help="instead, run batch 1, D 1536, N 16, L 2**20 (float32) forward + "
+                             "backward and check 8 channels against the CPU in float64")
     args = parser.parse_args()
+    if args.long:
+        import cupy
+
+        res = long_sequence(cupy)
+        print(f"# {datetime.date.today()}: batch 1, D 1536, N 16, L 2**20, float32: "
+              f"fwd {res['fwd_ms']:.1f} ms, bwd {res['bwd_ms']:.1f} ms (median of 3), "
+              f"pool {res['peak'] / 1e9:.1f} GB")
+        print("# largest error relative to the largest value, 8 channels vs CPU float64: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in res["errors"].items()))
+        return
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     import cupy
 
@@ -247,7 +320,7 @@ def main():
     if args.memory:
         print()
         print("| batch, D, N, L | dtype | engine | inputs MB | kept for the backward MB "
-              "| peak pool during fwd+bwd MB |")
+              "| peak beyond the inputs during fwd+bwd MB |")
         print("|---|---|---|---|---|---|")
         for (Bt, Dc, N, L, dtype_name), _, _ in rows:
             dtype = cupy.dtype(dtype_name) if dtype_name != "bfloat16" else _bf16(cupy)

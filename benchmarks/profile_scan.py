@@ -108,6 +108,7 @@ def host_times(cupy, reps=30):
         a = (kw["u"], kw["delta"], kw["A"], B, C, kw["D"], kw["z"], kw["delta_bias"], True, None)
         res = {}
         res["api selective_scan"] = med(lambda: nm.selective_scan(**kw))
+        res["api selective_scan_vjp"] = med(lambda: nm.selective_scan_vjp(**kw))
         out, _, backward = nm.selective_scan_vjp(**kw)
         dout = cupy.ones_like(out)
         res["api backward(dout)"] = med(lambda: backward(dout))
@@ -122,6 +123,13 @@ def host_times(cupy, reps=30):
                 res[f"backend forward {engine}, {how}"] = med(
                     lambda: backend.scan_forward(*a, engine=engine))
         common.RAW_LAUNCH = True
+        threads, items = backend.DEFAULT_TUNING[cupy.dtype(cupy.float32)]
+        n_chunks = -(-L // (threads * items))
+        outs = (cupy.empty_like(kw["u"]), cupy.empty((Bt, Dc, N), cupy.float32),
+                cupy.empty((Bt, Dc, n_chunks, N), cupy.float32))
+        res["backend forward_into, blocks (launch only)"] = med(
+            lambda: backend.forward_into(*a, *outs, threads=threads, items=items,
+                                         stream="current"))
         res["cupy.isfinite(A).all() -> bool"] = med(lambda: bool(cupy.isfinite(kw["A"]).all()))
         res["cupy.empty x3"] = med(lambda: [cupy.empty_like(kw["u"]) for _ in range(3)])
         res["cupy.zeros(1) x2"] = med(lambda: [cupy.zeros((1,), cupy.float32) for _ in range(2)])

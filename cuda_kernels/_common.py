@@ -11,8 +11,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-__all__ = ["RAW_LAUNCH", "RawLaunch", "activations", "array_module", "as_variable", "c_strided", "current_stream",
-           "inline_device", "launch", "simulator"]
+__all__ = ["RAW_LAUNCH", "RawLaunch", "activations", "array_module", "as_variable", "c_strided",
+           "current_stream", "dummy", "inline_device", "launch", "simulator"]
 
 
 def simulator():
@@ -102,20 +102,24 @@ RAW_LAUNCH = os.environ.get("NUMBA_MAMBA_RAW_LAUNCH", "1") != "0"
 
 
 class RawLaunch:
-    """Launch one compiled Numba kernel as a CuPy function.
+    """Launch one compiled Numba kernel through the CUDA driver, as CuPy does.
 
     Numba's dispatcher spends tens of microseconds per launch and 12-15 more
-    per CuPy array argument (it wraps each one as a Numba device array).  This
-    loads the kernel's cubin, as Numba linked it, into a CuPy module once, and
-    passes the arguments the way Numba's launcher does: an array of ``ndim``
+    per CuPy array argument (it wraps each one as a Numba device array), and
+    CuPy's own ``Function.__call__`` a microsecond or two per argument (each
+    becomes a ctypes object).  This loads the kernel's cubin, as Numba linked
+    it, into a CuPy module once and, per launch, writes the kernel's
+    parameters as Numba's launcher lays them out -- an array of ``ndim``
     dimensions as ``(meminfo, parent, size, itemsize, data, *shape,
-    *strides)``, an integer by value.
+    *strides)``, an integer by value -- into one 8-byte slot each of a NumPy
+    buffer, and hands the driver (``cuLaunchKernel``) a pointer per slot.
+    The shape part of an array's parameters is cached per (shape, itemsize).
 
     Parameters
     ----------
     dispatcher : numba.cuda dispatcher
         Compiled for exactly one signature (``cuda.jit(signature)``), with
-        C-contiguous array and integer arguments only.
+        C-contiguous array and integer arguments of at most 8 bytes only.
     """
 
     def __init__(self, dispatcher):
@@ -123,12 +127,15 @@ class RawLaunch:
         from numba.core import types as nbtypes
 
         (kernel,) = dispatcher.overloads.values()
-        self._pack = []
+        self._ndims = []  # per argument: its dimensions, 0 for an integer
+        n_slots = 0
         for ty in kernel.argument_types:
-            if isinstance(ty, nbtypes.Array) and ty.layout == "C":
-                self._pack.append(ty.ndim)
-            elif isinstance(ty, nbtypes.Integer):
-                self._pack.append(np.dtype(str(ty)).type)
+            if isinstance(ty, nbtypes.Array) and ty.layout == "C" and ty.ndim > 0:
+                self._ndims.append(ty.ndim)
+                n_slots += 5 + 2 * ty.ndim
+            elif isinstance(ty, nbtypes.Integer) and ty.bitwidth <= 64:
+                self._ndims.append(0)
+                n_slots += 1
             else:
                 raise TypeError(f"RawLaunch takes C arrays and integers, got {ty}")
         lib = kernel._codelibrary
@@ -139,27 +146,54 @@ class RawLaunch:
             raise TypeError(f"expected the kernel's cubin as bytes, got {type(image).__name__}")
         self._module.load(image)
         self._function = self._module.get_function(lib._entry_name)
+        self._slot_offsets = np.arange(n_slots, dtype=np.uint64) * np.uint64(8)
+        self._launch = cupy.cuda.driver.launchKernel
+
+    def params(self, args):
+        """The kernel's parameter values for ``args``, one int per 8-byte slot."""
+        values = []
+        for ndim, value in zip(self._ndims, args):
+            if ndim:
+                key = (value.shape, value.itemsize)
+                meta = _ARRAY_META.get(key)
+                if meta is None:
+                    meta = _ARRAY_META[key] = _array_meta(*key)
+                if len(value.shape) != ndim or not value.flags.c_contiguous:
+                    raise ValueError(f"expected a C-contiguous array of {ndim} dimensions, "
+                                     f"got shape {value.shape}, strides {value.strides}")
+                values += meta[0]
+                values.append(value.data.ptr)
+                values += meta[1]
+            else:
+                values.append(int(value) & _SLOT_MASK)  # two's complement, low bytes first
+        return values
 
     def __call__(self, grid, block, stream, args):
         """Launch on CuPy arrays ``args`` (C-contiguous) on ``stream`` (a CuPy stream)."""
-        packed = []
-        i64 = np.int64
-        null = np.uint64(0)
-        for kind, value in zip(self._pack, args):
-            if kind.__class__ is int:  # an array of `kind` dimensions
-                itemsize = value.itemsize
-                packed += (null, null, i64(value.size), i64(itemsize), np.uint64(value.data.ptr))
-                shape = value.shape
-                packed += [i64(s) for s in shape]
-                stride = itemsize
-                strides = []
-                for s in reversed(shape):  # C strides: Numba's kernels index by them
-                    strides.append(i64(stride))
-                    stride *= s
-                packed += reversed(strides)
-            else:
-                packed.append(kind(value))
-        self._function((int(grid),), (int(block),), tuple(packed), stream=stream)
+        slots = np.array(self.params(args), dtype=np.uint64)
+        pointers = self._slot_offsets + np.uint64(slots.ctypes.data)
+        self._launch(self._function.ptr, int(grid), 1, 1, int(block), 1, 1, 0, stream.ptr,
+                     pointers.ctypes.data, 0)
+        # (``slots`` and ``pointers`` stay alive until here: the driver copies
+        # the parameter values during the launch call)
+
+
+_ARRAY_META = {}
+_SLOT_MASK = (1 << 64) - 1
+
+
+def _array_meta(shape, itemsize):
+    """An array's parameter slots around its data pointer: ``(meminfo, parent,
+    size, itemsize)`` and ``(*shape, *C strides)``."""
+    size = 1
+    for s in shape:
+        size *= s
+    strides = []
+    stride = itemsize
+    for s in reversed(shape):  # C strides: Numba's kernels index by them
+        strides.append(stride)
+        stride *= s
+    return (0, 0, size, itemsize), tuple(shape) + tuple(reversed(strides))
 
 
 _RAW = {}
@@ -169,21 +203,40 @@ def launch(kernel, grid, block, stream, args):
     """Launch ``kernel[grid, block, stream](*args)``.
 
     On CuPy arrays (and :data:`RAW_LAUNCH` on) through :class:`RawLaunch` on
-    CuPy's current stream, else through Numba's dispatcher on ``stream``
-    (None: the default stream; the CUDA simulator and NumPy arrays take this
-    path).
+    CuPy's current stream, else through Numba's dispatcher on ``stream``: a
+    Numba stream, None (the default stream; the CUDA simulator and NumPy
+    arrays take this path) or ``"current"`` (CuPy's current stream, made a
+    Numba stream only where Numba launches).
     """
-    if RAW_LAUNCH and not simulator() and not isinstance(args[0], np.ndarray):
+    if RAW_LAUNCH and not isinstance(args[0], np.ndarray) and not simulator():
         import cupy
 
-        key = (id(kernel), cupy.cuda.runtime.getDevice())  # a module per device
+        key = (kernel, cupy.cuda.runtime.getDevice())  # a module per device
         raw = _RAW.get(key)
-        if raw is None or raw[0] is not kernel:
-            raw = _RAW[key] = (kernel, RawLaunch(kernel))
-        raw[1](grid, block, cupy.cuda.get_current_stream(), args)
+        if raw is None:
+            raw = _RAW[key] = RawLaunch(kernel)
+        raw(grid, block, cupy.cuda.get_current_stream(), args)
         return
+    if isinstance(stream, str) and stream == "current":
+        stream = current_stream(array_module(args[0]))
     args = [c_strided(a) for a in args]
     if stream is None:
         kernel[grid, block](*args)
     else:
         kernel[grid, block, stream](*args)
+
+
+_DUMMIES = {}
+
+
+def dummy(xp, dtype, ndim):
+    """A one-element array of ``ndim`` dimensions standing in for an absent
+    optional argument (kernels take every argument; a flag says it is absent).
+    Cached per device and dtype: never written, so shared by every launch."""
+    if xp is np:
+        return np.zeros((1,) * ndim, dtype)
+    key = (xp.cuda.runtime.getDevice(), dtype, ndim)
+    x = _DUMMIES.get(key)
+    if x is None:
+        x = _DUMMIES[key] = xp.zeros((1,) * ndim, dtype)
+    return x

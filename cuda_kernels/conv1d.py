@@ -53,7 +53,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import c_strided, current_stream, inline_device
+from ._common import dummy, inline_device, launch
 
 __all__ = ["THREADS", "conv1d_backward", "conv1d_forward", "get_kernels", "ptx_signatures"]
 
@@ -203,10 +203,9 @@ def conv1d_forward(x, weight, bias, silu):
     Bt, C, L = x.shape
     fwd, _ = get_kernels(x.dtype, weight.shape[1])
     out = cupy.empty_like(x)
-    dummy = cupy.zeros(1, x.dtype) if bias is None else bias
     n = Bt * C * L
-    args = [c_strided(a) for a in (x, weight, dummy)]
-    fwd[(n + THREADS - 1) // THREADS, THREADS, current_stream()](*args, _flags(bias, silu), out)
+    launch(fwd, (n + THREADS - 1) // THREADS, THREADS, "current",
+           (x, weight, dummy(cupy, x.dtype, 1) if bias is None else bias, _flags(bias, silu), out))
     return out
 
 
@@ -220,7 +219,7 @@ def conv1d_backward(dout, x, weight, bias, silu):
     dx = cupy.empty_like(x)
     dw_part = cupy.empty((Bt, C, W), x.dtype)
     db_part = cupy.empty((Bt, C), x.dtype)
-    dummy = cupy.zeros(1, x.dtype) if bias is None else bias
-    args = [c_strided(a) for a in (dout, x, weight, dummy)]
-    bwd[Bt * C, THREADS, current_stream()](*args, _flags(bias, silu), dx, dw_part, db_part)
+    launch(bwd, Bt * C, THREADS, "current",
+           (dout, x, weight, dummy(cupy, x.dtype, 1) if bias is None else bias, _flags(bias, silu),
+            dx, dw_part, db_part))
     return dx, dw_part.sum(axis=0), None if bias is None else db_part.sum(axis=0)

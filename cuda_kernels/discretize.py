@@ -72,7 +72,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import array_module, c_strided, current_stream, inline_device, simulator
+from ._common import array_module, inline_device, launch, simulator
 
 __all__ = [
     "METHOD_CODES",
@@ -497,12 +497,7 @@ def ptx_signatures():
 
 # -------------------------------------------------------------- launchers
 def _launch(kernel, n_threads, stream, args):
-    args = [c_strided(a) for a in args]
-    blocks = max(1, -(-n_threads // _THREADS))
-    if stream is None:
-        kernel[blocks, _THREADS](*args)
-    else:
-        kernel[blocks, _THREADS, stream](*args)
+    launch(kernel, max(1, -(-n_threads // _THREADS)), _THREADS, stream, args)
 
 
 def _real_view(x):
@@ -536,7 +531,7 @@ def discretize_forward(A, B, dt, method):
     Ab = xp.empty_like(A)
     Bb = xp.empty_like(A)
     fwd, _ = _get_kernels("discretize", ftype, cplx, simulator())
-    _launch(fwd, dt.shape[0], current_stream(xp),
+    _launch(fwd, dt.shape[0], "current",
             (_real_view(A), _real_view(B), dt, _real_view(Ab), _real_view(Bb),
              np.int32(code), ftype.type(alpha)))
     return Ab, Bb
@@ -567,7 +562,7 @@ def discretize_backward(A, B, dt, gAb, gBb, method):
     dB = xp.empty_like(A)
     ddt = xp.empty_like(dt)
     _, bwd = _get_kernels("discretize", ftype, cplx, simulator())
-    _launch(bwd, dt.shape[0], current_stream(xp),
+    _launch(bwd, dt.shape[0], "current",
             (_real_view(A), _real_view(B), dt, _real_view(gAb), _real_view(gBb),
              _real_view(dA), _real_view(dB), ddt, np.int32(code), ftype.type(alpha)))
     return dA, dB, ddt
@@ -609,7 +604,7 @@ def recurrence(x, a, b, c, h0, chunk=None):
     T = chunk_length(R, L) if chunk is None else int(chunk)
     K = -(-L // T)
     summary, carry, output = _get_kernels("recurrence", x.dtype, cplx, simulator())
-    stream = current_stream(xp)
+    stream = "current"
     sa = xp.empty((R, K, N), a.dtype)
     sb = xp.empty((R, K, N), a.dtype)
     carries = xp.empty((R, K, N), a.dtype)

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import current_stream
+from ._common import launch
 
 __all__ = ["THREADS", "get_kernels", "ptx_signatures", "silu_backward", "silu_forward",
            "softplus_backward", "softplus_forward"]
@@ -97,9 +97,8 @@ def _launch(name, *arrays):
     out = cupy.empty_like(x)
     n = x.size
     blocks = max(1, min((n + THREADS - 1) // THREADS, 65536))
-    stream = current_stream()
     kernel = get_kernels(x.dtype)[name]
-    kernel[blocks, THREADS, stream](*(a.reshape(-1) for a in arrays), out.reshape(-1))
+    launch(kernel, blocks, THREADS, "current", [a.reshape(-1) for a in arrays] + [out.reshape(-1)])
     return out
 
 

@@ -99,7 +99,7 @@ import numpy as np
 from numba import cuda, types
 
 from . import scan_states
-from ._common import (activations, array_module, as_variable, current_stream, inline_device,
+from ._common import (activations, array_module, as_variable, dummy, inline_device,
                       launch, simulator)
 
 __all__ = [
@@ -816,14 +816,16 @@ def forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         Overwritten with the state entering each chunk.
     threads, items : int
         Block size and steps per thread.
-    stream : numba stream, optional
-        Launch stream; None launches on the default stream.
+    stream : numba stream, None or "current", optional
+        Launch stream where Numba launches (see :func:`_common.launch`);
+        None launches on the default stream.  CuPy arrays launch on CuPy's
+        current stream.
     """
     xp = array_module(u)
     dtype = u.dtype
     Bt, Dc, _ = u.shape
-    dummy1 = xp.zeros((1,), dtype)
-    dummy3 = xp.zeros((1, 1, 1), dtype)
+    dummy1 = dummy(xp, dtype, 1)
+    dummy3 = dummy(xp, dtype, 3)
     flags = 0
     flags |= FLAG_D if D is not None else 0
     flags |= FLAG_Z if z is not None else 0
@@ -856,8 +858,8 @@ def backward_into(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     xp = array_module(u)
     dtype = u.dtype
     Bt, Dc, _ = u.shape
-    dummy1 = xp.zeros((1,), dtype)
-    dummy3 = xp.zeros((1, 1, 1), dtype)
+    dummy1 = dummy(xp, dtype, 1)
+    dummy3 = dummy(xp, dtype, 3)
     flags = 0
     flags |= FLAG_D if D is not None else 0
     flags |= FLAG_Z if z is not None else 0
@@ -947,7 +949,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     chunk_states = cupy.empty((Bt, Dc, n_chunks, N), u.dtype)
     forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                  initial_state, out, last_state, chunk_states,
-                 threads=threads, items=items, stream=current_stream())
+                 threads=threads, items=items, stream="current")
     return out, last_state, GpuScanSaved(chunk_states, threads, items)
 
 
@@ -1004,6 +1006,6 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     backward_into(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                   delta_softplus, saved.chunk_states, du, ddelta, dA, dB, dC,
                   dD, dz, ddelta_bias, q_buf, threads=threads, items=items,
-                  stream=current_stream())
+                  stream="current")
     dinitial_state = None if initial_state is None else q_buf[0]
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state

@@ -68,7 +68,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import activations, array_module, current_stream, inline_device, launch, simulator
+from ._common import activations, array_module, dummy, inline_device, launch, simulator
 
 __all__ = [
     "MAX_STATES",
@@ -899,15 +899,14 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     out = xp.empty_like(u)
     last_state = xp.empty((Bt, Dc, N), dtype)
     tile_states = xp.empty((Bt, Dc, n_tiles, N), dtype)
-    dummy1 = xp.zeros((1,), dtype)
-    dummy3 = xp.zeros((1, 1, 1), dtype)
+    dummy1 = dummy(xp, dtype, 1)
+    dummy3 = dummy(xp, dtype, 3)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
     S, SL = segments(Bt, Dc, L, p, n_segments)
     # (at least one segment's room: no empty arrays through the launchers)
     seg_h = xp.empty((Bt, Dc, max(S - 1, 1), N), dtype)
     seg_dt = xp.empty((Bt, Dc, max(S - 1, 1)), dtype)
     flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)
-    stream = current_stream(xp) if stream == "current" else stream
     if S > 1:
         launch(k.forward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream,
                (u.reshape(-1), delta.reshape(-1), A, B.reshape(-1),
@@ -927,14 +926,23 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
 
 def gradient_buffers(xp, u, A, B, C, D, z, delta_bias):
     """Outputs of a backward kernel: ``du, ddelta, dz`` (overwritten), ``dA, dB, dC,
-    dD, ddelta_bias`` (accumulated into, so zeroed); None where the input is None."""
+    dD, ddelta_bias`` (accumulated into, so zeroed); None where the input is None.
+
+    The accumulated ones are views of one buffer, zeroed by one memset."""
     dtype = u.dtype
     Dc, N = A.shape
-    return (xp.empty_like(u), xp.empty_like(u), xp.zeros((Dc, N), dtype),
-            xp.zeros(B.shape, dtype), xp.zeros(C.shape, dtype),
-            None if D is None else xp.zeros((Dc,), dtype),
-            None if z is None else xp.empty_like(u),
-            None if delta_bias is None else xp.zeros((Dc,), dtype))
+    shapes = [(Dc, N), B.shape, C.shape,
+              None if D is None else (Dc,), None if delta_bias is None else (Dc,)]
+    sizes = [0 if s is None else math.prod(s) for s in shapes]
+    acc = xp.zeros(sum(sizes), dtype)
+    views = []
+    start = 0
+    for shape, size in zip(shapes, sizes):
+        views.append(None if shape is None else acc[start:start + size].reshape(shape))
+        start += size
+    dA, dB, dC, dD, ddelta_bias = views
+    return (xp.empty_like(u), xp.empty_like(u), dA, dB, dC, dD,
+            None if z is None else xp.empty_like(u), ddelta_bias)
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
@@ -952,8 +960,8 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = gradient_buffers(xp, u, A, B, C, D, z,
                                                                    delta_bias)
     dinit = xp.empty((Bt, Dc, N), dtype)
-    dummy1 = xp.zeros((1,), dtype)
-    dummy3 = xp.zeros((1, 1, 1), dtype)
+    dummy1 = dummy(xp, dtype, 1)
+    dummy3 = dummy(xp, dtype, 3)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
     args = (dout.reshape(-1), dummy3 if dlast_state is None else dlast_state,
             u.reshape(-1), delta.reshape(-1), A, B.reshape(-1), C.reshape(-1),
@@ -968,7 +976,6 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
             dinit,
             _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST),
             np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)))
-    launch(k.backward, _grid(Bt, Dc, p), p.ch * N,
-            current_stream(xp) if stream == "current" else stream, args)
+    launch(k.backward, _grid(Bt, Dc, p), p.ch * N, stream, args)
     dinitial_state = None if initial_state is None else dinit
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state

@@ -38,7 +38,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import c_strided, current_stream
+from ._common import dummy, launch
 
 __all__ = ["THREADS", "conv_step", "get_kernels", "ptx_signatures", "ssm_step"]
 
@@ -140,9 +140,9 @@ def conv_step(x, conv_state, weight, bias, silu):
     conv, _ = get_kernels(x.dtype)
     out = cupy.empty_like(x)
     flags = np.int32((FLAG_BIAS if bias is not None else 0) | (FLAG_SILU if silu else 0))
-    bias = cupy.zeros(1, x.dtype) if bias is None else bias
-    args = [c_strided(a) for a in (x, conv_state, weight, bias)]
-    conv[_grid(x.shape[0] * x.shape[1]), THREADS, current_stream()](*args, flags, out)
+    bias = dummy(cupy, x.dtype, 1) if bias is None else bias
+    launch(conv, _grid(x.shape[0] * x.shape[1]), THREADS, "current",
+           (x, conv_state, weight, bias, flags, out))
     return out
 
 
@@ -159,12 +159,12 @@ def ssm_step(x, dt, A, B, C, D, z, dt_bias, softplus, ssm_state, variable):
     flags = ((FLAG_D if D is not None else 0) | (FLAG_Z if z is not None else 0)
              | (FLAG_BIAS if dt_bias is not None else 0) | (FLAG_SOFTPLUS if softplus else 0)
              | (FLAG_VAR if variable else 0))
-    d1 = cupy.zeros(1, x.dtype)
-    d2 = cupy.zeros((1, 1), x.dtype)
+    d1 = dummy(cupy, x.dtype, 1)
+    d2 = dummy(cupy, x.dtype, 2)
     out = cupy.empty_like(x)
-    args = [c_strided(a) for a in (
-        x, dt, A, cupy.ascontiguousarray(B).reshape(shape3),
-        cupy.ascontiguousarray(C).reshape(shape3), d1 if D is None else D,
-        d2 if z is None else z, d1 if dt_bias is None else dt_bias)]
-    ssm[_grid(Bt * Dc), THREADS, current_stream()](*args, np.int32(flags), ssm_state, out)
+    launch(ssm, _grid(Bt * Dc), THREADS, "current",
+           (x, dt, A, cupy.ascontiguousarray(B).reshape(shape3),
+            cupy.ascontiguousarray(C).reshape(shape3), d1 if D is None else D,
+            d2 if z is None else z, d1 if dt_bias is None else dt_bias, np.int32(flags),
+            ssm_state, out))
     return out

@@ -26,9 +26,17 @@ missing_gpu_stack_message = (
 )
 
 
+_IS_CUPY_TYPE = {}  # type -> is it a CuPy array type (the test costs a microsecond a call)
+
+
 def is_cupy_array(x):
     """True for a ``cupy.ndarray``, without importing CuPy."""
-    return type(x).__module__.split(".")[0] == "cupy" and hasattr(x, "__cuda_array_interface__")
+    cls = type(x)
+    known = _IS_CUPY_TYPE.get(cls)
+    if known is None:
+        known = _IS_CUPY_TYPE[cls] = (cls.__module__.split(".")[0] == "cupy"
+                                      and hasattr(cls, "__cuda_array_interface__"))
+    return known
 
 
 def array_namespace(**arrays):
@@ -40,21 +48,23 @@ def array_namespace(**arrays):
         If NumPy and CuPy arrays are mixed (the message says which argument is
         where), or CuPy arrays live on different devices.
     """
-    on_gpu = {name: is_cupy_array(x) for name, x in arrays.items() if x is not None}
-    if not any(on_gpu.values()):
+    kinds = [is_cupy_array(x) for x in arrays.values() if x is not None]
+    if not any(kinds):
         return np
-    host = [name for name, gpu in on_gpu.items() if not gpu]
-    if host:
+    if not all(kinds):
+        on_gpu = {name: is_cupy_array(x) for name, x in arrays.items() if x is not None}
+        host = [name for name, gpu in on_gpu.items() if not gpu]
         gpu = [name for name, g in on_gpu.items() if g]
         raise TypeError(
             f"arrays must all be NumPy (CPU) or all CuPy (GPU): {', '.join(gpu)} "
             f"{'is a CuPy array' if len(gpu) == 1 else 'are CuPy arrays'} on the GPU but "
             f"{', '.join(host)} {'is' if len(host) == 1 else 'are'} on the host "
             f"({', '.join(type(arrays[n]).__name__ for n in host)})")
-    devices = {name: arrays[name].device.id for name in on_gpu}
-    if len(set(devices.values())) > 1:
+    devices = {x.data.device_id for x in arrays.values() if x is not None}
+    if len(devices) > 1:
         raise TypeError("CuPy arrays must be on one device, got "
-                        + ", ".join(f"{n} on device {d}" for n, d in devices.items()))
+                        + ", ".join(f"{n} on device {x.data.device_id}"
+                                    for n, x in arrays.items() if x is not None))
     import cupy
     return cupy
 

@@ -46,6 +46,13 @@ def _as_array(name, x, xp):
     return x
 
 
+def _canonical(x, ftype, xp):
+    """``x`` as a C-contiguous array of ``ftype`` (itself where it is one already)."""
+    if x.dtype == ftype and x.flags.c_contiguous:
+        return x
+    return xp.ascontiguousarray(x, dtype=ftype)
+
+
 def _check_bc(name, M, Bt, Dc, N, L):
     if M.ndim == 2:
         check_shape(name, M, (Dc, N), "(constant: channels, states)")
@@ -85,7 +92,7 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
         raise ValueError(f"A must have shape ({Dc}, N) with N >= 1 (channels of u, states), "
                          f"got {tuple(A.shape)}")
     N = A.shape[1]
-    if not bool(xp.isfinite(A).all()):
+    if xp is np and not np.isfinite(A).all():  # (on the GPU a check would wait for the device)
         raise ValueError("A must be finite: exp(delta * A) and its gradient are undefined "
                          "for infinite or NaN entries")
     _check_bc("B", arrays["B"], Bt, Dc, N, L)
@@ -107,7 +114,7 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
             continue
         if name in ("B", "C") and x.ndim == 3:
             x = x[:, None]  # (Bt, N, L) is one group
-        canon[name] = xp.ascontiguousarray(x, dtype=ftype)
+        canon[name] = _canonical(x, ftype, xp)
     canon["delta_softplus"] = bool(delta_softplus)
     order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus",
              "initial_state")
@@ -170,7 +177,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         bfloat16, float32, float64).
     ValueError
         Wrong number of dims or shape (the message names the argument, the
-        expected and the actual shape); empty ``u``; non-finite ``A``.
+        expected and the actual shape); empty ``u``; non-finite ``A`` (NumPy
+        arrays only, see Notes).
     RuntimeError
         CuPy arrays given but the CUDA stack is missing (the message says what
         to install).
@@ -185,6 +193,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     float32 and float64 inputs compute in their own precision; float16 and
     bfloat16 compute in float32 and return their own dtype.  Non-contiguous
     inputs are copied to C order first.
+
+    On the GPU, ``A`` is not checked for infinities and NaNs: the check would
+    make every call wait for the device (as CuPy's linear algebra does not
+    check its results unless asked to).  A NaN or ``+inf`` in ``A`` makes the
+    output NaN or infinite; ``-inf`` gives the limit where ``delta > 0`` in
+    the forward (the state forgets at once) and NaN in the gradient of
+    ``delta``.
 
     The GPU has two engines, chosen by the problem's size.  Where there are
     many recurrences (``Bt * D * N >= 16384``, ``N <= 128``: a Mamba layer) one thread runs
@@ -296,11 +311,11 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         array_namespace(u=given["u"], dout=dout, dlast_state=dlast_state)  # not mixed
         dout = _as_array("dout", dout, xp)
         check_shape("dout", dout, (Bt, Dc, L), "like out")
-        dout = xp.ascontiguousarray(dout, dtype=ftype)
+        dout = _canonical(dout, ftype, xp)
         if dlast_state is not None:
             dlast_state = _as_array("dlast_state", dlast_state, xp)
             check_shape("dlast_state", dlast_state, (Bt, Dc, N), "like last_state")
-            dlast_state = xp.ascontiguousarray(dlast_state, dtype=ftype)
+            dlast_state = _canonical(dlast_state, ftype, xp)
         grads = backend.scan_backward(dout, dlast_state, *args, saved)
         result = {}
         for field, g in zip(ScanGrads._fields, grads):

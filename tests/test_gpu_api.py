@@ -163,3 +163,29 @@ def test_gpu_non_contiguous_inputs_read_correctly():
     assert not strided["delta"].flags.c_contiguous
     np.testing.assert_array_equal(nm.selective_scan(**strided).get(),
                                   nm.selective_scan(**dev).get())
+
+
+@pytest.mark.parametrize("Bt,Dc", [(1, 4), (2, 1024)], ids=["blocks", "states"])
+def test_gpu_non_finite_A_shows_in_the_results_without_a_check(Bt, Dc):
+    # On the GPU A is not checked (a check would wait for the device): a NaN
+    # in A makes that channel's output NaN; -inf forgets the state at once
+    # (the limit of a very negative A) and makes the delta gradient NaN.
+    rng = np.random.default_rng(5)
+    args = make_inputs(rng, Bt=Bt, Dc=Dc, L=40, N=16, dtype=np.float32, D=True, z=True,
+                       delta_bias=True, softplus=True)
+    dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    A = dev["A"].copy()
+    A[1, 3] = cupy.nan
+    out = nm.selective_scan(**dict(dev, A=A)).get()
+    assert np.isnan(out[:, 1]).all()
+    assert np.isfinite(np.delete(out, 1, axis=1)).all()
+
+    A = dev["A"].copy()
+    A[1, 3] = -cupy.inf
+    out, _, backward = nm.selective_scan_vjp(**dict(dev, A=A))
+    limit = dict(args, A=args["A"].copy())
+    limit["A"][1, 3] = -1e30
+    assert_close("out", out.get(), nm.selective_scan(**limit),
+                 *TOLERANCES[np.dtype(np.float32)]["out"])
+    grads = backward(cupy.ones_like(out))
+    assert np.isnan(grads.ddelta.get()[:, 1]).any()
