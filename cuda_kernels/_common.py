@@ -6,6 +6,7 @@ one place, and a cheaper way to launch a compiled kernel on CuPy arrays.
 
 import math
 import os
+import struct
 
 import numba
 import numpy as np
@@ -111,7 +112,7 @@ class RawLaunch:
     it, into a CuPy module once and, per launch, writes the kernel's
     parameters as Numba's launcher lays them out -- an array of ``ndim``
     dimensions as ``(meminfo, parent, size, itemsize, data, *shape,
-    *strides)``, an integer by value -- into one 8-byte slot each of a NumPy
+    *strides)``, an integer or a float by value -- into one 8-byte slot each of a NumPy
     buffer, and hands the driver (``cuLaunchKernel``) a pointer per slot.
     The shape part of an array's parameters is cached per (shape, itemsize).
 
@@ -119,7 +120,8 @@ class RawLaunch:
     ----------
     dispatcher : numba.cuda dispatcher
         Compiled for exactly one signature (``cuda.jit(signature)``), with
-        C-contiguous array and integer arguments of at most 8 bytes only.
+        C-contiguous array, integer (at most 8 bytes) and float32/float64
+        arguments only.
     """
 
     def __init__(self, dispatcher):
@@ -127,7 +129,7 @@ class RawLaunch:
         from numba.core import types as nbtypes
 
         (kernel,) = dispatcher.overloads.values()
-        self._ndims = []  # per argument: its dimensions, 0 for an integer
+        self._ndims = []  # per argument: its dimensions, 0 an integer, < 0 a float
         n_slots = 0
         for ty in kernel.argument_types:
             if isinstance(ty, nbtypes.Array) and ty.layout == "C" and ty.ndim > 0:
@@ -136,8 +138,11 @@ class RawLaunch:
             elif isinstance(ty, nbtypes.Integer) and ty.bitwidth <= 64:
                 self._ndims.append(0)
                 n_slots += 1
+            elif isinstance(ty, nbtypes.Float) and ty.bitwidth in (32, 64):
+                self._ndims.append(_FLOAT32 if ty.bitwidth == 32 else _FLOAT64)
+                n_slots += 1
             else:
-                raise TypeError(f"RawLaunch takes C arrays and integers, got {ty}")
+                raise TypeError(f"RawLaunch takes C arrays, integers and floats, got {ty}")
         lib = kernel._codelibrary
         self._module = cupy.cuda.function.Module()
         image = lib.get_cubin()
@@ -164,8 +169,11 @@ class RawLaunch:
                 values += meta[0]
                 values.append(value.data.ptr)
                 values += meta[1]
-            else:
+            elif ndim == 0:
                 values.append(int(value) & _SLOT_MASK)  # two's complement, low bytes first
+            else:  # a float's bits in the slot's low bytes
+                code = "<f" if ndim == _FLOAT32 else "<d"
+                values.append(int.from_bytes(struct.pack(code, value), "little"))
         return values
 
     def __call__(self, grid, block, stream, args):
@@ -180,6 +188,7 @@ class RawLaunch:
 
 _ARRAY_META = {}
 _SLOT_MASK = (1 << 64) - 1
+_FLOAT32, _FLOAT64 = -1, -2  # argument kinds of RawLaunch
 
 
 def _array_meta(shape, itemsize):
