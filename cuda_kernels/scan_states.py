@@ -1107,9 +1107,11 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     dummy3 = xp.zeros((1, 1, 1), dtype)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
     S, SL = backward_segments(Bt, Dc, L, p, n_segments)
-    # (at least one segment's room: no empty arrays through the launchers)
-    seg_q = xp.empty((Bt, Dc, max(S - 1, 1), N), dtype)
-    seg_dt = xp.empty((Bt, Dc, max(S - 1, 1)), dtype)
+    if S > 1:  # the adjoint entering segments 1 .. S-1 from zero at their ends, their delta sums
+        seg_q = xp.empty((Bt, Dc, S - 1, N), dtype)
+        seg_dt = xp.empty((Bt, Dc, S - 1), dtype)
+    else:  # (not read; views, so one segment allocates nothing more than before)
+        seg_q, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
     flags = _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST)
     stream = current_stream(xp) if stream == "current" else stream
     if S > 1:
