@@ -8,8 +8,10 @@ profiler sees each kernel's own time.  Run on the GPU machine, e.g.::
 Arguments: ``--rows`` (indices into ``bench_scan.ROWS``), ``--engines``, and
 for the state engine ``--min-blocks`` (``forward:backward`` pairs of
 ``scan_states.MIN_BLOCKS`` to compile with) and ``--target-blocks``
-(``scan_states.TARGET_BLOCKS`` values; 0 never splits the sequence) and
-``--save-every`` (``scan_states.SAVE_EVERY`` values: backward tiles per saved state).
+(``scan_states.TARGET_BLOCKS`` values; 0 never splits the sequence),
+``--backward-target-blocks`` (``scan_states.BACKWARD_TARGET_BLOCKS`` values;
+0 never splits the backward's sequence) and ``--save-every``
+(``scan_states.SAVE_EVERY`` values: backward tiles per saved state).
 """
 
 import argparse
@@ -30,6 +32,9 @@ def main():
     parser.add_argument("--target-blocks", default="",
                         help="comma-separated values of the state engine's TARGET_BLOCKS to run "
                              "(0: one segment); default: the module's")
+    parser.add_argument("--backward-target-blocks", default="",
+                        help="comma-separated values of the state engine's BACKWARD_TARGET_BLOCKS "
+                             "to run (0: one backward segment); default: the module's")
     parser.add_argument("--save-every", default="",
                         help="comma-separated values of the state engine's SAVE_EVERY to run; "
                              "default: the module's")
@@ -48,17 +53,22 @@ def main():
     pairs = pairs or [(scan_states.MIN_BLOCKS[(f32, "forward")],
                        scan_states.MIN_BLOCKS[(f32, "backward")])]
     targets = [int(v) for v in args.target_blocks.split(",") if v] or [scan_states.TARGET_BLOCKS]
+    bwd_targets = ([int(v) for v in args.backward_target_blocks.split(",") if v]
+                   or [scan_states.BACKWARD_TARGET_BLOCKS])
     saves = [int(v) for v in args.save_every.split(",") if v] or [scan_states.SAVE_EVERY]
     for fwd_mb, bwd_mb in pairs:
         scan_states.MIN_BLOCKS[(f32, "forward")] = fwd_mb
         scan_states.MIN_BLOCKS[(f32, "backward")] = bwd_mb
         for target in targets:
             scan_states.TARGET_BLOCKS = target
-            for save in saves:
-                scan_states.SAVE_EVERY = save
-                print(f"float32 MIN_BLOCKS forward {fwd_mb} backward {bwd_mb}, "
-                      f"TARGET_BLOCKS {target}, SAVE_EVERY {save}", flush=True)
-                run_rows(cupy, backend, args, rng)
+            for bwd_target in bwd_targets:
+                scan_states.BACKWARD_TARGET_BLOCKS = bwd_target
+                for save in saves:
+                    scan_states.SAVE_EVERY = save
+                    print(f"float32 MIN_BLOCKS forward {fwd_mb} backward {bwd_mb}, "
+                          f"TARGET_BLOCKS {target}, BACKWARD_TARGET_BLOCKS {bwd_target}, "
+                          f"SAVE_EVERY {save}", flush=True)
+                    run_rows(cupy, backend, args, rng)
 
 
 def run_rows(cupy, backend, args, rng):

@@ -158,7 +158,7 @@ class RawLaunch:
         """The kernel's parameter values for ``args``, one int per 8-byte slot."""
         values = []
         for ndim, value in zip(self._ndims, args):
-            if ndim:
+            if ndim > 0:
                 key = (value.shape, value.itemsize)
                 meta = _ARRAY_META.get(key)
                 if meta is None:

@@ -53,6 +53,18 @@ written (or atomically added where several blocks share a group).  Sums over
 steps (``dA``, constant ``dB``/``dC``, ``dD``, ``ddelta_bias``) stay in
 registers and are atomically added once per thread at the end.
 
+The backward splits the sequence into segments too where its blocks are too
+few (:func:`backward_segments`; segments of whole backward tiles and whole
+stretches of saved states).  The adjoint is linear in its value at a
+segment's end, and ``dy`` needs no state, so a first kernel runs every
+segment but the first from ``q = 0`` backwards through ``dout``, ``z``,
+``delta`` and ``C`` alone and keeps the adjoint it reaches and the sum of
+the segment's deltas; the backward then starts each segment's blocks from
+``dlast_state`` carried through the later segments
+(``q = exp(A * sum delta) * q + Q``), all segments at once, each block adding
+its segment's part of the sums over steps and only the first segment writing
+``dinitial_state``.
+
 Per-step arrays reach the kernels flat and are indexed with unsigned
 offsets from per-row bases; shared-memory indices are unsigned too (Numba's
 negative-index handling of signed indices costs instructions on every
@@ -76,6 +88,7 @@ __all__ = [
     "MIN_RECURRENCES",
     "StatesPlan",
     "StatesSaved",
+    "backward_segments",
     "gradient_buffers",
     "compile_options",
     "launch_bounds",
@@ -187,10 +200,15 @@ def _argtypes(ftype):
     # dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, tile_states,
     # du, ddelta, dA_acc, dB_acc, dC_acc, dD_acc, dz, ddelta_bias_acc,
     # dinitial_state, flags, dg
-    # (per-step arrays flat as in the forward), L, groups_B, groups_C
+    # (per-step arrays flat as in the forward), L, groups_B, groups_C,
+    # segment adjoints, segment delta sums, segment length, segments
     bwd = (a1, a3, a1, a1, a2, a1, a1, a1, a1, a1, a4,
-           a1, a1, a2, a1, a1, a1, a1, a1, a3, i32, i64, i64, i64, i64)
-    return fwd, bwd, ends
+           a1, a1, a2, a1, a1, a1, a1, a1, a3, i32, i64, i64, i64, i64,
+           a4, a3, i64, i64)
+    # dout, delta, A, C, z, delta_bias (dout, delta, C, z flat), segment
+    # adjoints, segment delta sums, flags, dg, L, groups_C, segment length, segments
+    bwd_ends = (a1, a1, a2, a1, a1, a1, a4, a3, i32, i64, i64, i64, i64, i64)
+    return fwd, bwd, ends, bwd_ends
 
 
 def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
@@ -517,15 +535,99 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
                 su[c, tt] = uu
                 ssg[c, tt] = sg
 
+    # Where Bt * Dc * N recurrences make too few backward blocks, the sequence
+    # is split into NS segments of SL steps (a multiple of TB * K, so that
+    # segments hold whole stretches of saved states).  The adjoint q is linear
+    # in its value at a segment's end: q entering the segment from before is
+    # exp(A * sum delta) * q_end + Q, with Q the adjoint from q_end = 0.  A
+    # first kernel (backward_ends) runs each segment but the first from q = 0
+    # backwards, keeping Q and the sum of its deltas (neither needs the states:
+    # dh = q + C_t dy_t with dy after the z gate); the backward then starts
+    # each segment's blocks from dlast_state carried through the later
+    # segments, all segments at once.
+    @inline_device
+    def backward_segment_tiles(seg, SL, L):
+        # the backward tiles of segment seg: first, one past the last
+        return seg * (SL // TB), (min((seg + 1) * SL, L) + TB - 1) // TB
+
+    def backward_ends(dout, delta, A, C, z, delta_bias, seg_q, seg_dt, flags, dg, L, GC,
+                      SL, NS):
+        tid = cuda.threadIdx.x
+        ch = tid // N
+        n = tid - ch * N
+        Dc = A.shape[0]
+        # segments 1 .. NS-1 (the first one's adjoint is not needed), kept at seg - 1
+        sp, bi, d0, nch = segment_blocks(Dc, dg, NS - 1)
+        valid = ch < nch
+        d = d0 + min(ch, nch - 1)
+        uL = U(L)
+        row0 = U(bi * Dc + d0) * uL
+        baseC = group_rows(bi, d0, Dc, GC, uL) if c_var else U(0)
+        has_z = (flags & FLAG_Z) != 0
+        has_bias = (flags & FLAG_BIAS) != 0
+        use_softplus = (flags & FLAG_SOFTPLUS) != 0
+
+        sC = cuda.shared.array(CB, ftype)
+        sdt = cuda.shared.array(CHB, ftype)   # delta after bias/softplus
+        sdy = cuda.shared.array(CHB, ftype)   # dL/dy (after the z gate)
+
+        A2 = A[d, n] * log2e
+        C_n = zero
+        if not c_var:
+            C_n = C[U(d) * UN + U(n)]
+        uch = U(ch)
+        un = U(n)
+        utid = U(tid)
+        q = zero
+        sum_dt = zero
+        first, stop = backward_segment_tiles(sp + 1, SL, L)
+        for rt in range(stop - first):
+            t0 = U(stop - 1 - rt) * UTB
+            full = t0 + UTB <= uL
+            if c_var:
+                stage_bwd(C, baseC, L, t0, full, sC, tid)
+            for i in range(CSTAGEB):
+                e = utid + U(i * NT)
+                if CSTAGEB * NT == CH * TB or e < U(CH * TB):
+                    c = e // UTB
+                    tt = e - c * UTB
+                    dt = zero  # past L or an idle channel: a = 1, dy = 0
+                    g = zero
+                    if c < U(nch) and (full or t0 + tt < uL):
+                        o = row0 + c * uL + t0 + tt
+                        dt = delta_at(delta, delta_bias, o, U(d0) + c, has_bias, use_softplus)[0]
+                        g = dout[o]
+                        if has_z:
+                            zz = z[o]
+                            g = g * zz * sigmoid(zz)
+                    sdt[c, tt] = dt
+                    sdy[c, tt] = g
+            cuda.syncthreads()  # the tile is staged
+            k = UTB
+            while k > U(0):
+                k -= U(1)
+                dt = sdt[uch, k]
+                ct = C_n
+                if c_var:
+                    ct = sC[un, k]
+                q = math.exp2(dt * A2) * (q + ct * sdy[uch, k])
+                sum_dt += dt
+            cuda.syncthreads()  # the tile is consumed
+        if valid:
+            seg_q[bi, d, sp, n] = q
+            if n == 0:
+                seg_dt[bi, d, sp] = sum_dt
+
     def backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                  tile_states, du, ddelta, dA_acc, dB_acc, dC_acc, dD_acc, dz,
-                 ddelta_bias_acc, dinitial_state, flags, dg, L, GB, GC):
+                 ddelta_bias_acc, dinitial_state, flags, dg, L, GB, GC,
+                 seg_q, seg_dt, SL, NS):
         tid = cuda.threadIdx.x
         ch = tid // N
         n = tid - ch * N
         Dc = A.shape[0]
         n_btiles = tile_states.shape[2] if K == 1 else (L + TB - 1) // TB
-        bi, d0, nch = block_channels(Dc, dg, np.int64(cuda.blockIdx.x))
+        seg, bi, d0, nch = segment_blocks(Dc, dg, NS)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)
         uL = U(L)
@@ -570,14 +672,18 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
         q = zero  # adjoint flowing in from later steps
         if has_dlast:
             q = dlast_state[bi, d, n]
+        for r in range(NS - 1 - seg):  # through the later segments, last first
+            sp = NS - 2 - r  # (segment sp + 1)
+            q = math.exp2(seg_dt[bi, d, sp] * A2) * q + seg_q[bi, d, sp, n]
         dA_r = zero
         dB_r = zero
         dC_r = zero
         dD_r = zero
         dbias_r = zero
 
-        for rt in range(n_btiles):
-            tile = n_btiles - 1 - rt
+        seg_first, seg_stop = backward_segment_tiles(seg, SL, L)
+        for rt in range(seg_stop - seg_first):
+            tile = seg_stop - 1 - rt
             t0 = U(tile) * UTB
             full = t0 + UTB <= uL
             first = (tile // K) * K  # the first backward tile of this one's saved stretch
@@ -715,7 +821,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
                             cuda.atomic.add(dC_acc, baseC + un * uL + t0 + tt, s)
 
         if valid:
-            dinitial_state[bi, d, n] = q
+            if seg == 0:
+                dinitial_state[bi, d, n] = q
+            # (sums over this segment's steps: every segment's blocks add theirs)
             cuda.atomic.add(dA_acc, (d, n), dA_r)
             if not b_var:
                 cuda.atomic.add(dB_acc, dn, dB_r)
@@ -726,13 +834,14 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
             if has_bias:
                 cuda.atomic.add(ddelta_bias_acc, d, dbias_r)
 
-    return forward, backward, forward_ends
+    return forward, backward, forward_ends, backward_ends
 
 
 class _Kernels(NamedTuple):
     forward: object
     backward: object
     forward_ends: object
+    backward_ends: object
 
 
 #: Blocks per multiprocessor the compiler must fit in registers (``launch_bounds``'
@@ -769,14 +878,13 @@ def compile_options(dtype, kind, threads):
 
 @functools.lru_cache(maxsize=None)
 def _get_kernels(dtype, N, ch, t_fwd, t_bwd, save_every, b_var, c_var, sim, bounds):
-    fwd_py, bwd_py, ends_py = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, save_every)
+    bodies = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, save_every)
     if sim:
-        return _Kernels(cuda.jit(fwd_py), cuda.jit(bwd_py), cuda.jit(ends_py))
-    fwd_t, bwd_t, ends_t = _argtypes(dtype)
-    return _Kernels(
-        cuda.jit(types.void(*fwd_t), launch_bounds=bounds[0], fastmath=True)(fwd_py),
-        cuda.jit(types.void(*bwd_t), launch_bounds=bounds[1], fastmath=True)(bwd_py),
-        cuda.jit(types.void(*ends_t), launch_bounds=bounds[0], fastmath=True)(ends_py))
+        return _Kernels(*(cuda.jit(f) for f in bodies))
+    # (the segment-end kernels, light on registers, take the forward's bounds)
+    return _Kernels(*(cuda.jit(types.void(*t), launch_bounds=b, fastmath=True)(f)
+                      for f, t, b in zip(bodies, _argtypes(dtype),
+                                         (bounds[0], bounds[1], bounds[0], bounds[0]))))
 
 
 def get_kernels(dtype, N, p, b_var, c_var):
@@ -797,23 +905,26 @@ def ptx_signatures():
     an odd-sized (N = 5) layout.
     """
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
-        fwd_t, bwd_t, ends_t = _argtypes(dtype)
+        fwd_t, bwd_t, ends_t, bends_t = _argtypes(dtype)
         for N in (16, 5):
             p = plan(dtype, N, 1536, 1, 0)
             for b_var, c_var in ((True, True), (False, False), (True, False)):
-                fwd_py, bwd_py, ends_py = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd,
-                                                        b_var, c_var)
+                fwd_py, bwd_py, ends_py, bends_py = _make_kernels(dtype, N, p.ch, p.t_fwd,
+                                                                  p.t_bwd, b_var, c_var)
                 tag = f"{dtype.name}_n{N}_b{'var' if b_var else 'const'}_c{'var' if c_var else 'const'}"
                 yield (f"states_forward_{tag}", fwd_py, fwd_t, dtype == np.float32,
                        compile_options(dtype, "forward", p.ch * N))
                 yield (f"states_backward_{tag}", bwd_py, bwd_t, dtype == np.float32,
                        compile_options(dtype, "backward", p.ch * N))
-                if c_var:  # (the segment ends do not read C)
+                if c_var:  # (the forward's segment ends do not read C)
                     yield (f"states_forward_ends_{tag}", ends_py, ends_t, dtype == np.float32,
                            compile_options(dtype, "forward", p.ch * N))
+                if b_var:  # (the backward's do not read B)
+                    yield (f"states_backward_ends_{tag}", bends_py, bends_t,
+                           dtype == np.float32, compile_options(dtype, "forward", p.ch * N))
                 if b_var and c_var:  # one saved state in 4 backward tiles
-                    fwd4, bwd4, _ = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var, c_var,
-                                                  4)
+                    fwd4, bwd4, *_ = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var,
+                                                   c_var, 4)
                     yield (f"states_forward_{tag}_save4", fwd4, fwd_t, dtype == np.float32,
                            compile_options(dtype, "forward", p.ch * N))
                     yield (f"states_backward_{tag}_save4", bwd4, bwd_t, dtype == np.float32,
@@ -868,6 +979,43 @@ def segments(Bt, Dc, L, p, n_segments=None):
         S = int(n_segments)
     S = max(1, min(S, -(-L // p.t_fwd)))
     SL = -(-(-(-L // S)) // p.t_fwd) * p.t_fwd
+    return -(-L // SL), SL
+
+
+#: Thread blocks the backward aims for before it splits the sequence: an H200
+#: holds 132 multiprocessors x 5 float32 backward blocks (:data:`MIN_BLOCKS`).
+BACKWARD_TARGET_BLOCKS = 660
+
+
+def backward_segments(Bt, Dc, L, p, n_segments=None):
+    """``(S, SL)``: the backward's split of the sequence into ``S`` segments of
+    ``SL`` steps (the last one shorter).
+
+    ``SL`` is a multiple of ``p.t_bwd * p.save_every``, so that a segment
+    holds whole backward tiles and whole stretches of saved states.  One
+    segment where ``Bt * Dc`` channels make :data:`BACKWARD_TARGET_BLOCKS`
+    blocks; fewer blocks split the sequence so that they approach that count,
+    with segments of at least :data:`MIN_SEGMENT` steps.  ``n_segments``
+    forces a count (for tests; at most one per stretch of saved states).
+
+    Parameters
+    ----------
+    Bt, Dc, L : int
+        Batch, channels, sequence length.
+    p : StatesPlan
+    n_segments : int, optional
+
+    Returns
+    -------
+    S, SL : int
+    """
+    unit = p.t_bwd * p.save_every
+    if n_segments is None:
+        S = min(-(-BACKWARD_TARGET_BLOCKS // _grid(Bt, Dc, p)), L // MIN_SEGMENT)
+    else:
+        S = int(n_segments)
+    S = max(1, min(S, -(-L // unit)))
+    SL = -(-(-(-L // S)) // unit) * unit
     return -(-L // SL), SL
 
 
@@ -946,11 +1094,14 @@ def gradient_buffers(xp, u, A, B, C, D, z, delta_bias):
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
-                  delta_softplus, initial_state, saved, *, stream="current"):
+                  delta_softplus, initial_state, saved, *, n_segments=None,
+                  stream="current"):
     """Selective scan backward, state-parallel engine (canonical layout).
 
     Parameters and returns as :func:`cuda_kernels.scan.scan_backward`, with
-    ``saved`` from :func:`scan_forward` of this module.
+    ``saved`` from :func:`scan_forward` of this module.  ``n_segments``, for
+    tests: the number of segments of the sequence (see
+    :func:`backward_segments`; independent of the forward's).
     """
     xp = array_module(u)
     dtype = u.dtype
@@ -963,6 +1114,19 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     dummy1 = dummy(xp, dtype, 1)
     dummy3 = dummy(xp, dtype, 3)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
+    S, SL = backward_segments(Bt, Dc, L, p, n_segments)
+    if S > 1:  # the adjoint entering segments 1 .. S-1 from zero at their ends, their delta sums
+        seg_q = xp.empty((Bt, Dc, S - 1, N), dtype)
+        seg_dt = xp.empty((Bt, Dc, S - 1), dtype)
+    else:  # (not read; views, so one segment allocates nothing more than before)
+        seg_q, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
+    flags = _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST)
+    if S > 1:
+        launch(k.backward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream,
+               (dout.reshape(-1), delta.reshape(-1), A, C.reshape(-1),
+                dummy1 if z is None else z.reshape(-1),
+                dummy1 if delta_bias is None else delta_bias, seg_q, seg_dt, flags,
+                np.int64(p.dg), np.int64(L), np.int64(_groups(C)), np.int64(SL), np.int64(S)))
     args = (dout.reshape(-1), dummy3 if dlast_state is None else dlast_state,
             u.reshape(-1), delta.reshape(-1), A, B.reshape(-1), C.reshape(-1),
             dummy1 if D is None else D,
@@ -973,9 +1137,9 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
             dummy1 if dD is None else dD,
             dummy1 if dz is None else dz.reshape(-1),
             dummy1 if ddelta_bias is None else ddelta_bias,
-            dinit,
-            _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST),
-            np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)))
-    launch(k.backward, _grid(Bt, Dc, p), p.ch * N, stream, args)
+            dinit, flags,
+            np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)),
+            seg_q, seg_dt, np.int64(SL), np.int64(S))
+    launch(k.backward, S * _grid(Bt, Dc, p), p.ch * N, stream, args)
     dinitial_state = None if initial_state is None else dinit
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state

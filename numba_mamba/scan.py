@@ -205,7 +205,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     many recurrences (``Bt * D * N >= 16384``, ``N <= 128``: a Mamba layer) one thread runs
     each (batch, channel, state) serially along L, with tiles of the inputs
     staged in shared memory (and, where ``Bt * D`` is small, the sequence
-    split into segments whose end states are combined first).  Otherwise a
+    split into segments whose end states, and in the backward whose
+    adjoints, are combined first).  Otherwise a
     hierarchical parallel scan along L with the associative operator
     ``(a1, b1) o (a2, b2) = (a2*a1, a2*b1 + b2)`` [2]_: each thread scans a
     contiguous piece, warps combine summaries with shuffles, warps combine

@@ -142,3 +142,41 @@ def test_state_engine_segments_cover_the_sequence(shape):
         assert S == 1
     else:
         assert S > 1 and SL >= scan_states.MIN_SEGMENT - p.t_fwd
+
+
+@pytest.mark.parametrize("save_every", [1, 4])
+@pytest.mark.parametrize("shape", [(8, 1536, 2048), (2, 1536, 16384), (64, 64, 1024),
+                                   (1, 1536, 2 ** 20), (1, 4, 16), (3, 40, 1000), (2, 12, 1000)])
+def test_state_engine_backward_segments_cover_the_sequence(shape, save_every):
+    """The backward's split: whole tiles and stretches of saved states, every step once,
+    more segments for fewer blocks."""
+    Bt, Dc, L = shape
+    p = scan_states.plan(np.float32, 16, Dc, 1, 1)._replace(save_every=save_every)
+    S, SL = scan_states.backward_segments(Bt, Dc, L, p)
+    assert SL % (p.t_bwd * save_every) == 0 and (S - 1) * SL < L <= S * SL
+    blocks = scan_states._grid(Bt, Dc, p)
+    if blocks >= scan_states.BACKWARD_TARGET_BLOCKS or L < 2 * scan_states.MIN_SEGMENT:
+        assert S == 1
+    else:
+        assert S > 1 and SL >= scan_states.MIN_SEGMENT
+        assert (S * blocks >= scan_states.BACKWARD_TARGET_BLOCKS
+                or (S + 1) * scan_states.MIN_SEGMENT > L)
+    for n in (1, 2, 3, 4):  # a forced count, where the stretches allow it
+        S, SL = scan_states.backward_segments(Bt, Dc, L, p, n)
+        assert SL % (p.t_bwd * save_every) == 0 and (S - 1) * SL < L <= S * SL
+        assert S <= n
+
+
+def test_state_engine_backward_splits_the_latency_bound_problem():
+    # (2, 1536, 16384) in float32 at N = 16: 384 blocks alone, 768 in 2 segments
+    p = scan_states.plan(np.float32, 16, 1536, 1, 1)
+    assert scan_states._grid(2, 1536, p) == 384
+    assert scan_states.backward_segments(2, 1536, 16384, p) == (2, 8192)
+    assert scan_states.backward_segments(8, 1536, 2048, p) == (1, 2048)
+
+
+def test_state_engine_lists_its_backward_segment_kernel():
+    for dtype in ("float32", "float64"):
+        for N in (16, 5):
+            assert {f"states_backward_ends_{dtype}_n{N}_bvar_cvar",
+                    f"states_backward_ends_{dtype}_n{N}_bvar_cconst"} <= set(SIGNATURES)

@@ -45,7 +45,9 @@ CASES = {
 # threads, forward tiles of 8 hold four backward tiles of 2 (L = 33: 5 tiles,
 # the last of one step).  A seventh entry splits the forward's sequence into
 # that many segments (``scan_states.segments``; 3 with tiles of 8: segments of
-# 16, 16 and 1 steps; 2 with tiles of 4: 20 and 13).
+# 16, 16 and 1 steps; 2 with tiles of 4: 20 and 13); an eighth the backward's
+# (``scan_states.backward_segments``, None for one segment as these sizes get
+# by default).
 STATES_CASES = {
     "states-float64-var-var-allflags": ("float64", "var", "var", ALL_FLAGS, True, (3, 8, 2)),
     "states-float64-grouped-const-noflags": ("float64", "grouped", "const", {}, False, (2, 4, 4)),
@@ -64,6 +66,22 @@ STATES_CASES = {
                                               (3, 8, 2, 3)),
     "states-float32-grouped-const-allflags-save4-2segments": ("float32", "grouped", "const",
                                                               ALL_FLAGS, True, (2, 4, 4, 4), 2),
+    # the backward's sequence in segments: of 12, 12 and 9 steps (tiles of 2);
+    # 20 and 13 (tiles of 4; no dlast_state, no initial_state); 10, 10, 10
+    # and 3 with the forward's in 3 segments (no dlast_state)
+    "states-float64-var-var-allflags-bwd3segments": ("float64", "var", "var", ALL_FLAGS, True,
+                                                     (3, 8, 2), None, 3),
+    "states-float32-const-grouped-noflags-bwd2segments": ("float32", "const", "grouped", {},
+                                                          False, (2, 4, 4), None, 2),
+    "states-float64-grouped-var-allflags-nodlast-3segments-bwd4segments": (
+        "float64", "grouped", "var", ALL_FLAGS, False, (3, 8, 2), 3, 4),
+    # and with one saved state per stretch of backward tiles: segments of 18
+    # (three stretches of 3 tiles of 2) and 15 steps (3, 3 and 2 tiles);
+    # of 12 (three stretches of 2 tiles of 2), 12 and 9 steps (2, 2, 1 tiles)
+    "states-float64-var-var-allflags-save3-bwd2segments": ("float64", "var", "var", ALL_FLAGS,
+                                                           True, (3, 8, 2, 3), None, 2),
+    "states-float32-const-var-allflags-save2-2segments-bwd3segments": (
+        "float32", "const", "var", ALL_FLAGS, True, (2, 8, 2, 2), 2, 3),
 }
 
 
@@ -84,10 +102,10 @@ def _simulate_case(name):
     from numba_mamba import reference
     from tests.scan_cases import make_inputs
 
-    n_segments = None
+    n_segments = bwd_segments = None
     if name in STATES_CASES:
-        dtype, bk, ck, flags, with_dlast, tuning, *n_segments = STATES_CASES[name]
-        n_segments = n_segments[0] if n_segments else None
+        dtype, bk, ck, flags, with_dlast, tuning, *split = STATES_CASES[name]
+        n_segments, bwd_segments = (split + [None, None])[:2]
     else:
         dtype, bk, ck, flags, with_dlast = CASES[name]
         tuning = None
@@ -114,11 +132,15 @@ def _simulate_case(name):
                                                     n_segments=n_segments)
         if len(tuning) > 3:  # one saved state per stretch of backward tiles
             assert saved.tile_states.shape[2] == -(-(-(-L // tuning[2])) // tuning[3])
+        p = scan_states.StatesPlan(*tuning[:1], 0, *tuning[1:])
         if n_segments is not None:  # the split is the one asked for
-            p = scan_states.StatesPlan(*tuning[:1], 0, *tuning[1:])
             assert scan_states.segments(Bt, Dc, L, p, n_segments)[0] == n_segments
+        if bwd_segments is not None:
+            assert scan_states.backward_segments(Bt, Dc, L, p, bwd_segments)[0] == bwd_segments
+        else:  # these sizes take one backward segment by default
+            assert scan_states.backward_segments(Bt, Dc, L, saved.plan)[0] == 1
         du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = scan_states.scan_backward(
-            dout, dlast, *args, saved)
+            dout, dlast, *args, saved, n_segments=bwd_segments)
         q_buf = np.stack([dinit if dinit is not None else np.zeros_like(last)] * 2)
         return _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA,
                         dB, dC, dD, dz, dbias, q_buf)

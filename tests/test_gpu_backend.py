@@ -51,14 +51,14 @@ def _kind(field, with_z, dtype):
 
 
 def _run_and_compare(kw, dtype, with_dlast, rng, engine=None, states_tuning=None,
-                     n_segments=None, **tuning):
+                     n_segments=None, bwd_segments=None, **tuning):
     """Run the backend forward + backward and compare everything to the reference.
 
     ``engine`` picks the forward's engine (the backward follows what the
     forward saved); ``states_tuning`` runs the state-parallel engine with that
     ``(channels per block, forward tile, backward tile)`` (and ``n_segments``
-    segments of the sequence); ``tuning`` is the block engine's
-    ``threads``/``items``.
+    segments of the forward's sequence, ``bwd_segments`` of the backward's);
+    ``tuning`` is the block engine's ``threads``/``items``.
     """
     dtype = np.dtype(dtype)
     host = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
@@ -88,9 +88,14 @@ def _run_and_compare(kw, dtype, with_dlast, rng, engine=None, states_tuning=None
 
     dout = rng.standard_normal(out.shape).astype(dtype)
     dlast = rng.standard_normal(last.shape).astype(dtype) if with_dlast else None
-    grads = scan.scan_backward(cupy.asarray(dout),
-                               None if dlast is None else cupy.asarray(dlast),
-                               *args, saved, **tuning)
+    if bwd_segments is not None:
+        grads = scan_states.scan_backward(cupy.asarray(dout),
+                                          None if dlast is None else cupy.asarray(dlast),
+                                          *args, saved, n_segments=bwd_segments)
+    else:
+        grads = scan.scan_backward(cupy.asarray(dout),
+                                   None if dlast is None else cupy.asarray(dlast),
+                                   *args, saved, **tuning)
     want = rbackward(dout.astype(np.float64),
                      None if dlast is None else dlast.astype(np.float64))
     assert len(grads) == len(GRADS)
@@ -180,6 +185,41 @@ def test_gpu_states_engine_keeps_one_state_in_several_tiles(dtype, save_every):
     p = scan_states.plan(dtype, 16, 12, 3, 1)
     _run_and_compare(kw, dtype, True, rng,
                      states_tuning=(p.ch, p.t_fwd, p.t_bwd, save_every), n_segments=3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("with_dlast", [True, False])
+@pytest.mark.parametrize("n_segments", [None, 2, 3, 8])
+def test_gpu_states_engine_split_backward(dtype, with_dlast, n_segments):
+    """The backward split into segments (last one short; None: the default split, 3
+    segments here) matches the reference, with and without ``dlast_state``."""
+    rng = np.random.default_rng(n_segments or 1)
+    kw = make_inputs(rng, Bt=2, Dc=12, L=1000, N=16, dtype=np.float64, B_kind="var",
+                     C_kind="grouped", G=2, D=True, z=True, delta_bias=True, softplus=True,
+                     initial_state=True)
+    p = scan_states.plan(dtype, 16, 12, 1, 2)
+    assert scan_states.backward_segments(2, 12, 1000, p, n_segments)[0] == (n_segments or 3)
+    _run_and_compare(kw, dtype, with_dlast, rng, states_tuning=(p.ch, p.t_fwd, p.t_bwd),
+                     bwd_segments=n_segments)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bc", [("grouped", "var"), ("const", "const")], ids="-".join)
+@pytest.mark.parametrize("save_every", [2, 8])
+def test_gpu_states_engine_split_backward_keeps_one_state_in_several_tiles(dtype, bc,
+                                                                           save_every):
+    """The backward in 2 segments of whole stretches of ``save_every`` tiles (the
+    forward's sequence in 3) matches the reference."""
+    rng = np.random.default_rng(save_every)
+    kw = make_inputs(rng, Bt=2, Dc=12, L=1000, N=16, dtype=np.float64, B_kind=bc[0],
+                     C_kind=bc[1], G=3, D=True, z=True, delta_bias=True, softplus=True,
+                     initial_state=True)
+    p = scan_states.plan(dtype, 16, 12, 3 if bc[0] == "grouped" else 0,
+                         1 if bc[1] == "var" else 0)._replace(save_every=save_every)
+    assert scan_states.backward_segments(2, 12, 1000, p, 2)[0] == 2
+    _run_and_compare(kw, dtype, True, rng,
+                     states_tuning=(p.ch, p.t_fwd, p.t_bwd, save_every), n_segments=3,
+                     bwd_segments=2)
 
 
 @pytest.mark.parametrize("engine", ["blocks", "states"])

@@ -1,0 +1,57 @@
+"""The parameter slots of ``cuda_kernels._common.RawLaunch`` (CPU: no CuPy needed).
+
+``RawLaunch`` hands the CUDA driver one 8-byte slot per kernel parameter, laid
+out as Numba's own launcher lays them out.  On the GPU its results are compared
+with Numba's launcher (``tests/test_gpu_backend.py``); here the packing itself
+is checked on stand-ins for CuPy arrays.
+"""
+
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba.cuda")
+from cuda_kernels import _common  # noqa: E402
+
+
+class FakeDeviceArray:
+    """What RawLaunch reads of a CuPy array: shape, itemsize, flags, data.ptr."""
+
+    def __init__(self, shape, itemsize, ptr, contiguous=True):
+        self.shape = shape
+        self.itemsize = itemsize
+        self.strides = ()
+        self.data = SimpleNamespace(ptr=ptr)
+        self.flags = SimpleNamespace(c_contiguous=contiguous)
+
+
+def _launcher(kinds):
+    raw = _common.RawLaunch.__new__(_common.RawLaunch)  # no cubin to load on the CPU
+    raw._ndims = kinds
+    return raw
+
+
+def test_array_slots_are_meminfo_parent_size_itemsize_data_shape_c_strides():
+    raw = _launcher([3, 0])
+    a = FakeDeviceArray((2, 3, 5), 4, 0x7F0000001000)
+    assert raw.params([a, np.int32(9)]) == [0, 0, 30, 4, 0x7F0000001000, 2, 3, 5, 60, 20, 4, 9]
+
+
+def test_integer_slots_hold_twos_complement_and_float_slots_hold_ieee_bits():
+    raw = _launcher([0, 0, _common._FLOAT32, _common._FLOAT64])
+    slots = raw.params([np.int64(-2), 7, np.float32(1.5), 0.1])
+    assert slots[0] == (1 << 64) - 2  # the low 4 bytes read as int32 give -2 as well
+    assert struct.unpack("<i", slots[0].to_bytes(8, "little")[:4])[0] == -2
+    assert slots[1] == 7
+    assert struct.unpack("<f", slots[2].to_bytes(8, "little")[:4])[0] == 1.5
+    assert struct.unpack("<d", slots[3].to_bytes(8, "little"))[0] == 0.1
+
+
+def test_non_contiguous_or_wrong_rank_arrays_are_refused():
+    raw = _launcher([2])
+    with pytest.raises(ValueError, match="C-contiguous array of 2 dimensions"):
+        raw.params([FakeDeviceArray((4, 4), 4, 0x1000, contiguous=False)])
+    with pytest.raises(ValueError, match="C-contiguous array of 2 dimensions"):
+        raw.params([FakeDeviceArray((16,), 4, 0x1000)])
