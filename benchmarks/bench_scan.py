@@ -15,6 +15,10 @@ iteration, :func:`sequential_loop`) on the same inputs, next to the figure
 issue 3 quotes for it.  The last table lists registers and local memory
 (spills) of every kernel used.
 
+A second table times the same calls issued back to back, without waiting
+for the GPU between them (:func:`back_to_back_ms`), as a training loop issues
+them: there the host work of one call overlaps the kernels before it.
+
 ``--memory`` reports, per row and engine, the bytes the forward keeps for the
 backward and the device memory CuPy's pool held at most during one forward +
 backward (:func:`peak_pool_bytes`).
@@ -208,6 +212,32 @@ def peak_pool_bytes(cupy, Bt, Dc, N, L, dtype, engine=None):
         backend.choose_engine = chooser
 
 
+def back_to_back_ms(cupy, Bt, Dc, N, L, dtype, reps, sets=4):
+    """Per-call ms of ``reps`` forward calls, then of ``reps`` backward calls,
+    issued back to back (no synchronization between calls; inputs cycle
+    through ``sets`` fresh random sets), as a training loop issues them: the
+    host work of one call overlaps the kernels of the previous ones."""
+    rng = cupy.random.default_rng(1)
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    inputs = [make_inputs(cupy, Bt, Dc, N, L, dtype, rng) for _ in range(sets)]
+    dout = rng.standard_normal((Bt, Dc, L), dtype=cupy.float32).astype(dtype)
+    backwards = [nm.selective_scan_vjp(**args)[2] for args in inputs]  # (warm-up too)
+    backwards[0](dout)
+    cupy.cuda.get_current_stream().synchronize()
+    start.record()
+    for i in range(reps):
+        nm.selective_scan_vjp(**inputs[i % sets])
+    stop.record()
+    stop.synchronize()
+    t_fwd = cupy.cuda.get_elapsed_time(start, stop) / reps
+    start.record()
+    for i in range(reps):
+        backwards[i % sets](dout)
+    stop.record()
+    stop.synchronize()
+    return t_fwd, cupy.cuda.get_elapsed_time(start, stop) / reps
+
+
 def long_sequence(cupy, Bt=1, Dc=1536, N=16, L=2**20, reps=3, check_channels=8):
     """Forward + backward of one long sequence (issue 3: batch 1, D 1536, N 16,
     L = 2**20, float32); returns a dict of times (ms, median of ``reps``), the
@@ -317,6 +347,22 @@ def main():
                   f"{b_fwd / t_fwd / 1e6:.0f} | {t_fwd / floor_fwd:.1f} | {ref_fwd} | "
                   f"{t_fwd / ref_fwd:.2f} | {t_bwd:.3f} | {b_bwd / t_bwd / 1e6:.0f} | "
                   f"{t_bwd / floor_bwd:.1f} | {ref_bwd} | {t_bwd / ref_bwd:.2f} |", flush=True)
+    print()
+    print("| batch, D, N, L | dtype | engine | fwd ms back to back | fwd / ref "
+          "| bwd ms back to back | bwd / ref |")
+    print("|---|---|---|---|---|---|---|")
+    for (Bt, Dc, N, L, dtype_name), ref_fwd, ref_bwd in rows:
+        dtype = cupy.dtype(dtype_name) if dtype_name != "bfloat16" else _bf16(cupy)
+        if dtype is None:
+            continue
+        for engine in engines:
+            chooser = force_engine(None if engine == "auto" else engine)
+            try:
+                t_fwd, t_bwd = back_to_back_ms(cupy, Bt, Dc, N, L, dtype, args.reps)
+            finally:
+                _backends()[0].choose_engine = chooser
+            print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {engine} | {t_fwd:.3f} | "
+                  f"{t_fwd / ref_fwd:.2f} | {t_bwd:.3f} | {t_bwd / ref_bwd:.2f} |", flush=True)
     if args.memory:
         print()
         print("| batch, D, N, L | dtype | engine | inputs MB | kept for the backward MB "

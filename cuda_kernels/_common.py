@@ -4,9 +4,11 @@ Nothing here computes; these are the few lines every launcher needs, kept in
 one place, and a cheaper way to launch a compiled kernel on CuPy arrays.
 """
 
+import array
 import math
 import os
 import struct
+import threading
 
 import numba
 import numpy as np
@@ -112,8 +114,9 @@ class RawLaunch:
     it, into a CuPy module once and, per launch, writes the kernel's
     parameters as Numba's launcher lays them out -- an array of ``ndim``
     dimensions as ``(meminfo, parent, size, itemsize, data, *shape,
-    *strides)``, an integer or a float by value -- into one 8-byte slot each of a NumPy
-    buffer, and hands the driver (``cuLaunchKernel``) a pointer per slot.
+    *strides)``, an integer or a float by value -- into one 8-byte slot each
+    of a buffer kept with the launcher, and hands the driver
+    (``cuLaunchKernel``) a pointer per slot.
     The shape part of an array's parameters is cached per (shape, itemsize).
 
     Parameters
@@ -151,8 +154,17 @@ class RawLaunch:
             raise TypeError(f"expected the kernel's cubin as bytes, got {type(image).__name__}")
         self._module.load(image)
         self._function = self._module.get_function(lib._entry_name)
-        self._slot_offsets = np.arange(n_slots, dtype=np.uint64) * np.uint64(8)
-        self._launch = cupy.cuda.driver.launchKernel
+        self._init_slots(n_slots, cupy.cuda.driver.launchKernel)
+
+    def _init_slots(self, n_slots, launch_kernel):
+        # one slot per parameter, and the driver's array of pointers to them:
+        # filled per launch under a lock (the driver copies the values during
+        # the launch call, so the buffer is free again when it returns)
+        self._slots = array.array("Q", bytes(8 * n_slots))
+        first = self._slots.buffer_info()[0]
+        self._pointers = array.array("Q", range(first, first + 8 * n_slots, 8))
+        self._lock = threading.Lock()
+        self._launch = launch_kernel
 
     def params(self, args):
         """The kernel's parameter values for ``args``, one int per 8-byte slot."""
@@ -178,12 +190,13 @@ class RawLaunch:
 
     def __call__(self, grid, block, stream, args):
         """Launch on CuPy arrays ``args`` (C-contiguous) on ``stream`` (a CuPy stream)."""
-        slots = np.array(self.params(args), dtype=np.uint64)
-        pointers = self._slot_offsets + np.uint64(slots.ctypes.data)
-        self._launch(self._function.ptr, int(grid), 1, 1, int(block), 1, 1, 0, stream.ptr,
-                     pointers.ctypes.data, 0)
-        # (``slots`` and ``pointers`` stay alive until here: the driver copies
-        # the parameter values during the launch call)
+        values = array.array("Q", self.params(args))
+        if len(values) != len(self._slots):  # (a resize would move the buffer)
+            raise ValueError(f"expected {len(self._slots)} parameter slots, got {len(values)}")
+        with self._lock:
+            self._slots[:] = values
+            self._launch(self._function.ptr, int(grid), 1, 1, int(block), 1, 1, 0, stream.ptr,
+                         self._pointers.buffer_info()[0], 0)
 
 
 _ARRAY_META = {}

@@ -171,6 +171,11 @@ def plan(dtype, N, Dc, groups_B, groups_C):
     """
     if N > MAX_STATES:
         raise ValueError(f"the state-parallel engine takes at most {MAX_STATES} states, got {N}")
+    return _plan(np.dtype(dtype), int(N), int(Dc), int(groups_B), int(groups_C), SAVE_EVERY)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(dtype, N, Dc, groups_B, groups_C, save_every):
     dg = Dc
     for g in (groups_B, groups_C):
         if g:
@@ -178,7 +183,7 @@ def plan(dtype, N, Dc, groups_B, groups_C):
     ch = max(1, min(_BLOCK // N, dg))
     itemsize = np.dtype(dtype).itemsize
     t_bwd = _tile(N, ch, itemsize, True)
-    return StatesPlan(ch, dg, max(t_bwd, _tile(N, ch, itemsize, False)), t_bwd, SAVE_EVERY)
+    return StatesPlan(ch, dg, max(t_bwd, _tile(N, ch, itemsize, False)), t_bwd, save_every)
 
 
 def _argtypes(ftype):
@@ -982,8 +987,12 @@ def segments(Bt, Dc, L, p, n_segments=None):
     return -(-L // SL), SL
 
 
-#: Thread blocks the backward aims for before it splits the sequence: an H200
-#: holds 132 multiprocessors x 5 float32 backward blocks (:data:`MIN_BLOCKS`).
+#: Resident backward blocks of an H200 (132 multiprocessors x 5 float32 blocks,
+#: :data:`MIN_BLOCKS`): the backward splits the sequence into as many segments
+#: as fit in one wave of them.  Measured (Nsight Compute, H200, 2026-11-29):
+#: 384 blocks of (2, 1536, 16, 16384) took 5.08 ms unsplit, 0.82 + 5.49 ms in
+#: 2 segments (a second, partial wave) and 0.85 + 4.24 ms in 4; 192 blocks of
+#: (1, 1536, 16, 2**20) went from 324 to 204 ms through the API in 4 segments.
 BACKWARD_TARGET_BLOCKS = 660
 
 
@@ -993,9 +1002,12 @@ def backward_segments(Bt, Dc, L, p, n_segments=None):
 
     ``SL`` is a multiple of ``p.t_bwd * p.save_every``, so that a segment
     holds whole backward tiles and whole stretches of saved states.  One
-    segment where ``Bt * Dc`` channels make :data:`BACKWARD_TARGET_BLOCKS`
-    blocks; fewer blocks split the sequence so that they approach that count,
-    with segments of at least :data:`MIN_SEGMENT` steps.  ``n_segments``
+    segment where ``Bt * Dc`` channels make more than half of
+    :data:`BACKWARD_TARGET_BLOCKS` blocks; fewer blocks split the sequence
+    into as many segments as keep all blocks in one wave of that count, each
+    at least :data:`MIN_SEGMENT` steps long (the pass that finds the adjoint
+    entering each segment costs about a sixth of the backward, so a split
+    pays only where it multiplies the resident blocks).  ``n_segments``
     forces a count (for tests; at most one per stretch of saved states).
 
     Parameters
@@ -1011,7 +1023,7 @@ def backward_segments(Bt, Dc, L, p, n_segments=None):
     """
     unit = p.t_bwd * p.save_every
     if n_segments is None:
-        S = min(-(-BACKWARD_TARGET_BLOCKS // _grid(Bt, Dc, p)), L // MIN_SEGMENT)
+        S = min(BACKWARD_TARGET_BLOCKS // _grid(Bt, Dc, p), L // MIN_SEGMENT)
     else:
         S = int(n_segments)
     S = max(1, min(S, -(-L // unit)))
@@ -1051,9 +1063,11 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     dummy3 = dummy(xp, dtype, 3)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
     S, SL = segments(Bt, Dc, L, p, n_segments)
-    # (at least one segment's room: no empty arrays through the launchers)
-    seg_h = xp.empty((Bt, Dc, max(S - 1, 1), N), dtype)
-    seg_dt = xp.empty((Bt, Dc, max(S - 1, 1)), dtype)
+    if S > 1:  # the end state of segments 0 .. S-2 from zero, their delta sums
+        seg_h = xp.empty((Bt, Dc, S - 1, N), dtype)
+        seg_dt = xp.empty((Bt, Dc, S - 1), dtype)
+    else:  # (not read)
+        seg_h, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
     flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)
     if S > 1:
         launch(k.forward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream,

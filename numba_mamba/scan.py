@@ -16,7 +16,12 @@ from .reference import ScanGrads
 __all__ = ["ScanGrads", "selective_scan", "selective_scan_vjp"]
 
 
+_GPU_BACKEND = []  # the kernel module, once found (``cuda.is_available()`` costs microseconds)
+
+
 def _gpu_backend():
+    if _GPU_BACKEND:
+        return _GPU_BACKEND[0]
     try:
         from numba import cuda
         if not cuda.is_available():
@@ -27,6 +32,7 @@ def _gpu_backend():
             from cuda_kernels import scan as backend  # source tree on sys.path
     except (ImportError, RuntimeError) as exc:
         raise RuntimeError(f"{missing_gpu_stack_message} ({exc})") from exc
+    _GPU_BACKEND.append(backend)
     return backend
 
 

@@ -155,24 +155,27 @@ def test_state_engine_backward_segments_cover_the_sequence(shape, save_every):
     S, SL = scan_states.backward_segments(Bt, Dc, L, p)
     assert SL % (p.t_bwd * save_every) == 0 and (S - 1) * SL < L <= S * SL
     blocks = scan_states._grid(Bt, Dc, p)
-    if blocks >= scan_states.BACKWARD_TARGET_BLOCKS or L < 2 * scan_states.MIN_SEGMENT:
+    target = scan_states.BACKWARD_TARGET_BLOCKS
+    if 2 * blocks > target or L < 2 * scan_states.MIN_SEGMENT:
         assert S == 1
     else:
         assert S > 1 and SL >= scan_states.MIN_SEGMENT
-        assert (S * blocks >= scan_states.BACKWARD_TARGET_BLOCKS
-                or (S + 1) * scan_states.MIN_SEGMENT > L)
+        assert S * blocks <= target  # one wave
+        assert (S + 1) * blocks > target or (S + 1) * scan_states.MIN_SEGMENT > L
     for n in (1, 2, 3, 4):  # a forced count, where the stretches allow it
         S, SL = scan_states.backward_segments(Bt, Dc, L, p, n)
         assert SL % (p.t_bwd * save_every) == 0 and (S - 1) * SL < L <= S * SL
         assert S <= n
 
 
-def test_state_engine_backward_splits_the_latency_bound_problem():
-    # (2, 1536, 16384) in float32 at N = 16: 384 blocks alone, 768 in 2 segments
+def test_state_engine_backward_splits_only_a_grid_of_under_half_a_wave():
+    # float32, N = 16: (2, 1536, 16384) makes 384 blocks (more than half of the
+    # 660 resident: one segment); (1, 1536, 2**20) makes 192 (3 segments)
     p = scan_states.plan(np.float32, 16, 1536, 1, 1)
     assert scan_states._grid(2, 1536, p) == 384
-    assert scan_states.backward_segments(2, 1536, 16384, p) == (2, 8192)
+    assert scan_states.backward_segments(2, 1536, 16384, p) == (1, 16384)
     assert scan_states.backward_segments(8, 1536, 2048, p) == (1, 2048)
+    assert scan_states.backward_segments(1, 1536, 2 ** 20, p) == (3, 349536)
 
 
 def test_state_engine_lists_its_backward_segment_kernel():

@@ -55,3 +55,25 @@ def test_non_contiguous_or_wrong_rank_arrays_are_refused():
         raw.params([FakeDeviceArray((4, 4), 4, 0x1000, contiguous=False)])
     with pytest.raises(ValueError, match="C-contiguous array of 2 dimensions"):
         raw.params([FakeDeviceArray((16,), 4, 0x1000)])
+
+
+def test_launch_hands_the_driver_one_pointer_per_slot_holding_its_value():
+    import ctypes
+
+    seen = {}
+
+    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, kernel_params, extra):
+        n = 11  # (2-D array: 5 + 2 * 2) + int + float
+        pointers = (ctypes.c_uint64 * n).from_address(kernel_params)
+        seen.update(f=f, grid=(gx, gy, gz), block=(bx, by, bz), stream=stream, extra=extra,
+                    values=[ctypes.c_uint64.from_address(p).value for p in pointers])
+
+    raw = _launcher([2, 0, _common._FLOAT64])
+    raw._init_slots(11, launch_kernel)
+    raw._function = SimpleNamespace(ptr=0xF00)
+    a = FakeDeviceArray((3, 2), 8, 0xABC000)
+    raw(5, 128, SimpleNamespace(ptr=0x5), [a, np.int32(4), 2.0])
+    assert seen["f"] == 0xF00 and seen["grid"] == (5, 1, 1) and seen["block"] == (128, 1, 1)
+    assert seen["stream"] == 0x5 and seen["extra"] == 0
+    assert seen["values"] == [0, 0, 6, 8, 0xABC000, 3, 2, 16, 8, 4,
+                              int.from_bytes(struct.pack("<d", 2.0), "little")]
