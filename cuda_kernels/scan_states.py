@@ -346,9 +346,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
         return seg, bi, d0, nch
 
     @inline_device
-    def segment_tiles(seg, SL, L):
-        # the forward tiles of segment seg: first, one past the last
-        return seg * (SL // TF), (min((seg + 1) * SL, L) + TF - 1) // TF
+    def segment_tiles(seg, SL, L, T):
+        # the tiles of T steps of segment seg: first, one past the last
+        return seg * (SL // T), (min((seg + 1) * SL, L) + T - 1) // T
 
     def forward_ends(u, delta, A, B, delta_bias, seg_h, seg_dt, flags, dg, L, GB, SL, NS):
         tid = cuda.threadIdx.x
@@ -378,7 +378,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
         utid = U(tid)
         h = zero
         sum_dt = zero
-        first, stop = segment_tiles(seg, SL, L)
+        first, stop = segment_tiles(seg, SL, L, TF)
         for tile in range(first, stop):
             t0 = U(tile) * UTF
             full = t0 + UTF <= uL
@@ -451,7 +451,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
         for s in range(seg):  # the state entering this block's segment
             h = math.exp2(seg_dt[bi, d, s] * A2) * h + seg_h[bi, d, s, n]
 
-        first, stop = segment_tiles(seg, SL, L)
+        first, stop = segment_tiles(seg, SL, L, TF)
         for tile in range(first, stop):
             t0 = U(tile) * UTF
             full = t0 + UTF <= uL
@@ -550,11 +550,6 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
     # dh = q + C_t dy_t with dy after the z gate); the backward then starts
     # each segment's blocks from dlast_state carried through the later
     # segments, all segments at once.
-    @inline_device
-    def backward_segment_tiles(seg, SL, L):
-        # the backward tiles of segment seg: first, one past the last
-        return seg * (SL // TB), (min((seg + 1) * SL, L) + TB - 1) // TB
-
     def backward_ends(dout, delta, A, C, z, delta_bias, seg_q, seg_dt, flags, dg, L, GC,
                       SL, NS):
         tid = cuda.threadIdx.x
@@ -585,7 +580,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
         utid = U(tid)
         q = zero
         sum_dt = zero
-        first, stop = backward_segment_tiles(sp + 1, SL, L)
+        first, stop = segment_tiles(sp + 1, SL, L, TB)
         for rt in range(stop - first):
             t0 = U(stop - 1 - rt) * UTB
             full = t0 + UTB <= uL
@@ -686,7 +681,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
         dD_r = zero
         dbias_r = zero
 
-        seg_first, seg_stop = backward_segment_tiles(seg, SL, L)
+        seg_first, seg_stop = segment_tiles(seg, SL, L, TB)
         for rt in range(seg_stop - seg_first):
             tile = seg_stop - 1 - rt
             t0 = U(tile) * UTB
