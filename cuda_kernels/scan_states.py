@@ -104,6 +104,7 @@ from ._common import (activations, array_module, dummy, inline_device, kernel_vi
                       simulator, storage_dtype, storage_io, storage_of)
 
 __all__ = [
+    "DIRECT_HALF",
     "MAX_STATES",
     "MIN_BLOCKS",
     "MIN_RECURRENCES",
@@ -136,6 +137,15 @@ MAX_STATES = _BLOCK
 #: ``Bt * Dc * N`` from which :func:`usable` chooses this engine: 16 threads
 #: per streaming multiprocessor of an H200 at 1024 threads each.
 MIN_RECURRENCES = 16384
+
+
+#: The public API (``numba_mamba.scan``) passes float16/bfloat16 ``u``,
+#: ``delta``, ``z`` and variable ``B``/``C`` of one dtype to this engine
+#: without casting them to float32 (half storage, see the module docstring)
+#: where this is True and the engine is the one chosen; False casts them, as
+#: before half storage existed.  Off until the direct path is measured and
+#: tested on a GPU (tests/test_gpu_half_io.py).
+DIRECT_HALF = False
 
 
 #: Backward tiles per state the forward keeps (``StatesPlan.save_every``): 1

@@ -262,5 +262,103 @@ def test_simulated_kernels_match_reference(name):
     assert "out" in report and "dA" in report
 
 
+@pytest.mark.parametrize("half_weights", [False, True], ids=["float32-weights", "half-weights"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_simulated_api_half_states_engine_direct_path(dtype, half_weights):
+    """With ``scan_states.DIRECT_HALF`` on, the API passes half ``u``, ``delta``, ``z``,
+    variable ``B``/``C`` and ``dout`` to the state engine uncast, and gets what its
+    cast path gets (the same bits where rounded to the half type); dtypes as its
+    contract says (A, D, delta_bias, initial_state given in the half dtype or float32)."""
+    pytest.importorskip("ml_dtypes")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__, "api-half", dtype, str(int(half_weights))],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    bad = {k: v for k, v in report.items() if not v["ok"]}
+    assert not bad, f"{dtype}: mismatches {bad}; all {report}"
+    assert "dB" in report and "dz" in report
+
+
+def _simulate_api_half(dtype_name, half_weights):
+    """The public API's direct half path (``scan_states.DIRECT_HALF``) under the
+    simulator, against its cast path: {check: {ok}}.
+
+    The API sends NumPy arrays to the CPU; here it is made to take them for
+    CuPy arrays of a GPU whose backend runs the state engine (small tiles) on
+    them.  Called in the subprocess only.
+    """
+    import types
+
+    import numba_mamba as nm
+    import numba_mamba.scan as api
+    from cuda_kernels import scan_states
+    from tests.scan_cases import half_dtype, make_inputs
+
+    dtype = half_dtype(dtype_name)
+    rng = np.random.default_rng(zlib.crc32(dtype_name.encode()))
+    kw = make_inputs(rng, Bt=1, Dc=4, L=33, N=3, dtype=dtype, B_kind="var", C_kind="grouped",
+                     G=2, **ALL_FLAGS)
+    if not half_weights:  # A, D, delta_bias, initial_state float32 (allowed either way)
+        for key in ("A", "D", "delta_bias", "initial_state"):
+            kw[key] = kw[key].astype(np.float32)
+    dout = rng.standard_normal((1, 4, 33)).astype(dtype)
+    dlast = rng.standard_normal((1, 4, 3)).astype(np.float32)
+
+    seen = []  # dtypes of u and dout as the backend got them
+
+    def forward(*args):
+        seen.append(("u", args[0].dtype))
+        return scan_states.scan_forward(*args, tuning=(3, 8, 2), n_segments=2)
+
+    def backward(dout_, dlast_, *args):
+        seen.append(("dout", dout_.dtype))
+        return scan_states.scan_backward(dout_, dlast_, *args, n_segments=2)
+
+    backend = types.SimpleNamespace(scan_states=scan_states, scan_forward=forward,
+                                    scan_backward=backward,
+                                    choose_engine=lambda Bt, Dc, N: "states")
+    gpu_xp = types.ModuleType("gpu_xp")  # NumPy under another name: "CuPy"
+    gpu_xp.__dict__.update(np.__dict__)
+    api.array_namespace = lambda **arrays: gpu_xp
+    api._backend = lambda xp: backend
+    api._gpu_backend = lambda: backend
+
+    results = {}
+    for direct in (False, True):
+        scan_states.DIRECT_HALF = direct
+        seen.clear()
+        out, last, vjp = nm.selective_scan_vjp(**kw)
+        grads = vjp(dout, dlast)
+        results[direct] = (out, last, grads, list(seen))
+    report = {}
+    f32 = np.dtype(np.float32)
+    report["cast path casts"] = dict(ok=results[False][3] == [("u", f32), ("dout", f32)])
+    report["direct path passes half"] = dict(ok=results[True][3] == [("u", dtype),
+                                                                     ("dout", dtype)])
+    (out0, last0, g0, _), (out1, last1, g1, _) = results[False], results[True]
+    report["out dtype"] = dict(ok=out1.dtype == dtype and out0.dtype == dtype)
+    report["last_state float32"] = dict(ok=last1.dtype == f32 and last0.dtype == f32)
+    report["out same bits"] = dict(ok=bool(np.array_equal(out0.view(np.uint16),
+                                                          out1.view(np.uint16))))
+    report["last_state equal"] = dict(ok=bool(np.array_equal(last0, last1)))
+    for field in g0._fields:
+        a, b = getattr(g0, field), getattr(g1, field)
+        x = kw[field[1:]]
+        shape_dtype = (a.shape == b.shape == x.shape and a.dtype == b.dtype == x.dtype)
+        if b.dtype == dtype and field not in ("dB", "dC"):
+            # rounded once, from the same float32 values
+            same = np.array_equal(a.view(np.uint16), b.view(np.uint16))
+        else:  # (float32 sums of atomics, in an order that may vary: to a half ulp)
+            unit = 2.0 ** -8 if dtype_name == "bfloat16" else 2.0 ** -11
+            same = np.allclose(a.astype(np.float64), b.astype(np.float64),
+                               rtol=2 * unit if b.dtype == dtype else 1e-6, atol=1e-6)
+        report[field] = dict(ok=bool(shape_dtype and same), dtype=str(b.dtype))
+    return report
+
+
 if __name__ == "__main__":
-    print(json.dumps(_simulate_case(sys.argv[1])))
+    if sys.argv[1] == "api-half":
+        print(json.dumps(_simulate_api_half(sys.argv[2], sys.argv[3] == "1")))
+    else:
+        print(json.dumps(_simulate_case(sys.argv[1])))

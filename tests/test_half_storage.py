@@ -95,3 +95,41 @@ def test_storage_kinds():
     assert kernel_view(x).dtype == np.uint16 and kernel_view(x).base is x
     y = np.ones(3, np.float16)
     assert kernel_view(y) is y and kernel_view(None) is None
+
+
+@pytest.mark.parametrize("switch", [False, True])
+def test_api_reads_half_directly_only_where_switched_on_and_uniform(monkeypatch, switch):
+    """``numba_mamba.scan._direct_half``: the half dtype where the switch is on, the
+    arrays are on the GPU, the state engine is chosen and u, delta, z and a
+    variable B/C share one half dtype; None (cast to float32) otherwise."""
+    import types
+
+    import numba_mamba.scan as api
+
+    engine = {"name": "states"}
+    backend = types.SimpleNamespace(scan_states=types.SimpleNamespace(DIRECT_HALF=switch),
+                                    choose_engine=lambda Bt, Dc, N: engine["name"])
+    monkeypatch.setattr(api, "_gpu_backend", lambda: backend)
+    gpu = object()  # any array module but NumPy
+    f32 = np.dtype(np.float32)
+    h = BF16
+
+    def arrays(**dtypes):
+        shapes = dict(u=(1, 2, 5), delta=(1, 2, 5), z=(1, 2, 5), A=(2, 3), B=(1, 3, 5),
+                      C=(1, 1, 3, 5), D=(2,))
+        return {k: np.zeros(shapes[k], dtypes.get(k, h)) for k in shapes}
+
+    def direct(xp=gpu, ftype=f32, **dtypes):
+        return api._direct_half(xp, arrays(**dtypes), ftype, 1, 2, 3)
+
+    want = h if switch else None
+    assert direct() == want
+    assert direct(A=f32, D=f32) == want  # weights may be float32
+    assert direct(B=np.float16) is None  # mixed half dtypes
+    assert direct(delta=f32) is None
+    assert direct(xp=np) is None  # the CPU
+    assert direct(ftype=np.dtype(np.float64)) is None
+    assert direct(u=np.float16, delta=np.float16, z=np.float16, B=np.float16,
+                  C=np.float16) == (np.dtype(np.float16) if switch else None)
+    engine["name"] = "blocks"
+    assert direct() is None
