@@ -61,14 +61,19 @@ def activations(ftype):
 HALF_STORAGE = ("float16", "bfloat16")
 
 
+_STORAGE_OF = {}  # dtype -> (compute dtype, storage) (``dtype.name`` costs microseconds)
+
+
 def storage_of(dtype):
     """``(compute dtype, storage)`` for arrays of ``dtype``: float16 and bfloat16
     compute in float32 and keep their name as the storage kind; float32 and
     float64 compute in themselves with storage None (no conversion)."""
-    dtype = np.dtype(dtype)
-    if dtype.name in HALF_STORAGE:
-        return np.dtype(np.float32), dtype.name
-    return dtype, None
+    found = _STORAGE_OF.get(dtype)
+    if found is None:
+        d = np.dtype(dtype)
+        found = (np.dtype(np.float32), d.name) if d.name in HALF_STORAGE else (d, None)
+        _STORAGE_OF[dtype] = found
+    return found
 
 
 def storage_dtype(storage, ftype):
@@ -87,7 +92,7 @@ def storage_dtype(storage, ftype):
 def kernel_view(x):
     """``x`` as the kernels take it: a bfloat16 array viewed as ``uint16``
     (:func:`storage_dtype`), any other array (and None) unchanged."""
-    if x is not None and x.dtype.name == "bfloat16":
+    if x is not None and storage_of(x.dtype)[1] == "bfloat16":
         return x.view(np.uint16)
     return x
 

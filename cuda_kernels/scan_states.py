@@ -192,6 +192,8 @@ def plan(dtype, N, Dc, groups_B, groups_C):
     Parameters
     ----------
     dtype : numpy dtype
+        The compute dtype, that of the shared tiles (float32 also for
+        float16/bfloat16 storage, whose tiles are float32 too).
     N, Dc : int
     groups_B, groups_C : int
         Groups of a variable ``B``/``C``; 0 for a constant one.
@@ -1093,6 +1095,10 @@ def backward_segments(Bt, Dc, L, p, n_segments=None):
     return -(-L // SL), SL
 
 
+def _as_is(x):
+    return x
+
+
 def _check_half(half, ftype, per_step, others):
     """Raise TypeError unless the per-step arrays (a constant ``B``/``C`` is
     not one) are of the storage dtype ``half`` and the others of ``ftype``
@@ -1147,7 +1153,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     dummy3 = dummy(xp, dtype, 3)
     dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)  # an absent per-step array
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage)
-    v = kernel_view  # (bfloat16 arrays reach the kernels as their bits)
+    v = kernel_view if storage == "bfloat16" else _as_is  # (bfloat16 as its bits)
     S, SL = segments(Bt, Dc, L, p, n_segments)
     if S > 1:  # the end state of segments 0 .. S-2 from zero, their delta sums
         seg_h = xp.empty((Bt, Dc, S - 1, N), dtype)
@@ -1227,7 +1233,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     dummy3 = dummy(xp, dtype, 3)
     dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage)
-    v = kernel_view
+    v = kernel_view if storage == "bfloat16" else _as_is
     S, SL = backward_segments(Bt, Dc, L, p, n_segments)
     if S > 1:  # the adjoint entering segments 1 .. S-1 from zero at their ends, their delta sums
         seg_q = xp.empty((Bt, Dc, S - 1, N), dtype)

@@ -60,6 +60,7 @@ def _canonical(x, ftype, xp):
 
 
 _HALF = ("float16", "bfloat16")
+_IS_HALF = {}  # dtype -> is it a half dtype (``dtype.name`` costs microseconds a call)
 
 
 def _direct_half(xp, arrays, ftype, Bt, Dc, N):
@@ -74,7 +75,10 @@ def _direct_half(xp, arrays, ftype, Bt, Dc, N):
     if xp is np or ftype != np.float32:
         return None
     half = arrays["u"].dtype
-    if half.name not in _HALF:
+    is_half = _IS_HALF.get(half)
+    if is_half is None:
+        is_half = _IS_HALF[half] = half.name in _HALF
+    if not is_half:
         return None
     for name in ("delta", "z", "B", "C"):
         x = arrays[name]
