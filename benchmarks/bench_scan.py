@@ -351,10 +351,7 @@ def main():
     print("| batch, D, N, L | dtype | engine | fwd ms back to back | fwd / ref "
           "| bwd ms back to back | bwd / ref |")
     print("|---|---|---|---|---|---|---|")
-    for (Bt, Dc, N, L, dtype_name), ref_fwd, ref_bwd in rows:
-        dtype = cupy.dtype(dtype_name) if dtype_name != "bfloat16" else _bf16(cupy)
-        if dtype is None:
-            continue
+    for (Bt, Dc, N, L, dtype_name), ref_fwd, ref_bwd, dtype in _with_dtypes(cupy, rows):
         for engine in engines:
             chooser = force_engine(None if engine == "auto" else engine)
             try:
@@ -368,10 +365,7 @@ def main():
         print("| batch, D, N, L | dtype | engine | inputs MB | kept for the backward MB "
               "| peak beyond the inputs during fwd+bwd MB |")
         print("|---|---|---|---|---|---|")
-        for (Bt, Dc, N, L, dtype_name), _, _ in rows:
-            dtype = cupy.dtype(dtype_name) if dtype_name != "bfloat16" else _bf16(cupy)
-            if dtype is None:
-                continue
+        for (Bt, Dc, N, L, dtype_name), _, _, dtype in _with_dtypes(cupy, rows):
             for engine in engines:
                 inputs, saved, peak = peak_pool_bytes(cupy, Bt, Dc, N, L, dtype,
                                                       None if engine == "auto" else engine)
@@ -412,6 +406,14 @@ def print_registers(configs):
                 for overload in disp.overloads.values():
                     print(f"| {name} {kind} | {overload.regs_per_thread} | "
                           f"{overload.local_mem_per_thread} |")
+
+
+def _with_dtypes(cupy, rows):
+    """``(shape and dtype name, ref fwd, ref bwd, dtype)`` of the rows whose dtype this CuPy has."""
+    for (Bt, Dc, N, L, dtype_name), ref_fwd, ref_bwd in rows:
+        dtype = cupy.dtype(dtype_name) if dtype_name != "bfloat16" else _bf16(cupy)
+        if dtype is not None:
+            yield (Bt, Dc, N, L, dtype_name), ref_fwd, ref_bwd, dtype
 
 
 def _bf16(cupy):

@@ -15,6 +15,7 @@ for the state engine ``--min-blocks`` (``forward:backward`` pairs of
 """
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -56,19 +57,17 @@ def main():
     bwd_targets = ([int(v) for v in args.backward_target_blocks.split(",") if v]
                    or [scan_states.BACKWARD_TARGET_BLOCKS])
     saves = [int(v) for v in args.save_every.split(",") if v] or [scan_states.SAVE_EVERY]
-    for fwd_mb, bwd_mb in pairs:
+    for (fwd_mb, bwd_mb), target, bwd_target, save in itertools.product(
+            pairs, targets, bwd_targets, saves):
         scan_states.MIN_BLOCKS[(f32, "forward")] = fwd_mb
         scan_states.MIN_BLOCKS[(f32, "backward")] = bwd_mb
-        for target in targets:
-            scan_states.TARGET_BLOCKS = target
-            for bwd_target in bwd_targets:
-                scan_states.BACKWARD_TARGET_BLOCKS = bwd_target
-                for save in saves:
-                    scan_states.SAVE_EVERY = save
-                    print(f"float32 MIN_BLOCKS forward {fwd_mb} backward {bwd_mb}, "
-                          f"TARGET_BLOCKS {target}, BACKWARD_TARGET_BLOCKS {bwd_target}, "
-                          f"SAVE_EVERY {save}", flush=True)
-                    run_rows(cupy, backend, args, rng)
+        scan_states.TARGET_BLOCKS = target
+        scan_states.BACKWARD_TARGET_BLOCKS = bwd_target
+        scan_states.SAVE_EVERY = save
+        print(f"float32 MIN_BLOCKS forward {fwd_mb} backward {bwd_mb}, "
+              f"TARGET_BLOCKS {target}, BACKWARD_TARGET_BLOCKS {bwd_target}, "
+              f"SAVE_EVERY {save}", flush=True)
+        run_rows(cupy, backend, args, rng)
 
 
 def run_rows(cupy, backend, args, rng):

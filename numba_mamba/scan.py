@@ -7,6 +7,8 @@ arrays of one compute dtype, B and C either constant ``(D, N)`` or grouped
 ``(Bt, G, N, L)``.
 """
 
+import functools
+
 import numpy as np
 
 from ._validation import (array_namespace, check_dtype, check_shape, compute_dtype,
@@ -16,12 +18,8 @@ from .reference import ScanGrads
 __all__ = ["ScanGrads", "selective_scan", "selective_scan_vjp"]
 
 
-_GPU_BACKEND = []  # the kernel module, once found (``cuda.is_available()`` costs microseconds)
-
-
+@functools.lru_cache(maxsize=1)  # (``cuda.is_available()`` costs microseconds; a failure is not kept)
 def _gpu_backend():
-    if _GPU_BACKEND:
-        return _GPU_BACKEND[0]
     try:
         from numba import cuda
         if not cuda.is_available():
@@ -32,7 +30,6 @@ def _gpu_backend():
             from cuda_kernels import scan as backend  # source tree on sys.path
     except (ImportError, RuntimeError) as exc:
         raise RuntimeError(f"{missing_gpu_stack_message} ({exc})") from exc
-    _GPU_BACKEND.append(backend)
     return backend
 
 
