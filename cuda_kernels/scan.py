@@ -921,7 +921,11 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         engine; defaults in :data:`DEFAULT_TUNING`.  The result does not
         depend on them beyond rounding.  Giving either selects that engine.
     engine : {'blocks', 'states'}, optional
-        Default :func:`choose_engine`.
+        Default :func:`choose_engine`.  The ``'states'`` engine also takes
+        float16 or bfloat16 ``u``, ``delta``, ``z`` and variable ``B``/``C``
+        with the rest float32 (half storage, see
+        :func:`cuda_kernels.scan_states.scan_forward`); the ``'blocks'``
+        engine float32 or float64 only.
 
     Returns
     -------
@@ -941,6 +945,9 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         delta_softplus, initial_state)
     if engine != "blocks":
         raise ValueError(f"engine must be 'blocks' or 'states', got {engine!r}")
+    if u.dtype not in DEFAULT_TUNING:
+        raise TypeError(f"the 'blocks' engine computes in float32 or float64, got {u.dtype} "
+                        f"(half-precision storage is the 'states' engine's)")
     threads, items = _tuning(u.dtype, threads, items)
     chunk = threads * items
     n_chunks = (L + chunk - 1) // chunk

@@ -65,6 +65,26 @@ the segment's deltas; the backward then starts each segment's blocks from
 its segment's part of the sums over steps and only the first segment writing
 ``dinitial_state``.
 
+Storage types
+-------------
+The kernels compute in float32 or float64 (the compute type: that of ``A``
+and of every shared tile, register and saved state) and may read and write
+the per-step arrays in a half type, the storage type: ``u``, ``delta``,
+``z``, a variable ``B``/``C`` and ``dout`` are read in it, ``out``, ``du``,
+``ddelta`` and ``dz`` written in it, each value converted once in registers
+(:func:`~cuda_kernels._common.storage_io`: float16 through the hardware's
+conversions, bfloat16 -- passed as its ``uint16`` bits -- with bit
+operations, rounding to nearest even).  So float16 and bfloat16 inputs need
+no cast to float32 before the scan nor back after it, and move half the bytes.
+Everything else stays in the compute type (float32 for half storage):
+``A, D, delta_bias``, a constant ``B``/``C``, ``initial_state``,
+``last_state``, ``dlast_state``, the saved tile states, the segment buffers
+and the accumulated gradients ``dA, dB, dC, dD, ddelta_bias`` (a variable
+``dB``/``dC``, summed with atomics, is cast to the storage type by the
+launcher afterwards).  Without a storage type the load and store are plain
+array accesses: the float32 and float64 kernels compile to the same code as
+before storage types existed.
+
 Per-step arrays reach the kernels flat and are indexed with unsigned
 offsets from per-row bases; shared-memory indices are unsigned too (Numba's
 negative-index handling of signed indices costs instructions on every
@@ -80,9 +100,11 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import activations, array_module, dummy, inline_device, launch, simulator
+from ._common import (activations, array_module, dummy, inline_device, kernel_view, launch,
+                      simulator, storage_dtype, storage_io, storage_of)
 
 __all__ = [
+    "DIRECT_HALF",
     "MAX_STATES",
     "MIN_BLOCKS",
     "MIN_RECURRENCES",
@@ -115,6 +137,15 @@ MAX_STATES = _BLOCK
 #: ``Bt * Dc * N`` from which :func:`usable` chooses this engine: 16 threads
 #: per streaming multiprocessor of an H200 at 1024 threads each.
 MIN_RECURRENCES = 16384
+
+
+#: The public API (``numba_mamba.scan``) passes float16/bfloat16 ``u``,
+#: ``delta``, ``z`` and variable ``B``/``C`` of one dtype to this engine
+#: without casting them to float32 (half storage, see the module docstring)
+#: where this is True and the engine is the one chosen; False casts them, as
+#: before half storage existed.  Off until the direct path is measured and
+#: tested on a GPU (tests/test_gpu_half_io.py).
+DIRECT_HALF = False
 
 
 #: Backward tiles per state the forward keeps (``StatesPlan.save_every``): 1
@@ -161,6 +192,8 @@ def plan(dtype, N, Dc, groups_B, groups_C):
     Parameters
     ----------
     dtype : numpy dtype
+        The compute dtype, that of the shared tiles (float32 also for
+        float16/bfloat16 storage, whose tiles are float32 too).
     N, Dc : int
     groups_B, groups_C : int
         Groups of a variable ``B``/``C``; 0 for a constant one.
@@ -186,42 +219,54 @@ def _plan(dtype, N, Dc, groups_B, groups_C, save_every):
     return StatesPlan(ch, dg, max(t_bwd, _tile(N, ch, itemsize, False)), t_bwd, save_every)
 
 
-def _argtypes(ftype):
+def _argtypes(ftype, storage=None, b_var=True, c_var=True):
+    """Argument types of the four kernels (forward, backward, forward_ends,
+    backward_ends) for compute type ``ftype`` and per-step arrays of
+    ``storage`` (:func:`~cuda_kernels._common.storage_dtype`; a constant
+    ``B``/``C`` is of ``ftype``)."""
     t = numba.from_dtype(np.dtype(ftype))
     a1 = types.Array(t, 1, "C")
     a2 = types.Array(t, 2, "C")
     a3 = types.Array(t, 3, "C")
     a4 = types.Array(t, 4, "C")
+    s1 = types.Array(numba.from_dtype(storage_dtype(storage, ftype)), 1, "C")  # per-step
+    b1 = s1 if b_var else a1
+    c1 = s1 if c_var else a1
     i32 = types.int32
     i64 = types.int64
     # u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state,
     # tile_states, flags, dg, L, groups_B, groups_C (u, delta, B, C, z, out
     # flat), segment end states, segment delta sums, segment length, segments
-    fwd = (a1, a1, a2, a1, a1, a1, a1, a1, a3, a1, a3, a4, i32, i64, i64, i64, i64,
+    fwd = (s1, s1, a2, b1, c1, a1, s1, a1, a3, s1, a3, a4, i32, i64, i64, i64, i64,
            a4, a3, i64, i64)
     # u, delta, A, B, delta_bias, segment end states, segment delta sums,
     # flags, dg, L, groups_B, segment length, segments
-    ends = (a1, a1, a2, a1, a1, a4, a3, i32, i64, i64, i64, i64, i64)
+    ends = (s1, s1, a2, b1, a1, a4, a3, i32, i64, i64, i64, i64, i64)
     # dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, tile_states,
     # du, ddelta, dA_acc, dB_acc, dC_acc, dD_acc, dz, ddelta_bias_acc,
     # dinitial_state, flags, dg
-    # (per-step arrays flat as in the forward), L, groups_B, groups_C,
-    # segment adjoints, segment delta sums, segment length, segments
-    bwd = (a1, a3, a1, a1, a2, a1, a1, a1, a1, a1, a4,
-           a1, a1, a2, a1, a1, a1, a1, a1, a3, i32, i64, i64, i64, i64,
+    # (per-step arrays flat as in the forward; dB_acc, dC_acc of ftype), L,
+    # groups_B, groups_C, segment adjoints, segment delta sums, segment
+    # length, segments
+    bwd = (s1, a3, s1, s1, a2, b1, c1, a1, s1, a1, a4,
+           s1, s1, a2, a1, a1, a1, s1, a1, a3, i32, i64, i64, i64, i64,
            a4, a3, i64, i64)
     # dout, delta, A, C, z, delta_bias (dout, delta, C, z flat), segment
     # adjoints, segment delta sums, flags, dg, L, groups_C, segment length, segments
-    bwd_ends = (a1, a1, a2, a1, a1, a1, a4, a3, i32, i64, i64, i64, i64, i64)
+    bwd_ends = (s1, s1, a2, c1, s1, a1, a4, a3, i32, i64, i64, i64, i64, i64)
     return fwd, bwd, ends, bwd_ends
 
 
-def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
+def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     """Python bodies of the forward and backward kernels for one layout.
 
     ``N`` states, ``CH`` channels per block, tiles of ``TF`` (forward) and
     ``TB`` (backward) steps; ``b_var``/``c_var`` select variable or constant
-    ``B``/``C`` at compile time.  Every constant is cast to ``ftype``.
+    ``B``/``C`` at compile time.  Every constant is cast to ``ftype``, the
+    compute type.  ``storage`` (None, ``'float16'``, ``'bfloat16'``): the
+    type in which the per-step arrays (``u, delta, z``, variable ``B``/``C``,
+    ``dout``; ``out, du, ddelta, dz``) are read and written, through
+    :func:`~cuda_kernels._common.storage_io` (None: ``ftype`` itself).
     """
     ftype = np.dtype(ftype).type
     zero = ftype(0.0)
@@ -242,6 +287,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
     HB = (TB + 1, YW)     # states of a backward tile: row 0 enters it, row k + 1 after step k
 
     softplus, sigmoid = activations(ftype)
+    load, store = storage_io(storage, ftype)  # per-step arrays in global memory
 
     def flat_stager(T):
         # rows base + r*L + t0 .. + T of a flat M into sM (N, T+1), zeros past
@@ -259,7 +305,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
                     tt = e - r * uT
                     v = zero
                     if full or t0 + tt < uL:
-                        v = M[base + r * uL + t0 + tt]
+                        v = load(M, base + r * uL + t0 + tt)
                     sM[r, tt] = v
         return stage
 
@@ -286,7 +332,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
     def delta_at(delta, delta_bias, o, k, has_bias, use_softplus):
         # delta at flat offset o after the bias of channel k and the softplus,
         # and the softplus's derivative there (1 without it)
-        dt = delta[o]
+        dt = load(delta, o)
         if has_bias:
             dt += delta_bias[k]
         sg = one
@@ -332,7 +378,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
                 if c < U(nch) and (full or t0 + tt < uL):
                     o = row0 + c * uL + t0 + tt
                     dt = delta_at(delta, delta_bias, o, U(d0) + c, has_bias, use_softplus)[0]
-                    du_ = dt * u[o]
+                    du_ = dt * load(u, o)
                 sdt[c, tt] = dt
                 sdu[c, tt] = du_
 
@@ -491,11 +537,11 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
                         for k in range(N):
                             y += sy[tt, base + U(k)]
                         o = rowd + t0 + tt
-                        y += D_d * u[o]
+                        y += D_d * load(u, o)
                         if has_z:
-                            zz = z[o]
+                            zz = load(z, o)
                             y = y * zz * sigmoid(zz)
-                        out[o] = y
+                        store(out, o, y)
             # (the next tile's staging writes sB, sC, sdt, sdu, read only in
             # step 2, which every thread has left at the barrier above; sy is
             # next written after the next staging barrier)
@@ -535,7 +581,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
                 if c < U(nch) and (full or t0 + tt < uL):
                     o = row0 + c * uL + t0 + tt
                     dt, sg = delta_at(delta, delta_bias, o, U(d0) + c, has_bias, use_softplus)
-                    uu = u[o]
+                    uu = load(u, o)
                 sdt[c, tt] = dt
                 su[c, tt] = uu
                 ssg[c, tt] = sg
@@ -596,9 +642,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
                     if c < U(nch) and (full or t0 + tt < uL):
                         o = row0 + c * uL + t0 + tt
                         dt = delta_at(delta, delta_bias, o, U(d0) + c, has_bias, use_softplus)[0]
-                        g = dout[o]
+                        g = load(dout, o)
                         if has_z:
-                            zz = z[o]
+                            zz = load(z, o)
                             g = g * zz * sigmoid(zz)
                     sdt[c, tt] = dt
                     sdy[c, tt] = g
@@ -744,13 +790,13 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
                             y += s1[tt, base + U(k)]
                         uu = su[uch, tt]
                         o = rowd + t0 + tt
-                        go = dout[o]
+                        go = load(dout, o)
                         g = go
                         if has_z:
-                            zz = z[o]
+                            zz = load(z, o)
                             sz = sigmoid(zz)
                             g = go * zz * sz
-                            dz[o] = go * (y + D_d * uu) * sz * (one + zz * (one - sz))
+                            store(dz, o, go * (y + D_d * uu) * sz * (one + zz * (one - sz)))
                         dD_r += g * uu
                     sdy[uch, tt] = g
             cuda.syncthreads()  # dy is staged
@@ -799,9 +845,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1):
                             sv += s3[tt, base + U(k)]
                         sd *= ssg[uch, tt]
                         o = rowd + t0 + tt
-                        ddelta[o] = sd
+                        store(ddelta, o, sd)
                         dbias_r += sd
-                        du[o] = sv + D_d * sdy[uch, tt]
+                        store(du, o, sv + D_d * sdy[uch, tt])
             # variable dB and dC: sums over the block's channels (all CH of
             # them: an idle channel staged delta = 0 and dy = 0, so its dB and
             # dC terms are exact zeros)
@@ -877,23 +923,40 @@ def compile_options(dtype, kind, threads):
 
 
 @functools.lru_cache(maxsize=None)
-def _get_kernels(dtype, N, ch, t_fwd, t_bwd, save_every, b_var, c_var, sim, bounds):
-    bodies = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, save_every)
+def _get_kernels(dtype, N, ch, t_fwd, t_bwd, save_every, b_var, c_var, sim, bounds,
+                 storage=None):
+    bodies = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, save_every, storage)
     if sim:
         return _Kernels(*(cuda.jit(f) for f in bodies))
     # (the segment-end kernels, light on registers, take the forward's bounds)
     return _Kernels(*(cuda.jit(types.void(*t), launch_bounds=b, fastmath=True)(f)
-                      for f, t, b in zip(bodies, _argtypes(dtype),
+                      for f, t, b in zip(bodies, _argtypes(dtype, storage, b_var, c_var),
                                          (bounds[0], bounds[1], bounds[0], bounds[0]))))
 
 
-def get_kernels(dtype, N, p, b_var, c_var):
-    """Compiled kernels for ``N`` states, plan ``p``, variable/constant B and C (cached)."""
+def get_kernels(dtype, N, p, b_var, c_var, storage=None):
+    """Compiled kernels for ``N`` states, plan ``p``, variable/constant B and C (cached).
+
+    Parameters
+    ----------
+    dtype : numpy dtype
+        The compute type (float32 or float64).
+    N : int
+    p : StatesPlan
+    b_var, c_var : bool
+    storage : {None, 'float16', 'bfloat16'}, optional
+        Type of the per-step arrays (see the module docstring); None: ``dtype``.
+
+    Returns
+    -------
+    _Kernels
+        ``forward, backward, forward_ends, backward_ends``.
+    """
     dtype = np.dtype(dtype)
     bounds = (launch_bounds(dtype, "forward", p.ch * N),
               launch_bounds(dtype, "backward", p.ch * N))
     return _get_kernels(dtype, int(N), p.ch, p.t_fwd, p.t_bwd, p.save_every,
-                        bool(b_var), bool(c_var), simulator(), bounds)
+                        bool(b_var), bool(c_var), simulator(), bounds, storage)
 
 
 def ptx_signatures():
@@ -902,33 +965,39 @@ def ptx_signatures():
     Yields ``(name, py_func, argtypes, is_float32, options)`` (``options``: the
     keyword arguments of ``cuda.jit``, from :func:`compile_options`) for both
     dtypes, variable and constant ``B``/``C``, and a Mamba-sized (N = 16) and
-    an odd-sized (N = 5) layout.
+    an odd-sized (N = 5) layout; and for float32 compute with float16 and
+    bfloat16 storage (``is_float32`` True: they must be free of float64 too),
+    N = 16 with variable and constant ``B``/``C``.
     """
-    for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
-        fwd_t, bwd_t, ends_t, bends_t = _argtypes(dtype)
-        for N in (16, 5):
-            p = plan(dtype, N, 1536, 1, 0)
-            for b_var, c_var in ((True, True), (False, False), (True, False)):
-                fwd_py, bwd_py, ends_py, bends_py = _make_kernels(dtype, N, p.ch, p.t_fwd,
-                                                                  p.t_bwd, b_var, c_var)
-                tag = f"{dtype.name}_n{N}_b{'var' if b_var else 'const'}_c{'var' if c_var else 'const'}"
-                yield (f"states_forward_{tag}", fwd_py, fwd_t, dtype == np.float32,
+    variants = [(np.dtype(np.float32), None, N) for N in (16, 5)]
+    variants += [(np.dtype(np.float64), None, N) for N in (16, 5)]
+    variants += [(np.dtype(np.float32), st, 16) for st in ("float16", "bfloat16")]
+    for dtype, storage, N in variants:
+        is_f32 = dtype == np.float32
+        p = plan(dtype, N, 1536, 1, 0)
+        for b_var, c_var in ((True, True), (False, False), (True, False)):
+            fwd_t, bwd_t, ends_t, bends_t = _argtypes(dtype, storage, b_var, c_var)
+            fwd_py, bwd_py, ends_py, bends_py = _make_kernels(dtype, N, p.ch, p.t_fwd,
+                                                              p.t_bwd, b_var, c_var, 1, storage)
+            tag = (f"{dtype.name}{'_' + storage if storage else ''}_n{N}"
+                   f"_b{'var' if b_var else 'const'}_c{'var' if c_var else 'const'}")
+            yield (f"states_forward_{tag}", fwd_py, fwd_t, is_f32,
+                   compile_options(dtype, "forward", p.ch * N))
+            yield (f"states_backward_{tag}", bwd_py, bwd_t, is_f32,
+                   compile_options(dtype, "backward", p.ch * N))
+            if c_var:  # (the forward's segment ends do not read C)
+                yield (f"states_forward_ends_{tag}", ends_py, ends_t, is_f32,
                        compile_options(dtype, "forward", p.ch * N))
-                yield (f"states_backward_{tag}", bwd_py, bwd_t, dtype == np.float32,
+            if b_var:  # (the backward's do not read B)
+                yield (f"states_backward_ends_{tag}", bends_py, bends_t, is_f32,
+                       compile_options(dtype, "forward", p.ch * N))
+            if b_var and c_var:  # one saved state in 4 backward tiles
+                fwd4, bwd4, *_ = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var,
+                                               c_var, 4, storage)
+                yield (f"states_forward_{tag}_save4", fwd4, fwd_t, is_f32,
+                       compile_options(dtype, "forward", p.ch * N))
+                yield (f"states_backward_{tag}_save4", bwd4, bwd_t, is_f32,
                        compile_options(dtype, "backward", p.ch * N))
-                if c_var:  # (the forward's segment ends do not read C)
-                    yield (f"states_forward_ends_{tag}", ends_py, ends_t, dtype == np.float32,
-                           compile_options(dtype, "forward", p.ch * N))
-                if b_var:  # (the backward's do not read B)
-                    yield (f"states_backward_ends_{tag}", bends_py, bends_t,
-                           dtype == np.float32, compile_options(dtype, "forward", p.ch * N))
-                if b_var and c_var:  # one saved state in 4 backward tiles
-                    fwd4, bwd4, *_ = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var,
-                                                   c_var, 4)
-                    yield (f"states_forward_{tag}_save4", fwd4, fwd_t, dtype == np.float32,
-                           compile_options(dtype, "forward", p.ch * N))
-                    yield (f"states_backward_{tag}_save4", bwd4, bwd_t, dtype == np.float32,
-                           compile_options(dtype, "backward", p.ch * N))
 
 
 # ---------------------------------------------------------------- launchers
@@ -1026,6 +1095,23 @@ def backward_segments(Bt, Dc, L, p, n_segments=None):
     return -(-L // SL), SL
 
 
+def _as_is(x):
+    return x
+
+
+def _check_half(half, ftype, per_step, others):
+    """Raise TypeError unless the per-step arrays (a constant ``B``/``C`` is
+    not one) are of the storage dtype ``half`` and the others of ``ftype``
+    (RawLaunch reads any dtype's bits as the kernel's)."""
+    for name, x in per_step.items():
+        if x is not None and (x.ndim != 2 or name not in ("B", "C")) and x.dtype != half:
+            raise TypeError(f"{name} must have the dtype of u ({half}) in a half-precision "
+                            f"scan, got {x.dtype}")
+    for name, x in others.items():
+        if x is not None and (x.ndim == 2 or name not in ("B", "C")) and x.dtype != ftype:
+            raise TypeError(f"{name} must be {ftype} in a {half} scan, got {x.dtype}")
+
+
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                  initial_state, *, tuning=None, n_segments=None, stream="current"):
     """Selective scan forward, state-parallel engine (canonical layout).
@@ -1038,9 +1124,18 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     tile[, save_every])`` in place of :func:`plan`'s choice; the tiles powers
     of two, the backward's no longer than the forward's.  ``n_segments``, for tests: the
     number of segments of the sequence (see :func:`segments`).
+
+    float16 or bfloat16 ``u`` (half storage, see the module docstring):
+    ``delta``, ``z`` and a variable ``B``/``C`` must be of that dtype, ``A``,
+    ``D``, ``delta_bias``, ``initial_state`` and a constant ``B``/``C``
+    float32; ``out`` is of ``u``'s dtype, ``last_state`` float32.
     """
     xp = array_module(u)
-    dtype = u.dtype
+    dtype, storage = storage_of(u.dtype)  # compute dtype, storage of the per-step arrays
+    if storage is not None:
+        _check_half(u.dtype, dtype, dict(delta=delta, z=z, B=B, C=C),
+                    dict(A=A, B=B, C=C, D=D, delta_bias=delta_bias,
+                         initial_state=initial_state))
     Bt, Dc, L = u.shape
     N = A.shape[1]
     p = plan(dtype, N, Dc, _groups(B), _groups(C))
@@ -1056,7 +1151,9 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     tile_states = xp.empty((Bt, Dc, n_tiles, N), dtype)
     dummy1 = dummy(xp, dtype, 1)
     dummy3 = dummy(xp, dtype, 3)
-    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
+    dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)  # an absent per-step array
+    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage)
+    v = kernel_view if storage == "bfloat16" else _as_is  # (bfloat16 as its bits)
     S, SL = segments(Bt, Dc, L, p, n_segments)
     if S > 1:  # the end state of segments 0 .. S-2 from zero, their delta sums
         seg_h = xp.empty((Bt, Dc, S - 1, N), dtype)
@@ -1066,15 +1163,15 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)
     if S > 1:
         launch(k.forward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream,
-               (u.reshape(-1), delta.reshape(-1), A, B.reshape(-1),
+               (v(u).reshape(-1), v(delta).reshape(-1), A, v(B).reshape(-1),
                 dummy1 if delta_bias is None else delta_bias, seg_h, seg_dt, flags,
                 np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(SL), np.int64(S)))
-    args = (u.reshape(-1), delta.reshape(-1), A, B.reshape(-1), C.reshape(-1),
+    args = (v(u).reshape(-1), v(delta).reshape(-1), A, v(B).reshape(-1), v(C).reshape(-1),
             dummy1 if D is None else D,
-            dummy1 if z is None else z.reshape(-1),
+            dummy_s if z is None else v(z).reshape(-1),
             dummy1 if delta_bias is None else delta_bias,
             dummy3 if initial_state is None else initial_state,
-            out.reshape(-1), last_state, tile_states, flags,
+            v(out).reshape(-1), last_state, tile_states, flags,
             np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)),
             seg_h, seg_dt, np.int64(SL), np.int64(S))
     launch(k.forward, S * _grid(Bt, Dc, p), p.ch * N, stream, args)
@@ -1082,11 +1179,13 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
 
 
 def gradient_buffers(xp, u, A, B, C, D, z, delta_bias):
-    """Outputs of a backward kernel: ``du, ddelta, dz`` (overwritten), ``dA, dB, dC,
-    dD, ddelta_bias`` (accumulated into, so zeroed); None where the input is None.
+    """Outputs of a backward kernel: ``du, ddelta, dz`` (overwritten; of ``u``'s
+    dtype), ``dA, dB, dC, dD, ddelta_bias`` (accumulated into, so zeroed; of the
+    compute dtype, ``A``'s, also where a half-precision ``B``/``C`` wants its
+    gradient cast afterwards); None where the input is None.
 
     The accumulated ones are views of one buffer, zeroed by one memset."""
-    dtype = u.dtype
+    dtype = A.dtype
     Dc, N = A.shape
     shapes = [(Dc, N), B.shape, C.shape,
               None if D is None else (Dc,), None if delta_bias is None else (Dc,)]
@@ -1111,9 +1210,19 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     ``saved`` from :func:`scan_forward` of this module.  ``n_segments``, for
     tests: the number of segments of the sequence (see
     :func:`backward_segments`; independent of the forward's).
+
+    Half storage as in :func:`scan_forward`, with ``dout`` of ``u``'s dtype
+    and ``dlast_state`` float32: ``du``, ``ddelta``, ``dz`` are of ``u``'s
+    dtype, written by the kernel; ``dB``/``dC`` are summed in float32 and
+    cast to ``B``'s/``C``'s dtype at the end; ``dA``, ``dD``,
+    ``ddelta_bias``, ``dinitial_state`` are float32.
     """
     xp = array_module(u)
-    dtype = u.dtype
+    dtype, storage = storage_of(u.dtype)
+    if storage is not None:
+        _check_half(u.dtype, dtype, dict(dout=dout, delta=delta, z=z, B=B, C=C),
+                    dict(dlast_state=dlast_state, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
+                         initial_state=initial_state))
     Bt, Dc, L = u.shape
     N = A.shape[1]
     p = saved.plan
@@ -1122,7 +1231,9 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     dinit = xp.empty((Bt, Dc, N), dtype)
     dummy1 = dummy(xp, dtype, 1)
     dummy3 = dummy(xp, dtype, 3)
-    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4)
+    dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)
+    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage)
+    v = kernel_view if storage == "bfloat16" else _as_is
     S, SL = backward_segments(Bt, Dc, L, p, n_segments)
     if S > 1:  # the adjoint entering segments 1 .. S-1 from zero at their ends, their delta sums
         seg_q = xp.empty((Bt, Dc, S - 1, N), dtype)
@@ -1132,23 +1243,26 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     flags = _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST)
     if S > 1:
         launch(k.backward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream,
-               (dout.reshape(-1), delta.reshape(-1), A, C.reshape(-1),
-                dummy1 if z is None else z.reshape(-1),
+               (v(dout).reshape(-1), v(delta).reshape(-1), A, v(C).reshape(-1),
+                dummy_s if z is None else v(z).reshape(-1),
                 dummy1 if delta_bias is None else delta_bias, seg_q, seg_dt, flags,
                 np.int64(p.dg), np.int64(L), np.int64(_groups(C)), np.int64(SL), np.int64(S)))
-    args = (dout.reshape(-1), dummy3 if dlast_state is None else dlast_state,
-            u.reshape(-1), delta.reshape(-1), A, B.reshape(-1), C.reshape(-1),
+    args = (v(dout).reshape(-1), dummy3 if dlast_state is None else dlast_state,
+            v(u).reshape(-1), v(delta).reshape(-1), A, v(B).reshape(-1), v(C).reshape(-1),
             dummy1 if D is None else D,
-            dummy1 if z is None else z.reshape(-1),
+            dummy_s if z is None else v(z).reshape(-1),
             dummy1 if delta_bias is None else delta_bias,
-            saved.tile_states, du.reshape(-1), ddelta.reshape(-1), dA,
+            saved.tile_states, v(du).reshape(-1), v(ddelta).reshape(-1), dA,
             dB.reshape(-1), dC.reshape(-1),
             dummy1 if dD is None else dD,
-            dummy1 if dz is None else dz.reshape(-1),
+            dummy_s if dz is None else v(dz).reshape(-1),
             dummy1 if ddelta_bias is None else ddelta_bias,
             dinit, flags,
             np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)),
             seg_q, seg_dt, np.int64(SL), np.int64(S))
     launch(k.backward, S * _grid(Bt, Dc, p), p.ch * N, stream, args)
+    if storage is not None:  # variable dB, dC were summed in float32
+        dB = dB.astype(B.dtype, copy=False)
+        dC = dC.astype(C.dtype, copy=False)
     dinitial_state = None if initial_state is None else dinit
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state

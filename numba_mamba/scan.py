@@ -56,6 +56,37 @@ def _canonical(x, ftype, xp):
     return xp.ascontiguousarray(x, dtype=ftype)
 
 
+_HALF = ("float16", "bfloat16")
+_IS_HALF = {}  # dtype -> is it a half dtype (``dtype.name`` costs microseconds a call)
+
+
+def _direct_half(xp, arrays, ftype, Bt, Dc, N):
+    """The half dtype in which the GPU's state engine reads ``u``, ``delta``,
+    ``z`` and a variable ``B``/``C`` as given (and writes ``out`` and their
+    gradients), or None where they are cast to ``ftype`` first.
+
+    Direct where ``cuda_kernels.scan_states.DIRECT_HALF`` is on, the arrays
+    are CuPy arrays, the state engine is the one chosen, and those arrays
+    share one half dtype (the others may be float32 or of that dtype too).
+    """
+    if xp is np or ftype != np.float32:
+        return None
+    half = arrays["u"].dtype
+    is_half = _IS_HALF.get(half)
+    if is_half is None:
+        is_half = _IS_HALF[half] = half.name in _HALF
+    if not is_half:
+        return None
+    for name in ("delta", "z", "B", "C"):
+        x = arrays[name]
+        if x is not None and (x.ndim != 2 or name not in ("B", "C")) and x.dtype != half:
+            return None
+    backend = _gpu_backend()
+    if not backend.scan_states.DIRECT_HALF or backend.choose_engine(Bt, Dc, N) != "states":
+        return None
+    return half
+
+
 def _check_bc(name, M, Bt, Dc, N, L):
     if M.ndim == 2:
         check_shape(name, M, (Dc, N), "(constant: channels, states)")
@@ -73,7 +104,13 @@ def _check_bc(name, M, Bt, Dc, N, L):
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-    """Validate the scan's arguments and return (xp, backend, canonical args, originals)."""
+    """Validate the scan's arguments and return (xp, backend, canonical args,
+    originals, compute dtype, dtype of ``dout`` for the backward).
+
+    The canonical arrays are C-contiguous, of the compute dtype, except where
+    :func:`_direct_half` finds the state engine takes ``u``, ``delta``, ``z``
+    and a variable ``B``/``C`` in their half dtype: those stay in it (and
+    ``dout`` is to be passed in it too)."""
     given = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                  initial_state=initial_state)
     for name in ("u", "delta", "A", "B", "C"):
@@ -110,18 +147,21 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
                     "(batch, channels, states)")
 
     ftype = compute_dtype(*arrays.values())
+    half = _direct_half(xp, arrays, ftype, Bt, Dc, N)
     canon = {}
     for name, x in arrays.items():
         if x is None:
             canon[name] = None
             continue
+        per_step = name in ("u", "delta", "z") or (name in ("B", "C") and x.ndim != 2)
         if name in ("B", "C") and x.ndim == 3:
             x = x[:, None]  # (Bt, N, L) is one group
-        canon[name] = _canonical(x, ftype, xp)
+        canon[name] = _canonical(x, half if half is not None and per_step else ftype, xp)
     canon["delta_softplus"] = bool(delta_softplus)
     order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus",
              "initial_state")
-    return xp, _backend(xp), tuple(canon[k] for k in order), arrays, ftype
+    return (xp, _backend(xp), tuple(canon[k] for k in order), arrays, ftype,
+            ftype if half is None else half)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -248,8 +288,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     >>> bool(np.allclose(whole, np.concatenate([first, second], axis=-1)))
     True
     """
-    xp, backend, args, given, ftype = _prepare(u, delta, A, B, C, D, z, delta_bias,
-                                               delta_softplus, initial_state)
+    xp, backend, args, given, ftype, _ = _prepare(u, delta, A, B, C, D, z, delta_bias,
+                                                  delta_softplus, initial_state)
     out, last_state, _ = backend.scan_forward(*args)
     out = out.astype(given["u"].dtype, copy=False)
     if return_last_state:
@@ -314,8 +354,9 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     >>> bool(abs(numeric - grads.dA[0, 0]) < 1e-4)
     True
     """
-    xp, backend, args, given, ftype = _prepare(u, delta, A, B, C, D, z, delta_bias,
-                                               delta_softplus, initial_state)
+    xp, backend, args, given, ftype, dout_dtype = _prepare(u, delta, A, B, C, D, z,
+                                                           delta_bias, delta_softplus,
+                                                           initial_state)
     out, last_state, saved = backend.scan_forward(*args)
     Bt, Dc, L = args[0].shape
     N = args[2].shape[1]
@@ -324,7 +365,7 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         array_namespace(u=given["u"], dout=dout, dlast_state=dlast_state)  # not mixed
         dout = _as_array("dout", dout, xp)
         check_shape("dout", dout, (Bt, Dc, L), "like out")
-        dout = _canonical(dout, ftype, xp)
+        dout = _canonical(dout, dout_dtype, xp)  # (half where the forward read half)
         if dlast_state is not None:
             dlast_state = _as_array("dlast_state", dlast_state, xp)
             check_shape("dlast_state", dlast_state, (Bt, Dc, N), "like last_state")

@@ -8,7 +8,8 @@ around the range a trained Mamba uses, unit-scale u, B, C.
 
 import numpy as np
 
-__all__ = ["make_inputs", "TOLERANCES", "assert_close"]
+__all__ = ["make_inputs", "TOLERANCES", "HALF_UNIT_ROUNDOFF", "assert_close", "half_dtype",
+           "rounded_once"]
 
 
 def _bc(rng, kind, Bt, Dc, N, L, G, dtype):
@@ -54,6 +55,27 @@ TOLERANCES = {
     np.dtype(np.float32): dict(out=(6e-4, 2e-3), du=(1.2e-3, 4e-3), ddelta=(3e-3, 1e-2),
                                ddelta_z=(6e-3, 2e-2), weights=(1e-3, 1e-3)),
 }
+
+
+# Unit roundoff of the half precisions (half the distance between 1 and the next
+# value): a value rounded to nearest once is off by at most this much relative.
+HALF_UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+def half_dtype(name):
+    """The NumPy dtype of ``'float16'`` or ``'bfloat16'`` (from ``ml_dtypes``)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def rounded_once(rtol, atol, unit):
+    """Tolerances ``(rtol, atol)`` of a result within ``(rtol, atol)`` of the
+    reference, then rounded once to a type of unit roundoff ``unit``:
+    ``|round(g) - g| <= unit |g| <= unit (|r| (1 + rtol) + atol)``."""
+    return rtol + unit * (1.0 + rtol), atol * (1.0 + unit)
 
 
 def assert_close(name, got, expected, rtol, atol):

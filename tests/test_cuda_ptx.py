@@ -183,3 +183,55 @@ def test_state_engine_lists_its_backward_segment_kernel():
         for N in (16, 5):
             assert {f"states_backward_ends_{dtype}_n{N}_bvar_cvar",
                     f"states_backward_ends_{dtype}_n{N}_bvar_cconst"} <= set(SIGNATURES)
+
+
+def _storage_copy_kernel(storage):
+    """A kernel that loads each element of a ``storage`` array as float32 and
+    stores twice it back: the conversions of ``_common.storage_io`` alone."""
+    from numba import types
+
+    from cuda_kernels._common import storage_dtype, storage_io
+
+    load, store = storage_io(storage, np.float32)
+
+    def copy(src, dst, f):
+        i = np.uint64(cuda.grid(1))
+        v = load(src, i)
+        f[i] = v
+        store(dst, i, v + v)
+
+    s = types.Array(numba.from_dtype(storage_dtype(storage, np.float32)), 1, "C")
+    return copy, (s, s, types.Array(types.float32, 1, "C"))
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_half_storage_conversions_compile_without_f64(storage):
+    py_func, argtypes = _storage_copy_kernel(storage)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_dispatcher, "get_current_device", lambda: _Sm90())
+        text, _ = cuda.compile_ptx(py_func, argtypes, cc=CC, fastmath=True)
+    assert not _F64.search(text)
+    assert "ld.global.u16" in text and "st.global.u16" in text
+    if storage == "float16":  # the hardware conversions
+        assert "cvt.f32.f16" in text and "cvt.rn.f16.f32" in text
+    else:  # bit operations only: no float16 conversion, no call
+        assert "cvt.f32.f16" not in text and "cvt.rn.f16" not in text
+        assert "call" not in text and re.search(r"shl\.b32\s+%r\d+, %r\d+, 16;", text)
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_state_engine_lists_half_storage_kernels(storage):
+    for kind in ("forward", "backward", "forward_ends", "backward_ends"):
+        assert f"states_{kind}_float32_{storage}_n16_bvar_cvar" in SIGNATURES
+    assert f"states_forward_float32_{storage}_n16_bconst_cconst" in SIGNATURES
+    assert SIGNATURES[f"states_backward_float32_{storage}_n16_bvar_cvar"][2]  # f64-free
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_state_engine_half_storage_reads_and_writes_16_bits(ptx, storage, kind):
+    text = ptx[f"states_{kind}_float32_{storage}_n16_bvar_cvar"]
+    assert "ld.global.u16" in text and "st.global.u16" in text
+    assert ("cvt.f32.f16" in text) == (storage == "float16")
+    # float32 kernels read no 16-bit values
+    assert "ld.global.u16" not in ptx[f"states_{kind}_float32_n16_bvar_cvar"]

@@ -13,7 +13,10 @@ each case runs in a subprocess: this file, run as a script.  Sizes are tiny
 runs with 8 threads x 2 items, chunks of 16 steps, and L = 33 crosses two
 chunk boundaries (the last chunk holds one step); the state-parallel engine
 (``scan_states``, no warp operations at all) runs the same checks with small
-blocks and tiles.
+blocks and tiles, and with float16 and bfloat16 storage of the per-step
+arrays (float32 compute): against the reference with the float32 tolerances
+widened by one rounding to the half type where a result is stored in it, and
+bit for bit against the float32 kernels' results rounded afterwards.
 """
 
 import json
@@ -82,7 +85,20 @@ STATES_CASES = {
                                                            True, (3, 8, 2, 3), None, 2),
     "states-float32-const-var-allflags-save2-2segments-bwd3segments": (
         "float32", "const", "var", ALL_FLAGS, True, (2, 8, 2, 2), 2, 3),
+    # half storage (float32 compute): u, delta, z, variable B/C and dout in
+    # float16 or bfloat16 (bfloat16 as uint16 bits: the simulator's NumPy
+    # conversions), out, du, ddelta, dz written in it; A, D, delta_bias,
+    # initial_state, dlast_state and a constant B/C float32
+    "states-float16-var-var-allflags-3segments-bwd3segments": (
+        "float16", "var", "var", ALL_FLAGS, True, (3, 8, 2), 3, 3),
+    "states-bfloat16-grouped-var-allflags-save2-2segments-bwd2segments": (
+        "bfloat16", "grouped", "var", ALL_FLAGS, True, (2, 4, 4, 2), 2, 2),
+    "states-bfloat16-const-grouped-noflags": ("bfloat16", "const", "grouped", {}, False,
+                                              (3, 8, 2)),
+    "states-float16-grouped-const-allflags-nodlast-save3": (
+        "float16", "grouped", "const", ALL_FLAGS, False, (3, 8, 2, 3)),
 }
+HALF = ("float16", "bfloat16")
 
 
 def _to_backend_bc(M):
@@ -100,7 +116,7 @@ def _simulate_case(name):
     assert numba.config.ENABLE_CUDASIM, "the simulator must be on"
     from cuda_kernels import scan
     from numba_mamba import reference
-    from tests.scan_cases import make_inputs
+    from tests.scan_cases import half_dtype, make_inputs
 
     n_segments = bwd_segments = None
     if name in STATES_CASES:
@@ -109,16 +125,24 @@ def _simulate_case(name):
     else:
         dtype, bk, ck, flags, with_dlast = CASES[name]
         tuning = None
-    dtype = np.dtype(dtype)
+    dtype = half_dtype(dtype) if dtype in HALF else np.dtype(dtype)
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     Bt, Dc, L, N, G = 1, 4, 33, 3, 2
     kw = make_inputs(rng, Bt=Bt, Dc=Dc, L=L, N=N, dtype=dtype, B_kind=bk, C_kind=ck,
                      G=G, **flags)
     dout = rng.standard_normal((Bt, Dc, L)).astype(dtype)
-    dlast = rng.standard_normal((Bt, Dc, N)).astype(dtype) if with_dlast else None
+    dlast_dtype = np.float32 if dtype.name in HALF else dtype
+    dlast = rng.standard_normal((Bt, Dc, N)).astype(dlast_dtype) if with_dlast else None
+    if dtype.name in HALF:  # half storage: all but the per-step arrays float32
+        for key in ("A", "D", "delta_bias", "initial_state", "B", "C"):
+            x = kw[key]
+            if x is not None and (key not in ("B", "C") or x.ndim == 2):
+                kw[key] = x.astype(np.float32)
 
-    out_ref, last_ref, vjp = reference.selective_scan_vjp(**kw)
-    g_ref = vjp(dout, dlast)
+    exact = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v)
+             for k, v in kw.items()}
+    out_ref, last_ref, vjp = reference.selective_scan_vjp(**exact)
+    g_ref = vjp(dout.astype(np.float64), None if dlast is None else dlast.astype(np.float64))
 
     u, delta, A = kw["u"], kw["delta"], kw["A"]
     B, C = _to_backend_bc(kw["B"]), _to_backend_bc(kw["C"])
@@ -142,8 +166,22 @@ def _simulate_case(name):
         du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = scan_states.scan_backward(
             dout, dlast, *args, saved, n_segments=bwd_segments)
         q_buf = np.stack([dinit if dinit is not None else np.zeros_like(last)] * 2)
-        return _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA,
-                        dB, dC, dD, dz, dbias, q_buf)
+        report = _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA,
+                          dB, dC, dD, dz, dbias, q_buf, inputs=kw)
+        if dtype.name in HALF:
+            # the same values in float32 through the float32 kernels, the
+            # results rounded to the half type afterwards: the same bits
+            f32 = [x.astype(np.float32) if isinstance(x, np.ndarray) else x for x in args]
+            out32, _, saved32 = scan_states.scan_forward(*f32, tuning=tuning,
+                                                         n_segments=n_segments)
+            g32 = scan_states.scan_backward(dout.astype(np.float32), dlast, *f32, saved32,
+                                            n_segments=bwd_segments)
+            for key, a, b in (("out", out, out32), ("du", du, g32[0]), ("ddelta", ddelta, g32[1]),
+                              ("dz", dz, g32[6])):
+                if a is not None:
+                    same = bool(np.array_equal(a.view(np.uint16), b.astype(dtype).view(np.uint16)))
+                    report[f"{key} as float32 then rounded"] = dict(ok=same)
+        return report
     n_chunks = -(-L // (THREADS * ITEMS))
     out = np.full((Bt, Dc, L), np.nan, dtype)
     last = np.full((Bt, Dc, N), np.nan, dtype)
@@ -168,11 +206,19 @@ def _simulate_case(name):
 
 
 def _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA, dB, dC, dD,
-             dz, dbias, q_buf):
-    """{quantity: {ok, max_err}} of the kernels' results against the reference."""
-    from tests.scan_cases import TOLERANCES
+             dz, dbias, q_buf, inputs=None):
+    """{quantity: {ok, max_err}} of the kernels' results against the reference.
 
-    tol = TOLERANCES[dtype]
+    Half storage (``dtype`` float16 or bfloat16): the float32 tolerances,
+    widened by one rounding to ``dtype`` for the results stored in it
+    (:func:`tests.scan_cases.rounded_once`); each result must have the dtype
+    of its input (``inputs``: the arrays given; ``out`` that of ``u``,
+    ``last_state`` and ``dinitial_state`` float32).
+    """
+    from tests.scan_cases import HALF_UNIT_ROUNDOFF, TOLERANCES, rounded_once
+
+    half = dtype.name in HALF_UNIT_ROUNDOFF
+    tol = TOLERANCES[np.dtype(np.float32) if half else dtype]
     got = dict(out=out, last_state=last, du=du, ddelta=ddelta, dA=dA,
                dB=dB.reshape(g_ref.dB.shape), dC=dC.reshape(g_ref.dC.shape),
                dD=dD, dz=dz, ddelta_bias=dbias,
@@ -180,18 +226,27 @@ def _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA
     expected = dict(out=out_ref, last_state=last_ref, du=g_ref.du, ddelta=g_ref.ddelta,
                     dA=g_ref.dA, dB=g_ref.dB, dC=g_ref.dC, dD=g_ref.dD, dz=g_ref.dz,
                     ddelta_bias=g_ref.ddelta_bias, dinitial_state=g_ref.dinitial_state)
+    f32 = dtype == np.float32 or half
     kinds = dict(out="out", last_state="out", du="du", dz="du", dinitial_state="du",
-                 ddelta="ddelta_z" if z is not None and dtype == np.float32 else "ddelta")
+                 ddelta="ddelta_z" if z is not None and f32 else "ddelta")
     report = {}
     for key, ref in expected.items():
         assert (got[key] is None) == (ref is None), key
         if ref is None:
             continue
         rtol, atol = tol[kinds.get(key, "weights")]
+        dtype_ok = True
+        if half:
+            want = (np.dtype(np.float32) if key in ("last_state", "dinitial_state")
+                    else inputs["u" if key == "out" else key[1:]].dtype)
+            dtype_ok = got[key].dtype == want
+            if got[key].dtype == dtype:  # rounded once to the half type
+                rtol, atol = rounded_once(rtol, atol, HALF_UNIT_ROUNDOFF[dtype.name])
         g = np.asarray(got[key], np.float64)
         r = np.asarray(ref, np.float64)
-        ok = bool(np.allclose(g, r, rtol=rtol, atol=atol)) and g.shape == r.shape
-        report[key] = dict(ok=ok, max_err=float(np.max(np.abs(g - r))))
+        ok = bool(np.allclose(g, r, rtol=rtol, atol=atol)) and g.shape == r.shape and dtype_ok
+        report[key] = dict(ok=ok, max_err=float(np.max(np.abs(g - r))),
+                           dtype=str(got[key].dtype))
     return report
 
 
@@ -207,5 +262,103 @@ def test_simulated_kernels_match_reference(name):
     assert "out" in report and "dA" in report
 
 
+@pytest.mark.parametrize("half_weights", [False, True], ids=["float32-weights", "half-weights"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_simulated_api_half_states_engine_direct_path(dtype, half_weights):
+    """With ``scan_states.DIRECT_HALF`` on, the API passes half ``u``, ``delta``, ``z``,
+    variable ``B``/``C`` and ``dout`` to the state engine uncast, and gets what its
+    cast path gets (the same bits where rounded to the half type); dtypes as its
+    contract says (A, D, delta_bias, initial_state given in the half dtype or float32)."""
+    pytest.importorskip("ml_dtypes")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__, "api-half", dtype, str(int(half_weights))],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    bad = {k: v for k, v in report.items() if not v["ok"]}
+    assert not bad, f"{dtype}: mismatches {bad}; all {report}"
+    assert "dB" in report and "dz" in report
+
+
+def _simulate_api_half(dtype_name, half_weights):
+    """The public API's direct half path (``scan_states.DIRECT_HALF``) under the
+    simulator, against its cast path: {check: {ok}}.
+
+    The API sends NumPy arrays to the CPU; here it is made to take them for
+    CuPy arrays of a GPU whose backend runs the state engine (small tiles) on
+    them.  Called in the subprocess only.
+    """
+    import types
+
+    import numba_mamba as nm
+    import numba_mamba.scan as api
+    from cuda_kernels import scan_states
+    from tests.scan_cases import half_dtype, make_inputs
+
+    dtype = half_dtype(dtype_name)
+    rng = np.random.default_rng(zlib.crc32(dtype_name.encode()))
+    kw = make_inputs(rng, Bt=1, Dc=4, L=33, N=3, dtype=dtype, B_kind="var", C_kind="grouped",
+                     G=2, **ALL_FLAGS)
+    if not half_weights:  # A, D, delta_bias, initial_state float32 (allowed either way)
+        for key in ("A", "D", "delta_bias", "initial_state"):
+            kw[key] = kw[key].astype(np.float32)
+    dout = rng.standard_normal((1, 4, 33)).astype(dtype)
+    dlast = rng.standard_normal((1, 4, 3)).astype(np.float32)
+
+    seen = []  # dtypes of u and dout as the backend got them
+
+    def forward(*args):
+        seen.append(("u", args[0].dtype))
+        return scan_states.scan_forward(*args, tuning=(3, 8, 2), n_segments=2)
+
+    def backward(dout_, dlast_, *args):
+        seen.append(("dout", dout_.dtype))
+        return scan_states.scan_backward(dout_, dlast_, *args, n_segments=2)
+
+    backend = types.SimpleNamespace(scan_states=scan_states, scan_forward=forward,
+                                    scan_backward=backward,
+                                    choose_engine=lambda Bt, Dc, N: "states")
+    gpu_xp = types.ModuleType("gpu_xp")  # NumPy under another name: "CuPy"
+    gpu_xp.__dict__.update(np.__dict__)
+    api.array_namespace = lambda **arrays: gpu_xp
+    api._backend = lambda xp: backend
+    api._gpu_backend = lambda: backend
+
+    results = {}
+    for direct in (False, True):
+        scan_states.DIRECT_HALF = direct
+        seen.clear()
+        out, last, vjp = nm.selective_scan_vjp(**kw)
+        grads = vjp(dout, dlast)
+        results[direct] = (out, last, grads, list(seen))
+    report = {}
+    f32 = np.dtype(np.float32)
+    report["cast path casts"] = dict(ok=results[False][3] == [("u", f32), ("dout", f32)])
+    report["direct path passes half"] = dict(ok=results[True][3] == [("u", dtype),
+                                                                     ("dout", dtype)])
+    (out0, last0, g0, _), (out1, last1, g1, _) = results[False], results[True]
+    report["out dtype"] = dict(ok=out1.dtype == dtype and out0.dtype == dtype)
+    report["last_state float32"] = dict(ok=last1.dtype == f32 and last0.dtype == f32)
+    report["out same bits"] = dict(ok=bool(np.array_equal(out0.view(np.uint16),
+                                                          out1.view(np.uint16))))
+    report["last_state equal"] = dict(ok=bool(np.array_equal(last0, last1)))
+    for field in g0._fields:
+        a, b = getattr(g0, field), getattr(g1, field)
+        x = kw[field[1:]]
+        shape_dtype = (a.shape == b.shape == x.shape and a.dtype == b.dtype == x.dtype)
+        if b.dtype == dtype and field not in ("dB", "dC"):
+            # rounded once, from the same float32 values
+            same = np.array_equal(a.view(np.uint16), b.view(np.uint16))
+        else:  # (float32 sums of atomics, in an order that may vary: to a half ulp)
+            unit = 2.0 ** -8 if dtype_name == "bfloat16" else 2.0 ** -11
+            same = np.allclose(a.astype(np.float64), b.astype(np.float64),
+                               rtol=2 * unit if b.dtype == dtype else 1e-6, atol=1e-6)
+        report[field] = dict(ok=bool(shape_dtype and same), dtype=str(b.dtype))
+    return report
+
+
 if __name__ == "__main__":
-    print(json.dumps(_simulate_case(sys.argv[1])))
+    if sys.argv[1] == "api-half":
+        print(json.dumps(_simulate_api_half(sys.argv[2], sys.argv[3] == "1")))
+    else:
+        print(json.dumps(_simulate_case(sys.argv[1])))

@@ -1,0 +1,135 @@
+"""The half-precision storage conversions of ``cuda_kernels._common`` on the CPU.
+
+The state-parallel engine reads and writes bfloat16 arrays as their bits
+(``uint16``): a load puts the bits in the high half of a float32, a store
+rounds a float32 to nearest, ties to even, on the bits.  These are the NumPy
+versions (the CUDA simulator's); the GPU versions compile to PTX in
+``tests/test_cuda_ptx.py``.  Both are compared here with ``ml_dtypes``.
+"""
+
+import numpy as np
+import pytest
+
+from cuda_kernels._common import (bfloat16_bits_to_float32, float32_to_bfloat16_bits,
+                                  kernel_view, storage_dtype, storage_of)
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _float32_values():
+    """Many float32 values: random over the whole range, every tie between two
+    neighbouring bfloat16 values (even and odd low bit) and its neighbours,
+    subnormals, the largest finite values, zeros, infinities and NaNs."""
+    rng = np.random.default_rng(0)
+    bits = [rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32)]
+    hi = rng.integers(0, 2 ** 16, 20_000, dtype=np.uint64).astype(np.uint32) << np.uint32(16)
+    for low in (0x8000, 0x7FFF, 0x8001, 0x0000, 0x0001, 0xFFFF):  # ties and around them
+        bits.append(hi | np.uint32(low))
+    sub = np.arange(0, 0x00800000, 97, dtype=np.uint32)  # float32 subnormals
+    bits += [sub, sub | np.uint32(0x80000000)]
+    special = np.array([0x00000000, 0x80000000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000,
+                        0x7F7F7FFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000,
+                        0x7F800001, 0x7FBFFFFF, 0xFF800001, 0x00008000, 0x00018000,
+                        0x3F808000, 0x3F818000], np.uint32)
+    bits.append(special)
+    return np.concatenate(bits).view(np.float32)
+
+
+def test_float32_to_bfloat16_rounds_like_ml_dtypes():
+    x = _float32_values()
+    got = float32_to_bfloat16_bits(x)
+    assert got.dtype == np.uint16 and got.shape == x.shape
+    with np.errstate(invalid="ignore"):  # (ml_dtypes warns on NaNs)
+        want = x.astype(BF16).view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    # a NaN stays a NaN, of its sign
+    back = got[nan].view(BF16).astype(np.float32)
+    assert np.isnan(back).all()
+    np.testing.assert_array_equal(np.signbit(back), np.signbit(x[nan]))
+
+
+def test_bfloat16_ties_round_to_even():
+    # 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: to 1 (even); 1 + 3 * 2^-8
+    # halfway between 1 + 2^-7 and 1 + 2^-6: up to the even 1 + 2^-6
+    x = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8)], np.float32)
+    got = float32_to_bfloat16_bits(x).view(BF16).astype(np.float64)
+    np.testing.assert_array_equal(got, [1.0, 1 + 2 ** -6, -1.0])
+    # half an ulp past the largest bfloat16 (0x7F7F, odd): up to infinity; less stays
+    at = np.array([0x7F7F8000, 0x7F7F7FFF], np.uint32).view(np.float32)
+    np.testing.assert_array_equal(float32_to_bfloat16_bits(at), [0x7F80, 0x7F7F])
+
+
+def test_bfloat16_to_float32_is_exact_for_every_bit_pattern():
+    bits = np.arange(2 ** 16, dtype=np.uint16)
+    got = bfloat16_bits_to_float32(bits)
+    assert got.dtype == np.float32
+    want = bits.view(BF16).astype(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert np.isnan(got[nan]).all()
+    # and back: every bfloat16 survives the round trip bit for bit
+    np.testing.assert_array_equal(float32_to_bfloat16_bits(got)[~nan], bits[~nan])
+
+
+def test_scalar_conversions_give_scalars():
+    # (the simulator converts one element at a time)
+    v = bfloat16_bits_to_float32(np.uint16(0x3FC0))
+    assert isinstance(v, np.float32) and v == 1.5
+    b = float32_to_bfloat16_bits(np.float32(1.5))
+    assert isinstance(b, np.uint16) and b == 0x3FC0
+
+
+def test_storage_kinds():
+    assert storage_of(np.float16) == (np.dtype(np.float32), "float16")
+    assert storage_of(BF16) == (np.dtype(np.float32), "bfloat16")
+    assert storage_of(np.float32) == (np.dtype(np.float32), None)
+    assert storage_of(np.float64) == (np.dtype(np.float64), None)
+    assert storage_dtype("bfloat16", np.float32) == np.uint16
+    assert storage_dtype("float16", np.float32) == np.float16
+    assert storage_dtype(None, np.float64) == np.float64
+    with pytest.raises(ValueError, match="storage"):
+        storage_dtype("int8", np.float32)
+    x = np.ones(3, BF16)
+    assert kernel_view(x).dtype == np.uint16 and kernel_view(x).base is x
+    y = np.ones(3, np.float16)
+    assert kernel_view(y) is y and kernel_view(None) is None
+
+
+@pytest.mark.parametrize("switch", [False, True])
+def test_api_reads_half_directly_only_where_switched_on_and_uniform(monkeypatch, switch):
+    """``numba_mamba.scan._direct_half``: the half dtype where the switch is on, the
+    arrays are on the GPU, the state engine is chosen and u, delta, z and a
+    variable B/C share one half dtype; None (cast to float32) otherwise."""
+    import types
+
+    import numba_mamba.scan as api
+
+    engine = {"name": "states"}
+    backend = types.SimpleNamespace(scan_states=types.SimpleNamespace(DIRECT_HALF=switch),
+                                    choose_engine=lambda Bt, Dc, N: engine["name"])
+    monkeypatch.setattr(api, "_gpu_backend", lambda: backend)
+    gpu = object()  # any array module but NumPy
+    f32 = np.dtype(np.float32)
+    h = BF16
+
+    def arrays(**dtypes):
+        shapes = dict(u=(1, 2, 5), delta=(1, 2, 5), z=(1, 2, 5), A=(2, 3), B=(1, 3, 5),
+                      C=(1, 1, 3, 5), D=(2,))
+        return {k: np.zeros(shapes[k], dtypes.get(k, h)) for k in shapes}
+
+    def direct(xp=gpu, ftype=f32, **dtypes):
+        return api._direct_half(xp, arrays(**dtypes), ftype, 1, 2, 3)
+
+    want = h if switch else None
+    assert direct() == want
+    assert direct(A=f32, D=f32) == want  # weights may be float32
+    assert direct(B=np.float16) is None  # mixed half dtypes
+    assert direct(delta=f32) is None
+    assert direct(xp=np) is None  # the CPU
+    assert direct(ftype=np.dtype(np.float64)) is None
+    assert direct(u=np.float16, delta=np.float16, z=np.float16, B=np.float16,
+                  C=np.float16) == (np.dtype(np.float16) if switch else None)
+    engine["name"] = "blocks"
+    assert direct() is None
