@@ -28,7 +28,7 @@ forward and backward and checks 8 of its channels against the CPU scan in
 float64 (:func:`long_sequence`).
 
 Run:  python benchmarks/bench_scan.py [--quick] [--reps 20] [--engines states,blocks]
-      [--torch-reps 5] [--memory] [--long] [--direct-half]
+      [--torch-reps 5] [--memory] [--long] [--cast-half]
 """
 
 import argparse
@@ -310,12 +310,12 @@ def main():
     parser.add_argument("--long", action="store_true",
                         help="instead, run batch 1, D 1536, N 16, L 2**20 (float32) forward + "
                              "backward and check 8 channels against the CPU in float64")
-    parser.add_argument("--direct-half", action="store_true",
-                        help="let the state engine read and write float16/bfloat16 directly "
-                             "(scan_states.DIRECT_HALF) instead of casting to float32")
+    parser.add_argument("--cast-half", action="store_true",
+                        help="cast float16/bfloat16 inputs to float32 around the state engine "
+                             "(scan_states.DIRECT_HALF off) instead of reading them directly")
     args = parser.parse_args()
-    if args.direct_half:
-        _backends()[1].DIRECT_HALF = True
+    if args.cast_half:
+        _backends()[1].DIRECT_HALF = False
     if args.long:
         import cupy
 

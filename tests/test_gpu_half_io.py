@@ -3,8 +3,7 @@
 The state engine (``cuda_kernels.scan_states``) reads ``u``, ``delta``, ``z``,
 variable ``B``/``C`` and ``dout`` in float16 or bfloat16 and writes ``out``,
 ``du``, ``ddelta``, ``dz`` in it, computing in float32; the public API takes
-that path where ``scan_states.DIRECT_HALF`` is on (off by default until these
-tests pass on a GPU and the path is measured).  Checked here:
+that path where ``scan_states.DIRECT_HALF`` is on (the default).  Checked here:
 
 * the backend against the float64 reference on the half-rounded inputs, with
   the float32 tolerances widened by one rounding to the half type where a
@@ -156,8 +155,13 @@ def _check_backend(kw, dtype_name, rng, with_dlast=True, states_tuning=None, n_s
         if g.dtype == dtype:
             np.testing.assert_allclose(g.get().astype(np.float64), rounded, rtol=2 * unit,
                                        atol=1e-6, err_msg=f"{field} vs float32 kernels")
-        else:  # float32 (atomics: the order of the sums may vary)
-            np.testing.assert_allclose(g.get(), rounded, rtol=1e-5, atol=1e-6, err_msg=field)
+        else:
+            # float32, summed with atomics in an order that varies: the rounding
+            # of such a sum is relative to the size of its terms, not to a result
+            # that cancels (on the H200, dA[0, 6] = -0.0357 among values up to 15
+            # differed by 1.9e-6 between two runs), so atol scales with the array
+            atol = 1e-6 * max(1.0, float(np.abs(rounded).max()))
+            np.testing.assert_allclose(g.get(), rounded, rtol=1e-5, atol=atol, err_msg=field)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
