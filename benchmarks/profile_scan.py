@@ -10,10 +10,8 @@ for the state engine ``--min-blocks`` (``forward:backward`` pairs of
 ``scan_states.MIN_BLOCKS`` to compile with) and ``--target-blocks``
 (``scan_states.TARGET_BLOCKS`` values; 0 never splits the sequence),
 ``--backward-target-blocks`` (``scan_states.BACKWARD_TARGET_BLOCKS`` values;
-0 never splits the backward's sequence), ``--save-every``
-(``scan_states.SAVE_EVERY`` values: backward tiles per saved state) and
-``--fwd-states`` (``scan_states.FORWARD_STATES`` values: most states per
-forward thread).
+0 never splits the backward's sequence) and ``--save-every``
+(``scan_states.SAVE_EVERY`` values: backward tiles per saved state).
 """
 
 import argparse
@@ -41,9 +39,6 @@ def main():
     parser.add_argument("--save-every", default="",
                         help="comma-separated values of the state engine's SAVE_EVERY to run; "
                              "default: the module's")
-    parser.add_argument("--fwd-states", default="",
-                        help="comma-separated values of the state engine's FORWARD_STATES to run; "
-                             "default: the module's")
     parser.add_argument("--host", action="store_true",
                         help="instead, print the host time of each call (no profiler)")
     args = parser.parse_args()
@@ -62,19 +57,16 @@ def main():
     bwd_targets = ([int(v) for v in args.backward_target_blocks.split(",") if v]
                    or [scan_states.BACKWARD_TARGET_BLOCKS])
     saves = [int(v) for v in args.save_every.split(",") if v] or [scan_states.SAVE_EVERY]
-    fwd_states = ([int(v) for v in args.fwd_states.split(",") if v]
-                  or [scan_states.FORWARD_STATES])
-    for (fwd_mb, bwd_mb), target, bwd_target, save, fs in itertools.product(
-            pairs, targets, bwd_targets, saves, fwd_states):
+    for (fwd_mb, bwd_mb), target, bwd_target, save in itertools.product(
+            pairs, targets, bwd_targets, saves):
         scan_states.MIN_BLOCKS[(f32, "forward")] = fwd_mb
         scan_states.MIN_BLOCKS[(f32, "backward")] = bwd_mb
         scan_states.TARGET_BLOCKS = target
         scan_states.BACKWARD_TARGET_BLOCKS = bwd_target
         scan_states.SAVE_EVERY = save
-        scan_states.FORWARD_STATES = fs
         print(f"float32 MIN_BLOCKS forward {fwd_mb} backward {bwd_mb}, "
               f"TARGET_BLOCKS {target}, BACKWARD_TARGET_BLOCKS {bwd_target}, "
-              f"SAVE_EVERY {save}, FORWARD_STATES {fs}", flush=True)
+              f"SAVE_EVERY {save}", flush=True)
         run_rows(cupy, backend, args, rng)
 
 

@@ -149,12 +149,6 @@ MIN_RECURRENCES = 16384
 DIRECT_HALF = True
 
 
-#: Most states a forward thread runs (:func:`forward_layout`): the largest
-#: divisor of ``N`` up to this.  Shared-memory reads of ``delta`` and
-#: ``delta * u`` and the shared tile of ``C h`` shrink by that factor.
-FORWARD_STATES = 4
-
-
 #: Backward tiles per state the forward keeps (``StatesPlan.save_every``): 1
 #: keeps the state entering every backward tile (as many values as ``u`` at
 #: N = 16); K keeps one in K and the backward reruns the recurrence through
@@ -175,42 +169,22 @@ class StatesPlan(NamedTuple):
     t_fwd: int    # tile length of the forward
     t_bwd: int    # tile length of the backward
     save_every: int = 1  # the forward keeps the state entering every save_every-th backward tile
-    fwd_states: int = 1  # states per forward thread (divides N)
 
 
-def forward_layout(p, N):
-    """``(channels, threads)`` of a forward block of plan ``p`` for ``N`` states.
-
-    A forward thread runs ``p.fwd_states`` states, so a block holds that many
-    times the backward's ``p.ch`` channels (at most a group of ``p.dg``).
-    """
-    chf = min(p.ch * p.fwd_states, p.dg)
-    return chf, chf * (N // p.fwd_states)
-
-
-def _tile_bytes(N, ch, T, itemsize, backward, per_thread=1):
+def _tile_bytes(N, ch, T, itemsize, backward):
     rowlen = T + 1
     if backward:
         words = 2 * N * rowlen + 4 * ch * rowlen + (4 * T + 1) * (ch * N + 1)
     else:
-        words = 2 * N * rowlen + 2 * ch * rowlen + T * (ch * N // per_thread + 1)
+        words = 2 * N * rowlen + 2 * ch * rowlen + T * (ch * N + 1)
     return words * itemsize
 
 
-def _tile(N, ch, itemsize, backward, per_thread=1):
+def _tile(N, ch, itemsize, backward):
     T = 32
-    while T > 1 and _tile_bytes(N, ch, T, itemsize, backward, per_thread) > _MAX_STATIC_SHARED:
+    while T > 1 and _tile_bytes(N, ch, T, itemsize, backward) > _MAX_STATIC_SHARED:
         T //= 2
     return T  # a power of two, so the backward's tile divides the forward's
-
-
-def _fwd_states(N, ch, dg):
-    # the most states per forward thread, up to FORWARD_STATES, that divide N
-    # and keep a block of the backward's threads (ch * P channels in a group)
-    P = math.gcd(N, FORWARD_STATES)
-    while P > 1 and (N % P or ch * P > dg):
-        P -= 1
-    return P
 
 
 def plan(dtype, N, Dc, groups_B, groups_C):
@@ -231,22 +205,19 @@ def plan(dtype, N, Dc, groups_B, groups_C):
     """
     if N > MAX_STATES:
         raise ValueError(f"the state-parallel engine takes at most {MAX_STATES} states, got {N}")
-    return _plan(np.dtype(dtype), int(N), int(Dc), int(groups_B), int(groups_C), SAVE_EVERY,
-                 FORWARD_STATES)
+    return _plan(np.dtype(dtype), int(N), int(Dc), int(groups_B), int(groups_C), SAVE_EVERY)
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(dtype, N, Dc, groups_B, groups_C, save_every, _fwd_states_max):
+def _plan(dtype, N, Dc, groups_B, groups_C, save_every):
     dg = Dc
     for g in (groups_B, groups_C):
         if g:
             dg = math.gcd(dg, Dc // g)
     ch = max(1, min(_BLOCK // N, dg))
     itemsize = np.dtype(dtype).itemsize
-    P = _fwd_states(N, ch, dg)
     t_bwd = _tile(N, ch, itemsize, True)
-    t_fwd = max(t_bwd, _tile(N, min(ch * P, dg), itemsize, False, P))
-    return StatesPlan(ch, dg, t_fwd, t_bwd, save_every, P)
+    return StatesPlan(ch, dg, max(t_bwd, _tile(N, ch, itemsize, False)), t_bwd, save_every)
 
 
 def _argtypes(ftype, storage=None, b_var=True, c_var=True):
@@ -287,12 +258,10 @@ def _argtypes(ftype, storage=None, b_var=True, c_var=True):
     return fwd, bwd, ends, bwd_ends
 
 
-def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, CHF=None):
+def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     """Python bodies of the forward and backward kernels for one layout.
 
-    ``N`` states, ``CH`` channels per backward block (a thread per state),
-    ``CHF`` (default ``CH``) per forward block, whose threads run ``PF``
-    states each (``PF`` divides ``N``), tiles of ``TF`` (forward) and
+    ``N`` states, ``CH`` channels per block, tiles of ``TF`` (forward) and
     ``TB`` (backward) steps; ``b_var``/``c_var`` select variable or constant
     ``B``/``C`` at compile time.  Every constant is cast to ``ftype``, the
     compute type.  ``storage`` (None, ``'float16'``, ``'bfloat16'``): the
@@ -306,38 +275,33 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
     twenty = ftype(20.0)
     log2e = ftype(1.4426950408889634)
     U = np.uint64  # shared-memory indices: unsigned, so no negative-index wraparound code
-    NT = CH * N           # threads per backward block
+    NT = CH * N           # threads per block
     YW = NT + 1           # row of a (T, CH*N) tile, padded against bank conflicts
-    if CHF is None:
-        CHF = CH
-    NG = N // PF          # forward threads per channel
-    NTF = CHF * NG        # threads per forward block
     BF = (N, TF + 1) if b_var else (1, 1)
     CF = (N, TF + 1) if c_var else (1, 1)
     BB = (N, TB + 1) if b_var else (1, 1)
     CB = (N, TB + 1) if c_var else (1, 1)
-    CHFT = (CHF, TF + 1)  # per-channel rows of a forward tile
+    CHF = (CH, TF + 1)    # per-channel rows of a forward tile
     CHB = (CH, TB + 1)
-    YF = (TF, NTF + 1)    # a forward thread's sum of C h over its states per step
+    YF = (TF, YW)
     YB = (TB, YW)
     HB = (TB + 1, YW)     # states of a backward tile: row 0 enters it, row k + 1 after step k
 
     softplus, sigmoid = activations(ftype)
     load, store = storage_io(storage, ftype)  # per-step arrays in global memory
 
-    def flat_stager(T, NTH):
+    def flat_stager(T):
         # rows base + r*L + t0 .. + T of a flat M into sM (N, T+1), zeros past
-        # L, by NTH threads; consecutive threads on consecutive steps, so the
-        # global reads coalesce
-        per_thread = (N * T + NTH - 1) // NTH
+        # L; consecutive threads on consecutive steps, so the global reads coalesce
+        per_thread = (N * T + NT - 1) // NT
         uT = U(T)
 
         @inline_device
         def stage(M, base, L, t0, full, sM, tid):
             uL = U(L)
             for i in range(per_thread):
-                e = U(tid) + U(i * NTH)
-                if per_thread * NTH == N * T or e < U(N * T):
+                e = U(tid) + U(i * NT)
+                if per_thread * NT == N * T or e < U(N * T):
                     r = e // uT
                     tt = e - r * uT
                     v = zero
@@ -346,25 +310,19 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
                     sM[r, tt] = v
         return stage
 
-    def segment_blocker(CHB_):
-        # for blocks of CHB_ channels: (segment, batch, first channel, channels)
-        # of this block, of a grid of n_segments segments
-        @inline_device
-        def segment_blocks(Dc, dg, n_segments):
-            nblk = np.int64(cuda.gridDim.x) // n_segments
-            blk = np.int64(cuda.blockIdx.x)
-            seg = blk // nblk
-            blk -= seg * nblk
-            nb = (dg + CHB_ - 1) // CHB_
-            per_b = (Dc // dg) * nb
-            bi = blk // per_b
-            r = blk - bi * per_b
-            sg = r // nb
-            k = r - sg * nb
-            d0 = sg * dg + k * CHB_
-            nch = min(CHB_, dg - k * CHB_)
-            return seg, bi, d0, nch
-        return segment_blocks
+    @inline_device
+    def block_channels(Dc, dg, blk):
+        # (batch, first channel of the block, channels in the block) of block
+        # number blk (of one segment of the sequence)
+        nb = (dg + CH - 1) // CH
+        per_b = (Dc // dg) * nb
+        bi = blk // per_b
+        r = blk - bi * per_b
+        sg = r // nb
+        k = r - sg * nb
+        d0 = sg * dg + k * CH
+        nch = min(CH, dg - k * CH)
+        return bi, d0, nch
 
     @inline_device
     def group_rows(bi, d0, Dc, G, uL):
@@ -398,31 +356,22 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
     # keeping its final state and the sum of its deltas: the state entering
     # segment s is then h = exp(A * sum delta) * h + h_end over the segments
     # before it, and the forward runs every segment from there in parallel.
-    #
-    # A forward thread runs PF states of one channel (NG = N / PF threads per
-    # channel, CHF channels per block of NTF threads): state n = g + j * NG of
-    # its channel for j < PF, g = the thread's place among its channel's.
-    # delta and delta * u are read from shared memory once per step for all PF
-    # states, and C h is summed over them in registers before it goes to the
-    # shared tile, whose sum over a channel's NG threads gives y.
-    CSTAGE = (CHF * TF + NTF - 1) // NTF  # delta/u elements each thread stages per tile
-    NSUM = (TF + NG - 1) // NG            # output steps each thread sums per tile
+    CSTAGE = (CH * TF + NT - 1) // NT     # delta/u elements each thread stages per tile
+    NSUM = (TF + N - 1) // N              # output steps each thread sums per tile
     UTF = U(TF)
     UN = U(N)
-    UNG = U(NG)
-    UNTF = U(NTF)
-    stage_flat = flat_stager(TF, NTF)
-    fwd_blocks = segment_blocker(CHF)
+    UNT = U(NT)
+    stage_flat = flat_stager(TF)
 
     @inline_device
     def stage_delta(u, delta, delta_bias, row0, d0, nch, t0, full, L, has_bias,
                     use_softplus, sdt, sdu, utid):
         # delta after bias and softplus, and delta * u, of the block's
-        # channels into sdt, sdu (CHF, TF+1); zeros past L and for idle channels
+        # channels into sdt, sdu (CH, TF+1); zeros past L and for idle channels
         uL = U(L)
         for i in range(CSTAGE):
-            e = utid + U(i) * UNTF
-            if CSTAGE * NTF == CHF * TF or e < U(CHF) * UTF:
+            e = utid + U(i) * UNT
+            if CSTAGE * NT == CH * TF or e < U(CH) * UTF:
                 c = e // UTF
                 tt = e - c * UTF
                 dt = zero  # past L or an idle channel: a = 1, b = 0
@@ -435,22 +384,26 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
                 sdu[c, tt] = du_
 
     @inline_device
+    def segment_blocks(Dc, dg, n_segments):
+        # (segment, batch, first channel, channels) of this block
+        nblk = np.int64(cuda.gridDim.x) // n_segments
+        blk = np.int64(cuda.blockIdx.x)
+        seg = blk // nblk
+        bi, d0, nch = block_channels(Dc, dg, blk - seg * nblk)
+        return seg, bi, d0, nch
+
+    @inline_device
     def segment_tiles(seg, SL, L, T):
         # the tiles of T steps of segment seg: first, one past the last
         return seg * (SL // T), (min((seg + 1) * SL, L) + T - 1) // T
 
-    @inline_device
-    def forward_thread(tid):
-        # (channel in the block, place g among the channel's threads)
-        ch = tid // NG
-        return ch, tid - ch * NG
-
     def forward_ends(u, delta, A, B, delta_bias, seg_h, seg_dt, flags, dg, L, GB, SL, NS):
         tid = cuda.threadIdx.x
-        ch, g = forward_thread(tid)
+        ch = tid // N
+        n = tid - ch * N
         Dc = A.shape[0]
         # segments 0 .. NS-2 (the last one's end is not needed)
-        seg, bi, d0, nch = fwd_blocks(Dc, dg, NS - 1)
+        seg, bi, d0, nch = segment_blocks(Dc, dg, NS - 1)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)
         uL = U(L)
@@ -460,22 +413,17 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
         use_softplus = (flags & FLAG_SOFTPLUS) != 0
 
         sB = cuda.shared.array(BF, ftype)
-        sdt = cuda.shared.array(CHFT, ftype)
-        sdu = cuda.shared.array(CHFT, ftype)
+        sdt = cuda.shared.array(CHF, ftype)
+        sdu = cuda.shared.array(CHF, ftype)
 
-        A2 = cuda.local.array(PF, ftype)
-        B_n = cuda.local.array(PF, ftype)
-        h = cuda.local.array(PF, ftype)
-        for j in range(PF):
-            n = g + j * NG
-            A2[j] = A[d, n] * log2e
-            B_n[j] = zero
-            if not b_var:
-                B_n[j] = B[U(d) * UN + U(n)]
-            h[j] = zero
+        A2 = A[d, n] * log2e
+        B_n = zero
+        if not b_var:
+            B_n = B[U(d) * UN + U(n)]
         uch = U(ch)
-        ug = U(g)
+        un = U(n)
         utid = U(tid)
+        h = zero
         sum_dt = zero
         first, stop = segment_tiles(seg, SL, L, TF)
         for tile in range(first, stop):
@@ -489,28 +437,26 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
             for tt in range(TF):
                 k = U(tt)
                 dt = sdt[uch, k]
-                du_ = sdu[uch, k]
-                for j in range(PF):
-                    bt = B_n[j]
-                    if b_var:
-                        bt = sB[ug + U(j) * UNG, k]
-                    h[j] = math.exp2(dt * A2[j]) * h[j] + du_ * bt
+                bt = B_n
+                if b_var:
+                    bt = sB[un, k]
+                h = math.exp2(dt * A2) * h + sdu[uch, k] * bt
                 sum_dt += dt
             cuda.syncthreads()  # the tile is consumed
         if valid:
-            for j in range(PF):
-                seg_h[bi, d, seg, g + j * NG] = h[j]
-            if g == 0:
+            seg_h[bi, d, seg, n] = h
+            if n == 0:
                 seg_dt[bi, d, seg] = sum_dt
 
     def forward(u, delta, A, B, C, D, z, delta_bias, initial_state,
                 out, last_state, tile_states, flags, dg, L, GB, GC,
                 seg_h, seg_dt, SL, NS):
         tid = cuda.threadIdx.x
-        ch, g = forward_thread(tid)
+        ch = tid // N
+        n = tid - ch * N
         Dc = A.shape[0]
         n_btiles = tile_states.shape[2] if K == 1 else (L + TB - 1) // TB
-        seg, bi, d0, nch = fwd_blocks(Dc, dg, NS)
+        seg, bi, d0, nch = segment_blocks(Dc, dg, NS)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)  # clamped: idle threads read, never write
         uL = U(L)
@@ -529,35 +475,28 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
 
         sB = cuda.shared.array(BF, ftype)
         sC = cuda.shared.array(CF, ftype)
-        sdt = cuda.shared.array(CHFT, ftype)  # delta after bias/softplus
-        sdu = cuda.shared.array(CHFT, ftype)  # delta * u
-        sy = cuda.shared.array(YF, ftype)     # sum of C_t[n] h_t[n] over a thread's states
+        sdt = cuda.shared.array(CHF, ftype)   # delta after bias/softplus
+        sdu = cuda.shared.array(CHF, ftype)   # delta * u
+        sy = cuda.shared.array(YF, ftype)        # C_t[n] h_t[n]
 
-        A2 = cuda.local.array(PF, ftype)  # exp(dt * A) = exp2(dt * A2)
-        B_n = cuda.local.array(PF, ftype)
-        C_n = cuda.local.array(PF, ftype)
-        h = cuda.local.array(PF, ftype)
-        for j in range(PF):
-            n = g + j * NG
-            A2[j] = A[d, n] * log2e
-            B_n[j] = zero
-            if not b_var:
-                B_n[j] = B[U(d) * UN + U(n)]
-            C_n[j] = zero
-            if not c_var:
-                C_n[j] = C[U(d) * UN + U(n)]
-            hj = zero
-            if has_init:
-                hj = initial_state[bi, d, n]
-            for s in range(seg):  # the state entering this block's segment
-                hj = math.exp2(seg_dt[bi, d, s] * A2[j]) * hj + seg_h[bi, d, s, n]
-            h[j] = hj
+        A2 = A[d, n] * log2e  # exp(dt * A) = exp2(dt * A2)
+        B_n = zero
+        if not b_var:
+            B_n = B[U(d) * UN + U(n)]
+        C_n = zero
+        if not c_var:
+            C_n = C[U(d) * UN + U(n)]
         D_d = zero
         if has_D:
             D_d = D[d]
         uch = U(ch)
-        ug = U(g)
+        un = U(n)
         utid = U(tid)
+        h = zero
+        if has_init:
+            h = initial_state[bi, d, n]
+        for s in range(seg):  # the state entering this block's segment
+            h = math.exp2(seg_dt[bi, d, s] * A2) * h + seg_h[bi, d, s, n]
 
         first, stop = segment_tiles(seg, SL, L, TF)
         for tile in range(first, stop):
@@ -571,38 +510,32 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
             stage_delta(u, delta, delta_bias, row0, d0, nch, t0, full, L, has_bias,
                         use_softplus, sdt, sdu, utid)
             cuda.syncthreads()  # the tile is staged
-            # 2. the recurrence of this thread's states through the tile,
+            # 2. the recurrence of this thread's state through the tile,
             # saving the state entering every backward tile
             for sub in range(TF // TB):
                 ts = tile * (TF // TB) + sub
                 if valid and ts < n_btiles and ts % K == 0:
-                    for j in range(PF):
-                        tile_states[bi, d, ts // K, g + j * NG] = h[j]
+                    tile_states[bi, d, ts // K, n] = h
                 for tt in range(sub * TB, (sub + 1) * TB):
                     k = U(tt)
-                    dt = sdt[uch, k]
-                    du_ = sdu[uch, k]
-                    y = zero
-                    for j in range(PF):
-                        bt = B_n[j]
-                        if b_var:
-                            bt = sB[ug + U(j) * UNG, k]
-                        ct = C_n[j]
-                        if c_var:
-                            ct = sC[ug + U(j) * UNG, k]
-                        hj = math.exp2(dt * A2[j]) * h[j] + du_ * bt
-                        h[j] = hj
-                        y += ct * hj
-                    sy[k, utid] = y
+                    a = math.exp2(sdt[uch, k] * A2)
+                    bt = B_n
+                    if b_var:
+                        bt = sB[un, k]
+                    ct = C_n
+                    if c_var:
+                        ct = sC[un, k]
+                    h = a * h + sdu[uch, k] * bt
+                    sy[k, utid] = ct * h
             cuda.syncthreads()  # every C h of the tile is written
-            # 3. y = sum over the channel's threads, then the epilogue
+            # 3. y = sum over states, then the epilogue
             if valid:
-                base = uch * UNG
-                for jj in range(NSUM):
-                    tt = ug + U(jj) * UNG
-                    if (NSUM * NG == TF or tt < UTF) and (full or t0 + tt < uL):
+                base = uch * UN
+                for j in range(NSUM):
+                    tt = un + U(j) * UN
+                    if (NSUM * N == TF or tt < UTF) and (full or t0 + tt < uL):
                         y = zero
-                        for k in range(NG):
+                        for k in range(N):
                             y += sy[tt, base + U(k)]
                         o = rowd + t0 + tt
                         y += D_d * load(u, o)
@@ -614,8 +547,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
             # step 2, which every thread has left at the barrier above; sy is
             # next written after the next staging barrier)
         if valid and seg == NS - 1:
-            for j in range(PF):
-                last_state[bi, d, g + j * NG] = h[j]
+            last_state[bi, d, n] = h
 
     # ----------------------------------------------------------------- backward
     # Flat arrays and unsigned offsets as in the forward (gradients too:
@@ -624,8 +556,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
     NSUMB = (TB + N - 1) // N             # steps each thread sums over states per tile
     NSUMC = (TB + CH - 1) // CH           # steps each thread sums over channels per tile
     UTB = U(TB)
-    stage_bwd = flat_stager(TB, NT)
-    bwd_blocks = segment_blocker(CH)
+    stage_bwd = flat_stager(TB)
 
     SENT = (K, NT) if K > 1 else (1, 1)
 
@@ -673,7 +604,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
         n = tid - ch * N
         Dc = A.shape[0]
         # segments 1 .. NS-1 (the first one's adjoint is not needed), kept at seg - 1
-        sp, bi, d0, nch = bwd_blocks(Dc, dg, NS - 1)
+        sp, bi, d0, nch = segment_blocks(Dc, dg, NS - 1)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)
         uL = U(L)
@@ -743,7 +674,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, PF=1, C
         n = tid - ch * N
         Dc = A.shape[0]
         n_btiles = tile_states.shape[2] if K == 1 else (L + TB - 1) // TB
-        seg, bi, d0, nch = bwd_blocks(Dc, dg, NS)
+        seg, bi, d0, nch = segment_blocks(Dc, dg, NS)
         valid = ch < nch
         d = d0 + min(ch, nch - 1)
         uL = U(L)
@@ -969,7 +900,7 @@ class _Kernels(NamedTuple):
 #: 0.390 ms against 2.19 / 5.36 / 0.408 at 3 (117).  None spills; 5 backward
 #: blocks of 37.9 KB of shared memory fit an H200's 228 KB, 6 would not.
 MIN_BLOCKS = {
-    (np.dtype(np.float32), "forward"): 4,
+    (np.dtype(np.float32), "forward"): 6,
     (np.dtype(np.float64), "forward"): 4,
     (np.dtype(np.float32), "backward"): 5,
     (np.dtype(np.float64), "backward"): 0,
@@ -994,9 +925,8 @@ def compile_options(dtype, kind, threads):
 
 @functools.lru_cache(maxsize=None)
 def _get_kernels(dtype, N, ch, t_fwd, t_bwd, save_every, b_var, c_var, sim, bounds,
-                 storage=None, fwd_states=1, ch_fwd=None):
-    bodies = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, save_every, storage,
-                           fwd_states, ch_fwd)
+                 storage=None):
+    bodies = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, save_every, storage)
     if sim:
         return _Kernels(*(cuda.jit(f) for f in bodies))
     # (the segment-end kernels, light on registers, take the forward's bounds)
@@ -1024,12 +954,10 @@ def get_kernels(dtype, N, p, b_var, c_var, storage=None):
         ``forward, backward, forward_ends, backward_ends``.
     """
     dtype = np.dtype(dtype)
-    chf, threads = forward_layout(p, N)
-    bounds = (launch_bounds(dtype, "forward", threads),
+    bounds = (launch_bounds(dtype, "forward", p.ch * N),
               launch_bounds(dtype, "backward", p.ch * N))
     return _get_kernels(dtype, int(N), p.ch, p.t_fwd, p.t_bwd, p.save_every,
-                        bool(b_var), bool(c_var), simulator(), bounds, storage,
-                        p.fwd_states, chf)
+                        bool(b_var), bool(c_var), simulator(), bounds, storage)
 
 
 def ptx_signatures():
@@ -1048,28 +976,27 @@ def ptx_signatures():
     for dtype, storage, N in variants:
         is_f32 = dtype == np.float32
         p = plan(dtype, N, 1536, 1, 0)
-        chf, tf = forward_layout(p, N)
         for b_var, c_var in ((True, True), (False, False), (True, False)):
             fwd_t, bwd_t, ends_t, bends_t = _argtypes(dtype, storage, b_var, c_var)
-            fwd_py, bwd_py, ends_py, bends_py = _make_kernels(
-                dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var, c_var, 1, storage, p.fwd_states, chf)
+            fwd_py, bwd_py, ends_py, bends_py = _make_kernels(dtype, N, p.ch, p.t_fwd,
+                                                              p.t_bwd, b_var, c_var, 1, storage)
             tag = (f"{dtype.name}{'_' + storage if storage else ''}_n{N}"
                    f"_b{'var' if b_var else 'const'}_c{'var' if c_var else 'const'}")
             yield (f"states_forward_{tag}", fwd_py, fwd_t, is_f32,
-                   compile_options(dtype, "forward", tf))
+                   compile_options(dtype, "forward", p.ch * N))
             yield (f"states_backward_{tag}", bwd_py, bwd_t, is_f32,
                    compile_options(dtype, "backward", p.ch * N))
             if c_var:  # (the forward's segment ends do not read C)
                 yield (f"states_forward_ends_{tag}", ends_py, ends_t, is_f32,
-                       compile_options(dtype, "forward", tf))
+                       compile_options(dtype, "forward", p.ch * N))
             if b_var:  # (the backward's do not read B)
                 yield (f"states_backward_ends_{tag}", bends_py, bends_t, is_f32,
                        compile_options(dtype, "forward", p.ch * N))
             if b_var and c_var:  # one saved state in 4 backward tiles
                 fwd4, bwd4, *_ = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var,
-                                               c_var, 4, storage, p.fwd_states, chf)
+                                               c_var, 4, storage)
                 yield (f"states_forward_{tag}_save4", fwd4, fwd_t, is_f32,
-                       compile_options(dtype, "forward", tf))
+                       compile_options(dtype, "forward", p.ch * N))
                 yield (f"states_backward_{tag}_save4", bwd4, bwd_t, is_f32,
                        compile_options(dtype, "backward", p.ch * N))
 
@@ -1079,14 +1006,8 @@ def _groups(M):
     return M.shape[1] if M.ndim == 4 else 0
 
 
-def _grid(Bt, Dc, p, ch=None):
-    # blocks of ch channels (default: the backward's, p.ch) over one segment
-    ch = p.ch if ch is None else ch
-    return Bt * (Dc // p.dg) * ((p.dg + ch - 1) // ch)
-
-
-def _fwd_grid(Bt, Dc, p):
-    return _grid(Bt, Dc, p, min(p.ch * p.fwd_states, p.dg))
+def _grid(Bt, Dc, p):
+    return Bt * (Dc // p.dg) * ((p.dg + p.ch - 1) // p.ch)
 
 
 class StatesSaved(NamedTuple):
@@ -1123,7 +1044,7 @@ def segments(Bt, Dc, L, p, n_segments=None):
     count (for tests).
     """
     if n_segments is None:
-        S = min(-(-TARGET_BLOCKS // _fwd_grid(Bt, Dc, p)), L // MIN_SEGMENT)
+        S = min(-(-TARGET_BLOCKS // _grid(Bt, Dc, p)), L // MIN_SEGMENT)
     else:
         S = int(n_segments)
     S = max(1, min(S, -(-L // p.t_fwd)))
@@ -1200,11 +1121,9 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     that ``saved`` is a :class:`StatesSaved`.  Works on CuPy arrays and, under
     the CUDA simulator, on NumPy arrays.
 
-    ``tuning``, for tests: ``(channels per backward block, forward tile,
-    backward tile[, save_every[, states per forward thread]])`` in place of
-    :func:`plan`'s choice; the tiles powers of two, the backward's no longer
-    than the forward's, the states per thread a divisor of ``N`` (default as
-    :func:`plan` chooses for these channels).  ``n_segments``, for tests: the
+    ``tuning``, for tests: ``(channels per block, forward tile, backward
+    tile[, save_every])`` in place of :func:`plan`'s choice; the tiles powers
+    of two, the backward's no longer than the forward's.  ``n_segments``, for tests: the
     number of segments of the sequence (see :func:`segments`).
 
     float16 or bfloat16 ``u`` (half storage, see the module docstring):
@@ -1222,15 +1141,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     N = A.shape[1]
     p = plan(dtype, N, Dc, _groups(B), _groups(C))
     if tuning is not None:
-        ch, t_fwd, t_bwd, *more = (int(v) for v in tuning)
+        ch, t_fwd, t_bwd, *save = (int(v) for v in tuning)
         if t_fwd % t_bwd or t_fwd & (t_fwd - 1):
             raise ValueError(f"tiles must be powers of two, backward <= forward; got {tuning}")
-        ch = min(ch, p.dg)
-        save = more[0] if more else p.save_every
-        P = more[1] if len(more) > 1 else _fwd_states(N, ch, p.dg)
-        if N % P:
-            raise ValueError(f"states per forward thread must divide N = {N}; got {tuning}")
-        p = StatesPlan(ch, p.dg, t_fwd, t_bwd, save, P)
+        p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd, save[0] if save else p.save_every)
     # the backward recomputes from the state entering every save_every-th of its tiles
     n_tiles = -(-(-(-L // p.t_bwd)) // p.save_every)
     out = xp.empty_like(u)
@@ -1248,9 +1162,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     else:  # (not read)
         seg_h, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
     flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)
-    threads = forward_layout(p, N)[1]
     if S > 1:
-        launch(k.forward_ends, (S - 1) * _fwd_grid(Bt, Dc, p), threads, stream,
+        launch(k.forward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream,
                (v(u).reshape(-1), v(delta).reshape(-1), A, v(B).reshape(-1),
                 dummy1 if delta_bias is None else delta_bias, seg_h, seg_dt, flags,
                 np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(SL), np.int64(S)))
@@ -1262,7 +1175,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
             v(out).reshape(-1), last_state, tile_states, flags,
             np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)),
             seg_h, seg_dt, np.int64(SL), np.int64(S))
-    launch(k.forward, S * _fwd_grid(Bt, Dc, p), threads, stream, args)
+    launch(k.forward, S * _grid(Bt, Dc, p), p.ch * N, stream, args)
     return out, last_state, StatesSaved(tile_states, p)
 
 

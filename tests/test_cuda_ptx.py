@@ -137,7 +137,7 @@ def test_state_engine_segments_cover_the_sequence(shape):
     p = scan_states.plan(np.float32, 16, Dc, 1, 1)
     S, SL = scan_states.segments(Bt, Dc, L, p)
     assert SL % p.t_fwd == 0 and (S - 1) * SL < L <= S * SL
-    blocks = scan_states._fwd_grid(Bt, Dc, p)
+    blocks = scan_states._grid(Bt, Dc, p)
     if blocks >= scan_states.TARGET_BLOCKS or L < 2 * scan_states.MIN_SEGMENT:
         assert S == 1
     else:

@@ -97,18 +97,6 @@ STATES_CASES = {
                                               (3, 8, 2)),
     "states-float16-grouped-const-allflags-nodlast-save3": (
         "float16", "grouped", "const", ALL_FLAGS, False, (3, 8, 2, 3)),
-    # a fifth tuning entry runs that many states per forward thread, and a
-    # ninth entry sets N (3 otherwise): N = 6 in threads of 2 states (3
-    # threads per channel, 2 channels per block: the group) or 3 (2 threads
-    # per channel); N = 4 in one thread of 4 per channel
-    "states-float64-var-var-allflags-N6-2perthread": (
-        "float64", "var", "var", ALL_FLAGS, True, (3, 8, 2, 1, 2), None, None, 6),
-    "states-float64-const-const-noflags-N6-2perthread-save3": (
-        "float64", "const", "const", {}, False, (3, 8, 2, 3, 2), None, None, 6),
-    "states-float32-grouped-const-allflags-N4-4perthread-3segments": (
-        "float32", "grouped", "const", ALL_FLAGS, True, (2, 8, 4, 1, 4), 3, None, 4),
-    "states-bfloat16-var-grouped-allflags-N6-3perthread-2segments-bwd2segments": (
-        "bfloat16", "var", "grouped", ALL_FLAGS, True, (1, 4, 4, 1, 3), 2, 2, 6),
 }
 HALF = ("float16", "bfloat16")
 
@@ -130,17 +118,16 @@ def _simulate_case(name):
     from numba_mamba import reference
     from tests.scan_cases import half_dtype, make_inputs
 
-    n_segments = bwd_segments = N = None
+    n_segments = bwd_segments = None
     if name in STATES_CASES:
         dtype, bk, ck, flags, with_dlast, tuning, *split = STATES_CASES[name]
-        n_segments, bwd_segments, N = (split + [None, None, None])[:3]
+        n_segments, bwd_segments = (split + [None, None])[:2]
     else:
         dtype, bk, ck, flags, with_dlast = CASES[name]
         tuning = None
     dtype = half_dtype(dtype) if dtype in HALF else np.dtype(dtype)
     rng = np.random.default_rng(zlib.crc32(name.encode()))
-    Bt, Dc, L, G = 1, 4, 33, 2
-    N = N or 3
+    Bt, Dc, L, N, G = 1, 4, 33, 3, 2
     kw = make_inputs(rng, Bt=Bt, Dc=Dc, L=L, N=N, dtype=dtype, B_kind=bk, C_kind=ck,
                      G=G, **flags)
     dout = rng.standard_normal((Bt, Dc, L)).astype(dtype)
@@ -169,8 +156,6 @@ def _simulate_case(name):
                                                     n_segments=n_segments)
         if len(tuning) > 3:  # one saved state per stretch of backward tiles
             assert saved.tile_states.shape[2] == -(-(-(-L // tuning[2])) // tuning[3])
-        if len(tuning) > 4:  # states per forward thread
-            assert saved.plan.fwd_states == tuning[4]
         p = scan_states.StatesPlan(*tuning[:1], 0, *tuning[1:])
         if n_segments is not None:  # the split is the one asked for
             assert scan_states.segments(Bt, Dc, L, p, n_segments)[0] == n_segments
