@@ -235,7 +235,11 @@ class RawLaunch:
     *strides)``, an integer or a float by value -- into one 8-byte slot each
     of a buffer kept with the launcher, and hands the driver
     (``cuLaunchKernel``) a pointer per slot.
-    The shape part of an array's parameters is cached per (shape, itemsize).
+
+    Only the data pointers change between launches of one layout: the slots
+    are cached per layout (the arrays' shapes and itemsizes and the scalars'
+    values), so a launch with the layout of the one before writes just the
+    pointers (and, for a layout seen before, copies its slots first).
 
     Parameters
     ----------
@@ -283,6 +287,34 @@ class RawLaunch:
         self._pointers = array.array("Q", range(first, first + 8 * n_slots, 8))
         self._lock = threading.Lock()
         self._launch = launch_kernel
+        # per layout: (the slots with zero data pointers, (argument, slot) of each pointer)
+        self._layouts = {}
+        self._current = None  # the layout whose slots the buffer holds
+        arrays = [i for i, ndim in enumerate(self._ndims) if ndim > 0]
+        self._arrays = arrays
+        self._scalars = [i for i, ndim in enumerate(self._ndims) if ndim <= 0]
+
+    def _layout(self, args):
+        """The layout key of ``args``: shapes and itemsizes of the arrays (each
+        checked to be C-contiguous, of the kernel's rank), the scalars' values."""
+        key = []
+        ndims = self._ndims
+        for i in self._arrays:
+            a = args[i]
+            shape = a.shape
+            contiguous = getattr(a, "_c_contiguous", None)  # (CuPy; ``flags`` builds an object)
+            if contiguous is None:
+                contiguous = a.flags.c_contiguous
+            if len(shape) != ndims[i] or not contiguous:
+                raise ValueError(f"expected a C-contiguous array of {ndims[i]} dimensions, "
+                                 f"got shape {shape}, strides {a.strides}")
+            key.append(shape)
+            key.append(a.itemsize)
+        for i in self._scalars:
+            v = args[i]
+            key.append(type(v))  # (1 and 1.0 and np.float32(1) differ in their bits)
+            key.append(v)
+        return tuple(key)
 
     def params(self, args):
         """The kernel's parameter values for ``args``, one int per 8-byte slot."""
@@ -308,16 +340,41 @@ class RawLaunch:
 
     def __call__(self, grid, block, stream, args):
         """Launch on CuPy arrays ``args`` (C-contiguous) on ``stream`` (a CuPy stream)."""
-        values = array.array("Q", self.params(args))
-        if len(values) != len(self._slots):  # (a resize would move the buffer)
-            raise ValueError(f"expected {len(self._slots)} parameter slots, got {len(values)}")
+        if len(args) != len(self._ndims):
+            raise ValueError(f"expected {len(self._ndims)} arguments, got {len(args)}")
+        key = self._layout(args)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            values = self.params(args)
+            if len(values) != len(self._slots):  # (a resize would move the buffer)
+                raise ValueError(f"expected {len(self._slots)} parameter slots, "
+                                 f"got {len(values)}")
+            where = []
+            slot = 0
+            for i, ndim in enumerate(self._ndims):
+                if ndim > 0:
+                    where.append((i, slot + 4))  # (meminfo, parent, size, itemsize, data, ...)
+                    values[slot + 4] = 0
+                    slot += 5 + 2 * ndim
+                else:
+                    slot += 1
+            layout = self._layouts[key] = (array.array("Q", values), tuple(where))
+        template, where = layout
+        slots = self._slots
         with self._lock:
-            self._slots[:] = values
+            if self._current is not layout:
+                slots[:] = template
+                self._current = layout
+            for i, slot in where:
+                slots[slot] = args[i].data.ptr
             self._launch(self._function.ptr, int(grid), 1, 1, int(block), 1, 1, 0, stream.ptr,
                          self._pointers.buffer_info()[0], 0)
 
 
 _ARRAY_META = {}
+_MAX_LAYOUTS = 256  # layouts a launcher keeps (then it starts again)
 _SLOT_MASK = (1 << 64) - 1
 _FLOAT32, _FLOAT64 = -1, -2  # argument kinds of RawLaunch
 

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 
 from ._validation import (array_namespace, check_dtype, check_shape, compute_dtype,
-                          missing_gpu_stack_message)
+                          is_cupy_array, missing_gpu_stack_message)
 from .reference import ScanGrads
 
 __all__ = ["ScanGrads", "selective_scan", "selective_scan_vjp"]
@@ -103,6 +103,32 @@ def _check_bc(name, M, Bt, Dc, N, L):
                          f"(Bt, G, N, L), got {M.ndim} dims with shape {tuple(M.shape)}")
 
 
+_ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+#: Layouts of CuPy arguments that passed validation -> their compute dtype
+#: (see :func:`_gpu_layout`); bounded, started again when full.
+_VALIDATED = {}
+_MAX_VALIDATED = 1024
+
+
+def _gpu_layout(given):
+    """The key under which CuPy arguments' validation is remembered: per
+    argument its type, shape, dtype, strides and device (None where absent);
+    None unless every given array is a CuPy array.
+
+    Validation reads only these (NumPy arguments, whose ``A`` is checked for
+    finite values, are validated on every call), so arguments of a layout
+    seen before pass it again."""
+    key = []
+    for x in given:
+        if x is None:
+            key.append(None)
+            continue
+        if not is_cupy_array(x):
+            return None
+        key.append((type(x), x.shape, x.dtype, x.strides, x.data.device_id))
+    return tuple(key)
+
+
 def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
     """Validate the scan's arguments and return (xp, backend, canonical args,
     originals, compute dtype, dtype of ``dout`` for the backward).
@@ -111,6 +137,13 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     :func:`_direct_half` finds the state engine takes ``u``, ``delta``, ``z``
     and a variable ``B``/``C`` in their half dtype: those stay in it (and
     ``dout`` is to be passed in it too)."""
+    layout = _gpu_layout((u, delta, A, B, C, D, z, delta_bias, initial_state))
+    ftype = None if layout is None else _VALIDATED.get(layout)
+    if ftype is not None:  # validated before: only the canonical forms to make
+        import cupy
+
+        arrays = dict(zip(_ARG_NAMES, (u, delta, A, B, C, D, z, delta_bias, initial_state)))
+        return _canonical_args(cupy, arrays, ftype, delta_softplus)
     given = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                  initial_state=initial_state)
     for name in ("u", "delta", "A", "B", "C"):
@@ -147,6 +180,17 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
                     "(batch, channels, states)")
 
     ftype = compute_dtype(*arrays.values())
+    if layout is not None:
+        if len(_VALIDATED) >= _MAX_VALIDATED:
+            _VALIDATED.clear()
+        _VALIDATED[layout] = ftype
+    return _canonical_args(xp, arrays, ftype, delta_softplus)
+
+
+def _canonical_args(xp, arrays, ftype, delta_softplus):
+    """:func:`_prepare`'s result for validated ``arrays``."""
+    Bt, Dc, _ = arrays["u"].shape
+    N = arrays["A"].shape[1]
     half = _direct_half(xp, arrays, ftype, Bt, Dc, N)
     canon = {}
     for name, x in arrays.items():

@@ -77,3 +77,46 @@ def test_launch_hands_the_driver_one_pointer_per_slot_holding_its_value():
     assert seen["stream"] == 0x5 and seen["extra"] == 0
     assert seen["values"] == [0, 0, 6, 8, 0xABC000, 3, 2, 16, 8, 4,
                               int.from_bytes(struct.pack("<d", 2.0), "little")]
+
+
+def _recording_launcher(kinds, n_slots):
+    import ctypes
+
+    seen = []
+
+    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, kernel_params, extra):
+        pointers = (ctypes.c_uint64 * n_slots).from_address(kernel_params)
+        seen.append([ctypes.c_uint64.from_address(p).value for p in pointers])
+
+    raw = _launcher(kinds)
+    raw._init_slots(n_slots, launch_kernel)
+    raw._function = SimpleNamespace(ptr=0xF00)
+    return raw, seen
+
+
+def test_cached_layouts_give_the_slots_params_computes():
+    """Launches that alternate layouts (shapes, itemsizes, scalar values and
+    types) and data pointers hand the driver what ``params`` computes for each."""
+    kinds = [2, 0, _common._FLOAT32, 1]
+    raw, seen = _recording_launcher(kinds, 9 + 1 + 1 + 7)
+    def args(shape, itemsize, p, q, n=np.int32(4), x=np.float32(2.0)):
+        return [FakeDeviceArray(shape, itemsize, p), n, x, FakeDeviceArray((5,), itemsize, q)]
+
+    calls = [args((3, 2), 4, 0x1000, 0x2000), args((3, 2), 4, 0x3000, 0x4000),
+             args((4, 2), 4, 0x3000, 0x4000), args((3, 2), 8, 0x5000, 0x6000),
+             args((3, 2), 4, 0x7000, 0x8000), args((3, 2), 4, 0x7000, 0x8000, n=np.int64(4)),
+             args((3, 2), 4, 0x7000, 0x8000, x=2.5)]
+    for a in calls:
+        raw(1, 32, SimpleNamespace(ptr=0), a)
+    assert seen == [raw.params(a) for a in calls]
+    assert len(raw._layouts) == 5  # calls 0, 1 and 4 share one layout
+    raw(1, 32, SimpleNamespace(ptr=0), calls[2])
+    assert seen[-1] == raw.params(calls[2])
+
+
+def test_cached_layout_still_refuses_a_non_contiguous_array():
+    raw, seen = _recording_launcher([2], 9)
+    raw(1, 32, SimpleNamespace(ptr=0), [FakeDeviceArray((4, 4), 4, 0x1000)])
+    with pytest.raises(ValueError, match="C-contiguous array of 2 dimensions"):
+        raw(1, 32, SimpleNamespace(ptr=0), [FakeDeviceArray((4, 4), 4, 0x1000, contiguous=False)])
+    assert len(seen) == 1
