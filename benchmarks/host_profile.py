@@ -9,6 +9,13 @@ on (batch 1, D 4, N 4, L 16) float32 CuPy arrays, the median wall time of a
 call (GPU idle: the stream is synchronized before each timed call) and the
 functions with the most own time under cProfile (whose overhead inflates
 every figure, but not their order).
+
+``--ab`` instead times, in one process and interleaved (the GPU machine's
+host CPU is shared, so figures from different runs differ by up to 2x),
+each call as it is and with the two host caches defeated: the validated
+layouts of ``numba_mamba.scan`` (emptied before each call) and the slot
+layouts of ``RawLaunch`` (each launch packing its slots from scratch, as
+before the cache).
 """
 
 import argparse
@@ -28,6 +35,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--ab", action="store_true",
+                        help="time with and without the host caches instead")
     args = parser.parse_args()
     import cupy
 
@@ -38,6 +47,8 @@ def main():
     out, _, backward = nm.selective_scan_vjp(**kw)
     dout = cupy.ones_like(out)
     stream = cupy.cuda.get_current_stream()
+    if args.ab:
+        return ab(cupy, stream, lambda: nm.selective_scan(**kw), lambda: backward(dout))
     for name, fn in (("selective_scan", lambda: nm.selective_scan(**kw)),
                      ("backward(dout)", lambda: backward(dout))):
         for _ in range(50):
@@ -60,6 +71,47 @@ def main():
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
         print(text.getvalue(), flush=True)
+
+
+def ab(cupy, stream, forward, backward, reps=400):
+    """Median microseconds per call with and without the host caches, interleaved."""
+    import array
+
+    from numba_mamba import scan as api
+
+    backend = api._gpu_backend()
+    common = sys.modules[backend.__package__ + "._common"]
+    cached_call = common.RawLaunch.__call__
+
+    def uncached_call(self, grid, block, stream, args):  # the launch before the slot cache
+        values = array.array("Q", self.params(args))
+        with self._lock:
+            self._slots[:] = values
+            self._current = None
+            self._launch(self._function.ptr, int(grid), 1, 1, int(block), 1, 1, 0, stream.ptr,
+                         self._pointers.buffer_info()[0], 0)
+
+    def configure(validation, slots):
+        common.RawLaunch.__call__ = cached_call if slots else uncached_call
+        return validation
+
+    modes = [("both caches", True, True), ("no validation cache", False, True),
+             ("no slot cache", True, False), ("neither", False, False)]
+    for name, fn in (("selective_scan", forward), ("backward(dout)", backward)):
+        times = {m[0]: [] for m in modes}
+        for _ in range(reps):
+            for label, validation, slots in modes:
+                keep = configure(validation, slots)
+                if not keep:
+                    api._VALIDATED.clear()
+                stream.synchronize()
+                t = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - t)
+        stream.synchronize()
+        common.RawLaunch.__call__ = cached_call
+        print(f"{name}: " + ", ".join(f"{label} {statistics.median(ts) * 1e6:.1f} us"
+                                      for label, ts in times.items()), flush=True)
 
 
 if __name__ == "__main__":
