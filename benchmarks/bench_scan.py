@@ -23,12 +23,17 @@ them: there the host work of one call overlaps the kernels before it.
 backward and the device memory CuPy's pool held at most during one forward +
 backward (:func:`peak_pool_bytes`).
 
+``--forward-only`` adds a table of the forward as inference calls it
+(``selective_scan``: the state engine keeps no states for a backward) against
+the forward of ``selective_scan_vjp``, both back to back, with the device
+memory each call allocates (:func:`forward_only_ms`).
+
 ``--long`` instead runs one sequence of 2**20 steps (batch 1, D 1536, N 16)
 forward and backward and checks 8 of its channels against the CPU scan in
 float64 (:func:`long_sequence`).
 
 Run:  python benchmarks/bench_scan.py [--quick] [--reps 20] [--engines states,blocks]
-      [--torch-reps 5] [--memory] [--long] [--cast-half]
+      [--torch-reps 5] [--memory] [--forward-only] [--long] [--cast-half]
 """
 
 import argparse
@@ -238,6 +243,32 @@ def back_to_back_ms(cupy, Bt, Dc, N, L, dtype, reps, sets=4):
     return t_fwd, cupy.cuda.get_elapsed_time(start, stop) / reps
 
 
+def forward_only_ms(cupy, Bt, Dc, N, L, dtype, reps, sets=4):
+    """Per-call ms of ``selective_scan`` and of ``selective_scan_vjp``'s forward,
+    each issued ``reps`` times back to back (inputs cycling through ``sets``
+    fresh random sets), and the bytes one call of each takes from CuPy's pool
+    (outputs and what is kept for a backward)."""
+    rng = cupy.random.default_rng(2)
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    inputs = [make_inputs(cupy, Bt, Dc, N, L, dtype, rng) for _ in range(sets)]
+    pool = cupy.get_default_memory_pool()
+    result = []
+    for fn in (nm.selective_scan, nm.selective_scan_vjp):
+        fn(**inputs[0])  # (warm-up)
+        cupy.cuda.get_current_stream().synchronize()
+        before = pool.used_bytes()
+        kept = fn(**inputs[0])
+        taken = pool.used_bytes() - before
+        del kept
+        start.record()
+        for i in range(reps):
+            fn(**inputs[i % sets])
+        stop.record()
+        stop.synchronize()
+        result += [cupy.cuda.get_elapsed_time(start, stop) / reps, taken]
+    return tuple(result)
+
+
 def long_sequence(cupy, Bt=1, Dc=1536, N=16, L=2**20, reps=3, check_channels=8):
     """Forward + backward of one long sequence (issue 3: batch 1, D 1536, N 16,
     L = 2**20, float32); returns a dict of times (ms, median of ``reps``), the
@@ -307,6 +338,9 @@ def main():
                         help="timed runs of the PyTorch loop per row (0: skip it)")
     parser.add_argument("--memory", action="store_true",
                         help="also report saved bytes and the peak pool size of forward+backward")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="also time selective_scan (no states kept) against the forward "
+                             "of selective_scan_vjp")
     parser.add_argument("--long", action="store_true",
                         help="instead, run batch 1, D 1536, N 16, L 2**20 (float32) forward + "
                              "backward and check 8 channels against the CPU in float64")
@@ -365,6 +399,15 @@ def main():
                 _backends()[0].choose_engine = chooser
             print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {engine} | {t_fwd:.3f} | "
                   f"{t_fwd / ref_fwd:.2f} | {t_bwd:.3f} | {t_bwd / ref_bwd:.2f} |", flush=True)
+    if args.forward_only:
+        print()
+        print("| batch, D, N, L | dtype | selective_scan ms | MB per call "
+              "| selective_scan_vjp forward ms | MB per call |")
+        print("|---|---|---|---|---|---|")
+        for (Bt, Dc, N, L, dtype_name), _, _, dtype in _with_dtypes(cupy, rows):
+            t_inf, b_inf, t_vjp, b_vjp = forward_only_ms(cupy, Bt, Dc, N, L, dtype, args.reps)
+            print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {t_inf:.3f} | {b_inf / 1e6:.1f} | "
+                  f"{t_vjp:.3f} | {b_vjp / 1e6:.1f} |", flush=True)
     if args.memory:
         print()
         print("| batch, D, N, L | dtype | engine | inputs MB | kept for the backward MB "

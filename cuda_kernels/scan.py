@@ -904,7 +904,7 @@ def choose_engine(Bt, Dc, N):
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                 initial_state, *, threads=None, items=None, engine=None):
+                 initial_state, *, save=True, threads=None, items=None, engine=None):
     """Selective scan forward on CuPy arrays (canonical layout).
 
     Parameters
@@ -916,6 +916,12 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     z : cupy.ndarray, (Bt, Dc, L), or None
     delta_softplus : bool
     initial_state : cupy.ndarray, (Bt, Dc, N), or None
+    save : bool, optional
+        Keep what :func:`scan_backward` needs (default).  False: the
+        ``'states'`` engine keeps and writes no saved states (as large as
+        ``u`` at ``N = 16``) and ``saved`` is None; the ``'blocks'`` engine
+        keeps its chunk states either way (one per chunk of
+        ``threads * items`` steps).
     threads, items : int, optional
         Block size (multiple of 32) and steps per thread of the ``'blocks'``
         engine; defaults in :data:`DEFAULT_TUNING`.  The result does not
@@ -942,7 +948,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         engine = "blocks" if threads or items else choose_engine(Bt, Dc, N)
     if engine == "states":
         return scan_states.scan_forward(u, delta, A, B, C, D, z, delta_bias,
-                                        delta_softplus, initial_state)
+                                        delta_softplus, initial_state, save=save)
     if engine != "blocks":
         raise ValueError(f"engine must be 'blocks' or 'states', got {engine!r}")
     if u.dtype not in DEFAULT_TUNING:

@@ -127,6 +127,7 @@ FLAG_Z = 2
 FLAG_BIAS = 4
 FLAG_SOFTPLUS = 8
 FLAG_INIT = 16
+FLAG_SAVE = 32  # the forward saves tile states for a backward
 FLAG_DLAST = 128
 
 _BLOCK = 128  # most threads per block
@@ -472,6 +473,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         has_bias = (flags & FLAG_BIAS) != 0
         use_softplus = (flags & FLAG_SOFTPLUS) != 0
         has_init = (flags & FLAG_INIT) != 0
+        save = (flags & FLAG_SAVE) != 0
 
         sB = cuda.shared.array(BF, ftype)
         sC = cuda.shared.array(CF, ftype)
@@ -514,7 +516,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             # saving the state entering every backward tile
             for sub in range(TF // TB):
                 ts = tile * (TF // TB) + sub
-                if valid and ts < n_btiles and ts % K == 0:
+                if save and valid and ts < n_btiles and ts % K == 0:
                     tile_states[bi, d, ts // K, n] = h
                 for tt in range(sub * TB, (sub + 1) * TB):
                     k = U(tt)
@@ -1114,12 +1116,15 @@ def _check_half(half, ftype, per_step, others):
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                 initial_state, *, tuning=None, n_segments=None, stream="current"):
+                 initial_state, *, save=True, tuning=None, n_segments=None,
+                 stream="current"):
     """Selective scan forward, state-parallel engine (canonical layout).
 
     Parameters and returns as :func:`cuda_kernels.scan.scan_forward`, except
-    that ``saved`` is a :class:`StatesSaved`.  Works on CuPy arrays and, under
-    the CUDA simulator, on NumPy arrays.
+    that ``saved`` is a :class:`StatesSaved`, or None where ``save`` is
+    False: then no states are kept for a backward (at ``N = 16`` they are as
+    large as ``u`` in the compute dtype) and none are written.  Works on CuPy
+    arrays and, under the CUDA simulator, on NumPy arrays.
 
     ``tuning``, for tests: ``(channels per block, forward tile, backward
     tile[, save_every])`` in place of :func:`plan`'s choice; the tiles powers
@@ -1141,15 +1146,18 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     N = A.shape[1]
     p = plan(dtype, N, Dc, _groups(B), _groups(C))
     if tuning is not None:
-        ch, t_fwd, t_bwd, *save = (int(v) for v in tuning)
+        ch, t_fwd, t_bwd, *every = (int(v) for v in tuning)
         if t_fwd % t_bwd or t_fwd & (t_fwd - 1):
             raise ValueError(f"tiles must be powers of two, backward <= forward; got {tuning}")
-        p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd, save[0] if save else p.save_every)
+        p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd, every[0] if every else p.save_every)
     # the backward recomputes from the state entering every save_every-th of its tiles
     n_tiles = -(-(-(-L // p.t_bwd)) // p.save_every)
     out = xp.empty_like(u)
     last_state = xp.empty((Bt, Dc, N), dtype)
-    tile_states = xp.empty((Bt, Dc, n_tiles, N), dtype)
+    if save:
+        tile_states = xp.empty((Bt, Dc, n_tiles, N), dtype)
+    else:  # (not written)
+        tile_states = dummy(xp, dtype, 4)
     dummy1 = dummy(xp, dtype, 1)
     dummy3 = dummy(xp, dtype, 3)
     dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)  # an absent per-step array
@@ -1162,6 +1170,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     else:  # (not read)
         seg_h, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
     flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)
+    if save:
+        flags |= np.int32(FLAG_SAVE)
     if S > 1:
         launch(k.forward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream,
                (v(u).reshape(-1), v(delta).reshape(-1), A, v(B).reshape(-1),
@@ -1176,7 +1186,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
             np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)),
             seg_h, seg_dt, np.int64(SL), np.int64(S))
     launch(k.forward, S * _grid(Bt, Dc, p), p.ch * N, stream, args)
-    return out, last_state, StatesSaved(tile_states, p)
+    return out, last_state, StatesSaved(tile_states, p) if save else None
 
 
 def gradient_buffers(xp, u, A, B, C, D, z, delta_bias):

@@ -327,7 +327,7 @@ def _num_slices(Bt, Dc):
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                 chunk_size=DEFAULT_CHUNK_SIZE):
+                 chunk_size=DEFAULT_CHUNK_SIZE, save=True):
     """Selective scan forward on the CPU, keeping only chunk-boundary states.
 
     Parameters
@@ -352,6 +352,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
         Steps between saved states (default :data:`DEFAULT_CHUNK_SIZE`).  The
         result does not depend on it; it trades saved memory
         (``Bt*Dc*ceil(L/chunk_size)*N``) against the backward's local buffer.
+    save : bool, optional
+        Whether a backward will follow; accepted for the GPU backend's
+        signature (whose state engine then keeps no states).  The chunk
+        states are kept either way.
 
     All arrays are C-contiguous and share one dtype, float32 or float64, in
     which everything is computed.

@@ -334,7 +334,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     xp, backend, args, given, ftype, _ = _prepare(u, delta, A, B, C, D, z, delta_bias,
                                                   delta_softplus, initial_state)
-    out, last_state, _ = backend.scan_forward(*args)
+    out, last_state, _ = backend.scan_forward(*args, save=False)  # no backward follows
     out = out.astype(given["u"].dtype, copy=False)
     if return_last_state:
         return out, last_state

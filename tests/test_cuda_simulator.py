@@ -168,6 +168,12 @@ def _simulate_case(name):
         q_buf = np.stack([dinit if dinit is not None else np.zeros_like(last)] * 2)
         report = _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA,
                           dB, dC, dD, dz, dbias, q_buf, inputs=kw)
+        # a forward for no backward keeps no states and computes the same bits
+        out_ns, last_ns, saved_ns = scan_states.scan_forward(*args, tuning=tuning,
+                                                             n_segments=n_segments, save=False)
+        report["forward without saved states"] = dict(
+            ok=saved_ns is None and np.array_equal(out_ns.view(np.uint8), out.view(np.uint8))
+            and np.array_equal(last_ns, last))
         if dtype.name in HALF:
             # the same values in float32 through the float32 kernels, the
             # results rounded to the half type afterwards: the same bits
