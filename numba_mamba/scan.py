@@ -279,7 +279,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     -----
     float32 and float64 inputs compute in their own precision; float16 and
     bfloat16 compute in float32 and return their own dtype.  Non-contiguous
-    inputs are copied to C order first.
+    inputs are copied to C order first.  No backward follows this call, so
+    the GPU's state-parallel engine keeps no states for one (use
+    :func:`selective_scan_vjp` for gradients).
 
     On the GPU, ``A`` is not checked for infinities and NaNs: the check would
     make every call wait for the device (as CuPy's linear algebra does not
