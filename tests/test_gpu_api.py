@@ -13,14 +13,10 @@ import pytest
 
 import numba_mamba as nm
 from numba_mamba import reference
+from tests.gpu import gpu_module
 from tests.scan_cases import TOLERANCES, assert_close, make_inputs
 
-cupy = pytest.importorskip("cupy")
-try:
-    _HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CUDA driver missing
-    _HAVE_GPU = False
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAVE_GPU, reason="no CUDA GPU")]
+cupy, _HAVE_GPU, pytestmark = gpu_module()
 
 # Half precisions: the reference project's own tolerances for its float16 and
 # bfloat16 tests (out), and a half-rounding allowance for the gradients, which

@@ -11,14 +11,10 @@ import numpy as np
 import pytest
 
 from numba_mamba import reference
+from tests.gpu import gpu_module
 from tests.scan_cases import TOLERANCES, assert_close, make_inputs
 
-cupy = pytest.importorskip("cupy")
-try:
-    _HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CUDA driver or runtime missing
-    _HAVE_GPU = False
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAVE_GPU, reason="no CUDA GPU")]
+cupy, _HAVE_GPU, pytestmark = gpu_module()
 
 if _HAVE_GPU:
     from cuda_kernels import scan, scan_states

@@ -13,13 +13,9 @@ import pytest
 from scipy import signal
 
 import numba_mamba as nm
+from tests.gpu import gpu_module
 
-cupy = pytest.importorskip("cupy")
-try:
-    _HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CUDA driver missing
-    _HAVE_GPU = False
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAVE_GPU, reason="no CUDA GPU")]
+cupy, _HAVE_GPU, pytestmark = gpu_module()
 
 METHODS = ("zoh", "euler", "backward_diff", "bilinear", "mamba")
 # max |gpu - cpu| / max(|cpu|, 1): both compute in the dtype under test

@@ -13,13 +13,9 @@ import pytest
 from numba_mamba import inference, layers, models
 from numba_mamba.checkpoint import load_checkpoint, save_checkpoint
 from numba_mamba.optim import AdamW
+from tests.gpu import gpu_module
 
-cupy = pytest.importorskip("cupy")
-try:
-    _HAVE_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CUDA driver missing
-    _HAVE_GPU = False
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAVE_GPU, reason="no CUDA GPU")]
+cupy, _HAVE_GPU, pytestmark = gpu_module()
 
 # (rtol, atol) of float32 GPU vs CPU, and of float64
 TOL32 = dict(rtol=2e-4, atol=2e-5)

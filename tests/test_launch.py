@@ -120,3 +120,4 @@ def test_cached_layout_still_refuses_a_non_contiguous_array():
     with pytest.raises(ValueError, match="C-contiguous array of 2 dimensions"):
         raw(1, 32, SimpleNamespace(ptr=0), [FakeDeviceArray((4, 4), 4, 0x1000, contiguous=False)])
     assert len(seen) == 1
+
