@@ -398,18 +398,31 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         # the tiles of T steps of segment seg: first, one past the last
         return seg * (SL // T), (min((seg + 1) * SL, L) + T - 1) // T
 
-    def forward_ends(u, delta, A, B, delta_bias, seg_h, seg_dt, flags, dg, L, GB, SL, NS):
+    @inline_device
+    def thread_rows(Dc, dg, L, GB, GC, n_segments):
+        # where this thread works, in a grid of n_segments segments: its channel
+        # ch in the block and state n, the block's segment, batch, first channel
+        # and channels (valid: ch is one of them), the channel d it reads (ch
+        # clamped: idle threads read, never write), and unsigned flat offsets
+        # of row (bi, d0 + c) of u/delta (c*L past row0), of row d (rowd) and
+        # of the block's group of a variable B/C (baseB/baseC)
         tid = cuda.threadIdx.x
         ch = tid // N
         n = tid - ch * N
-        Dc = A.shape[0]
-        # segments 0 .. NS-2 (the last one's end is not needed)
-        seg, bi, d0, nch = segment_blocks(Dc, dg, NS - 1)
-        valid = ch < nch
+        seg, bi, d0, nch = segment_blocks(Dc, dg, n_segments)
         d = d0 + min(ch, nch - 1)
         uL = U(L)
         row0 = U(bi * Dc + d0) * uL
+        rowd = U(bi * Dc + d) * uL
         baseB = group_rows(bi, d0, Dc, GB, uL) if b_var else U(0)
+        baseC = group_rows(bi, d0, Dc, GC, uL) if c_var else U(0)
+        return tid, ch, n, seg, bi, d0, nch, ch < nch, d, uL, row0, rowd, baseB, baseC
+
+    def forward_ends(u, delta, A, B, delta_bias, seg_h, seg_dt, flags, dg, L, GB, SL, NS):
+        Dc = A.shape[0]
+        # segments 0 .. NS-2 (the last one's end is not needed)
+        (tid, ch, n, seg, bi, d0, nch, valid, d, uL, row0, _, baseB,
+         _) = thread_rows(Dc, dg, L, GB, 1, NS - 1)  # (C is not read: any group count)
         has_bias = (flags & FLAG_BIAS) != 0
         use_softplus = (flags & FLAG_SOFTPLUS) != 0
 
@@ -452,21 +465,10 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     def forward(u, delta, A, B, C, D, z, delta_bias, initial_state,
                 out, last_state, tile_states, flags, dg, L, GB, GC,
                 seg_h, seg_dt, SL, NS):
-        tid = cuda.threadIdx.x
-        ch = tid // N
-        n = tid - ch * N
         Dc = A.shape[0]
         n_btiles = tile_states.shape[2] if K == 1 else (L + TB - 1) // TB
-        seg, bi, d0, nch = segment_blocks(Dc, dg, NS)
-        valid = ch < nch
-        d = d0 + min(ch, nch - 1)  # clamped: idle threads read, never write
-        uL = U(L)
-        # flat offsets: row (bi, d0 + c) of u/delta at c*L past row0; the
-        # block's rows of variable B/C at baseB/baseC
-        row0 = U(bi * Dc + d0) * uL
-        rowd = U(bi * Dc + d) * uL
-        baseB = group_rows(bi, d0, Dc, GB, uL) if b_var else U(0)
-        baseC = group_rows(bi, d0, Dc, GC, uL) if c_var else U(0)
+        (tid, ch, n, seg, bi, d0, nch, valid, d, uL, row0, rowd, baseB,
+         baseC) = thread_rows(Dc, dg, L, GB, GC, NS)
 
         has_D = (flags & FLAG_D) != 0
         has_z = (flags & FLAG_Z) != 0
@@ -601,17 +603,10 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     # segments, all segments at once.
     def backward_ends(dout, delta, A, C, z, delta_bias, seg_q, seg_dt, flags, dg, L, GC,
                       SL, NS):
-        tid = cuda.threadIdx.x
-        ch = tid // N
-        n = tid - ch * N
         Dc = A.shape[0]
         # segments 1 .. NS-1 (the first one's adjoint is not needed), kept at seg - 1
-        sp, bi, d0, nch = segment_blocks(Dc, dg, NS - 1)
-        valid = ch < nch
-        d = d0 + min(ch, nch - 1)
-        uL = U(L)
-        row0 = U(bi * Dc + d0) * uL
-        baseC = group_rows(bi, d0, Dc, GC, uL) if c_var else U(0)
+        (tid, ch, n, sp, bi, d0, nch, valid, d, uL, row0, _, _,
+         baseC) = thread_rows(Dc, dg, L, 1, GC, NS - 1)  # (B is not read: any group count)
         has_z = (flags & FLAG_Z) != 0
         has_bias = (flags & FLAG_BIAS) != 0
         use_softplus = (flags & FLAG_SOFTPLUS) != 0
@@ -671,19 +666,10 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                  tile_states, du, ddelta, dA_acc, dB_acc, dC_acc, dD_acc, dz,
                  ddelta_bias_acc, dinitial_state, flags, dg, L, GB, GC,
                  seg_q, seg_dt, SL, NS):
-        tid = cuda.threadIdx.x
-        ch = tid // N
-        n = tid - ch * N
         Dc = A.shape[0]
         n_btiles = tile_states.shape[2] if K == 1 else (L + TB - 1) // TB
-        seg, bi, d0, nch = segment_blocks(Dc, dg, NS)
-        valid = ch < nch
-        d = d0 + min(ch, nch - 1)
-        uL = U(L)
-        row0 = U(bi * Dc + d0) * uL
-        rowd = U(bi * Dc + d) * uL
-        baseB = group_rows(bi, d0, Dc, GB, uL) if b_var else U(0)
-        baseC = group_rows(bi, d0, Dc, GC, uL) if c_var else U(0)
+        (tid, ch, n, seg, bi, d0, nch, valid, d, uL, row0, rowd, baseB,
+         baseC) = thread_rows(Dc, dg, L, GB, GC, NS)
 
         has_D = (flags & FLAG_D) != 0
         has_z = (flags & FLAG_Z) != 0
