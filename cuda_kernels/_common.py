@@ -287,12 +287,20 @@ class RawLaunch:
         self._pointers = array.array("Q", range(first, first + 8 * n_slots, 8))
         self._lock = threading.Lock()
         self._launch = launch_kernel
-        # per layout: (the slots with zero data pointers, (argument, slot) of each pointer)
-        self._layouts = {}
+        self._layouts = {}  # per layout: the slots, with zero data pointers
         self._current = None  # the layout whose slots the buffer holds
-        arrays = [i for i, ndim in enumerate(self._ndims) if ndim > 0]
-        self._arrays = arrays
+        self._arrays = [i for i, ndim in enumerate(self._ndims) if ndim > 0]
         self._scalars = [i for i, ndim in enumerate(self._ndims) if ndim <= 0]
+        # (argument, slot) of each data pointer: (meminfo, parent, size, itemsize, data, ...)
+        where = []
+        slot = 0
+        for i, ndim in enumerate(self._ndims):
+            if ndim > 0:
+                where.append((i, slot + 4))
+                slot += 5 + 2 * ndim
+            else:
+                slot += 1
+        self._data_slots = tuple(where)
 
     def _layout(self, args):
         """The layout key of ``args``: shapes and itemsizes of the arrays (each
@@ -351,23 +359,15 @@ class RawLaunch:
             if len(values) != len(self._slots):  # (a resize would move the buffer)
                 raise ValueError(f"expected {len(self._slots)} parameter slots, "
                                  f"got {len(values)}")
-            where = []
-            slot = 0
-            for i, ndim in enumerate(self._ndims):
-                if ndim > 0:
-                    where.append((i, slot + 4))  # (meminfo, parent, size, itemsize, data, ...)
-                    values[slot + 4] = 0
-                    slot += 5 + 2 * ndim
-                else:
-                    slot += 1
-            layout = self._layouts[key] = (array.array("Q", values), tuple(where))
-        template, where = layout
+            for _, slot in self._data_slots:
+                values[slot] = 0
+            layout = self._layouts[key] = array.array("Q", values)
         slots = self._slots
         with self._lock:
             if self._current is not layout:
-                slots[:] = template
+                slots[:] = layout
                 self._current = layout
-            for i, slot in where:
+            for i, slot in self._data_slots:
                 slots[slot] = args[i].data.ptr
             self._launch(self._function.ptr, int(grid), 1, 1, int(block), 1, 1, 0, stream.ptr,
                          self._pointers.buffer_info()[0], 0)

@@ -56,10 +56,6 @@ def _canonical(x, ftype, xp):
     return xp.ascontiguousarray(x, dtype=ftype)
 
 
-_HALF = ("float16", "bfloat16")
-_IS_HALF = {}  # dtype -> is it a half dtype (``dtype.name`` costs microseconds a call)
-
-
 def _direct_half(xp, arrays, ftype, Bt, Dc, N):
     """The half dtype in which the GPU's state engine reads ``u``, ``delta``,
     ``z`` and a variable ``B``/``C`` as given (and writes ``out`` and their
@@ -71,17 +67,14 @@ def _direct_half(xp, arrays, ftype, Bt, Dc, N):
     """
     if xp is np or ftype != np.float32:
         return None
+    backend = _gpu_backend()
     half = arrays["u"].dtype
-    is_half = _IS_HALF.get(half)
-    if is_half is None:
-        is_half = _IS_HALF[half] = half.name in _HALF
-    if not is_half:
+    if backend.scan_states.storage_of(half)[1] is None:  # not a half dtype
         return None
     for name in ("delta", "z", "B", "C"):
         x = arrays[name]
         if x is not None and (x.ndim != 2 or name not in ("B", "C")) and x.dtype != half:
             return None
-    backend = _gpu_backend()
     if not backend.scan_states.DIRECT_HALF or backend.choose_engine(Bt, Dc, N) != "states":
         return None
     return half
@@ -137,15 +130,14 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     :func:`_direct_half` finds the state engine takes ``u``, ``delta``, ``z``
     and a variable ``B``/``C`` in their half dtype: those stay in it (and
     ``dout`` is to be passed in it too)."""
-    layout = _gpu_layout((u, delta, A, B, C, D, z, delta_bias, initial_state))
+    values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    given = dict(zip(_ARG_NAMES, values))
+    layout = _gpu_layout(values)
     ftype = None if layout is None else _VALIDATED.get(layout)
     if ftype is not None:  # validated before: only the canonical forms to make
         import cupy
 
-        arrays = dict(zip(_ARG_NAMES, (u, delta, A, B, C, D, z, delta_bias, initial_state)))
-        return _canonical_args(cupy, arrays, ftype, delta_softplus)
-    given = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
-                 initial_state=initial_state)
+        return _canonical_args(cupy, given, ftype, delta_softplus)
     for name in ("u", "delta", "A", "B", "C"):
         if given[name] is None:
             raise TypeError(f"{name} is required, got None")

@@ -107,7 +107,8 @@ def test_api_reads_half_directly_only_where_switched_on_and_uniform(monkeypatch,
     import numba_mamba.scan as api
 
     engine = {"name": "states"}
-    backend = types.SimpleNamespace(scan_states=types.SimpleNamespace(DIRECT_HALF=switch),
+    backend = types.SimpleNamespace(scan_states=types.SimpleNamespace(DIRECT_HALF=switch,
+                                                                      storage_of=storage_of),
                                     choose_engine=lambda Bt, Dc, N: engine["name"])
     monkeypatch.setattr(api, "_gpu_backend", lambda: backend)
     gpu = object()  # any array module but NumPy

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import numba_mamba.scan as api
+from cuda_kernels._common import storage_of
 
 
 class FakeCupyArray:
@@ -44,7 +45,8 @@ def fake_gpu(monkeypatch):
     cupy.ascontiguousarray = lambda x, dtype=None: FakeCupyArray(
         np.ascontiguousarray(x.a, dtype=dtype), x.data.device_id)
     monkeypatch.setitem(sys.modules, "cupy", cupy)
-    backend = types.SimpleNamespace(scan_states=types.SimpleNamespace(DIRECT_HALF=True),
+    backend = types.SimpleNamespace(scan_states=types.SimpleNamespace(DIRECT_HALF=True,
+                                                                      storage_of=storage_of),
                                     choose_engine=lambda Bt, Dc, N: "blocks")
     monkeypatch.setattr(api, "_gpu_backend", lambda: backend)
     monkeypatch.setattr(api, "_VALIDATED", {})
