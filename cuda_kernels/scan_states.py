@@ -172,8 +172,18 @@ class StatesPlan(NamedTuple):
     save_every: int = 1  # the forward keeps the state entering every save_every-th backward tile
 
 
+def _pitch(T):
+    """Row length of a shared tile of ``T`` steps: ``T + 4`` where ``T`` is a
+    multiple of 4, so that four consecutive steps of a row are 16-byte aligned
+    and the unrolled loops read them in one vector load (``ld.shared.v4``);
+    ``T + 1`` otherwise.  Either way the rows of consecutive states begin in
+    different banks (4 or 1 apart), so that a warp's threads, one per state,
+    read one step of their rows without conflicts."""
+    return T + 4 if T % 4 == 0 else T + 1
+
+
 def _tile_bytes(N, ch, T, itemsize, backward):
-    rowlen = T + 1
+    rowlen = _pitch(T)
     if backward:
         words = 2 * N * rowlen + 4 * ch * rowlen + (4 * T + 1) * (ch * N + 1)
     else:
@@ -278,12 +288,13 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     U = np.uint64  # shared-memory indices: unsigned, so no negative-index wraparound code
     NT = CH * N           # threads per block
     YW = NT + 1           # row of a (T, CH*N) tile, padded against bank conflicts
-    BF = (N, TF + 1) if b_var else (1, 1)
-    CF = (N, TF + 1) if c_var else (1, 1)
-    BB = (N, TB + 1) if b_var else (1, 1)
-    CB = (N, TB + 1) if c_var else (1, 1)
-    CHF = (CH, TF + 1)    # per-channel rows of a forward tile
-    CHB = (CH, TB + 1)
+    BF = (N, _pitch(TF)) if b_var else (1, 1)
+    CF = (N, _pitch(TF)) if c_var else (1, 1)
+    BB = (N, _pitch(TB)) if b_var else (1, 1)
+    CB = (N, _pitch(TB)) if c_var else (1, 1)
+    CHF = (CH, _pitch(TF))    # per-channel rows of a forward tile
+    CHB = (CH, _pitch(TB))
+    VA = None if simulator() else 16  # alignment of the step-row tiles (see _pitch)
     YF = (TF, YW)
     YB = (TB, YW)
     HB = (TB + 1, YW)     # states of a backward tile: row 0 enters it, row k + 1 after step k
@@ -426,9 +437,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         has_bias = (flags & FLAG_BIAS) != 0
         use_softplus = (flags & FLAG_SOFTPLUS) != 0
 
-        sB = cuda.shared.array(BF, ftype)
-        sdt = cuda.shared.array(CHF, ftype)
-        sdu = cuda.shared.array(CHF, ftype)
+        sB = cuda.shared.array(BF, ftype, alignment=VA)
+        sdt = cuda.shared.array(CHF, ftype, alignment=VA)
+        sdu = cuda.shared.array(CHF, ftype, alignment=VA)
 
         A2 = A[d, n] * log2e
         B_n = zero
@@ -477,10 +488,10 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         has_init = (flags & FLAG_INIT) != 0
         save = (flags & FLAG_SAVE) != 0
 
-        sB = cuda.shared.array(BF, ftype)
-        sC = cuda.shared.array(CF, ftype)
-        sdt = cuda.shared.array(CHF, ftype)   # delta after bias/softplus
-        sdu = cuda.shared.array(CHF, ftype)   # delta * u
+        sB = cuda.shared.array(BF, ftype, alignment=VA)
+        sC = cuda.shared.array(CF, ftype, alignment=VA)
+        sdt = cuda.shared.array(CHF, ftype, alignment=VA)   # delta after bias/softplus
+        sdu = cuda.shared.array(CHF, ftype, alignment=VA)   # delta * u
         sy = cuda.shared.array(YF, ftype)        # C_t[n] h_t[n]
 
         A2 = A[d, n] * log2e  # exp(dt * A) = exp2(dt * A2)
@@ -611,9 +622,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         has_bias = (flags & FLAG_BIAS) != 0
         use_softplus = (flags & FLAG_SOFTPLUS) != 0
 
-        sC = cuda.shared.array(CB, ftype)
-        sdt = cuda.shared.array(CHB, ftype)   # delta after bias/softplus
-        sdy = cuda.shared.array(CHB, ftype)   # dL/dy (after the z gate)
+        sC = cuda.shared.array(CB, ftype, alignment=VA)
+        sdt = cuda.shared.array(CHB, ftype, alignment=VA)   # delta after bias/softplus
+        sdy = cuda.shared.array(CHB, ftype, alignment=VA)   # dL/dy (after the z gate)
 
         A2 = A[d, n] * log2e
         C_n = zero
@@ -677,12 +688,12 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         use_softplus = (flags & FLAG_SOFTPLUS) != 0
         has_dlast = (flags & FLAG_DLAST) != 0
 
-        sB = cuda.shared.array(BB, ftype)
-        sC = cuda.shared.array(CB, ftype)
-        sdt = cuda.shared.array(CHB, ftype)   # delta after bias/softplus
-        su = cuda.shared.array(CHB, ftype)    # u
-        sdy = cuda.shared.array(CHB, ftype)   # dL/dy (after the z gate)
-        ssg = cuda.shared.array(CHB, ftype)   # d softplus / d delta
+        sB = cuda.shared.array(BB, ftype, alignment=VA)
+        sC = cuda.shared.array(CB, ftype, alignment=VA)
+        sdt = cuda.shared.array(CHB, ftype, alignment=VA)   # delta after bias/softplus
+        su = cuda.shared.array(CHB, ftype, alignment=VA)    # u
+        sdy = cuda.shared.array(CHB, ftype, alignment=VA)   # dL/dy (after the z gate)
+        ssg = cuda.shared.array(CHB, ftype, alignment=VA)   # d softplus / d delta
         sh = cuda.shared.array(HB, ftype)        # h_t (row t + 1), then dB terms
         s1 = cuda.shared.array(YB, ftype)        # C h, then dC terms
         s2 = cuda.shared.array(YB, ftype)        # ddelta terms
