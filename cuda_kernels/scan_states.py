@@ -187,7 +187,7 @@ def _tile_bytes(N, ch, T, itemsize, backward):
     if backward:
         words = 2 * N * rowlen + 4 * ch * rowlen + (4 * T + 1) * (ch * N + 1)
     else:
-        words = 2 * N * rowlen + 2 * ch * rowlen + T * (ch * N + 1)
+        words = 2 * N * rowlen + 2 * ch * rowlen + ch * N * rowlen
     return words * itemsize
 
 
@@ -295,7 +295,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     CHF = (CH, _pitch(TF))    # per-channel rows of a forward tile
     CHB = (CH, _pitch(TB))
     VA = None if simulator() else 16  # alignment of the step-row tiles (see _pitch)
-    YF = (TF, YW)
+    YF = (NT, _pitch(TF))  # C_t h_t of the forward: a row of steps per thread
     YB = (TB, YW)
     HB = (TB + 1, YW)     # states of a backward tile: row 0 enters it, row k + 1 after step k
 
@@ -492,7 +492,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         sC = cuda.shared.array(CF, ftype, alignment=VA)
         sdt = cuda.shared.array(CHF, ftype, alignment=VA)   # delta after bias/softplus
         sdu = cuda.shared.array(CHF, ftype, alignment=VA)   # delta * u
-        sy = cuda.shared.array(YF, ftype)        # C_t[n] h_t[n]
+        sy = cuda.shared.array(YF, ftype, alignment=VA)  # C_t[n] h_t[n], row tid
 
         A2 = A[d, n] * log2e  # exp(dt * A) = exp2(dt * A2)
         B_n = zero
@@ -541,17 +541,23 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                     if c_var:
                         ct = sC[un, k]
                     h = a * h + sdu[uch, k] * bt
-                    sy[k, utid] = ct * h
+                    sy[utid, k] = ct * h
             cuda.syncthreads()  # every C h of the tile is written
             # 3. y = sum over states, then the epilogue
+            # (each thread sums NSUM consecutive steps, read as one vector)
             if valid:
                 base = uch * UN
+                ys = cuda.local.array(NSUM, ftype)  # (in registers: indices are constant)
                 for j in range(NSUM):
-                    tt = un + U(j) * UN
+                    ys[j] = zero
+                for k in range(N):
+                    for j in range(NSUM):
+                        if NSUM * N == TF or un * U(NSUM) + U(j) < UTF:
+                            ys[j] += sy[base + U(k), un * U(NSUM) + U(j)]
+                for j in range(NSUM):
+                    tt = un * U(NSUM) + U(j)
                     if (NSUM * N == TF or tt < UTF) and (full or t0 + tt < uL):
-                        y = zero
-                        for k in range(N):
-                            y += sy[tt, base + U(k)]
+                        y = ys[j]
                         o = rowd + t0 + tt
                         y += D_d * load(u, o)
                         if has_z:
