@@ -302,24 +302,58 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     softplus, sigmoid = activations(ftype)
     load, store = storage_io(storage, ftype)  # per-step arrays in global memory
 
+    class Cells(NamedTuple):
+        # How NT threads cover an (R, T) tile of R rows of T consecutive steps:
+        # a grid of RP rows of CP threads on consecutive steps (coalesced global
+        # reads), the thread at (tid // CP, tid % CP) if tid < RP * CP, taking
+        # rows rr + i*RP (i < NR) and steps cc + j*CP (j < NC); `exact_*` where
+        # no cell of the grid falls outside the tile.  Element (r, tt) of the
+        # tile is at flat offset base + r*L + t0 + tt of a per-step array.
+        RP: int
+        CP: int
+        NR: int
+        NC: int
+        all_threads: bool
+        exact_r: bool
+        exact_c: bool
+
+    def cells(R, T):
+        CP = min(T, NT)
+        RP = NT // CP
+        NR = (R + RP - 1) // RP
+        NC = (T + CP - 1) // CP
+        return Cells(RP, CP, NR, NC, RP * CP == NT, NR * RP == R, NC * CP == T)
+
+    @inline_device
+    def cell_of(CP, utid, uL, t0):
+        # this thread's row and step in the grid of cells(R, T), and the flat
+        # offset (less the array's base) of that row and step in a tile at t0
+        rr = utid // U(CP)
+        cc = utid - rr * U(CP)
+        return rr, cc, rr * uL + t0 + cc
+
     def flat_stager(T):
-        # rows base + r*L + t0 .. + T of a flat M into sM (N, T+1), zeros past
-        # L; consecutive threads on consecutive steps, so the global reads coalesce
-        per_thread = (N * T + NT - 1) // NT
-        uT = U(T)
+        # rows base + r*L + t0 .. + T of a flat M (r < N) into sM, zeros past L
+        RP, CP, NR, NC, all_threads, exact_r, exact_c = cells(N, T)
 
         @inline_device
         def stage(M, base, L, t0, full, sM, tid):
             uL = U(L)
-            for i in range(per_thread):
-                e = U(tid) + U(i * NT)
-                if per_thread * NT == N * T or e < U(N * T):
-                    r = e // uT
-                    tt = e - r * uT
-                    v = zero
-                    if full or t0 + tt < uL:
-                        v = load(M, base + r * uL + t0 + tt)
-                    sM[r, tt] = v
+            utid = U(tid)
+            r, cc, o = cell_of(CP, utid, uL, t0)
+            o += base
+            if all_threads or utid < U(RP * CP):
+                for i in range(NR):
+                    if exact_r or r < UN:
+                        for j in range(NC):
+                            tt = cc + U(j * CP)
+                            if exact_c or tt < U(T):
+                                v = zero
+                                if full or t0 + tt < uL:
+                                    v = load(M, o + U(j * CP))
+                                sM[r, tt] = v
+                    r += U(RP)
+                    o += U(RP) * uL
         return stage
 
     @inline_device
@@ -368,32 +402,39 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     # keeping its final state and the sum of its deltas: the state entering
     # segment s is then h = exp(A * sum delta) * h + h_end over the segments
     # before it, and the forward runs every segment from there in parallel.
-    CSTAGE = (CH * TF + NT - 1) // NT     # delta/u elements each thread stages per tile
     NSUM = (TF + N - 1) // N              # output steps each thread sums per tile
     UTF = U(TF)
     UN = U(N)
-    UNT = U(NT)
     stage_flat = flat_stager(TF)
+
+    CELLS_F = cells(CH, TF)
 
     @inline_device
     def stage_delta(u, delta, delta_bias, row0, d0, nch, t0, full, L, has_bias,
                     use_softplus, sdt, sdu, utid):
         # delta after bias and softplus, and delta * u, of the block's
-        # channels into sdt, sdu (CH, TF+1); zeros past L and for idle channels
+        # channels into sdt, sdu (CH, TF); zeros past L and for idle channels
+        RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_F
         uL = U(L)
-        for i in range(CSTAGE):
-            e = utid + U(i) * UNT
-            if CSTAGE * NT == CH * TF or e < U(CH) * UTF:
-                c = e // UTF
-                tt = e - c * UTF
-                dt = zero  # past L or an idle channel: a = 1, b = 0
-                du_ = zero
-                if c < U(nch) and (full or t0 + tt < uL):
-                    o = row0 + c * uL + t0 + tt
-                    dt = delta_at(delta, delta_bias, o, U(d0) + c, has_bias, use_softplus)[0]
-                    du_ = dt * load(u, o)
-                sdt[c, tt] = dt
-                sdu[c, tt] = du_
+        c, cc, o = cell_of(CP, utid, uL, t0)
+        o += row0
+        if all_threads or utid < U(RP * CP):
+            for i in range(NR):
+                if exact_r or c < U(CH):
+                    for j in range(NC):
+                        tt = cc + U(j * CP)
+                        if exact_c or tt < UTF:
+                            dt = zero  # past L or an idle channel: a = 1, b = 0
+                            du_ = zero
+                            if c < U(nch) and (full or t0 + tt < uL):
+                                oj = o + U(j * CP)
+                                dt = delta_at(delta, delta_bias, oj, U(d0) + c, has_bias,
+                                              use_softplus)[0]
+                                du_ = dt * load(u, oj)
+                            sdt[c, tt] = dt
+                            sdu[c, tt] = du_
+                c += U(RP)
+                o += U(RP) * uL
 
     @inline_device
     def segment_blocks(Dc, dg, n_segments):
@@ -573,11 +614,11 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     # ----------------------------------------------------------------- backward
     # Flat arrays and unsigned offsets as in the forward (gradients too:
     # du, ddelta, dz like u; dB_acc/dC_acc like B/C).
-    CSTAGEB = (CH * TB + NT - 1) // NT
     NSUMB = (TB + N - 1) // N             # steps each thread sums over states per tile
     NSUMC = (TB + CH - 1) // CH           # steps each thread sums over channels per tile
     UTB = U(TB)
     stage_bwd = flat_stager(TB)
+    CELLS_B = cells(CH, TB)
 
     SENT = (K, NT) if K > 1 else (1, 1)
 
@@ -590,23 +631,30 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             stage_bwd(B, baseB, L, t0, full, sB, tid)
         if c_var:
             stage_bwd(C, baseC, L, t0, full, sC, tid)
+        RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_B
         utid = U(tid)
         uL = U(L)
-        for i in range(CSTAGEB):
-            e = utid + U(i * NT)
-            if CSTAGEB * NT == CH * TB or e < U(CH * TB):
-                c = e // UTB
-                tt = e - c * UTB
-                dt = zero
-                uu = zero
-                sg = one
-                if c < U(nch) and (full or t0 + tt < uL):
-                    o = row0 + c * uL + t0 + tt
-                    dt, sg = delta_at(delta, delta_bias, o, U(d0) + c, has_bias, use_softplus)
-                    uu = load(u, o)
-                sdt[c, tt] = dt
-                su[c, tt] = uu
-                ssg[c, tt] = sg
+        c, cc, o = cell_of(CP, utid, uL, t0)
+        o += row0
+        if all_threads or utid < U(RP * CP):
+            for i in range(NR):
+                if exact_r or c < U(CH):
+                    for j in range(NC):
+                        tt = cc + U(j * CP)
+                        if exact_c or tt < UTB:
+                            dt = zero
+                            uu = zero
+                            sg = one
+                            if c < U(nch) and (full or t0 + tt < uL):
+                                oj = o + U(j * CP)
+                                dt, sg = delta_at(delta, delta_bias, oj, U(d0) + c, has_bias,
+                                                  use_softplus)
+                                uu = load(u, oj)
+                            sdt[c, tt] = dt
+                            su[c, tt] = uu
+                            ssg[c, tt] = sg
+                c += U(RP)
+                o += U(RP) * uL
 
     # Where Bt * Dc * N recurrences make too few backward blocks, the sequence
     # is split into NS segments of SL steps (a multiple of TB * K, so that
@@ -647,22 +695,29 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             full = t0 + UTB <= uL
             if c_var:
                 stage_bwd(C, baseC, L, t0, full, sC, tid)
-            for i in range(CSTAGEB):
-                e = utid + U(i * NT)
-                if CSTAGEB * NT == CH * TB or e < U(CH * TB):
-                    c = e // UTB
-                    tt = e - c * UTB
-                    dt = zero  # past L or an idle channel: a = 1, dy = 0
-                    g = zero
-                    if c < U(nch) and (full or t0 + tt < uL):
-                        o = row0 + c * uL + t0 + tt
-                        dt = delta_at(delta, delta_bias, o, U(d0) + c, has_bias, use_softplus)[0]
-                        g = load(dout, o)
-                        if has_z:
-                            zz = load(z, o)
-                            g = g * zz * sigmoid(zz)
-                    sdt[c, tt] = dt
-                    sdy[c, tt] = g
+            RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_B
+            c, cc, o = cell_of(CP, utid, uL, t0)
+            o += row0
+            if all_threads or utid < U(RP * CP):
+                for i in range(NR):
+                    if exact_r or c < U(CH):
+                        for j in range(NC):
+                            tt = cc + U(j * CP)
+                            if exact_c or tt < UTB:
+                                dt = zero  # past L or an idle channel: a = 1, dy = 0
+                                g = zero
+                                if c < U(nch) and (full or t0 + tt < uL):
+                                    oj = o + U(j * CP)
+                                    dt = delta_at(delta, delta_bias, oj, U(d0) + c, has_bias,
+                                                  use_softplus)[0]
+                                    g = load(dout, oj)
+                                    if has_z:
+                                        zz = load(z, oj)
+                                        g = g * zz * sigmoid(zz)
+                                sdt[c, tt] = dt
+                                sdy[c, tt] = g
+                    c += U(RP)
+                    o += U(RP) * uL
             cuda.syncthreads()  # the tile is staged
             k = UTB
             while k > U(0):
