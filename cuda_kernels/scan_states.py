@@ -861,7 +861,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                         dD_r += g * uu
                     sdy[uch, tt] = g
             cuda.syncthreads()  # dy is staged
-            # the adjoint recurrence, backwards through the tile
+            # the adjoint recurrence, backwards through the tile (h_t of step k
+            # is h_prev of step k + 1, carried in a register)
+            h_t = sh[UTB, utid]
             k = UTB
             while k > U(0):
                 k -= U(1)
@@ -874,7 +876,6 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                 ct = C_n
                 if c_var:
                     ct = sC[un, k]
-                h_t = sh[k + U(1), utid]
                 h_prev = sh[k, utid]
                 a = math.exp2(dt * A2)
                 dh = q + ct * g
@@ -885,7 +886,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                 else:
                     dC_r += dCp
                 if b_var:
-                    sh[k + U(1), utid] = dBp  # h_t is not read again
+                    sh[k + U(1), utid] = dBp  # (h_t is in a register)
                 else:
                     dB_r += dBp
                 ah = a * h_prev
@@ -893,6 +894,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                 s2[k, utid] = dh * (A_n * ah + bt * uu)
                 s3[k, utid] = dh * dt * bt
                 q = a * dh
+                h_t = h_prev
             cuda.syncthreads()  # the per-step terms are written
             # ddelta and du: sums over states
             if valid:
