@@ -29,9 +29,15 @@ The sequence is walked in tiles of ``T`` steps:
    ``u`` of its channels (CH x T) in coalesced order into shared memory,
    applying bias and softplus once per element;
 2. each thread advances its state through the T steps and writes
-   ``C_t[n] * h_t[n]`` into a (T, CH*N) shared tile;
+   ``C_t[n] * h_t[n]`` into its row of a (CH*N, T) shared tile;
 3. the block sums that tile over ``n`` and writes ``out`` with the ``D`` and
-   ``silu(z)`` epilogue, consecutive threads on consecutive steps.
+   ``silu(z)`` epilogue, each thread on a few consecutive steps.
+
+The step rows of the shared tiles are padded to a multiple of 4 and 16-byte
+aligned (:func:`_pitch`), so that the unrolled loops over steps read and
+write four steps per vector instruction (``ld.shared.v4``), and the tiles are
+staged by a fixed grid of threads whose offsets advance by a constant per
+element (``cells`` in :func:`_make_kernels`).
 
 The forward saves the state entering every tile, ``(Bt, Dc, n_tiles, N)``
 (``N / T`` of the size of ``u``), and ``last_state``.
