@@ -362,6 +362,44 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                     o += U(RP) * uL
         return stage
 
+    def flat_fetcher(T):
+        # flat_stager in two halves, so that the global reads of the next tile
+        # overlap the work on this one: fetch reads this thread's elements
+        # (NE of them) into registers, put stores them into sM
+        RP, CP, NR, NC, all_threads, exact_r, exact_c = cells(N, T)
+
+        @inline_device
+        def fetch(M, base, L, t0, full, regs, tid):
+            uL = U(L)
+            utid = U(tid)
+            r, cc, o = cell_of(CP, utid, uL, t0)
+            o += base
+            for i in range(NR):
+                for j in range(NC):
+                    tt = cc + U(j * CP)
+                    v = zero
+                    if ((all_threads or utid < U(RP * CP)) and (exact_r or r < UN)
+                            and (exact_c or tt < U(T)) and (full or t0 + tt < uL)):
+                        v = load(M, o + U(j * CP))
+                    regs[i * NC + j] = v
+                r += U(RP)
+                o += U(RP) * uL
+
+        @inline_device
+        def put(regs, sM, tid):
+            utid = U(tid)
+            r = utid // U(CP)
+            cc = utid - r * U(CP)
+            if all_threads or utid < U(RP * CP):
+                for i in range(NR):
+                    if exact_r or r < UN:
+                        for j in range(NC):
+                            tt = cc + U(j * CP)
+                            if exact_c or tt < U(T):
+                                sM[r, tt] = regs[i * NC + j]
+                    r += U(RP)
+        return fetch, put, NR * NC
+
     @inline_device
     def block_channels(Dc, dg, blk):
         # (batch, first channel of the block, channels in the block) of block
@@ -385,7 +423,11 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     def delta_at(delta, delta_bias, o, k, has_bias, use_softplus):
         # delta at flat offset o after the bias of channel k and the softplus,
         # and the softplus's derivative there (1 without it)
-        dt = load(delta, o)
+        return delta_after(load(delta, o), delta_bias, k, has_bias, use_softplus)
+
+    @inline_device
+    def delta_after(dt, delta_bias, k, has_bias, use_softplus):
+        # delta_at for the value dt read from delta
         if has_bias:
             dt += delta_bias[k]
         sg = one
@@ -409,9 +451,13 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     # segment s is then h = exp(A * sum delta) * h + h_end over the segments
     # before it, and the forward runs every segment from there in parallel.
     NSUM = (TF + N - 1) // N              # output steps each thread sums per tile
+    # the forward reads u and z of those steps before the recurrence (into 2 *
+    # NSUM registers) where they are few, else in the epilogue
+    EPI_EARLY = NSUM <= 4
     UTF = U(TF)
     UN = U(N)
     stage_flat = flat_stager(TF)
+    fetch_flat, put_flat, NEBC = flat_fetcher(TF)
 
     CELLS_F = cells(CH, TF)
 
@@ -441,6 +487,54 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                             sdu[c, tt] = du_
                 c += U(RP)
                 o += U(RP) * uL
+
+    NEF = CELLS_F.NR * CELLS_F.NC  # delta/u elements each thread stages per tile
+
+    @inline_device
+    def fetch_delta(u, delta, row0, nch, t0, full, L, rdt, ru, utid):
+        # stage_delta's first half: this thread's raw delta and u into rdt, ru
+        RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_F
+        uL = U(L)
+        c, cc, o = cell_of(CP, utid, uL, t0)
+        o += row0
+        for i in range(NR):
+            for j in range(NC):
+                tt = cc + U(j * CP)
+                dt = zero
+                uu = zero
+                if ((all_threads or utid < U(RP * CP)) and (exact_r or c < U(CH))
+                        and (exact_c or tt < UTF) and c < U(nch) and (full or t0 + tt < uL)):
+                    dt = load(delta, o + U(j * CP))
+                    uu = load(u, o + U(j * CP))
+                rdt[i * NC + j] = dt
+                ru[i * NC + j] = uu
+            c += U(RP)
+            o += U(RP) * uL
+
+    @inline_device
+    def put_delta(rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias, use_softplus,
+                  sdt, sdu, utid):
+        # stage_delta's second half: bias and softplus of the fetched delta, and
+        # delta * u, into sdt, sdu (zeros past L and for idle channels)
+        RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_F
+        uL = U(L)
+        c = utid // U(CP)
+        cc = utid - c * U(CP)
+        if all_threads or utid < U(RP * CP):
+            for i in range(NR):
+                if exact_r or c < U(CH):
+                    for j in range(NC):
+                        tt = cc + U(j * CP)
+                        if exact_c or tt < UTF:
+                            dt = zero  # past L or an idle channel: a = 1, b = 0
+                            du_ = zero
+                            if c < U(nch) and (full or t0 + tt < uL):
+                                dt = delta_after(rdt[i * NC + j], delta_bias, U(d0) + c,
+                                                 has_bias, use_softplus)[0]
+                                du_ = dt * ru[i * NC + j]
+                            sdt[c, tt] = dt
+                            sdu[c, tt] = du_
+                c += U(RP)
 
     @inline_device
     def segment_blocks(Dc, dg, n_segments):
@@ -560,18 +654,55 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         for s in range(seg):  # the state entering this block's segment
             h = math.exp2(seg_dt[bi, d, s] * A2) * h + seg_h[bi, d, s, n]
 
+        # this thread's elements of the next tile, read from global memory while
+        # the block works on the current one
+        rB = cuda.local.array(NEBC, ftype)
+        rC = cuda.local.array(NEBC, ftype)
+        rdt = cuda.local.array(NEF, ftype)
+        ru = cuda.local.array(NEF, ftype)
+        ue = cuda.local.array(NSUM, ftype)  # u and z of the steps whose out it writes
+        ze = cuda.local.array(NSUM, ftype)
         first, stop = segment_tiles(seg, SL, L, TF)
+        if first < stop:
+            t0 = U(first) * UTF
+            full = t0 + UTF <= uL
+            if b_var:
+                fetch_flat(B, baseB, L, t0, full, rB, tid)
+            if c_var:
+                fetch_flat(C, baseC, L, t0, full, rC, tid)
+            fetch_delta(u, delta, row0, nch, t0, full, L, rdt, ru, utid)
         for tile in range(first, stop):
             t0 = U(tile) * UTF
             full = t0 + UTF <= uL
-            # 1. stage the tile, consecutive threads on consecutive steps
+            # 1. stage the tile (fetched during the previous one), consecutive
+            # threads on consecutive steps
             if b_var:
-                stage_flat(B, baseB, L, t0, full, sB, tid)
+                put_flat(rB, sB, tid)
             if c_var:
-                stage_flat(C, baseC, L, t0, full, sC, tid)
-            stage_delta(u, delta, delta_bias, row0, d0, nch, t0, full, L, has_bias,
-                        use_softplus, sdt, sdu, utid)
+                put_flat(rC, sC, tid)
+            put_delta(rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias, use_softplus,
+                      sdt, sdu, utid)
             cuda.syncthreads()  # the tile is staged
+            if tile + 1 < stop:  # fetch the next one
+                t1 = t0 + UTF
+                full1 = t1 + UTF <= uL
+                if b_var:
+                    fetch_flat(B, baseB, L, t1, full1, rB, tid)
+                if c_var:
+                    fetch_flat(C, baseC, L, t1, full1, rC, tid)
+                fetch_delta(u, delta, row0, nch, t1, full1, L, rdt, ru, utid)
+            # this tile's u and z for the epilogue, read before the recurrence too
+            if EPI_EARLY and valid:
+                for j in range(NSUM):
+                    tt = un * U(NSUM) + U(j)
+                    uv = zero
+                    zv = zero
+                    if (NSUM * N == TF or tt < UTF) and (full or t0 + tt < uL):
+                        uv = load(u, rowd + t0 + tt)
+                        if has_z:
+                            zv = load(z, rowd + t0 + tt)
+                    ue[j] = uv
+                    ze[j] = zv
             # 2. the recurrence of this thread's state through the tile,
             # saving the state entering every backward tile
             for sub in range(TF // TB):
@@ -604,11 +735,10 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                 for j in range(NSUM):
                     tt = un * U(NSUM) + U(j)
                     if (NSUM * N == TF or tt < UTF) and (full or t0 + tt < uL):
-                        y = ys[j]
                         o = rowd + t0 + tt
-                        y += D_d * load(u, o)
+                        y = ys[j] + D_d * (ue[j] if EPI_EARLY else load(u, o))
                         if has_z:
-                            zz = load(z, o)
+                            zz = ze[j] if EPI_EARLY else load(z, o)
                             y = y * zz * sigmoid(zz)
                         store(out, o, y)
             # (the next tile's staging writes sB, sC, sdt, sdu, read only in
