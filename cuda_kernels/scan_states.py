@@ -365,7 +365,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     def flat_fetcher(T):
         # flat_stager in two halves, so that the global reads of the next tile
         # overlap the work on this one: fetch reads this thread's elements
-        # (NE of them) into registers, put stores them into sM
+        # (NR * NC of them) into registers, put stores them into sM
         RP, CP, NR, NC, all_threads, exact_r, exact_c = cells(N, T)
 
         @inline_device
@@ -492,7 +492,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
 
     @inline_device
     def fetch_delta(u, delta, row0, nch, t0, full, L, rdt, ru, utid):
-        # stage_delta's first half: this thread's raw delta and u into rdt, ru
+        # stage_delta's first half: this thread's delta and u (as read, before
+        # bias and softplus) into rdt, ru
         RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_F
         uL = U(L)
         c, cc, o = cell_of(CP, utid, uL, t0)
