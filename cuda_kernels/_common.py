@@ -17,7 +17,7 @@ from numba import cuda
 __all__ = ["HALF_STORAGE", "RAW_LAUNCH", "RawLaunch", "activations", "array_module",
            "as_variable", "bfloat16_bits_to_float32", "c_strided", "current_stream", "dummy",
            "float32_to_bfloat16_bits", "inline_device", "kernel_view", "launch", "simulator",
-           "storage_dtype", "storage_io", "storage_of"]
+           "storage_dtype", "storage_io", "storage_of", "storage_widen"]
 
 
 def simulator():
@@ -128,6 +128,31 @@ def _bf16_store_gpu(M, i, y):
     else:  # round to nearest even: a carry past the 16 low bits rounds up
         h = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
     M[i] = np.uint16(h)
+
+
+def storage_widen(storage, ftype):
+    """``(zero, widen)``: the zero of :func:`storage_dtype` and a device function
+    converting one value read from an array of it to ``ftype`` (what
+    :func:`storage_io`'s ``load`` does after the read).  A kernel that reads a
+    value long before it uses it keeps the raw value in a register and widens
+    it late: the conversion waits for the read, the register does not."""
+    zero = storage_dtype(storage, ftype).type(0)
+    if storage is None:
+        @inline_device
+        def widen(v):
+            return v
+    elif storage == "float16":
+        @inline_device
+        def widen(v):
+            return np.float32(v)
+    elif simulator():
+        def widen(v):
+            return bfloat16_bits_to_float32(v)
+    else:
+        @inline_device
+        def widen(v):
+            return cuda.libdevice.int_as_float(np.int32(np.int64(v) << 16))
+    return zero, widen
 
 
 def storage_io(storage, ftype):

@@ -107,7 +107,7 @@ import numpy as np
 from numba import cuda, types
 
 from ._common import (activations, array_module, dummy, inline_device, kernel_view, launch,
-                      simulator, storage_dtype, storage_io, storage_of)
+                      simulator, storage_dtype, storage_io, storage_of, storage_widen)
 
 __all__ = [
     "DIRECT_HALF",
@@ -307,6 +307,23 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
 
     softplus, sigmoid = activations(ftype)
     load, store = storage_io(storage, ftype)  # per-step arrays in global memory
+    # A per-step value read long before it is used (the forward's fetch) stays
+    # raw, in its storage type, until then: its conversion would wait for the
+    # read.  Not float16, which converts as it reads (NVVM rejects Numba's IR
+    # for a float16 value chosen between a read and a constant).
+    if storage == "float16":
+        raw_zero, rtype, read_raw = zero, numba.from_dtype(np.dtype(ftype)), load
+
+        @inline_device
+        def widen(v):
+            return v
+    else:
+        raw_zero, widen = storage_widen(storage, ftype)
+        rtype = numba.from_dtype(storage_dtype(storage, ftype))
+
+        @inline_device
+        def read_raw(M, i):
+            return M[i]
 
     class Cells(NamedTuple):
         # How NT threads cover an (R, T) tile of R rows of T consecutive steps:
@@ -365,7 +382,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     def flat_fetcher(T):
         # flat_stager in two halves, so that the global reads of the next tile
         # overlap the work on this one: fetch reads this thread's elements
-        # (NR * NC of them) into registers, put stores them into sM
+        # (NR * NC of them) into registers, raw, put stores them into sM
         RP, CP, NR, NC, all_threads, exact_r, exact_c = cells(N, T)
 
         @inline_device
@@ -377,10 +394,10 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             for i in range(NR):
                 for j in range(NC):
                     tt = cc + U(j * CP)
-                    v = zero
+                    v = raw_zero
                     if ((all_threads or utid < U(RP * CP)) and (exact_r or r < UN)
                             and (exact_c or tt < U(T)) and (full or t0 + tt < uL)):
-                        v = load(M, o + U(j * CP))
+                        v = read_raw(M, o + U(j * CP))
                     regs[i * NC + j] = v
                 r += U(RP)
                 o += U(RP) * uL
@@ -396,7 +413,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                         for j in range(NC):
                             tt = cc + U(j * CP)
                             if exact_c or tt < U(T):
-                                sM[r, tt] = regs[i * NC + j]
+                                sM[r, tt] = widen(regs[i * NC + j])
                     r += U(RP)
         return fetch, put, NR * NC
 
@@ -492,8 +509,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
 
     @inline_device
     def fetch_delta(u, delta, row0, nch, t0, full, L, rdt, ru, utid):
-        # stage_delta's first half: this thread's delta and u (as read, before
-        # bias and softplus) into rdt, ru
+        # stage_delta's first half: this thread's delta and u, raw, into rdt, ru
         RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_F
         uL = U(L)
         c, cc, o = cell_of(CP, utid, uL, t0)
@@ -501,12 +517,12 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         for i in range(NR):
             for j in range(NC):
                 tt = cc + U(j * CP)
-                dt = zero
-                uu = zero
+                dt = raw_zero
+                uu = raw_zero
                 if ((all_threads or utid < U(RP * CP)) and (exact_r or c < U(CH))
                         and (exact_c or tt < UTF) and c < U(nch) and (full or t0 + tt < uL)):
-                    dt = load(delta, o + U(j * CP))
-                    uu = load(u, o + U(j * CP))
+                    dt = read_raw(delta, o + U(j * CP))
+                    uu = read_raw(u, o + U(j * CP))
                 rdt[i * NC + j] = dt
                 ru[i * NC + j] = uu
             c += U(RP)
@@ -530,9 +546,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                             dt = zero  # past L or an idle channel: a = 1, b = 0
                             du_ = zero
                             if c < U(nch) and (full or t0 + tt < uL):
-                                dt = delta_after(rdt[i * NC + j], delta_bias, U(d0) + c,
-                                                 has_bias, use_softplus)[0]
-                                du_ = dt * ru[i * NC + j]
+                                dt = delta_after(widen(rdt[i * NC + j]), delta_bias,
+                                                 U(d0) + c, has_bias, use_softplus)[0]
+                                du_ = dt * widen(ru[i * NC + j])
                             sdt[c, tt] = dt
                             sdu[c, tt] = du_
                 c += U(RP)
@@ -657,12 +673,13 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
 
         # this thread's elements of the next tile, read from global memory while
         # the block works on the current one
-        rB = cuda.local.array(NEBC, ftype)
-        rC = cuda.local.array(NEBC, ftype)
-        rdt = cuda.local.array(NEF, ftype)
-        ru = cuda.local.array(NEF, ftype)
-        ue = cuda.local.array(NSUM, ftype)  # u and z of the steps whose out it writes
-        ze = cuda.local.array(NSUM, ftype)
+        # (raw: in the storage type)
+        rB = cuda.local.array(NEBC, rtype)
+        rC = cuda.local.array(NEBC, rtype)
+        rdt = cuda.local.array(NEF, rtype)
+        ru = cuda.local.array(NEF, rtype)
+        ue = cuda.local.array(NSUM, rtype)  # u and z of the steps whose out it writes
+        ze = cuda.local.array(NSUM, rtype)
         first, stop = segment_tiles(seg, SL, L, TF)
         if first < stop:
             t0 = U(first) * UTF
@@ -696,12 +713,12 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             if EPI_EARLY and valid:
                 for j in range(NSUM):
                     tt = un * U(NSUM) + U(j)
-                    uv = zero
-                    zv = zero
+                    uv = raw_zero
+                    zv = raw_zero
                     if (NSUM * N == TF or tt < UTF) and (full or t0 + tt < uL):
-                        uv = load(u, rowd + t0 + tt)
+                        uv = read_raw(u, rowd + t0 + tt)
                         if has_z:
-                            zv = load(z, rowd + t0 + tt)
+                            zv = read_raw(z, rowd + t0 + tt)
                     ue[j] = uv
                     ze[j] = zv
             # 2. the recurrence of this thread's state through the tile,
@@ -737,9 +754,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                     tt = un * U(NSUM) + U(j)
                     if (NSUM * N == TF or tt < UTF) and (full or t0 + tt < uL):
                         o = rowd + t0 + tt
-                        y = ys[j] + D_d * (ue[j] if EPI_EARLY else load(u, o))
+                        y = ys[j] + D_d * (widen(ue[j]) if EPI_EARLY else load(u, o))
                         if has_z:
-                            zz = ze[j] if EPI_EARLY else load(z, o)
+                            zz = widen(ze[j]) if EPI_EARLY else load(z, o)
                             y = y * zz * sigmoid(zz)
                         store(out, o, y)
             # (the next tile's staging writes sB, sC, sdt, sdu, read only in
