@@ -473,66 +473,43 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     EPI_EARLY = NSUM <= 4
     UTF = U(TF)
     UN = U(N)
-    stage_flat = flat_stager(TF)
     fetch_flat, put_flat, NEBC = flat_fetcher(TF)
 
-    CELLS_F = cells(CH, TF)
+    def channel_fetcher(T):
+        # the first half of staging delta and u of the block's channels for a
+        # tile of T steps: this thread's elements (NR * NC of them), raw, into
+        # registers rdt, ru (zeros past L and for idle channels)
+        RP, CP, NR, NC, all_threads, exact_r, exact_c = cells(CH, T)
 
-    @inline_device
-    def stage_delta(u, delta, delta_bias, row0, d0, nch, t0, full, L, has_bias,
-                    use_softplus, sdt, sdu, utid):
-        # delta after bias and softplus, and delta * u, of the block's
-        # channels into sdt, sdu (CH, TF); zeros past L and for idle channels
-        RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_F
-        uL = U(L)
-        c, cc, o = cell_of(CP, utid, uL, t0)
-        o += row0
-        if all_threads or utid < U(RP * CP):
+        @inline_device
+        def fetch(u, delta, row0, nch, t0, full, L, rdt, ru, utid):
+            uL = U(L)
+            c, cc, o = cell_of(CP, utid, uL, t0)
+            o += row0
             for i in range(NR):
-                if exact_r or c < U(CH):
-                    for j in range(NC):
-                        tt = cc + U(j * CP)
-                        if exact_c or tt < UTF:
-                            dt = zero  # past L or an idle channel: a = 1, b = 0
-                            du_ = zero
-                            if c < U(nch) and (full or t0 + tt < uL):
-                                oj = o + U(j * CP)
-                                dt = delta_at(delta, delta_bias, oj, U(d0) + c, has_bias,
-                                              use_softplus)[0]
-                                du_ = dt * load(u, oj)
-                            sdt[c, tt] = dt
-                            sdu[c, tt] = du_
+                for j in range(NC):
+                    tt = cc + U(j * CP)
+                    dt = raw_zero
+                    uu = raw_zero
+                    if ((all_threads or utid < U(RP * CP)) and (exact_r or c < U(CH))
+                            and (exact_c or tt < U(T)) and c < U(nch)
+                            and (full or t0 + tt < uL)):
+                        dt = read_raw(delta, o + U(j * CP))
+                        uu = read_raw(u, o + U(j * CP))
+                    rdt[i * NC + j] = dt
+                    ru[i * NC + j] = uu
                 c += U(RP)
                 o += U(RP) * uL
+        return fetch, NR * NC
 
-    NEF = CELLS_F.NR * CELLS_F.NC  # delta/u elements each thread stages per tile
-
-    @inline_device
-    def fetch_delta(u, delta, row0, nch, t0, full, L, rdt, ru, utid):
-        # stage_delta's first half: this thread's delta and u, raw, into rdt, ru
-        RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_F
-        uL = U(L)
-        c, cc, o = cell_of(CP, utid, uL, t0)
-        o += row0
-        for i in range(NR):
-            for j in range(NC):
-                tt = cc + U(j * CP)
-                dt = raw_zero
-                uu = raw_zero
-                if ((all_threads or utid < U(RP * CP)) and (exact_r or c < U(CH))
-                        and (exact_c or tt < UTF) and c < U(nch) and (full or t0 + tt < uL)):
-                    dt = read_raw(delta, o + U(j * CP))
-                    uu = read_raw(u, o + U(j * CP))
-                rdt[i * NC + j] = dt
-                ru[i * NC + j] = uu
-            c += U(RP)
-            o += U(RP) * uL
+    CELLS_F = cells(CH, TF)
+    fetch_delta, NEF = channel_fetcher(TF)
 
     @inline_device
     def put_delta(rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias, use_softplus,
                   sdt, sdu, utid):
-        # stage_delta's second half: bias and softplus of the fetched delta, and
-        # delta * u, into sdt, sdu (zeros past L and for idle channels)
+        # the second half: bias and softplus of the fetched delta, and delta * u,
+        # into sdt, sdu (CH, TF) (zeros past L and for idle channels)
         RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_F
         uL = U(L)
         c = utid // U(CP)
@@ -608,15 +585,30 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         utid = U(tid)
         h = zero
         sum_dt = zero
+        rB = cuda.local.array(NEBC, rtype)  # the next tile's elements (as the forward)
+        rdt = cuda.local.array(NEF, rtype)
+        ru = cuda.local.array(NEF, rtype)
         first, stop = segment_tiles(seg, SL, L, TF)
+        if first < stop:
+            t0 = U(first) * UTF
+            full = t0 + UTF <= uL
+            if b_var:
+                fetch_flat(B, baseB, L, t0, full, rB, tid)
+            fetch_delta(u, delta, row0, nch, t0, full, L, rdt, ru, utid)
         for tile in range(first, stop):
             t0 = U(tile) * UTF
             full = t0 + UTF <= uL
             if b_var:
-                stage_flat(B, baseB, L, t0, full, sB, tid)
-            stage_delta(u, delta, delta_bias, row0, d0, nch, t0, full, L, has_bias,
-                        use_softplus, sdt, sdu, utid)
+                put_flat(rB, sB, tid)
+            put_delta(rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias, use_softplus,
+                      sdt, sdu, utid)
             cuda.syncthreads()  # the tile is staged
+            if tile + 1 < stop:  # fetch the next one
+                t1 = t0 + UTF
+                full1 = t1 + UTF <= uL
+                if b_var:
+                    fetch_flat(B, baseB, L, t1, full1, rB, tid)
+                fetch_delta(u, delta, row0, nch, t1, full1, L, rdt, ru, utid)
             for tt in range(TF):
                 k = U(tt)
                 dt = sdt[uch, k]
@@ -769,6 +761,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     # Flat arrays and unsigned offsets as in the forward (gradients too:
     # du, ddelta, dz like u; dB_acc/dC_acc like B/C).
     NSUMB = (TB + N - 1) // N             # steps each thread sums over states per tile
+    EPI_EARLY_B = NSUMB <= 4  # dout and z of those steps read early (as EPI_EARLY)
     NSUMC = (TB + CH - 1) // CH           # steps each thread sums over channels per tile
     UTB = U(TB)
     stage_bwd = flat_stager(TB)
@@ -776,20 +769,34 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
 
     SENT = (K, NT) if K > 1 else (1, 1)
 
+    fetch_flat_b, put_flat_b, NEBC_B = flat_fetcher(TB)
+    fetch_chan_b, NEB = channel_fetcher(TB)
+
     @inline_device
-    def stage_tile(B, C, delta, u, delta_bias, baseB, baseC, row0, d0, nch, t0, full, L,
-                   has_bias, use_softplus, sB, sC, sdt, su, ssg, tid):
-        # a backward tile's rows of B, C, and delta (after bias and softplus),
-        # u and the softplus's derivative of the block's channels
+    def fetch_tile(B, C, delta, u, baseB, baseC, row0, nch, t0, full, L, rB, rC, rdt, ru,
+                   tid):
+        # the first half of staging a backward tile: this thread's elements of
+        # B, C, delta and u, raw, into registers
         if b_var:
-            stage_bwd(B, baseB, L, t0, full, sB, tid)
+            fetch_flat_b(B, baseB, L, t0, full, rB, tid)
         if c_var:
-            stage_bwd(C, baseC, L, t0, full, sC, tid)
+            fetch_flat_b(C, baseC, L, t0, full, rC, tid)
+        fetch_chan_b(u, delta, row0, nch, t0, full, L, rdt, ru, U(tid))
+
+    @inline_device
+    def put_tile(rB, rC, rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias, use_softplus,
+                 sB, sC, sdt, su, ssg, tid):
+        # the second half: the tile's rows of B, C, and delta (after bias and
+        # softplus), u and the softplus's derivative of the block's channels
+        if b_var:
+            put_flat_b(rB, sB, tid)
+        if c_var:
+            put_flat_b(rC, sC, tid)
         RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_B
         utid = U(tid)
         uL = U(L)
-        c, cc, o = cell_of(CP, utid, uL, t0)
-        o += row0
+        c = utid // U(CP)
+        cc = utid - c * U(CP)
         if all_threads or utid < U(RP * CP):
             for i in range(NR):
                 if exact_r or c < U(CH):
@@ -800,15 +807,13 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                             uu = zero
                             sg = one
                             if c < U(nch) and (full or t0 + tt < uL):
-                                oj = o + U(j * CP)
-                                dt, sg = delta_at(delta, delta_bias, oj, U(d0) + c, has_bias,
-                                                  use_softplus)
-                                uu = load(u, oj)
+                                dt, sg = delta_after(widen(rdt[i * NC + j]), delta_bias,
+                                                     U(d0) + c, has_bias, use_softplus)
+                                uu = widen(ru[i * NC + j])
                             sdt[c, tt] = dt
                             su[c, tt] = uu
                             ssg[c, tt] = sg
                 c += U(RP)
-                o += U(RP) * uL
 
     # Where Bt * Dc * N recurrences make too few backward blocks, the sequence
     # is split into NS segments of SL steps (a multiple of TB * K, so that
@@ -942,7 +947,24 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         dD_r = zero
         dbias_r = zero
 
+        # this thread's elements of the tile before the current one (the next in
+        # this backward walk), read from global memory during the current one
+        rB = cuda.local.array(NEBC_B, rtype)
+        rC = cuda.local.array(NEBC_B, rtype)
+        rdt = cuda.local.array(NEB, rtype)
+        ru = cuda.local.array(NEB, rtype)
+        gE = cuda.local.array(NSUMB, rtype)  # dout and z of the steps it gates
+        zE = cuda.local.array(NSUMB, rtype)
+        # (and of a stretch rerun with save_every > 1, read and staged at once)
+        xB = cuda.local.array(NEBC_B if K > 1 else 1, rtype)
+        xC = cuda.local.array(NEBC_B if K > 1 else 1, rtype)
+        xdt = cuda.local.array(NEB if K > 1 else 1, rtype)
+        xu = cuda.local.array(NEB if K > 1 else 1, rtype)
         seg_first, seg_stop = segment_tiles(seg, SL, L, TB)
+        if seg_first < seg_stop:
+            t0 = U(seg_stop - 1) * UTB
+            fetch_tile(B, C, delta, u, baseB, baseC, row0, nch, t0, t0 + UTB <= uL, L,
+                       rB, rC, rdt, ru, tid)
         for rt in range(seg_stop - seg_first):
             tile = seg_stop - 1 - rt
             t0 = U(tile) * UTB
@@ -957,8 +979,10 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                 for kt in range(first, tile):
                     cuda.syncthreads()  # the shared tiles are consumed
                     ta = U(kt) * UTB
-                    stage_tile(B, C, delta, u, delta_bias, baseB, baseC, row0, d0, nch, ta,
-                               True, L, has_bias, use_softplus, sB, sC, sdt, su, ssg, tid)
+                    fetch_tile(B, C, delta, u, baseB, baseC, row0, nch, ta, True, L,
+                               xB, xC, xdt, xu, tid)
+                    put_tile(xB, xC, xdt, xu, delta_bias, d0, nch, ta, True, L, has_bias,
+                             use_softplus, sB, sC, sdt, su, ssg, tid)
                     cuda.syncthreads()  # the tile is staged
                     for tt in range(TB):
                         k = U(tt)
@@ -969,13 +993,29 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                         h = math.exp2(dt * A2) * h + dt * su[uch, k] * bt
                     sent[U(kt - first + 1), utid] = h
             cuda.syncthreads()  # the previous tile's shared tiles are consumed
-            stage_tile(B, C, delta, u, delta_bias, baseB, baseC, row0, d0, nch, t0, full, L,
-                       has_bias, use_softplus, sB, sC, sdt, su, ssg, tid)
+            put_tile(rB, rC, rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias,
+                     use_softplus, sB, sC, sdt, su, ssg, tid)
             if K > 1:
                 h0 = sent[U(tile - first), utid]
             else:
                 h0 = tile_states[bi, d, tile, n]
             cuda.syncthreads()  # the tile is staged
+            if tile > seg_first:  # fetch the one before it
+                t1 = t0 - UTB
+                fetch_tile(B, C, delta, u, baseB, baseC, row0, nch, t1, t1 + UTB <= uL, L,
+                           rB, rC, rdt, ru, tid)
+            # this tile's dout and z for the z gate, read before the recomputation
+            if EPI_EARLY_B and valid:
+                for j in range(NSUMB):
+                    tt = un + U(j) * UN
+                    gv = raw_zero
+                    zv = raw_zero
+                    if (NSUMB * N == TB or tt < UTB) and (full or t0 + tt < uL):
+                        gv = read_raw(dout, rowd + t0 + tt)
+                        if has_z:
+                            zv = read_raw(z, rowd + t0 + tt)
+                    gE[j] = gv
+                    zE[j] = zv
             # recompute the states of the tile
             h = h0
             sh[U(0), utid] = h0
@@ -1005,10 +1045,10 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                             y += s1[tt, base + U(k)]
                         uu = su[uch, tt]
                         o = rowd + t0 + tt
-                        go = load(dout, o)
+                        go = widen(gE[j]) if EPI_EARLY_B else load(dout, o)
                         g = go
                         if has_z:
-                            zz = load(z, o)
+                            zz = widen(zE[j]) if EPI_EARLY_B else load(z, o)
                             sz = sigmoid(zz)
                             g = go * zz * sz
                             store(dz, o, go * (y + D_d * uu) * sz * (one + zz * (one - sz)))
