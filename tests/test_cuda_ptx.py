@@ -219,6 +219,47 @@ def test_half_storage_conversions_compile_without_f64(storage):
         assert "call" not in text and re.search(r"shl\.b32\s+%r\d+, %r\d+, 16;", text)
 
 
+def _body(ptx):
+    """The instructions of a PTX kernel, its name (in its parameters' names
+    too) replaced by ``K``, without comments and line information."""
+    lines = [ln.split("//")[0].strip() for ln in ptx.splitlines()]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(".visible .entry"))
+    name = lines[start].split()[2].split("(")[0]
+    return [ln.replace(name, "K") for ln in lines[start + 1:]
+            if ln and not ln.startswith(".loc")]
+
+
+@pytest.mark.parametrize("storage", [None, "float16", "bfloat16"])
+def test_storage_widen_of_a_read_is_a_load(storage):
+    """``storage_widen``'s ``widen(M[i])`` compiles to the instructions of
+    ``storage_io``'s ``load(M, i)``: the state engine may read a value raw
+    long before it widens it, and gets what a load gives."""
+    from numba import types
+
+    from cuda_kernels._common import storage_dtype, storage_io, storage_widen
+
+    load, _ = storage_io(storage, np.float32)
+    zero, widen = storage_widen(storage, np.float32)
+    assert zero == 0 and np.asarray(zero).dtype == storage_dtype(storage, np.float32)
+
+    def by_load(src, f):
+        i = np.uint64(cuda.grid(1))
+        f[i] = load(src, i)
+
+    def by_widen(src, f):
+        i = np.uint64(cuda.grid(1))
+        f[i] = widen(src[i])
+
+    s = types.Array(numba.from_dtype(storage_dtype(storage, np.float32)), 1, "C")
+    argtypes = (s, types.Array(types.float32, 1, "C"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_dispatcher, "get_current_device", lambda: _Sm90())
+        texts = [cuda.compile_ptx(k, argtypes, cc=CC, fastmath=True)[0]
+                 for k in (by_load, by_widen)]
+    assert _body(texts[0]) == _body(texts[1])
+    assert not _F64.search(texts[1])
+
+
 @pytest.mark.parametrize("storage", ["float16", "bfloat16"])
 def test_state_engine_lists_half_storage_kernels(storage):
     for kind in ("forward", "backward", "forward_ends", "backward_ends"):
