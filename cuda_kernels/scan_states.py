@@ -37,7 +37,7 @@ The step rows of the shared tiles are padded to a multiple of 4 and 16-byte
 aligned (:func:`_pitch`), so that the unrolled loops over steps read and
 write four steps per vector instruction (``ld.shared.v4``), and the tiles are
 staged by a fixed grid of threads whose offsets advance by a constant per
-element (``cells`` in :func:`_make_kernels`).
+element (``walker`` in :func:`_make_kernels`).
 
 The forward saves the state entering every tile, ``(Bt, Dc, n_tiles, N)``
 (``N / T`` of the size of ``u``), and ``last_state``.
@@ -347,75 +347,68 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         NC = (T + CP - 1) // CP
         return Cells(RP, CP, NR, NC, RP * CP == NT, NR * RP == R, NC * CP == T)
 
-    @inline_device
-    def cell_of(CP, utid, uL, t0):
-        # this thread's row and step in the grid of cells(R, T), and the flat
-        # offset (less the array's base) of that row and step in a tile at t0
-        rr = utid // U(CP)
-        cc = utid - rr * U(CP)
-        return rr, cc, rr * uL + t0 + cc
-
-    def flat_stager(T):
-        # rows base + r*L + t0 .. + T of a flat M (r < N) into sM, zeros past L
-        RP, CP, NR, NC, all_threads, exact_r, exact_c = cells(N, T)
+    def walker(R, T, body):
+        # walk(base, t0, full, L, tid, ctx) calls body(ctx, k, r, tt, o, inside)
+        # for every element (r, tt) of an (R, T) tile at step t0 that this
+        # thread covers (cells(R, T)): its number k among them (< NR * NC), its
+        # flat offset o in a per-step array (base + r*L + t0 + tt) and whether
+        # it is a step of the sequence (t0 + tt < L).  The offset is computed
+        # once and advanced by a row stride.
+        RP, CP, NR, NC, all_threads, exact_r, exact_c = cells(R, T)
 
         @inline_device
-        def stage(M, base, L, t0, full, sM, tid):
+        def walk(base, t0, full, L, tid, ctx):
             uL = U(L)
-            utid = U(tid)
-            r, cc, o = cell_of(CP, utid, uL, t0)
-            o += base
-            if all_threads or utid < U(RP * CP):
-                for i in range(NR):
-                    if exact_r or r < UN:
-                        for j in range(NC):
-                            tt = cc + U(j * CP)
-                            if exact_c or tt < U(T):
-                                v = zero
-                                if full or t0 + tt < uL:
-                                    v = load(M, o + U(j * CP))
-                                sM[r, tt] = v
-                    r += U(RP)
-                    o += U(RP) * uL
-        return stage
-
-    def flat_fetcher(T):
-        # flat_stager in two halves, so that the global reads of the next tile
-        # overlap the work on this one: fetch reads this thread's elements
-        # (NR * NC of them) into registers, raw, put stores them into sM
-        RP, CP, NR, NC, all_threads, exact_r, exact_c = cells(N, T)
-
-        @inline_device
-        def fetch(M, base, L, t0, full, regs, tid):
-            uL = U(L)
-            utid = U(tid)
-            r, cc, o = cell_of(CP, utid, uL, t0)
-            o += base
-            for i in range(NR):
-                for j in range(NC):
-                    tt = cc + U(j * CP)
-                    v = raw_zero
-                    if ((all_threads or utid < U(RP * CP)) and (exact_r or r < UN)
-                            and (exact_c or tt < U(T)) and (full or t0 + tt < uL)):
-                        v = read_raw(M, o + U(j * CP))
-                    regs[i * NC + j] = v
-                r += U(RP)
-                o += U(RP) * uL
-
-        @inline_device
-        def put(regs, sM, tid):
             utid = U(tid)
             r = utid // U(CP)
             cc = utid - r * U(CP)
+            o = r * uL + t0 + cc
+            o += base
             if all_threads or utid < U(RP * CP):
                 for i in range(NR):
-                    if exact_r or r < UN:
+                    if exact_r or r < U(R):
                         for j in range(NC):
                             tt = cc + U(j * CP)
                             if exact_c or tt < U(T):
-                                sM[r, tt] = widen(regs[i * NC + j])
+                                body(ctx, i * NC + j, r, tt, o + U(j * CP),
+                                     full or t0 + tt < uL)
                     r += U(RP)
-        return fetch, put, NR * NC
+                    o += U(RP) * uL
+        return walk, NR * NC
+
+    # Staging a tile in two halves, so that the global reads of the next tile
+    # overlap the work on this one: a fetch reads this thread's elements into
+    # registers, raw (zeros past L and for idle channels), a put stores them
+    # into the shared tiles.  Rows of B/C (N rows of T steps):
+    @inline_device
+    def fetch_row(ctx, k, r, tt, o, inside):
+        M, regs = ctx
+        v = raw_zero
+        if inside:
+            v = read_raw(M, o)
+        regs[k] = v
+
+    @inline_device
+    def put_row(ctx, k, r, tt, o, inside):
+        regs, sM = ctx
+        sM[r, tt] = widen(regs[k])
+
+    @inline_device
+    def stage_row(ctx, k, r, tt, o, inside):  # (both at once)
+        M, sM = ctx
+        sM[r, tt] = load(M, o) if inside else zero
+
+    # delta and u of the block's channels (CH rows); r is the channel
+    @inline_device
+    def fetch_channel(ctx, k, r, tt, o, inside):
+        delta, u, nch, rdt, ru = ctx
+        dt = raw_zero
+        uu = raw_zero
+        if inside and r < U(nch):
+            dt = read_raw(delta, o)
+            uu = read_raw(u, o)
+        rdt[k] = dt
+        ru[k] = uu
 
     @inline_device
     def block_channels(Dc, dg, blk):
@@ -473,62 +466,24 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     EPI_EARLY = NSUM <= 4
     UTF = U(TF)
     UN = U(N)
-    fetch_flat, put_flat, NEBC = flat_fetcher(TF)
-
-    def channel_fetcher(T):
-        # the first half of staging delta and u of the block's channels for a
-        # tile of T steps: this thread's elements (NR * NC of them), raw, into
-        # registers rdt, ru (zeros past L and for idle channels)
-        RP, CP, NR, NC, all_threads, exact_r, exact_c = cells(CH, T)
-
-        @inline_device
-        def fetch(u, delta, row0, nch, t0, full, L, rdt, ru, utid):
-            uL = U(L)
-            c, cc, o = cell_of(CP, utid, uL, t0)
-            o += row0
-            for i in range(NR):
-                for j in range(NC):
-                    tt = cc + U(j * CP)
-                    dt = raw_zero
-                    uu = raw_zero
-                    if ((all_threads or utid < U(RP * CP)) and (exact_r or c < U(CH))
-                            and (exact_c or tt < U(T)) and c < U(nch)
-                            and (full or t0 + tt < uL)):
-                        dt = read_raw(delta, o + U(j * CP))
-                        uu = read_raw(u, o + U(j * CP))
-                    rdt[i * NC + j] = dt
-                    ru[i * NC + j] = uu
-                c += U(RP)
-                o += U(RP) * uL
-        return fetch, NR * NC
-
-    CELLS_F = cells(CH, TF)
-    fetch_delta, NEF = channel_fetcher(TF)
+    fetch_flat, NEBC = walker(N, TF, fetch_row)
+    put_flat = walker(N, TF, put_row)[0]
+    fetch_delta, NEF = walker(CH, TF, fetch_channel)
 
     @inline_device
-    def put_delta(rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias, use_softplus,
-                  sdt, sdu, utid):
-        # the second half: bias and softplus of the fetched delta, and delta * u,
-        # into sdt, sdu (CH, TF) (zeros past L and for idle channels)
-        RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_F
-        uL = U(L)
-        c = utid // U(CP)
-        cc = utid - c * U(CP)
-        if all_threads or utid < U(RP * CP):
-            for i in range(NR):
-                if exact_r or c < U(CH):
-                    for j in range(NC):
-                        tt = cc + U(j * CP)
-                        if exact_c or tt < UTF:
-                            dt = zero  # past L or an idle channel: a = 1, b = 0
-                            du_ = zero
-                            if c < U(nch) and (full or t0 + tt < uL):
-                                dt = delta_after(widen(rdt[i * NC + j]), delta_bias,
-                                                 U(d0) + c, has_bias, use_softplus)[0]
-                                du_ = dt * widen(ru[i * NC + j])
-                            sdt[c, tt] = dt
-                            sdu[c, tt] = du_
-                c += U(RP)
+    def put_channel_f(ctx, k, r, tt, o, inside):
+        # bias and softplus of the fetched delta, and delta * u, into sdt, sdu
+        rdt, ru, delta_bias, d0, nch, has_bias, use_softplus, sdt, sdu = ctx
+        dt = zero  # past L or an idle channel: a = 1, b = 0
+        du_ = zero
+        if inside and r < U(nch):
+            dt = delta_after(widen(rdt[k]), delta_bias, U(d0) + r, has_bias,
+                             use_softplus)[0]
+            du_ = dt * widen(ru[k])
+        sdt[r, tt] = dt
+        sdu[r, tt] = du_
+
+    put_delta = walker(CH, TF, put_channel_f)[0]
 
     @inline_device
     def segment_blocks(Dc, dg, n_segments):
@@ -582,7 +537,6 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             B_n = B[U(d) * UN + U(n)]
         uch = U(ch)
         un = U(n)
-        utid = U(tid)
         h = zero
         sum_dt = zero
         rB = cuda.local.array(NEBC, rtype)  # the next tile's elements (as the forward)
@@ -593,22 +547,22 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             t0 = U(first) * UTF
             full = t0 + UTF <= uL
             if b_var:
-                fetch_flat(B, baseB, L, t0, full, rB, tid)
-            fetch_delta(u, delta, row0, nch, t0, full, L, rdt, ru, utid)
+                fetch_flat(baseB, t0, full, L, tid, (B, rB))
+            fetch_delta(row0, t0, full, L, tid, (delta, u, nch, rdt, ru))
         for tile in range(first, stop):
             t0 = U(tile) * UTF
             full = t0 + UTF <= uL
             if b_var:
-                put_flat(rB, sB, tid)
-            put_delta(rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias, use_softplus,
-                      sdt, sdu, utid)
+                put_flat(U(0), t0, full, L, tid, (rB, sB))
+            put_delta(U(0), t0, full, L, tid, (rdt, ru, delta_bias, d0, nch, has_bias,
+                                                 use_softplus, sdt, sdu))
             cuda.syncthreads()  # the tile is staged
             if tile + 1 < stop:  # fetch the next one
                 t1 = t0 + UTF
                 full1 = t1 + UTF <= uL
                 if b_var:
-                    fetch_flat(B, baseB, L, t1, full1, rB, tid)
-                fetch_delta(u, delta, row0, nch, t1, full1, L, rdt, ru, utid)
+                    fetch_flat(baseB, t1, full1, L, tid, (B, rB))
+                fetch_delta(row0, t1, full1, L, tid, (delta, u, nch, rdt, ru))
             for tt in range(TF):
                 k = U(tt)
                 dt = sdt[uch, k]
@@ -677,30 +631,30 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             t0 = U(first) * UTF
             full = t0 + UTF <= uL
             if b_var:
-                fetch_flat(B, baseB, L, t0, full, rB, tid)
+                fetch_flat(baseB, t0, full, L, tid, (B, rB))
             if c_var:
-                fetch_flat(C, baseC, L, t0, full, rC, tid)
-            fetch_delta(u, delta, row0, nch, t0, full, L, rdt, ru, utid)
+                fetch_flat(baseC, t0, full, L, tid, (C, rC))
+            fetch_delta(row0, t0, full, L, tid, (delta, u, nch, rdt, ru))
         for tile in range(first, stop):
             t0 = U(tile) * UTF
             full = t0 + UTF <= uL
             # 1. stage the tile (fetched during the previous one), consecutive
             # threads on consecutive steps
             if b_var:
-                put_flat(rB, sB, tid)
+                put_flat(U(0), t0, full, L, tid, (rB, sB))
             if c_var:
-                put_flat(rC, sC, tid)
-            put_delta(rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias, use_softplus,
-                      sdt, sdu, utid)
+                put_flat(U(0), t0, full, L, tid, (rC, sC))
+            put_delta(U(0), t0, full, L, tid, (rdt, ru, delta_bias, d0, nch, has_bias,
+                                                 use_softplus, sdt, sdu))
             cuda.syncthreads()  # the tile is staged
             if tile + 1 < stop:  # fetch the next one
                 t1 = t0 + UTF
                 full1 = t1 + UTF <= uL
                 if b_var:
-                    fetch_flat(B, baseB, L, t1, full1, rB, tid)
+                    fetch_flat(baseB, t1, full1, L, tid, (B, rB))
                 if c_var:
-                    fetch_flat(C, baseC, L, t1, full1, rC, tid)
-                fetch_delta(u, delta, row0, nch, t1, full1, L, rdt, ru, utid)
+                    fetch_flat(baseC, t1, full1, L, tid, (C, rC))
+                fetch_delta(row0, t1, full1, L, tid, (delta, u, nch, rdt, ru))
             # this tile's u and z for the epilogue, read before the recurrence too
             if EPI_EARLY and valid:
                 for j in range(NSUM):
@@ -764,13 +718,29 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     EPI_EARLY_B = NSUMB <= 4  # dout and z of those steps read early (as EPI_EARLY)
     NSUMC = (TB + CH - 1) // CH           # steps each thread sums over channels per tile
     UTB = U(TB)
-    stage_bwd = flat_stager(TB)
-    CELLS_B = cells(CH, TB)
-
     SENT = (K, NT) if K > 1 else (1, 1)
 
-    fetch_flat_b, put_flat_b, NEBC_B = flat_fetcher(TB)
-    fetch_chan_b, NEB = channel_fetcher(TB)
+    fetch_flat_b, NEBC_B = walker(N, TB, fetch_row)
+    put_flat_b = walker(N, TB, put_row)[0]
+    fetch_chan_b, NEB = walker(CH, TB, fetch_channel)
+
+    @inline_device
+    def put_channel_b(ctx, k, r, tt, o, inside):
+        # the fetched delta after bias and softplus, u, and the softplus's
+        # derivative into sdt, su, ssg
+        rdt, ru, delta_bias, d0, nch, has_bias, use_softplus, sdt, su, ssg = ctx
+        dt = zero
+        uu = zero
+        sg = one
+        if inside and r < U(nch):
+            dt, sg = delta_after(widen(rdt[k]), delta_bias, U(d0) + r, has_bias,
+                                 use_softplus)
+            uu = widen(ru[k])
+        sdt[r, tt] = dt
+        su[r, tt] = uu
+        ssg[r, tt] = sg
+
+    put_chan_b = walker(CH, TB, put_channel_b)[0]
 
     @inline_device
     def fetch_tile(B, C, delta, u, baseB, baseC, row0, nch, t0, full, L, rB, rC, rdt, ru,
@@ -778,10 +748,10 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         # the first half of staging a backward tile: this thread's elements of
         # B, C, delta and u, raw, into registers
         if b_var:
-            fetch_flat_b(B, baseB, L, t0, full, rB, tid)
+            fetch_flat_b(baseB, t0, full, L, tid, (B, rB))
         if c_var:
-            fetch_flat_b(C, baseC, L, t0, full, rC, tid)
-        fetch_chan_b(u, delta, row0, nch, t0, full, L, rdt, ru, U(tid))
+            fetch_flat_b(baseC, t0, full, L, tid, (C, rC))
+        fetch_chan_b(row0, t0, full, L, tid, (delta, u, nch, rdt, ru))
 
     @inline_device
     def put_tile(rB, rC, rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias, use_softplus,
@@ -789,31 +759,31 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         # the second half: the tile's rows of B, C, and delta (after bias and
         # softplus), u and the softplus's derivative of the block's channels
         if b_var:
-            put_flat_b(rB, sB, tid)
+            put_flat_b(U(0), t0, full, L, tid, (rB, sB))
         if c_var:
-            put_flat_b(rC, sC, tid)
-        RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_B
-        utid = U(tid)
-        uL = U(L)
-        c = utid // U(CP)
-        cc = utid - c * U(CP)
-        if all_threads or utid < U(RP * CP):
-            for i in range(NR):
-                if exact_r or c < U(CH):
-                    for j in range(NC):
-                        tt = cc + U(j * CP)
-                        if exact_c or tt < UTB:
-                            dt = zero
-                            uu = zero
-                            sg = one
-                            if c < U(nch) and (full or t0 + tt < uL):
-                                dt, sg = delta_after(widen(rdt[i * NC + j]), delta_bias,
-                                                     U(d0) + c, has_bias, use_softplus)
-                                uu = widen(ru[i * NC + j])
-                            sdt[c, tt] = dt
-                            su[c, tt] = uu
-                            ssg[c, tt] = sg
-                c += U(RP)
+            put_flat_b(U(0), t0, full, L, tid, (rC, sC))
+        put_chan_b(U(0), t0, full, L, tid, (rdt, ru, delta_bias, d0, nch, has_bias,
+                                            use_softplus, sdt, su, ssg))
+
+    # the segment-end pass of the backward stages C and, per channel, delta
+    # and dL/dy (dout after the z gate), at once
+    stage_row_b = walker(N, TB, stage_row)[0]
+
+    @inline_device
+    def stage_channel_ends(ctx, k, r, tt, o, inside):
+        delta, dout, z, delta_bias, d0, nch, has_bias, use_softplus, has_z, sdt, sdy = ctx
+        dt = zero  # past L or an idle channel: a = 1, dy = 0
+        g = zero
+        if inside and r < U(nch):
+            dt = delta_at(delta, delta_bias, o, U(d0) + r, has_bias, use_softplus)[0]
+            g = load(dout, o)
+            if has_z:
+                zz = load(z, o)
+                g = g * zz * sigmoid(zz)
+        sdt[r, tt] = dt
+        sdy[r, tt] = g
+
+    stage_ends = walker(CH, TB, stage_channel_ends)[0]
 
     # Where Bt * Dc * N recurrences make too few backward blocks, the sequence
     # is split into NS segments of SL steps (a multiple of TB * K, so that
@@ -845,7 +815,6 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             C_n = C[U(d) * UN + U(n)]
         uch = U(ch)
         un = U(n)
-        utid = U(tid)
         q = zero
         sum_dt = zero
         first, stop = segment_tiles(sp + 1, SL, L, TB)
@@ -853,30 +822,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             t0 = U(stop - 1 - rt) * UTB
             full = t0 + UTB <= uL
             if c_var:
-                stage_bwd(C, baseC, L, t0, full, sC, tid)
-            RP, CP, NR, NC, all_threads, exact_r, exact_c = CELLS_B
-            c, cc, o = cell_of(CP, utid, uL, t0)
-            o += row0
-            if all_threads or utid < U(RP * CP):
-                for i in range(NR):
-                    if exact_r or c < U(CH):
-                        for j in range(NC):
-                            tt = cc + U(j * CP)
-                            if exact_c or tt < UTB:
-                                dt = zero  # past L or an idle channel: a = 1, dy = 0
-                                g = zero
-                                if c < U(nch) and (full or t0 + tt < uL):
-                                    oj = o + U(j * CP)
-                                    dt = delta_at(delta, delta_bias, oj, U(d0) + c, has_bias,
-                                                  use_softplus)[0]
-                                    g = load(dout, oj)
-                                    if has_z:
-                                        zz = load(z, oj)
-                                        g = g * zz * sigmoid(zz)
-                                sdt[c, tt] = dt
-                                sdy[c, tt] = g
-                    c += U(RP)
-                    o += U(RP) * uL
+                stage_row_b(baseC, t0, full, L, tid, (C, sC))
+            stage_ends(row0, t0, full, L, tid, (delta, dout, z, delta_bias, d0, nch, has_bias,
+                                                use_softplus, has_z, sdt, sdy))
             cuda.syncthreads()  # the tile is staged
             k = UTB
             while k > U(0):
