@@ -14,10 +14,11 @@ import numba
 import numpy as np
 from numba import cuda
 
-__all__ = ["HALF_STORAGE", "RAW_LAUNCH", "RawLaunch", "activations", "array_module",
-           "as_variable", "bfloat16_bits_to_float32", "c_strided", "current_stream", "dummy",
-           "float32_to_bfloat16_bits", "inline_device", "kernel_view", "launch", "simulator",
-           "storage_dtype", "storage_io", "storage_of", "storage_widen"]
+__all__ = ["BoundLaunch", "HALF_STORAGE", "RAW_LAUNCH", "RawLaunch", "Replay", "activations",
+           "array_module", "as_variable", "bfloat16_bits_to_float32", "c_strided",
+           "current_stream", "dummy", "empty", "float32_to_bfloat16_bits", "inline_device",
+           "kernel_view", "launch", "record", "simulator", "storage_dtype", "storage_io",
+           "storage_of", "storage_widen"]
 
 
 def simulator():
@@ -261,10 +262,10 @@ class RawLaunch:
     of a buffer kept with the launcher, and hands the driver
     (``cuLaunchKernel``) a pointer per slot.
 
-    Only the data pointers change between launches of one layout: the slots
-    are cached per layout (the arrays' shapes and itemsizes and the scalars'
-    values), so a launch with the layout of the one before writes just the
-    pointers (and, for a layout seen before, copies its slots first).
+    Only the data pointers change between launches of one layout: each layout
+    (the arrays' shapes and itemsizes, the scalars' values, grid and block)
+    gets its :class:`BoundLaunch`, slots and all, so a launch of a layout seen
+    before writes just the pointers.
 
     Parameters
     ----------
@@ -304,16 +305,9 @@ class RawLaunch:
         self._init_slots(n_slots, cupy.cuda.driver.launchKernel)
 
     def _init_slots(self, n_slots, launch_kernel):
-        # one slot per parameter, and the driver's array of pointers to them:
-        # filled per launch under a lock (the driver copies the values during
-        # the launch call, so the buffer is free again when it returns)
-        self._slots = array.array("Q", bytes(8 * n_slots))
-        first = self._slots.buffer_info()[0]
-        self._pointers = array.array("Q", range(first, first + 8 * n_slots, 8))
-        self._lock = threading.Lock()
+        self._n_slots = n_slots
         self._launch = launch_kernel
-        self._layouts = {}  # per layout: the slots, with zero data pointers
-        self._current = None  # the layout whose slots the buffer holds
+        self._bound = {}  # (layout, grid, block) -> BoundLaunch
         self._arrays = [i for i, ndim in enumerate(self._ndims) if ndim > 0]
         self._scalars = [i for i, ndim in enumerate(self._ndims) if ndim <= 0]
         # (argument, slot) of each data pointer: (meminfo, parent, size, itemsize, data, ...)
@@ -375,26 +369,49 @@ class RawLaunch:
         """Launch on CuPy arrays ``args`` (C-contiguous) on ``stream`` (a CuPy stream)."""
         if len(args) != len(self._ndims):
             raise ValueError(f"expected {len(self._ndims)} arguments, got {len(args)}")
-        key = self._layout(args)
-        layout = self._layouts.get(key)
-        if layout is None:
-            if len(self._layouts) >= _MAX_LAYOUTS:
-                self._layouts.clear()
-            values = self.params(args)
-            if len(values) != len(self._slots):  # (a resize would move the buffer)
-                raise ValueError(f"expected {len(self._slots)} parameter slots, "
-                                 f"got {len(values)}")
-            for _, slot in self._data_slots:
-                values[slot] = 0
-            layout = self._layouts[key] = array.array("Q", values)
+        key = (self._layout(args), grid, block)
+        bound = self._bound.get(key)
+        if bound is None:
+            if len(self._bound) >= _MAX_LAYOUTS:
+                self._bound.clear()
+            bound = self._bound[key] = self.bind(grid, block, args)
+        bound(stream.ptr, [args[i].data.ptr for i in self._arrays])
+
+    def bind(self, grid, block, args):
+        """A :class:`BoundLaunch` of this kernel on ``grid`` x ``block`` threads,
+        with the parameter slots of ``args`` but the arrays' data pointers, which
+        each of its calls passes."""
+        if len(args) != len(self._ndims):
+            raise ValueError(f"expected {len(self._ndims)} arguments, got {len(args)}")
+        self._layout(args)  # (checks the arrays)
+        values = self.params(args)
+        if len(values) != self._n_slots:
+            raise ValueError(f"expected {self._n_slots} parameter slots, got {len(values)}")
+        return BoundLaunch(self._function.ptr, int(grid), int(block), values,
+                           [slot for _, slot in self._data_slots], self._launch)
+
+
+class BoundLaunch:
+    """One kernel's launch prepared by :meth:`RawLaunch.bind`: its own slots,
+    all filled but the data pointers, and the driver's pointers to them."""
+
+    def __init__(self, function, grid, block, values, data_slots, launch_kernel):
+        self._slots = array.array("Q", values)
+        first = self._slots.buffer_info()[0]
+        self._pointers = array.array("Q", range(first, first + 8 * len(values), 8))
+        self._data_slots = data_slots
+        self._function, self._grid, self._block = function, grid, block
+        self._launch = launch_kernel
+        self._lock = threading.Lock()
+
+    def __call__(self, stream, ptrs):
+        """Launch on the arrays at data pointers ``ptrs`` (one per array
+        parameter, in order) on the stream whose handle is ``stream``."""
         slots = self._slots
         with self._lock:
-            if self._current is not layout:
-                slots[:] = layout
-                self._current = layout
-            for i, slot in self._data_slots:
-                slots[slot] = args[i].data.ptr
-            self._launch(self._function.ptr, int(grid), 1, 1, int(block), 1, 1, 0, stream.ptr,
+            for slot, ptr in zip(self._data_slots, ptrs):
+                slots[slot] = ptr
+            self._launch(self._function, self._grid, 1, 1, self._block, 1, 1, 0, stream,
                          self._pointers.buffer_info()[0], 0)
 
 
@@ -438,7 +455,13 @@ def launch(kernel, grid, block, stream, args):
         if raw is None:
             raw = _RAW[key] = RawLaunch(kernel)
         raw(grid, block, cupy.cuda.get_current_stream(), args)
+        recording = getattr(_RECORDING, "now", None)
+        if recording is not None:
+            recording.launched(raw, grid, block, args)
         return
+    recording = getattr(_RECORDING, "now", None)
+    if recording is not None:  # (Numba's launch is not replayed)
+        recording.replayable = False
     if isinstance(stream, str) and stream == "current":
         stream = current_stream(array_module(args[0]))
     args = [c_strided(a) for a in args]
@@ -462,3 +485,216 @@ def dummy(xp, dtype, ndim):
     if x is None:
         x = _DUMMIES[key] = xp.zeros((1,) * ndim, dtype)
     return x
+
+
+# ------------------------------------------------------------- replayed calls
+#: The recording running in this thread, if any (see :func:`record`).
+_RECORDING = threading.local()
+
+
+def empty(xp, shape, dtype, zero=False):
+    """``xp.empty(shape, dtype)`` (``xp.zeros`` where ``zero``): the buffers of a
+    launcher allocated through this are known to a :func:`record` running in the
+    thread, which allocates (and zeroes) them again on each replay."""
+    x = xp.zeros(shape, dtype) if zero else xp.empty(shape, dtype)
+    recording = getattr(_RECORDING, "now", None)
+    if recording is not None:
+        recording.allocated(x, zero)
+    return x
+
+
+class _Recording:
+    """What one call did: its buffers (from :func:`empty`), in order with its
+    launches (from :func:`launch`); ``replayable`` turns False where it did
+    anything else a replay could not repeat (a launch through Numba)."""
+
+    def __init__(self):
+        self.steps = []  # ("alloc", array, zero) or ("launch", RawLaunch, grid, block, args)
+        self.replayable = True
+
+    def allocated(self, x, zero):
+        self.steps.append(("alloc", x, zero))
+
+    def launched(self, raw, grid, block, args):
+        self.steps.append(("launch", raw, grid, block, args))
+
+
+def record(fn, inputs, keep):
+    """Call ``fn()`` and return ``(result, replay)``: ``replay`` a :class:`Replay`
+    that repeats the call's work for other arrays of the layout of ``inputs``,
+    or None where it cannot.
+
+    ``fn`` is a launcher of this package: every buffer it allocates comes from
+    :func:`empty`, every kernel it runs from :func:`launch`, and it reads
+    nothing of the arrays but their layout.  ``inputs`` are the arrays it
+    launches on (None where absent), each to be replaced by the data pointer
+    given to the replay; ``keep`` how many leading items of its result (a
+    tuple) the replay returns (the others come back None, and buffers only
+    they hold are allocated as scratch, freed when the replay returns).
+
+    None where a kernel got an array that is none of ``inputs``, of the buffers
+    ``fn`` allocated and of the cached :func:`dummy` arrays; where two inputs
+    share a data pointer (a replay could not tell which one a kernel read);
+    where a kernel launched through Numba; or where a kept result is not a
+    buffer ``fn`` allocated (with C strides).
+    """
+    recording = _Recording()
+    previous = getattr(_RECORDING, "now", None)
+    _RECORDING.now = recording
+    try:
+        result = fn()
+    finally:
+        _RECORDING.now = previous
+    if not recording.replayable:
+        return result, None
+    try:
+        return result, Replay(recording.steps, inputs, result[:keep], len(result))
+    except _NotReplayable:
+        return result, None
+
+
+class _NotReplayable(Exception):
+    pass
+
+
+def _is_array(x):
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def _nbytes(x):
+    return x.size * x.itemsize
+
+
+class Replay:
+    """A launcher's call, repeated on new data pointers: its buffers allocated
+    again (kept results one allocation each, the rest in one scratch
+    allocation), its kernels launched with the slots :meth:`RawLaunch.bind`
+    prepared.  Made by :func:`record`; a call costs about one CuPy
+    allocation per kept array, one driver call per kernel and a few
+    microseconds of Python.
+    """
+
+    def __init__(self, steps, inputs, kept, n_results):
+        import cupy
+
+        self._alloc = cupy.cuda.alloc
+        self._ndarray = cupy.ndarray
+        self._stream = cupy.cuda.get_current_stream
+        self._memset = cupy.cuda.runtime.memsetAsync
+        self._n_results = n_results
+        given = {}
+        for i, x in enumerate(inputs):
+            if x is not None:
+                if x.data.ptr in given:
+                    raise _NotReplayable  # aliased inputs
+                given[x.data.ptr] = i
+        buffers = [(step[1], step[2]) for step in steps if step[0] == "alloc"]
+        # which buffers the kept results are: one allocation each; the rest scratch
+        result_of = {}
+        for r, item in enumerate(kept):
+            for leaf in (item if isinstance(item, tuple) else (item,)):
+                if _is_array(leaf):
+                    j = self._buffer_of(leaf, buffers)
+                    if j is None or leaf.data.ptr != buffers[j][0].data.ptr:
+                        raise _NotReplayable
+                    result_of.setdefault(j, r)
+        self._groups = []  # bytes per allocation: one per kept buffer, then the scratch
+        where = {}  # buffer -> (allocation, offset)
+        for j in sorted(result_of):
+            where[j] = (len(self._groups), 0)
+            self._groups.append(_nbytes(buffers[j][0]))
+        scratch = 0
+        for j, (x, _) in enumerate(buffers):
+            if j not in where:
+                where[j] = (len(self._groups), scratch)
+                scratch += -(-max(_nbytes(x), 1) // 256) * 256
+        if scratch:
+            self._groups.append(scratch)
+        n_in = len(inputs)
+        # pointer sources: 0 .. n_in - 1 the inputs, then the allocations, then constants
+        self._consts = []
+
+        def source(x):
+            ptr = x.data.ptr
+            if ptr in given:
+                return given[ptr], 0
+            j = self._buffer_of(x, buffers)
+            if j is not None:
+                g, off = where[j]
+                return n_in + g, off + ptr - buffers[j][0].data.ptr
+            for d in _DUMMIES.values():
+                if d.data.ptr <= ptr < d.data.ptr + _nbytes(d):
+                    self._consts.append(ptr)
+                    return n_in + len(self._groups) + len(self._consts) - 1, 0
+            raise _NotReplayable  # an array from elsewhere
+
+        self._steps = []
+        for step in steps:
+            if step[0] == "alloc":
+                x, zero = step[1], step[2]
+                if zero:
+                    self._steps.append((None, source(x), _nbytes(x)))
+                continue
+            _, raw, grid, block, args = step
+            arrays = [args[i] for i in raw._arrays]
+            self._steps.append((raw.bind(grid, block, args), [source(a) for a in arrays], 0))
+        self._results = []  # per kept result: ("value", it), ("array", spec) or ("tuple", type, fields)
+        for item in kept:
+            if isinstance(item, tuple):  # (a NamedTuple: its arrays rebuilt, the rest kept)
+                self._results.append(("tuple", type(item), [
+                    ("array", self._spec(f, buffers, where)) if _is_array(f) else ("value", f)
+                    for f in item]))
+            elif _is_array(item):
+                self._results.append(("array", self._spec(item, buffers, where)))
+            else:
+                self._results.append(("value", item))
+
+    @staticmethod
+    def _buffer_of(x, buffers):
+        ptr = x.data.ptr
+        for j, (b, _) in enumerate(buffers):
+            if b.data.ptr <= ptr < b.data.ptr + max(_nbytes(b), 1):
+                return j
+        return None
+
+    @staticmethod
+    def _spec(x, buffers, where):
+        contiguous = getattr(x, "_c_contiguous", None)
+        if contiguous is None:
+            contiguous = x.flags.c_contiguous
+        if not contiguous:
+            raise _NotReplayable
+        j = Replay._buffer_of(x, buffers)
+        g, off = where[j]
+        return g, off + x.data.ptr - buffers[j][0].data.ptr, x.shape, x.dtype
+
+    def __call__(self, ptrs):
+        """The call's result for inputs at data pointers ``ptrs`` (in the order of
+        :func:`record`'s ``inputs``; 0 where absent), launched on CuPy's current
+        stream."""
+        mems = [self._alloc(n) for n in self._groups]
+        env = list(ptrs)
+        env += [m.ptr for m in mems]
+        env += self._consts
+        stream = self._stream().ptr
+        for bound, sources, nbytes in self._steps:
+            if bound is None:
+                i, off = sources
+                self._memset(env[i] + off, 0, nbytes, stream)
+            else:
+                bound(stream, [env[i] + off for i, off in sources])
+        result = [self._rebuild(r, mems) for r in self._results]
+        result += [None] * (self._n_results - len(result))
+        return tuple(result)
+
+    def _rebuild(self, r, mems):
+        if r[0] == "array":
+            return self._array(mems, r[1])
+        if r[0] == "tuple":
+            return r[1](*(self._rebuild(f, mems) for f in r[2]))
+        return r[1]
+
+    def _array(self, mems, spec):
+        g, off, shape, dtype = spec
+        mem = mems[g] if off == 0 else mems[g] + off
+        return self._ndarray(shape, dtype, memptr=mem)

@@ -99,8 +99,9 @@ import numpy as np
 from numba import cuda, types
 
 from . import scan_states
-from ._common import (activations, array_module, as_variable, dummy, inline_device,
-                      launch, simulator)
+from . import _common
+from ._common import (activations, array_module, as_variable, dummy, empty, inline_device,
+                      launch, record, simulator)
 
 __all__ = [
     "DEFAULT_TUNING",
@@ -108,8 +109,10 @@ __all__ = [
     "backward_into",
     "choose_engine",
     "forward_into",
+    "forward_replay",
     "get_kernels",
     "ptx_signatures",
+    "replay_settings",
     "scan_backward",
     "scan_forward",
 ]
@@ -957,13 +960,43 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     threads, items = _tuning(u.dtype, threads, items)
     chunk = threads * items
     n_chunks = (L + chunk - 1) // chunk
-    out = cupy.empty_like(u)
-    last_state = cupy.empty((Bt, Dc, N), u.dtype)
-    chunk_states = cupy.empty((Bt, Dc, n_chunks, N), u.dtype)
+    out = empty(cupy, u.shape, u.dtype)
+    last_state = empty(cupy, (Bt, Dc, N), u.dtype)
+    chunk_states = empty(cupy, (Bt, Dc, n_chunks, N), u.dtype)
     forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                  initial_state, out, last_state, chunk_states,
                  threads=threads, items=items, stream="current")
     return out, last_state, GpuScanSaved(chunk_states, threads, items)
+
+
+def forward_replay(args, *, save, keep):
+    """Run ``scan_forward(*args, save=save)`` and record it.
+
+    Returns ``(result, replay)``: the forward's ``(out, last_state, saved)``
+    and a :class:`_common.Replay` that repeats the call for other arrays of
+    the layout of ``args`` (given as the data pointers of ``args`` less
+    ``delta_softplus``, in order, 0 for None), returning the first ``keep``
+    items of the result (the rest None); or None where the call cannot be
+    replayed (see :func:`_common.record`; NumPy arrays under the simulator,
+    ``RAW_LAUNCH`` off).  A replay holds only for the settings of
+    :func:`replay_settings` at the time of the recording.
+    """
+    u, delta, A, B, C, D, z, delta_bias, _, initial_state = args
+    return record(lambda: scan_forward(*args, save=save),
+                  (u, delta, A, B, C, D, z, delta_bias, initial_state), keep)
+
+
+def replay_settings():
+    """What a recorded call (:func:`forward_replay`) depends on beyond its
+    arrays' layout: the launch path, the engine chooser and launchers (they
+    may be replaced, as benchmarks and tests do) and the state engine's
+    settings (``SAVE_EVERY``, ``DIRECT_HALF``, the targets of its split), and
+    the current device (whose modules the kernels are loaded in)."""
+    import cupy
+
+    s = scan_states
+    return (cupy.cuda.runtime.getDevice(), _common.RAW_LAUNCH, choose_engine, scan_forward, s.scan_forward, s.DIRECT_HALF,
+            s.SAVE_EVERY, s.TARGET_BLOCKS, s.MIN_SEGMENT, s.MIN_RECURRENCES, s.MAX_STATES)
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,

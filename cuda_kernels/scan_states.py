@@ -106,8 +106,8 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import (activations, array_module, dummy, inline_device, kernel_view, launch,
-                      simulator, storage_dtype, storage_io, storage_of, storage_widen)
+from ._common import (activations, array_module, dummy, empty, inline_device, kernel_view,
+                      launch, simulator, storage_dtype, storage_io, storage_of, storage_widen)
 
 __all__ = [
     "DIRECT_HALF",
@@ -1357,10 +1357,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd, every[0] if every else p.save_every)
     # the backward recomputes from the state entering every save_every-th of its tiles
     n_tiles = -(-(-(-L // p.t_bwd)) // p.save_every)
-    out = xp.empty_like(u)
-    last_state = xp.empty((Bt, Dc, N), dtype)
+    out = empty(xp, u.shape, u.dtype)
+    last_state = empty(xp, (Bt, Dc, N), dtype)
     if save:
-        tile_states = xp.empty((Bt, Dc, n_tiles, N), dtype)
+        tile_states = empty(xp, (Bt, Dc, n_tiles, N), dtype)
     else:  # (not written)
         tile_states = dummy(xp, dtype, 4)
     dummy1 = dummy(xp, dtype, 1)
@@ -1370,8 +1370,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     v = kernel_view if storage == "bfloat16" else _as_is  # (bfloat16 as its bits)
     S, SL = segments(Bt, Dc, L, p, n_segments)
     if S > 1:  # the end state of segments 0 .. S-2 from zero, their delta sums
-        seg_h = xp.empty((Bt, Dc, S - 1, N), dtype)
-        seg_dt = xp.empty((Bt, Dc, S - 1), dtype)
+        seg_h = empty(xp, (Bt, Dc, S - 1, N), dtype)
+        seg_dt = empty(xp, (Bt, Dc, S - 1), dtype)
     else:  # (not read)
         seg_h, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
     flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)

@@ -109,7 +109,7 @@ def test_cached_layouts_give_the_slots_params_computes():
     for a in calls:
         raw(1, 32, SimpleNamespace(ptr=0), a)
     assert seen == [raw.params(a) for a in calls]
-    assert len(raw._layouts) == 5  # calls 0, 1 and 4 share one layout
+    assert len(raw._bound) == 5  # calls 0, 1 and 4 share one layout
     raw(1, 32, SimpleNamespace(ptr=0), calls[2])
     assert seen[-1] == raw.params(calls[2])
 

@@ -1,0 +1,193 @@
+"""Recorded launcher calls replayed on new data pointers (``cuda_kernels._common.record``).
+
+On the CPU, with stand-ins for CuPy (allocations, arrays, the stream) and a
+driver that keeps what it is handed: a replay hands the driver, for new input
+pointers and new allocations, exactly the slots a launch on those arrays
+would; it rebuilds the kept results on its allocations; and it refuses the
+calls it cannot repeat.  On the GPU the public scan's replays are compared
+with its first call (``tests/test_gpu_api.py``).
+"""
+
+import ctypes
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba.cuda")
+from cuda_kernels import _common  # noqa: E402
+
+
+class FakeArray:
+    """What a replay reads of a CuPy array."""
+
+    __cuda_array_interface__ = {}
+
+    def __init__(self, shape, dtype, ptr):
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.itemsize = self.dtype.itemsize
+        self.size = int(np.prod(shape))
+        self.strides = ()
+        self.data = SimpleNamespace(ptr=ptr, device_id=0)
+        self.flags = SimpleNamespace(c_contiguous=True)
+        self._c_contiguous = True
+
+    def reshape(self, *shape):
+        shape = np.empty(self.shape, np.int8).reshape(shape).shape
+        return FakeArray(shape, self.dtype, self.data.ptr)
+
+
+class FakeMemory:
+    def __init__(self, ptr, size):
+        self.ptr, self.size = ptr, size
+
+    def __add__(self, offset):
+        return FakeMemory(self.ptr + offset, self.size - offset)
+
+
+class FakeCupy(types.ModuleType):
+    """Allocations at increasing addresses; ``empty``/``zeros`` and ``cuda.alloc``."""
+
+    def __init__(self):
+        super().__init__("cupy")
+        self.next = 0x10000
+        self.allocs, self.memsets = [], []
+        self.cuda = SimpleNamespace(
+            alloc=self._alloc, get_current_stream=lambda: SimpleNamespace(ptr=0x5),
+            runtime=SimpleNamespace(getDevice=lambda: 0, memsetAsync=self._memset))
+
+    def _alloc(self, nbytes):
+        mem = FakeMemory(self.next, nbytes)
+        self.allocs.append(nbytes)
+        self.next += -(-max(nbytes, 1) // 512) * 512 + 0x1000
+        return mem
+
+    def _memset(self, ptr, value, nbytes, stream):
+        self.memsets.append((ptr, value, nbytes, stream))
+
+    def ndarray(self, shape, dtype, memptr):
+        return FakeArray(shape, dtype, memptr.ptr)
+
+    def empty(self, shape, dtype):
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return FakeArray(shape, dtype, self._alloc(nbytes).ptr)
+
+    def zeros(self, shape, dtype):
+        x = self.empty(shape, dtype)
+        self._memset(x.data.ptr, 0, x.size * x.itemsize, 0x5)
+        return x
+
+
+def _raw(kinds, seen):
+    """A RawLaunch of argument kinds ``kinds`` whose driver call appends the slot values."""
+    n_slots = sum(5 + 2 * k if k > 0 else 1 for k in kinds)
+
+    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, kernel_params, extra):
+        pointers = (ctypes.c_uint64 * n_slots).from_address(kernel_params)
+        seen.append((gx, bx, stream, [ctypes.c_uint64.from_address(p).value for p in pointers]))
+
+    raw = _common.RawLaunch.__new__(_common.RawLaunch)
+    raw._ndims = kinds
+    raw._init_slots(n_slots, launch_kernel)
+    raw._function = SimpleNamespace(ptr=0xF00)
+    return raw
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    cupy = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(_common, "RAW_LAUNCH", True)
+    monkeypatch.setattr(_common, "_DUMMIES", {})
+    monkeypatch.setattr(_common, "_RAW", {})
+    seen = []
+    first = _raw([3, 3, 1, 0], seen)  # (x, scratch, dummy, n) -> writes scratch
+    second = _raw([3, 3, 3, 2, 0], seen)  # (x, scratch, out, last, n)
+    _common._RAW[("first", 0)] = first
+    _common._RAW[("second", 0)] = second
+    return SimpleNamespace(cupy=cupy, seen=seen, first=first, second=second)
+
+
+def _launcher(cupy, x, y, zero=False):
+    """A launcher as the scan's are: buffers from ``empty``, kernels from ``launch``."""
+    n = x.shape[2]
+    scratch = _common.empty(cupy, (x.shape[0], 2, n), np.float32, zero=zero)
+    out = _common.empty(cupy, x.shape, x.dtype)
+    last = _common.empty(cupy, (x.shape[0], n), np.float32)
+    d = _common.dummy(cupy, np.float32, 1)
+    _common.launch("first", 6, 64, "current", (x, scratch.reshape(-1, 2, n), d, np.int64(n)))
+    _common.launch("second", 6, 64, "current", (y, scratch, out, last, np.int64(n)))
+    return out, last, SimpleNamespace(kept=None)
+
+
+def test_a_replay_hands_the_driver_the_slots_of_a_launch_on_its_new_arrays(gpu):
+    cupy = gpu.cupy
+    x, y = FakeArray((2, 3, 8), np.float32, 0xA000), FakeArray((2, 3, 8), np.float32, 0xB000)
+    (out, last, _), replay = _common.record(lambda: _launcher(cupy, x, y), (x, y), keep=2)
+    assert replay is not None and len(gpu.seen) == 2
+    gpu.seen.clear()
+    before = len(cupy.allocs)
+    out2, last2, third = replay([0xC000, 0xD000])
+    assert third is None  # not kept
+    # one allocation per kept array and one for the scratch, all new
+    assert cupy.allocs[before:] == [2 * 3 * 8 * 4, 2 * 8 * 4, 256]
+    assert out2.shape == out.shape and out2.dtype == out.dtype
+    assert last2.shape == last.shape and out2.data.ptr != out.data.ptr
+    scratch_ptr = out2.data.ptr + 0x1000 + 512 + 0x1000 + 512  # (FakeCupy's spacing)
+    x2, y2 = FakeArray(x.shape, x.dtype, 0xC000), FakeArray(y.shape, y.dtype, 0xD000)
+    d = _common.dummy(cupy, np.float32, 1)
+    scratch = FakeArray((2, 2, 8), np.float32, scratch_ptr)
+    want = [(6, 64, 0x5, gpu.first.params((x2, scratch.reshape(-1, 2, 8), d, np.int64(8)))),
+            (6, 64, 0x5, gpu.second.params((y2, scratch, out2, last2, np.int64(8))))]
+    assert gpu.seen == want
+
+
+def test_zeroed_buffers_are_zeroed_again_before_the_launches(gpu):
+    cupy = gpu.cupy
+    x, y = FakeArray((1, 3, 4), np.float32, 0xA000), FakeArray((1, 3, 4), np.float32, 0xB000)
+    _, replay = _common.record(lambda: _launcher(cupy, x, y, zero=True), (x, y), keep=1)
+    cupy.memsets.clear()
+    gpu.seen.clear()
+    out2, last2, _ = replay([0xC000, 0xD000])
+    assert last2 is None  # keep=1: the last state is scratch
+    (ptr, value, nbytes, stream), = cupy.memsets
+    assert (value, nbytes, stream) == (0, 1 * 2 * 4 * 4, 0x5)
+    first_scratch = gpu.seen[0][3][5 + 2 * 3 + 4]  # data slot of the first kernel's 2nd array
+    assert ptr == first_scratch
+
+
+def test_calls_a_replay_cannot_repeat_are_not_recorded(gpu, monkeypatch):
+    cupy = gpu.cupy
+    x = FakeArray((1, 3, 4), np.float32, 0xA000)
+    result, replay = _common.record(lambda: _launcher(cupy, x, x), (x, x), keep=2)
+    assert replay is None and result[0].shape == x.shape  # aliased inputs: still run
+    elsewhere = FakeArray((1, 3, 4), np.float32, 0xE000)  # neither input, buffer nor dummy
+    y = FakeArray((1, 3, 4), np.float32, 0xB000)
+    _, replay = _common.record(lambda: _launcher(cupy, x, elsewhere), (x, y), keep=2)
+    assert replay is None
+    monkeypatch.setattr(_common, "RAW_LAUNCH", False)  # through Numba: not replayed
+    calls = []
+    monkeypatch.setattr(_common, "current_stream", lambda xp: None)
+
+    class Kernel:
+        def __getitem__(self, config):
+            return lambda *args: calls.append(args)
+
+    def numba_launcher():
+        _common.launch(Kernel(), 1, 32, None, (x,))
+        return (None,)
+
+    _, replay = _common.record(numba_launcher, (x,), keep=1)
+    assert replay is None and len(calls) == 1
+
+
+def test_a_recording_ends_with_its_call_even_when_it_raises(gpu):
+    def failing():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _common.record(failing, (), keep=1)
+    assert getattr(_common._RECORDING, "now", None) is None
