@@ -88,7 +88,7 @@ def run_rows(cupy, backend, args, rng):
             print(f"row {r} {Bt, Dc, N, L, dtype_name} engine {engine} done", flush=True)
 
 
-def host_times(cupy, reps=30):
+def host_times(cupy, reps=100):
     """Host microseconds per call of the API and backend pieces (median), GPU kept busy-free."""
     import statistics
     import time
@@ -117,6 +117,11 @@ def host_times(cupy, reps=30):
         a = (kw["u"], kw["delta"], kw["A"], B, C, kw["D"], kw["z"], kw["delta_bias"], True, None)
         res = {}
         res["api selective_scan"] = med(lambda: nm.selective_scan(**kw))
+        remember = api._remember_replay
+        api._remember_replay = lambda key, replay: None
+        saved, api._REPLAYS = api._REPLAYS, {}
+        res["api selective_scan, not replayed"] = med(lambda: nm.selective_scan(**kw))
+        api._remember_replay, api._REPLAYS = remember, saved
         res["api selective_scan_vjp"] = med(lambda: nm.selective_scan_vjp(**kw))
         out, _, backward = nm.selective_scan_vjp(**kw)
         dout = cupy.ones_like(out)
@@ -141,6 +146,8 @@ def host_times(cupy, reps=30):
                                          stream="current"))
         res["cupy.isfinite(A).all() -> bool"] = med(lambda: bool(cupy.isfinite(kw["A"]).all()))
         res["cupy.empty x3"] = med(lambda: [cupy.empty_like(kw["u"]) for _ in range(3)])
+        res["cupy.empty x1"] = med(lambda: cupy.empty_like(kw["u"]))
+        res["cupy u + z (an allocation, a kernel)"] = med(lambda: kw["u"] + kw["z"])
         res["cupy.zeros(1) x2"] = med(lambda: [cupy.zeros((1,), cupy.float32) for _ in range(2)])
         print(f"host us per call, shape {shape}:")
         for k, v in res.items():

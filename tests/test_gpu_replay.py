@@ -1,0 +1,118 @@
+"""The public scan's replays on the GPU: a call of a layout recorded before is
+repeated on the new arrays' data pointers (``numba_mamba.scan._REPLAYS``,
+``cuda_kernels._common.record``) and gives, to the bit, what the full path
+(validation, canonical forms, launch arguments) gives on the same arrays.
+"""
+
+import numpy as np
+import pytest
+
+import numba_mamba as nm
+from numba_mamba import scan as api
+from tests.gpu import gpu_module
+from tests.scan_cases import half_dtype, make_inputs
+
+cupy, _HAVE_GPU, pytestmark = gpu_module()
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    dtype = half_dtype(name) if name in ("float16", "bfloat16") else np.dtype(name)
+    try:
+        cupy.asarray(np.zeros(2, dtype=dtype))
+    except Exception as exc:  # CuPy without bfloat16 arrays
+        pytest.skip(f"this CuPy has no {name} arrays: {exc}")
+    return dtype
+
+
+CASES = [  # (Bt, Dc, N, L, dtype, make_inputs options): both engines, split sequences, half I/O
+    (1, 4, 4, 16, "float32", dict(D=True, z=True, delta_bias=True, softplus=True)),
+    (2, 3, 5, 300, "float64", dict(B_kind="const", C_kind="grouped", G=3, initial_state=True)),
+    (2, 1024, 16, 1100, "float32", dict(D=True, z=True, delta_bias=True, softplus=True)),
+    (1, 512, 32, 700, "float32", dict(B_kind="grouped", G=2, initial_state=True, D=True)),
+    (2, 1024, 16, 600, "bfloat16", dict(D=True, z=True, delta_bias=True, softplus=True)),
+    (2, 1024, 16, 600, "float16", dict(z=True, initial_state=True)),
+]
+
+
+def _device_inputs(rng, Bt, Dc, N, L, dtype, options):
+    host = make_inputs(rng, Bt=Bt, Dc=Dc, L=L, N=N, dtype=np.float64, **options)
+    per_step = ("u", "delta", "z", "B", "C")
+    out = {}
+    for k, v in host.items():
+        if not isinstance(v, np.ndarray):
+            out[k] = v
+        elif dtype.itemsize == 2 and (k not in per_step or v.ndim == 2):
+            out[k] = cupy.asarray(v.astype(np.float32))  # (half I/O: the rest float32)
+        else:
+            out[k] = cupy.asarray(v.astype(dtype))
+    return out
+
+
+def _full_path(monkeypatch, kw, last):
+    with monkeypatch.context() as mp:
+        mp.setattr(api, "_REPLAYS", {})
+        mp.setattr(api, "_remember_replay", lambda key, replay: None)  # never replayed
+        return nm.selective_scan(**kw, return_last_state=last)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[:4]}-{c[4]}")
+@pytest.mark.parametrize("last", [False, True], ids=["out", "out+last"])
+def test_gpu_replayed_call_gives_the_full_paths_result_to_the_bit(monkeypatch, case, last):
+    Bt, Dc, N, L, name, options = case
+    dtype = _dtype(name)
+    rng = np.random.default_rng(Bt * Dc + L)
+    monkeypatch.setattr(api, "_REPLAYS", {})
+    first = _device_inputs(rng, Bt, Dc, N, L, dtype, options)
+    nm.selective_scan(**first, return_last_state=last)  # recorded
+    (replay,) = api._REPLAYS.values()
+    assert replay is not None
+    backend = api._gpu_backend()
+    calls = []
+    monkeypatch.setattr(backend.scan_states, "scan_forward",
+                        lambda *a, **k: calls.append(1))  # (not reached by a replay)
+    monkeypatch.setattr(api, "_replay_key", lambda values, *flags: key)
+    (key,) = api._REPLAYS  # (the settings now include the spy: keep the recorded key)
+    inputs = [_device_inputs(rng, Bt, Dc, N, L, dtype, options) for _ in range(2)]
+    replayed = [nm.selective_scan(**kw, return_last_state=last) for kw in inputs]
+    assert calls == [] and len(api._REPLAYS) == 1
+    monkeypatch.undo()
+    for kw, got in zip(inputs, replayed):  # (the first result after the second call too)
+        want = _full_path(monkeypatch, kw, last)
+        got, want = (got, want) if last else ((got,), (want,))
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            assert g.flags.c_contiguous
+            np.testing.assert_array_equal(g.get().astype(np.float64),
+                                          w.get().astype(np.float64))
+
+
+def test_gpu_calls_with_copies_or_aliased_arrays_are_not_replayed_but_right(monkeypatch):
+    rng = np.random.default_rng(5)
+    monkeypatch.setattr(api, "_REPLAYS", {})
+    kw = _device_inputs(rng, 1, 4, 4, 40, np.dtype(np.float32), dict(D=True))
+    wide = cupy.asarray(rng.standard_normal((1, 4, 80)).astype(np.float32))
+    strided = dict(kw, u=wide[..., ::2])  # copied to C order: not replayable
+    same = dict(kw, C=kw["B"])  # one array as B and C: not replayable
+    for args in (strided, same, strided, same):
+        out = nm.selective_scan(**args)
+        want = nm.reference.selective_scan(**{k: v.get() if hasattr(v, "get") else v
+                                              for k, v in args.items()})
+        np.testing.assert_allclose(out.get(), want, rtol=1e-4, atol=1e-5)
+    assert list(api._REPLAYS.values()) == [None, None]
+
+
+def test_gpu_replay_runs_on_the_current_stream(monkeypatch):
+    rng = np.random.default_rng(6)
+    monkeypatch.setattr(api, "_REPLAYS", {})
+    kw = _device_inputs(rng, 2, 1024, 16, 2000, np.dtype(np.float32), dict(z=True))
+    nm.selective_scan(**kw)  # recorded on the default stream
+    want = _full_path(monkeypatch, kw, False).get()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for _ in range(3):
+            out = nm.selective_scan(**kw)  # replayed on ``stream``
+        host = cupy.asnumpy(out, stream=stream)  # (ordered after the kernels on ``stream``)
+    stream.synchronize()
+    np.testing.assert_array_equal(host, want)
