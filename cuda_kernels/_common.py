@@ -553,6 +553,11 @@ def record(fn, inputs, keep):
         return result, None
 
 
+#: Bytes of scratch a :class:`Replay` puts in its first result's allocation
+#: (more, up to an eighth of that result, too).
+SMALL_SCRATCH = 64 * 1024
+
+
 class _NotReplayable(Exception):
     pass
 
@@ -603,13 +608,19 @@ class Replay:
         for j in sorted(result_of):
             where[j] = (len(self._groups), 0)
             self._groups.append(_nbytes(buffers[j][0]))
-        scratch = 0
-        for j, (x, _) in enumerate(buffers):
-            if j not in where:
-                where[j] = (len(self._groups), scratch)
-                scratch += -(-max(_nbytes(x), 1) // 256) * 256
+        scratch = [j for j in range(len(buffers)) if j not in where]
+        sizes = [-(-max(_nbytes(buffers[j][0]), 1) // 256) * 256 for j in scratch]
+        # a small scratch goes at the end of the first kept buffer's allocation
+        # (one allocation less per call, the scratch held as long as that array)
+        if self._groups and sum(sizes) <= max(SMALL_SCRATCH, self._groups[0] // 8):
+            g, start = 0, -(-self._groups[0] // 256) * 256
+        else:
+            g, start = len(self._groups), 0
+        for j, size in zip(scratch, sizes):
+            where[j] = (g, start)
+            start += size
         if scratch:
-            self._groups.append(scratch)
+            self._groups[g:g + 1] = [start]
         n_in = len(inputs)
         # pointer sources: 0 .. n_in - 1 the inputs, then the allocations, then constants
         self._consts = []

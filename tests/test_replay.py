@@ -123,8 +123,12 @@ def _launcher(cupy, x, y, zero=False):
     return out, last, SimpleNamespace(kept=None)
 
 
-def test_a_replay_hands_the_driver_the_slots_of_a_launch_on_its_new_arrays(gpu):
+@pytest.mark.parametrize("small", [True, False], ids=["scratch-with-out", "scratch-apart"])
+def test_a_replay_hands_the_driver_the_slots_of_a_launch_on_its_new_arrays(gpu, monkeypatch,
+                                                                           small):
     cupy = gpu.cupy
+    if not small:  # (the scratch, 256 bytes, is more than an eighth of out's 192)
+        monkeypatch.setattr(_common, "SMALL_SCRATCH", 0)
     x, y = FakeArray((2, 3, 8), np.float32, 0xA000), FakeArray((2, 3, 8), np.float32, 0xB000)
     (out, last, _), replay = _common.record(lambda: _launcher(cupy, x, y), (x, y), keep=2)
     assert replay is not None and len(gpu.seen) == 2
@@ -132,11 +136,14 @@ def test_a_replay_hands_the_driver_the_slots_of_a_launch_on_its_new_arrays(gpu):
     before = len(cupy.allocs)
     out2, last2, third = replay([0xC000, 0xD000])
     assert third is None  # not kept
-    # one allocation per kept array and one for the scratch, all new
-    assert cupy.allocs[before:] == [2 * 3 * 8 * 4, 2 * 8 * 4, 256]
     assert out2.shape == out.shape and out2.dtype == out.dtype
     assert last2.shape == last.shape and out2.data.ptr != out.data.ptr
-    scratch_ptr = out2.data.ptr + 0x1000 + 512 + 0x1000 + 512  # (FakeCupy's spacing)
+    if small:  # out (192 bytes, rounded up to 256) and the scratch in one allocation, last apart
+        assert cupy.allocs[before:] == [256 + 256, 2 * 8 * 4]
+        scratch_ptr = out2.data.ptr + 256
+    else:  # one allocation per kept array and one for the scratch
+        assert cupy.allocs[before:] == [2 * 3 * 8 * 4, 2 * 8 * 4, 256]
+        scratch_ptr = out2.data.ptr + 0x1000 + 512 + 0x1000 + 512  # (FakeCupy's spacing)
     x2, y2 = FakeArray(x.shape, x.dtype, 0xC000), FakeArray(y.shape, y.dtype, 0xD000)
     d = _common.dummy(cupy, np.float32, 1)
     scratch = FakeArray((2, 2, 8), np.float32, scratch_ptr)
