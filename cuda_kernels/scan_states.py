@@ -410,6 +410,18 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         rdt[k] = dt
         ru[k] = uu
 
+    # the epilogue's early reads: a per-step value and z at one offset, raw
+    # (zeros where not inside, z's also where there is no z)
+    @inline_device
+    def fetch_pair(X, z, o, inside, has_z):
+        xv = raw_zero
+        zv = raw_zero
+        if inside:
+            xv = read_raw(X, o)
+            if has_z:
+                zv = read_raw(z, o)
+        return xv, zv
+
     @inline_device
     def block_channels(Dc, dg, blk):
         # (batch, first channel of the block, channels in the block) of block
@@ -659,14 +671,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             if EPI_EARLY and valid:
                 for j in range(NSUM):
                     tt = un * U(NSUM) + U(j)
-                    uv = raw_zero
-                    zv = raw_zero
-                    if (NSUM * N == TF or tt < UTF) and (full or t0 + tt < uL):
-                        uv = read_raw(u, rowd + t0 + tt)
-                        if has_z:
-                            zv = read_raw(z, rowd + t0 + tt)
-                    ue[j] = uv
-                    ze[j] = zv
+                    ue[j], ze[j] = fetch_pair(
+                        u, z, rowd + t0 + tt,
+                        (NSUM * N == TF or tt < UTF) and (full or t0 + tt < uL), has_z)
             # 2. the recurrence of this thread's state through the tile,
             # saving the state entering every backward tile
             for sub in range(TF // TB):
@@ -956,14 +963,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             if EPI_EARLY_B and valid:
                 for j in range(NSUMB):
                     tt = un + U(j) * UN
-                    gv = raw_zero
-                    zv = raw_zero
-                    if (NSUMB * N == TB or tt < UTB) and (full or t0 + tt < uL):
-                        gv = read_raw(dout, rowd + t0 + tt)
-                        if has_z:
-                            zv = read_raw(z, rowd + t0 + tt)
-                    gE[j] = gv
-                    zE[j] = zv
+                    gE[j], zE[j] = fetch_pair(
+                        dout, z, rowd + t0 + tt,
+                        (NSUMB * N == TB or tt < UTB) and (full or t0 + tt < uL), has_z)
             # recompute the states of the tile
             h = h0
             sh[U(0), utid] = h0
