@@ -131,6 +131,14 @@ def host_times(cupy, reps=100):
         out, _, backward = nm.selective_scan_vjp(**kw)
         dout = cupy.ones_like(out)
         res["api backward(dout)"] = med(lambda: backward(dout))
+        vkey = api._replay_key(values, True, "vjp")
+        bkey = api._replay_key((dout, None), "backward", vkey)
+        replays = api._REPLAYS[vkey], api._REPLAYS[bkey]
+        api._REPLAYS[vkey] = api._REPLAYS[bkey] = None  # (the full paths)
+        res["api selective_scan_vjp, not replayed"] = med(lambda: nm.selective_scan_vjp(**kw))
+        out, _, backward = nm.selective_scan_vjp(**kw)
+        res["api backward(dout), not replayed"] = med(lambda: backward(dout))
+        api._REPLAYS[vkey], api._REPLAYS[bkey] = replays
         res["api _prepare"] = med(lambda: api._prepare(
             kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
             kw["delta_bias"], True, None))
@@ -153,6 +161,9 @@ def host_times(cupy, reps=100):
         res["cupy.empty x3"] = med(lambda: [cupy.empty_like(kw["u"]) for _ in range(3)])
         res["cupy.empty x1"] = med(lambda: cupy.empty_like(kw["u"]))
         res["cupy.cuda.alloc x1"] = med(lambda: cupy.cuda.alloc(kw["u"].nbytes))
+        mem = cupy.cuda.alloc(kw["u"].nbytes)
+        res["cupy.ndarray on an allocation"] = med(
+            lambda: cupy.ndarray(kw["u"].shape, kw["u"].dtype, memptr=mem))
         res["cupy u + z (an allocation, a kernel)"] = med(lambda: kw["u"] + kw["z"])
         res["cupy.zeros(1) x2"] = med(lambda: [cupy.zeros((1,), cupy.float32) for _ in range(2)])
         print(f"host us per call, shape {shape}:")

@@ -600,7 +600,7 @@ class Replay:
             for leaf in (item if isinstance(item, tuple) else (item,)):
                 if _is_array(leaf):
                     j = self._buffer_of(leaf, buffers)
-                    if j is None or leaf.data.ptr != buffers[j][0].data.ptr:
+                    if j is None:
                         raise _NotReplayable
                     result_of.setdefault(j, r)
         self._groups = []  # bytes per allocation: one per kept buffer, then the scratch

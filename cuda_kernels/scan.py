@@ -107,12 +107,14 @@ __all__ = [
     "DEFAULT_TUNING",
     "GpuScanSaved",
     "backward_into",
+    "backward_replay",
     "choose_engine",
     "forward_into",
     "forward_replay",
     "get_kernels",
     "ptx_signatures",
     "replay_settings",
+    "saved_states",
     "scan_backward",
     "scan_forward",
 ]
@@ -986,17 +988,39 @@ def forward_replay(args, *, save, keep):
                   (u, delta, A, B, C, D, z, delta_bias, initial_state), keep)
 
 
+def backward_replay(dout, dlast_state, args, saved):
+    """Run ``scan_backward(dout, dlast_state, *args, saved)`` and record it, as
+    :func:`forward_replay` records the forward: the replay takes the data
+    pointers of ``dout``, ``dlast_state``, ``args`` less ``delta_softplus``
+    and the saved states (``saved``'s array), in order, and returns all nine
+    gradients."""
+    u, delta, A, B, C, D, z, delta_bias, _, initial_state = args
+    return record(lambda: scan_backward(dout, dlast_state, *args, saved),
+                  (dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state,
+                   saved_states(saved)), 9)
+
+
+def saved_states(saved):
+    """The array of states a forward saved (either engine's)."""
+    if isinstance(saved, scan_states.StatesSaved):
+        return saved.tile_states
+    return saved.chunk_states
+
+
 def replay_settings():
-    """What a recorded call (:func:`forward_replay`) depends on beyond its
-    arrays' layout: the launch path, the engine chooser and launchers (they
-    may be replaced, as benchmarks and tests do) and the state engine's
-    settings (``SAVE_EVERY``, ``DIRECT_HALF``, the targets of its split), and
-    the current device (whose modules the kernels are loaded in)."""
+    """What a recorded call (:func:`forward_replay`, :func:`backward_replay`)
+    depends on beyond its arrays' layout: the launch path, the engine chooser
+    and launchers (they may be replaced, as benchmarks and tests do), the
+    state engine's settings (``SAVE_EVERY``, ``DIRECT_HALF``, the targets of
+    its splits) and the current device (whose modules the kernels are loaded
+    in)."""
     import cupy
 
     s = scan_states
-    return (cupy.cuda.runtime.getDevice(), _common.RAW_LAUNCH, choose_engine, scan_forward, s.scan_forward, s.DIRECT_HALF,
-            s.SAVE_EVERY, s.TARGET_BLOCKS, s.MIN_SEGMENT, s.MIN_RECURRENCES, s.MAX_STATES)
+    return (cupy.cuda.runtime.getDevice(), _common.RAW_LAUNCH, choose_engine, scan_forward,
+            scan_backward, s.scan_forward, s.scan_backward, s.DIRECT_HALF,
+            s.SAVE_EVERY, s.TARGET_BLOCKS, s.BACKWARD_TARGET_BLOCKS, s.MIN_SEGMENT,
+            s.MIN_RECURRENCES, s.MAX_STATES)
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
@@ -1048,7 +1072,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     dtype = u.dtype
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = scan_states.gradient_buffers(
         cupy, u, A, B, C, D, z, delta_bias)
-    q_buf = cupy.empty((2, Bt, Dc, N), dtype)
+    q_buf = empty(cupy, (2, Bt, Dc, N), dtype)
     backward_into(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                   delta_softplus, saved.chunk_states, du, ddelta, dA, dB, dC,
                   dD, dz, ddelta_bias, q_buf, threads=threads, items=items,

@@ -1408,15 +1408,15 @@ def gradient_buffers(xp, u, A, B, C, D, z, delta_bias):
     shapes = [(Dc, N), B.shape, C.shape,
               None if D is None else (Dc,), None if delta_bias is None else (Dc,)]
     sizes = [0 if s is None else math.prod(s) for s in shapes]
-    acc = xp.zeros(sum(sizes), dtype)
+    acc = empty(xp, (sum(sizes),), dtype, zero=True)
     views = []
     start = 0
     for shape, size in zip(shapes, sizes):
         views.append(None if shape is None else acc[start:start + size].reshape(shape))
         start += size
     dA, dB, dC, dD, ddelta_bias = views
-    return (xp.empty_like(u), xp.empty_like(u), dA, dB, dC, dD,
-            None if z is None else xp.empty_like(u), ddelta_bias)
+    return (empty(xp, u.shape, u.dtype), empty(xp, u.shape, u.dtype), dA, dB, dC, dD,
+            None if z is None else empty(xp, u.shape, u.dtype), ddelta_bias)
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
@@ -1446,7 +1446,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     p = saved.plan
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = gradient_buffers(xp, u, A, B, C, D, z,
                                                                    delta_bias)
-    dinit = xp.empty((Bt, Dc, N), dtype)
+    dinit = empty(xp, (Bt, Dc, N), dtype)
     dummy1 = dummy(xp, dtype, 1)
     dummy3 = dummy(xp, dtype, 3)
     dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)
@@ -1454,8 +1454,8 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     v = kernel_view if storage == "bfloat16" else _as_is
     S, SL = backward_segments(Bt, Dc, L, p, n_segments)
     if S > 1:  # the adjoint entering segments 1 .. S-1 from zero at their ends, their delta sums
-        seg_q = xp.empty((Bt, Dc, S - 1, N), dtype)
-        seg_dt = xp.empty((Bt, Dc, S - 1), dtype)
+        seg_q = empty(xp, (Bt, Dc, S - 1, N), dtype)
+        seg_dt = empty(xp, (Bt, Dc, S - 1), dtype)
     else:  # (not read; views, so one segment allocates nothing more than before)
         seg_q, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
     flags = _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST)

@@ -146,15 +146,19 @@ def _remember_replay(key, replay):
     _REPLAYS[key] = replay
 
 
-def _same_data(canonical, values):
-    """True where every canonical argument is its given array or a view of it
-    at the same address (a replay takes the given arrays' data pointers), not
-    a copy."""
-    arrays = canonical[:8] + canonical[9:]  # (less delta_softplus)
-    for c, x in zip(arrays, values):
+def _same_data(canonical, given):
+    """True where every canonical array is its given array or a view of it at
+    the same address (a replay takes the given arrays' data pointers), not a
+    copy."""
+    for c, x in zip(canonical, given):
         if (c is None) != (x is None) or (c is not None and c.data.ptr != x.data.ptr):
             return False
     return True
+
+
+def _pointers(arrays):
+    """The data pointers a replay takes: 0 for None."""
+    return [0 if x is None else x.data.ptr for x in arrays]
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
@@ -373,14 +377,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     key = _replay_key(values, bool(delta_softplus), bool(return_last_state))
     replay = None if key is None else _REPLAYS.get(key)
     if replay is not None:  # (a layout validated and recorded before: its out is u's dtype)
-        out, last_state, _ = replay([0 if x is None else x.data.ptr for x in values])
+        out, last_state, _ = replay(_pointers(values))
     else:
         xp, backend, args, given, ftype, _ = _prepare(u, delta, A, B, C, D, z, delta_bias,
                                                       delta_softplus, initial_state)
         if key is not None and key not in _REPLAYS:
             (out, last_state, _), replay = backend.forward_replay(
                 args, save=False, keep=2 if return_last_state else 1)
-            _remember_replay(key, replay if _same_data(args, values) else None)
+            _remember_replay(key, replay if _same_data(args[:8] + args[9:], values) else None)
         else:
             out, last_state, _ = backend.scan_forward(*args, save=False)  # no backward follows
         out = out.astype(given["u"].dtype, copy=False)
@@ -426,6 +430,12 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     of ``K`` chunks once (measured on an H200 at ``K = 8``: 8x less, 16 %
     slower backward).
 
+    On the GPU, this call and ``backward`` are replayed as
+    :func:`selective_scan` is (see its Notes) where their arrays' layout was
+    seen before.  A backward whose gradients are cast after its kernel (a
+    float16/bfloat16 ``B`` or ``C`` varying along the sequence) is not
+    replayed.
+
     Examples
     --------
     >>> import numpy as np
@@ -446,32 +456,75 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     >>> bool(abs(numeric - grads.dA[0, 0]) < 1e-4)
     True
     """
-    xp, backend, args, given, ftype, dout_dtype = _prepare(u, delta, A, B, C, D, z,
-                                                           delta_bias, delta_softplus,
-                                                           initial_state)
-    out, last_state, saved = backend.scan_forward(*args)
-    Bt, Dc, L = args[0].shape
-    N = args[2].shape[1]
+    values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    key = _replay_key(values, bool(delta_softplus), "vjp")
+    replay = None if key is None else _REPLAYS.get(key)
+    if replay is not None:  # (a layout validated and recorded before)
+        out, last_state, saved = replay(_pointers(values))
+        return out, last_state, _backward(values, delta_softplus, key, None, saved)
+    prepared = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    xp, backend, args, given, ftype, _ = prepared
+    if key is not None and key not in _REPLAYS:
+        (out, last_state, saved), replay = backend.forward_replay(args, save=True, keep=3)
+        _remember_replay(key, replay if _same_data(args[:8] + args[9:], values) else None)
+    else:
+        out, last_state, saved = backend.scan_forward(*args)
+    return (out.astype(given["u"].dtype, copy=False), last_state,
+            _backward(values, delta_softplus, key, prepared, saved))
+
+
+def _backward(values, delta_softplus, key, prepared, saved):
+    """The ``backward`` of a :func:`selective_scan_vjp` call on ``values`` (its
+    arrays), with the forward's replay key (None for NumPy arrays),
+    :func:`_prepare`'s result (None where the forward was replayed: then made
+    when first needed) and the states it saved.  A call with ``dout`` and
+    ``dlast_state`` of a layout recorded before is replayed."""
 
     def backward(dout, dlast_state=None):
+        nonlocal prepared
+        bkey = None if key is None else _replay_key((dout, dlast_state), "backward", key)
+        replay = None if bkey is None else _REPLAYS.get(bkey)
+        if replay is not None:
+            backend = _gpu_backend()
+            grads = replay(_pointers((dout, dlast_state) + values
+                                     + (backend.saved_states(saved),)))
+            return _as_given(grads, dict(zip(_ARG_NAMES, values)))
+        if prepared is None:
+            prepared = _prepare(*values[:8], delta_softplus, values[8])
+        xp, backend, args, given, ftype, dout_dtype = prepared
+        Bt, Dc, L = args[0].shape
+        N = args[2].shape[1]
         array_namespace(u=given["u"], dout=dout, dlast_state=dlast_state)  # not mixed
         dout = _as_array("dout", dout, xp)
         check_shape("dout", dout, (Bt, Dc, L), "like out")
-        dout = _canonical(dout, dout_dtype, xp)  # (half where the forward read half)
+        canonical = _canonical(dout, dout_dtype, xp)  # (half where the forward read half)
+        dlast = dlast_state
         if dlast_state is not None:
             dlast_state = _as_array("dlast_state", dlast_state, xp)
             check_shape("dlast_state", dlast_state, (Bt, Dc, N), "like last_state")
-            dlast_state = _canonical(dlast_state, ftype, xp)
-        grads = backend.scan_backward(dout, dlast_state, *args, saved)
-        result = {}
-        for field, g in zip(ScanGrads._fields, grads):
-            original = given[field[1:]]
-            if original is None:
-                result[field] = None
-                continue
-            if g.shape != original.shape:  # a (Bt, N, L) B or C was passed on as one group
-                g = g.reshape(original.shape)
-            result[field] = g.astype(original.dtype, copy=False)
-        return ScanGrads(**result)
+            dlast = _canonical(dlast_state, ftype, xp)
+        if bkey is not None and bkey not in _REPLAYS:
+            grads, replay = backend.backward_replay(canonical, dlast, args, saved)
+            same = _same_data((canonical, dlast) + args[:8] + args[9:],
+                              (dout, dlast_state) + values)
+            _remember_replay(bkey, replay if same else None)
+        else:
+            grads = backend.scan_backward(canonical, dlast, *args, saved)
+        return _as_given(grads, given)
 
-    return out.astype(given["u"].dtype, copy=False), last_state, backward
+    return backward
+
+
+def _as_given(grads, given):
+    """The backend's gradients as :class:`ScanGrads` in the shapes and dtypes
+    of the ``given`` arrays (None where one is None)."""
+    result = {}
+    for field, g in zip(ScanGrads._fields, grads):
+        original = given[field[1:]]
+        if original is None:
+            result[field] = None
+            continue
+        if g.shape != original.shape:  # a (Bt, N, L) B or C was passed on as one group
+            g = g.reshape(original.shape)
+        result[field] = g.astype(original.dtype, copy=False)
+    return ScanGrads(**result)

@@ -116,3 +116,69 @@ def test_gpu_replay_runs_on_the_current_stream(monkeypatch):
         host = cupy.asnumpy(out, stream=stream)  # (ordered after the kernels on ``stream``)
     stream.synchronize()
     np.testing.assert_array_equal(host, want)
+
+
+ATOMIC_SUMS = ("dA", "dB", "dC", "dD", "ddelta_bias")  # summed with atomics: order varies
+
+
+def _vjp_full_path(monkeypatch, kw, dout, dlast):
+    with monkeypatch.context() as mp:
+        mp.setattr(api, "_REPLAYS", {})
+        mp.setattr(api, "_remember_replay", lambda key, replay: None)  # never replayed
+        out, last, backward = nm.selective_scan_vjp(**kw)
+        return out, last, backward(dout, dlast)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[:4]}-{c[4]}")
+@pytest.mark.parametrize("with_dlast", [False, True], ids=["dout", "dout+dlast"])
+def test_gpu_replayed_vjp_and_backward_give_the_full_paths_results(monkeypatch, case,
+                                                                     with_dlast):
+    Bt, Dc, N, L, name, options = case
+    dtype = _dtype(name)
+    rng = np.random.default_rng(Bt * Dc + L + 1)
+    monkeypatch.setattr(api, "_REPLAYS", {})
+
+    def grads_inputs():
+        dout = cupy.asarray(rng.standard_normal((Bt, Dc, L)).astype(dtype))
+        dlast = cupy.asarray(rng.standard_normal((Bt, Dc, N)).astype(
+            np.float64 if dtype == np.float64 else np.float32)) if with_dlast else None
+        return dout, dlast
+
+    kw = _device_inputs(rng, Bt, Dc, N, L, dtype, options)
+    backward = nm.selective_scan_vjp(**kw)[2]
+    backward(*grads_inputs())  # both recorded
+    forward_replay, backward_replay = api._REPLAYS.values()
+    assert forward_replay is not None
+    # a half variable B or C: its gradient is cast after the kernel, so not replayed
+    half_bc = dtype.itemsize == 2 and "const" not in (options.get("B_kind", "var"),
+                                                      options.get("C_kind", "var"))
+    assert (backward_replay is None) == half_bc
+    prepared = []
+    prepare = api._prepare
+    monkeypatch.setattr(api, "_prepare", lambda *a: prepared.append(1) or prepare(*a))
+    calls = [(_device_inputs(rng, Bt, Dc, N, L, dtype, options), *grads_inputs())
+             for _ in range(2)]
+    got = []
+    for kw, dout, dlast in calls:
+        out, last, backward = nm.selective_scan_vjp(**kw)
+        got.append((out, last, backward(dout, dlast)))
+    assert len(prepared) == (2 if half_bc else 0) and len(api._REPLAYS) == 2
+    monkeypatch.undo()
+    for (kw, dout, dlast), (out, last, grads) in zip(calls, got):
+        want_out, want_last, want = _vjp_full_path(monkeypatch, kw, dout, dlast)
+        np.testing.assert_array_equal(out.get().astype(np.float64),
+                                      want_out.get().astype(np.float64))
+        np.testing.assert_array_equal(last.get(), want_last.get())
+        for field in want._fields:
+            g, w = getattr(grads, field), getattr(want, field)
+            if w is None:
+                assert g is None, field
+                continue
+            assert g.dtype == w.dtype and g.shape == w.shape, field
+            g, w = g.get().astype(np.float64), w.get().astype(np.float64)
+            if field in ATOMIC_SUMS:  # a few units in the last place of the largest sums
+                eps = np.finfo(np.float64 if dtype == np.float64 else np.float32).eps
+                np.testing.assert_allclose(g, w, rtol=0, atol=64 * eps * np.abs(w).max(),
+                                           err_msg=field)
+            else:
+                np.testing.assert_array_equal(g, w, err_msg=field)

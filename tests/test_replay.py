@@ -166,6 +166,30 @@ def test_zeroed_buffers_are_zeroed_again_before_the_launches(gpu):
     assert ptr == first_scratch
 
 
+def test_kept_views_into_one_zeroed_buffer_are_rebuilt_at_their_offsets(gpu):
+    """As the scan's backward returns its summed gradients: views of one
+    zeroed buffer, which the replay allocates once and zeroes again."""
+    cupy = gpu.cupy
+    x, y = FakeArray((1, 3, 4), np.float32, 0xA000), FakeArray((1, 3, 4), np.float32, 0xB000)
+
+    def summing():
+        acc = _common.empty(cupy, (40,), np.float32, zero=True)
+        first, second = acc.reshape(40), FakeArray((2, 4), np.float32, acc.data.ptr + 64)
+        out = _common.empty(cupy, x.shape, x.dtype)
+        _common.launch("first", 1, 32, "current", (x, acc.reshape(1, 5, 8), first, np.int64(4)))
+        return out, first, second
+
+    _, replay = _common.record(summing, (x, y), keep=3)
+    assert replay is not None
+    cupy.memsets.clear()
+    before = len(cupy.allocs)
+    out2, first2, second2 = replay([0xC000, 0xD000])
+    assert cupy.allocs[before:] == [160, 48]  # the summed buffer once, then out
+    assert cupy.memsets == [(first2.data.ptr, 0, 160, 0x5)]
+    assert second2.data.ptr == first2.data.ptr + 64 and second2.shape == (2, 4)
+    assert out2.shape == x.shape and out2.data.ptr not in (first2.data.ptr, second2.data.ptr)
+
+
 def test_calls_a_replay_cannot_repeat_are_not_recorded(gpu, monkeypatch):
     cupy = gpu.cupy
     x = FakeArray((1, 3, 4), np.float32, 0xA000)
