@@ -530,7 +530,8 @@ def record(fn, inputs, keep):
     launches on (None where absent), each to be replaced by the data pointer
     given to the replay; ``keep`` how many leading items of its result (a
     tuple) the replay returns (the others come back None, and buffers only
-    they hold are allocated as scratch, freed when the replay returns).
+    they hold are scratch: freed when the replay returns, or with the first
+    kept array where they are small).
 
     None where a kernel got an array that is none of ``inputs``, of the buffers
     ``fn`` allocated and of the cached :func:`dummy` arrays; where two inputs
@@ -572,10 +573,12 @@ def _nbytes(x):
 
 class Replay:
     """A launcher's call, repeated on new data pointers: its buffers allocated
-    again (kept results one allocation each, the rest in one scratch
-    allocation), its kernels launched with the slots :meth:`RawLaunch.bind`
-    prepared.  Made by :func:`record`; a call costs about one CuPy
-    allocation per kept array, one driver call per kernel and a few
+    again (one allocation per kept result's buffer; the others in one scratch
+    allocation, or at the end of the first kept buffer's where they are small,
+    see :data:`SMALL_SCRATCH`), zeroed where the call zeroed them, its kernels
+    launched with the slots :meth:`RawLaunch.bind` prepared.  Made by
+    :func:`record`; a call costs about one CuPy allocation and one
+    ``ndarray`` per kept array, one driver call per kernel and a few
     microseconds of Python.
     """
 
