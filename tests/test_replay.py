@@ -5,12 +5,11 @@ driver that keeps what it is handed: a replay hands the driver, for new input
 pointers and new allocations, exactly the slots a launch on those arrays
 would; it rebuilds the kept results on its allocations; and it refuses the
 calls it cannot repeat.  On the GPU the public scan's replays are compared
-with its first call (``tests/test_gpu_api.py``).
+with the full path (``tests/test_gpu_replay.py``); the public scan's use of
+replays on the CPU in ``tests/test_replay_api.py``.
 """
 
-import ctypes
 import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,82 +17,7 @@ import pytest
 
 pytest.importorskip("numba.cuda")
 from cuda_kernels import _common  # noqa: E402
-
-
-class FakeArray:
-    """What a replay reads of a CuPy array."""
-
-    __cuda_array_interface__ = {}
-
-    def __init__(self, shape, dtype, ptr):
-        self.shape = tuple(shape)
-        self.dtype = np.dtype(dtype)
-        self.itemsize = self.dtype.itemsize
-        self.size = int(np.prod(shape))
-        self.strides = ()
-        self.data = SimpleNamespace(ptr=ptr, device_id=0)
-        self.flags = SimpleNamespace(c_contiguous=True)
-        self._c_contiguous = True
-
-    def reshape(self, *shape):
-        shape = np.empty(self.shape, np.int8).reshape(shape).shape
-        return FakeArray(shape, self.dtype, self.data.ptr)
-
-
-class FakeMemory:
-    def __init__(self, ptr, size):
-        self.ptr, self.size = ptr, size
-
-    def __add__(self, offset):
-        return FakeMemory(self.ptr + offset, self.size - offset)
-
-
-class FakeCupy(types.ModuleType):
-    """Allocations at increasing addresses; ``empty``/``zeros`` and ``cuda.alloc``."""
-
-    def __init__(self):
-        super().__init__("cupy")
-        self.next = 0x10000
-        self.allocs, self.memsets = [], []
-        self.cuda = SimpleNamespace(
-            alloc=self._alloc, get_current_stream=lambda: SimpleNamespace(ptr=0x5),
-            runtime=SimpleNamespace(getDevice=lambda: 0, memsetAsync=self._memset))
-
-    def _alloc(self, nbytes):
-        mem = FakeMemory(self.next, nbytes)
-        self.allocs.append(nbytes)
-        self.next += -(-max(nbytes, 1) // 512) * 512 + 0x1000
-        return mem
-
-    def _memset(self, ptr, value, nbytes, stream):
-        self.memsets.append((ptr, value, nbytes, stream))
-
-    def ndarray(self, shape, dtype, memptr):
-        return FakeArray(shape, dtype, memptr.ptr)
-
-    def empty(self, shape, dtype):
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        return FakeArray(shape, dtype, self._alloc(nbytes).ptr)
-
-    def zeros(self, shape, dtype):
-        x = self.empty(shape, dtype)
-        self._memset(x.data.ptr, 0, x.size * x.itemsize, 0x5)
-        return x
-
-
-def _raw(kinds, seen):
-    """A RawLaunch of argument kinds ``kinds`` whose driver call appends the slot values."""
-    n_slots = sum(5 + 2 * k if k > 0 else 1 for k in kinds)
-
-    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, kernel_params, extra):
-        pointers = (ctypes.c_uint64 * n_slots).from_address(kernel_params)
-        seen.append((gx, bx, stream, [ctypes.c_uint64.from_address(p).value for p in pointers]))
-
-    raw = _common.RawLaunch.__new__(_common.RawLaunch)
-    raw._ndims = kinds
-    raw._init_slots(n_slots, launch_kernel)
-    raw._function = SimpleNamespace(ptr=0xF00)
-    return raw
+from tests.fake_cupy import FakeArray, FakeCupy, fake_raw_launch as _raw  # noqa: E402
 
 
 @pytest.fixture
