@@ -478,9 +478,23 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     EPI_EARLY = NSUM <= 4
     UTF = U(TF)
     UN = U(N)
+    def tile_fetcher(fetch_rows, fetch_channels):
+        # the first half of staging a tile (walkers of its size): this
+        # thread's elements of B, C, delta and u, raw, into registers
+        @inline_device
+        def fetch_tile(B, C, delta, u, baseB, baseC, row0, nch, t0, full, L, rB, rC, rdt,
+                       ru, tid):
+            if b_var:
+                fetch_rows(baseB, t0, full, L, tid, (B, rB))
+            if c_var:
+                fetch_rows(baseC, t0, full, L, tid, (C, rC))
+            fetch_channels(row0, t0, full, L, tid, (delta, u, nch, rdt, ru))
+        return fetch_tile
+
     fetch_flat, NEBC = walker(N, TF, fetch_row)
     put_flat = walker(N, TF, put_row)[0]
     fetch_delta, NEF = walker(CH, TF, fetch_channel)
+    fetch_tile_f = tile_fetcher(fetch_flat, fetch_delta)
 
     @inline_device
     def put_channel_f(ctx, k, r, tt, o, inside):
@@ -641,12 +655,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         first, stop = segment_tiles(seg, SL, L, TF)
         if first < stop:
             t0 = U(first) * UTF
-            full = t0 + UTF <= uL
-            if b_var:
-                fetch_flat(baseB, t0, full, L, tid, (B, rB))
-            if c_var:
-                fetch_flat(baseC, t0, full, L, tid, (C, rC))
-            fetch_delta(row0, t0, full, L, tid, (delta, u, nch, rdt, ru))
+            fetch_tile_f(B, C, delta, u, baseB, baseC, row0, nch, t0, t0 + UTF <= uL, L,
+                         rB, rC, rdt, ru, tid)
         for tile in range(first, stop):
             t0 = U(tile) * UTF
             full = t0 + UTF <= uL
@@ -661,12 +671,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             cuda.syncthreads()  # the tile is staged
             if tile + 1 < stop:  # fetch the next one
                 t1 = t0 + UTF
-                full1 = t1 + UTF <= uL
-                if b_var:
-                    fetch_flat(baseB, t1, full1, L, tid, (B, rB))
-                if c_var:
-                    fetch_flat(baseC, t1, full1, L, tid, (C, rC))
-                fetch_delta(row0, t1, full1, L, tid, (delta, u, nch, rdt, ru))
+                fetch_tile_f(B, C, delta, u, baseB, baseC, row0, nch, t1, t1 + UTF <= uL, L,
+                             rB, rC, rdt, ru, tid)
             # this tile's u and z for the epilogue, read before the recurrence too
             if EPI_EARLY and valid:
                 for j in range(NSUM):
@@ -749,16 +755,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
 
     put_chan_b = walker(CH, TB, put_channel_b)[0]
 
-    @inline_device
-    def fetch_tile(B, C, delta, u, baseB, baseC, row0, nch, t0, full, L, rB, rC, rdt, ru,
-                   tid):
-        # the first half of staging a backward tile: this thread's elements of
-        # B, C, delta and u, raw, into registers
-        if b_var:
-            fetch_flat_b(baseB, t0, full, L, tid, (B, rB))
-        if c_var:
-            fetch_flat_b(baseC, t0, full, L, tid, (C, rC))
-        fetch_chan_b(row0, t0, full, L, tid, (delta, u, nch, rdt, ru))
+    fetch_tile = tile_fetcher(fetch_flat_b, fetch_chan_b)
 
     @inline_device
     def put_tile(rB, rC, rdt, ru, delta_bias, d0, nch, t0, full, L, has_bias, use_softplus,
