@@ -97,6 +97,7 @@ def _check_bc(name, M, Bt, Dc, N, L):
 
 
 _ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+_UNKNOWN = object()  # (a layout not computed yet)
 #: Layouts of CuPy arguments that passed validation -> their compute dtype
 #: (see :func:`_gpu_layout`); bounded, started again when full.
 _VALIDATED = {}
@@ -104,7 +105,8 @@ _MAX_VALIDATED = 1024
 
 
 def _gpu_layout(given):
-    """The key under which CuPy arguments' validation is remembered: per
+    """The key under which CuPy arguments' validation (and, with flags and
+    settings, their replay) is remembered: per
     argument its type, shape, dtype, strides and device (None where absent);
     None unless every given array is a CuPy array.
 
@@ -140,6 +142,12 @@ def _replay_key(values, *flags):
     return layout, flags, _gpu_backend().replay_settings()
 
 
+def _layout_of(key):
+    """The arguments' :func:`_gpu_layout` in a :func:`_replay_key` (None for
+    no key: not all CuPy arrays)."""
+    return None if key is None else key[0]
+
+
 def _remember_replay(key, replay):
     if len(_REPLAYS) >= _MAX_REPLAYS:
         _REPLAYS.clear()
@@ -161,9 +169,11 @@ def _pointers(arrays):
     return [0 if x is None else x.data.ptr for x in arrays]
 
 
-def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+             layout=_UNKNOWN):
     """Validate the scan's arguments and return (xp, backend, canonical args,
-    originals, compute dtype, dtype of ``dout`` for the backward).
+    originals, compute dtype, dtype of ``dout`` for the backward).  ``layout``:
+    their :func:`_gpu_layout`, where the caller has it already.
 
     The canonical arrays are C-contiguous, of the compute dtype, except where
     :func:`_direct_half` finds the state engine takes ``u``, ``delta``, ``z``
@@ -171,7 +181,8 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     ``dout`` is to be passed in it too)."""
     values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     given = dict(zip(_ARG_NAMES, values))
-    layout = _gpu_layout(values)
+    if layout is _UNKNOWN:
+        layout = _gpu_layout(values)
     ftype = None if layout is None else _VALIDATED.get(layout)
     if ftype is not None:  # validated before: only the canonical forms to make
         import cupy
@@ -380,7 +391,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         out, last_state, _ = replay(_pointers(values))
     else:
         xp, backend, args, given, ftype, _ = _prepare(u, delta, A, B, C, D, z, delta_bias,
-                                                      delta_softplus, initial_state)
+                                                      delta_softplus, initial_state,
+                                                      _layout_of(key))
         if key is not None and key not in _REPLAYS:
             (out, last_state, _), replay = backend.forward_replay(
                 args, save=False, keep=2 if return_last_state else 1)
@@ -462,7 +474,8 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if replay is not None:  # (a layout validated and recorded before)
         out, last_state, saved = replay(_pointers(values))
         return out, last_state, _backward(values, delta_softplus, key, None, saved)
-    prepared = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    prepared = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                        _layout_of(key))
     xp, backend, args, given, ftype, _ = prepared
     if key is not None and key not in _REPLAYS:
         (out, last_state, saved), replay = backend.forward_replay(args, save=True, keep=3)
