@@ -578,8 +578,9 @@ class Replay:
     see :data:`SMALL_SCRATCH`), zeroed where the call zeroed them, its kernels
     launched with the slots :meth:`RawLaunch.bind` prepared.  Made by
     :func:`record`; a call costs about one CuPy allocation and one
-    ``ndarray`` per kept array, one driver call per kernel and a few
-    microseconds of Python.
+    ``ndarray`` per kept array, one driver call per kernel and a microsecond
+    or so of Python: the steps are compiled into one function
+    (:meth:`_compile`; its text is ``source``).
     """
 
     def __init__(self, steps, inputs, kept, n_results):
@@ -662,6 +663,7 @@ class Replay:
                 self._results.append(("array", self._spec(item, buffers, where)))
             else:
                 self._results.append(("value", item))
+        self.source, self._run = self._compile(n_in)
 
     @staticmethod
     def _buffer_of(x, buffers):
@@ -686,29 +688,62 @@ class Replay:
         """The call's result for inputs at data pointers ``ptrs`` (in the order of
         :func:`record`'s ``inputs``; 0 where absent), launched on CuPy's current
         stream."""
-        mems = [self._alloc(n) for n in self._groups]
-        env = list(ptrs)
-        env += [m.ptr for m in mems]
-        env += self._consts
-        stream = self._stream().ptr
+        return self._run(ptrs)
+
+    def _compile(self, n_in):
+        """The replay as one Python function of ``ptrs`` with every offset, size,
+        slot and launch configuration written in as a constant (what Python's
+        own ``namedtuple`` does): it allocates, zeroes, writes each launch's
+        data pointers into its slots and calls the driver, with no loop over
+        the recorded steps left to run.  Returns ``(source, function)``."""
+        names = {"alloc": self._alloc, "stream": self._stream, "memset": self._memset,
+                 "ndarray": self._ndarray, "lock": threading.Lock()}
+
+        def name(value, prefix):
+            key = f"{prefix}{len(names)}"
+            names[key] = value
+            return key
+
+        def pointer(i, off):
+            if i < n_in:
+                return f"ptrs[{i}]"
+            g = i - n_in
+            if g < len(self._groups):
+                return f"a{g} + {off}" if off else f"a{g}"
+            return hex(self._consts[g - len(self._groups)])  # (a cached dummy's address)
+
+        lines = ["def replay(ptrs):"]
+        for g, nbytes in enumerate(self._groups):
+            lines.append(f"    m{g} = alloc({nbytes})")
+            lines.append(f"    a{g} = m{g}.ptr")
+        lines.append("    s = stream().ptr")
+        # (the launches' slots are this replay's own, see :meth:`RawLaunch.bind`:
+        # one lock keeps two threads from writing them at once)
+        lines.append("    with lock:")
         for bound, sources, nbytes in self._steps:
             if bound is None:
-                i, off = sources
-                self._memset(env[i] + off, 0, nbytes, stream)
-            else:
-                bound(stream, [env[i] + off for i, off in sources])
-        result = [self._rebuild(r, mems) for r in self._results]
-        result += [None] * (self._n_results - len(result))
-        return tuple(result)
+                lines.append(f"        memset({pointer(*sources)}, 0, {nbytes}, s)")
+                continue
+            name(bound, "bound")  # (keeps the slots and the driver's pointers to them)
+            slots = name(bound._slots, "slots")
+            for slot, source in zip(bound._data_slots, sources):
+                lines.append(f"        {slots}[{slot}] = {pointer(*source)}")
+            lines.append(f"        {name(bound._launch, 'launch')}({bound._function:#x}, "
+                         f"{bound._grid}, 1, 1, {bound._block}, 1, 1, 0, s, "
+                         f"{bound._pointers.buffer_info()[0]:#x}, 0)")
 
-    def _rebuild(self, r, mems):
-        if r[0] == "array":
-            return self._array(mems, r[1])
-        if r[0] == "tuple":
-            return r[1](*(self._rebuild(f, mems) for f in r[2]))
-        return r[1]
+        def result(r):
+            if r[0] == "array":
+                g, off, shape, dtype = r[1]
+                mem = f"m{g} + {off}" if off else f"m{g}"
+                return f"ndarray({shape!r}, {name(dtype, 'dtype')}, memptr={mem})"
+            if r[0] == "tuple":
+                return f"{name(r[1], 'kind')}({', '.join(result(f) for f in r[2])})"
+            return name(r[1], "value")
 
-    def _array(self, mems, spec):
-        g, off, shape, dtype = spec
-        mem = mems[g] if off == 0 else mems[g] + off
-        return self._ndarray(shape, dtype, memptr=mem)
+        results = [result(r) for r in self._results]
+        results += ["None"] * (self._n_results - len(results))
+        lines.append(f"    return ({', '.join(results)},)")
+        source = "\n".join(lines) + "\n"
+        exec(compile(source, f"<replay {id(self):#x}>", "exec"), names)
+        return source, names["replay"]

@@ -113,15 +113,25 @@ def _gpu_layout(given):
     Validation reads only these (NumPy arguments, whose ``A`` is checked for
     finite values, are validated on every call), so arguments of a layout
     seen before pass it again."""
-    key = []
+    return _gpu_layout_and_pointers(given)[0]
+
+
+def _gpu_layout_and_pointers(given):
+    """(:func:`_gpu_layout`, the arrays' data pointers: 0 for None) of
+    ``given``, in one pass (each CuPy attribute read costs a fraction of a
+    microsecond); (None, None) unless every given array is a CuPy array."""
+    layout, pointers = [], []
     for x in given:
         if x is None:
-            key.append(None)
+            layout.append(None)
+            pointers.append(0)
             continue
         if not is_cupy_array(x):
-            return None
-        key.append((type(x), x.shape, x.dtype, x.strides, x.data.device_id))
-    return tuple(key)
+            return None, None
+        data = x.data
+        layout.append((type(x), x.shape, x.dtype, x.strides, data.device_id))
+        pointers.append(data.ptr)
+    return tuple(layout), pointers
 
 
 #: Recorded GPU calls (``cuda_kernels._common.Replay``) per :func:`_replay_key`:
@@ -133,13 +143,14 @@ _MAX_REPLAYS = 1024
 
 
 def _replay_key(values, *flags):
-    """The key of a call's replay: the layout of its CuPy arguments (see
-    :func:`_gpu_layout`), its flags and the backend's settings; None unless
-    every given array is a CuPy array."""
-    layout = _gpu_layout(values)
+    """``(key, pointers)``: the key of a call's replay -- the layout of its CuPy
+    arguments (see :func:`_gpu_layout`), its flags and the backend's settings
+    -- and the arrays' data pointers the replay takes (0 for None);
+    ``(None, None)`` unless every given array is a CuPy array."""
+    layout, pointers = _gpu_layout_and_pointers(values)
     if layout is None:
-        return None
-    return layout, flags, _gpu_backend().replay_settings()
+        return None, None
+    return (layout, flags, _gpu_backend().replay_settings()), pointers
 
 
 def _layout_of(key):
@@ -162,11 +173,6 @@ def _same_data(canonical, given):
         if (c is None) != (x is None) or (c is not None and c.data.ptr != x.data.ptr):
             return False
     return True
-
-
-def _pointers(arrays):
-    """The data pointers a replay takes: 0 for None."""
-    return [0 if x is None else x.data.ptr for x in arrays]
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
@@ -385,10 +391,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     True
     """
     values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    key = _replay_key(values, bool(delta_softplus), bool(return_last_state))
+    key, pointers = _replay_key(values, bool(delta_softplus), bool(return_last_state))
     replay = None if key is None else _REPLAYS.get(key)
     if replay is not None:  # (a layout validated and recorded before: its out is u's dtype)
-        out, last_state, _ = replay(_pointers(values))
+        out, last_state, _ = replay(pointers)
     else:
         xp, backend, args, given, ftype, _ = _prepare(u, delta, A, B, C, D, z, delta_bias,
                                                       delta_softplus, initial_state,
@@ -469,11 +475,11 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     True
     """
     values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    key = _replay_key(values, bool(delta_softplus), "vjp")
+    key, pointers = _replay_key(values, bool(delta_softplus), "vjp")
     replay = None if key is None else _REPLAYS.get(key)
     if replay is not None:  # (a layout validated and recorded before)
-        out, last_state, saved = replay(_pointers(values))
-        return out, last_state, _backward(values, delta_softplus, key, None, saved)
+        out, last_state, saved = replay(pointers)
+        return out, last_state, _backward(values, pointers, delta_softplus, key, None, saved)
     prepared = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                         _layout_of(key))
     xp, backend, args, given, ftype, _ = prepared
@@ -483,24 +489,24 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     else:
         out, last_state, saved = backend.scan_forward(*args)
     return (out.astype(given["u"].dtype, copy=False), last_state,
-            _backward(values, delta_softplus, key, prepared, saved))
+            _backward(values, pointers, delta_softplus, key, prepared, saved))
 
 
-def _backward(values, delta_softplus, key, prepared, saved):
+def _backward(values, pointers, delta_softplus, key, prepared, saved):
     """The ``backward`` of a :func:`selective_scan_vjp` call on ``values`` (its
-    arrays), with the forward's replay key (None for NumPy arrays),
+    arrays, at data ``pointers``), with the forward's replay key (None for NumPy arrays),
     :func:`_prepare`'s result (None where the forward was replayed: then made
     when first needed) and the states it saved.  A call with ``dout`` and
     ``dlast_state`` of a layout recorded before is replayed."""
 
     def backward(dout, dlast_state=None):
         nonlocal prepared
-        bkey = None if key is None else _replay_key((dout, dlast_state), "backward", key)
+        bkey, bpointers = (None, None) if key is None else _replay_key(
+            (dout, dlast_state), "backward", key)
         replay = None if bkey is None else _REPLAYS.get(bkey)
         if replay is not None:
-            backend = _gpu_backend()
-            grads = replay(_pointers((dout, dlast_state) + values
-                                     + (backend.saved_states(saved),)))
+            states = _gpu_backend().saved_states(saved)
+            grads = replay(bpointers + pointers + [0 if states is None else states.data.ptr])
             return _as_given(grads, dict(zip(_ARG_NAMES, values)))
         if prepared is None:
             prepared = _prepare(*values[:8], delta_softplus, values[8])

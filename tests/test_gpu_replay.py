@@ -72,7 +72,9 @@ def test_gpu_replayed_call_gives_the_full_paths_result_to_the_bit(monkeypatch, c
     calls = []
     monkeypatch.setattr(backend.scan_states, "scan_forward",
                         lambda *a, **k: calls.append(1))  # (not reached by a replay)
-    monkeypatch.setattr(api, "_replay_key", lambda values, *flags: key)
+    replay_key = api._replay_key
+    monkeypatch.setattr(api, "_replay_key",
+                        lambda values, *flags: (key, replay_key(values, *flags)[1]))
     (key,) = api._REPLAYS  # (the settings now include the spy: keep the recorded key)
     inputs = [_device_inputs(rng, Bt, Dc, N, L, dtype, options) for _ in range(2)]
     replayed = [nm.selective_scan(**kw, return_last_state=last) for kw in inputs]
