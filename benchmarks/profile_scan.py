@@ -117,6 +117,8 @@ def host_times(cupy, reps=100):
         a = (kw["u"], kw["delta"], kw["A"], B, C, kw["D"], kw["z"], kw["delta_bias"], True, None)
         res = {}
         res["api selective_scan"] = med(lambda: nm.selective_scan(**kw))
+        given = cupy.empty_like(kw["u"])
+        res["api selective_scan(out=...)"] = med(lambda: nm.selective_scan(**kw, out=given))
         values = tuple(kw.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z",
                                            "delta_bias", "initial_state"))
         key, ptrs = api._replay_key(values, True, False)

@@ -528,7 +528,7 @@ def record(fn, inputs, keep):
     :func:`empty`, every kernel it runs from :func:`launch`, and it reads
     nothing of the arrays but their layout.  ``inputs`` are the arrays it
     launches on (None where absent), each to be replaced by the data pointer
-    given to the replay; ``keep`` how many leading items of its result (a
+    given to the replay; ``keep`` the indices of the items of its result (a
     tuple) the replay returns (the others come back None, and buffers only
     they hold are scratch: freed when the replay returns, or with the first
     kept array where they are small).
@@ -549,7 +549,8 @@ def record(fn, inputs, keep):
     if not recording.replayable:
         return result, None
     try:
-        return result, Replay(recording.steps, inputs, result[:keep], len(result))
+        kept = {i: result[i] for i in sorted(keep)}
+        return result, Replay(recording.steps, inputs, kept, len(result))
     except _NotReplayable:
         return result, None
 
@@ -600,7 +601,7 @@ class Replay:
         buffers = [(step[1], step[2]) for step in steps if step[0] == "alloc"]
         # which buffers the kept results are: one allocation each; the rest scratch
         result_of = {}
-        for r, item in enumerate(kept):
+        for r, item in kept.items():
             for leaf in (item if isinstance(item, tuple) else (item,)):
                 if _is_array(leaf):
                     j = self._buffer_of(leaf, buffers)
@@ -653,16 +654,17 @@ class Replay:
             _, raw, grid, block, args = step
             arrays = [args[i] for i in raw._arrays]
             self._steps.append((raw.bind(grid, block, args), [source(a) for a in arrays], 0))
-        self._results = []  # per kept result: ("value", it), ("array", spec) or ("tuple", type, fields)
-        for item in kept:
+        # per kept result's index: ("value", it), ("array", spec) or ("tuple", type, fields)
+        self._results = {}
+        for r, item in kept.items():
             if isinstance(item, tuple):  # (a NamedTuple: its arrays rebuilt, the rest kept)
-                self._results.append(("tuple", type(item), [
+                self._results[r] = ("tuple", type(item), [
                     ("array", self._spec(f, buffers, where)) if _is_array(f) else ("value", f)
-                    for f in item]))
+                    for f in item])
             elif _is_array(item):
-                self._results.append(("array", self._spec(item, buffers, where)))
+                self._results[r] = ("array", self._spec(item, buffers, where))
             else:
-                self._results.append(("value", item))
+                self._results[r] = ("value", item)
         self.source, self._run = self._compile(n_in)
 
     @staticmethod
@@ -741,8 +743,8 @@ class Replay:
                 return f"{name(r[1], 'kind')}({', '.join(result(f) for f in r[2])})"
             return name(r[1], "value")
 
-        results = [result(r) for r in self._results]
-        results += ["None"] * (self._n_results - len(results))
+        results = [result(self._results[r]) if r in self._results else "None"
+                   for r in range(self._n_results)]
         lines.append(f"    return ({', '.join(results)},)")
         source = "\n".join(lines) + "\n"
         exec(compile(source, f"<replay {id(self):#x}>", "exec"), names)

@@ -909,7 +909,8 @@ def choose_engine(Bt, Dc, N):
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                 initial_state, *, save=True, threads=None, items=None, engine=None):
+                 initial_state, *, save=True, threads=None, items=None, engine=None,
+                 out=None):
     """Selective scan forward on CuPy arrays (canonical layout).
 
     Parameters
@@ -937,6 +938,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         with the rest float32 (half storage, see
         :func:`cuda_kernels.scan_states.scan_forward`); the ``'blocks'``
         engine float32 or float64 only.
+    out : cupy.ndarray, (Bt, Dc, L), optional
+        Written with the result and returned, in place of a new array: of
+        ``u``'s dtype, C-contiguous, sharing no memory with the inputs
+        (unchecked here).
 
     Returns
     -------
@@ -953,7 +958,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         engine = "blocks" if threads or items else choose_engine(Bt, Dc, N)
     if engine == "states":
         return scan_states.scan_forward(u, delta, A, B, C, D, z, delta_bias,
-                                        delta_softplus, initial_state, save=save)
+                                        delta_softplus, initial_state, save=save, out=out)
     if engine != "blocks":
         raise ValueError(f"engine must be 'blocks' or 'states', got {engine!r}")
     if u.dtype not in DEFAULT_TUNING:
@@ -962,7 +967,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     threads, items = _tuning(u.dtype, threads, items)
     chunk = threads * items
     n_chunks = (L + chunk - 1) // chunk
-    out = empty(cupy, u.shape, u.dtype)
+    if out is None:
+        out = empty(cupy, u.shape, u.dtype)
     last_state = empty(cupy, (Bt, Dc, N), u.dtype)
     chunk_states = empty(cupy, (Bt, Dc, n_chunks, N), u.dtype)
     forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -971,21 +977,23 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     return out, last_state, GpuScanSaved(chunk_states, threads, items)
 
 
-def forward_replay(args, *, save, keep):
-    """Run ``scan_forward(*args, save=save)`` and record it.
+def forward_replay(args, *, save, keep, out=None):
+    """Run ``scan_forward(*args, save=save, out=out)`` and record it.
 
     Returns ``(result, replay)``: the forward's ``(out, last_state, saved)``
     and a :class:`_common.Replay` that repeats the call for other arrays of
     the layout of ``args`` (given as the data pointers of ``args`` less
-    ``delta_softplus``, in order, 0 for None), returning the first ``keep``
-    items of the result (the rest None); or None where the call cannot be
+    ``delta_softplus``, in order, 0 for None, then ``out``'s where it is
+    given), returning the items of the result at the indices ``keep`` (the
+    rest None: a given ``out`` is one of the inputs, not kept); or None where the call cannot be
     replayed (see :func:`_common.record`; NumPy arrays under the simulator,
     ``RAW_LAUNCH`` off).  A replay holds only for the settings of
     :func:`replay_settings` at the time of the recording.
     """
     u, delta, A, B, C, D, z, delta_bias, _, initial_state = args
-    return record(lambda: scan_forward(*args, save=save),
-                  (u, delta, A, B, C, D, z, delta_bias, initial_state), keep)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    return record(lambda: scan_forward(*args, save=save, out=out),
+                  inputs if out is None else inputs + (out,), keep)
 
 
 def backward_replay(dout, dlast_state, args, saved):
@@ -997,7 +1005,7 @@ def backward_replay(dout, dlast_state, args, saved):
     u, delta, A, B, C, D, z, delta_bias, _, initial_state = args
     return record(lambda: scan_backward(dout, dlast_state, *args, saved),
                   (dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state,
-                   saved_states(saved)), 9)
+                   saved_states(saved)), range(9))
 
 
 def saved_states(saved):

@@ -1321,7 +1321,7 @@ def _check_half(half, ftype, per_step, others):
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                  initial_state, *, save=True, tuning=None, n_segments=None,
-                 stream="current"):
+                 stream="current", out=None):
     """Selective scan forward, state-parallel engine (canonical layout).
 
     Parameters and returns as :func:`cuda_kernels.scan.scan_forward`, except
@@ -1338,7 +1338,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     float16 or bfloat16 ``u`` (half storage, see the module docstring):
     ``delta``, ``z`` and a variable ``B``/``C`` must be of that dtype, ``A``,
     ``D``, ``delta_bias``, ``initial_state`` and a constant ``B``/``C``
-    float32; ``out`` is of ``u``'s dtype, ``last_state`` float32.
+    float32; ``out`` is of ``u``'s dtype, ``last_state`` float32.  A given
+    ``out`` (C-contiguous, ``u``'s shape and dtype, sharing no memory with
+    the inputs; unchecked here) is written and returned in place of a new
+    array.
     """
     xp = array_module(u)
     dtype, storage = storage_of(u.dtype)  # compute dtype, storage of the per-step arrays
@@ -1356,7 +1359,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd, every[0] if every else p.save_every)
     # the backward recomputes from the state entering every save_every-th of its tiles
     n_tiles = -(-(-(-L // p.t_bwd)) // p.save_every)
-    out = empty(xp, u.shape, u.dtype)
+    if out is None:
+        out = empty(xp, u.shape, u.dtype)
     last_state = empty(xp, (Bt, Dc, N), dtype)
     if save:
         tile_states = empty(xp, (Bt, Dc, n_tiles, N), dtype)

@@ -327,7 +327,7 @@ def _num_slices(Bt, Dc):
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                 chunk_size=DEFAULT_CHUNK_SIZE, save=True):
+                 chunk_size=DEFAULT_CHUNK_SIZE, save=True, out=None):
     """Selective scan forward on the CPU, keeping only chunk-boundary states.
 
     Parameters
@@ -356,6 +356,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
         Whether a backward will follow; accepted for the GPU backend's
         signature (whose state engine then keeps no states).  The chunk
         states are kept either way.
+    out : ndarray, shape (Bt, Dc, L), optional
+        Written with the result and returned, in place of a new array: of
+        ``u``'s dtype, C-contiguous, writeable, sharing no memory with the
+        inputs (unchecked here).
 
     All arrays are C-contiguous and share one dtype, float32 or float64, in
     which everything is computed.
@@ -402,7 +406,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     ftype = u.dtype
     B4, b_var, b_group_size = _as_4d(B, Dc)
     C4, c_var, c_group_size = _as_4d(C, Dc)
-    out = np.empty((Bt, Dc, L), dtype=ftype)
+    if out is None:
+        out = np.empty((Bt, Dc, L), dtype=ftype)
     last_state = np.empty((Bt, Dc, N), dtype=ftype)
     chunk_states = np.empty((Bt, Dc, _n_chunks(L, chunk_size), N), dtype=ftype)
     _forward_kernel(

@@ -154,9 +154,60 @@ def _replay_key(values, *flags):
 
 
 def _layout_of(key):
-    """The arguments' :func:`_gpu_layout` in a :func:`_replay_key` (None for
-    no key: not all CuPy arrays)."""
-    return None if key is None else key[0]
+    """The scan arguments' :func:`_gpu_layout` in a :func:`_replay_key` (None
+    for no key: not all CuPy arrays), less a given ``out``'s."""
+    return None if key is None else key[0][:len(_ARG_NAMES)]
+
+
+def _check_out(out, arrays, xp):
+    """Raise unless ``out`` can take :func:`selective_scan`'s output for the
+    validated ``arrays``: an array of their kind and ``u``'s device, shape
+    and dtype, C-contiguous, writeable, sharing no memory with any of them."""
+    u = arrays["u"]
+    kind = np.ndarray if xp is np else xp.ndarray
+    if not isinstance(out, kind):
+        raise TypeError(f"out must be a {kind.__module__.split('.')[0]}.ndarray like u, got "
+                        f"{type(out).__module__}.{type(out).__name__}")
+    if xp is not np and out.data.device_id != u.data.device_id:
+        raise ValueError(f"out must be on u's device {u.data.device_id}, got device "
+                         f"{out.data.device_id}")
+    check_shape("out", out, u.shape, "like u")
+    if out.dtype != u.dtype:
+        raise TypeError(f"out must have u's dtype {u.dtype}, got {out.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous, got shape {out.shape} with strides "
+                         f"{out.strides}")
+    if xp is np and not out.flags.writeable:
+        raise ValueError("out must be writeable, got a read-only array")
+    for name, x in arrays.items():
+        if x is not None and xp.may_share_memory(out, x):
+            raise ValueError(_overlap_message(name))
+
+
+def _overlap_message(name):
+    return f"out must not share memory with {name} (the scan reads it while writing out)"
+
+
+class _ReplayInto:
+    """The replay of a :func:`selective_scan` call with ``out``: each call first
+    checks that ``out`` shares no memory with an input (a replay skips the
+    validation, and the check depends on the addresses, not the layout)."""
+
+    def __init__(self, replay, values, out):
+        self._replay = replay
+        # (replayed inputs are never copied, so C-contiguous: each spans its nbytes)
+        self._spans = [(i, name, x.nbytes) for i, (name, x) in enumerate(zip(_ARG_NAMES, values))
+                       if x is not None]
+        self._out_nbytes = out.nbytes
+
+    def __call__(self, pointers):
+        low = pointers[-1]
+        high = low + self._out_nbytes
+        for i, name, nbytes in self._spans:
+            p = pointers[i]
+            if p < high and low < p + nbytes:
+                raise ValueError(_overlap_message(name))
+        return self._replay(pointers)
 
 
 def _remember_replay(key, replay):
@@ -257,7 +308,7 @@ def _canonical_args(xp, arrays, ftype, delta_softplus):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None):
+                   return_last_state=False, initial_state=None, out=None):
     """Selective state space scan of Mamba.
 
     Computes, for every batch element and channel, the time-varying linear
@@ -295,11 +346,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         Also return the final state ``h_L``.
     initial_state : array, shape (Bt, D, N), optional
         State ``h_0`` before the first step (zeros if omitted).
+    out : array, shape (Bt, D, L), optional
+        Array the output is written into and returned, as NumPy's ``out=``:
+        of ``u``'s kind, device, shape and dtype, C-contiguous, writeable,
+        sharing no memory with any input.  Where ``u`` is of the dtype the
+        scan writes (float32, float64; on the GPU's state engine also
+        float16/bfloat16) the kernels write it directly; otherwise the
+        result is copied into it.
 
     Returns
     -------
     out : array, shape (Bt, D, L)
-        Dtype of ``u``.
+        Dtype of ``u``; the given ``out`` where there is one.
     last_state : array, shape (Bt, D, N)
         Only if ``return_last_state``; in the compute dtype (float64 if any
         input is float64, else float32), so that it can seed the next piece
@@ -309,11 +367,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ------
     TypeError
         NumPy and CuPy arrays mixed; unsupported dtype (supported: float16,
-        bfloat16, float32, float64).
+        bfloat16, float32, float64); ``out`` not an array of ``u``'s kind or
+        dtype.
     ValueError
         Wrong number of dims or shape (the message names the argument, the
         expected and the actual shape); empty ``u``; non-finite ``A`` (NumPy
-        arrays only, see Notes).
+        arrays only, see Notes); ``out`` on another device, not
+        C-contiguous, read-only or sharing memory with an input.
     RuntimeError
         CuPy arrays given but the CUDA stack is missing (the message says what
         to install).
@@ -335,7 +395,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     strides, device) and flags of an earlier call, with the same engine
     settings, repeats that call's kernel launches on the new arrays'
     addresses: validation, canonical forms and launch arguments are skipped,
-    and only the outputs are allocated.  Calls that copy an argument (a
+    and only the outputs are allocated (none but ``last_state`` where
+    ``out`` is given).  Calls that copy an argument (a
     non-contiguous one, or one cast to the compute dtype) or that pass one
     array twice (``B`` as ``C``) always take the full path.
 
@@ -389,26 +450,49 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ...                            initial_state=h)
     >>> bool(np.allclose(whole, np.concatenate([first, second], axis=-1)))
     True
+
+    The output can go into an array of the caller's (a buffer reused from
+    call to call):
+
+    >>> y = np.empty_like(u)
+    >>> nm.selective_scan(u, delta, A, B, C, out=y) is y
+    True
+    >>> bool(np.allclose(y, whole))
+    True
     """
     values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    key, pointers = _replay_key(values, bool(delta_softplus), bool(return_last_state))
+    key, pointers = _replay_key(values if out is None else values + (out,),
+                                bool(delta_softplus), bool(return_last_state))
     replay = None if key is None else _REPLAYS.get(key)
     if replay is not None:  # (a layout validated and recorded before: its out is u's dtype)
-        out, last_state, _ = replay(pointers)
+        result, last_state, _ = replay(pointers)
+        if out is not None:  # (written there: an input of the replay)
+            result = out
     else:
         xp, backend, args, given, ftype, _ = _prepare(u, delta, A, B, C, D, z, delta_bias,
                                                       delta_softplus, initial_state,
                                                       _layout_of(key))
+        into = None  # (an out the kernels write: of the dtype they write)
+        if out is not None:
+            _check_out(out, given, xp)
+            into = out if args[0].dtype == out.dtype else None
         if key is not None and key not in _REPLAYS:
-            (out, last_state, _), replay = backend.forward_replay(
-                args, save=False, keep=2 if return_last_state else 1)
-            _remember_replay(key, replay if _same_data(args[:8] + args[9:], values) else None)
+            keep = ({0} if into is None else set()) | ({1} if return_last_state else set())
+            (result, last_state, _), replay = backend.forward_replay(
+                args, save=False, keep=keep, out=into)
+            same = _same_data(args[:8] + args[9:], values) and (out is None or into is not None)
+            if same and out is not None:
+                replay = _ReplayInto(replay, values, out)
+            _remember_replay(key, replay if same else None)
         else:
-            out, last_state, _ = backend.scan_forward(*args, save=False)  # no backward follows
-        out = out.astype(given["u"].dtype, copy=False)
+            result, last_state, _ = backend.scan_forward(*args, save=False, out=into)
+        if out is not None and into is None:
+            xp.copyto(out, result, casting="unsafe")  # (float16 from the compute dtype)
+            result = out
+        result = result.astype(given["u"].dtype, copy=False)
     if return_last_state:
-        return out, last_state
-    return out
+        return result, last_state
+    return result
 
 
 def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -484,7 +568,7 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                         _layout_of(key))
     xp, backend, args, given, ftype, _ = prepared
     if key is not None and key not in _REPLAYS:
-        (out, last_state, saved), replay = backend.forward_replay(args, save=True, keep=3)
+        (out, last_state, saved), replay = backend.forward_replay(args, save=True, keep=range(3))
         _remember_replay(key, replay if _same_data(args[:8] + args[9:], values) else None)
     else:
         out, last_state, saved = backend.scan_forward(*args)

@@ -18,7 +18,8 @@ class FakeArray:
     __module__ = "cupy._fake"  # (is_cupy_array: a type of CuPy's with the CUDA array interface)
     __cuda_array_interface__ = {}
 
-    def __init__(self, shape, dtype, ptr):
+    def __init__(self, shape, dtype, ptr=None, memptr=None):
+        ptr = memptr.ptr if memptr is not None else ptr  # (``cupy.ndarray(..., memptr=)``)
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.itemsize = self.dtype.itemsize
@@ -68,8 +69,11 @@ class FakeCupy(types.ModuleType):
     def _memset(self, ptr, value, nbytes, stream):
         self.memsets.append((ptr, value, nbytes, stream))
 
-    def ndarray(self, shape, dtype, memptr):
-        return FakeArray(shape, dtype, memptr.ptr)
+    ndarray = FakeArray
+
+    @staticmethod
+    def may_share_memory(a, b):
+        return a.data.ptr < b.data.ptr + b.nbytes and b.data.ptr < a.data.ptr + a.nbytes
 
     def empty(self, shape, dtype):
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize

@@ -204,3 +204,62 @@ def test_split_with_state_equals_one_pass(L, data):
         np.testing.assert_allclose(getattr(g1, name) + getattr(g2, name), getattr(g, name),
                                    rtol=1e-10, atol=1e-10, err_msg=name)
     np.testing.assert_allclose(g1.dinitial_state, g.dinitial_state, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------ out=
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16", np.float32, np.float64])
+@pytest.mark.parametrize("last", [False, True], ids=["out", "out+last"])
+def test_out_is_written_and_returned_with_the_same_values(dtype, last):
+    dtype = _bfloat16() if dtype == "bfloat16" else np.dtype(dtype)
+    args = make_inputs(np.random.default_rng(5), Bt=2, Dc=4, L=17, N=3, dtype=np.float64,
+                       D=True, z=True, delta_bias=True, softplus=True, initial_state=True)
+    args = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    want = nm.selective_scan(**args, return_last_state=last)
+    out = np.full(args["u"].shape, np.nan, dtype)
+    got = nm.selective_scan(**args, return_last_state=last, out=out)
+    got, want = (got, want) if last else ((got,), (want,))
+    assert got[0] is out
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+
+
+def _out_args():
+    args = _args(z=True)
+    return args, np.empty(args["u"].shape)
+
+
+@pytest.mark.parametrize("make, error, pattern", [
+    (lambda a, o: [[0.0] * 9] * 4, TypeError, r"^out must be a numpy\.ndarray like u, got "
+                                                r"builtins\.list"),
+    (lambda a, o: o[:, :, :8], ValueError, r"^out must have shape \(2, 4, 9\) like u, got "
+                                           r"\(2, 4, 8\)"),
+    (lambda a, o: o.astype(np.float32), TypeError, r"^out must have u's dtype float64, "
+                                                   r"got float32"),
+    (lambda a, o: np.empty((9, 4, 2)).T, ValueError, r"^out must be C-contiguous"),
+    (lambda a, o: np.broadcast_to(np.empty(9), o.shape), ValueError,
+     r"^out must be C-contiguous"),
+    (lambda a, o: (o.setflags(write=False), o)[1], ValueError, r"^out must be writeable"),
+    (lambda a, o: a["u"], ValueError, r"^out must not share memory with u "),
+    (lambda a, o: a["z"], ValueError, r"^out must not share memory with z "),
+])
+def test_out_rejected_naming_what_is_wrong(make, error, pattern):
+    args, out = _out_args()
+    bad = make(args, out)
+    before = {k: v.copy() for k, v in args.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(error, match=pattern):
+        nm.selective_scan(**args, out=bad)
+    for k, v in before.items():  # (nothing written)
+        np.testing.assert_array_equal(args[k], v)
+
+
+def test_out_overlapping_part_of_an_input_is_rejected():
+    args, _ = _out_args()
+    n = args["u"].size
+    both = np.zeros(2 * n)
+    args["delta"] = both[:n].reshape(args["u"].shape) + 0.5
+    args["z"] = both[:n].reshape(args["u"].shape)  # z over the first half
+    out = both[n // 2:n // 2 + n].reshape(args["u"].shape)  # half of it over z
+    with pytest.raises(ValueError, match="^out must not share memory with z "):
+        nm.selective_scan(**args, out=out)

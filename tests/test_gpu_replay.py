@@ -188,3 +188,72 @@ def test_gpu_replayed_vjp_and_backward_give_the_full_paths_results(monkeypatch, 
                                            err_msg=field)
             else:
                 np.testing.assert_array_equal(g, w, err_msg=field)
+
+
+OUT_CASES = CASES + [  # (the 'blocks' engine computes float16 in float32: copied into out)
+    (1, 4, 4, 16, "float16", dict(D=True, z=True, delta_bias=True, softplus=True)),
+]
+
+
+@pytest.mark.parametrize("case", OUT_CASES, ids=lambda c: f"{c[:4]}-{c[4]}")
+@pytest.mark.parametrize("last", [False, True], ids=["out", "out+last"])
+def test_gpu_out_is_written_with_the_full_paths_result_replayed_or_not(monkeypatch, case,
+                                                                        last):
+    Bt, Dc, N, L, name, options = case
+    dtype = _dtype(name)
+    rng = np.random.default_rng(Bt * Dc + L + 1)
+    monkeypatch.setattr(api, "_REPLAYS", {})
+    inputs = [_device_inputs(rng, Bt, Dc, N, L, dtype, options) for _ in range(3)]
+    outs = [cupy.full((Bt, Dc, L), np.nan, dtype) for _ in inputs]
+    got = [nm.selective_scan(**kw, return_last_state=last, out=o)  # recorded, then replayed
+           for kw, o in zip(inputs, outs)]
+    (replay,) = api._REPLAYS.values()
+    # (float16 on the 'blocks' engine: computed in float32 and copied, never replayed)
+    copied = name == "float16" and api._gpu_backend().choose_engine(Bt, Dc, N) == "blocks"
+    assert (replay is None) == copied
+    for kw, o, g in zip(inputs, outs, got):
+        want = _full_path(monkeypatch, kw, last)
+        g, want = (g, want) if last else ((g,), (want,))
+        assert g[0] is o
+        for a, w in zip(g, want):
+            assert a.dtype == w.dtype and a.shape == w.shape
+            np.testing.assert_array_equal(a.get().astype(np.float64),
+                                          w.get().astype(np.float64))
+
+
+def test_gpu_out_sharing_memory_with_an_input_is_refused_replayed_or_not(monkeypatch):
+    Bt, Dc, N, L, name, options = CASES[0]
+    rng = np.random.default_rng(7)
+    monkeypatch.setattr(api, "_REPLAYS", {})
+    kw = _device_inputs(rng, Bt, Dc, N, L, np.dtype(np.float32), options)
+    nm.selective_scan(**kw, out=cupy.empty_like(kw["u"]))  # recorded
+    (replay,) = api._REPLAYS.values()
+    assert replay is not None
+    kw = _device_inputs(rng, Bt, Dc, N, L, np.dtype(np.float32), options)
+    both = cupy.zeros(2 * kw["z"].size, cupy.float32)
+    kw["z"] = both[:kw["z"].size].reshape(kw["z"].shape)
+    kw["z"][...] = 0.5
+    over = both[5:5 + kw["z"].size].reshape(kw["z"].shape)  # (over most of z)
+    for out, arg in ((kw["u"], "u"), (over, "z")):
+        before = {k: v.copy() for k, v in kw.items() if isinstance(v, cupy.ndarray)}
+        for replayed in (True, False):
+            if not replayed:
+                api._REPLAYS.clear()
+            with pytest.raises(ValueError, match=f"^out must not share memory with {arg} "):
+                nm.selective_scan(**kw, out=out)
+            for k, v in before.items():  # (no kernel ran)
+                np.testing.assert_array_equal(kw[k].get(), v.get())
+
+
+def test_gpu_out_of_another_kind_dtype_or_layout_is_refused():
+    Bt, Dc, N, L, name, options = CASES[0]
+    kw = _device_inputs(np.random.default_rng(8), Bt, Dc, N, L, np.dtype(np.float32), options)
+    shape = kw["u"].shape
+    for out, error, pattern in [
+            (np.empty(shape, np.float32), TypeError, r"^out must be a cupy\.ndarray like u"),
+            (cupy.empty(shape, cupy.float64), TypeError, r"^out must have u's dtype float32"),
+            (cupy.empty(shape[::-1], cupy.float32).T, ValueError, r"^out must be C-contiguous"),
+            (cupy.empty(shape[:2] + (L - 1,), cupy.float32), ValueError,
+             r"^out must have shape \(1, 4, 16\) like u")]:
+        with pytest.raises(error, match=pattern):
+            nm.selective_scan(**kw, out=out)

@@ -54,7 +54,7 @@ def test_a_replay_hands_the_driver_the_slots_of_a_launch_on_its_new_arrays(gpu, 
     if not small:  # (the scratch, 256 bytes, is more than an eighth of out's 192)
         monkeypatch.setattr(_common, "SMALL_SCRATCH", 0)
     x, y = FakeArray((2, 3, 8), np.float32, 0xA000), FakeArray((2, 3, 8), np.float32, 0xB000)
-    (out, last, _), replay = _common.record(lambda: _launcher(cupy, x, y), (x, y), keep=2)
+    (out, last, _), replay = _common.record(lambda: _launcher(cupy, x, y), (x, y), keep={0, 1})
     assert replay is not None and len(gpu.seen) == 2
     gpu.seen.clear()
     before = len(cupy.allocs)
@@ -79,11 +79,11 @@ def test_a_replay_hands_the_driver_the_slots_of_a_launch_on_its_new_arrays(gpu, 
 def test_zeroed_buffers_are_zeroed_again_before_the_launches(gpu):
     cupy = gpu.cupy
     x, y = FakeArray((1, 3, 4), np.float32, 0xA000), FakeArray((1, 3, 4), np.float32, 0xB000)
-    _, replay = _common.record(lambda: _launcher(cupy, x, y, zero=True), (x, y), keep=1)
+    _, replay = _common.record(lambda: _launcher(cupy, x, y, zero=True), (x, y), keep={0})
     cupy.memsets.clear()
     gpu.seen.clear()
     out2, last2, _ = replay([0xC000, 0xD000])
-    assert last2 is None  # keep=1: the last state is scratch
+    assert last2 is None  # keep={0}: the last state is scratch
     (ptr, value, nbytes, stream), = cupy.memsets
     assert (value, nbytes, stream) == (0, 1 * 2 * 4 * 4, 0x5)
     first_scratch = gpu.seen[0][3][5 + 2 * 3 + 4]  # data slot of the first kernel's 2nd array
@@ -103,7 +103,7 @@ def test_kept_views_into_one_zeroed_buffer_are_rebuilt_at_their_offsets(gpu):
         _common.launch("first", 1, 32, "current", (x, acc.reshape(1, 5, 8), first, np.int64(4)))
         return out, first, second
 
-    _, replay = _common.record(summing, (x, y), keep=3)
+    _, replay = _common.record(summing, (x, y), keep={0, 1, 2})
     assert replay is not None
     cupy.memsets.clear()
     before = len(cupy.allocs)
@@ -117,11 +117,11 @@ def test_kept_views_into_one_zeroed_buffer_are_rebuilt_at_their_offsets(gpu):
 def test_calls_a_replay_cannot_repeat_are_not_recorded(gpu, monkeypatch):
     cupy = gpu.cupy
     x = FakeArray((1, 3, 4), np.float32, 0xA000)
-    result, replay = _common.record(lambda: _launcher(cupy, x, x), (x, x), keep=2)
+    result, replay = _common.record(lambda: _launcher(cupy, x, x), (x, x), keep={0, 1})
     assert replay is None and result[0].shape == x.shape  # aliased inputs: still run
     elsewhere = FakeArray((1, 3, 4), np.float32, 0xE000)  # neither input, buffer nor dummy
     y = FakeArray((1, 3, 4), np.float32, 0xB000)
-    _, replay = _common.record(lambda: _launcher(cupy, x, elsewhere), (x, y), keep=2)
+    _, replay = _common.record(lambda: _launcher(cupy, x, elsewhere), (x, y), keep={0, 1})
     assert replay is None
     monkeypatch.setattr(_common, "RAW_LAUNCH", False)  # through Numba: not replayed
     calls = []
@@ -135,7 +135,7 @@ def test_calls_a_replay_cannot_repeat_are_not_recorded(gpu, monkeypatch):
         _common.launch(Kernel(), 1, 32, None, (x,))
         return (None,)
 
-    _, replay = _common.record(numba_launcher, (x,), keep=1)
+    _, replay = _common.record(numba_launcher, (x,), keep={0})
     assert replay is None and len(calls) == 1
 
 
@@ -144,5 +144,5 @@ def test_a_recording_ends_with_its_call_even_when_it_raises(gpu):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        _common.record(failing, (), keep=1)
+        _common.record(failing, (), keep={0})
     assert getattr(_common._RECORDING, "now", None) is None

@@ -63,10 +63,11 @@ class FakeBackend:
     def replay_settings(self):
         return ("fake",)
 
-    def scan_forward(self, u, delta, A, B, C, D, z, delta_bias, softplus, init, save=True):
+    def scan_forward(self, u, delta, A, B, C, D, z, delta_bias, softplus, init, save=True,
+                     out=None):
         self.forwards += 1
         xp = self.cupy
-        out = _common.empty(xp, u.shape, u.dtype)
+        out = _common.empty(xp, u.shape, u.dtype) if out is None else out
         last = _common.empty(xp, (Bt, Dc, N), F32)
         states = _common.empty(xp, (Bt, Dc, 2, N), F32)
         D = _common.dummy(xp, F32, 1) if D is None else D
@@ -74,10 +75,11 @@ class FakeBackend:
                        (u, delta, A, B, C, D, out, last, states, np.int64(softplus)))
         return out, last, Saved(states, "kept")
 
-    def forward_replay(self, args, *, save, keep):
+    def forward_replay(self, args, *, save, keep, out=None):
         u, delta, A, B, C, D, z, delta_bias, _, init = args
-        return _common.record(lambda: self.scan_forward(*args, save=save),
-                              (u, delta, A, B, C, D, z, delta_bias, init), keep)
+        inputs = (u, delta, A, B, C, D, z, delta_bias, init) + (() if out is None else (out,))
+        return _common.record(lambda: self.scan_forward(*args, save=save, out=out),
+                              inputs, keep)
 
     def saved_states(self, saved):
         return saved.states
@@ -100,7 +102,7 @@ class FakeBackend:
         u, delta, A, B, C, D, z, delta_bias, _, init = args
         return _common.record(lambda: self.scan_backward(dout, dlast, *args, saved),
                               (dout, dlast, u, delta, A, B, C, D, z, delta_bias, init,
-                               saved.states), 9)
+                               saved.states), range(9))
 
 
 @pytest.fixture
@@ -193,3 +195,31 @@ def test_the_backward_of_a_replayed_forward_reads_the_states_it_saved(gpu):
     assert grads.dB.data.ptr == ptrs[5] + 4 * Dc * N and grads.dB.shape == kw["B"].shape
     assert grads.dD is None and grads.dz is None
     assert cupy.memsets[-1][0] == ptrs[5]  # zeroed again before the launch
+
+
+def test_a_given_out_is_an_input_of_the_replay_checked_against_the_inputs(gpu):
+    cupy = gpu.cupy
+    out = cupy.empty((Bt, Dc, L), F32)
+    assert nm.selective_scan(**_inputs(cupy), out=out) is out  # recorded
+    assert _pointers_seen(gpu.seen, FORWARD)[6] == out.data.ptr
+    (replay,) = api._REPLAYS.values()
+    assert replay is not None
+    kw, out2 = _inputs(cupy), cupy.empty((Bt, Dc, L), F32)
+    allocs = len(cupy.allocs)
+    assert nm.selective_scan(**kw, out=out2) is out2
+    assert gpu.backend.forwards == 1 and len(gpu.prepared) == 1  # replayed
+    ptrs = _pointers_seen(gpu.seen, FORWARD)
+    assert ptrs[:6] == [kw[k].data.ptr for k in ("u", "delta", "A", "B", "C", "D")]
+    assert ptrs[6] == out2.data.ptr
+    assert len(cupy.allocs) == allocs + 1  # (the scratch: last state and states, not kept)
+    # an out over part of an input: refused by the replay, before any launch
+    for name in ("u", "D"):
+        kw = _inputs(cupy)
+        over = FakeArray((Bt, Dc, L), F32, kw[name].data.ptr + 4)
+        with pytest.raises(ValueError, match=f"^out must not share memory with {name} "):
+            nm.selective_scan(**kw, out=over)
+    assert gpu.backend.forwards == 1 and len(gpu.seen) == 2
+    # the full path refuses it too
+    api._REPLAYS.clear()
+    with pytest.raises(ValueError, match="^out must not share memory with D "):
+        nm.selective_scan(**kw, out=over)
