@@ -50,6 +50,13 @@ def _device_inputs(rng, Bt, Dc, N, L, dtype, options):
     return out
 
 
+def _start(monkeypatch, case, seed):
+    """A case's sizes, dtype and random generator, with no replays recorded."""
+    Bt, Dc, N, L, name, options = case
+    monkeypatch.setattr(api, "_REPLAYS", {})
+    return Bt, Dc, N, L, name, options, _dtype(name), np.random.default_rng(Bt * Dc + L + seed)
+
+
 def _full_path(monkeypatch, kw, last):
     with monkeypatch.context() as mp:
         mp.setattr(api, "_REPLAYS", {})
@@ -60,10 +67,7 @@ def _full_path(monkeypatch, kw, last):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[:4]}-{c[4]}")
 @pytest.mark.parametrize("last", [False, True], ids=["out", "out+last"])
 def test_gpu_replayed_call_gives_the_full_paths_result_to_the_bit(monkeypatch, case, last):
-    Bt, Dc, N, L, name, options = case
-    dtype = _dtype(name)
-    rng = np.random.default_rng(Bt * Dc + L)
-    monkeypatch.setattr(api, "_REPLAYS", {})
+    Bt, Dc, N, L, name, options, dtype, rng = _start(monkeypatch, case, 0)
     first = _device_inputs(rng, Bt, Dc, N, L, dtype, options)
     nm.selective_scan(**first, return_last_state=last)  # recorded
     (replay,) = api._REPLAYS.values()
@@ -135,10 +139,7 @@ def _vjp_full_path(monkeypatch, kw, dout, dlast):
 @pytest.mark.parametrize("with_dlast", [False, True], ids=["dout", "dout+dlast"])
 def test_gpu_replayed_vjp_and_backward_give_the_full_paths_results(monkeypatch, case,
                                                                      with_dlast):
-    Bt, Dc, N, L, name, options = case
-    dtype = _dtype(name)
-    rng = np.random.default_rng(Bt * Dc + L + 1)
-    monkeypatch.setattr(api, "_REPLAYS", {})
+    Bt, Dc, N, L, name, options, dtype, rng = _start(monkeypatch, case, 1)
 
     def grads_inputs():
         dout = cupy.asarray(rng.standard_normal((Bt, Dc, L)).astype(dtype))
@@ -199,10 +200,7 @@ OUT_CASES = CASES + [  # (the 'blocks' engine computes float16 in float32: copie
 @pytest.mark.parametrize("last", [False, True], ids=["out", "out+last"])
 def test_gpu_out_is_written_with_the_full_paths_result_replayed_or_not(monkeypatch, case,
                                                                         last):
-    Bt, Dc, N, L, name, options = case
-    dtype = _dtype(name)
-    rng = np.random.default_rng(Bt * Dc + L + 1)
-    monkeypatch.setattr(api, "_REPLAYS", {})
+    Bt, Dc, N, L, name, options, dtype, rng = _start(monkeypatch, case, 2)
     inputs = [_device_inputs(rng, Bt, Dc, N, L, dtype, options) for _ in range(3)]
     outs = [cupy.full((Bt, Dc, L), np.nan, dtype) for _ in inputs]
     got = [nm.selective_scan(**kw, return_last_state=last, out=o)  # recorded, then replayed
