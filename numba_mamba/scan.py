@@ -107,8 +107,7 @@ _MAX_VALIDATED = 1024
 def _gpu_layout(given):
     """The key under which CuPy arguments' validation (and, with flags and
     settings, their replay) is remembered: per
-    argument its type, shape, dtype, strides (True for C-contiguous: the
-    kernels index those by their shape) and device (None where absent);
+    argument its type, shape, dtype, strides and device (None where absent);
     None unless every given array is a CuPy array.
 
     Validation reads only these (NumPy arguments, whose ``A`` is checked for
@@ -130,11 +129,7 @@ def _gpu_layout_and_pointers(given):
         if not is_cupy_array(x):
             return None, None
         data = x.data
-        try:
-            strides = True if x._c_contiguous else x.strides  # (a bool is cheaper to read)
-        except AttributeError:  # (a CuPy without the attribute)
-            strides = x.strides
-        layout.append((type(x), x.shape, x.dtype, strides, data.device_id))
+        layout.append((type(x), x.shape, x.dtype, x.strides, data.device_id))
         pointers.append(data.ptr)
     return tuple(layout), pointers
 
