@@ -106,8 +106,9 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import (activations, array_module, dummy, empty, inline_device, kernel_view,
-                      launch, simulator, storage_dtype, storage_io, storage_of, storage_widen)
+from ._common import (HALF_STORAGE, activations, array_module, dummy, empty, inline_device,
+                      kernel_view, launch, simulator, storage_dtype, storage_io, storage_of,
+                      storage_widen)
 
 __all__ = [
     "DIRECT_HALF",
@@ -120,6 +121,8 @@ __all__ = [
     "gradient_buffers",
     "compile_options",
     "launch_bounds",
+    "narrow",
+    "narrow_kernel",
     "plan",
     "ptx_signatures",
     "scan_backward",
@@ -1141,6 +1144,49 @@ def _get_kernels(dtype, N, ch, t_fwd, t_bwd, save_every, b_var, c_var, sim, boun
                                          (bounds[0], bounds[1], bounds[0], bounds[0]))))
 
 
+def _narrow_body(storage):
+    """Python body of the kernel ``narrow(x, y, n)``: float32 ``x[i]`` rounded
+    into ``y[i]`` of ``storage`` (:func:`storage_dtype`: float16, or bfloat16
+    bits), ``i < n`` -- what ``x.astype`` does, as a kernel of this package, so
+    that a recorded backward (see :func:`~cuda_kernels._common.record`) repeats
+    it too."""
+    _, store = storage_io(storage, np.float32)
+
+    def narrow(x, y, n):
+        i = cuda.grid(1)
+        if i < n:
+            store(y, i, x[i])
+
+    return narrow
+
+
+def _narrow_argtypes(storage):
+    return (types.Array(types.float32, 1, "C"),
+            types.Array(numba.from_dtype(storage_dtype(storage, np.float32)), 1, "C"),
+            types.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def narrow_kernel(storage, sim=False):
+    """The compiled :func:`_narrow_body` for ``storage`` (cached)."""
+    body = _narrow_body(storage)
+    if sim:
+        return cuda.jit(body)
+    return cuda.jit(types.void(*_narrow_argtypes(storage)))(body)
+
+
+def narrow(x, dtype, stream="current"):
+    """float32 ``x`` (C-contiguous) as a new array of the half ``dtype``
+    (float16 or bfloat16), rounded to nearest even by :func:`narrow_kernel`."""
+    xp = array_module(x)
+    storage = storage_of(dtype)[1]
+    y = empty(xp, x.shape, dtype)
+    n = x.size
+    launch(narrow_kernel(storage, simulator()), -(-n // 256), 256, stream,
+           (x.reshape(-1), kernel_view(y).reshape(-1), np.int64(n)))
+    return y
+
+
 def get_kernels(dtype, N, p, b_var, c_var, storage=None):
     """Compiled kernels for ``N`` states, plan ``p``, variable/constant B and C (cached).
 
@@ -1205,6 +1251,8 @@ def ptx_signatures():
                        compile_options(dtype, "forward", p.ch * N))
                 yield (f"states_backward_{tag}_save4", bwd4, bwd_t, is_f32,
                        compile_options(dtype, "backward", p.ch * N))
+    for storage in HALF_STORAGE:
+        yield f"narrow_{storage}", _narrow_body(storage), _narrow_argtypes(storage), True, {}
 
 
 # ---------------------------------------------------------------- launchers
@@ -1481,7 +1529,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
             seg_q, seg_dt, np.int64(SL), np.int64(S))
     launch(k.backward, S * _grid(Bt, Dc, p), p.ch * N, stream, args)
     if storage is not None:  # variable dB, dC were summed in float32
-        dB = dB.astype(B.dtype, copy=False)
-        dC = dC.astype(C.dtype, copy=False)
+        dB = dB if dB.dtype == B.dtype else narrow(dB, B.dtype, stream)
+        dC = dC if dC.dtype == C.dtype else narrow(dC, C.dtype, stream)
     dinitial_state = None if initial_state is None else dinit
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state

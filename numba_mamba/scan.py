@@ -534,9 +534,7 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
     On the GPU, this call and ``backward`` are replayed as
     :func:`selective_scan` is (see its Notes) where their arrays' layout was
-    seen before.  A backward whose gradients are cast after its kernel (a
-    float16/bfloat16 ``B`` or ``C`` varying along the sequence) is not
-    replayed.
+    seen before.
 
     Examples
     --------

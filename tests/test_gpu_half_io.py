@@ -340,3 +340,30 @@ def test_gpu_half_raw_launch_matches_numba_launch(monkeypatch, dtype):
                                        atol=1e-6, err_msg=name)
         else:
             np.testing.assert_array_equal(b, a, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_narrow_rounds_as_astype_does(dtype):
+    """The kernel that rounds the float32 sums of a half ``dB``/``dC`` to their
+    dtype (``scan_states.narrow``, so that a recorded backward repeats it)
+    gives ``astype``'s bits: ties, the largest finite values, infinities,
+    subnormals and random values."""
+    dtype = _dtype(dtype)
+    rng = np.random.default_rng(11)
+    finfo = np.finfo(dtype) if dtype.name == "float16" else pytest.importorskip(
+        "ml_dtypes").finfo(dtype)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, float(finfo.max), -float(finfo.max),
+                        float(finfo.max) * 1.001, float(finfo.tiny), float(finfo.tiny) / 3,
+                        1.0 + float(finfo.eps) / 2, 1.0 + 1.5 * float(finfo.eps), 3e-41],
+                       np.float32)
+    x = np.concatenate([special, rng.standard_normal(100_000).astype(np.float32)
+                        * np.float32(10.0) ** rng.integers(-8, 8, 100_000).astype(np.float32)])
+    x = x.astype(np.float32).reshape(4, -1, 3)
+    got = scan_states.narrow(cupy.asarray(x), dtype)
+    cupy.cuda.get_current_stream().synchronize()
+    assert got.dtype == dtype and got.shape == x.shape
+    with np.errstate(over="ignore"):  # (past the largest finite value: infinity)
+        want = x.astype(dtype)  # (NumPy's / ml_dtypes' rounding, on the host)
+    np.testing.assert_array_equal(got.get().view(np.uint16), want.view(np.uint16))
+    nan = scan_states.narrow(cupy.asarray(np.full(3, np.nan, np.float32)), dtype).get()
+    assert np.isnan(nan.astype(np.float32)).all()

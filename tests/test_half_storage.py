@@ -134,3 +134,22 @@ def test_api_reads_half_directly_only_where_switched_on_and_uniform(monkeypatch,
                   C=np.float16) == (np.dtype(np.float16) if switch else None)
     engine["name"] = "blocks"
     assert direct() is None
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_narrow_kernel_in_the_simulator_rounds_as_astype(dtype):
+    """``scan_states.narrow`` (the half ``dB``/``dC`` of the state engine's
+    backward) run in the CUDA simulator gives ``astype``'s bits."""
+    from cuda_kernels import _common, scan_states
+
+    if not _common.simulator():
+        pytest.skip("runs in the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+    dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal(300) * 10.0 ** rng.integers(-6, 6, 300)).astype(np.float32)
+    x[:4] = [np.inf, -np.inf, 0.0, 1.0 + float(ml_dtypes.finfo(dtype).eps) / 2]
+    with np.errstate(over="ignore"):  # (float16 overflows to infinity, as it should)
+        got = scan_states.narrow(x.reshape(3, 100), dtype)
+        want = x.astype(dtype)
+    assert got.dtype == dtype and got.shape == (3, 100)
+    np.testing.assert_array_equal(got.reshape(-1).view(np.uint16), want.view(np.uint16))
