@@ -985,9 +985,9 @@ def forward_replay(args, *, save, keep, out=None):
     the layout of ``args`` (given as the data pointers of ``args`` less
     ``delta_softplus``, in order, 0 for None, then ``out``'s where it is
     given), returning the items of the result at the indices ``keep`` (the
-    rest None: a given ``out`` is one of the inputs, not kept); or None where the call cannot be
-    replayed (see :func:`_common.record`; NumPy arrays under the simulator,
-    ``RAW_LAUNCH`` off).  A replay holds only for the settings of
+    rest None: a given ``out`` is one of the inputs, not kept); or None
+    where the call cannot be replayed (see :func:`_common.record`; NumPy
+    arrays under the simulator, ``RAW_LAUNCH`` off).  A replay holds only for the settings of
     :func:`replay_settings` at the time of the recording.
     """
     u, delta, A, B, C, D, z, delta_bias, _, initial_state = args
