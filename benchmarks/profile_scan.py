@@ -41,9 +41,14 @@ def main():
                              "default: the module's")
     parser.add_argument("--host", action="store_true",
                         help="instead, print the host time of each call (no profiler)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="with --host: instead, time the replayed tiny selective_scan and "
+                             "CuPy's u + z in this many interleaved rounds")
     args = parser.parse_args()
     import cupy
 
+    if args.host and args.rounds:
+        return host_rounds(cupy, args.rounds)
     if args.host:
         return host_times(cupy)
 
@@ -86,6 +91,59 @@ def run_rows(cupy, backend, args, rng):
                 backend.scan_backward(dout, None, *a, saved)
             cupy.cuda.get_current_stream().synchronize()
             print(f"row {r} {Bt, Dc, N, L, dtype_name} engine {engine} done", flush=True)
+
+
+def host_rounds(cupy, rounds, reps=200, n_sets=8):
+    """Issue 3's host target: the median host time of a replayed
+    ``selective_scan`` on (batch 1, D 4, N 4, L 16) float32, per round of
+    ``reps`` calls (the stream synchronized before each), with and without
+    ``out=``, and of CuPy's ``u + z`` in the same rounds as a gauge of the
+    host's speed, which drifts by up to 1.5x between runs.  The calls cycle
+    over ``n_sets`` sets of inputs at different addresses, as a training loop
+    passes new arrays each step."""
+    import statistics
+    import time
+
+    import numba_mamba as nm
+
+    rng = cupy.random.default_rng(0)
+    sets = [bench_scan.make_inputs(cupy, 1, 4, 4, 16, cupy.float32, rng) for _ in range(n_sets)]
+    outs = [cupy.empty_like(kw["u"]) for kw in sets]
+    stream = cupy.cuda.get_current_stream()
+    calls = {
+        "selective_scan": lambda i: nm.selective_scan(**sets[i]),
+        "selective_scan(out=)": lambda i: nm.selective_scan(**sets[i], out=outs[i]),
+        "u + z": lambda i: sets[i]["u"] + sets[i]["z"],
+    }
+    for fn in calls.values():  # (recorded, then replayed)
+        for i in range(n_sets):
+            fn(i)
+
+    def med(fn):
+        ts = []
+        for k in range(reps):
+            i = k % n_sets
+            stream.synchronize()
+            t = time.perf_counter()
+            fn(i)
+            ts.append(time.perf_counter() - t)
+        stream.synchronize()
+        return statistics.median(ts) * 1e6
+
+    names = list(calls)
+    table = {name: [] for name in names}
+    print(f"host us per call, median of {reps} per round, (1, 4, 4, 16) float32:")
+    print("round  " + "  ".join(f"{name:>20s}" for name in names) + "  scan / (u + z)")
+    for r in range(rounds):
+        for name in names:
+            table[name].append(med(calls[name]))
+        row = [table[name][-1] for name in names]
+        print(f"{r:5d}  " + "  ".join(f"{v:20.2f}" for v in row) + f"  {row[0] / row[-1]:14.2f}")
+    meds = [statistics.median(table[name]) for name in names]
+    print("median " + "  ".join(f"{v:20.2f}" for v in meds) + f"  {meds[0] / meds[-1]:14.2f}")
+    for name in names[:2]:
+        print(f"rounds at or below 15 us, {name}: "
+              f"{sum(v <= 15 for v in table[name])} of {rounds}")
 
 
 def host_times(cupy, reps=100):

@@ -101,7 +101,7 @@ from numba import cuda, types
 from . import scan_states
 from . import _common
 from ._common import (activations, array_module, as_variable, dummy, empty, inline_device,
-                      launch, record, simulator)
+                      launch, record, simulator, watch_settings)
 
 __all__ = [
     "DEFAULT_TUNING",
@@ -1015,20 +1015,26 @@ def saved_states(saved):
     return saved.chunk_states
 
 
+_get_device = None  # (``cupy.cuda.runtime.getDevice``, bound by :func:`replay_settings`)
+_SETTINGS_VERSION = _common.SETTINGS_VERSION
+
+
 def replay_settings():
     """What a recorded call (:func:`forward_replay`, :func:`backward_replay`)
-    depends on beyond its arrays' layout: the launch path, the engine chooser
-    and launchers (they may be replaced, as benchmarks and tests do), the
-    state engine's settings (``SAVE_EVERY``, ``DIRECT_HALF``, the targets of
-    its splits) and the current device (whose modules the kernels are loaded
-    in)."""
-    import cupy
+    depends on beyond its arrays' layout: the current device (whose modules
+    the kernels are loaded in) and the version of the settings
+    (:data:`_common.SETTINGS_VERSION`), which changes whenever the launch
+    path, the engine chooser or a launcher (replaced, as benchmarks and tests
+    do), or a setting of the state engine (``SAVE_EVERY``, ``DIRECT_HALF``,
+    the targets of its splits) is assigned: this module, ``scan_states`` and
+    ``_common`` are :class:`_common.SettingsModule` s.  Two numbers, read in
+    about 0.2 us."""
+    global _get_device
+    if _get_device is None:  # (CuPy imported on first use; an import statement per call costs)
+        import cupy
 
-    s = scan_states
-    return (cupy.cuda.runtime.getDevice(), _common.RAW_LAUNCH, choose_engine, scan_forward,
-            scan_backward, s.scan_forward, s.scan_backward, s.DIRECT_HALF,
-            s.SAVE_EVERY, s.TARGET_BLOCKS, s.BACKWARD_TARGET_BLOCKS, s.MIN_SEGMENT,
-            s.MIN_RECURRENCES, s.MAX_STATES)
+        _get_device = cupy.cuda.runtime.getDevice
+    return (_get_device(), _SETTINGS_VERSION[0])
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
@@ -1087,3 +1093,6 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                   stream="current")
     dinitial_state = None if initial_state is None else q_buf[0]
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
+
+
+watch_settings(__name__)  # (its launchers and constants: see replay_settings)

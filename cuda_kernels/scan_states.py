@@ -108,7 +108,7 @@ from numba import cuda, types
 
 from ._common import (HALF_STORAGE, activations, array_module, dummy, empty, inline_device,
                       kernel_view, launch, simulator, storage_dtype, storage_io, storage_of,
-                      storage_widen)
+                      storage_widen, watch_settings)
 
 __all__ = [
     "DIRECT_HALF",
@@ -1533,3 +1533,6 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
         dC = dC if dC.dtype == C.dtype else narrow(dC, C.dtype, stream)
     dinitial_state = None if initial_state is None else dinit
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
+
+
+watch_settings(__name__)  # (its launchers and constants: see replay_settings)

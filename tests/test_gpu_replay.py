@@ -124,6 +124,27 @@ def test_gpu_replay_runs_on_the_current_stream(monkeypatch):
     np.testing.assert_array_equal(host, want)
 
 
+def test_gpu_replayed_results_are_cupy_arrays_made_by_cupys_base_class(monkeypatch):
+    """The installed CuPy passes the check for making kept arrays without its
+    Python ``__new__`` (``_common._ndarray_new_init``), and what a replay
+    makes that way is an ordinary array of its own allocation."""
+    from cuda_kernels import _common
+
+    assert _common._ndarray_new_init(cupy) is not None
+    rng = np.random.default_rng(7)
+    monkeypatch.setattr(api, "_REPLAYS", {})
+    kw = _device_inputs(rng, 1, 4, 4, 16, np.dtype(np.float32), dict(D=True, z=True))
+    first = nm.selective_scan(**kw)
+    (replay,) = api._REPLAYS.values()
+    assert "new(ndarray)" in replay.source
+    out = nm.selective_scan(**kw)
+    assert type(out) is type(first) is cupy.ndarray and out.base is None
+    assert out.flags.c_contiguous and out.flags.owndata and out.strides == first.strides
+    assert out.data.ptr != first.data.ptr and out.data.mem.size >= out.nbytes
+    np.testing.assert_array_equal((out * 2).get(), 2 * first.get())
+    del out  # (its allocation goes back to CuPy's pool)
+
+
 ATOMIC_SUMS = ("dA", "dB", "dC", "dD", "ddelta_bias")  # summed with atomics: order varies
 
 

@@ -146,3 +146,74 @@ def test_a_recording_ends_with_its_call_even_when_it_raises(gpu):
     with pytest.raises(RuntimeError, match="boom"):
         _common.record(failing, (), keep={0})
     assert getattr(_common._RECORDING, "now", None) is None
+
+
+class _Base(FakeArray):
+    """A stand-in for CuPy's compiled base class: ``_init`` does the work."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def _init(self, shape, dtype, memptr):
+        FakeArray.__init__(self, shape, dtype, memptr=memptr)
+
+
+class _Ndarray(_Base):
+    """A stand-in for ``cupy.ndarray``: a Python ``__new__`` around ``_init``."""
+
+    def __new__(cls, shape, dtype, memptr):
+        x = _Base.__new__(cls)
+        x._init(shape, dtype, memptr)
+        return x
+
+
+class _BadBase(_Base):
+    def _init(self, shape, dtype, memptr):  # (drops the pointer's offset)
+        FakeArray.__init__(self, shape, dtype, ptr=memptr.ptr & ~0xFF)
+
+
+class _BadInit(_BadBase):
+    """Its own ``__new__`` is right, its base's ``_init`` is not."""
+
+    def __new__(cls, shape, dtype, memptr):
+        x = _BadBase.__new__(cls)
+        FakeArray.__init__(x, shape, dtype, memptr=memptr)
+        return x
+
+
+@pytest.mark.parametrize("kind", [_Ndarray, _BadInit], ids=["agrees", "disagrees"])
+def test_kept_arrays_are_made_by_the_base_class_only_where_it_agrees(gpu, monkeypatch, kind):
+    cupy = gpu.cupy
+    monkeypatch.setattr(cupy, "ndarray", kind)
+    x, y = FakeArray((2, 3, 8), np.float32, 0xA000), FakeArray((2, 3, 8), np.float32, 0xB000)
+    _, replay = _common.record(lambda: _launcher(cupy, x, y), (x, y), keep={0})
+    fast = kind is _Ndarray
+    assert ("new(ndarray)" in replay.source) == fast
+    assert ("ndarray((2, 3, 8)" in replay.source) == (not fast)
+    before = len(cupy.allocs)
+    out, last, kept = replay([0xC000, 0xD000])
+    ptr = gpu.seen[-1][3][2 * 11 + 4]  # (the second kernel's third array, out: its data slot)
+    assert type(out) is kind and out.shape == (2, 3, 8)
+    assert out.data.ptr == ptr and len(cupy.allocs) == before + 1
+    assert last is None and kept is None
+
+
+def test_assigning_a_kernel_modules_setting_changes_the_replays_settings(monkeypatch):
+    """A replay recorded under some launchers and tuning constants must not be
+    used under others: assigning (or deleting) any attribute of the kernel
+    modules changes the settings the replays are keyed on."""
+    from cuda_kernels import scan, scan_states
+
+    monkeypatch.setattr(scan, "_get_device", lambda: 0)  # (no CuPy here)
+    seen = [scan.replay_settings()]
+    for module, name, value in [(scan, "choose_engine", lambda Bt, Dc, N: "blocks"),
+                                (scan_states, "SAVE_EVERY", 4),
+                                (scan_states, "scan_forward", scan_states.scan_forward),  # (same)
+                                (_common, "RAW_LAUNCH", False)]:
+        monkeypatch.setattr(module, name, value)
+        seen.append(scan.replay_settings())
+    monkeypatch.setattr(scan_states, "NEW_SETTING", 1, raising=False)
+    monkeypatch.delattr(scan_states, "NEW_SETTING")
+    seen.append(scan.replay_settings())
+    assert len(set(seen)) == len(seen) and {s[0] for s in seen} == {0}
+    assert scan.replay_settings() == seen[-1]  # (reading changes nothing)

@@ -1,8 +1,9 @@
 """The public scan remembers which layouts of CuPy arguments passed validation.
 
 ``numba_mamba.scan._prepare`` skips the checks for CuPy arguments whose
-types, shapes, dtypes, strides and devices it has validated before (all
-that validation reads), so a repeated call costs fewer microseconds.  Checked
+types, shapes, dtypes, strides (or C-contiguity) and devices it has
+validated before (all that validation reads), so a repeated call costs
+fewer microseconds.  Checked
 here on the CPU with stand-ins for CuPy arrays: the checks are skipped only
 for a layout seen before, any change of layout is validated again, and NumPy
 arguments are validated on every call.
@@ -31,6 +32,7 @@ class FakeCupyArray:
     shape = property(lambda self: self.a.shape)
     dtype = property(lambda self: self.a.dtype)
     strides = property(lambda self: self.a.strides)
+    _c_contiguous = property(lambda self: self.a.flags.c_contiguous)
     ndim = property(lambda self: self.a.ndim)
     flags = property(lambda self: self.a.flags)
 
@@ -119,6 +121,17 @@ def test_other_strides_or_devices_are_validated_again(fake_gpu):
     with pytest.raises(TypeError, match="one device"):
         _prepare(kw)
     assert fake_gpu["full"] == 3 and len(api._VALIDATED) == 2
+
+
+def test_c_contiguous_arrays_share_a_layout_whatever_their_strides_on_a_length_1_axis(fake_gpu):
+    rng = np.random.default_rng(4)
+    _prepare(_args(rng, Bt=1))
+    u = rng.standard_normal((1, 3, 5)).astype(np.float32)
+    odd = np.lib.stride_tricks.as_strided(u, u.shape, (7, 20, 4))  # (axis 0 has one element)
+    assert odd.flags.c_contiguous and odd.strides != u.strides
+    canon = _prepare(_args(rng, Bt=1, u=odd))[2]
+    assert fake_gpu["full"] == 1 and len(api._VALIDATED) == 1  # (the layout seen before)
+    assert canon[0].a is odd  # (not copied: the kernels index it by its shape)
 
 
 def test_numpy_arguments_are_validated_on_every_call(monkeypatch):
