@@ -407,11 +407,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     :func:`selective_scan_vjp` for gradients).
 
     On the GPU, a call whose CuPy arrays have the layout (shapes, dtypes,
-    C-contiguity or strides, device) and flags of an earlier call, with the same engine
-    settings, repeats that call's kernel launches on the new arrays'
-    addresses: validation, canonical forms and launch arguments are skipped,
-    and only the outputs are allocated (none but ``last_state`` where
-    ``out`` is given).  Calls that copy an argument (a
+    C-contiguity or strides, device) and flags of an earlier call, with the
+    same engine settings, repeats that call's kernel launches on the new
+    arrays' addresses: validation, canonical forms and launch arguments are
+    skipped, and only the outputs are allocated (none but ``last_state``
+    where ``out`` is given).  Calls that copy an argument (a
     non-contiguous one, or one cast to the compute dtype) or that pass one
     array twice (``B`` as ``C``) always take the full path.
 
