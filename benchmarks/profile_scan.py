@@ -93,6 +93,23 @@ def run_rows(cupy, backend, args, rng):
             print(f"row {r} {Bt, Dc, N, L, dtype_name} engine {engine} done", flush=True)
 
 
+def host_median_us(cupy, call, reps):
+    """Median host microseconds of ``call(k)``, k = 0 .. reps - 1, the current
+    stream synchronized before each call (so the GPU is idle)."""
+    import statistics
+    import time
+
+    stream = cupy.cuda.get_current_stream()
+    ts = []
+    for k in range(reps):
+        stream.synchronize()
+        t = time.perf_counter()
+        call(k)
+        ts.append(time.perf_counter() - t)
+    stream.synchronize()
+    return statistics.median(ts) * 1e6
+
+
 def host_rounds(cupy, rounds, reps=200, n_sets=8):
     """Issue 3's host target: the median host time of a replayed
     ``selective_scan`` on (batch 1, D 4, N 4, L 16) float32, per round of
@@ -102,14 +119,12 @@ def host_rounds(cupy, rounds, reps=200, n_sets=8):
     over ``n_sets`` sets of inputs at different addresses, as a training loop
     passes new arrays each step."""
     import statistics
-    import time
 
     import numba_mamba as nm
 
     rng = cupy.random.default_rng(0)
     sets = [bench_scan.make_inputs(cupy, 1, 4, 4, 16, cupy.float32, rng) for _ in range(n_sets)]
     outs = [cupy.empty_like(kw["u"]) for kw in sets]
-    stream = cupy.cuda.get_current_stream()
     calls = {
         "selective_scan": lambda i: nm.selective_scan(**sets[i]),
         "selective_scan(out=)": lambda i: nm.selective_scan(**sets[i], out=outs[i]),
@@ -120,15 +135,7 @@ def host_rounds(cupy, rounds, reps=200, n_sets=8):
             fn(i)
 
     def med(fn):
-        ts = []
-        for k in range(reps):
-            i = k % n_sets
-            stream.synchronize()
-            t = time.perf_counter()
-            fn(i)
-            ts.append(time.perf_counter() - t)
-        stream.synchronize()
-        return statistics.median(ts) * 1e6
+        return host_median_us(cupy, lambda k: fn(k % n_sets), reps)
 
     names = list(calls)
     table = {name: [] for name in names}
@@ -148,9 +155,6 @@ def host_rounds(cupy, rounds, reps=200, n_sets=8):
 
 def host_times(cupy, reps=100):
     """Host microseconds per call of the API and backend pieces (median), GPU kept busy-free."""
-    import statistics
-    import time
-
     import numba_mamba as nm
     from numba_mamba import scan as api
 
@@ -158,14 +162,7 @@ def host_times(cupy, reps=100):
     rng = cupy.random.default_rng(0)
 
     def med(fn):
-        ts = []
-        for _ in range(reps):
-            cupy.cuda.get_current_stream().synchronize()
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        cupy.cuda.get_current_stream().synchronize()
-        return statistics.median(ts) * 1e6
+        return host_median_us(cupy, lambda k: fn(), reps)
 
     for shape in [(1, 4, 4, 16), (8, 1536, 16, 2048)]:
         Bt, Dc, N, L = shape
