@@ -10,8 +10,8 @@ same machine::
     python benchmarks/ab_trees.py /tmp/before before
     python benchmarks/ab_trees.py . after
 
-The tree's ``numba_mamba`` and ``cuda_kernels`` are imported ahead of any
-installed copy (checked).
+The tree's ``numba_mamba`` and its kernels (``numba_mamba.cuda_kernels``) are
+imported ahead of any installed copy (checked).
 """
 
 import os
@@ -25,8 +25,11 @@ def main():
     import bench_scan
     import numba_mamba
 
-    if not numba_mamba.__file__.startswith(tree):
-        raise SystemExit(f"numba_mamba imported from {numba_mamba.__file__}, not from {tree}")
+    import numba_mamba.cuda_kernels as kernels
+
+    for module in (numba_mamba, kernels):
+        if not module.__file__.startswith(tree):
+            raise SystemExit(f"{module.__name__} imported from {module.__file__}, not from {tree}")
     res = []
     for (Bt, Dc, N, L, name), ref_fwd, ref_bwd in bench_scan.ROWS:
         dt = bench_scan._bf16(cupy) if name == "bfloat16" else cupy.dtype(name)

@@ -142,21 +142,14 @@ def _backends():
 
 
 def force_engine(engine):
-    """Make the public API use ``engine`` (None: its own choice); returns the previous chooser."""
-    backend, _ = _backends()
-    previous = backend.choose_engine
-    if engine is not None:
-        backend.choose_engine = lambda Bt, Dc, N: engine
-    return previous
+    """A context manager in which the public API uses ``engine`` (None: its own
+    choice): an override of the kernels' ``settings.engine``."""
+    return _backends()[0].settings.override(engine="auto" if engine is None else engine)
 
 
 def time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup=3, engine=None):
-    backend, _ = _backends()
-    chooser = force_engine(engine)
-    try:
+    with force_engine(engine):
         return _time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup)
-    finally:
-        backend.choose_engine = chooser
 
 
 def _time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup):
@@ -193,28 +186,26 @@ def peak_pool_bytes(cupy, Bt, Dc, N, L, dtype, engine=None):
     ``saved`` is what the forward keeps for the backward (its saved states,
     and any cast copies of the inputs).
     """
-    backend, _ = _backends()
-    chooser = force_engine(engine)
-    pool = cupy.cuda.MemoryPool()
-    allocator = cupy.cuda.get_allocator()
-    cupy.cuda.set_allocator(pool.malloc)
-    try:
-        rng = cupy.random.default_rng(0)
-        args = make_inputs(cupy, Bt, Dc, N, L, dtype, rng)
-        dout = rng.standard_normal((Bt, Dc, L), dtype=cupy.float32).astype(dtype)
-        inputs = sum(v.nbytes for v in args.values() if hasattr(v, "nbytes")) + dout.nbytes
-        cupy.cuda.get_current_stream().synchronize()
-        pool.free_all_blocks()  # the temporaries of drawing the inputs
-        base = pool.used_bytes()
-        out, last, backward = nm.selective_scan_vjp(**args)
-        cupy.cuda.get_current_stream().synchronize()
-        saved = pool.used_bytes() - base - out.nbytes - last.nbytes
-        backward(dout)
-        cupy.cuda.get_current_stream().synchronize()
-        return inputs, saved, pool.total_bytes() - base
-    finally:
-        cupy.cuda.set_allocator(allocator)
-        backend.choose_engine = chooser
+    with force_engine(engine):
+        pool = cupy.cuda.MemoryPool()
+        allocator = cupy.cuda.get_allocator()
+        cupy.cuda.set_allocator(pool.malloc)
+        try:
+            rng = cupy.random.default_rng(0)
+            args = make_inputs(cupy, Bt, Dc, N, L, dtype, rng)
+            dout = rng.standard_normal((Bt, Dc, L), dtype=cupy.float32).astype(dtype)
+            inputs = sum(v.nbytes for v in args.values() if hasattr(v, "nbytes")) + dout.nbytes
+            cupy.cuda.get_current_stream().synchronize()
+            pool.free_all_blocks()  # the temporaries of drawing the inputs
+            base = pool.used_bytes()
+            out, last, backward = nm.selective_scan_vjp(**args)
+            cupy.cuda.get_current_stream().synchronize()
+            saved = pool.used_bytes() - base - out.nbytes - last.nbytes
+            backward(dout)
+            cupy.cuda.get_current_stream().synchronize()
+            return inputs, saved, pool.total_bytes() - base
+        finally:
+            cupy.cuda.set_allocator(allocator)
 
 
 def back_to_back_ms(cupy, Bt, Dc, N, L, dtype, reps, sets=4):
@@ -346,10 +337,10 @@ def main():
                              "backward and check 8 channels against the CPU in float64")
     parser.add_argument("--cast-half", action="store_true",
                         help="cast float16/bfloat16 inputs to float32 around the state engine "
-                             "(scan_states.DIRECT_HALF off) instead of reading them directly")
+                             "(settings.direct_half off) instead of reading them directly")
     args = parser.parse_args()
     if args.cast_half:
-        _backends()[1].DIRECT_HALF = False
+        _backends()[0].settings.direct_half = False
     if args.long:
         import cupy
 
@@ -392,11 +383,8 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for (Bt, Dc, N, L, dtype_name), ref_fwd, ref_bwd, dtype in _with_dtypes(cupy, rows):
         for engine in engines:
-            chooser = force_engine(None if engine == "auto" else engine)
-            try:
+            with force_engine(None if engine == "auto" else engine):
                 t_fwd, t_bwd = back_to_back_ms(cupy, Bt, Dc, N, L, dtype, args.reps)
-            finally:
-                _backends()[0].choose_engine = chooser
             print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {engine} | {t_fwd:.3f} | "
                   f"{t_fwd / ref_fwd:.2f} | {t_bwd:.3f} | {t_bwd / ref_bwd:.2f} |", flush=True)
     if args.forward_only:
@@ -442,7 +430,7 @@ def print_registers(configs):
     print("| kernel | registers / thread | local bytes / thread |")
     print("|---|---|---|")
     for dtype, N, Dc in sorted(configs, key=str):
-        threads, items = backend.DEFAULT_TUNING[np.dtype(dtype)]
+        threads, items = backend.settings.blocks_tuning[np.dtype(dtype)]
         p = scan_states.plan(dtype, N, Dc, 1, 1)
         named = [(f"blocks {np.dtype(dtype).name} threads={threads} items={items}",
                   backend.get_kernels(dtype, threads, items)),

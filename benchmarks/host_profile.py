@@ -12,10 +12,8 @@ every figure, but not their order).
 
 ``--ab`` instead times, in one process and interleaved (the GPU machine's
 host CPU is shared, so figures from different runs differ by up to 2x),
-each call as it is and with the two host caches defeated: the validated
-layouts of ``numba_mamba.scan`` (emptied before each call) and the slot
-layouts of ``RawLaunch`` (each launch packing its slots from scratch, as
-before the cache).
+each call as it is and with the validated layouts of ``numba_mamba.scan``
+emptied before each call (every call validated in full).
 """
 
 import argparse
@@ -36,7 +34,7 @@ def main():
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--ab", action="store_true",
-                        help="time with and without the host caches instead")
+                        help="time with and without the validation cache instead")
     args = parser.parse_args()
     import cupy
 
@@ -74,42 +72,21 @@ def main():
 
 
 def ab(cupy, stream, forward, backward, reps=400):
-    """Median microseconds per call with and without the host caches, interleaved."""
-    import array
-
+    """Median microseconds per call with and without the validation cache, interleaved."""
     from numba_mamba import scan as api
 
-    backend = api._gpu_backend()
-    common = sys.modules[backend.__package__ + "._common"]
-    cached_call = common.RawLaunch.__call__
-
-    def uncached_call(self, grid, block, stream, args):  # the launch before the slot cache
-        values = array.array("Q", self.params(args))
-        with self._lock:
-            self._slots[:] = values
-            self._current = None
-            self._launch(self._function.ptr, int(grid), 1, 1, int(block), 1, 1, 0, stream.ptr,
-                         self._pointers.buffer_info()[0], 0)
-
-    def configure(validation, slots):
-        common.RawLaunch.__call__ = cached_call if slots else uncached_call
-        return validation
-
-    modes = [("both caches", True, True), ("no validation cache", False, True),
-             ("no slot cache", True, False), ("neither", False, False)]
+    modes = [("validation cached", True), ("validated each call", False)]
     for name, fn in (("selective_scan", forward), ("backward(dout)", backward)):
-        times = {m[0]: [] for m in modes}
+        times = {label: [] for label, _ in modes}
         for _ in range(reps):
-            for label, validation, slots in modes:
-                keep = configure(validation, slots)
-                if not keep:
+            for label, cached in modes:
+                if not cached:
                     api._VALIDATED.clear()
                 stream.synchronize()
                 t = time.perf_counter()
                 fn()
                 times[label].append(time.perf_counter() - t)
         stream.synchronize()
-        common.RawLaunch.__call__ = cached_call
         print(f"{name}: " + ", ".join(f"{label} {statistics.median(ts) * 1e6:.1f} us"
                                       for label, ts in times.items()), flush=True)
 

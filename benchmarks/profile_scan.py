@@ -6,12 +6,20 @@ profiler sees each kernel's own time.  Run on the GPU machine, e.g.::
     ncu --clock-control none --metrics gpu__time_duration.sum python benchmarks/profile_scan.py
 
 Arguments: ``--rows`` (indices into ``bench_scan.ROWS``), ``--engines``, and
-for the state engine ``--min-blocks`` (``forward:backward`` pairs of
-``scan_states.MIN_BLOCKS`` to compile with) and ``--target-blocks``
-(``scan_states.TARGET_BLOCKS`` values; 0 never splits the sequence),
-``--backward-target-blocks`` (``scan_states.BACKWARD_TARGET_BLOCKS`` values;
-0 never splits the backward's sequence) and ``--save-every``
-(``scan_states.SAVE_EVERY`` values: backward tiles per saved state).
+for the state engine, as overrides of the kernels' settings
+(``numba_mamba.cuda_kernels.settings.settings``): ``--min-blocks``
+(``forward:backward`` pairs of float32 ``min_blocks`` to compile with),
+``--target-blocks`` (``target_blocks`` values; 0 never splits the sequence),
+``--backward-target-blocks`` (``backward_target_blocks`` values; 0 never
+splits the backward's sequence) and ``--save-every`` (``save_every`` values:
+backward tiles per saved state).
+
+``--host`` instead prints the host time of the API's and the backend's pieces;
+``--host --rounds N`` the host time of a tiny ``selective_scan`` (batch 1, D 4,
+N 4, L 16, float32) against CuPy's own ``u + z`` in the same N rounds (issue
+18's target: at most 2x)::
+
+    python benchmarks/profile_scan.py --host --rounds 5
 """
 
 import argparse
@@ -29,21 +37,21 @@ def main():
     parser.add_argument("--engines", default="states,blocks")
     parser.add_argument("--min-blocks", default="",
                         help="comma-separated forward:backward pairs of the state engine's "
-                             "MIN_BLOCKS (float32) to run; default: the module's")
+                             "min_blocks (float32) to run; default: the settings'")
     parser.add_argument("--target-blocks", default="",
-                        help="comma-separated values of the state engine's TARGET_BLOCKS to run "
-                             "(0: one segment); default: the module's")
+                        help="comma-separated values of the state engine's target_blocks to run "
+                             "(0: one segment); default: the settings'")
     parser.add_argument("--backward-target-blocks", default="",
-                        help="comma-separated values of the state engine's BACKWARD_TARGET_BLOCKS "
-                             "to run (0: one backward segment); default: the module's")
+                        help="comma-separated values of the state engine's backward_target_blocks "
+                             "to run (0: one backward segment); default: the settings'")
     parser.add_argument("--save-every", default="",
-                        help="comma-separated values of the state engine's SAVE_EVERY to run; "
-                             "default: the module's")
+                        help="comma-separated values of the state engine's save_every to run; "
+                             "default: the settings'")
     parser.add_argument("--host", action="store_true",
                         help="instead, print the host time of each call (no profiler)")
     parser.add_argument("--rounds", type=int, default=0,
-                        help="with --host: instead, time the replayed tiny selective_scan and "
-                             "CuPy's u + z in this many interleaved rounds")
+                        help="with --host: instead, time the tiny selective_scan and CuPy's "
+                             "u + z in this many interleaved rounds")
     args = parser.parse_args()
     import cupy
 
@@ -52,27 +60,27 @@ def main():
     if args.host:
         return host_times(cupy)
 
-    backend, scan_states = bench_scan._backends()
+    backend, _ = bench_scan._backends()
+    settings = backend.settings
     rng = cupy.random.default_rng(0)
     f32 = cupy.dtype("float32")
     pairs = [tuple(int(v) for v in pair.split(":")) for pair in args.min_blocks.split(",") if pair]
-    pairs = pairs or [(scan_states.MIN_BLOCKS[(f32, "forward")],
-                       scan_states.MIN_BLOCKS[(f32, "backward")])]
-    targets = [int(v) for v in args.target_blocks.split(",") if v] or [scan_states.TARGET_BLOCKS]
+    pairs = pairs or [(settings.min_blocks[(f32, "forward")],
+                       settings.min_blocks[(f32, "backward")])]
+    targets = [int(v) for v in args.target_blocks.split(",") if v] or [settings.target_blocks]
     bwd_targets = ([int(v) for v in args.backward_target_blocks.split(",") if v]
-                   or [scan_states.BACKWARD_TARGET_BLOCKS])
-    saves = [int(v) for v in args.save_every.split(",") if v] or [scan_states.SAVE_EVERY]
+                   or [settings.backward_target_blocks])
+    saves = [int(v) for v in args.save_every.split(",") if v] or [settings.save_every]
     for (fwd_mb, bwd_mb), target, bwd_target, save in itertools.product(
             pairs, targets, bwd_targets, saves):
-        scan_states.MIN_BLOCKS[(f32, "forward")] = fwd_mb
-        scan_states.MIN_BLOCKS[(f32, "backward")] = bwd_mb
-        scan_states.TARGET_BLOCKS = target
-        scan_states.BACKWARD_TARGET_BLOCKS = bwd_target
-        scan_states.SAVE_EVERY = save
-        print(f"float32 MIN_BLOCKS forward {fwd_mb} backward {bwd_mb}, "
-              f"TARGET_BLOCKS {target}, BACKWARD_TARGET_BLOCKS {bwd_target}, "
-              f"SAVE_EVERY {save}", flush=True)
-        run_rows(cupy, backend, args, rng)
+        min_blocks = {**settings.min_blocks, (f32, "forward"): fwd_mb,
+                      (f32, "backward"): bwd_mb}
+        with settings.override(min_blocks=min_blocks, target_blocks=target,
+                               backward_target_blocks=bwd_target, save_every=save):
+            print(f"float32 min_blocks forward {fwd_mb} backward {bwd_mb}, "
+                  f"target_blocks {target}, backward_target_blocks {bwd_target}, "
+                  f"save_every {save}", flush=True)
+            run_rows(cupy, backend, args, rng)
 
 
 def run_rows(cupy, backend, args, rng):
@@ -111,13 +119,14 @@ def host_median_us(cupy, call, reps):
 
 
 def host_rounds(cupy, rounds, reps=200, n_sets=8):
-    """Issue 3's host target: the median host time of a replayed
-    ``selective_scan`` on (batch 1, D 4, N 4, L 16) float32, per round of
+    """Issue 18's host target: the median host time of a ``selective_scan``
+    (the full path: validation remembered per layout, canonical forms, the
+    backend's launch) on (batch 1, D 4, N 4, L 16) float32, per round of
     ``reps`` calls (the stream synchronized before each), with and without
     ``out=``, and of CuPy's ``u + z`` in the same rounds as a gauge of the
-    host's speed, which drifts by up to 1.5x between runs.  The calls cycle
-    over ``n_sets`` sets of inputs at different addresses, as a training loop
-    passes new arrays each step."""
+    host's speed, which drifts by up to 1.5x between runs; the target is at
+    most 2x the gauge.  The calls cycle over ``n_sets`` sets of inputs at
+    different addresses, as a training loop passes new arrays each step."""
     import statistics
 
     import numba_mamba as nm
@@ -130,7 +139,7 @@ def host_rounds(cupy, rounds, reps=200, n_sets=8):
         "selective_scan(out=)": lambda i: nm.selective_scan(**sets[i], out=outs[i]),
         "u + z": lambda i: sets[i]["u"] + sets[i]["z"],
     }
-    for fn in calls.values():  # (recorded, then replayed)
+    for fn in calls.values():  # (compiled, layouts validated)
         for i in range(n_sets):
             fn(i)
 
@@ -149,8 +158,10 @@ def host_rounds(cupy, rounds, reps=200, n_sets=8):
     meds = [statistics.median(table[name]) for name in names]
     print("median " + "  ".join(f"{v:20.2f}" for v in meds) + f"  {meds[0] / meds[-1]:14.2f}")
     for name in names[:2]:
-        print(f"rounds at or below 15 us, {name}: "
-              f"{sum(v <= 15 for v in table[name])} of {rounds}")
+        ratios = [a / b for a, b in zip(table[name], table["u + z"])]
+        print(f"{name} / (u + z) per round: {min(ratios):.2f}-{max(ratios):.2f}, median "
+              f"{statistics.median(ratios):.2f}; rounds at or below 2x: "
+              f"{sum(r <= 2 for r in ratios)} of {rounds}")
 
 
 def host_times(cupy, reps=100):
@@ -176,37 +187,26 @@ def host_times(cupy, reps=100):
         res["api selective_scan(out=...)"] = med(lambda: nm.selective_scan(**kw, out=given))
         values = tuple(kw.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z",
                                            "delta_bias", "initial_state"))
-        key, ptrs = api._replay_key(values, True, False)
-        replay = api._REPLAYS[key]
-        res["  of which the key (and pointers)"] = med(lambda: api._replay_key(values, True, False))
-        res["  of which the replay (pointers given)"] = med(lambda: replay(ptrs))
-        api._REPLAYS[key] = None  # (as if not replayable: the full path)
-        res["api selective_scan, not replayed"] = med(lambda: nm.selective_scan(**kw))
-        api._REPLAYS[key] = replay
+        res["  of which the layout key"] = med(lambda: api._gpu_layout(values))
+        res["  of which _prepare (validated before)"] = med(lambda: api._prepare(
+            kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
+            kw["delta_bias"], True, None))
+        canonical = api._prepare(*values[:8], True, None).args
+        res["  of which the backend's forward"] = med(
+            lambda: backend.scan_forward(*canonical, save=False))
+        res["api selective_scan, validated each call"] = med(
+            lambda: (api._VALIDATED.clear(), nm.selective_scan(**kw)))
         res["api selective_scan_vjp"] = med(lambda: nm.selective_scan_vjp(**kw))
         out, _, backward = nm.selective_scan_vjp(**kw)
         dout = cupy.ones_like(out)
         res["api backward(dout)"] = med(lambda: backward(dout))
-        vkey, _ = api._replay_key(values, True, "vjp")
-        bkey, _ = api._replay_key((dout, None), "backward", vkey)
-        replays = api._REPLAYS[vkey], api._REPLAYS[bkey]
-        api._REPLAYS[vkey] = api._REPLAYS[bkey] = None  # (the full paths)
-        res["api selective_scan_vjp, not replayed"] = med(lambda: nm.selective_scan_vjp(**kw))
-        out, _, backward = nm.selective_scan_vjp(**kw)
-        res["api backward(dout), not replayed"] = med(lambda: backward(dout))
-        api._REPLAYS[vkey], api._REPLAYS[bkey] = replays
-        res["api _prepare"] = med(lambda: api._prepare(
-            kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
-            kw["delta_bias"], True, None))
-        common = sys.modules[backend.__package__ + "._common"]
         for raw in (True, False):
-            common.RAW_LAUNCH = raw
-            how = "CuPy launch" if raw else "Numba launch"
-            for engine in ("states", "blocks"):
-                res[f"backend forward {engine}, {how}"] = med(
-                    lambda: backend.scan_forward(*a, engine=engine))
-        common.RAW_LAUNCH = True
-        threads, items = backend.DEFAULT_TUNING[cupy.dtype(cupy.float32)]
+            how = "raw launch" if raw else "Numba launch"
+            with backend.settings.override(raw_launch=raw):
+                for engine in ("states", "blocks"):
+                    res[f"backend forward {engine}, {how}"] = med(
+                        lambda: backend.scan_forward(*a, engine=engine))
+        threads, items = backend.settings.blocks_tuning[cupy.dtype(cupy.float32)]
         n_chunks = -(-L // (threads * items))
         outs = (cupy.empty_like(kw["u"]), cupy.empty((Bt, Dc, N), cupy.float32),
                 cupy.empty((Bt, Dc, n_chunks, N), cupy.float32))

@@ -2,12 +2,14 @@
 
 NumPy arrays run on the CPU (Numba ``@njit`` kernels in
 :mod:`numba_mamba._cpu_scan`), CuPy arrays on the GPU (Numba CUDA kernels in
-``cuda_kernels/scan.py``).  Both backends see one canonical layout: C-contiguous
-arrays of one compute dtype, B and C either constant ``(D, N)`` or grouped
-``(Bt, G, N, L)``.
+:mod:`numba_mamba.cuda_kernels.scan`).  A call reads: validate (remembered per
+layout of CuPy arguments) -> canonical layout -> backend -> cast back.  Both
+backends see one canonical layout: C-contiguous arrays of one compute dtype,
+B and C either constant ``(D, N)`` or grouped ``(Bt, G, N, L)``.
 """
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -56,28 +58,37 @@ def _canonical(x, ftype, xp):
     return xp.ascontiguousarray(x, dtype=ftype)
 
 
-def _direct_half(xp, arrays, ftype, Bt, Dc, N):
-    """The half dtype in which the GPU's state engine reads ``u``, ``delta``,
-    ``z`` and a variable ``B``/``C`` as given (and writes ``out`` and their
-    gradients), or None where they are cast to ``ftype`` first.
+_ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+_HALF_NAMES = ("float16", "bfloat16")
+# per gradient of ScanGrads, the index of its argument in _ARG_NAMES
+_GRAD_OF = tuple(_ARG_NAMES.index(field[1:]) for field in ScanGrads._fields)
 
-    Direct where ``cuda_kernels.scan_states.DIRECT_HALF`` is on, the arrays
-    are CuPy arrays, the state engine is the one chosen, and those arrays
-    share one half dtype (the others may be float32 or of that dtype too).
-    """
-    if xp is np or ftype != np.float32:
-        return None
-    backend = _gpu_backend()
+
+def _per_step(name, x):
+    """True for the arrays with one value per step: ``u``, ``delta``, ``z`` and
+    a variable ``B``/``C``."""
+    return name in ("u", "delta", "z") or (name in ("B", "C") and x.ndim != 2)
+
+
+def _shared_half(arrays, ftype):
+    """The half dtype (float16, bfloat16) that ``u``, ``delta``, ``z`` and a
+    variable ``B``/``C`` of the validated ``arrays`` (a dict by name) share,
+    where the compute dtype ``ftype`` is float32; else None.  Only these can
+    be read by the GPU's state engine as they are (see :func:`_reads_half`)."""
     half = arrays["u"].dtype
-    if backend.scan_states.storage_of(half)[1] is None:  # not a half dtype
+    if ftype != np.float32 or half.name not in _HALF_NAMES:
         return None
-    for name in ("delta", "z", "B", "C"):
-        x = arrays[name]
-        if x is not None and (x.ndim != 2 or name not in ("B", "C")) and x.dtype != half:
+    for name, x in arrays.items():
+        if x is not None and _per_step(name, x) and x.dtype != half:
             return None
-    if not backend.scan_states.DIRECT_HALF or backend.choose_engine(Bt, Dc, N) != "states":
-        return None
     return half
+
+
+def _reads_half(backend, Bt, Dc, N):
+    """True where the GPU ``backend`` reads half-precision per-step arrays as
+    they are: its ``settings.direct_half`` is on and the state engine is the
+    one chosen for ``Bt * Dc`` channels of ``N`` states."""
+    return backend.settings.direct_half and backend.choose_engine(Bt, Dc, N) == "states"
 
 
 def _check_bc(name, M, Bt, Dc, N, L):
@@ -96,88 +107,11 @@ def _check_bc(name, M, Bt, Dc, N, L):
                          f"(Bt, G, N, L), got {M.ndim} dims with shape {tuple(M.shape)}")
 
 
-_ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-_UNKNOWN = object()  # (a layout not computed yet)
-#: Layouts of CuPy arguments that passed validation -> their compute dtype
-#: (see :func:`_gpu_layout`); bounded, started again when full.
-_VALIDATED = {}
-_MAX_VALIDATED = 1024
-
-
-def _gpu_layout(given):
-    """The key under which CuPy arguments' validation (and, with flags and
-    settings, their replay) is remembered: per argument its type, shape,
-    dtype, strides (True where C-contiguous: the kernels index those by their
-    shape alone) and device (None where absent); None unless every given
-    array is a CuPy array.
-
-    Validation reads only these (NumPy arguments, whose ``A`` is checked for
-    finite values, are validated on every call), so arguments of a layout
-    seen before pass it again."""
-    return _gpu_layout_and_pointers(given)[0]
-
-
-#: Types :func:`_gpu_layout_and_pointers` found to be CuPy arrays, with the
-#: ``_c_contiguous`` flag CuPy's arrays have (a set lookup is cheaper than
-#: :func:`is_cupy_array`'s call).
-_LAYOUT_TYPES = set()
-
-
-def _gpu_layout_and_pointers(given):
-    """(:func:`_gpu_layout`, the arrays' data pointers: 0 for None) of
-    ``given``, in one pass; (None, None) unless every given array is a CuPy
-    array.
-
-    Each CuPy attribute read costs 70-150 ns on the GPU machine's host, and a
-    replayed call reads these of seven arrays: this reads each attribute once
-    and, for a C-contiguous array, its one-word flag instead of the strides
-    tuple CuPy builds on each read."""
-    layout, pointers = [], []
-    for x in given:
-        if x is None:
-            layout.append(None)
-            pointers.append(0)
-            continue
-        cls = type(x)
-        if cls not in _LAYOUT_TYPES:
-            if not (is_cupy_array(x) and hasattr(x, "_c_contiguous")):
-                return None, None
-            _LAYOUT_TYPES.add(cls)
-        data = x.data
-        layout.append((cls, x.shape, x.dtype, x._c_contiguous or x.strides, data.device_id))
-        pointers.append(data.ptr)
-    return tuple(layout), pointers
-
-
-#: Recorded GPU calls (``cuda_kernels._common.Replay``) per :func:`_replay_key`:
-#: the call repeated on new data pointers without validation, canonical forms
-#: or launch arguments; None where it cannot be replayed.  Bounded, started
-#: again when full.
-_REPLAYS = {}
-_MAX_REPLAYS = 1024
-
-
-def _replay_key(values, *flags):
-    """``(key, pointers)``: the key of a call's replay -- the layout of its CuPy
-    arguments (see :func:`_gpu_layout`), its flags and the backend's settings
-    -- and the arrays' data pointers the replay takes (0 for None);
-    ``(None, None)`` unless every given array is a CuPy array."""
-    layout, pointers = _gpu_layout_and_pointers(values)
-    if layout is None:
-        return None, None
-    return (layout, flags, _gpu_backend().replay_settings()), pointers
-
-
-def _layout_of(key):
-    """The scan arguments' :func:`_gpu_layout` in a :func:`_replay_key` (None
-    for no key: not all CuPy arrays), less a given ``out``'s."""
-    return None if key is None else key[0][:len(_ARG_NAMES)]
-
-
 def _check_out(out, arrays, xp):
     """Raise unless ``out`` can take :func:`selective_scan`'s output for the
     validated ``arrays``: an array of their kind and ``u``'s device, shape
-    and dtype, C-contiguous, writeable, sharing no memory with any of them."""
+    and dtype, C-contiguous and writeable (its overlap with the inputs,
+    which depends on addresses, is :func:`_check_overlap`'s)."""
     u = arrays["u"]
     kind = np.ndarray if xp is np else xp.ndarray
     if not isinstance(out, kind):
@@ -194,72 +128,91 @@ def _check_out(out, arrays, xp):
                          f"{out.strides}")
     if xp is np and not out.flags.writeable:
         raise ValueError("out must be writeable, got a read-only array")
-    for name, x in arrays.items():
-        if x is not None and xp.may_share_memory(out, x):
-            raise ValueError(_overlap_message(name))
+
+
+def _span(x):
+    """``(low, high)``: the bytes ``x`` covers, as offsets from its data pointer
+    (``high`` past the last one)."""
+    low = high = 0
+    for n, stride in zip(x.shape, x.strides):
+        if n == 0:
+            return 0, 0
+        reach = (n - 1) * stride
+        if reach < 0:
+            low += reach
+        else:
+            high += reach
+    return low, high + x.itemsize
+
+
+def _check_overlap(out, given, checked):
+    """Raise ValueError where ``out`` may share memory with an input in
+    ``given`` (where their byte ranges meet, as ``may_share_memory`` tells)."""
+    if checked.xp is np:
+        for name, x in zip(_ARG_NAMES, given):
+            if x is not None and np.may_share_memory(out, x):
+                raise ValueError(_overlap_message(name))
+        return
+    low = out.data.ptr
+    high = low + checked.out_nbytes
+    for name, x, span in zip(_ARG_NAMES, given, checked.spans):
+        if x is not None:
+            p = x.data.ptr
+            if p + span[0] < high and low < p + span[1]:
+                raise ValueError(_overlap_message(name))
 
 
 def _overlap_message(name):
     return f"out must not share memory with {name} (the scan reads it while writing out)"
 
 
-class _ReplayInto:
-    """The replay of a :func:`selective_scan` call with ``out``: each call first
-    checks that ``out`` shares no memory with an input (a replay skips the
-    validation, and the check depends on the addresses, not the layout)."""
+class _Checked(NamedTuple):
+    """What validation found out about one layout of the scan's arguments."""
 
-    def __init__(self, replay, values, out):
-        self._replay = replay
-        # (replayed inputs are never copied, so C-contiguous: each spans its nbytes)
-        self._spans = [(i, name, x.nbytes) for i, (name, x) in enumerate(zip(_ARG_NAMES, values))
-                       if x is not None]
-        self._out_nbytes = out.nbytes
-
-    def __call__(self, pointers):
-        low = pointers[-1]
-        high = low + self._out_nbytes
-        for i, name, nbytes in self._spans:
-            p = pointers[i]
-            if p < high and low < p + nbytes:
-                raise ValueError(_overlap_message(name))
-        return self._replay(pointers)
+    xp: object          # numpy or cupy
+    backend: object     # the module the canonical arguments go to
+    ftype: np.dtype     # compute dtype
+    half: object        # :func:`_shared_half`: None, or the state engine may read them in it
+    dims: tuple         # (Bt, Dc, N)
+    casts: tuple        # per argument: how to make it canonical (:func:`_canonical_form`)
+    half_casts: tuple   # the same where the per-step arrays stay in ``half`` (else None)
+    spans: tuple        # per argument: :func:`_span` (None where absent), for a given ``out``
+    out_nbytes: int     # the given ``out``'s bytes (0: none)
 
 
-def _remember_replay(key, replay):
-    if len(_REPLAYS) >= _MAX_REPLAYS:
-        _REPLAYS.clear()
-    _REPLAYS[key] = replay
+def _casts(arrays, ftype, half):
+    """Per argument, how :func:`_canonical_form` makes it canonical: None (as it
+    is), or ``(dtype, shape)``: ``dtype`` (None: no copy) is the one it is
+    copied to, C-contiguous; ``shape`` (None: its own) the one a (Bt, N, L)
+    ``B``/``C`` is then viewed in as one group, (Bt, 1, N, L).  Per-step
+    arrays go to ``half`` where it is given, the others to ``ftype``."""
+    casts = []
+    for name, x in arrays.items():
+        if x is None:
+            casts.append(None)
+            continue
+        want = half if half is not None and _per_step(name, x) else ftype
+        copy = None if x.dtype == want and x.flags.c_contiguous else want
+        group = (x.shape[0], 1) + x.shape[1:] if name in ("B", "C") and x.ndim == 3 else None
+        casts.append(None if group is None and copy is None else (copy, group))
+    return tuple(casts)
 
 
-def _same_data(canonical, given):
-    """True where every canonical array is its given array or a view of it at
-    the same address (a replay takes the given arrays' data pointers), not a
-    copy."""
-    for c, x in zip(canonical, given):
-        if (c is None) != (x is None) or (c is not None and c.data.ptr != x.data.ptr):
-            return False
-    return True
+def _canonical_form(x, cast, xp):
+    dtype, shape = cast
+    if dtype is not None:
+        x = xp.ascontiguousarray(x, dtype=dtype)
+    # (a reshape of a C-contiguous array has C strides, where ``x[:, None]``
+    # would have a zero stride on the new axis, which Numba does not call C)
+    return x if shape is None else x.reshape(shape)
 
 
-def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-             layout=_UNKNOWN):
-    """Validate the scan's arguments and return (xp, backend, canonical args,
-    originals, compute dtype, dtype of ``dout`` for the backward).  ``layout``:
-    their :func:`_gpu_layout`, where the caller has it already.
-
-    The canonical arrays are C-contiguous, of the compute dtype, except where
-    :func:`_direct_half` finds the state engine takes ``u``, ``delta``, ``z``
-    and a variable ``B``/``C`` in their half dtype: those stay in it (and
-    ``dout`` is to be passed in it too)."""
-    values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+def _validate(values, out):
+    """Check the scan's arguments ``values`` (in the order of ``_ARG_NAMES``)
+    and ``out`` (None: not given); return ``(checked, arrays)``: a
+    :class:`_Checked` and the arguments as validated (NumPy's array-likes
+    made arrays)."""
     given = dict(zip(_ARG_NAMES, values))
-    if layout is _UNKNOWN:
-        layout = _gpu_layout(values)
-    ftype = None if layout is None else _VALIDATED.get(layout)
-    if ftype is not None:  # validated before: only the canonical forms to make
-        import cupy
-
-        return _canonical_args(cupy, given, ftype, delta_softplus)
     for name in ("u", "delta", "A", "B", "C"):
         if given[name] is None:
             raise TypeError(f"{name} is required, got None")
@@ -292,34 +245,92 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     if arrays["initial_state"] is not None:
         check_shape("initial_state", arrays["initial_state"], (Bt, Dc, N),
                     "(batch, channels, states)")
+    if out is not None:
+        _check_out(out, arrays, xp)
 
     ftype = compute_dtype(*arrays.values())
-    if layout is not None:
-        if len(_VALIDATED) >= _MAX_VALIDATED:
-            _VALIDATED.clear()
-        _VALIDATED[layout] = ftype
-    return _canonical_args(xp, arrays, ftype, delta_softplus)
+    half = None if xp is np else _shared_half(arrays, ftype)
+    checked = _Checked(
+        xp, _backend(xp), ftype, half, (Bt, Dc, N), _casts(arrays, ftype, None),
+        None if half is None else _casts(arrays, ftype, half),
+        tuple(None if x is None else _span(x) for x in arrays.values()),
+        0 if out is None else out.nbytes)
+    return checked, tuple(arrays.values())
 
 
-def _canonical_args(xp, arrays, ftype, delta_softplus):
-    """:func:`_prepare`'s result for validated ``arrays``."""
-    Bt, Dc, _ = arrays["u"].shape
-    N = arrays["A"].shape[1]
-    half = _direct_half(xp, arrays, ftype, Bt, Dc, N)
-    canon = {}
-    for name, x in arrays.items():
+#: Types :func:`_gpu_layout` found to be CuPy arrays (a set lookup is cheaper
+#: than :func:`is_cupy_array`'s call).
+_CUPY_TYPES = set()
+
+
+def _gpu_layout(values):
+    """The key under which the validation of CuPy arguments ``values`` is
+    remembered: per array its type, shape, dtype, strides and device (None
+    where absent) -- all that validation reads; None unless every given
+    array is a CuPy array (NumPy arguments, whose ``A`` is checked for finite
+    values, are validated on every call)."""
+    layout = []
+    for x in values:
         if x is None:
-            canon[name] = None
+            layout.append(None)
             continue
-        per_step = name in ("u", "delta", "z") or (name in ("B", "C") and x.ndim != 2)
-        if name in ("B", "C") and x.ndim == 3:
-            x = x[:, None]  # (Bt, N, L) is one group
-        canon[name] = _canonical(x, half if half is not None and per_step else ftype, xp)
-    canon["delta_softplus"] = bool(delta_softplus)
-    order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus",
-             "initial_state")
-    return (xp, _backend(xp), tuple(canon[k] for k in order), arrays, ftype,
-            ftype if half is None else half)
+        cls = type(x)
+        if cls not in _CUPY_TYPES:
+            if not is_cupy_array(x):
+                return None
+            _CUPY_TYPES.add(cls)
+        layout.append((cls, x.shape, x.dtype, x.strides, x.data.device_id))
+    return tuple(layout)
+
+
+#: :func:`_gpu_layout` of CuPy arguments (and a given ``out``) that passed
+#: validation -> their :class:`_Checked`; bounded, started again when full.
+_VALIDATED = {}
+_MAX_VALIDATED = 1024
+
+
+class _Call(NamedTuple):
+    """:func:`_prepare`'s result."""
+
+    xp: object        # numpy or cupy
+    backend: object   # the module that computes
+    args: tuple       # the canonical arguments, as the backend's scan_forward takes them
+    given: tuple      # the arguments as validated, in the order of _ARG_NAMES
+    ftype: np.dtype   # compute dtype
+    dout_dtype: np.dtype  # the dtype the backward takes ``dout`` in
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, out=None):
+    """Validate the scan's arguments (and ``out``, where given) and put them in
+    the canonical layout: a :class:`_Call`.
+
+    The canonical arrays are C-contiguous, of the compute dtype, except where
+    the GPU's state engine reads ``u``, ``delta``, ``z`` and a variable
+    ``B``/``C`` in their half dtype (:func:`_shared_half`,
+    :func:`_reads_half`): those stay in it, and ``dout`` is to be passed in
+    it too.  The validation of CuPy arguments is remembered per
+    :func:`_gpu_layout`; ``out``'s overlap with the inputs is checked on
+    every call."""
+    values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    layout = _gpu_layout(values if out is None else values + (out,))
+    checked = None if layout is None else _VALIDATED.get(layout)
+    if checked is None:
+        checked, given = _validate(values, out)
+        if layout is not None:
+            if len(_VALIDATED) >= _MAX_VALIDATED:
+                _VALIDATED.clear()
+            _VALIDATED[layout] = checked
+    else:
+        given = values
+    casts, dout_dtype = checked.casts, checked.ftype
+    if checked.half is not None and _reads_half(checked.backend, *checked.dims):
+        casts, dout_dtype = checked.half_casts, checked.half
+    if out is not None:
+        _check_overlap(out, given, checked)
+    xp = checked.xp
+    args = [x if cast is None else _canonical_form(x, cast, xp) for x, cast in zip(given, casts)]
+    args.insert(8, bool(delta_softplus))
+    return _Call(xp, checked.backend, tuple(args), given, checked.ftype, dout_dtype)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -406,14 +417,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     the GPU's state-parallel engine keeps no states for one (use
     :func:`selective_scan_vjp` for gradients).
 
-    On the GPU, a call whose CuPy arrays have the layout (shapes, dtypes,
-    C-contiguity or strides, device) and flags of an earlier call, with the
-    same engine settings, repeats that call's kernel launches on the new
-    arrays' addresses: validation, canonical forms and launch arguments are
-    skipped, and only the outputs are allocated (none but ``last_state``
-    where ``out`` is given).  Calls that copy an argument (a
-    non-contiguous one, or one cast to the compute dtype) or that pass one
-    array twice (``B`` as ``C``) always take the full path.
+    On the GPU, the checks of a call whose CuPy arrays (and ``out``) have
+    the layout (types, shapes, dtypes, strides, device) of an earlier call
+    are not repeated, except ``out``'s overlap with the inputs.
 
     On the GPU, ``A`` is not checked for infinities and NaNs: the check would
     make every call wait for the device (as CuPy's linear algebra does not
@@ -475,36 +481,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     >>> bool(np.allclose(y, whole))
     True
     """
-    values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    key, pointers = _replay_key(values if out is None else values + (out,),
-                                bool(delta_softplus), bool(return_last_state))
-    replay = None if key is None else _REPLAYS.get(key)
-    if replay is not None:  # (a layout validated and recorded before: its out is u's dtype)
-        result, last_state, _ = replay(pointers)
-        if out is not None:  # (written there: an input of the replay)
-            result = out
-    else:
-        xp, backend, args, given, ftype, _ = _prepare(u, delta, A, B, C, D, z, delta_bias,
-                                                      delta_softplus, initial_state,
-                                                      _layout_of(key))
-        into = None  # (an out the kernels write: of the dtype they write)
-        if out is not None:
-            _check_out(out, given, xp)
-            into = out if args[0].dtype == out.dtype else None
-        if key is not None and key not in _REPLAYS:
-            keep = ({0} if into is None else set()) | ({1} if return_last_state else set())
-            (result, last_state, _), replay = backend.forward_replay(
-                args, save=False, keep=keep, out=into)
-            same = _same_data(args[:8] + args[9:], values) and (out is None or into is not None)
-            if same and out is not None:
-                replay = _ReplayInto(replay, values, out)
-            _remember_replay(key, replay if same else None)
-        else:
-            result, last_state, _ = backend.scan_forward(*args, save=False, out=into)
-        if out is not None and into is None:
-            xp.copyto(out, result, casting="unsafe")  # (float16 from the compute dtype)
-            result = out
-        result = result.astype(given["u"].dtype, copy=False)
+    call = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, out)
+    into = None  # (an out the kernels write: of the dtype they write)
+    if out is not None and call.args[0].dtype == out.dtype:
+        into = out
+    result, last_state, _ = call.backend.scan_forward(*call.args, save=False, out=into)
+    if out is not None and into is None:
+        call.xp.copyto(out, result, casting="unsafe")  # (float16 from the compute dtype)
+        result = out
+    result = result.astype(call.given[0].dtype, copy=False)
     if return_last_state:
         return result, last_state
     return result
@@ -540,16 +525,12 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
     On the GPU's state-parallel engine (many recurrences, see
     :func:`selective_scan`) the chunks are 16 steps long, so at ``N = 16``
-    the kept states take as much memory as ``u``.  Setting
-    ``numba_mamba.cuda_kernels.scan_states.SAVE_EVERY = K`` (in a source
-    checkout: ``cuda_kernels.scan_states``) keeps one state in ``K``
-    chunks: ``K`` times less memory for a backward that reruns each stretch
-    of ``K`` chunks once (measured on an H200 at ``K = 8``: 8x less, 16 %
-    slower backward).
-
-    On the GPU, this call and ``backward`` are replayed as
-    :func:`selective_scan` is (see its Notes) where their arrays' layout was
-    seen before.
+    the kept states take as much memory as ``u``.  The setting
+    ``save_every = K`` of :data:`numba_mamba.cuda_kernels.settings.settings`
+    (``with settings.override(save_every=K):`` around the forward, or
+    ``settings.save_every = K``) keeps one state in ``K`` chunks: ``K``
+    times less memory for a backward that reruns each stretch of ``K``
+    chunks once (see ``benchmarks/RESULTS.md`` for its cost).
 
     Examples
     --------
@@ -571,61 +552,28 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     >>> bool(abs(numeric - grads.dA[0, 0]) < 1e-4)
     True
     """
-    values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    key, pointers = _replay_key(values, bool(delta_softplus), "vjp")
-    replay = None if key is None else _REPLAYS.get(key)
-    if replay is not None:  # (a layout validated and recorded before)
-        out, last_state, saved = replay(pointers)
-        return out, last_state, _backward(values, pointers, delta_softplus, key, None, saved)
-    prepared = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                        _layout_of(key))
-    xp, backend, args, given, ftype, _ = prepared
-    if key is not None and key not in _REPLAYS:
-        (out, last_state, saved), replay = backend.forward_replay(args, save=True, keep=range(3))
-        _remember_replay(key, replay if _same_data(args[:8] + args[9:], values) else None)
-    else:
-        out, last_state, saved = backend.scan_forward(*args)
-    return (out.astype(given["u"].dtype, copy=False), last_state,
-            _backward(values, pointers, delta_softplus, key, prepared, saved))
+    call = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    out, last_state, saved = call.backend.scan_forward(*call.args)
+    return out.astype(call.given[0].dtype, copy=False), last_state, _backward(call, saved)
 
 
-def _backward(values, pointers, delta_softplus, key, prepared, saved):
-    """The ``backward`` of a :func:`selective_scan_vjp` call on ``values`` (its
-    arrays, at data ``pointers``), with the forward's replay key (None for NumPy arrays),
-    :func:`_prepare`'s result (None where the forward was replayed: then made
-    when first needed) and the states it saved.  A call with ``dout`` and
-    ``dlast_state`` of a layout recorded before is replayed."""
+def _backward(call, saved):
+    """The ``backward`` of a :func:`selective_scan_vjp` call: its
+    :class:`_Call` and the states its forward saved."""
 
     def backward(dout, dlast_state=None):
-        nonlocal prepared
-        bkey, bpointers = (None, None) if key is None else _replay_key(
-            (dout, dlast_state), "backward", key)
-        replay = None if bkey is None else _REPLAYS.get(bkey)
-        if replay is not None:
-            states = _gpu_backend().saved_states(saved)
-            grads = replay(bpointers + pointers + [0 if states is None else states.data.ptr])
-            return _as_given(grads, dict(zip(_ARG_NAMES, values)))
-        if prepared is None:
-            prepared = _prepare(*values[:8], delta_softplus, values[8])
-        xp, backend, args, given, ftype, dout_dtype = prepared
+        xp, backend, args, given, ftype, dout_dtype = call
         Bt, Dc, L = args[0].shape
         N = args[2].shape[1]
-        array_namespace(u=given["u"], dout=dout, dlast_state=dlast_state)  # not mixed
+        array_namespace(u=given[0], dout=dout, dlast_state=dlast_state)  # not mixed
         dout = _as_array("dout", dout, xp)
         check_shape("dout", dout, (Bt, Dc, L), "like out")
         canonical = _canonical(dout, dout_dtype, xp)  # (half where the forward read half)
-        dlast = dlast_state
         if dlast_state is not None:
             dlast_state = _as_array("dlast_state", dlast_state, xp)
             check_shape("dlast_state", dlast_state, (Bt, Dc, N), "like last_state")
-            dlast = _canonical(dlast_state, ftype, xp)
-        if bkey is not None and bkey not in _REPLAYS:
-            grads, replay = backend.backward_replay(canonical, dlast, args, saved)
-            same = _same_data((canonical, dlast) + args[:8] + args[9:],
-                              (dout, dlast_state) + values)
-            _remember_replay(bkey, replay if same else None)
-        else:
-            grads = backend.scan_backward(canonical, dlast, *args, saved)
+            dlast_state = _canonical(dlast_state, ftype, xp)
+        grads = backend.scan_backward(canonical, dlast_state, *args, saved)
         return _as_given(grads, given)
 
     return backward
@@ -634,13 +582,13 @@ def _backward(values, pointers, delta_softplus, key, prepared, saved):
 def _as_given(grads, given):
     """The backend's gradients as :class:`ScanGrads` in the shapes and dtypes
     of the ``given`` arrays (None where one is None)."""
-    result = {}
-    for field, g in zip(ScanGrads._fields, grads):
-        original = given[field[1:]]
+    result = []
+    for g, i in zip(grads, _GRAD_OF):
+        original = given[i]
         if original is None:
-            result[field] = None
+            result.append(None)
             continue
         if g.shape != original.shape:  # a (Bt, N, L) B or C was passed on as one group
             g = g.reshape(original.shape)
-        result[field] = g.astype(original.dtype, copy=False)
-    return ScanGrads(**result)
+        result.append(g.astype(original.dtype, copy=False))
+    return ScanGrads(*result)

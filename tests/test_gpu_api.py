@@ -14,7 +14,8 @@ import pytest
 import numba_mamba as nm
 from numba_mamba import reference
 from tests.gpu import gpu_module
-from tests.scan_cases import TOLERANCES, assert_close, make_inputs
+from tests.scan_cases import (HALF_UNIT_ROUNDOFF, TOLERANCES, assert_close, half_dtype,
+                              make_inputs)
 
 cupy, _HAVE_GPU, pytestmark = gpu_module()
 
@@ -185,3 +186,198 @@ def test_gpu_non_finite_A_shows_in_the_results_without_a_check(Bt, Dc):
                  *TOLERANCES[np.dtype(np.float32)]["out"])
     grads = backward(cupy.ones_like(out))
     assert np.isnan(grads.ddelta.get()[:, 1]).any()
+
+
+# ------------------------------------------- repeated layouts (cached validation), out=
+REPEAT_CASES = [  # (Bt, Dc, N, L, dtype, make_inputs options): both engines, split sequences,
+    # half I/O
+    (1, 4, 4, 16, "float32", dict(D=True, z=True, delta_bias=True, softplus=True)),
+    (2, 3, 5, 300, "float64", dict(B_kind="const", C_kind="grouped", G=3, initial_state=True)),
+    (2, 1024, 16, 1100, "float32", dict(D=True, z=True, delta_bias=True, softplus=True)),
+    (1, 512, 32, 700, "float32", dict(B_kind="grouped", G=2, initial_state=True, D=True)),
+    (2, 1024, 16, 600, "bfloat16", dict(D=True, z=True, delta_bias=True, softplus=True)),
+    (2, 1024, 16, 600, "float16", dict(z=True, initial_state=True)),
+    # (the 'blocks' engine computes float16 in float32: copied into a given out)
+    (1, 4, 4, 16, "float16", dict(D=True, z=True, delta_bias=True, softplus=True)),
+]
+ATOMIC_SUMS = ("dA", "dB", "dC", "dD", "ddelta_bias")  # summed with atomics: order varies
+
+
+def _device_inputs(rng, Bt, Dc, N, L, dtype, options):
+    host = make_inputs(rng, Bt=Bt, Dc=Dc, L=L, N=N, dtype=np.float64, **options)
+    per_step = ("u", "delta", "z", "B", "C")
+    out = {}
+    for k, v in host.items():
+        if not isinstance(v, np.ndarray):
+            out[k] = v
+        elif dtype.itemsize == 2 and (k not in per_step or v.ndim == 2):
+            out[k] = cupy.asarray(v.astype(np.float32))  # (half I/O: the rest float32)
+        else:
+            out[k] = cupy.asarray(v.astype(dtype))
+    return out
+
+
+def _repeat_start(monkeypatch, case, seed):
+    """A case's sizes, dtype and inputs of 3 calls, with no layout validated yet."""
+    from numba_mamba import scan as api
+
+    Bt, Dc, N, L, name, options = case
+    monkeypatch.setattr(api, "_VALIDATED", {})
+    dtype = half_dtype(name) if name in ("float16", "bfloat16") else np.dtype(name)
+    if name == "bfloat16":
+        _dtype(name)  # (skips where CuPy has no bfloat16 arrays)
+    rng = np.random.default_rng(Bt * Dc + L + seed)
+    return (Bt, Dc, N, L, dtype, rng,
+            [_device_inputs(rng, Bt, Dc, N, L, dtype, options) for _ in range(3)])
+
+
+def _first_seen(monkeypatch, fn):
+    """``fn()`` with no layout validated before (the full validation)."""
+    from numba_mamba import scan as api
+
+    with monkeypatch.context() as mp:
+        mp.setattr(api, "_VALIDATED", {})
+        return fn()
+
+
+def _equal(got, want, name=""):
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    np.testing.assert_array_equal(got.get().astype(np.float64), want.get().astype(np.float64),
+                                  err_msg=name)
+
+
+@pytest.mark.parametrize("case", REPEAT_CASES, ids=lambda c: f"{c[:4]}-{c[4]}")
+@pytest.mark.parametrize("out", [False, True], ids=["new", "out="])
+def test_gpu_repeated_layout_gives_the_first_calls_result_to_the_bit(monkeypatch, case, out):
+    """Calls of a layout validated before (checks skipped) give, to the bit, what
+    a call of a layout never seen gives; a given ``out`` is written and returned."""
+    from numba_mamba import scan as api
+
+    Bt, Dc, N, L, dtype, rng, inputs = _repeat_start(monkeypatch, case, 0)
+    outs = [cupy.full((Bt, Dc, L), np.nan, dtype) if out else None for _ in inputs]
+    got = [nm.selective_scan(**kw, return_last_state=True, out=o) for kw, o in zip(inputs, outs)]
+    assert len(api._VALIDATED) == 1
+    for kw, o, (y, last) in zip(inputs, outs, got):
+        want_y, want_last = _first_seen(
+            monkeypatch, lambda: nm.selective_scan(**kw, return_last_state=True))
+        assert o is None or y is o
+        assert y.flags.c_contiguous
+        _equal(y, want_y, "out")
+        _equal(last, want_last, "last_state")
+
+
+@pytest.mark.parametrize("case", REPEAT_CASES[:6], ids=lambda c: f"{c[:4]}-{c[4]}")
+def test_gpu_repeated_layout_vjp_and_backward_give_the_first_calls_results(monkeypatch,
+                                                                           case):
+    Bt, Dc, N, L, dtype, rng, inputs = _repeat_start(monkeypatch, case, 1)
+    f = np.float64 if dtype == np.float64 else np.float32
+    douts = [(cupy.asarray(rng.standard_normal((Bt, Dc, L)).astype(dtype)),
+              cupy.asarray(rng.standard_normal((Bt, Dc, N)).astype(f))) for _ in inputs]
+
+    def run(kw, dout, dlast):
+        out, last, backward = nm.selective_scan_vjp(**kw)
+        return out, last, backward(dout, dlast)
+
+    got = [run(kw, *d) for kw, d in zip(inputs, douts)]
+    for kw, d, (out, last, grads) in zip(inputs, douts, got):
+        want_out, want_last, want = _first_seen(monkeypatch, lambda: run(kw, *d))
+        _equal(out, want_out, "out")
+        _equal(last, want_last, "last_state")
+        for field in want._fields:
+            g, w = getattr(grads, field), getattr(want, field)
+            if w is None:
+                assert g is None, field
+                continue
+            assert g.dtype == w.dtype and g.shape == w.shape, field
+            if field not in ATOMIC_SUMS:
+                _equal(g, w, field)
+                continue
+            # a few units in the last place of the largest sums; a sum returned in a half
+            # dtype (B, C) is rounded after that, which may flip its last bit
+            g, w = g.get().astype(np.float64), w.get().astype(np.float64)
+            eps = np.finfo(f).eps
+            half = getattr(grads, field).dtype.name
+            rtol = 2 * HALF_UNIT_ROUNDOFF[half] if half in HALF_UNIT_ROUNDOFF else 0
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=64 * eps * np.abs(w).max(),
+                                       err_msg=field)
+
+
+def test_gpu_repeated_calls_with_copies_or_aliased_arrays_are_right(monkeypatch):
+    from numba_mamba import scan as api
+
+    rng = np.random.default_rng(5)
+    monkeypatch.setattr(api, "_VALIDATED", {})
+    kw = _device_inputs(rng, 1, 4, 4, 40, np.dtype(np.float32), dict(D=True))
+    wide = cupy.asarray(rng.standard_normal((1, 4, 80)).astype(np.float32))
+    strided = dict(kw, u=wide[..., ::2])  # copied to C order
+    same = dict(kw, C=kw["B"])  # one array as B and C
+    for args in (strided, same, strided, same):
+        out = nm.selective_scan(**args)
+        want = reference.selective_scan(**{k: v.get() if hasattr(v, "get") else v
+                                           for k, v in args.items()})
+        np.testing.assert_allclose(out.get(), want, rtol=1e-4, atol=1e-5)
+    assert len(api._VALIDATED) == 2
+
+
+def test_gpu_out_sharing_memory_with_an_input_is_refused_on_a_known_layout(monkeypatch):
+    from numba_mamba import scan as api
+
+    Bt, Dc, N, L, _, options = REPEAT_CASES[0]
+    rng = np.random.default_rng(7)
+    kw = _device_inputs(rng, Bt, Dc, N, L, np.dtype(np.float32), options)
+    both = cupy.zeros(2 * kw["z"].size, cupy.float32)
+    kw["z"] = both[:kw["z"].size].reshape(kw["z"].shape)
+    kw["z"][...] = 0.5
+    over = both[5:5 + kw["z"].size].reshape(kw["z"].shape)  # (over most of z)
+    for out, arg in ((kw["u"], "u"), (over, "z")):
+        before = {k: v.copy() for k, v in kw.items() if isinstance(v, cupy.ndarray)}
+        for known in (False, True):
+            if not known:
+                monkeypatch.setattr(api, "_VALIDATED", {})
+            nm.selective_scan(**kw, out=cupy.empty_like(kw["u"]))  # (the layout now known)
+            with pytest.raises(ValueError, match=f"^out must not share memory with {arg} "):
+                nm.selective_scan(**kw, out=out)
+            for k, v in before.items():  # (no kernel ran)
+                np.testing.assert_array_equal(kw[k].get(), v.get())
+
+
+def test_gpu_out_of_another_kind_dtype_or_layout_is_refused():
+    Bt, Dc, N, L, _, options = REPEAT_CASES[0]
+    kw = _device_inputs(np.random.default_rng(8), Bt, Dc, N, L, np.dtype(np.float32), options)
+    shape = kw["u"].shape
+    for out, error, pattern in [
+            (np.empty(shape, np.float32), TypeError, r"^out must be a cupy\.ndarray like u"),
+            (cupy.empty(shape, cupy.float64), TypeError, r"^out must have u's dtype float32"),
+            (cupy.empty(shape[::-1], cupy.float32).T, ValueError, r"^out must be C-contiguous"),
+            (cupy.empty(shape[:2] + (L - 1,), cupy.float32), ValueError,
+             r"^out must have shape \(1, 4, 16\) like u")]:
+        for _ in range(2):  # (unknown, then known layout of the arguments)
+            with pytest.raises(error, match=pattern):
+                nm.selective_scan(**kw, out=out)
+
+
+def test_gpu_a_setting_changed_through_the_public_import_is_seen_by_the_api(monkeypatch):
+    """``numba_mamba.cuda_kernels.settings.settings`` is the object the API's kernels
+    read: forcing the engine through it changes which engine a call runs."""
+    from numba_mamba import scan as api
+    from numba_mamba.cuda_kernels import scan_states
+    from numba_mamba.cuda_kernels.settings import settings
+
+    assert api._gpu_backend().settings is settings
+    rng = np.random.default_rng(9)
+    kw = _device_inputs(rng, 1, 4, 4, 16, np.dtype(np.float32), dict(D=True))
+    calls = []
+    forward = scan_states.scan_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(scan_states, "scan_forward", spy)
+    blocks = nm.selective_scan(**kw)
+    assert calls == []
+    with settings.override(engine="states"):
+        states = nm.selective_scan(**kw)
+    assert calls == [1]
+    assert nm.selective_scan(**kw).shape == blocks.shape and calls == [1]  # (back to 'auto')
+    np.testing.assert_allclose(states.get(), blocks.get(), rtol=1e-5, atol=1e-6)

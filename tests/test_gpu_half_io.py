@@ -3,7 +3,7 @@
 The state engine (``cuda_kernels.scan_states``) reads ``u``, ``delta``, ``z``,
 variable ``B``/``C`` and ``dout`` in float16 or bfloat16 and writes ``out``,
 ``du``, ``ddelta``, ``dz`` in it, computing in float32; the public API takes
-that path where ``scan_states.DIRECT_HALF`` is on (the default).  Checked here:
+that path where ``settings.direct_half`` is on (the default).  Checked here:
 
 * the backend against the float64 reference on the half-rounded inputs, with
   the float32 tolerances widened by one rounding to the half type where a
@@ -11,7 +11,7 @@ that path where ``scan_states.DIRECT_HALF`` is on (the default).  Checked here:
   float32 kernels run on the same values with their results rounded to the
   half type afterwards (which the half kernels should match to the bit; one
   half ulp is allowed);
-* the API with ``DIRECT_HALF`` on against the API with it off (the cast
+* the API with ``direct_half`` on against the API with it off (the cast
   path) and against the reference (``tests/test_gpu_api.py``'s half
   tolerances), and that the half arrays do reach the engine uncast;
 * Numba's launcher against ``RawLaunch`` on half arrays.
@@ -31,7 +31,7 @@ from tests.scan_cases import (HALF_UNIT_ROUNDOFF, TOLERANCES, assert_close, half
 cupy, _HAVE_GPU, pytestmark = gpu_module()
 
 if _HAVE_GPU:
-    from cuda_kernels import scan, scan_states
+    from numba_mamba.cuda_kernels import scan, scan_states
 
 GRADS = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinitial_state")
 F32 = np.dtype(np.float32)
@@ -256,9 +256,9 @@ def test_gpu_api_direct_half_matches_cast_path_and_reference(monkeypatch, dtype,
     monkeypatch.setattr(scan_states, "scan_backward", spy_backward)
     results = {}
     for direct in (False, True):
-        monkeypatch.setattr(scan_states, "DIRECT_HALF", direct)
         seen.clear()
-        results[direct] = _api_run(dev, cupy.asarray(dout), cupy.asarray(dlast))
+        with scan.settings.override(direct_half=direct):
+            results[direct] = _api_run(dev, cupy.asarray(dout), cupy.asarray(dlast))
         want = dtype if direct else F32
         assert seen == [("u", want), ("dout", want)], (direct, seen)
 
@@ -287,7 +287,7 @@ def test_gpu_api_direct_half_matches_cast_path_and_reference(monkeypatch, dtype,
 def test_gpu_api_direct_half_not_taken_for_mixed_dtypes_or_the_blocks_engine(monkeypatch,
                                                                               dtype):
     dtype = _dtype(dtype)
-    monkeypatch.setattr(scan_states, "DIRECT_HALF", True)
+    assert scan.settings.direct_half  # (the default)
     seen = []
     forward = scan_states.scan_forward
 
@@ -313,9 +313,9 @@ def test_gpu_api_direct_half_not_taken_for_mixed_dtypes_or_the_blocks_engine(mon
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gpu_half_raw_launch_matches_numba_launch(monkeypatch, dtype):
-    """Half arrays launched through CuPy (``_common.RawLaunch``) give what Numba's
+    """Half arrays launched through CuPy (``_launch.RawLaunch``) give what Numba's
     launcher gives."""
-    from cuda_kernels import _common
+    from numba_mamba.cuda_kernels.settings import settings
 
     dtype = _dtype(dtype)
     rng = np.random.default_rng(3)
@@ -327,9 +327,9 @@ def test_gpu_half_raw_launch_matches_numba_launch(monkeypatch, dtype):
     dlast = cupy.asarray(rng.standard_normal((2, 12, 5)).astype(np.float32))
     results = {}
     for raw in (False, True):
-        monkeypatch.setattr(_common, "RAW_LAUNCH", raw)
-        out, last, saved = scan_states.scan_forward(*args)
-        grads = scan_states.scan_backward(dout, dlast, *args, saved)
+        with settings.override(raw_launch=raw):
+            out, last, saved = scan_states.scan_forward(*args)
+            grads = scan_states.scan_backward(dout, dlast, *args, saved)
         results[raw] = [out, last] + list(grads)
     names = ("out", "last_state") + GRADS
     for name, a, b in zip(names, results[False], results[True]):

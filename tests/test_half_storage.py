@@ -7,10 +7,12 @@ versions (the CUDA simulator's); the GPU versions compile to PTX in
 ``tests/test_cuda_ptx.py``.  Both are compared here with ``ml_dtypes``.
 """
 
+import types
+
 import numpy as np
 import pytest
 
-from cuda_kernels._common import (bfloat16_bits_to_float32, float32_to_bfloat16_bits,
+from numba_mamba.cuda_kernels._common import (bfloat16_bits_to_float32, float32_to_bfloat16_bits,
                                   kernel_view, storage_dtype, storage_of)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -97,50 +99,54 @@ def test_storage_kinds():
     assert kernel_view(y) is y and kernel_view(None) is None
 
 
-@pytest.mark.parametrize("switch", [False, True])
-def test_api_reads_half_directly_only_where_switched_on_and_uniform(monkeypatch, switch):
-    """``numba_mamba.scan._direct_half``: the half dtype where the switch is on, the
-    arrays are on the GPU, the state engine is chosen and u, delta, z and a
-    variable B/C share one half dtype; None (cast to float32) otherwise."""
-    import types
-
+def test_api_finds_the_half_dtype_the_per_step_arrays_share():
+    """``numba_mamba.scan._shared_half``: the half dtype where ``u``, ``delta``, ``z``
+    and a variable B/C share one and the compute dtype is float32; None (cast to
+    float32) otherwise."""
     import numba_mamba.scan as api
 
-    engine = {"name": "states"}
-    backend = types.SimpleNamespace(scan_states=types.SimpleNamespace(DIRECT_HALF=switch,
-                                                                      storage_of=storage_of),
-                                    choose_engine=lambda Bt, Dc, N: engine["name"])
-    monkeypatch.setattr(api, "_gpu_backend", lambda: backend)
-    gpu = object()  # any array module but NumPy
     f32 = np.dtype(np.float32)
     h = BF16
 
-    def arrays(**dtypes):
-        shapes = dict(u=(1, 2, 5), delta=(1, 2, 5), z=(1, 2, 5), A=(2, 3), B=(1, 3, 5),
-                      C=(1, 1, 3, 5), D=(2,))
-        return {k: np.zeros(shapes[k], dtypes.get(k, h)) for k in shapes}
+    def shared(ftype=f32, **dtypes):
+        shapes = dict(u=(1, 2, 5), delta=(1, 2, 5), A=(2, 3), B=(1, 3, 5), C=(1, 1, 3, 5),
+                      D=(2,), z=(1, 2, 5))
+        arrays = {k: np.zeros(shapes[k], dtypes.get(k, h)) for k in shapes}
+        return api._shared_half(arrays, ftype)
 
-    def direct(xp=gpu, ftype=f32, **dtypes):
-        return api._direct_half(xp, arrays(**dtypes), ftype, 1, 2, 3)
+    assert shared() == h
+    assert shared(A=f32, D=f32) == h  # weights may be float32
+    assert shared(B=np.float16) is None  # mixed half dtypes
+    assert shared(delta=f32) is None
+    assert shared(ftype=np.dtype(np.float64)) is None
+    assert shared(u=np.float16, delta=np.float16, z=np.float16, B=np.float16,
+                  C=np.float16) == np.dtype(np.float16)
+    assert shared(u=f32, delta=f32, z=f32, B=f32, C=f32) is None  # not a half dtype
 
-    want = h if switch else None
-    assert direct() == want
-    assert direct(A=f32, D=f32) == want  # weights may be float32
-    assert direct(B=np.float16) is None  # mixed half dtypes
-    assert direct(delta=f32) is None
-    assert direct(xp=np) is None  # the CPU
-    assert direct(ftype=np.dtype(np.float64)) is None
-    assert direct(u=np.float16, delta=np.float16, z=np.float16, B=np.float16,
-                  C=np.float16) == (np.dtype(np.float16) if switch else None)
-    engine["name"] = "blocks"
-    assert direct() is None
+
+@pytest.mark.parametrize("switch", [False, True])
+def test_api_reads_half_directly_only_where_switched_on_and_the_state_engine_runs(switch):
+    """``numba_mamba.scan._reads_half``: the backend's ``settings.direct_half`` and
+    its engine choice (which reads ``settings.engine``) decide."""
+    import numba_mamba.scan as api
+    from numba_mamba.cuda_kernels import scan
+    from numba_mamba.cuda_kernels.settings import Settings
+
+    backend = types.SimpleNamespace(settings=Settings(direct_half=switch),
+                                    choose_engine=scan.choose_engine)
+    assert api._reads_half(backend, 8, 1536, 16) is switch  # (the state engine's size)
+    assert api._reads_half(backend, 1, 4, 4) is False  # (the block engine's)
+    with scan.settings.override(engine="states"):
+        assert api._reads_half(backend, 1, 4, 4) is switch
+    with scan.settings.override(engine="blocks"):
+        assert api._reads_half(backend, 8, 1536, 16) is False
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_narrow_kernel_in_the_simulator_rounds_as_astype(dtype):
     """``scan_states.narrow`` (the half ``dB``/``dC`` of the state engine's
     backward) run in the CUDA simulator gives ``astype``'s bits."""
-    from cuda_kernels import _common, scan_states
+    from numba_mamba.cuda_kernels import _common, scan_states
 
     if not _common.simulator():
         pytest.skip("runs in the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
