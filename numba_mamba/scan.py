@@ -258,9 +258,9 @@ def _validate(values, out):
     return checked, tuple(arrays.values())
 
 
-#: Types :func:`_gpu_layout` found to be CuPy arrays (a set lookup is cheaper
-#: than :func:`is_cupy_array`'s call).
-_CUPY_TYPES = set()
+#: Types :func:`_gpu_layout` found to be CuPy arrays, and None's (a set test is
+#: cheaper than :func:`is_cupy_array`'s call per array).
+_LAYOUT_TYPES = {type(None)}
 
 
 def _gpu_layout(values):
@@ -269,18 +269,13 @@ def _gpu_layout(values):
     where absent) -- all that validation reads; None unless every given
     array is a CuPy array (NumPy arguments, whose ``A`` is checked for finite
     values, are validated on every call)."""
-    layout = []
-    for x in values:
-        if x is None:
-            layout.append(None)
-            continue
-        cls = type(x)
-        if cls not in _CUPY_TYPES:
-            if not is_cupy_array(x):
-                return None
-            _CUPY_TYPES.add(cls)
-        layout.append((cls, x.shape, x.dtype, x.strides, x.data.device_id))
-    return tuple(layout)
+    kinds = set(map(type, values))
+    if not kinds <= _LAYOUT_TYPES:
+        if not all(x is None or is_cupy_array(x) for x in values):
+            return None
+        _LAYOUT_TYPES.update(kinds)
+    return tuple([None if x is None else (type(x), x.shape, x.dtype, x.strides, x.data.device_id)
+                  for x in values])
 
 
 #: :func:`_gpu_layout` of CuPy arguments (and a given ``out``) that passed
