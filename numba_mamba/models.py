@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._validation import array_namespace
+from ._validation import array_namespace, check_shape
 from .layers import (embedding_backward, embedding_forward, linear_backward, linear_forward,
                      rmsnorm_backward, rmsnorm_forward, conv1d_backward, conv1d_forward,
                      selective_scan_backward, selective_scan_forward)
@@ -309,9 +309,10 @@ class MambaBlockCache(NamedTuple):
     last_state: object  # (Bt, d_inner, N) scan state after the last step
     lti: bool
     rank: int  # R (0 for LTI)
+    continued: bool = False  # from an initial state: conv.x starts with d_conv - 1 earlier inputs
 
 
-def mamba_block_forward(u, params):
+def mamba_block_forward(u, params, initial_state=None):
     """Forward of one Mamba block (selective, or LTI when it has no ``x_proj``).
 
     Parameters
@@ -321,6 +322,14 @@ def mamba_block_forward(u, params):
     params : dict
         The block's parameters under their local names
         (:func:`block_param_names`, :func:`layer_params`).
+    initial_state : (conv_state, ssm_state), optional
+        Continue from a recurrent state (:func:`block_state` of an earlier
+        forward, or :mod:`numba_mamba.inference`'s): ``conv_state (Bt,
+        d_inner, d_conv)`` holds the inputs of the convolution before ``u``
+        (newest last; its last ``d_conv - 1`` are prepended to the
+        convolution's input), ``ssm_state (Bt, d_inner, N)`` is the scan's
+        ``initial_state``.  Default: the zero state.  A forward with an
+        initial state has no backward here (inference only).
 
     Returns
     -------
@@ -350,8 +359,15 @@ def mamba_block_forward(u, params):
     # The block's one transpose: (Bt, L, 2di) -> contiguous x and z, each (Bt, di, L).
     xs = xp.ascontiguousarray(xz[..., :di].transpose(0, 2, 1))
     z = xp.ascontiguousarray(xz[..., di:].transpose(0, 2, 1))
+    conv0, h0 = (None, None) if initial_state is None else initial_state
+    if initial_state is not None:  # the conv sees the inputs before u; their outputs dropped
+        W = p["conv1d.weight"].shape[1]
+        check_shape("initial_state[0]", conv0, (xs.shape[0], di, W), "(batch, d_inner, d_conv)")
+        xs = xp.concatenate([conv0[..., 1:].astype(xs.dtype), xs], axis=-1)
     xc, c_conv = conv1d_forward(xs, p["conv1d.weight"], p.get("conv1d.bias"),
                                 activation="silu")  # (Bt, di, L)
+    if initial_state is not None:
+        xc = xc[..., W - 1:]
     A = -xp.exp(p["A_log"])  # (di, N)
     N = A.shape[1]
     if lti:
@@ -360,17 +376,18 @@ def mamba_block_forward(u, params):
         delta = xp.zeros_like(xc)  # delta = softplus(0 + dt_bias) at every step
         y, last, c_scan = selective_scan_forward(
             xc, delta, A, p["B"], p["C"], D=p["D"], z=z, delta_bias=p["dt_bias"],
-            delta_softplus=True)
+            delta_softplus=True, initial_state=h0)
     else:
         R = p["dt_proj.weight"].shape[1]
         x_dbl, c_xproj = linear_forward(xc, p["x_proj.weight"], axis=-2)  # (Bt, R+2N, L)
         dt, c_dt = linear_forward(x_dbl[:, :R], p["dt_proj.weight"], axis=-2)  # (Bt, di, L)
         y, last, c_scan = selective_scan_forward(
             xc, dt, A, x_dbl[:, R:R + N], x_dbl[:, R + N:], D=p["D"], z=z,
-            delta_bias=p["dt_proj.bias"], delta_softplus=True)  # y (Bt, di, L)
+            delta_bias=p["dt_proj.bias"], delta_softplus=True, initial_state=h0)  # y (Bt, di, L)
     out, c_out = linear_forward(y.transpose(0, 2, 1), p["out_proj.weight"],
                                 p.get("out_proj.bias"))  # (Bt, L, d_model)
-    return out, MambaBlockCache(c_in, c_conv, c_xproj, c_dt, c_scan, c_out, A, last, lti, R)
+    return out, MambaBlockCache(c_in, c_conv, c_xproj, c_dt, c_scan, c_out, A, last, lti, R,
+                                initial_state is not None)
 
 
 def mamba_block_backward(dout, cache):
@@ -388,6 +405,8 @@ def mamba_block_backward(dout, cache):
         Local parameter name -> gradient, the keys of the forward's ``params``.
     """
     c = cache
+    if c.continued:
+        raise ValueError("cache is of a forward from an initial_state, which has no backward")
     xp = array_namespace(dout=dout, A=c.A)
     g = {}
     dyT, g["out_proj.weight"], db = linear_backward(dout, c.out_proj)  # dyT (Bt, L, di)
@@ -465,7 +484,7 @@ def _check_inputs(inputs, config):
                          f"(d_input), got {tuple(inputs.shape)}")
 
 
-def model_forward(inputs, params, config):
+def model_forward(inputs, params, config, initial_state=None):
     """Forward of the whole model: stem, residual stack of pre-norm blocks, head.
 
     Parameters
@@ -475,6 +494,10 @@ def model_forward(inputs, params, config):
     params : dict
         From :func:`init_params` (or a checkpoint).
     config : MambaConfig
+    initial_state : (conv, ssm), optional
+        Continue from a recurrent state: per layer lists of conv and SSM
+        states (an :class:`numba_mamba.inference.InferenceState`), as
+        :func:`mamba_block_forward` takes them.  Default: the zero state.
 
     Returns
     -------
@@ -500,7 +523,9 @@ def model_forward(inputs, params, config):
     norms, blocks = [], []
     for i in range(config.n_layers):
         hn, c_norm = rmsnorm_forward(h, params[f"layers.{i}.norm.weight"], config.norm_eps)
-        o, c_blk = mamba_block_forward(hn, layer_params(params, i))
+        o, c_blk = mamba_block_forward(
+            hn, layer_params(params, i),
+            None if initial_state is None else (initial_state[0][i], initial_state[1][i]))
         h = h + o
         norms.append(c_norm)
         blocks.append(c_blk)
