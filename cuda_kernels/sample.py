@@ -4,8 +4,9 @@ The rule (greedy argmax; Gumbel-max sampling with a counter-based hash of a
 seed, the row and a per-row counter read from device memory; ``top_k`` by the
 ``top_k``-th largest logit, ties included) and the layout are those of
 :mod:`numba_mamba._cpu_sample`, whose random-number functions are compiled
-here as device functions from the same source: the GPU and the CPU choose the
-same greedy tokens and draw from the same random numbers.
+here as device functions from the same source (``choice_functions``: the
+random numbers, the logits' order keys, the scan of a row): the GPU and the
+CPU choose the same greedy tokens and draw from the same random numbers.
 
 One block per row.  Every argument the choice depends on -- temperature,
 seed, ``top_k``, the counters -- is read from device memory and the counters
@@ -26,7 +27,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from .._cpu_sample import float_key_fn, rng_functions
+from .._cpu_sample import choice_functions
 from ._common import compile_kernel, inline_device, launch
 from .step import block_sum
 
@@ -48,10 +49,8 @@ def _argtypes(ftype):
 def _make_kernel(ftype, threads=THREADS):
     ftype = np.dtype(ftype).type
     zero = ftype(0.0)
-    neg_inf = ftype(-np.inf)
     n_bits = 31 if ftype is np.float32 else 63
-    stream_key, gumbel = rng_functions(ftype, inline_device)
-    key = inline_device(float_key_fn(ftype))
+    stream_key, key, best_in_row = choice_functions(ftype, inline_device)
     total_of = block_sum(threads)
 
     @inline_device
@@ -90,19 +89,7 @@ def _make_kernel(ftype, threads=THREADS):
                 thr = -(r + 1)
         ctr = counter[b]
         skey = stream_key(np.uint64(ints[0]), np.uint64(b), np.uint64(ctr))
-        best = neg_inf
-        besti = np.int64(-1)
-        for i in range(t, V, threads):
-            v = logits[b, i]
-            if greedy:
-                score = v
-            else:
-                if restrict and key(bits[b, i]) < thr:
-                    continue
-                score = v / T + gumbel(skey, i)
-            if score > best:
-                best = score
-                besti = i
+        best, besti = best_in_row(logits, bits, b, t, threads, T, greedy, restrict, thr, skey)
         # the block's best: the largest score, the smallest index among equal ones
         sv[t] = best
         si[t] = besti

@@ -46,8 +46,10 @@ ssm_state       (Bt, Dc, N)                               updated in place
 ==============  ========================================  ==========================
 
 ``residual_rmsnorm`` runs one block per row (a block-wide sum through shared
-memory); the step kernels one thread per (batch, channel): each step is tiny,
-the kernels exist to update the states without temporaries.  Token ids are
+memory); the step kernels one thread per (batch, channel), their arithmetic
+that of ``numba_mamba._cpu_step.step_cells`` (one source for the CPU and the
+GPU): each step is tiny, the kernels exist to update the states without
+temporaries.  Token ids are
 not checked here (a check would wait for the device): an id outside
 ``[0, V)`` reads the nearest row instead of memory outside the table.
 """
@@ -59,6 +61,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
+from .._cpu_step import step_cells
 from ._common import array_module, compile_kernel, dummy, inline_device, launch, simulator
 
 __all__ = ["NORM_THREADS", "THREADS", "block_sum", "conv_step", "get_kernels", "ptx_signatures",
@@ -111,62 +114,24 @@ def _make_kernels(ftype, norm_threads=NORM_THREADS):
     ftype = np.dtype(ftype).type
     zero = ftype(0.0)
     one = ftype(1.0)
-    twenty = ftype(20.0)
+    conv_cell, ssm_cell = step_cells(ftype, inline_device)
     total_of = block_sum(norm_threads)
 
     def conv_step(x, state, w, bias, flags, out):
-        Bt, C, W = state.shape
+        Bt, C = state.shape[0], state.shape[1]
         i = cuda.grid(1)
-        if i >= Bt * C:
-            return
-        b = i // C
-        c = i - b * C
-        acc = bias[c] if (flags & FLAG_BIAS) != 0 else zero
-        for k in range(W - 1):
-            v = state[b, c, k + 1]
-            state[b, c, k] = v
-            acc += w[c, k] * v
-        v = x[b, c]
-        state[b, c, W - 1] = v
-        acc += w[c, W - 1] * v
-        if flags & FLAG_SILU:
-            acc = acc / (one + math.exp(-acc))
-        out[b, c] = acc
+        if i < Bt * C:
+            b = i // C
+            conv_cell(x, state, w, bias, (flags & FLAG_BIAS) != 0, (flags & FLAG_SILU) != 0,
+                      out, b, i - b * C)
 
     def ssm_step(x, xz, x_dbl, dt_w, dt_bias, A, Bm, Cm, D, flags, state, out):
-        Bt, Dc, N = state.shape
+        Bt, Dc = state.shape[0], state.shape[1]
         i = cuda.grid(1)
-        if i >= Bt * Dc:
-            return
-        b = i // Dc
-        d = i - b * Dc
-        var = (flags & FLAG_VAR) != 0
-        R = dt_w.shape[1]
-        delta = zero
-        if var:
-            for r in range(R):
-                delta += dt_w[d, r] * x_dbl[b, r]
-        delta += dt_bias[d]
-        if delta <= twenty:
-            delta = math.log1p(math.exp(delta))
-        xv = x[b, d]
-        y = zero
-        for n in range(N):
-            if var:
-                bn = x_dbl[b, R + n]
-                cn = x_dbl[b, R + N + n]
-            else:
-                bn = Bm[d, n]
-                cn = Cm[d, n]
-            h = math.exp(delta * A[d, n]) * state[b, d, n] + delta * bn * xv
-            state[b, d, n] = h
-            y += cn * h
-        if flags & FLAG_D:
-            y += D[d] * xv
-        if flags & FLAG_Z:
-            zv = xz[b, Dc + d]
-            y *= zv / (one + math.exp(-zv))
-        out[b, d] = y
+        if i < Bt * Dc:
+            b = i // Dc
+            ssm_cell(x, xz, x_dbl, dt_w, dt_bias, A, Bm, Cm, D, (flags & FLAG_VAR) != 0,
+                     (flags & FLAG_D) != 0, (flags & FLAG_Z) != 0, state, out, b, i - b * Dc)
 
     def residual_rmsnorm(h, delta, tokens, table, w, eps, flags, hn):
         b = cuda.blockIdx.x

@@ -54,7 +54,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["choose", "float_key_fn", "mix64", "rng_functions"]
+__all__ = ["choice_functions", "choose", "float_key_fn", "mix64"]
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -69,32 +69,57 @@ def mix64(x):
     return x ^ (x >> _S31)
 
 
-def rng_functions(ftype, jit):
-    """``(stream_key, gumbel)`` compiled by ``jit`` (``numba.njit`` here, a CUDA
-    device-function decorator in ``cuda_kernels/sample.py``): one source for
-    both targets.
+def choice_functions(ftype, jit):
+    """``(stream_key, key, best_in_row)`` compiled by ``jit`` (``numba.njit``
+    here, a CUDA device-function decorator in ``cuda_kernels/sample.py``): one
+    source of the rule for both targets.
 
-    ``stream_key(seed, row, counter)`` (uint64 each) is the key of a row's draws
-    at one count; ``gumbel(key, i)`` the standard Gumbel draw of token ``i``
-    under it, computed in ``ftype`` (float32: 23 random bits; float64: 52).
+    ``stream_key(seed, row, counter)`` (uint64 each) is the key of a row's
+    draws at one count; ``key(bits)`` the order key of a logit
+    (:func:`float_key_fn`); ``best_in_row(logits, bits, b, start, stride, T,
+    greedy, restrict, thr, skey)`` the best ``(score, index)`` of row ``b``
+    over the indices ``start, start + stride, ...`` (index -1 where no score
+    is above ``-inf``), the first one among equal scores: the logit itself
+    (``greedy``), else ``logit / T + gumbel`` over the logits whose key is at
+    least ``thr`` (all where not ``restrict``).  The Gumbel draws are computed
+    in ``ftype`` from 23 (float32) or 52 (float64) random bits.
     """
     ftype = np.dtype(ftype).type
     bits = 23 if ftype is np.float32 else 52
     shift = np.uint64(64 - bits)
     half = ftype(0.5)
     scale = ftype(2.0 ** -bits)
+    neg_inf = ftype(-np.inf)
     one = np.uint64(1)
     mix = jit(mix64)
+    key = jit(float_key_fn(ftype))
 
     def stream_key(seed, row, counter):
         return mix(mix(seed ^ mix(row + GOLDEN)) + counter * GOLDEN)
 
-    def gumbel(key, i):
-        r = mix(key + (np.uint64(i) + one) * GOLDEN)
+    @jit
+    def gumbel(skey, i):
+        r = mix(skey + (np.uint64(i) + one) * GOLDEN)
         u = (ftype(r >> shift) + half) * scale  # in (0, 1), both ends excluded
         return -math.log(-math.log(u))
 
-    return jit(stream_key), jit(gumbel)
+    def best_in_row(logits, bits, b, start, stride, T, greedy, restrict, thr, skey):
+        best = neg_inf
+        besti = np.int64(-1)
+        for i in range(start, logits.shape[1], stride):
+            v = logits[b, i]
+            if greedy:
+                score = v
+            else:
+                if restrict and key(bits[b, i]) < thr:
+                    continue
+                score = v / T + gumbel(skey, i)
+            if score > best:
+                best = score
+                besti = i
+        return best, besti
+
+    return jit(stream_key), key, jit(best_in_row)
 
 
 def float_key_fn(ftype):
@@ -111,40 +136,25 @@ def float_key_fn(ftype):
 def _make_cpu_kernel(ftype):
     ftype = np.dtype(ftype).type
     zero = ftype(0.0)
-    neg_inf = ftype(-np.inf)
-    stream_key, gumbel = rng_functions(ftype, njit)
-    key = njit(float_key_fn(ftype))
+    stream_key, key, best_in_row = choice_functions(ftype, njit)
 
     @njit
     def choose_rows(logits, bits, temperature, ints, counter, tokens, hist):
         Bt, V = logits.shape
         T = temperature[0]
         greedy = not (T > zero)
-        seed = np.uint64(ints[0])
         k = ints[1]
+        restrict = (not greedy) and 0 < k < V
         for b in range(Bt):
             ctr = counter[b]
             thr = np.int64(0)
-            restrict = (not greedy) and 0 < k < V
-            if restrict:
+            if restrict:  # the k-th largest key: by sorting the row's keys
                 keys = np.empty(V, np.int64)
                 for i in range(V):
                     keys[i] = key(bits[b, i])
                 thr = np.sort(keys)[V - k]
-            skey = stream_key(seed, np.uint64(b), np.uint64(ctr))
-            best = neg_inf
-            besti = -1
-            for i in range(V):
-                v = logits[b, i]
-                if greedy:
-                    s = v
-                else:
-                    if restrict and key(bits[b, i]) < thr:
-                        continue
-                    s = v / T + gumbel(skey, i)
-                if s > best:
-                    best = s
-                    besti = i
+            skey = stream_key(np.uint64(ints[0]), np.uint64(b), np.uint64(ctr))
+            _, besti = best_in_row(logits, bits, b, 0, 1, T, greedy, restrict, thr, skey)
             tok = besti if besti >= 0 else 0
             tokens[b] = tok
             if ctr < hist.shape[1]:

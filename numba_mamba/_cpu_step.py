@@ -22,20 +22,32 @@ SSM state ``h (Bt, Dc, N)``, one step of the selective scan; ``dt``,
     y_t   = (<C_t, h> + D * x_t) * silu(z_t)
 """
 
+import functools
+import math
+
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["conv_step", "residual_rmsnorm", "ssm_step"]
+__all__ = ["conv_step", "residual_rmsnorm", "ssm_step", "step_cells"]
 
 
-@njit(parallel=True, cache=True)
-def _conv_step_kernel(x, state, w, bias, has_bias, silu, out):
-    Bt, C, W = state.shape
-    one = x.dtype.type(1)
-    for bc in prange(Bt * C):
-        b = bc // C
-        c = bc - b * C
-        acc = bias[c] if has_bias else x.dtype.type(0)
+def step_cells(ftype, jit):
+    """``(conv_cell, ssm_cell)`` compiled by ``jit`` (``numba.njit`` here, a CUDA
+    device-function decorator in ``cuda_kernels/step.py``): one source of the
+    step's arithmetic for both targets, constants in ``ftype``.
+
+    ``conv_cell(x, state, w, bias, has_bias, silu, out, b, c)`` and
+    ``ssm_cell(x, xz, x_dbl, dt_w, dt_bias, A, Bm, Cm, D, var, has_D, has_z,
+    state, out, b, d)`` each update one (batch, channel) of the module's math.
+    """
+    ftype = np.dtype(ftype).type
+    zero = ftype(0.0)
+    one = ftype(1.0)
+    twenty = ftype(20.0)
+
+    def conv_cell(x, state, w, bias, has_bias, silu, out, b, c):
+        W = state.shape[2]
+        acc = bias[c] if has_bias else zero
         for k in range(W - 1):
             v = state[b, c, k + 1]
             state[b, c, k] = v
@@ -44,27 +56,20 @@ def _conv_step_kernel(x, state, w, bias, has_bias, silu, out):
         state[b, c, W - 1] = v
         acc += w[c, W - 1] * v
         if silu:
-            acc = acc / (one + np.exp(-acc))
+            acc = acc / (one + math.exp(-acc))
         out[b, c] = acc
 
-
-@njit(parallel=True, cache=True)
-def _ssm_step_kernel(x, xz, x_dbl, dt_w, dt_bias, A, Bm, Cm, D, var, has_D, has_z, state, out):
-    Bt, Dc, N = state.shape
-    zero = x.dtype.type(0)
-    one = x.dtype.type(1)
-    twenty = x.dtype.type(20)
-    R = dt_w.shape[1]
-    for bd in prange(Bt * Dc):
-        b = bd // Dc
-        d = bd - b * Dc
+    def ssm_cell(x, xz, x_dbl, dt_w, dt_bias, A, Bm, Cm, D, var, has_D, has_z, state, out,
+                 b, d):
+        Dc, N = state.shape[1], state.shape[2]
+        R = dt_w.shape[1]
         delta = zero
         if var:
             for r in range(R):
                 delta += dt_w[d, r] * x_dbl[b, r]
         delta += dt_bias[d]
         if delta <= twenty:
-            delta = np.log1p(np.exp(delta))
+            delta = math.log1p(math.exp(delta))
         xv = x[b, d]
         y = zero
         for n in range(N):
@@ -74,15 +79,40 @@ def _ssm_step_kernel(x, xz, x_dbl, dt_w, dt_bias, A, Bm, Cm, D, var, has_D, has_
             else:
                 bn = Bm[d, n]
                 cn = Cm[d, n]
-            h = np.exp(delta * A[d, n]) * state[b, d, n] + delta * bn * xv
+            h = math.exp(delta * A[d, n]) * state[b, d, n] + delta * bn * xv
             state[b, d, n] = h
             y += cn * h
         if has_D:
             y += D[d] * xv
         if has_z:
             zv = xz[b, Dc + d]
-            y *= zv / (one + np.exp(-zv))
+            y *= zv / (one + math.exp(-zv))
         out[b, d] = y
+
+    return jit(conv_cell), jit(ssm_cell)
+
+
+@functools.lru_cache(maxsize=None)
+def _step_kernels(dtype):
+    """The two parallel kernels for ``dtype``: one task per (batch, channel)."""
+    conv_cell, ssm_cell = step_cells(dtype, njit)
+
+    @njit(parallel=True)
+    def conv_kernel(x, state, w, bias, has_bias, silu, out):
+        Bt, C = state.shape[0], state.shape[1]
+        for bc in prange(Bt * C):
+            b = bc // C
+            conv_cell(x, state, w, bias, has_bias, silu, out, b, bc - b * C)
+
+    @njit(parallel=True)
+    def ssm_kernel(x, xz, x_dbl, dt_w, dt_bias, A, Bm, Cm, D, var, has_D, has_z, state, out):
+        Bt, Dc = state.shape[0], state.shape[1]
+        for bd in prange(Bt * Dc):
+            b = bd // Dc
+            ssm_cell(x, xz, x_dbl, dt_w, dt_bias, A, Bm, Cm, D, var, has_D, has_z, state, out,
+                     b, bd - b * Dc)
+
+    return conv_kernel, ssm_kernel
 
 
 def _dummy(ndim, dtype):
@@ -94,7 +124,7 @@ def conv_step(x, conv_state, weight, bias, silu, out=None):
     return the conv output ``(Bt, C)`` (in ``out`` where given)."""
     Bt, C, _ = conv_state.shape
     out = np.empty((Bt, C), x.dtype) if out is None else out
-    _conv_step_kernel(x, conv_state, weight, _dummy(1, x.dtype) if bias is None else bias,
+    _step_kernels(x.dtype)[0](x, conv_state, weight, _dummy(1, x.dtype) if bias is None else bias,
                       bias is not None, bool(silu), out)
     return out
 
@@ -108,9 +138,10 @@ def ssm_step(x, xz, x_dbl, dt_weight, dt_bias, A, B, C, D, ssm_state, out=None):
     var = x_dbl is not None
     d1, d2 = _dummy(1, x.dtype), _dummy(2, x.dtype)
     out = np.empty((Bt, Dc), x.dtype) if out is None else out
-    _ssm_step_kernel(x, d2 if xz is None else xz, x_dbl if var else d2,
-                     dt_weight if var else d2, dt_bias, A, d2 if var else B, d2 if var else C,
-                     d1 if D is None else D, var, D is not None, xz is not None, ssm_state, out)
+    _step_kernels(x.dtype)[1](x, d2 if xz is None else xz, x_dbl if var else d2,
+                              dt_weight if var else d2, dt_bias, A, d2 if var else B,
+                              d2 if var else C, d1 if D is None else D, var, D is not None,
+                              xz is not None, ssm_state, out)
     return out
 
 

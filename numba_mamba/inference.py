@@ -310,18 +310,15 @@ class Decoder:
     --------
     >>> import numpy as np
     >>> from numba_mamba import inference, models
-    >>> cfg = models.MambaConfig(d_model=8, n_layers=2, vocab_size=12, d_state=4)
-    >>> params = models.init_params(cfg, dtype=np.float64)
-    >>> tokens = np.array([[3, 1, 4, 1, 5, 9]])
-    >>> full, _ = models.model_forward(tokens, params, cfg)
-    >>> dec = inference.Decoder(params, cfg)
-    >>> last = dec.prefill(tokens[:, :2])      # a prompt, in pieces
-    >>> last = dec.prefill(tokens[:, 2:4])
-    >>> logits = dec.step(tokens[:, 4])
-    >>> bool(np.allclose(logits, full[:, 4])), dec.position
+    >>> cfg = models.MambaConfig(d_model=16, n_layers=3, vocab_size=20, d_state=8)
+    >>> dec = inference.Decoder(models.init_params(cfg, dtype=np.float64), cfg, batch_size=2)
+    >>> prompt = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    >>> full, _ = models.model_forward(prompt, dec.params, cfg)
+    >>> _ = dec.prefill(prompt[:, :2]), dec.prefill(prompt[:, 2:4])  # a prompt in pieces
+    >>> bool(np.allclose(dec.step(prompt[:, 4]), full[:, 4])), dec.position
     (True, 5)
-    >>> dec.generate(tokens[:, :3], n_new=4).shape
-    (1, 7)
+    >>> dec.generate(prompt, n_new=4, temperature=0.8, top_k=5, seed=1).shape
+    (2, 9)
     """
 
     def __init__(self, params, config, batch_size=1, graph="auto"):
