@@ -224,7 +224,7 @@ class EmbeddingCache(NamedTuple):
     dtype: object
 
 
-def embedding_forward(ids, weight):
+def embedding_forward(ids, weight, sync=True):
     """Rows of ``weight`` selected by integer ``ids``.
 
     Parameters
@@ -232,6 +232,10 @@ def embedding_forward(ids, weight):
     ids : integer array, shape (...)
         Token ids in ``[0, V)``.
     weight : array, shape (V, d)
+    sync : bool, optional
+        True (default): ids outside ``[0, V)`` raise ValueError (on the GPU
+        the check waits for the device).  False: no check, nothing waits (a
+        step captured as a CUDA graph); the caller has validated ``ids``.
 
     Returns
     -------
@@ -267,7 +271,7 @@ def embedding_forward(ids, weight):
     if weight.ndim != 2:
         raise ValueError(f"weight must have 2 dims (V, d), got shape {tuple(weight.shape)}")
     V = weight.shape[0]
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+    if sync and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
         raise ValueError(f"ids must lie in [0, {V}) (rows of weight), got values in "
                          f"[{int(ids.min())}, {int(ids.max())}]")
     return weight[ids], EmbeddingCache(ids, tuple(weight.shape), weight.dtype)

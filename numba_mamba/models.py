@@ -60,7 +60,7 @@ __all__ = [
     "MambaConfig", "MambaBlockCache", "ModelCache",
     "block_param_names", "block_state", "init_params", "layer_params",
     "mamba_block_forward", "mamba_block_backward",
-    "model_forward", "model_backward", "loss_and_grads",
+    "model_forward", "model_backward", "loss_and_grads", "device_loss_and_grads",
     "cross_entropy_forward", "cross_entropy_backward", "mse_forward", "mse_backward",
 ]
 
@@ -484,7 +484,7 @@ def _check_inputs(inputs, config):
                          f"(d_input), got {tuple(inputs.shape)}")
 
 
-def model_forward(inputs, params, config, initial_state=None):
+def model_forward(inputs, params, config, initial_state=None, sync=True):
     """Forward of the whole model: stem, residual stack of pre-norm blocks, head.
 
     Parameters
@@ -498,6 +498,9 @@ def model_forward(inputs, params, config, initial_state=None):
         Continue from a recurrent state: per layer lists of conv and SSM
         states (an :class:`numba_mamba.inference.InferenceState`), as
         :func:`mamba_block_forward` takes them.  Default: the zero state.
+    sync : bool, optional
+        False: token ids are not checked against the vocabulary (the check
+        waits for the device); the caller has validated them.
 
     Returns
     -------
@@ -517,7 +520,7 @@ def model_forward(inputs, params, config, initial_state=None):
     """
     _check_inputs(inputs, config)
     if config.head == "lm":
-        h, c_stem = embedding_forward(inputs, params["embedding.weight"])  # (Bt, L, dm)
+        h, c_stem = embedding_forward(inputs, params["embedding.weight"], sync=sync)
     else:
         h, c_stem = linear_forward(inputs, params["encoder.weight"], params["encoder.bias"])
     norms, blocks = [], []
@@ -580,15 +583,32 @@ class _LossCache(NamedTuple):
     a: object  # CE: softmax probabilities (M, V); MSE: pred - target
     b: object  # CE: target ids (M,) with ignored set to 0; MSE: weights or None
     valid: object  # (M,) 1.0 where counted
-    count: float  # number of counted positions (elements for MSE)
+    count: object  # number of counted positions (elements for MSE): float, or 0-d array
     shape: tuple  # shape of the forward's prediction
+    bad: object = None  # CE with sync=False: 0-d bool, True if a counted target is out of range
 
 
-def cross_entropy_forward(logits, targets, mask=None, ignore_index=-100):
+def cross_entropy_forward(logits, targets, mask=None, ignore_index=-100, sync=True):
     """Mean cross-entropy of ``logits (..., V)`` against integer ``targets (...)``.
 
     Positions where ``targets == ignore_index`` or ``mask`` is False are left
     out of the mean (and get zero gradient).
+
+    Parameters
+    ----------
+    logits : array, shape (..., V)
+    targets : integer array, shape (...)
+    mask : array, shape (...), optional
+        True (or non-zero) where counted.
+    ignore_index : int, optional
+    sync : bool, optional
+        True (default): targets outside ``[0, V)`` (other than
+        ``ignore_index``) raise ValueError, and the number of counted
+        positions is read back as a float (both wait for the device on the
+        GPU).  False: nothing waits (a step captured as a CUDA graph): the
+        count stays a 0-d array, targets out of range are left out of the
+        mean and flagged in the cache's ``bad`` (a 0-d bool array), which the
+        caller checks later.
 
     Returns
     -------
@@ -606,6 +626,9 @@ def cross_entropy_forward(logits, targets, mask=None, ignore_index=-100):
     >>> cross_entropy_backward(1.0, cache)
     array([[-0.5 ,  0.25,  0.25],
            [ 0.  ,  0.  ,  0.  ]])
+    >>> loss, cache = cross_entropy_forward(logits, np.array([0, 7]), sync=False)
+    >>> round(float(loss), 4), bool(cache.bad)  # target 7 is out of range: left out, flagged
+    (0.6931, True)
     """
     xp = array_namespace(logits=logits, targets=targets, mask=mask)
     if targets.shape != logits.shape[:-1]:
@@ -617,17 +640,31 @@ def cross_entropy_forward(logits, targets, mask=None, ignore_index=-100):
     valid = t != ignore_index
     if mask is not None:
         valid = valid & mask.reshape(-1).astype(bool)
+    bad = None
+    if not sync:
+        out_of_range = valid & ((t < 0) | (t >= V))
+        valid = valid & ~out_of_range
+        bad = out_of_range.any()
     t = xp.where(valid, t, 0)
-    if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
+    if sync and t.size and (int(t.min()) < 0 or int(t.max()) >= V):
         raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}")
     m = flat.max(axis=-1, keepdims=True)
     e = xp.exp(flat - m)
     s = e.sum(axis=-1, keepdims=True)
     logp_t = (flat[xp.arange(t.size), t] - m[:, 0]) - xp.log(s[:, 0])
     w = valid.astype(logits.dtype)
-    count = max(float(w.sum()), 1.0)
+    count = _count(w, sync, xp)
     loss = -(logp_t * w).sum() / count
-    return loss, _LossCache("ce", e / s, t, w, count, tuple(logits.shape))
+    return loss, _LossCache("ce", e / s, t, w, count, tuple(logits.shape), bad)
+
+
+def _count(w, sync, xp):
+    """``max(sum(w), 1)``: a float, or (``sync=False``) an array of ``w``'s dtype.
+
+    Both divide the same: the sum of 0/1 weights is exact in the dtype, and a
+    float32 quotient computed in double and rounded equals float32's own.
+    """
+    return max(float(w.sum()), 1.0) if sync else xp.maximum(w.sum(), 1)
 
 
 def cross_entropy_backward(dloss, cache):
@@ -640,10 +677,12 @@ def cross_entropy_backward(dloss, cache):
     return d.reshape(cache.shape)
 
 
-def mse_forward(pred, target, mask=None):
+def mse_forward(pred, target, mask=None, sync=True):
     """Mean squared error ``mean((pred - target)**2)`` over the (masked) elements.
 
     ``mask`` (broadcastable to ``pred``, True = counted) leaves elements out.
+    ``sync=False``: the count of masked elements stays a 0-d array instead
+    of a float read from the device (see :func:`cross_entropy_forward`).
 
     Examples
     --------
@@ -664,7 +703,7 @@ def mse_forward(pred, target, mask=None):
         loss = (diff * diff).sum() / max(count, 1.0)
     else:
         w = xp.broadcast_to(mask, pred.shape).astype(pred.dtype)
-        count = max(float(w.sum()), 1.0)
+        count = _count(w, sync, xp)
         loss = (diff * diff * w).sum() / count
     return loss, _LossCache("mse", diff, w, None, count, tuple(pred.shape))
 
@@ -675,6 +714,19 @@ def mse_backward(dloss, cache):
     return d if cache.b is None else d * cache.b
 
 
+def _loss_and_grads(inputs, targets, params, config, mask, sync):
+    """``(loss, grads, loss cache)`` of the head's loss; ``sync=False`` waits for nothing."""
+    out, cache = model_forward(inputs, params, config, sync=sync)
+    if config.head == "lm":
+        loss, lc = cross_entropy_forward(out, targets, mask=mask, sync=sync)
+        dout = cross_entropy_backward(1.0, lc)
+    else:
+        loss, lc = mse_forward(out, targets, mask=mask, sync=sync)
+        dout = mse_backward(1.0, lc)
+    _, grads = model_backward(dout, cache)
+    return loss, grads, lc
+
+
 def loss_and_grads(inputs, targets, params, config, mask=None):
     """Loss of the model's head (cross-entropy or MSE) and its gradients.
 
@@ -683,6 +735,10 @@ def loss_and_grads(inputs, targets, params, config, mask=None):
     loss : float
     grads : dict
         Same keys as ``params``.
+
+    See Also
+    --------
+    device_loss_and_grads : the same without waiting for the device.
 
     Examples
     --------
@@ -695,12 +751,50 @@ def loss_and_grads(inputs, targets, params, config, mask=None):
     >>> sorted(grads) == sorted(params)
     True
     """
-    out, cache = model_forward(inputs, params, config)
-    if config.head == "lm":
-        loss, lc = cross_entropy_forward(out, targets, mask=mask)
-        dout = cross_entropy_backward(1.0, lc)
-    else:
-        loss, lc = mse_forward(out, targets, mask=mask)
-        dout = mse_backward(1.0, lc)
-    _, grads = model_backward(dout, cache)
+    loss, grads, _ = _loss_and_grads(inputs, targets, params, config, mask, sync=True)
     return float(loss), grads
+
+
+def device_loss_and_grads(inputs, targets, params, config, mask=None):
+    """:func:`loss_and_grads` that never waits for the device (a step captured as a CUDA graph).
+
+    The loss stays an array, and invalid values are flagged instead of
+    raising: token ids outside ``[0, vocab_size)`` are replaced by 0 and
+    targets out of range are left out of the loss, and ``bad`` says so.
+    With valid inputs, ``loss`` and ``grads`` are those of
+    :func:`loss_and_grads` to the bit.
+
+    Returns
+    -------
+    loss : 0-d array
+        On the inputs' device, of the parameters' dtype (a NumPy scalar on
+        the CPU).
+    grads : dict
+        Same keys as ``params``.
+    bad : 0-d int64 array
+        0, or the sum of 1 (a counted target out of range) and 2 (a token id
+        out of range); always 0 for a regression head.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba import models
+    >>> cfg = models.MambaConfig(d_model=8, n_layers=1, vocab_size=5, d_state=4)
+    >>> params = models.init_params(cfg, dtype=np.float64)
+    >>> x = np.array([[1, 2, 3]]); y = np.array([[2, 3, 4]])
+    >>> loss, grads, bad = models.device_loss_and_grads(x, y, params, cfg)
+    >>> bool(loss == models.loss_and_grads(x, y, params, cfg)[0]), int(bad)
+    (True, 0)
+    >>> int(models.device_loss_and_grads(x + 3, y + 1, params, cfg)[2])  # ids and targets too big
+    3
+    """
+    xp = array_namespace(inputs=inputs, targets=targets, mask=mask)
+    if config.head != "lm":
+        loss, grads, _ = _loss_and_grads(inputs, targets, params, config, mask, sync=False)
+        return loss, grads, xp.zeros((), xp.int64)
+    _check_inputs(inputs, config)
+    out_of_range = (inputs < 0) | (inputs >= config.vocab_size)
+    ids = xp.where(out_of_range, 0, inputs)
+    loss, grads, lc = _loss_and_grads(ids, targets, params, config, mask, sync=False)
+    bad = lc.bad.astype(xp.int64) + 2 * out_of_range.any().astype(xp.int64)
+    return loss, grads, bad

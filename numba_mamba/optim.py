@@ -12,11 +12,15 @@ References
    ICLR 2015.
 """
 
+import importlib
 import math
+
+import numpy as np
 
 from ._validation import array_namespace
 
-__all__ = ["AdamW", "clip_grad_norm", "default_no_decay", "global_norm", "warmup_cosine"]
+__all__ = ["AdamW", "FusedAdamW", "clip_grad_norm", "clip_grad_norm_device", "default_no_decay",
+           "global_norm", "warmup_cosine"]
 
 
 def default_no_decay(name):
@@ -160,6 +164,214 @@ def clip_grad_norm(grads, max_norm):
         for g in grads.values():
             g *= scale
     return norm
+
+
+def _optim_kernels(xp):
+    """The AdamW and loss-history kernels for ``xp``'s arrays (NumPy or CUDA)."""
+    if xp is np:
+        return importlib.import_module("numba_mamba._cpu_optim")
+    from .layers import gpu_kernels
+    return gpu_kernels("optim")
+
+
+def _slot(a, i):
+    """``a[i]`` of a 1-D array as a writeable 0-d view (NumPy would give a scalar)."""
+    return a[i:i + 1].reshape(())
+
+
+def clip_grad_norm_device(grads, max_norm):
+    """:func:`clip_grad_norm` that never waits for the device: the norm stays an array.
+
+    Scales all gradients in place by ``min(1, max_norm / (norm + 1e-6))``
+    (exactly 1 where ``norm <= max_norm``), the factor rounded to each
+    gradient's dtype as :func:`clip_grad_norm` does, and returns the global
+    norm before clipping as a 0-d float64 array on the gradients' device.
+    Each gradient's squared norm is summed in float64 as in
+    :func:`global_norm`; their total may be added in another order (float64
+    rounding).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba.optim import clip_grad_norm_device
+    >>> grads = {"a": np.array([3.0]), "b": np.array([4.0])}
+    >>> norm = clip_grad_norm_device(grads, 1.0)
+    >>> float(norm), np.round(grads["a"], 6), np.round(grads["b"], 6)
+    (5.0, array([0.6]), array([0.8]))
+    """
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    xp = array_namespace(**{f"grads[{k!r}]": g for k, g in grads.items()})
+    kernels = _optim_kernels(xp)
+    sq = xp.zeros(len(grads), xp.float64)
+    for i, g in enumerate(grads.values()):
+        kernels.sum_of_squares(g, _slot(sq, i))
+    norm = xp.sqrt(sq.sum())
+    scale = xp.where(norm > max_norm, max_norm / (norm + 1e-6), 1.0)
+    for g in grads.values():
+        g *= scale.astype(g.dtype)
+    return norm
+
+
+class FusedAdamW:
+    """:class:`AdamW` with global-norm clipping as kernels that never wait for the device.
+
+    The learning rate, the step count and the clipping factor live in device
+    memory, so :meth:`update` can be captured in a CUDA graph and replayed
+    (:class:`numba_mamba.training.TrainStep` does).  Per step: one
+    sum-of-squares reduction per gradient, one thread computing the global
+    norm, the clipping factor and the bias corrections from the device's step
+    count, and one fused kernel per parameter (``m``, ``v``, decay, update).
+    The arithmetic is that of :func:`clip_grad_norm` followed by
+    :meth:`AdamW.step` (on NumPy arrays the result is the same to the bit; on
+    the GPU to float32 rounding: the compiler may fuse a multiply and an add).
+
+    Parameters
+    ----------
+    optimizer : AdamW
+        Hyperparameters (betas, eps, weight decay, ``no_decay``), base
+        learning rate and state.  Its moments are copied into this object's
+        buffers, and ``optimizer.m`` and ``optimizer.v`` become those buffers,
+        so that ``optimizer.state_dict()`` sees every update.
+    params : dict
+        Parameters updated in place: C-contiguous arrays of one float dtype
+        (float32 or float64), all NumPy or all CuPy.
+    max_grad_norm : float, optional
+        Clip the gradients to this global norm first (None: no clipping).
+
+    Attributes
+    ----------
+    norm : array, shape (1,), float64
+        Global norm of the last update's gradients, before clipping.
+
+    Notes
+    -----
+    :meth:`update` changes no host state: whoever calls it calls
+    :meth:`advance` once per update (:meth:`step` does both).  After
+    ``optimizer.load_state_dict(...)``, :meth:`stale` is True; :meth:`load`
+    copies the optimizer's state into the buffers again (:meth:`step` does
+    that by itself).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba.optim import AdamW, FusedAdamW
+    >>> params = {"w": np.array([1.0, -2.0])}
+    >>> fused = FusedAdamW(AdamW(lr=0.1, weight_decay=0.0), params)
+    >>> fused.step({"w": np.array([0.5, -3.0])})
+    >>> params["w"], fused.optimizer.t
+    (array([ 0.9, -1.9]), 1)
+    """
+
+    def __init__(self, optimizer, params, max_grad_norm=None):
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        if not params:
+            raise ValueError("params must hold at least one array, got an empty dict")
+        xp = array_namespace(**{f"params[{k!r}]": p for k, p in params.items()})
+        dtypes = sorted({p.dtype.name for p in params.values()})
+        if len(dtypes) != 1 or dtypes[0] not in ("float32", "float64"):
+            raise TypeError(f"params must share one dtype, float32 or float64, got {dtypes}")
+        for name, p in params.items():
+            if not p.flags.c_contiguous:
+                raise ValueError(f"params[{name!r}] must be C-contiguous")
+        self.optimizer = optimizer
+        self.params = params
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.xp = xp
+        self.dtype = np.dtype(dtypes[0])
+        self._kernels = _optim_kernels(xp)
+        self.m = {name: xp.zeros_like(p) for name, p in params.items()}
+        self.v = {name: xp.zeros_like(p) for name, p in params.items()}
+        self.t = xp.zeros(1, xp.int64)
+        self.lr = xp.zeros(1, xp.float64)
+        self.hyper = xp.zeros(4, xp.float64)
+        self.coef = xp.zeros(len(self._kernels.COEF), self.dtype)
+        self.sq = xp.zeros(len(params), xp.float64)
+        self.norm = xp.zeros(1, xp.float64)
+        self._sq_slots = [_slot(self.sq, i) for i in range(len(params))]
+        self._flat = [(name, p.reshape(-1), self.m[name].reshape(-1), self.v[name].reshape(-1))
+                      for name, p in params.items()]
+        self.load()
+
+    def load(self):
+        """Copy the optimizer's step count, hyperparameters and moments into the buffers."""
+        opt = self.optimizer
+        xp = self.xp
+        for mine, theirs, what in ((self.m, opt.m, "m"), (self.v, opt.v, "v")):
+            for name, buf in mine.items():
+                src = theirs.get(name)
+                if src is None:
+                    buf.fill(0)
+                elif tuple(src.shape) != tuple(buf.shape):
+                    raise ValueError(f"optimizer.{what}[{name!r}] must have shape "
+                                     f"{tuple(buf.shape)} like the parameter, got "
+                                     f"{tuple(src.shape)}")
+                elif src is not buf:
+                    buf[...] = xp.asarray(src)
+        opt.m, opt.v = self.m, self.v
+        b1, b2 = opt.betas
+        self.t.fill(opt.t)
+        self.hyper[...] = xp.asarray([b1, b2, opt.weight_decay,
+                                      self.max_grad_norm or 0.0], dtype=xp.float64)
+        coef = np.zeros(len(self._kernels.COEF), self.dtype)
+        coef[:5] = [b1, 1 - b1, b2, 1 - b2, opt.eps]  # each rounded from float64, as AdamW does
+        self.coef[...] = xp.asarray(coef)
+        self._decay = [bool(opt.weight_decay) and not opt.no_decay(name)
+                       for name, *_ in self._flat]
+        self._seen = (opt.t, opt.betas, opt.eps, opt.weight_decay)
+        self._lr_host = None
+
+    def stale(self):
+        """True when the optimizer's state was replaced or changed since :meth:`load`."""
+        opt = self.optimizer
+        return (opt.m is not self.m or opt.v is not self.v
+                or (opt.t, opt.betas, opt.eps, opt.weight_decay) != self._seen)
+
+    def set_lr(self, lr):
+        """Write the learning rate of the next updates into device memory."""
+        lr = float(lr)
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if lr != self._lr_host:
+            self.lr.fill(lr)
+            self._lr_host = lr
+
+    def update(self, grads):
+        """One update on the device from ``grads`` (capturable: no host reads or writes).
+
+        The device's step count advances; the optimizer's ``t`` does not (see
+        :meth:`advance`).
+        """
+        missing = [name for name in self.params if name not in grads]
+        if missing:
+            raise KeyError(f"grads lack entries for parameters {missing[:5]}")
+        for name, p in self.params.items():
+            g = grads[name]
+            if tuple(g.shape) != tuple(p.shape) or g.dtype != p.dtype:
+                raise ValueError(f"grads[{name!r}] must have shape {tuple(p.shape)} and dtype "
+                                 f"{p.dtype}, got {tuple(g.shape)} and {g.dtype}")
+        k = self._kernels
+        in_order = [g for name, g in grads.items() if name in self.params]  # global_norm's order
+        for g, slot in zip(in_order, self._sq_slots):
+            k.sum_of_squares(g, slot)
+        k.prepare(self.t, self.lr, self.hyper, self.sq, self.norm, self.coef)
+        for (name, p, m, v), decay in zip(self._flat, self._decay):
+            g = self.xp.ascontiguousarray(grads[name]).reshape(-1)
+            k.adamw_update(p, g, m, v, self.coef, decay)
+
+    def advance(self):
+        """Count one update on the host (``optimizer.t += 1``), after :meth:`update`."""
+        self.optimizer.t += 1
+        self._seen = (self.optimizer.t,) + self._seen[1:]
+
+    def step(self, grads, lr=None):
+        """:meth:`update` then :meth:`advance`, at ``lr`` (default: the optimizer's)."""
+        if self.stale():
+            self.load()
+        self.set_lr(self.optimizer.lr if lr is None else lr)
+        self.update(grads)
+        self.advance()
 
 
 def warmup_cosine(step, base_lr, warmup_steps, total_steps, min_lr=0.0):
