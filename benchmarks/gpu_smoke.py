@@ -53,7 +53,7 @@ def main():
 
     import cupy
 
-    from cuda_kernels import scan
+    from numba_mamba.cuda_kernels import scan
     from numba_mamba import reference
 
     props = cupy.cuda.runtime.getDeviceProperties(0)

@@ -1,7 +1,8 @@
 """Helpers shared by the kernel modules: device functions, streams, layouts.
 
 Nothing here computes; these are the few lines every launcher needs, kept in
-one place, and a cheaper way to launch a compiled kernel on CuPy arrays.
+one place.  Kernels are compiled and launched through :mod:`._launch`
+(:func:`compile_kernel`, :func:`launch`, re-exported here).
 """
 
 import array
@@ -17,8 +18,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-__all__ = ["BoundLaunch", "HALF_STORAGE", "RAW_LAUNCH", "RawLaunch", "Replay", "activations",
-           "array_module", "as_variable", "bfloat16_bits_to_float32", "c_strided",
+__all__ = ["BoundLaunch", "HALF_STORAGE", "RawLaunch", "Replay", "activations",
+           "array_module", "as_variable", "bfloat16_bits_to_float32", "c_strided", "compile_kernel",
            "current_stream", "dummy", "empty", "float32_to_bfloat16_bits", "inline_device",
            "kernel_view", "launch", "record", "simulator", "storage_dtype", "storage_io",
            "storage_of", "storage_widen"]
@@ -224,26 +225,6 @@ def current_stream(xp=None):
     return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
 
 
-def c_strided(x):
-    """``x`` (C-contiguous) viewed with exactly C strides.
-
-    NumPy and CuPy call an array with a zero stride on a length-1 axis (as
-    ``B[:, None]`` makes) C-contiguous, Numba does not, and the kernels are
-    compiled for C-contiguous arrays only.  Scalars and NumPy arrays (the
-    simulator, which checks no types) pass through.
-    """
-    if isinstance(x, np.ndarray) or not hasattr(x, "strides"):
-        return x
-    stride = x.itemsize
-    for size, s in zip(reversed(x.shape), reversed(x.strides)):
-        if s != stride:
-            import cupy
-
-            return cupy.ndarray(x.shape, x.dtype, x.data)
-        stride *= size
-    return x
-
-
 # ------------------------------------------------------------------ settings
 #: ``[n]``: changes with every assignment (or deletion) of an attribute of a
 #: :class:`SettingsModule` from outside it.  A recorded replay holds only for
@@ -276,233 +257,10 @@ def watch_settings(module_name):
 
 
 # ------------------------------------------------------------------ launching
-#: Launch kernels on CuPy arrays through CuPy (:class:`RawLaunch`) rather than
-#: through Numba's dispatcher.  Environment ``NUMBA_MAMBA_RAW_LAUNCH=0`` turns
-#: it off.
-RAW_LAUNCH = os.environ.get("NUMBA_MAMBA_RAW_LAUNCH", "1") != "0"
-
-
-class RawLaunch:
-    """Launch one compiled Numba kernel through the CUDA driver, as CuPy does.
-
-    Numba's dispatcher spends tens of microseconds per launch and 12-15 more
-    per CuPy array argument (it wraps each one as a Numba device array), and
-    CuPy's own ``Function.__call__`` a microsecond or two per argument (each
-    becomes a ctypes object).  This loads the kernel's cubin, as Numba linked
-    it, into a CuPy module once and, per launch, writes the kernel's
-    parameters as Numba's launcher lays them out -- an array of ``ndim``
-    dimensions as ``(meminfo, parent, size, itemsize, data, *shape,
-    *strides)``, an integer or a float by value -- into one 8-byte slot each
-    of a buffer kept with the launcher, and hands the driver
-    (``cuLaunchKernel``) a pointer per slot.
-
-    Only the data pointers change between launches of one layout: each layout
-    (the arrays' shapes and itemsizes, the scalars' values, grid and block)
-    gets its :class:`BoundLaunch`, slots and all, so a launch of a layout seen
-    before writes just the pointers.
-
-    Parameters
-    ----------
-    dispatcher : numba.cuda dispatcher
-        Compiled for exactly one signature (``cuda.jit(signature)``), with
-        C-contiguous array, integer (at most 8 bytes) and float32/float64
-        arguments only.
-    """
-
-    def __init__(self, dispatcher):
-        import cupy
-        from numba.core import types as nbtypes
-
-        (kernel,) = dispatcher.overloads.values()
-        self._ndims = []  # per argument: its dimensions, 0 an integer, < 0 a float
-        n_slots = 0
-        for ty in kernel.argument_types:
-            if isinstance(ty, nbtypes.Array) and ty.layout == "C" and ty.ndim > 0:
-                self._ndims.append(ty.ndim)
-                n_slots += 5 + 2 * ty.ndim
-            elif isinstance(ty, nbtypes.Integer) and ty.bitwidth <= 64:
-                self._ndims.append(0)
-                n_slots += 1
-            elif isinstance(ty, nbtypes.Float) and ty.bitwidth in (32, 64):
-                self._ndims.append(_FLOAT32 if ty.bitwidth == 32 else _FLOAT64)
-                n_slots += 1
-            else:
-                raise TypeError(f"RawLaunch takes C arrays, integers and floats, got {ty}")
-        lib = kernel._codelibrary
-        self._module = cupy.cuda.function.Module()
-        image = lib.get_cubin()
-        image = getattr(image, "code", image)  # numba-cuda on cuda.core: an ObjectCode
-        if not isinstance(image, bytes):
-            raise TypeError(f"expected the kernel's cubin as bytes, got {type(image).__name__}")
-        self._module.load(image)
-        self._function = self._module.get_function(lib._entry_name)
-        self._init_slots(n_slots, cupy.cuda.driver.launchKernel)
-
-    def _init_slots(self, n_slots, launch_kernel):
-        self._n_slots = n_slots
-        self._launch = launch_kernel
-        self._bound = {}  # (layout, grid, block) -> BoundLaunch
-        self._arrays = [i for i, ndim in enumerate(self._ndims) if ndim > 0]
-        self._scalars = [i for i, ndim in enumerate(self._ndims) if ndim <= 0]
-        # (argument, slot) of each data pointer: (meminfo, parent, size, itemsize, data, ...)
-        where = []
-        slot = 0
-        for i, ndim in enumerate(self._ndims):
-            if ndim > 0:
-                where.append((i, slot + 4))
-                slot += 5 + 2 * ndim
-            else:
-                slot += 1
-        self._data_slots = tuple(where)
-
-    def _layout(self, args):
-        """The layout key of ``args``: shapes and itemsizes of the arrays (each
-        checked to be C-contiguous, of the kernel's rank), the scalars' values."""
-        key = []
-        ndims = self._ndims
-        for i in self._arrays:
-            a = args[i]
-            shape = a.shape
-            contiguous = getattr(a, "_c_contiguous", None)  # (CuPy; ``flags`` builds an object)
-            if contiguous is None:
-                contiguous = a.flags.c_contiguous
-            if len(shape) != ndims[i] or not contiguous:
-                raise ValueError(f"expected a C-contiguous array of {ndims[i]} dimensions, "
-                                 f"got shape {shape}, strides {a.strides}")
-            key.append(shape)
-            key.append(a.itemsize)
-        for i in self._scalars:
-            v = args[i]
-            key.append(type(v))  # (1 and 1.0 and np.float32(1) differ in their bits)
-            key.append(v)
-        return tuple(key)
-
-    def params(self, args):
-        """The kernel's parameter values for ``args``, one int per 8-byte slot."""
-        values = []
-        for ndim, value in zip(self._ndims, args):
-            if ndim > 0:
-                key = (value.shape, value.itemsize)
-                meta = _ARRAY_META.get(key)
-                if meta is None:
-                    meta = _ARRAY_META[key] = _array_meta(*key)
-                if len(value.shape) != ndim or not value.flags.c_contiguous:
-                    raise ValueError(f"expected a C-contiguous array of {ndim} dimensions, "
-                                     f"got shape {value.shape}, strides {value.strides}")
-                values += meta[0]
-                values.append(value.data.ptr)
-                values += meta[1]
-            elif ndim == 0:
-                values.append(int(value) & _SLOT_MASK)  # two's complement, low bytes first
-            else:  # a float's bits in the slot's low bytes
-                code = "<f" if ndim == _FLOAT32 else "<d"
-                values.append(int.from_bytes(struct.pack(code, value), "little"))
-        return values
-
-    def __call__(self, grid, block, stream, args):
-        """Launch on CuPy arrays ``args`` (C-contiguous) on ``stream`` (a CuPy stream)."""
-        if len(args) != len(self._ndims):
-            raise ValueError(f"expected {len(self._ndims)} arguments, got {len(args)}")
-        key = (self._layout(args), grid, block)
-        bound = self._bound.get(key)
-        if bound is None:
-            if len(self._bound) >= _MAX_LAYOUTS:
-                self._bound.clear()
-            bound = self._bound[key] = self.bind(grid, block, args)
-        bound(stream.ptr, [args[i].data.ptr for i in self._arrays])
-
-    def bind(self, grid, block, args):
-        """A :class:`BoundLaunch` of this kernel on ``grid`` x ``block`` threads,
-        with the parameter slots of ``args`` but the arrays' data pointers, which
-        each of its calls passes."""
-        if len(args) != len(self._ndims):
-            raise ValueError(f"expected {len(self._ndims)} arguments, got {len(args)}")
-        self._layout(args)  # (checks the arrays)
-        values = self.params(args)
-        if len(values) != self._n_slots:
-            raise ValueError(f"expected {self._n_slots} parameter slots, got {len(values)}")
-        return BoundLaunch(self._function.ptr, int(grid), int(block), values,
-                           [slot for _, slot in self._data_slots], self._launch)
-
-
-class BoundLaunch:
-    """One kernel's launch prepared by :meth:`RawLaunch.bind`: its own slots,
-    all filled but the data pointers, and the driver's pointers to them."""
-
-    def __init__(self, function, grid, block, values, data_slots, launch_kernel):
-        self._slots = array.array("Q", values)
-        first = self._slots.buffer_info()[0]
-        self._pointers = array.array("Q", range(first, first + 8 * len(values), 8))
-        self._data_slots = data_slots
-        self._function, self._grid, self._block = function, grid, block
-        self._launch = launch_kernel
-        self._lock = threading.Lock()
-
-    def __call__(self, stream, ptrs):
-        """Launch on the arrays at data pointers ``ptrs`` (one per array
-        parameter, in order) on the stream whose handle is ``stream``."""
-        slots = self._slots
-        with self._lock:
-            for slot, ptr in zip(self._data_slots, ptrs):
-                slots[slot] = ptr
-            self._launch(self._function, self._grid, 1, 1, self._block, 1, 1, 0, stream,
-                         self._pointers.buffer_info()[0], 0)
-
-
-_ARRAY_META = {}
-_MAX_LAYOUTS = 256  # layouts a launcher keeps (then it starts again)
-_SLOT_MASK = (1 << 64) - 1
-_FLOAT32, _FLOAT64 = -1, -2  # argument kinds of RawLaunch
-
-
-def _array_meta(shape, itemsize):
-    """An array's parameter slots around its data pointer: ``(meminfo, parent,
-    size, itemsize)`` and ``(*shape, *C strides)``."""
-    size = 1
-    for s in shape:
-        size *= s
-    strides = []
-    stride = itemsize
-    for s in reversed(shape):  # C strides: Numba's kernels index by them
-        strides.append(stride)
-        stride *= s
-    return (0, 0, size, itemsize), tuple(shape) + tuple(reversed(strides))
-
-
-_RAW = {}
-
-
-def launch(kernel, grid, block, stream, args):
-    """Launch ``kernel[grid, block, stream](*args)``.
-
-    On CuPy arrays (and :data:`RAW_LAUNCH` on) through :class:`RawLaunch` on
-    CuPy's current stream, else through Numba's dispatcher on ``stream``: a
-    Numba stream, None (the default stream; the CUDA simulator and NumPy
-    arrays take this path) or ``"current"`` (CuPy's current stream, made a
-    Numba stream only where Numba launches).
-    """
-    if RAW_LAUNCH and not isinstance(args[0], np.ndarray) and not simulator():
-        import cupy
-
-        key = (kernel, cupy.cuda.runtime.getDevice())  # a module per device
-        raw = _RAW.get(key)
-        if raw is None:
-            raw = _RAW[key] = RawLaunch(kernel)
-        raw(grid, block, cupy.cuda.get_current_stream(), args)
-        recording = getattr(_RECORDING, "now", None)
-        if recording is not None:
-            recording.launched(raw, grid, block, args)
-        return
-    recording = getattr(_RECORDING, "now", None)
-    if recording is not None:  # (Numba's launch is not replayed)
-        recording.replayable = False
-    if isinstance(stream, str) and stream == "current":
-        stream = current_stream(array_module(args[0]))
-    args = [c_strided(a) for a in args]
-    if stream is None:
-        kernel[grid, block](*args)
-    else:
-        kernel[grid, block, stream](*args)
+# Every launch goes through the launch seam, ``_launch`` (the one module that
+# reads internals of numba-cuda and CuPy); its names are re-exported here for
+# the kernel modules.
+from ._launch import BoundLaunch, RawLaunch, c_strided, compile_kernel, launch  # noqa: E402
 
 
 _DUMMIES = {}

@@ -53,7 +53,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import dummy, inline_device, launch
+from ._common import compile_kernel, dummy, inline_device, launch
 
 __all__ = ["THREADS", "conv1d_backward", "conv1d_forward", "get_kernels", "ptx_signatures"]
 
@@ -176,8 +176,8 @@ def get_kernels(dtype, width):
     """Compiled ``(forward, backward)`` kernels for ``dtype`` and ``width`` taps (cached)."""
     fwd_py, bwd_py = _make_kernels(np.dtype(dtype), width)
     fwd_t, bwd_t = _argtypes(dtype)
-    fwd = cuda.jit(types.void(*fwd_t), launch_bounds=(THREADS,))(fwd_py)
-    bwd = cuda.jit(types.void(*bwd_t), launch_bounds=(THREADS,))(bwd_py)
+    fwd = compile_kernel(fwd_py, types.void(*fwd_t), launch_bounds=(THREADS,))
+    bwd = compile_kernel(bwd_py, types.void(*bwd_t), launch_bounds=(THREADS,))
     return fwd, bwd
 
 

@@ -72,7 +72,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import array_module, inline_device, launch, simulator
+from ._common import array_module, compile_kernel, inline_device, launch, simulator
 
 __all__ = [
     "METHOD_CODES",
@@ -467,7 +467,7 @@ def _get_kernels(family, dtype, cplx, sim):
         sigs = _recurrence_argtypes(dtype)
     if sim:
         return tuple(cuda.jit(f) for f in bodies)
-    return tuple(cuda.jit(types.void(*s))(f) for f, s in zip(bodies, sigs))
+    return tuple(compile_kernel(f, types.void(*s)) for f, s in zip(bodies, sigs))
 
 
 def ptx_signatures():

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import launch
+from ._common import compile_kernel, launch
 
 __all__ = ["THREADS", "get_kernels", "ptx_signatures", "silu_backward", "silu_forward",
            "softplus_backward", "softplus_forward"]
@@ -78,7 +78,7 @@ def get_kernels(dtype):
     """Compiled kernels for ``dtype`` (a dict by name, cached)."""
     bodies = _make_kernels(np.dtype(dtype))
     sigs = _argtypes(dtype)
-    return {name: cuda.jit(types.void(*sigs[name]))(bodies[name]) for name in _NAMES}
+    return {name: compile_kernel(bodies[name], types.void(*sigs[name])) for name in _NAMES}
 
 
 def ptx_signatures():

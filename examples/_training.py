@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 import numba_mamba as nm
-from numba_mamba import models
+from numba_mamba.training import TrainStep
 
 
 def add_training_args(parser):
@@ -77,7 +77,7 @@ def fit(params, config, args, xp, batch, on_eval, label=""):
     xp : module
         ``numpy`` or ``cupy``: where ``params`` live.
     batch : callable
-        ``batch(step) -> (inputs, targets)``, NumPy integer arrays.
+        ``batch(step) -> (inputs, targets)``, NumPy integer arrays of one shape.
     on_eval : callable
         ``on_eval(done, mean_recent_loss, seconds) -> str``: evaluates the
         model after ``done`` steps and returns the line to print.
@@ -87,22 +87,21 @@ def fit(params, config, args, xp, batch, on_eval, label=""):
     Returns
     -------
     losses : list of float
-        Training loss of every step run.
+        Training loss of every step run (read back at each evaluation; a
+        non-finite loss stops the run there).
     seconds : float
         Wall time of the loop, the first step's JIT compiles included.
     """
     opt = nm.AdamW(lr=args.lr, weight_decay=args.weight_decay)
+    # One TrainStep: on the GPU a CUDA graph replayed per step, the losses read back at each
+    # evaluation (each read waits for the device), not at every step.
+    stepper = TrainStep(params, config, opt, max_grad_norm=args.clip or None)
     prefix = f"{label} " if label else ""
     losses = []
     bar = progress(range(args.steps), not args.no_progress, desc=label or "train")
     t0 = t1 = time.perf_counter()  # t1: end of the first step
     for s in bar:
         x, y = batch(s)
-        loss, grads = models.loss_and_grads(xp.asarray(x), xp.asarray(y), params, config)
-        if not math.isfinite(loss):
-            raise SystemExit(f"{prefix}loss is {loss} at step {s}")
-        if args.clip:
-            nm.clip_grad_norm(grads, args.clip)
         # With --time-limit the schedule runs on whichever is further along, steps or time
         # (the time left after the first step, which holds the JIT compiles), so that a run
         # cut short by the clock still ends with the learning rate decayed.
@@ -112,19 +111,25 @@ def fit(params, config, args, xp, batch, on_eval, label=""):
             s_eff = max(s, int((time.perf_counter() - t1) / left * args.steps))
         lr = nm.warmup_cosine(min(s_eff, args.steps - 1), args.lr, min(args.warmup, args.steps),
                               args.steps, args.lr * args.min_lr_ratio)
-        opt.step(params, grads, lr=lr)
-        losses.append(loss)
+        stepper.step(x, y, lr=lr)
         if s == 0:
+            losses += stepper.losses()  # (waits for the first step: its time holds the compiles)
             t1 = time.perf_counter()
             print(f"{prefix}first step {t1 - t0:.1f} s (with JIT compiles)", flush=True)
         done = s + 1
         out_of_time = bool(args.time_limit) and time.perf_counter() - t0 > args.time_limit
         if done % args.eval_every == 0 or done == args.steps or out_of_time:
+            new = stepper.losses()
+            losses += new
+            bad = [v for v in new if not math.isfinite(v)]
+            if bad:
+                raise SystemExit(f"{prefix}loss is {bad[0]} at step "
+                                 f"{len(losses) - len(new) + new.index(bad[0])}")
             msg = prefix + on_eval(done, float(np.mean(losses[-args.eval_every:])),
                                    time.perf_counter() - t0)
             bar.write(msg) if hasattr(bar, "write") else print(msg, flush=True)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss:.3f}")
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if out_of_time:
             print(f"{prefix}--time-limit {args.time_limit:g} s reached after {done} steps")
             break

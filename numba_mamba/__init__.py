@@ -43,7 +43,44 @@ timeseries           MambaForecaster (fit/predict, scaling, early stopping, regu
                      metrics mae, rmse, mase, smape, seasonal_naive
 """
 
-from . import checkpoint, inference, layers, models, optim, reference, timeseries, training
+import importlib.util as _importlib_util
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _register_kernels():
+    """Make ``numba_mamba.cuda_kernels`` the one name of the CUDA kernels.
+
+    A wheel ships them as the subfolder ``numba_mamba/cuda_kernels``; in a
+    source tree (on ``sys.path`` or installed editable) the top-level
+    ``cuda_kernels/`` folder beside this package is registered here as the
+    subpackage.  Either way every kernel file loads as exactly one module,
+    ``numba_mamba.cuda_kernels.<name>``; ``import cuda_kernels`` fails.
+    """
+    name = __name__ + ".cuda_kernels"
+    if name in _sys.modules or (_Path(__file__).parent / "cuda_kernels").is_dir():
+        return  # (a wheel: the subfolder)
+    # the source tree's folder beside this package (also what an editable
+    # install maps the name onto; preferred to the mapping, which may be
+    # another tree's)
+    folder = _Path(__file__).resolve().parent.parent / "cuda_kernels"
+    if not (folder / "__init__.py").is_file():
+        return  # (no kernels: a CPU-only copy; importing them fails as usual)
+    spec = _importlib_util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del _sys.modules[name]
+        raise
+    globals()["cuda_kernels"] = module  # (what the import system does for a subpackage)
+
+
+_register_kernels()
+
+from . import checkpoint, inference, layers, models, optim, reference, timeseries, training  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .discretize import DISCRETIZE_METHODS, DiscretizeGrads, discretize, discretize_vjp
 from .filters import SSMFilter, UnstableFilterWarning, ssm_filter, ssm_kernel

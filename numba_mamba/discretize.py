@@ -56,10 +56,8 @@ def _gpu_kernels():
     from .scan import _gpu_backend  # raises with the install hint if the stack is missing
 
     _gpu_backend()
-    try:
-        from .cuda_kernels import discretize as kernels
-    except ImportError:
-        from cuda_kernels import discretize as kernels
+    from .cuda_kernels import discretize as kernels
+
     return kernels
 
 

@@ -66,15 +66,12 @@ CONV_ACTIVATIONS = (None, "silu")
 
 
 def gpu_kernels(name):
-    """The module ``cuda_kernels.<name>``, or RuntimeError saying what to install."""
+    """The module ``numba_mamba.cuda_kernels.<name>``, or RuntimeError saying what to install."""
     try:
         from numba import cuda
         if not cuda.is_available():
             raise RuntimeError("numba.cuda.is_available() is False")
-        try:
-            return importlib.import_module(f"numba_mamba.cuda_kernels.{name}")
-        except ImportError:
-            return importlib.import_module(f"cuda_kernels.{name}")
+        return importlib.import_module(f"numba_mamba.cuda_kernels.{name}")
     except (ImportError, RuntimeError) as exc:
         raise RuntimeError(f"{missing_gpu_stack_message} ({exc})") from exc
 

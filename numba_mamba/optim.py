@@ -243,6 +243,9 @@ class FusedAdamW:
     ----------
     norm : array, shape (1,), float64
         Global norm of the last update's gradients, before clipping.
+    decay : list of bool
+        Whether each parameter (in the order of ``params``) decays: fixed in
+        a captured graph, unlike the hyperparameters' values.
 
     Notes
     -----
@@ -317,7 +320,7 @@ class FusedAdamW:
         coef = np.zeros(len(self._kernels.COEF), self.dtype)
         coef[:5] = [b1, 1 - b1, b2, 1 - b2, opt.eps]  # each rounded from float64, as AdamW does
         self.coef[...] = xp.asarray(coef)
-        self._decay = [bool(opt.weight_decay) and not opt.no_decay(name)
+        self.decay = [bool(opt.weight_decay) and not opt.no_decay(name)
                        for name, *_ in self._flat]
         self._seen = (opt.t, opt.betas, opt.eps, opt.weight_decay)
         self._lr_host = None
@@ -356,7 +359,7 @@ class FusedAdamW:
         for g, slot in zip(in_order, self._sq_slots):
             k.sum_of_squares(g, slot)
         k.prepare(self.t, self.lr, self.hyper, self.sq, self.norm, self.coef)
-        for (name, p, m, v), decay in zip(self._flat, self._decay):
+        for (name, p, m, v), decay in zip(self._flat, self.decay):
             g = self.xp.ascontiguousarray(grads[name]).reshape(-1)
             k.adamw_update(p, g, m, v, self.coef, decay)
 

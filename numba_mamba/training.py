@@ -134,6 +134,8 @@ class TrainStep:
         self._hist = xp.zeros(int(history), self._fused.dtype)
         self._state = xp.asarray(np.array([0, -1, 0], np.int64))
         self._batch = None  # static (inputs, targets, mask)
+        self._pinned = {}  # page-locked staging of NumPy batches for device buffers
+        self._graph = graph
         self._step = CapturedStep(self._run, graph=graph, xp=xp)
         self._done = 0  # steps run
         self._read = 0  # steps whose loss was read back
@@ -168,7 +170,10 @@ class TrainStep:
         self._put(inputs, targets, mask)
         fused = self._fused
         if fused.stale():
+            decay = fused.decay
             fused.load()
+            if fused.decay != decay:  # (which parameters decay is written into the graph)
+                self._step = CapturedStep(self._run, graph=self._graph, xp=self.xp)
         fused.set_lr(self.optimizer.lr if lr is None else lr)
         if self._done - self._read == self._hist.shape[0]:
             self._drain()
@@ -246,13 +251,36 @@ class TrainStep:
                     f"(a TrainStep runs on buffers of one shape: make another for this one)")
         if self.config.head == "lm":
             _check_token_ranges(inputs, targets, mask, self.config.vocab_size)
-        for a, buf in zip((inputs, targets, mask), self._batch):
+        for i, (a, buf) in enumerate(zip((inputs, targets, mask), self._batch)):
             if a is None:
                 continue
             if is_cupy_array(buf) and isinstance(a, np.ndarray):
-                buf.set(np.ascontiguousarray(a, dtype=buf.dtype))  # (no wait: queued on the stream)
+                self._upload(i, a, buf)
             else:
                 buf[...] = a
+
+    def _upload(self, i, a, buf):
+        """Copy NumPy ``a`` into device ``buf`` without waiting for the device.
+
+        A copy from pageable memory would wait for the stream (the previous
+        step); from page-locked memory it is queued.  Two page-locked slots
+        per buffer take turns: a slot is refilled once its copy of two steps
+        ago has run (a wait only when the host is two steps ahead).
+        """
+        import cupy
+        import cupyx
+
+        slots = self._pinned.get(i)
+        if slots is None:
+            slots = self._pinned[i] = [[cupyx.empty_pinned(buf.shape, buf.dtype), None]
+                                       for _ in range(2)]
+        slot = slots[self._done % 2]
+        if slot[1] is not None:
+            slot[1].synchronize()
+        np.copyto(slot[0], a, casting="unsafe")
+        stream = cupy.cuda.get_current_stream()
+        buf.set(slot[0], stream=stream)  # (a stream given: an asynchronous copy)
+        slot[1] = stream.record()
 
     def _buffers(self, inputs, targets, mask):
         xp, cfg = self.xp, self.config

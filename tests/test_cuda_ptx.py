@@ -14,7 +14,7 @@ reporting (9, 0) answers, so the whole kernel is compiled for sm_90 without a
 driver.  (That stand-in patches numba-cuda 0.30's private
 ``numba.cuda.dispatcher.get_current_device``.)
 
-Each module of ``cuda_kernels`` lists its kernels with ``ptx_signatures()``:
+Each module of ``numba_mamba.cuda_kernels`` lists its kernels with ``ptx_signatures()``:
 ``(name, py_func, argtypes, is_float32[, launch_bounds or dict of cuda.jit options])``.
 """
 
@@ -32,7 +32,7 @@ if numba.config.ENABLE_CUDASIM:  # pragma: no cover - the simulator has no PTX
 
 from numba.cuda import dispatcher as _dispatcher  # noqa: E402
 
-from cuda_kernels import conv1d, discretize, elementwise, scan, scan_states, step  # noqa: E402
+from numba_mamba.cuda_kernels import conv1d, discretize, elementwise, scan, scan_states, step  # noqa: E402
 
 CC = (9, 0)
 SIGNATURES = {}
@@ -190,7 +190,7 @@ def _storage_copy_kernel(storage):
     stores twice it back: the conversions of ``_common.storage_io`` alone."""
     from numba import types
 
-    from cuda_kernels._common import storage_dtype, storage_io
+    from numba_mamba.cuda_kernels._common import storage_dtype, storage_io
 
     load, store = storage_io(storage, np.float32)
 
@@ -236,7 +236,7 @@ def test_storage_widen_of_a_read_is_a_load(storage):
     long before it widens it, and gets what a load gives."""
     from numba import types
 
-    from cuda_kernels._common import storage_dtype, storage_io, storage_widen
+    from numba_mamba.cuda_kernels._common import storage_dtype, storage_io, storage_widen
 
     load, _ = storage_io(storage, np.float32)
     zero, widen = storage_widen(storage, np.float32)

@@ -114,7 +114,7 @@ def _simulate_case(name):
     import numba
 
     assert numba.config.ENABLE_CUDASIM, "the simulator must be on"
-    from cuda_kernels import scan
+    from numba_mamba.cuda_kernels import scan
     from numba_mamba import reference
     from tests.scan_cases import half_dtype, make_inputs
 
@@ -149,7 +149,7 @@ def _simulate_case(name):
     D, z, bias = kw["D"], kw["z"], kw["delta_bias"]
     sp, init = kw["delta_softplus"], kw["initial_state"]
     if tuning is not None:
-        from cuda_kernels import scan_states
+        from numba_mamba.cuda_kernels import scan_states
 
         args = (u, delta, A, B, C, D, z, bias, sp, init)
         out, last, saved = scan_states.scan_forward(*args, tuning=tuning,
@@ -298,7 +298,7 @@ def _simulate_api_half(dtype_name, half_weights):
 
     import numba_mamba as nm
     import numba_mamba.scan as api
-    from cuda_kernels import scan_states
+    from numba_mamba.cuda_kernels import scan_states
     from tests.scan_cases import half_dtype, make_inputs
 
     dtype = half_dtype(dtype_name)

@@ -219,7 +219,7 @@ def _simulate(dtype_name):
     import numba
 
     assert numba.config.ENABLE_CUDASIM
-    from cuda_kernels import discretize as dk
+    from numba_mamba.cuda_kernels import discretize as dk
     from numba_mamba.discretize import _backward_cpu, _forward_cpu
 
     ftype = np.dtype(dtype_name)

@@ -466,7 +466,7 @@ def _simulate():
     import numba
 
     assert numba.config.ENABLE_CUDASIM
-    from cuda_kernels import discretize as dk
+    from numba_mamba.cuda_kernels import discretize as dk
 
     rng = np.random.default_rng(23)
     R, N, L = 3, 2, 37

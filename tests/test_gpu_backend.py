@@ -17,7 +17,7 @@ from tests.scan_cases import TOLERANCES, assert_close, make_inputs
 cupy, _HAVE_GPU, pytestmark = gpu_module()
 
 if _HAVE_GPU:
-    from cuda_kernels import scan, scan_states
+    from numba_mamba.cuda_kernels import scan, scan_states
 
 LENGTHS = [1, 7, 8, 372, 784, 1134, 2048, 4097]
 FLAG_SETS = [
@@ -220,8 +220,9 @@ def test_gpu_states_engine_split_backward_keeps_one_state_in_several_tiles(dtype
 
 @pytest.mark.parametrize("engine", ["blocks", "states"])
 def test_gpu_raw_launch_matches_numba_launch(engine, monkeypatch):
-    """Kernels launched through CuPy (``_common.RawLaunch``) give what Numba's launcher gives."""
-    from cuda_kernels import _common
+    """Kernels launched through CuPy (``_launch.RawLaunch``) give what Numba's launcher gives."""
+    from numba_mamba.cuda_kernels import _launch
+    from numba_mamba.cuda_kernels.settings import settings
 
     rng = np.random.default_rng(3)
     kw = make_inputs(rng, Bt=2, Dc=12, L=777, N=5, dtype=np.float32, B_kind="grouped",
@@ -235,11 +236,11 @@ def test_gpu_raw_launch_matches_numba_launch(engine, monkeypatch):
     dlast = cupy.asarray(rng.standard_normal((2, 12, 5)).astype(np.float32))
     results = {}
     for raw in (False, True):
-        monkeypatch.setattr(_common, "RAW_LAUNCH", raw)
-        out, last, saved = scan.scan_forward(*args, engine=engine)
-        grads = scan.scan_backward(dout, dlast, *args, saved)
+        with settings.override(raw_launch=raw):
+            out, last, saved = scan.scan_forward(*args, engine=engine)
+            grads = scan.scan_backward(dout, dlast, *args, saved)
         results[raw] = [out.get(), last.get()] + [g.get() for g in grads]
-    assert _common._RAW, "the raw launcher was not used"
+    assert any(r is not None for r in _launch._RAW.values()), "the raw launcher was not used"
     names = ("out", "last_state") + GRADS
     for name, a, b in zip(names, results[False], results[True]):
         if name in ("dA", "dB", "dC", "dD", "ddelta_bias"):  # float32 atomics: order varies

@@ -1,9 +1,14 @@
-"""The parameter slots of ``cuda_kernels._common.RawLaunch`` (CPU: no CuPy needed).
+"""The launch seam ``numba_mamba.cuda_kernels._launch`` on the CPU (no CuPy needed).
 
 ``RawLaunch`` hands the CUDA driver one 8-byte slot per kernel parameter, laid
 out as Numba's own launcher lays them out.  On the GPU its results are compared
-with Numba's launcher (``tests/test_gpu_backend.py``); here the packing itself
-is checked on stand-ins for CuPy arrays.
+with Numba's launcher (``tests/test_gpu_backend.py``, ``tests/test_gpu_launch.py``);
+here the packing itself is checked on stand-ins for CuPy arrays, and so is the
+choice of path: a kernel whose raw path cannot be built (an internal missing,
+a changed argument layout) launches through Numba, with views made without a
+synchronization, on CuPy's current stream.  ``compile_kernel`` is checked
+against a stand-in ``cuda.jit``: the disk cache on, cache entries named per
+``cuda.jit`` options, a refusal to cache compiled without it.
 """
 
 import struct
@@ -13,7 +18,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("numba.cuda")
-from cuda_kernels import _common  # noqa: E402
+from numba_mamba.cuda_kernels import _launch  # noqa: E402
 
 
 class FakeDeviceArray:
@@ -28,7 +33,7 @@ class FakeDeviceArray:
 
 
 def _launcher(kinds):
-    raw = _common.RawLaunch.__new__(_common.RawLaunch)  # no cubin to load on the CPU
+    raw = _launch.RawLaunch.__new__(_launch.RawLaunch)  # no cubin to load on the CPU
     raw._ndims = kinds
     return raw
 
@@ -40,7 +45,7 @@ def test_array_slots_are_meminfo_parent_size_itemsize_data_shape_c_strides():
 
 
 def test_integer_slots_hold_twos_complement_and_float_slots_hold_ieee_bits():
-    raw = _launcher([0, 0, _common._FLOAT32, _common._FLOAT64])
+    raw = _launcher([0, 0, _launch._FLOAT32, _launch._FLOAT64])
     slots = raw.params([np.int64(-2), 7, np.float32(1.5), 0.1])
     assert slots[0] == (1 << 64) - 2  # the low 4 bytes read as int32 give -2 as well
     assert struct.unpack("<i", slots[0].to_bytes(8, "little")[:4])[0] == -2
@@ -68,7 +73,7 @@ def test_launch_hands_the_driver_one_pointer_per_slot_holding_its_value():
         seen.update(f=f, grid=(gx, gy, gz), block=(bx, by, bz), stream=stream, extra=extra,
                     values=[ctypes.c_uint64.from_address(p).value for p in pointers])
 
-    raw = _launcher([2, 0, _common._FLOAT64])
+    raw = _launcher([2, 0, _launch._FLOAT64])
     raw._init_slots(11, launch_kernel)
     raw._function = SimpleNamespace(ptr=0xF00)
     a = FakeDeviceArray((3, 2), 8, 0xABC000)
@@ -97,7 +102,7 @@ def _recording_launcher(kinds, n_slots):
 def test_cached_layouts_give_the_slots_params_computes():
     """Launches that alternate layouts (shapes, itemsizes, scalar values and
     types) and data pointers hand the driver what ``params`` computes for each."""
-    kinds = [2, 0, _common._FLOAT32, 1]
+    kinds = [2, 0, _launch._FLOAT32, 1]
     raw, seen = _recording_launcher(kinds, 9 + 1 + 1 + 7)
     def args(shape, itemsize, p, q, n=np.int32(4), x=np.float32(2.0)):
         return [FakeDeviceArray(shape, itemsize, p), n, x, FakeDeviceArray((5,), itemsize, q)]
@@ -121,3 +126,359 @@ def test_cached_layout_still_refuses_a_non_contiguous_array():
         raw(1, 32, SimpleNamespace(ptr=0), [FakeDeviceArray((4, 4), 4, 0x1000, contiguous=False)])
     assert len(seen) == 1
 
+
+
+# --------------------------------------------------------- choosing the path
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+from numba.core import types as nbtypes  # noqa: E402
+from numba.cuda.descriptor import cuda_target  # noqa: E402
+
+from numba_mamba.cuda_kernels.settings import settings  # noqa: E402
+
+CURRENT_STREAM = 0x77
+
+
+class FakeCupyArray(FakeDeviceArray):
+    """A CuPy array stand-in: what both paths read (C strides)."""
+
+    def __init__(self, shape, itemsize, ptr):
+        super().__init__(shape, itemsize, ptr)
+        strides, stride = [], itemsize
+        for n in reversed(shape):
+            strides.append(stride)
+            stride *= n
+        self.strides = tuple(reversed(strides))
+        self.__cuda_array_interface__ = {"shape": shape, "data": (ptr, False)}
+
+
+class FakeModule:
+    """``cupy.cuda.function.Module``: keeps the image, hands out a function."""
+
+    loaded = []
+
+    def load(self, image):
+        FakeModule.loaded.append(image)
+
+    def get_function(self, name):
+        return SimpleNamespace(ptr=0xF00, name=name)
+
+
+@pytest.fixture
+def seam(monkeypatch):
+    """Fresh per-kernel state of the seam, a stand-in CuPy (current stream
+    ``CURRENT_STREAM``, device 0), and Numba's ``as_cuda_array`` and
+    ``external_stream`` recorded instead of called."""
+    from numba import cuda
+
+    monkeypatch.setattr(_launch, "_RAW", {})
+    monkeypatch.setattr(_launch, "_WHY", {})
+    monkeypatch.setattr(_launch, "_STREAMS", {})
+    monkeypatch.setattr(_launch, "_WARNED", [])
+    launches = []
+
+    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        launches.append((f, gx, bx, stream))
+
+    cupy = SimpleNamespace(cuda=SimpleNamespace(
+        runtime=SimpleNamespace(getDevice=lambda: 0),
+        get_current_stream=lambda: SimpleNamespace(ptr=CURRENT_STREAM),
+        function=SimpleNamespace(Module=FakeModule),
+        driver=SimpleNamespace(launchKernel=launch_kernel)))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    views = []
+
+    def as_cuda_array(x, sync=True):
+        views.append((x, sync))
+        return ("view", x, sync)
+
+    monkeypatch.setattr(cuda, "as_cuda_array", as_cuda_array)
+    monkeypatch.setattr(cuda, "external_stream", lambda ptr: ("numba stream", ptr))
+    monkeypatch.setattr(_launch, "_param_sizes", lambda ptr, limit: None)
+    return SimpleNamespace(launches=launches, views=views)
+
+
+A2 = nbtypes.Array(nbtypes.float32, 2, "C")
+
+
+class FakeDispatcher:
+    """A Numba CUDA dispatcher stand-in compiled for ``argtypes``; indexing it
+    with a launch configuration records the Numba-path launch."""
+
+    def __init__(self, argtypes=(A2, nbtypes.int32), library="default", targetctx=None):
+        if library == "default":
+            library = SimpleNamespace(get_cubin=lambda: b"cubin", _entry_name="_Z6kernel")
+        kernel = SimpleNamespace(argument_types=tuple(argtypes), library=library)
+        self.overloads = {tuple(argtypes): kernel}
+        self.targetctx = targetctx or cuda_target.target_context
+        self.calls = []
+        self.__name__ = "fake_kernel"
+
+    def __getitem__(self, config):
+        grid, block, *stream = config
+        return lambda *args: self.calls.append((grid, block, *stream, args))
+
+
+def _args():
+    return [FakeCupyArray((3, 2), 4, 0xABC000), np.int32(4)]
+
+
+def _assert_numba_path(seam, kernel, args):
+    assert kernel.calls == [(5, 128, ("numba stream", CURRENT_STREAM),
+                             (("view", args[0], False), args[1]))]
+    assert seam.views == [(args[0], False)]  # sync=False: no synchronization
+    assert seam.launches == []
+    assert _launch.launch_path(kernel) == "numba"
+
+
+def test_a_kernel_whose_internals_are_complete_takes_the_raw_path(seam):
+    kernel = FakeDispatcher()
+    _launch.launch(kernel, 5, 128, "current", _args())
+    assert seam.launches == [(0xF00, 5, 128, CURRENT_STREAM)]
+    assert kernel.calls == [] and seam.views == []
+    assert _launch.launch_path(kernel) == "raw" and _launch.fallback_reason(kernel) is None
+
+
+def _fallback(seam, kernel, match):
+    args = _args()
+    with pytest.warns(_launch.LaunchFallbackWarning, match=match):
+        _launch.launch(kernel, 5, 128, "current", args)
+    _assert_numba_path(seam, kernel, args)
+    assert match in _launch.fallback_reason(kernel)
+    # the choice is remembered: no second build, no second warning
+    kernel.calls.clear()
+    seam.views.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _launch.launch(kernel, 5, 128, "current", args)
+    _assert_numba_path(seam, kernel, args)
+
+
+def test_a_dispatcher_without_overloads_falls_back_to_numba(seam):
+    kernel = FakeDispatcher()
+    del kernel.overloads
+    _fallback(seam, kernel, "overloads")
+
+
+def test_a_library_without_its_entry_name_falls_back_to_numba(seam):
+    library = SimpleNamespace(get_cubin=lambda: b"cubin")  # no ``_entry_name``
+    _fallback(seam, FakeDispatcher(library=library), "_entry_name")
+
+
+def test_a_cubin_of_another_type_falls_back_to_numba(seam):
+    library = SimpleNamespace(get_cubin=lambda: "not bytes", _entry_name="k")
+    _fallback(seam, FakeDispatcher(library=library), "cubin as bytes")
+
+
+class _Context:
+    """Numba's target context with one of its answers changed."""
+
+    def __init__(self, drop_param=False, swap_fields=False):
+        self._real = cuda_target.target_context
+        self.drop_param, self.swap_fields = drop_param, swap_fields
+
+    def get_arg_packer(self, argtypes):
+        params = self._real.get_arg_packer(argtypes).argument_types
+        return SimpleNamespace(argument_types=params[1:] if self.drop_param else params)
+
+    @property
+    def data_model_manager(self):
+        real = self._real.data_model_manager
+        swap = {"nitems": "itemsize", "itemsize": "nitems"} if self.swap_fields else {}
+
+        def lookup(ty):
+            model = real.lookup(ty)
+            return SimpleNamespace(
+                get_field_position=lambda f: model.get_field_position(swap.get(f, f)))
+
+        return SimpleNamespace(lookup=lookup)
+
+
+def test_a_changed_argument_packing_falls_back_to_numba(seam):
+    _fallback(seam, FakeDispatcher(targetctx=_Context(drop_param=True)), "flattens the arguments")
+
+
+def test_a_changed_array_model_falls_back_to_numba(seam):
+    _fallback(seam, FakeDispatcher(targetctx=_Context(swap_fields=True)), "array model")
+
+
+def test_parameter_sizes_the_driver_reports_otherwise_fall_back_to_numba(seam, monkeypatch):
+    monkeypatch.setattr(_launch, "_param_sizes", lambda ptr, limit: [8] * 9 + [8])
+    _fallback(seam, FakeDispatcher(), "parameters of")
+
+
+def test_parameter_sizes_the_driver_reports_alike_keep_the_raw_path(seam, monkeypatch):
+    # a 2-D float32 array (9 slots of 8 bytes) and an int32 (4 bytes)
+    monkeypatch.setattr(_launch, "_param_sizes", lambda ptr, limit: [8] * 9 + [4])
+    kernel = FakeDispatcher()
+    assert _launch.launch_path(kernel) == "raw"
+
+
+def test_an_unsupported_argument_type_falls_back_to_numba(seam):
+    kernel = FakeDispatcher(argtypes=(A2, nbtypes.complex64))
+    _fallback(seam, kernel, "RawLaunch takes C arrays")
+
+
+def test_raw_launch_off_takes_numba_path_without_building(seam):
+    kernel = FakeDispatcher()
+    args = _args()
+    with settings.override(raw_launch=False):
+        _launch.launch(kernel, 5, 128, "current", args)
+        assert _launch.launch_path(kernel) == "numba"
+    assert kernel.calls == [(5, 128, ("numba stream", CURRENT_STREAM),
+                             (("view", args[0], False), args[1]))]
+    assert seam.launches == []
+    assert _launch._RAW == {}  # nothing was built
+    _launch.launch(kernel, 5, 128, "current", args)  # back on: the raw path
+    assert seam.launches == [(0xF00, 5, 128, CURRENT_STREAM)]
+
+
+def test_numba_path_views_a_length_one_axis_with_c_strides(seam, monkeypatch):
+    """A CuPy array with a zero stride on a length-1 axis is C-contiguous for
+    CuPy, not for Numba: the view is made of a C-strided array."""
+    made = []
+
+    def ndarray(shape, dtype, data):
+        a = FakeCupyArray(shape, 4, data.ptr)
+        made.append(a)
+        return a
+
+    sys.modules["cupy"].ndarray = ndarray
+    odd = FakeCupyArray((3, 1), 4, 0x1000)
+    odd.strides = (4, 0)
+    odd.dtype = np.dtype(np.float32)
+    kernel = FakeDispatcher()
+    with settings.override(raw_launch=False):
+        _launch.launch(kernel, 1, 32, "current", [odd, np.int32(1)])
+    assert len(made) == 1 and made[0].strides == (4, 4)
+    assert kernel.calls[0][3][0] == ("view", made[0], False)
+
+
+def test_numpy_arrays_launch_through_numba_on_the_given_stream(seam):
+    kernel = FakeDispatcher()
+    x = np.zeros((3, 2), np.float32)
+    _launch.launch(kernel, 2, 32, "current", [x, 1])  # "current": the default stream
+    _launch.launch(kernel, 2, 32, "s", [x, 1])
+    assert kernel.calls == [(2, 32, (x, 1)), (2, 32, "s", (x, 1))]
+    assert seam.launches == [] and seam.views == []
+
+
+def test_every_kernel_signature_is_laid_out_as_raw_launch_writes_it():
+    """Numba's own description of each kernel's parameters (array data model
+    and argument packer) agrees with the slots RawLaunch writes."""
+    from numba_mamba.cuda_kernels import conv1d, discretize, elementwise, scan, scan_states, step
+
+    n = 0
+    for module in (scan, scan_states, discretize, conv1d, elementwise, step):
+        for name, _, argtypes, *_ in module.ptx_signatures():
+            _launch.check_argument_layout(tuple(argtypes), cuda_target.target_context)
+            n += 1
+    assert n > 50
+
+
+# ------------------------------------------------------------------ compiling
+@pytest.fixture
+def fake_jit(monkeypatch):
+    """``cuda.jit`` recorded: each call's signature and options, and the
+    function it compiled; ``fail`` makes a ``cache=True`` compile raise."""
+    from numba import cuda
+
+    seen = SimpleNamespace(calls=[], fail=None)
+
+    def jit(signature=None, **options):
+        def compile_(f):
+            seen.calls.append((signature, options, f))
+            if options.get("cache") and seen.fail is not None:
+                raise seen.fail
+            return ("dispatcher", f)
+        return compile_
+
+    monkeypatch.setattr(cuda, "jit", jit)
+    monkeypatch.setattr(_launch, "_CACHE_REFUSED", {})
+    return seen
+
+
+def _body(scale):
+    def body(x, out):
+        out[0] = x[0] * scale
+    return body
+
+
+def test_compile_kernel_caches_under_a_name_per_options(fake_jit):
+    sig = nbtypes.void(nbtypes.float32[::1], nbtypes.float32[::1])
+    body = _body(np.float32(2))
+    _launch.compile_kernel(body, sig, launch_bounds=(128,))
+    _launch.compile_kernel(body, sig, launch_bounds=(128,))
+    _launch.compile_kernel(body, sig, launch_bounds=(256,))
+    _launch.compile_kernel(body, sig, launch_bounds=(128,), fastmath=True)
+    names = []
+    for signature, options, f in fake_jit.calls:
+        assert signature == sig and options.pop("cache") is True
+        assert f is not body and f.__code__ is body.__code__ and f.__closure__ is body.__closure__
+        assert f.__qualname__.startswith(body.__qualname__ + "-")
+        names.append(f.__qualname__)
+    assert names[0] == names[1] and len(set(names)) == 3
+    assert [c[1] for c in fake_jit.calls] == [{"launch_bounds": (128,)}] * 2 + [
+        {"launch_bounds": (256,)}, {"launch_bounds": (128,), "fastmath": True}]
+
+
+def test_compile_kernel_compiles_without_the_cache_where_numba_refuses_it(fake_jit):
+    sig = nbtypes.void(nbtypes.float32[::1], nbtypes.float32[::1])
+    body = _body(np.float32(2))
+    fake_jit.fail = RuntimeError("cannot cache function 'body': no locator available for file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernel = _launch.compile_kernel(body, sig)
+    assert kernel == ("dispatcher", body)  # the body itself, without the cache
+    assert [c[1] for c in fake_jit.calls] == [{"cache": True}, {}]
+    (name, why), = _launch.cache_refusals().items()
+    assert name.startswith(body.__qualname__) and "no locator" in why
+
+
+def test_compile_kernel_raises_what_is_not_a_refusal_to_cache(fake_jit):
+    sig = nbtypes.void(nbtypes.float32[::1], nbtypes.float32[::1])
+    fake_jit.fail = TypeError("No implementation of function for argument types")
+    with pytest.raises(TypeError, match="No implementation"):
+        _launch.compile_kernel(_body(np.float32(2)), sig)
+    assert len(fake_jit.calls) == 1 and _launch.cache_refusals() == {}
+
+
+def test_compile_kernel_without_cache_compiles_the_body_itself(fake_jit):
+    sig = nbtypes.void(nbtypes.float32[::1], nbtypes.float32[::1])
+    body = _body(np.float32(2))
+    assert _launch.compile_kernel(body, sig, cache=False, fastmath=True) == ("dispatcher", body)
+    assert fake_jit.calls == [(sig, {"fastmath": True}, body)]
+
+
+_KEY_PROBE = r"""
+import hashlib, json
+from numba.cuda.serialize import dumps
+from numba_mamba.cuda_kernels import conv1d, discretize, elementwise, scan, scan_states, step
+out = {}
+for m in (scan, scan_states, discretize, conv1d, elementwise, step):
+    for name, f, *_ in m.ptx_signatures():
+        cells = tuple(c.cell_contents for c in (f.__closure__ or ()))
+        out[name] = hashlib.sha256(dumps(cells)).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def test_kernel_closures_pickle_alike_in_every_process():
+    """Numba's disk cache keys a kernel on its closure, pickled (with Numba's
+    pickler, as its cache does): every kernel's closure pickles, and to the
+    same bytes in two processes of different hash seeds, so a second process
+    finds the first one's entries."""
+    import json
+    import os
+    import subprocess
+
+    digests = []
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        env.pop("NUMBA_ENABLE_CUDASIM", None)
+        result = subprocess.run([sys.executable, "-c", _KEY_PROBE], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        digests.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert len(digests[0]) > 50 and digests[0] == digests[1]
