@@ -25,6 +25,7 @@ from numba_mamba.graphs import CaptureWarning
 from numba_mamba.optim import AdamW, FusedAdamW, clip_grad_norm, clip_grad_norm_device
 from numba_mamba.training import TrainStep
 from tests.gpu import gpu_module
+from tests.test_train_step import _batches as cpu_batches
 
 cupy, _HAVE_GPU, pytestmark = gpu_module()
 
@@ -33,21 +34,9 @@ REG_LTI = models.MambaConfig(d_model=16, n_layers=2, d_input=3, d_output=2, d_st
                              block="lti")
 
 
-def _batches(cfg, n, seed, Bt=4, L=40, masked=True):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        if cfg.head == "lm":
-            x = rng.integers(0, cfg.vocab_size, (Bt, L))
-            y = rng.integers(0, cfg.vocab_size, (Bt, L))
-            y[:, :3] = -100
-            mask = rng.random((Bt, L)) > 0.2 if masked else None
-        else:
-            x = rng.standard_normal((Bt, L, cfg.d_input))
-            y = rng.standard_normal((Bt, L, cfg.d_output))
-            mask = rng.random((Bt, L, 1)) > 0.2 if masked else None
-        out.append((x, y, mask))
-    return out
+def _batches(cfg, n, seed, masked=True):
+    """``n`` NumPy batches ``(inputs, targets, mask)`` of one shape (4, 40)."""
+    return cpu_batches(cfg, n, seed, masked, Bt=4, L=40)
 
 
 def _host(params):
