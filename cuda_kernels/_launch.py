@@ -72,11 +72,13 @@ tunables through its factory's closure (as every factory here does), never
 as module globals, which the cache does not see.  Where Numba cannot cache a
 kernel (no writable cache folder, a closure it cannot pickle), it is
 compiled without the cache, silently (:func:`cache_refusals` lists them).
+Environment ``NUMBA_MAMBA_KERNEL_CACHE=0`` compiles every kernel without it.
 """
 
 import array
 import functools
 import hashlib
+import os
 import pathlib
 import struct
 import threading
@@ -89,7 +91,8 @@ from numba import cuda
 
 from .settings import settings
 
-__all__ = ["BoundLaunch", "LaunchFallbackWarning", "RawLaunch", "c_strided", "cache_refusals",
+__all__ = ["BoundLaunch", "KERNEL_CACHE", "LaunchFallbackWarning", "RawLaunch", "c_strided",
+           "cache_refusals",
            "check_argument_layout", "compile_kernel", "fallback_reason", "launch", "launch_path",
            "numba_launch"]
 
@@ -139,6 +142,10 @@ def _tagged(py_func, tag):
 
 _CACHE_REFUSED = {}  # qualified name -> why Numba would not cache it
 
+#: Compile kernels with Numba's disk cache by default; environment
+#: ``NUMBA_MAMBA_KERNEL_CACHE=0`` (read at import) turns it off.
+KERNEL_CACHE = os.environ.get("NUMBA_MAMBA_KERNEL_CACHE", "1") != "0"
+
 
 def cache_refusals():
     """``{kernel's qualified name: reason}`` of the kernels this process
@@ -146,7 +153,7 @@ def cache_refusals():
     return dict(_CACHE_REFUSED)
 
 
-def compile_kernel(py_func, signature=None, cache=True, **options):
+def compile_kernel(py_func, signature=None, cache=None, **options):
     """``cuda.jit(signature, cache=cache, **options)(py_func)``, with the
     disk cache where Numba allows it.
 
@@ -157,11 +164,12 @@ def compile_kernel(py_func, signature=None, cache=True, **options):
     signature : numba signature or None
         ``types.void(*argtypes)``: compiled now (the raw launch path needs
         exactly one compiled signature).  None: a lazily compiled dispatcher,
-        as under the CUDA simulator, where nothing is cached.
-    cache : bool
+        not cached.  Under the CUDA simulator the body is handed to its
+        ``cuda.jit`` as it is (no options, nothing cached).
+    cache : bool, optional
         Use Numba's disk cache (``NUMBA_CACHE_DIR`` or Numba's default
-        folder).  A kernel Numba cannot cache is compiled without it, once
-        and silently (see :func:`cache_refusals`).
+        folder); default :data:`KERNEL_CACHE`.  A kernel Numba cannot cache
+        is compiled without it, once and silently (see :func:`cache_refusals`).
     **options
         Other keywords of ``cuda.jit`` (``launch_bounds``, ``fastmath``...).
 
@@ -187,7 +195,7 @@ def compile_kernel(py_func, signature=None, cache=True, **options):
         return cuda.jit(py_func)
     if signature is None:
         return cuda.jit(**options)(py_func)
-    if cache:
+    if KERNEL_CACHE if cache is None else cache:
         tagged = _tagged(py_func, _cache_tag(options))
         try:
             return cuda.jit(signature, cache=True, **options)(tagged)

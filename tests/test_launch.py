@@ -451,6 +451,15 @@ def test_compile_kernel_without_cache_compiles_the_body_itself(fake_jit):
     assert fake_jit.calls == [(sig, {"fastmath": True}, body)]
 
 
+def test_compile_kernel_without_the_cache_where_the_environment_says_so(fake_jit, monkeypatch):
+    sig = nbtypes.void(nbtypes.float32[::1], nbtypes.float32[::1])
+    body = _body(np.float32(2))
+    monkeypatch.setattr(_launch, "KERNEL_CACHE", False)
+    assert _launch.compile_kernel(body, sig) == ("dispatcher", body)
+    assert _launch.compile_kernel(body, sig, cache=True)[1] is not body  # (asked for: cached)
+    assert [c[1] for c in fake_jit.calls] == [{}, {"cache": True}]
+
+
 _KEY_PROBE = r"""
 import hashlib, json
 from numba.cuda.serialize import dumps
