@@ -26,10 +26,7 @@ def _gpu_backend():
         from numba import cuda
         if not cuda.is_available():
             raise RuntimeError("numba.cuda.is_available() is False")
-        try:
-            from .cuda_kernels import scan as backend  # installed wheel / editable install
-        except ImportError:
-            from cuda_kernels import scan as backend  # source tree on sys.path
+        from .cuda_kernels import scan as backend
     except (ImportError, RuntimeError) as exc:
         raise RuntimeError(f"{missing_gpu_stack_message} ({exc})") from exc
     return backend
