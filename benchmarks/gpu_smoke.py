@@ -110,7 +110,7 @@ def main():
         _sweep(scan, dev, dout, stream, args.repeat)
 
     print("kernel resources (registers/thread, local bytes/thread, static shared bytes):")
-    for dtype, (threads, items) in scan.DEFAULT_TUNING.items():
+    for dtype, (threads, items) in scan.settings.blocks_tuning.items():
         k = scan.get_kernels(dtype, threads, items)  # compiled once, cached
         for kind, disp in (("forward", k.forward), ("backward", k.backward)):
             print(f"  {kind:8s} {dtype.name} threads {threads} items {items}: "

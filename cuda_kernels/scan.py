@@ -99,24 +99,20 @@ import numpy as np
 from numba import cuda, types
 
 from . import scan_states
-from . import _common
-from ._common import (activations, array_module, as_variable, dummy, empty, inline_device,
-                      launch, record, simulator, watch_settings)
+from ._common import (activations, array_module, as_variable, compile_kernel, dummy,
+                      inline_device, launch, simulator)
+from .settings import settings
 
 __all__ = [
-    "DEFAULT_TUNING",
     "GpuScanSaved",
     "backward_into",
-    "backward_replay",
     "choose_engine",
     "forward_into",
-    "forward_replay",
     "get_kernels",
     "ptx_signatures",
-    "replay_settings",
-    "saved_states",
     "scan_backward",
     "scan_forward",
+    "settings",
 ]
 
 # Bits of the kernels' ``flags`` argument.
@@ -136,11 +132,7 @@ _WARP = 32
 # lets tiny blocks still exercise the combine across warps.
 _SIM_WARP = 4
 
-#: (threads, items) per dtype when the caller gives none.
-DEFAULT_TUNING = {
-    np.dtype(np.float32): (128, 16),
-    np.dtype(np.float64): (128, 8),  # 16 doubles per array would spill
-}
+# (threads, items) per dtype when the caller gives none: ``settings.blocks_tuning``.
 
 
 def _argtypes(ftype):
@@ -748,8 +740,8 @@ def _get_kernels(dtype, threads, items, sim):
         return _Kernels(cuda.jit(fwd_py), cuda.jit(bwd_py), threads, items)
     fwd_t, bwd_t = _argtypes(dtype)
     bounds = (threads,)
-    fwd = cuda.jit(types.void(*fwd_t), launch_bounds=bounds)(fwd_py)
-    bwd = cuda.jit(types.void(*bwd_t), launch_bounds=bounds)(bwd_py)
+    fwd = compile_kernel(fwd_py, types.void(*fwd_t), launch_bounds=bounds)
+    bwd = compile_kernel(bwd_py, types.void(*bwd_t), launch_bounds=bounds)
     return _Kernels(fwd, bwd, threads, items)
 
 
@@ -779,8 +771,8 @@ def ptx_signatures(tunings=None):
     Parameters
     ----------
     tunings : iterable of (threads, items), optional
-        Configurations to list; default the default tuning of each dtype and
-        a small one ``(32, 4)``.
+        Configurations to list; default the tuning of each dtype in
+        ``settings.blocks_tuning`` and a small one ``(32, 4)``.
 
     Yields
     ------
@@ -793,7 +785,7 @@ def ptx_signatures(tunings=None):
         ``(threads,)``, as used when the kernel is launched.
     """
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
-        tlist = tunings if tunings is not None else [DEFAULT_TUNING[dtype], (32, 4)]
+        tlist = tunings if tunings is not None else [settings.blocks_tuning[dtype], (32, 4)]
         fwd_t, bwd_t = _argtypes(dtype)
         for threads, items in tlist:
             fwd_py, bwd_py = _make_kernels(dtype, threads, items, sim=False)
@@ -895,17 +887,32 @@ class GpuScanSaved(NamedTuple):
     items: int
 
 
-def _tuning(dtype, threads, items):
-    dt, di = DEFAULT_TUNING[np.dtype(dtype)]
+def _tuning(dtype, threads, items, cfg):
+    dt, di = cfg.blocks_tuning[dtype]
     return (dt if threads is None else int(threads),
             di if items is None else int(items))
 
 
-def choose_engine(Bt, Dc, N):
-    """``'states'`` (:mod:`cuda_kernels.scan_states`) where ``Bt * Dc * N``
-    recurrences fill the GPU by themselves, else ``'blocks'`` (this module's
-    parallel scan along the sequence)."""
-    return "states" if scan_states.usable(Bt, Dc, N) else "blocks"
+def choose_engine(Bt, Dc, N, cfg=settings):
+    """The engine of a scan of ``Bt * Dc`` channels of ``N`` states:
+    ``cfg.engine`` where that is not ``'auto'``; else ``'states'``
+    (:mod:`numba_mamba.cuda_kernels.scan_states`) where ``Bt * Dc * N``
+    recurrences fill the GPU by themselves (:func:`scan_states.usable`), else
+    ``'blocks'`` (this module's parallel scan along the sequence).
+
+    Examples
+    --------
+    >>> from numba_mamba.cuda_kernels import scan
+    >>> scan.choose_engine(8, 1536, 16), scan.choose_engine(1, 4, 4)
+    ('states', 'blocks')
+    >>> with scan.settings.override(engine="states"):
+    ...     scan.choose_engine(1, 4, 4)
+    'states'
+    """
+    engine = cfg.engine
+    if engine != "auto":
+        return engine
+    return "states" if scan_states.usable(Bt, Dc, N, cfg) else "blocks"
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -930,10 +937,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         ``threads * items`` steps).
     threads, items : int, optional
         Block size (multiple of 32) and steps per thread of the ``'blocks'``
-        engine; defaults in :data:`DEFAULT_TUNING`.  The result does not
+        engine; defaults in ``settings.blocks_tuning``.  The result does not
         depend on them beyond rounding.  Giving either selects that engine.
     engine : {'blocks', 'states'}, optional
-        Default :func:`choose_engine`.  The ``'states'`` engine also takes
+        Default :func:`choose_engine` (which reads ``settings.engine``).  The ``'states'`` engine also takes
         float16 or bfloat16 ``u``, ``delta``, ``z`` and variable ``B``/``C``
         with the rest float32 (half storage, see
         :func:`cuda_kernels.scan_states.scan_forward`); the ``'blocks'``
@@ -952,89 +959,30 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     """
     import cupy
 
+    cfg = settings
     Bt, Dc, L = u.shape
     N = A.shape[1]
     if engine is None:
-        engine = "blocks" if threads or items else choose_engine(Bt, Dc, N)
+        engine = "blocks" if threads or items else choose_engine(Bt, Dc, N, cfg)
     if engine == "states":
         return scan_states.scan_forward(u, delta, A, B, C, D, z, delta_bias,
                                         delta_softplus, initial_state, save=save, out=out)
     if engine != "blocks":
         raise ValueError(f"engine must be 'blocks' or 'states', got {engine!r}")
-    if u.dtype not in DEFAULT_TUNING:
+    if u.dtype not in cfg.blocks_tuning:
         raise TypeError(f"the 'blocks' engine computes in float32 or float64, got {u.dtype} "
                         f"(half-precision storage is the 'states' engine's)")
-    threads, items = _tuning(u.dtype, threads, items)
+    threads, items = _tuning(u.dtype, threads, items, cfg)
     chunk = threads * items
     n_chunks = (L + chunk - 1) // chunk
     if out is None:
-        out = empty(cupy, u.shape, u.dtype)
-    last_state = empty(cupy, (Bt, Dc, N), u.dtype)
-    chunk_states = empty(cupy, (Bt, Dc, n_chunks, N), u.dtype)
+        out = cupy.empty(u.shape, u.dtype)
+    last_state = cupy.empty((Bt, Dc, N), u.dtype)
+    chunk_states = cupy.empty((Bt, Dc, n_chunks, N), u.dtype)
     forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                  initial_state, out, last_state, chunk_states,
                  threads=threads, items=items, stream="current")
     return out, last_state, GpuScanSaved(chunk_states, threads, items)
-
-
-def forward_replay(args, *, save, keep, out=None):
-    """Run ``scan_forward(*args, save=save, out=out)`` and record it.
-
-    Returns ``(result, replay)``: the forward's ``(out, last_state, saved)``
-    and a :class:`_common.Replay` that repeats the call for other arrays of
-    the layout of ``args`` (given as the data pointers of ``args`` less
-    ``delta_softplus``, in order, 0 for None, then ``out``'s where it is
-    given), returning the items of the result at the indices ``keep`` (the
-    rest None: a given ``out`` is one of the inputs, not kept); or None
-    where the call cannot be replayed (see :func:`_common.record`; NumPy
-    arrays under the simulator, ``RAW_LAUNCH`` off).  A replay holds only for the settings of
-    :func:`replay_settings` at the time of the recording.
-    """
-    u, delta, A, B, C, D, z, delta_bias, _, initial_state = args
-    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    return record(lambda: scan_forward(*args, save=save, out=out),
-                  inputs if out is None else inputs + (out,), keep)
-
-
-def backward_replay(dout, dlast_state, args, saved):
-    """Run ``scan_backward(dout, dlast_state, *args, saved)`` and record it, as
-    :func:`forward_replay` records the forward: the replay takes the data
-    pointers of ``dout``, ``dlast_state``, ``args`` less ``delta_softplus``
-    and the saved states (``saved``'s array), in order, and returns all nine
-    gradients."""
-    u, delta, A, B, C, D, z, delta_bias, _, initial_state = args
-    return record(lambda: scan_backward(dout, dlast_state, *args, saved),
-                  (dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state,
-                   saved_states(saved)), range(9))
-
-
-def saved_states(saved):
-    """The array of states a forward saved (either engine's)."""
-    if isinstance(saved, scan_states.StatesSaved):
-        return saved.tile_states
-    return saved.chunk_states
-
-
-_get_device = None  # (``cupy.cuda.runtime.getDevice``, bound by :func:`replay_settings`)
-_SETTINGS_VERSION = _common.SETTINGS_VERSION
-
-
-def replay_settings():
-    """What a recorded call (:func:`forward_replay`, :func:`backward_replay`)
-    depends on beyond its arrays' layout: the current device (whose modules
-    the kernels are loaded in) and the version of the settings
-    (:data:`_common.SETTINGS_VERSION`), which changes whenever the launch
-    path, the engine chooser or a launcher (replaced, as benchmarks and tests
-    do), or a setting of the state engine (``SAVE_EVERY``, ``DIRECT_HALF``,
-    the targets of its splits) is assigned: this module, ``scan_states`` and
-    ``_common`` are :class:`_common.SettingsModule` s.  Two numbers, where the
-    settings themselves took 0.6 us to read and more to hash."""
-    global _get_device
-    if _get_device is None:  # (CuPy imported on first use; an import statement per call costs)
-        import cupy
-
-        _get_device = cupy.cuda.runtime.getDevice
-    return (_get_device(), _SETTINGS_VERSION[0])
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
@@ -1086,13 +1034,10 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     dtype = u.dtype
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = scan_states.gradient_buffers(
         cupy, u, A, B, C, D, z, delta_bias)
-    q_buf = empty(cupy, (2, Bt, Dc, N), dtype)
+    q_buf = cupy.empty((2, Bt, Dc, N), dtype)
     backward_into(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                   delta_softplus, saved.chunk_states, du, ddelta, dA, dB, dC,
                   dD, dz, ddelta_bias, q_buf, threads=threads, items=items,
                   stream="current")
     dinitial_state = None if initial_state is None else q_buf[0]
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
-
-
-watch_settings(__name__)  # (its launchers and constants: see replay_settings)

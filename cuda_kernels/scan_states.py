@@ -106,15 +106,13 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import (HALF_STORAGE, activations, array_module, dummy, empty, inline_device,
-                      kernel_view, launch, simulator, storage_dtype, storage_io, storage_of,
-                      storage_widen, watch_settings)
+from ._common import (HALF_STORAGE, activations, array_module, compile_kernel, dummy,
+                      inline_device, kernel_view, launch, simulator, storage_dtype, storage_io,
+                      storage_of, storage_widen)
+from .settings import settings
 
 __all__ = [
-    "DIRECT_HALF",
     "MAX_STATES",
-    "MIN_BLOCKS",
-    "MIN_RECURRENCES",
     "StatesPlan",
     "StatesSaved",
     "backward_segments",
@@ -144,31 +142,18 @@ _MAX_STATIC_SHARED = 48 * 1024
 
 #: Largest state size the engine takes (one block holds at least one channel).
 MAX_STATES = _BLOCK
-#: ``Bt * Dc * N`` from which :func:`usable` chooses this engine: 16 threads
-#: per streaming multiprocessor of an H200 at 1024 threads each.
-MIN_RECURRENCES = 16384
+
+# The tunables of this engine (which engine the API picks, whether it reads
+# half storage directly, how many states the forward keeps, how the sequence
+# is split, the blocks per multiprocessor the kernels are compiled for) are
+# fields of ``numba_mamba.cuda_kernels.settings.settings``: each launcher
+# reads that object once and passes it down as ``cfg``.
 
 
-#: The public API (``numba_mamba.scan``) passes float16/bfloat16 ``u``,
-#: ``delta``, ``z`` and variable ``B``/``C`` of one dtype to this engine
-#: without casting them to float32 (half storage, see the module docstring)
-#: where this is True and the engine is the one chosen; False casts them, as
-#: before half storage existed.  Measured through the API on an H200
-#: (2026-11-29, (8, 1536, 16, 2048), calls back to back): bfloat16 forward
-#: 1.24 -> 0.715 ms, backward 2.68 -> 2.26 ms; float16 1.23 -> 0.71, 2.66 -> 2.24.
-DIRECT_HALF = True
-
-
-#: Backward tiles per state the forward keeps (``StatesPlan.save_every``): 1
-#: keeps the state entering every backward tile (as many values as ``u`` at
-#: N = 16); K keeps one in K and the backward reruns the recurrence through
-#: each stretch of K tiles once more to recover the others.
-SAVE_EVERY = 1
-
-
-def usable(Bt, Dc, N):
-    """True where the state-parallel engine is the better choice."""
-    return N <= MAX_STATES and Bt * Dc * N >= MIN_RECURRENCES
+def usable(Bt, Dc, N, cfg=settings):
+    """True where the state-parallel engine is the better choice: ``N`` at most
+    :data:`MAX_STATES` and at least ``cfg.min_recurrences`` recurrences."""
+    return N <= MAX_STATES and Bt * Dc * N >= cfg.min_recurrences
 
 
 class StatesPlan(NamedTuple):
@@ -207,8 +192,9 @@ def _tile(N, ch, itemsize, backward):
     return T  # a power of two, so the backward's tile divides the forward's
 
 
-def plan(dtype, N, Dc, groups_B, groups_C):
-    """Block layout for ``N`` states, ``Dc`` channels and the given groups.
+def plan(dtype, N, Dc, groups_B, groups_C, cfg=settings):
+    """Block layout for ``N`` states, ``Dc`` channels and the given groups,
+    keeping one state in ``cfg.save_every`` backward tiles.
 
     Parameters
     ----------
@@ -218,6 +204,8 @@ def plan(dtype, N, Dc, groups_B, groups_C):
     N, Dc : int
     groups_B, groups_C : int
         Groups of a variable ``B``/``C``; 0 for a constant one.
+    cfg : Settings, optional
+        Default the package's ``settings``.
 
     Returns
     -------
@@ -225,7 +213,8 @@ def plan(dtype, N, Dc, groups_B, groups_C):
     """
     if N > MAX_STATES:
         raise ValueError(f"the state-parallel engine takes at most {MAX_STATES} states, got {N}")
-    return _plan(np.dtype(dtype), int(N), int(Dc), int(groups_B), int(groups_C), SAVE_EVERY)
+    return _plan(np.dtype(dtype), int(N), int(Dc), int(groups_B), int(groups_C),
+                 cfg.save_every)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1097,39 +1086,21 @@ class _Kernels(NamedTuple):
     backward_ends: object
 
 
-#: Blocks per multiprocessor the compiler must fit in registers (``launch_bounds``'
-#: second entry; 0 leaves it free), per dtype and kernel.  float32 at N = 16,
-#: variable B and C (ptxas for sm_90; Nsight Compute on an H200, 2026-11-29):
-#: the forward at 6 takes 80 registers and ran 0.733 / 2.26 / 0.180 ms on the
-#: three float32 rows of benchmarks/RESULTS.md against 0.767 / 2.35 / 0.173 at
-#: 8 (64 registers); the backward at 5 takes 92 registers and ran 2.14 / 5.15 /
-#: 0.390 ms against 2.19 / 5.36 / 0.408 at 3 (117).  None spills; 5 backward
-#: blocks of 37.9 KB of shared memory fit an H200's 228 KB, 6 would not.
-#: (Those were measured before the changes of RESULTS.md's later sections: the
-#: forward now takes 72 registers and the backward 94 at these bounds; 6 and 8
-#: have not been compared again for the forward.)
-MIN_BLOCKS = {
-    (np.dtype(np.float32), "forward"): 6,
-    (np.dtype(np.float64), "forward"): 4,
-    (np.dtype(np.float32), "backward"): 5,
-    (np.dtype(np.float64), "backward"): 0,
-}
-
-
-def launch_bounds(dtype, kind, threads):
-    """``launch_bounds`` of a kernel of this module."""
-    m = MIN_BLOCKS[(np.dtype(dtype), kind)]
+def launch_bounds(dtype, kind, threads, cfg=settings):
+    """``launch_bounds`` of a kernel of this module: ``threads`` and the blocks
+    per multiprocessor of ``cfg.min_blocks`` (none where that is 0)."""
+    m = cfg.min_blocks[(np.dtype(dtype), kind)]
     return (threads, m) if m else (threads,)
 
 
-def compile_options(dtype, kind, threads):
+def compile_options(dtype, kind, threads, cfg=settings):
     """Keyword arguments of ``cuda.jit`` for a kernel of this module.
 
     ``fastmath``: flush-to-zero float32 (``ex2.approx.ftz``: 10 instead of 13
     instructions per step and state in the forward's recurrence; a state
     below 1e-38 becomes 0) and approximate division in the sigmoid (2 ulp).
     """
-    return {"launch_bounds": launch_bounds(dtype, kind, threads), "fastmath": True}
+    return {"launch_bounds": launch_bounds(dtype, kind, threads, cfg), "fastmath": True}
 
 
 @functools.lru_cache(maxsize=None)
@@ -1139,7 +1110,7 @@ def _get_kernels(dtype, N, ch, t_fwd, t_bwd, save_every, b_var, c_var, sim, boun
     if sim:
         return _Kernels(*(cuda.jit(f) for f in bodies))
     # (the segment-end kernels, light on registers, take the forward's bounds)
-    return _Kernels(*(cuda.jit(types.void(*t), launch_bounds=b, fastmath=True)(f)
+    return _Kernels(*(compile_kernel(f, types.void(*t), launch_bounds=b, fastmath=True)
                       for f, t, b in zip(bodies, _argtypes(dtype, storage, b_var, c_var),
                                          (bounds[0], bounds[1], bounds[0], bounds[0]))))
 
@@ -1147,9 +1118,8 @@ def _get_kernels(dtype, N, ch, t_fwd, t_bwd, save_every, b_var, c_var, sim, boun
 def _narrow_body(storage):
     """Python body of the kernel ``narrow(x, y, n)``: float32 ``x[i]`` rounded
     into ``y[i]`` of ``storage`` (:func:`storage_dtype`: float16, or bfloat16
-    bits), ``i < n`` -- what ``x.astype`` does, as a kernel of this package, so
-    that a recorded backward (see :func:`~cuda_kernels._common.record`) repeats
-    it too."""
+    bits), ``i < n`` -- what ``x.astype`` does, as a kernel of this package,
+    launched like the others."""
     _, store = storage_io(storage, np.float32)
 
     def narrow(x, y, n):
@@ -1172,7 +1142,7 @@ def narrow_kernel(storage, sim=False):
     body = _narrow_body(storage)
     if sim:
         return cuda.jit(body)
-    return cuda.jit(types.void(*_narrow_argtypes(storage)))(body)
+    return compile_kernel(body, types.void(*_narrow_argtypes(storage)))
 
 
 def narrow(x, dtype, stream="current"):
@@ -1180,14 +1150,14 @@ def narrow(x, dtype, stream="current"):
     (float16 or bfloat16), rounded to nearest even by :func:`narrow_kernel`."""
     xp = array_module(x)
     storage = storage_of(dtype)[1]
-    y = empty(xp, x.shape, dtype)
+    y = xp.empty(x.shape, dtype)
     n = x.size
     launch(narrow_kernel(storage, simulator()), -(-n // 256), 256, stream,
            (x.reshape(-1), kernel_view(y).reshape(-1), np.int64(n)))
     return y
 
 
-def get_kernels(dtype, N, p, b_var, c_var, storage=None):
+def get_kernels(dtype, N, p, b_var, c_var, storage=None, cfg=settings):
     """Compiled kernels for ``N`` states, plan ``p``, variable/constant B and C (cached).
 
     Parameters
@@ -1199,6 +1169,8 @@ def get_kernels(dtype, N, p, b_var, c_var, storage=None):
     b_var, c_var : bool
     storage : {None, 'float16', 'bfloat16'}, optional
         Type of the per-step arrays (see the module docstring); None: ``dtype``.
+    cfg : Settings, optional
+        Its ``min_blocks`` are compiled in; default the package's ``settings``.
 
     Returns
     -------
@@ -1206,8 +1178,8 @@ def get_kernels(dtype, N, p, b_var, c_var, storage=None):
         ``forward, backward, forward_ends, backward_ends``.
     """
     dtype = np.dtype(dtype)
-    bounds = (launch_bounds(dtype, "forward", p.ch * N),
-              launch_bounds(dtype, "backward", p.ch * N))
+    bounds = (launch_bounds(dtype, "forward", p.ch * N, cfg),
+              launch_bounds(dtype, "backward", p.ch * N, cfg))
     return _get_kernels(dtype, int(N), p.ch, p.t_fwd, p.t_bwd, p.save_every,
                         bool(b_var), bool(c_var), simulator(), bounds, storage)
 
@@ -1281,24 +1253,17 @@ def _flags(D, z, delta_bias, delta_softplus, init_or_dlast, init_bit):
     return np.int32(flags)
 
 
-#: Thread blocks the forward aims for before it splits the sequence: an H200
-#: holds 132 multiprocessors x 8 forward blocks.
-TARGET_BLOCKS = 1056
-#: Shortest segment of a split sequence (steps).
-MIN_SEGMENT = 256
-
-
-def segments(Bt, Dc, L, p, n_segments=None):
+def segments(Bt, Dc, L, p, n_segments=None, cfg=settings):
     """``(S, SL)``: the forward's split of the sequence into ``S`` segments of
     ``SL`` steps (a multiple of the forward tile; the last one shorter).
 
-    One segment where ``Bt * Dc`` channels make :data:`TARGET_BLOCKS` blocks;
-    fewer blocks split the sequence so that they approach that count, with
-    segments of at least :data:`MIN_SEGMENT` steps.  ``n_segments`` forces a
-    count (for tests).
+    One segment where ``Bt * Dc`` channels make ``cfg.target_blocks`` blocks
+    (an H200 holds 132 multiprocessors x 8 forward blocks); fewer blocks split
+    the sequence so that they approach that count, with segments of at least
+    ``cfg.min_segment`` steps.  ``n_segments`` forces a count (for tests).
     """
     if n_segments is None:
-        S = min(-(-TARGET_BLOCKS // _grid(Bt, Dc, p)), L // MIN_SEGMENT)
+        S = min(-(-cfg.target_blocks // _grid(Bt, Dc, p)), L // cfg.min_segment)
     else:
         S = int(n_segments)
     S = max(1, min(S, -(-L // p.t_fwd)))
@@ -1306,25 +1271,17 @@ def segments(Bt, Dc, L, p, n_segments=None):
     return -(-L // SL), SL
 
 
-#: Resident backward blocks of an H200 (132 multiprocessors x 5 float32 blocks,
-#: :data:`MIN_BLOCKS`): the backward splits the sequence into as many segments
-#: as fit in one wave of them.  Measured (Nsight Compute, H200, 2026-11-29):
-#: 384 blocks of (2, 1536, 16, 16384) took 5.08 ms unsplit, 0.82 + 5.49 ms in
-#: 2 segments (a second, partial wave) and 0.85 + 4.24 ms in 4; 192 blocks of
-#: (1, 1536, 16, 2**20) went from 324 to 204 ms through the API in 4 segments.
-BACKWARD_TARGET_BLOCKS = 660
-
-
-def backward_segments(Bt, Dc, L, p, n_segments=None):
+def backward_segments(Bt, Dc, L, p, n_segments=None, cfg=settings):
     """``(S, SL)``: the backward's split of the sequence into ``S`` segments of
     ``SL`` steps (the last one shorter).
 
     ``SL`` is a multiple of ``p.t_bwd * p.save_every``, so that a segment
     holds whole backward tiles and whole stretches of saved states.  One
     segment where ``Bt * Dc`` channels make more than half of
-    :data:`BACKWARD_TARGET_BLOCKS` blocks; fewer blocks split the sequence
-    into as many segments as keep all blocks in one wave of that count, each
-    at least :data:`MIN_SEGMENT` steps long (the pass that finds the adjoint
+    ``cfg.backward_target_blocks`` blocks (the resident backward blocks of an
+    H200: 132 multiprocessors x 5 float32 blocks); fewer blocks split the
+    sequence into as many segments as keep all blocks in one wave of that
+    count, each at least ``cfg.min_segment`` steps long (the pass that finds the adjoint
     entering each segment costs about a sixth of the backward, so a split
     pays only where it multiplies the resident blocks).  ``n_segments``
     forces a count (for tests; at most one per stretch of saved states).
@@ -1335,6 +1292,8 @@ def backward_segments(Bt, Dc, L, p, n_segments=None):
         Batch, channels, sequence length.
     p : StatesPlan
     n_segments : int, optional
+    cfg : Settings, optional
+        Default the package's ``settings``.
 
     Returns
     -------
@@ -1342,7 +1301,7 @@ def backward_segments(Bt, Dc, L, p, n_segments=None):
     """
     unit = p.t_bwd * p.save_every
     if n_segments is None:
-        S = min(BACKWARD_TARGET_BLOCKS // _grid(Bt, Dc, p), L // MIN_SEGMENT)
+        S = min(cfg.backward_target_blocks // _grid(Bt, Dc, p), L // cfg.min_segment)
     else:
         S = int(n_segments)
     S = max(1, min(S, -(-L // unit)))
@@ -1391,6 +1350,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     the inputs; unchecked here) is written and returned in place of a new
     array.
     """
+    cfg = settings
     xp = array_module(u)
     dtype, storage = storage_of(u.dtype)  # compute dtype, storage of the per-step arrays
     if storage is not None:
@@ -1399,7 +1359,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                          initial_state=initial_state))
     Bt, Dc, L = u.shape
     N = A.shape[1]
-    p = plan(dtype, N, Dc, _groups(B), _groups(C))
+    p = plan(dtype, N, Dc, _groups(B), _groups(C), cfg)
     if tuning is not None:
         ch, t_fwd, t_bwd, *every = (int(v) for v in tuning)
         if t_fwd % t_bwd or t_fwd & (t_fwd - 1):
@@ -1408,21 +1368,21 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     # the backward recomputes from the state entering every save_every-th of its tiles
     n_tiles = -(-(-(-L // p.t_bwd)) // p.save_every)
     if out is None:
-        out = empty(xp, u.shape, u.dtype)
-    last_state = empty(xp, (Bt, Dc, N), dtype)
+        out = xp.empty(u.shape, u.dtype)
+    last_state = xp.empty((Bt, Dc, N), dtype)
     if save:
-        tile_states = empty(xp, (Bt, Dc, n_tiles, N), dtype)
+        tile_states = xp.empty((Bt, Dc, n_tiles, N), dtype)
     else:  # (not written)
         tile_states = dummy(xp, dtype, 4)
     dummy1 = dummy(xp, dtype, 1)
     dummy3 = dummy(xp, dtype, 3)
     dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)  # an absent per-step array
-    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage)
+    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage, cfg)
     v = kernel_view if storage == "bfloat16" else _as_is  # (bfloat16 as its bits)
-    S, SL = segments(Bt, Dc, L, p, n_segments)
+    S, SL = segments(Bt, Dc, L, p, n_segments, cfg)
     if S > 1:  # the end state of segments 0 .. S-2 from zero, their delta sums
-        seg_h = empty(xp, (Bt, Dc, S - 1, N), dtype)
-        seg_dt = empty(xp, (Bt, Dc, S - 1), dtype)
+        seg_h = xp.empty((Bt, Dc, S - 1, N), dtype)
+        seg_dt = xp.empty((Bt, Dc, S - 1), dtype)
     else:  # (not read)
         seg_h, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
     flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)
@@ -1457,15 +1417,15 @@ def gradient_buffers(xp, u, A, B, C, D, z, delta_bias):
     shapes = [(Dc, N), B.shape, C.shape,
               None if D is None else (Dc,), None if delta_bias is None else (Dc,)]
     sizes = [0 if s is None else math.prod(s) for s in shapes]
-    acc = empty(xp, (sum(sizes),), dtype, zero=True)
+    acc = xp.zeros((sum(sizes),), dtype)
     views = []
     start = 0
     for shape, size in zip(shapes, sizes):
         views.append(None if shape is None else acc[start:start + size].reshape(shape))
         start += size
     dA, dB, dC, dD, ddelta_bias = views
-    return (empty(xp, u.shape, u.dtype), empty(xp, u.shape, u.dtype), dA, dB, dC, dD,
-            None if z is None else empty(xp, u.shape, u.dtype), ddelta_bias)
+    return (xp.empty(u.shape, u.dtype), xp.empty(u.shape, u.dtype), dA, dB, dC, dD,
+            None if z is None else xp.empty(u.shape, u.dtype), ddelta_bias)
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
@@ -1484,6 +1444,7 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     cast to ``B``'s/``C``'s dtype at the end; ``dA``, ``dD``,
     ``ddelta_bias``, ``dinitial_state`` are float32.
     """
+    cfg = settings
     xp = array_module(u)
     dtype, storage = storage_of(u.dtype)
     if storage is not None:
@@ -1495,16 +1456,16 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     p = saved.plan
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = gradient_buffers(xp, u, A, B, C, D, z,
                                                                    delta_bias)
-    dinit = empty(xp, (Bt, Dc, N), dtype)
+    dinit = xp.empty((Bt, Dc, N), dtype)
     dummy1 = dummy(xp, dtype, 1)
     dummy3 = dummy(xp, dtype, 3)
     dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)
-    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage)
+    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage, cfg)
     v = kernel_view if storage == "bfloat16" else _as_is
-    S, SL = backward_segments(Bt, Dc, L, p, n_segments)
+    S, SL = backward_segments(Bt, Dc, L, p, n_segments, cfg)
     if S > 1:  # the adjoint entering segments 1 .. S-1 from zero at their ends, their delta sums
-        seg_q = empty(xp, (Bt, Dc, S - 1, N), dtype)
-        seg_dt = empty(xp, (Bt, Dc, S - 1), dtype)
+        seg_q = xp.empty((Bt, Dc, S - 1, N), dtype)
+        seg_dt = xp.empty((Bt, Dc, S - 1), dtype)
     else:  # (not read; views, so one segment allocates nothing more than before)
         seg_q, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
     flags = _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST)
@@ -1533,6 +1494,3 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
         dC = dC if dC.dtype == C.dtype else narrow(dC, C.dtype, stream)
     dinitial_state = None if initial_state is None else dinit
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
-
-
-watch_settings(__name__)  # (its launchers and constants: see replay_settings)

@@ -63,7 +63,7 @@ def ptx():
 def test_lists_every_kernel_for_both_dtypes():
     names = set(SIGNATURES)
     for dtype in ("float32", "float64"):
-        threads, items = scan.DEFAULT_TUNING[np.dtype(dtype)]
+        threads, items = scan.settings.blocks_tuning[np.dtype(dtype)]
         tag = f"{dtype}_t{threads}_i{items}"
         assert {f"forward_{tag}", f"backward_{tag}"} <= names
         for kind in ("real", "complex"):
@@ -105,7 +105,7 @@ def test_scan_warp_combine_uses_shuffles(ptx, name):
 def test_default_scan_tuning_keeps_item_arrays_in_registers(ptx, dtype):
     # the per-thread item arrays are fully unrolled into registers; a local
     # memory depot would mean they are indexed dynamically (slow)
-    threads, items = scan.DEFAULT_TUNING[np.dtype(dtype)]
+    threads, items = scan.settings.blocks_tuning[np.dtype(dtype)]
     for kind in ("forward", "backward"):
         text = ptx[f"{kind}_{dtype}_t{threads}_i{items}"]
         assert "__local_depot" not in text, f"{kind} {dtype} uses local memory"
@@ -138,10 +138,10 @@ def test_state_engine_segments_cover_the_sequence(shape):
     S, SL = scan_states.segments(Bt, Dc, L, p)
     assert SL % p.t_fwd == 0 and (S - 1) * SL < L <= S * SL
     blocks = scan_states._grid(Bt, Dc, p)
-    if blocks >= scan_states.TARGET_BLOCKS or L < 2 * scan_states.MIN_SEGMENT:
+    if blocks >= scan_states.settings.target_blocks or L < 2 * scan_states.settings.min_segment:
         assert S == 1
     else:
-        assert S > 1 and SL >= scan_states.MIN_SEGMENT - p.t_fwd
+        assert S > 1 and SL >= scan_states.settings.min_segment - p.t_fwd
 
 
 @pytest.mark.parametrize("save_every", [1, 4])
@@ -155,13 +155,13 @@ def test_state_engine_backward_segments_cover_the_sequence(shape, save_every):
     S, SL = scan_states.backward_segments(Bt, Dc, L, p)
     assert SL % (p.t_bwd * save_every) == 0 and (S - 1) * SL < L <= S * SL
     blocks = scan_states._grid(Bt, Dc, p)
-    target = scan_states.BACKWARD_TARGET_BLOCKS
-    if 2 * blocks > target or L < 2 * scan_states.MIN_SEGMENT:
+    target = scan_states.settings.backward_target_blocks
+    if 2 * blocks > target or L < 2 * scan_states.settings.min_segment:
         assert S == 1
     else:
-        assert S > 1 and SL >= scan_states.MIN_SEGMENT
+        assert S > 1 and SL >= scan_states.settings.min_segment
         assert S * blocks <= target  # one wave
-        assert (S + 1) * blocks > target or (S + 1) * scan_states.MIN_SEGMENT > L
+        assert (S + 1) * blocks > target or (S + 1) * scan_states.settings.min_segment > L
     for n in (1, 2, 3, 4):  # a forced count, where the stretches allow it
         S, SL = scan_states.backward_segments(Bt, Dc, L, p, n)
         assert SL % (p.t_bwd * save_every) == 0 and (S - 1) * SL < L <= S * SL

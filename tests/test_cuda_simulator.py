@@ -271,7 +271,7 @@ def test_simulated_kernels_match_reference(name):
 @pytest.mark.parametrize("half_weights", [False, True], ids=["float32-weights", "half-weights"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_simulated_api_half_states_engine_direct_path(dtype, half_weights):
-    """With ``scan_states.DIRECT_HALF`` on, the API passes half ``u``, ``delta``, ``z``,
+    """With ``settings.direct_half`` on, the API passes half ``u``, ``delta``, ``z``,
     variable ``B``/``C`` and ``dout`` to the state engine uncast, and gets what its
     cast path gets (the same bits where rounded to the half type); dtypes as its
     contract says (A, D, delta_bias, initial_state given in the half dtype or float32)."""
@@ -287,7 +287,7 @@ def test_simulated_api_half_states_engine_direct_path(dtype, half_weights):
 
 
 def _simulate_api_half(dtype_name, half_weights):
-    """The public API's direct half path (``scan_states.DIRECT_HALF``) under the
+    """The public API's direct half path (``settings.direct_half``) under the
     simulator, against its cast path: {check: {ok}}.
 
     The API sends NumPy arrays to the CPU; here it is made to take them for
@@ -322,7 +322,7 @@ def _simulate_api_half(dtype_name, half_weights):
         return scan_states.scan_backward(dout_, dlast_, *args, n_segments=2)
 
     backend = types.SimpleNamespace(scan_states=scan_states, scan_forward=forward,
-                                    scan_backward=backward,
+                                    scan_backward=backward, settings=scan_states.settings,
                                     choose_engine=lambda Bt, Dc, N: "states")
     gpu_xp = types.ModuleType("gpu_xp")  # NumPy under another name: "CuPy"
     gpu_xp.__dict__.update(np.__dict__)
@@ -332,10 +332,10 @@ def _simulate_api_half(dtype_name, half_weights):
 
     results = {}
     for direct in (False, True):
-        scan_states.DIRECT_HALF = direct
         seen.clear()
-        out, last, vjp = nm.selective_scan_vjp(**kw)
-        grads = vjp(dout, dlast)
+        with scan_states.settings.override(direct_half=direct):
+            out, last, vjp = nm.selective_scan_vjp(**kw)
+            grads = vjp(dout, dlast)
         results[direct] = (out, last, grads, list(seen))
     report = {}
     f32 = np.dtype(np.float32)
