@@ -112,9 +112,14 @@ _KERNEL_SOURCES = pathlib.Path(__file__).resolve().parent
 
 @functools.lru_cache(maxsize=1)
 def _source_digest():
-    """A digest of the kernel modules' source files (``*.py`` of this folder)."""
+    """A digest of the kernel modules' source files (``*.py`` of this folder)
+    and of the CPU modules whose functions some kernels compile as device
+    functions (``numba_mamba/_cpu_*.py``: one source of the step arithmetic)."""
+    import numba_mamba
+
+    cpu = pathlib.Path(numba_mamba.__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(_KERNEL_SOURCES.glob("*.py")):
+    for path in sorted(_KERNEL_SOURCES.glob("*.py")) + sorted(cpu.glob("_cpu_*.py")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()

@@ -56,7 +56,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import launch
+from ._common import compile_kernel, launch
 
 __all__ = ["COEF", "THREADS", "adamw_update", "get_kernels", "prepare", "ptx_signatures",
            "record_loss", "sum_of_squares"]
@@ -146,7 +146,7 @@ def get_kernels(dtype):
     """Compiled kernels for parameters of ``dtype`` (a dict by name; cached)."""
     bodies = _make_kernels(np.dtype(dtype))
     argtypes = _argtypes(dtype)
-    return {name: cuda.jit(types.void(*argtypes[name]))(fn) for name, fn in bodies.items()}
+    return {name: compile_kernel(fn, types.void(*argtypes[name])) for name, fn in bodies.items()}
 
 
 def ptx_signatures():
