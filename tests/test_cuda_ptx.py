@@ -89,8 +89,11 @@ def test_float32_kernel_has_no_f64(ptx, name):
     assert not lines, f"{name}: {len(lines)} float64 lines, e.g. {lines[:5]}"
 
 
-@pytest.mark.parametrize("name", sorted(n for n, r in SIGNATURES.items() if not r[2]))
+@pytest.mark.parametrize("name", sorted(n for n, r in SIGNATURES.items()
+                                         if not r[2] and not n.endswith("_float32")))
 def test_float64_kernel_computes_in_float64(ptx, name):
+    # (a kernel of float32 arrays that computes in float64 on purpose, optim's
+    # prepare, rounds its results to float32: not listed here)
     assert _F64.search(ptx[name])
     assert not re.search(r"\bcvt\.rn\.f32\.f64\b", ptx[name]), "float64 kernel rounds to float32"
 

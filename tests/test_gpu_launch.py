@@ -114,7 +114,8 @@ print(json.dumps({"hits": sum(k.stats.cache_hits.values()),
 def test_gpu_second_process_loads_kernels_from_the_disk_cache(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_MAMBA_KERNEL_CACHE"}
     env["NUMBA_CACHE_DIR"] = str(tmp_path)
-    env["PYTHONPATH"] = str(ROOT)
+    # (the source tree first, then what the parent had: a NumPy brought along, say)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     runs = []
     for _ in range(2):
         result = subprocess.run([sys.executable, "-c", _CACHED], env=env, capture_output=True,
