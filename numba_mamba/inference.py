@@ -48,7 +48,7 @@ import numpy as np
 
 from ._validation import array_namespace, is_cupy_array
 from .graphs import CapturedStep, check_graph_mode
-from .layers import embedding_forward, gpu_kernels, linear_forward, rmsnorm_forward
+from .layers import embedding_forward, gemm, gpu_kernels, linear_forward, rmsnorm_forward
 from .models import block_state, layer_params, mamba_block_forward, model_forward
 
 __all__ = ["Decoder", "InferenceState", "generate", "init_state", "prefill", "step"]
@@ -135,23 +135,23 @@ def _model_step(k, xp, plan, state, w, tokens=None):
                                table=None if tokens is None else plan.embedding)
         else:
             k.residual_rmsnorm(w.h, w.hn, plan.norms[i], plan.eps, delta=w.out)
-        xp.matmul(w.hn, p["in_proj.weight"].T, out=w.xz)
+        gemm(xp, w.hn, p["in_proj.weight"].T, out=w.xz)
         if "in_proj.bias" in p:
             xp.add(w.xz, p["in_proj.bias"], out=w.xz)
         k.conv_step(w.xz, state.conv[i], p["conv1d.weight"], p.get("conv1d.bias"), True,
                     out=w.xc)
         if w.x_dbl is not None:
-            xp.matmul(w.xc, p["x_proj.weight"].T, out=w.x_dbl)
+            gemm(xp, w.xc, p["x_proj.weight"].T, out=w.x_dbl)
             k.ssm_step(w.xc, w.xz, w.x_dbl, p["dt_proj.weight"], p["dt_proj.bias"], plan.A[i],
                        None, None, p["D"], state.ssm[i], out=w.y)
         else:  # LTI: delta = softplus(dt_bias), constant B and C
             k.ssm_step(w.xc, w.xz, None, None, p["dt_bias"], plan.A[i], p["B"], p["C"], p["D"],
                        state.ssm[i], out=w.y)
-        xp.matmul(w.y, p["out_proj.weight"].T, out=w.out)
+        gemm(xp, w.y, p["out_proj.weight"].T, out=w.out)
         if "out_proj.bias" in p:
             xp.add(w.out, p["out_proj.bias"], out=w.out)
     k.residual_rmsnorm(w.h, w.hn, plan.norm_f, plan.eps, delta=w.out)
-    xp.matmul(w.hn, plan.head_w.T, out=w.head)
+    gemm(xp, w.hn, plan.head_w.T, out=w.head)
     if plan.head_b is not None:
         xp.add(w.head, plan.head_b, out=w.head)
     return w.head
@@ -255,7 +255,7 @@ def step(x_t, state, params, config):
     w = _work(xp, Bt, config, ref.dtype)
     plan = _Plan(params, config, xp)
     if tokens is None:
-        xp.matmul(x_t.astype(ref.dtype, copy=False), params["encoder.weight"].T, out=w.h)
+        gemm(xp, x_t.astype(ref.dtype, copy=False), params["encoder.weight"].T, out=w.h)
         xp.add(w.h, params["encoder.bias"], out=w.h)
     return _model_step(_kernels(xp), xp, plan, state, w, tokens), state
 
@@ -430,7 +430,7 @@ class Decoder:
             state.conv[i][...] = conv
             state.ssm[i][...] = ssm
         hf, _ = rmsnorm_forward(h[:, -1], plan.norm_f, plan.eps)
-        xp.matmul(hf, plan.head_w.T, out=self._work.head)
+        gemm(xp, hf, plan.head_w.T, out=self._work.head)
         self.position += tokens.shape[1]
         return self._work.head
 

@@ -94,6 +94,17 @@ def _check_same_dtype(ref_name, ref, **others):
                             f"got {a.dtype}")
 
 
+def gemm(xp, a, b, out=None):
+    """``xp.matmul(a, b, out=out)``; on CuPy arrays through
+    :func:`numba_mamba.cuda_kernels.blas.matmul` where cuBLAS was found (a
+    GEMM a CUDA graph can capture, which CuPy's matmul is not)."""
+    if xp is not np:
+        blas = importlib.import_module("numba_mamba.cuda_kernels.blas")
+        if blas.available():
+            return blas.matmul(a, b, out=out)
+    return xp.matmul(a, b, out=out)
+
+
 def _sum_to_last(a, keep):
     """Sum ``a`` over every axis except the last ``keep`` ones."""
     axes = tuple(range(a.ndim - keep))
@@ -169,11 +180,11 @@ def linear_forward(x, weight, bias=None, axis=-1):
     if bias is not None:
         check_shape("bias", bias, (n_out,), "(out features of weight)")
     if axis == -1:
-        out = xp.matmul(x, weight.T)  # (..., out)
+        out = gemm(xp, x, weight.T)  # (..., out)
         if bias is not None:
             out += bias
     else:
-        out = xp.matmul(weight, x)  # (..., out, L)
+        out = gemm(xp, weight, x)  # (..., out, L)
         if bias is not None:
             out += bias[:, None]
     return out, LinearCache(x, weight, bias is not None, axis)
@@ -196,15 +207,15 @@ def linear_backward(dout, cache):
     x, weight, has_bias, axis = cache
     xp = array_namespace(x=x, dout=dout)
     if axis == -1:
-        dx = xp.matmul(dout, weight)  # (..., in)
+        dx = gemm(xp, dout, weight)  # (..., in)
         if dout.flags.c_contiguous and x.flags.c_contiguous:  # one GEMM over all rows
-            dweight = dout.reshape(-1, dout.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            dweight = gemm(xp, dout.reshape(-1, dout.shape[-1]).T, x.reshape(-1, x.shape[-1]))
         else:  # batched GEMM over the leading axes, then their sum
-            dweight = _sum_to_last(xp.matmul(xp.swapaxes(dout, -1, -2), x), 2)
+            dweight = _sum_to_last(gemm(xp, xp.swapaxes(dout, -1, -2), x), 2)
         dbias = _sum_to_last(dout, 1) if has_bias else None
     else:
-        dx = xp.matmul(weight.T, dout)  # (..., in, L)
-        dweight = _sum_to_last(xp.matmul(dout, xp.swapaxes(x, -1, -2)), 2)
+        dx = gemm(xp, weight.T, dout)  # (..., in, L)
+        dweight = _sum_to_last(gemm(xp, dout, xp.swapaxes(x, -1, -2)), 2)
         dbias = dout.sum(axis=tuple(i for i in range(dout.ndim) if i != dout.ndim - 2)) \
             if has_bias else None
     return dx, dweight, dbias

@@ -1,0 +1,400 @@
+"""Matrix products on CuPy arrays through cuBLAS, capturable into CUDA graphs.
+
+CuPy refuses every cuBLAS call while a stream is being captured (its
+``setStream`` wrapper raises), so a step holding a CuPy matmul cannot become a
+CUDA graph.  cuBLAS itself supports capture (its "CUDA Graphs Support"
+section): the handle needs a workspace owned by the caller
+(``cublasSetWorkspace``) and the stream set on the handle.  This module calls
+cuBLAS's C API through :mod:`ctypes` on a handle of its own -- one per thread
+and device, each with a 32 MiB workspace (cuBLAS's recommendation for Hopper,
+above the 4 MiB it recommends for older GPUs) -- setting CuPy's current stream
+before each GEMM.  The default math mode is kept (no TF32), as in CuPy.
+
+Row-major ``C = A @ B`` is column-major ``C^T = B^T A^T``: cuBLAS's first
+operand is our ``b`` and its second our ``a``.  A row-major operand with
+strides ``(ld, 1)`` is, read column-major, its own transpose with leading
+dimension ``ld`` (no transpose flag); a transposed view, strides ``(1, ld)``,
+takes the flag.  :func:`gemm_plan` holds this index logic and needs no GPU.
+
+The library is found with ``cuda.pathfinder.load_nvidia_dynamic_lib``;
+:func:`available` says whether it and every symbol used were found and
+:func:`unavailable_reason` why not.
+"""
+
+import ctypes
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["GemmPlan", "available", "gemm_plan", "matmul", "unavailable_reason"]
+
+#: Bytes of the workspace given to each handle.
+WORKSPACE_BYTES = 32 * 1024 * 1024
+
+_OP_N, _OP_T = 0, 1  # cublasOperation_t
+_POINTER_MODE_HOST = 0  # cublasPointerMode_t
+_INT_MAX = 2**31 - 1
+
+
+class GemmPlan(NamedTuple):
+    """Arguments of one column-major strided-batched GEMM computing ``a @ b``.
+
+    ``first`` is cuBLAS's ``A`` (our ``b``), ``second`` its ``B`` (our ``a``);
+    ``transa``/``transb`` are 0 (N) or 1 (T) for them; strides are in elements
+    (0: the operand is shared by every batch); ``out_shape`` is the shape of
+    the C-contiguous result, whose leading dimension is ``ldc``.
+    """
+
+    transa: int
+    transb: int
+    m: int
+    n: int
+    k: int
+    lda: int
+    ldb: int
+    ldc: int
+    stride_a: int
+    stride_b: int
+    stride_c: int
+    batch: int
+    out_shape: tuple
+
+
+def _matrix(rows, cols, s_row, s_col):
+    """``(trans, ld)`` of a row-major ``(rows, cols)`` operand with element
+    strides ``(s_row, s_col)`` read column-major: ``(N, ld)`` for rows of
+    stride ``ld`` (its transpose is stored), ``(T, ld)`` for columns of stride
+    ``ld`` (a transposed view); None for other layouts."""
+    if cols == 1 or s_col == 1:  # row-major: stored column-major as (cols, rows)
+        ld = s_row if rows > 1 else max(cols, 1)
+        if ld >= max(cols, 1):
+            return _OP_N, ld
+    if rows == 1 or s_row == 1:  # transposed view: stored column-major as (rows, cols)
+        ld = s_col if cols > 1 else max(rows, 1)
+        if ld >= max(rows, 1):
+            return _OP_T, ld
+    return None
+
+
+def _collapse(shape, strides):
+    """The one stride that walks the dims ``shape`` (row-major order) of an
+    operand with these element strides, or None where no single stride does.
+    Dims of size 1 are skipped; no dims (or all of size 1) give 0."""
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    if not dims:
+        return 0
+    for (_, s_outer), (n_inner, s_inner) in zip(dims, dims[1:]):
+        if s_outer != s_inner * n_inner:
+            return None
+    return dims[-1][1]
+
+
+def gemm_plan(a_shape, a_strides, b_shape, b_strides):
+    """cuBLAS arguments for ``a @ b`` with NumPy's matmul semantics, or None.
+
+    Parameters
+    ----------
+    a_shape, b_shape : tuple of int
+        Shapes, each with at least 2 dims: ``(batch..., m, k)`` and
+        ``(batch..., k, n)``; the batch dims broadcast as in NumPy.
+    a_strides, b_strides : tuple of int
+        Strides in elements (not bytes).
+
+    Returns
+    -------
+    GemmPlan or None
+        None where the layout needs a copy first (a matrix whose rows and
+        columns both have strides other than 1, negative or overlapping
+        strides, batch dims no single stride walks), the shapes do not match,
+        or a size exceeds cuBLAS's 32-bit ints.  With ``a``'s batch dims
+        collapsible onto its rows and ``b`` shared by every batch, the batch
+        is folded into ``m`` (one GEMM, ``batch == 1``).
+
+    Examples
+    --------
+    >>> from numba_mamba.cuda_kernels.blas import gemm_plan
+    >>> p = gemm_plan((4, 3), (3, 1), (3, 5), (1, 3))  # x @ w.T, w of shape (5, 3)
+    >>> p.transa, p.transb, p.m, p.n, p.k, p.lda, p.ldb, p.ldc, p.out_shape
+    (1, 0, 5, 4, 3, 3, 3, 5, (4, 5))
+    """
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        return None
+    m, k = a_shape[-2:]
+    k_b, n = b_shape[-2:]
+    if k != k_b:
+        return None
+    if min(a_strides) < 0 or min(b_strides) < 0:
+        return None
+    try:
+        batch_shape = np.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2]))
+    except ValueError:
+        return None
+    out_shape = tuple(batch_shape) + (m, n)
+    nb = len(batch_shape)
+
+    def batch_strides(shape, strides):
+        lead = (1,) * (nb - (len(shape) - 2)) + tuple(shape[:-2])
+        st = (0,) * (nb - (len(shape) - 2)) + tuple(strides[:-2])
+        return tuple(0 if n_dim == 1 else s for n_dim, s in zip(lead, st))
+
+    sa, sb = batch_strides(a_shape, a_strides), batch_strides(b_shape, b_strides)
+    batch = int(np.prod(batch_shape, dtype=np.int64)) if nb else 1
+    b_mat = _matrix(k, n, b_strides[-2], b_strides[-1])
+    if b_mat is None:
+        return None
+    a_mat = None
+    if batch > 1 and _collapse(batch_shape, sb) == 0:  # b shared: fold a's batch into m
+        s_rows = _collapse(tuple(batch_shape) + (m,), sa + (a_strides[-2],))
+        if s_rows is not None:
+            a_mat = _matrix(batch * m, k, s_rows, a_strides[-1])
+            if a_mat is not None and a_mat[0] != _OP_N:
+                a_mat = None  # (a transposed view of a batch does not fold)
+    if a_mat is not None:
+        M, stride_a, stride_b, stride_c, n_batch = batch * m, 0, 0, 0, 1
+    else:
+        M, n_batch = m, batch
+        a_mat = _matrix(m, k, a_strides[-2], a_strides[-1])
+        stride_a, stride_b = _collapse(batch_shape, sb), _collapse(batch_shape, sa)
+        if a_mat is None or stride_a is None or stride_b is None:
+            return None
+        stride_c = m * n if batch > 1 else 0
+    if max(M, n, k, a_mat[1], b_mat[1], n_batch) > _INT_MAX:
+        return None
+    return GemmPlan(transa=b_mat[0], transb=a_mat[0], m=n, n=M, k=k, lda=b_mat[1],
+                    ldb=a_mat[1], ldc=max(n, 1), stride_a=stride_a, stride_b=stride_b,
+                    stride_c=stride_c, batch=n_batch, out_shape=out_shape)
+
+
+# ------------------------------------------------------------------ the library
+class _Library:
+    """cuBLAS loaded once; ``lib`` None with ``reason`` where it failed."""
+
+    def __init__(self):
+        self.lib, self.reason = None, None
+        self.lock = threading.Lock()
+        self.local = threading.local()  # .handles: device id -> _Handle
+        self.loaded = False
+
+    def load(self):
+        with self.lock:
+            if self.loaded:
+                return self.lib
+            self.loaded = True
+            try:
+                from cuda import pathfinder
+
+                path = pathfinder.load_nvidia_dynamic_lib("cublas").abs_path
+                lib = ctypes.CDLL(path)
+            except Exception as exc:  # noqa: BLE001 (any failure: the reason is kept)
+                self.reason = f"cuBLAS could not be loaded: {type(exc).__name__}: {exc}"
+                return None
+            vp, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+            gemm = [vp, i, i, i, i, i, vp, vp, i, vp, i, vp, vp, i]
+            batched = [vp, i, i, i, i, i, vp, vp, i, ll, vp, i, ll, vp, vp, i, ll, i]
+            protos = {"cublasCreate_v2": [ctypes.POINTER(vp)],
+                      "cublasSetStream_v2": [vp, vp],
+                      "cublasSetWorkspace_v2": [vp, vp, ctypes.c_size_t],
+                      "cublasSetPointerMode_v2": [vp, i],
+                      "cublasSgemm_v2": gemm, "cublasDgemm_v2": gemm,
+                      "cublasSgemmStridedBatched": batched,
+                      "cublasDgemmStridedBatched": batched}
+            missing = [name for name in protos if not hasattr(lib, name)]
+            if missing:
+                self.reason = f"cuBLAS at {path} lacks {', '.join(missing)}"
+                return None
+            for name, args in protos.items():
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = args, ctypes.c_int
+            self.lib = lib
+            return lib
+
+
+_LIB = _Library()
+
+
+def available():
+    """True where cuBLAS and every function used here were found.
+
+    Examples
+    --------
+    >>> from numba_mamba.cuda_kernels import blas
+    >>> isinstance(blas.available(), bool)
+    True
+    """
+    return _LIB.load() is not None
+
+
+def unavailable_reason():
+    """Why :func:`available` is False (None where it is True)."""
+    _LIB.load()
+    return _LIB.reason
+
+
+def _check(name, status):
+    if status != 0:
+        raise RuntimeError(f"{name} failed with cuBLAS status {status}")
+
+
+class _Handle:
+    """A cuBLAS handle of one device with its workspace (kept alive here)."""
+
+    def __init__(self, lib, cupy):
+        if cupy.cuda.get_current_stream().is_capturing():
+            raise RuntimeError("the cuBLAS handle of this thread and device is created at its "
+                               "first matmul, which must not be inside a stream capture: "
+                               "run the step once eagerly first")
+        self.ptr = ctypes.c_void_p()
+        _check("cublasCreate_v2", lib.cublasCreate_v2(ctypes.byref(self.ptr)))
+        _check("cublasSetPointerMode_v2", lib.cublasSetPointerMode_v2(self.ptr,
+                                                                      _POINTER_MODE_HOST))
+        self.workspace = cupy.cuda.memory.alloc(WORKSPACE_BYTES)
+        _check("cublasSetWorkspace_v2", lib.cublasSetWorkspace_v2(
+            self.ptr, ctypes.c_void_p(self.workspace.ptr), WORKSPACE_BYTES))
+
+
+def _handle(lib, cupy):
+    handles = getattr(_LIB.local, "handles", None)
+    if handles is None:
+        handles = _LIB.local.handles = {}
+    device = cupy.cuda.Device().id
+    h = handles.get(device)
+    if h is None:
+        h = handles[device] = _Handle(lib, cupy)
+    return h
+
+
+def _gemm(lib, cupy, plan, a, b, out, beta):
+    """Launch ``plan`` on CuPy's current stream: ``out = a @ b + beta * out``."""
+    h = _handle(lib, cupy)
+    _check("cublasSetStream_v2",
+           lib.cublasSetStream_v2(h.ptr, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)))
+    single = out.dtype == np.float32
+    scalar = ctypes.c_float if single else ctypes.c_double
+    alpha, beta_c = scalar(1.0), scalar(beta)
+    p = plan
+    ptrs = (ctypes.c_void_p(b.data.ptr), ctypes.c_void_p(a.data.ptr), ctypes.c_void_p(out.data.ptr))
+    if p.batch == 1:
+        name = "cublasSgemm_v2" if single else "cublasDgemm_v2"
+        status = getattr(lib, name)(h.ptr, p.transa, p.transb, p.m, p.n, p.k, ctypes.byref(alpha),
+                                    ptrs[0], p.lda, ptrs[1], p.ldb, ctypes.byref(beta_c),
+                                    ptrs[2], p.ldc)
+    else:
+        name = "cublasSgemmStridedBatched" if single else "cublasDgemmStridedBatched"
+        status = getattr(lib, name)(h.ptr, p.transa, p.transb, p.m, p.n, p.k, ctypes.byref(alpha),
+                                    ptrs[0], p.lda, p.stride_a, ptrs[1], p.ldb, p.stride_b,
+                                    ctypes.byref(beta_c), ptrs[2], p.ldc, p.stride_c, p.batch)
+    _check(name, status)
+
+
+def _elements(x):
+    """Strides of ``x`` in elements, or None where one is not a whole number."""
+    size = x.itemsize
+    if any(s % size for s in x.strides):
+        return None
+    return tuple(s // size for s in x.strides)
+
+
+def _c_strides(shape):
+    """Element strides of a C-contiguous array of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _plan(a, b):
+    sa, sb = _elements(a), _elements(b)
+    if sa is None or sb is None:
+        return None
+    return gemm_plan(a.shape, sa, b.shape, sb)
+
+
+def matmul(a, b, out=None, *, beta=0.0):
+    """``a @ b`` (plus ``beta * out``) on CuPy arrays through cuBLAS.
+
+    Capturable into a CUDA graph (the GEMM runs on CuPy's current stream, on a
+    handle of this module with its own workspace) once this thread has called
+    it on the device outside a capture.
+
+    Parameters
+    ----------
+    a : cupy.ndarray, shape (batch..., m, k)
+    b : cupy.ndarray, shape (batch..., k, n)
+        Batch dims broadcast as in ``numpy.matmul``; either operand may be a
+        transposed view.  float32 or float64, both of one dtype.
+    out : cupy.ndarray, shape (batch..., m, n), optional
+        C-contiguous, of the operands' dtype; written in place.
+    beta : float
+        ``out`` is ``a @ b + beta * out`` (needs ``out`` unless 0).
+
+    Returns
+    -------
+    cupy.ndarray
+        ``out``, or a new C-contiguous array.
+
+    Raises
+    ------
+    ValueError
+        ``out`` of the wrong shape, dtype or layout; ``beta`` without ``out``;
+        shapes that do not multiply.
+
+    Notes
+    -----
+    Other layouts are copied to C-contiguous first.  Other dtypes, 1-D
+    operands, sizes beyond 32-bit ints, or no cuBLAS (:func:`available`)
+    fall back to ``cupy.matmul``, which cannot be captured.
+
+    Examples
+    --------
+    >>> from numba_mamba.cuda_kernels import blas  # doctest: +SKIP
+    >>> blas.matmul(x, w.T, out=y)  # doctest: +SKIP
+    """
+    import cupy
+
+    if beta != 0 and out is None:
+        raise ValueError(f"beta={beta!r} needs out (out = a @ b + beta * out)")
+    lib = _LIB.load()
+    ok_dtype = (a.dtype == b.dtype and a.dtype in (np.float32, np.float64)
+                and (out is None or out.dtype == a.dtype))
+    if lib is None or not ok_dtype or a.ndim < 2 or b.ndim < 2:
+        if out is not None and out.dtype != np.result_type(a.dtype, b.dtype):
+            raise ValueError(f"out must have dtype {np.result_type(a.dtype, b.dtype)}, got "
+                             f"{out.dtype}")
+        if beta == 0:
+            return cupy.matmul(a, b, out=out)
+        out *= out.dtype.type(beta)
+        out += cupy.matmul(a, b)
+        return out
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"a (shape {tuple(a.shape)}) and b (shape {tuple(b.shape)}) do not "
+                         f"multiply: a.shape[-1] must equal b.shape[-2]")
+    plan = _plan(a, b)
+    if plan is None:  # copy the operand(s) whose layout cuBLAS cannot read
+        sa, sb = _elements(a), _elements(b)
+        if sa is not None and gemm_plan(a.shape, sa, b.shape, _c_strides(b.shape)):
+            b = cupy.ascontiguousarray(b)
+        elif sb is not None and gemm_plan(a.shape, _c_strides(a.shape), b.shape, sb):
+            a = cupy.ascontiguousarray(a)
+        else:
+            a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
+        plan = _plan(a, b)
+    if plan is None:  # (shapes that do not broadcast, sizes beyond 32-bit ints)
+        return cupy.matmul(a, b, out=out)
+    if out is None:
+        out = cupy.empty(plan.out_shape, dtype=a.dtype)
+    elif tuple(out.shape) != plan.out_shape or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous of shape {plan.out_shape} (dtype "
+                         f"{a.dtype}), got shape {tuple(out.shape)}, C-contiguous "
+                         f"{out.flags.c_contiguous}")
+    if out.size == 0:
+        return out
+    if plan.k == 0:
+        if beta == 0:
+            out.fill(0)
+        else:
+            out *= out.dtype.type(beta)
+        return out
+    _gemm(lib, cupy, plan, a, b, out, beta)
+    return out
