@@ -16,7 +16,8 @@ strides ``(ld, 1)`` is, read column-major, its own transpose with leading
 dimension ``ld`` (no transpose flag); a transposed view, strides ``(1, ld)``,
 takes the flag.  :func:`gemm_plan` holds this index logic and needs no GPU.
 
-The library is found with ``cuda.pathfinder.load_nvidia_dynamic_lib``;
+The library is found with ``cuda.pathfinder.load_nvidia_dynamic_lib`` (or,
+where that fails, as the cuBLAS CuPy itself loaded);
 :func:`available` says whether it and every symbol used were found and
 :func:`unavailable_reason` why not.
 """
@@ -188,7 +189,10 @@ class _Library:
                 lib = ctypes.CDLL(path)
             except Exception as exc:  # noqa: BLE001 (any failure: the reason is kept)
                 self.reason = f"cuBLAS could not be loaded: {type(exc).__name__}: {exc}"
-                return None
+                path, lib = _cupys_cublas()
+                if lib is None:
+                    return None
+                self.reason = None
             vp, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
             gemm = [vp, i, i, i, i, i, vp, vp, i, vp, i, vp, vp, i]
             batched = [vp, i, i, i, i, i, vp, vp, i, ll, vp, i, ll, vp, vp, i, ll, i]
@@ -208,6 +212,21 @@ class _Library:
                 fn.argtypes, fn.restype = args, ctypes.c_int
             self.lib = lib
             return lib
+
+
+def _cupys_cublas():
+    """``(soname, library)`` of the cuBLAS CuPy loaded (dlopen of a loaded
+    library's soname returns it), or ``(None, None)``."""
+    try:
+        import cupy_backends.cuda.libs.cublas  # noqa: F401 (loads CuPy's cuBLAS)
+    except Exception:  # noqa: BLE001 (no CuPy or no cuBLAS for it)
+        return None, None
+    for soname in ("libcublas.so.13", "libcublas.so.12"):
+        try:
+            return soname, ctypes.CDLL(soname)
+        except OSError:
+            continue
+    return None, None
 
 
 _LIB = _Library()

@@ -177,6 +177,7 @@ def test_unavailable_when_the_library_cannot_be_loaded(monkeypatch):
         raise RuntimeError(f"no {name} here")
 
     monkeypatch.setattr(pathfinder, "load_nvidia_dynamic_lib", missing)
+    monkeypatch.setattr(blas, "_cupys_cublas", lambda: (None, None))  # (nor CuPy's)
     monkeypatch.setattr(blas, "_LIB", blas._Library())
     assert blas.available() is False
     reason = blas.unavailable_reason()
