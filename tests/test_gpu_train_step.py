@@ -201,8 +201,12 @@ def test_fused_adamw_kernel_matches_adamw_step(dtype):
             np.testing.assert_allclose(cupy.asnumpy(params[k]), cupy.asnumpy(ref[k]),
                                        rtol=rtol, atol=rtol * 1e-2, err_msg=f"{i} {k}")
     for k in params:
-        np.testing.assert_allclose(cupy.asnumpy(fused.m[k]), cupy.asnumpy(opt.m[k]),
-                                   rtol=rtol * 10, atol=1e-12)
+        # m_t = b1 m + (1 - b1) g rounds on terms as large as max |m| (fused into
+        # one FMA on the GPU): where the two cancel, the difference is a few ulp
+        # of those terms, not of the small result
+        want = cupy.asnumpy(opt.m[k])
+        np.testing.assert_allclose(cupy.asnumpy(fused.m[k]), want, rtol=rtol * 10,
+                                   atol=rtol * np.abs(want).max())
 
 
 def test_clip_grad_norm_device_matches_clip_grad_norm():
