@@ -78,6 +78,7 @@ Environment ``NUMBA_MAMBA_KERNEL_CACHE=0`` compiles every kernel without it.
 import array
 import functools
 import hashlib
+import operator
 import os
 import pathlib
 import struct
@@ -93,8 +94,8 @@ from .settings import settings
 
 __all__ = ["BoundLaunch", "KERNEL_CACHE", "LaunchFallbackWarning", "RawLaunch", "c_strided",
            "cache_refusals",
-           "check_argument_layout", "compile_kernel", "fallback_reason", "launch", "launch_path",
-           "numba_launch"]
+           "check_argument_layout", "compile_kernel", "contiguity_reader", "contiguous",
+           "fallback_reason", "launch", "launch_path", "layout_key", "numba_launch"]
 
 
 class LaunchFallbackWarning(RuntimeWarning):
@@ -334,6 +335,120 @@ def _check_param_info(function_ptr, sizes):
                          f"RawLaunch would pass {list(sizes)}")
 
 
+# ------------------------------------------------ contiguity and layout keys
+#: Readers of an array's C-contiguity and of its layout key
+#: ``(shape, itemsize, C-contiguous)``: through the public flag, which CuPy
+#: builds a ``flags`` object for per read, and through CuPy's private one.
+_PUBLIC = (operator.attrgetter("flags.c_contiguous"),
+           operator.attrgetter("shape", "itemsize", "flags.c_contiguous"))
+_PRIVATE = (operator.attrgetter("_c_contiguous"),
+            operator.attrgetter("shape", "itemsize", "_c_contiguous"))
+
+
+def _probes(cls):
+    """Arrays of type ``cls``, C-contiguous and not, on which a private flag
+    is compared with the public one: a few CuPy arrays for CuPy's ndarray,
+    none for other types (which read the public flag)."""
+    if not (cls.__module__.split(".")[0] == "cupy" and cls.__name__ == "ndarray"):
+        return []
+    import cupy
+
+    a = cupy.empty((3, 4), np.float32)
+    if type(a) is not cls:
+        return []
+    return [a, a.T, a[:, ::2], a[1:], a[:, None], cupy.empty((1, 4), np.float32)[:, ::2],
+            cupy.empty((0, 2), np.float32), cupy.broadcast_to(a[:1], (3, 4))]
+
+
+def _choose_readers(cls):
+    """:data:`_PRIVATE` where arrays of ``cls`` carry a bool ``_c_contiguous``
+    that equals ``flags.c_contiguous`` on every probe of :func:`_probes` (and
+    the probes hold both answers), else :data:`_PUBLIC`."""
+    try:
+        answers = set()
+        for p in _probes(cls):
+            fast = p._c_contiguous
+            if type(fast) is not bool or fast != bool(p.flags.c_contiguous):
+                return _PUBLIC
+            answers.add(fast)
+        if answers == {True, False}:
+            return _PRIVATE
+    except Exception:  # noqa: BLE001 (no such attribute, no CuPy, no device...)
+        pass
+    return _PUBLIC
+
+
+_READERS = {}  # array type -> _PUBLIC or _PRIVATE
+
+
+def _readers(cls):
+    readers = _READERS.get(cls)
+    if readers is None:
+        readers = _READERS[cls] = _choose_readers(cls)
+    return readers
+
+
+def contiguity_reader(cls):
+    """The function that tells whether an array of type ``cls`` is
+    C-contiguous: a read of CuPy's private ``_c_contiguous`` flag where it was
+    checked, once per type, to agree with the public ``flags.c_contiguous``
+    on a few arrays, else a read of the public flag.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba.cuda_kernels._launch import contiguity_reader
+    >>> read = contiguity_reader(np.ndarray)  # (the public flag: no probes for NumPy)
+    >>> read(np.zeros((2, 3))), read(np.zeros((2, 3)).T)
+    (True, False)
+    """
+    return _readers(cls)[0]
+
+
+def contiguous(x):
+    """Whether array ``x`` is C-contiguous (see :func:`contiguity_reader`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba.cuda_kernels._launch import contiguous
+    >>> contiguous(np.zeros((2, 3))), contiguous(np.zeros((2, 3))[:, ::2])
+    (True, False)
+    """
+    readers = _READERS.get(type(x)) or _readers(type(x))
+    return readers[0](x)
+
+
+def layout_key(arrays):
+    """``((shape, itemsize, C-contiguous), ...)`` of ``arrays``: the key of
+    :class:`RawLaunch`'s bound launches (C-contiguity read as
+    :func:`contiguous` reads it).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba.cuda_kernels._launch import layout_key
+    >>> layout_key([np.zeros((2, 3), np.float32), np.zeros(4)[::2]])
+    (((2, 3), 4, True), ((2,), 8, False))
+    """
+    kinds = set(map(type, arrays))
+    if len(kinds) == 1:
+        (cls,) = kinds
+        readers = _READERS.get(cls) or _readers(cls)
+        return tuple(map(readers[1], arrays))
+    return tuple([_readers(type(a))[1](a) for a in arrays])
+
+
+def _picker(indices):
+    """A function of a sequence returning the tuple of its items at ``indices``."""
+    if len(indices) == 1:
+        (i,) = indices
+        return lambda args: (args[i],)
+    if not indices:
+        return lambda args: ()
+    return operator.itemgetter(*indices)
+
+
 # -------------------------------------------------------------- the raw path
 class RawLaunch:
     """Launch one compiled Numba kernel through the CUDA driver, as CuPy does.
@@ -411,28 +526,18 @@ class RawLaunch:
             else:
                 slot += 1
         self._data_slots = tuple(where)
+        self._pick_arrays = _picker(self._arrays)
+        self._pick_scalars = _picker(self._scalars)
 
-    def _layout(self, args):
-        """The layout key of ``args``: shapes and itemsizes of the arrays (each
-        checked to be C-contiguous, of the kernel's rank), the scalars' values."""
-        key = []
+    def _check(self, args):
+        """Raise ValueError unless every array of ``args`` is C-contiguous and
+        of the kernel's rank."""
         ndims = self._ndims
         for i in self._arrays:
             a = args[i]
-            shape = a.shape
-            contiguous = getattr(a, "_c_contiguous", None)  # (CuPy; ``flags`` builds an object)
-            if contiguous is None:
-                contiguous = a.flags.c_contiguous
-            if len(shape) != ndims[i] or not contiguous:
+            if len(a.shape) != ndims[i] or not contiguous(a):
                 raise ValueError(f"expected a C-contiguous array of {ndims[i]} dimensions, "
-                                 f"got shape {shape}, strides {a.strides}")
-            key.append(shape)
-            key.append(a.itemsize)
-        for i in self._scalars:
-            v = args[i]
-            key.append(type(v))  # (1 and 1.0 and np.float32(1) differ in their bits)
-            key.append(v)
-        return tuple(key)
+                                 f"got shape {a.shape}, strides {a.strides}")
 
     def params(self, args):
         """The kernel's parameter values for ``args``, one int per 8-byte slot."""
@@ -443,7 +548,7 @@ class RawLaunch:
                 meta = _ARRAY_META.get(key)
                 if meta is None:
                     meta = _ARRAY_META[key] = _array_meta(*key)
-                if len(value.shape) != ndim or not value.flags.c_contiguous:
+                if len(value.shape) != ndim or not contiguous(value):
                     raise ValueError(f"expected a C-contiguous array of {ndim} dimensions, "
                                      f"got shape {value.shape}, strides {value.strides}")
                 values += meta[0]
@@ -460,13 +565,18 @@ class RawLaunch:
         """Launch on CuPy arrays ``args`` (C-contiguous) on ``stream`` (a CuPy stream)."""
         if len(args) != len(self._ndims):
             raise ValueError(f"expected {len(self._ndims)} arguments, got {len(args)}")
-        key = (self._layout(args), grid, block)
+        arrays = self._pick_arrays(args)
+        # (the key holds each array's C-contiguity: a layout is bound, and so
+        # checked, only where every array is C-contiguous and of the kernel's rank)
+        scalars = self._pick_scalars(args)
+        # (scalars by type and value: 1, 1.0 and np.float32(1) differ in their bits)
+        key = (layout_key(arrays), scalars, tuple(map(type, scalars)), grid, block)
         bound = self._bound.get(key)
         if bound is None:
             if len(self._bound) >= _MAX_LAYOUTS:
                 self._bound.clear()
             bound = self._bound[key] = self.bind(grid, block, args)
-        bound(stream.ptr, [args[i].data.ptr for i in self._arrays])
+        bound(stream.ptr, [a.data.ptr for a in arrays])
 
     def bind(self, grid, block, args):
         """A :class:`BoundLaunch` of this kernel on ``grid`` x ``block`` threads,
@@ -474,7 +584,7 @@ class RawLaunch:
         each of its calls passes."""
         if len(args) != len(self._ndims):
             raise ValueError(f"expected {len(self._ndims)} arguments, got {len(args)}")
-        self._layout(args)  # (checks the arrays)
+        self._check(args)
         values = self.params(args)
         if len(values) != self._n_slots:
             raise ValueError(f"expected {self._n_slots} parameter slots, got {len(values)}")

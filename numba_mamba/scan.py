@@ -262,17 +262,34 @@ _LAYOUT_TYPES = {type(None)}
 
 def _gpu_layout(values):
     """The key under which the validation of CuPy arguments ``values`` is
-    remembered: per array its type, shape, dtype, strides and device (None
+    remembered: per array its type, shape, dtype, device and strides (None
     where absent) -- all that validation reads; None unless every given
     array is a CuPy array (NumPy arguments, whose ``A`` is checked for finite
-    values, are validated on every call)."""
+    values, are validated on every call).
+
+    A C-contiguous array stands for its strides by ``True`` (the launch
+    seam's :func:`~numba_mamba.cuda_kernels._launch.contiguous`, cheaper than
+    building the strides): what validation reads of the strides -- whether
+    the array is C-contiguous, the bytes it spans -- follows from its shape
+    and itemsize then (strides differ only on axes of length 1, which span
+    nothing)."""
     kinds = set(map(type, values))
     if not kinds <= _LAYOUT_TYPES:
         if not all(x is None or is_cupy_array(x) for x in values):
             return None
         _LAYOUT_TYPES.update(kinds)
-    return tuple([None if x is None else (type(x), x.shape, x.dtype, x.strides, x.data.device_id)
+    contiguous = _seam_contiguous()
+    return tuple([None if x is None else
+                  (type(x), x.shape, x.dtype, x.data.device_id, contiguous(x) or x.strides)
                   for x in values])
+
+
+@functools.lru_cache(maxsize=1)
+def _seam_contiguous():
+    """The launch seam's C-contiguity test (imported on the first CuPy call)."""
+    from .cuda_kernels._launch import contiguous
+
+    return contiguous
 
 
 #: :func:`_gpu_layout` of CuPy arguments (and a given ``out``) that passed

@@ -128,6 +128,80 @@ def test_cached_layout_still_refuses_a_non_contiguous_array():
 
 
 
+# ------------------------------------------------- contiguity: private flag
+class FlaggedArray(FakeDeviceArray):
+    """A stand-in with a private ``_c_contiguous`` besides the public flag;
+    ``private`` (default: the public flag's value) is what it says."""
+
+    def __init__(self, contiguous=True, private=None):
+        super().__init__((2, 2), 4, 0x1000, contiguous)
+        if private is not ...:
+            self._c_contiguous = contiguous if private is None else private
+
+
+@pytest.fixture
+def readers(monkeypatch):
+    """``_launch``'s per-type readers emptied; probes of FlaggedArray set by the test."""
+    monkeypatch.setattr(_launch, "_READERS", {})
+
+    def probes(items):
+        monkeypatch.setattr(_launch, "_probes", lambda cls: items if cls is FlaggedArray else [])
+    return probes
+
+
+def test_an_agreeing_private_flag_is_read_and_only_it(readers):
+    readers([FlaggedArray(True), FlaggedArray(False)])
+    assert _launch.contiguity_reader(FlaggedArray) is _launch._PRIVATE[0]
+    a = FlaggedArray(True, private=False)  # (probed once: now the private flag is believed)
+    assert _launch.contiguous(a) is False
+    assert _launch.layout_key([a, FlaggedArray(True)]) == (((2, 2), 4, False), ((2, 2), 4, True))
+
+
+@pytest.mark.parametrize("probes", [
+    [FlaggedArray(True), FlaggedArray(False, private=True)],  # disagrees on one
+    [FlaggedArray(True), FlaggedArray(False, private=...)],  # missing on one
+    [FlaggedArray(True, private=1), FlaggedArray(False, private=0)],  # not a bool
+    [FlaggedArray(True), FlaggedArray(True)],  # never seen to say False
+    [],  # nothing to probe
+])
+def test_a_private_flag_not_seen_to_agree_gives_the_public_one(readers, probes):
+    readers(probes)
+    assert _launch.contiguity_reader(FlaggedArray) is _launch._PUBLIC[0]
+    a = FlaggedArray(True, private=False)
+    assert _launch.contiguous(a) is True
+    assert _launch.layout_key([a]) == (((2, 2), 4, True),)
+
+
+def test_probes_that_raise_give_the_public_flag(readers, monkeypatch):
+    def boom(cls):
+        raise RuntimeError("no device")
+    monkeypatch.setattr(_launch, "_probes", boom)
+    assert _launch.contiguity_reader(FlaggedArray) is _launch._PUBLIC[0]
+
+
+def test_mixed_types_are_read_each_by_its_own_reader(readers):
+    readers([FlaggedArray(True), FlaggedArray(False)])
+    plain = FakeDeviceArray((3,), 8, 0x2000, contiguous=False)
+    key = _launch.layout_key([FlaggedArray(False, private=True), plain])
+    assert key == (((2, 2), 4, True), ((3,), 8, False))
+
+
+def test_numpy_and_cupy_types_are_not_probed_unless_cupy(readers):
+    assert _launch._probes(np.ndarray) == []
+    assert _launch.contiguity_reader(np.ndarray) is _launch._PUBLIC[0]
+
+
+def test_the_launch_checks_with_the_private_flag_where_it_agreed(readers):
+    """A bound layout is keyed on the flag read: an array whose (agreeing)
+    private flag says non-contiguous is refused, not launched."""
+    readers([FlaggedArray(True), FlaggedArray(False)])
+    raw, seen = _recording_launcher([2], 9)
+    raw(1, 32, SimpleNamespace(ptr=0), [FlaggedArray(True)])
+    with pytest.raises(ValueError, match="C-contiguous array of 2 dimensions"):
+        raw(1, 32, SimpleNamespace(ptr=0), [FlaggedArray(True, private=False)])
+    assert len(seen) == 1
+
+
 # --------------------------------------------------------- choosing the path
 import sys  # noqa: E402
 import warnings  # noqa: E402

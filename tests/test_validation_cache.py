@@ -142,8 +142,33 @@ def test_c_contiguous_arrays_with_other_strides_on_a_length_1_axis_are_not_copie
     odd = np.lib.stride_tricks.as_strided(u, u.shape, (7, 20, 4))  # (axis 0 has one element)
     assert odd.flags.c_contiguous and odd.strides != u.strides
     canon = _prepare(_args(rng, Bt=1, u=odd)).args
-    assert fake_gpu["full"] == 2 and len(api._VALIDATED) == 2  # (other strides: a layout)
+    # (C-contiguous arrays are keyed by their shape: strides on a length-1 axis change
+    # nothing validation finds, neither the copies nor the bytes spanned)
+    assert fake_gpu["full"] == 1 and len(api._VALIDATED) == 1
     assert canon[0].a is odd  # (not copied: the kernels index it by its shape)
+
+
+def test_a_remembered_contiguous_layout_still_finds_an_overlapping_out(fake_gpu):
+    """The bytes an input spans, remembered per layout, hold for any strides
+    on a length-1 axis: ``out`` overlapping such an input is refused."""
+    rng = np.random.default_rng(5)
+    _prepare(_args(rng, Bt=1), out=FakeCupyArray(np.zeros((1, 3, 5), np.float32)))
+    u = rng.standard_normal((1, 3, 5)).astype(np.float32)
+    odd = np.lib.stride_tricks.as_strided(u, u.shape, (-4, 20, 4))
+    assert odd.flags.c_contiguous
+    with pytest.raises(ValueError, match="out must not share memory with u"):
+        _prepare(_args(rng, Bt=1, u=odd), out=FakeCupyArray(u))
+    assert fake_gpu["full"] == 1
+
+
+def test_non_contiguous_arrays_are_keyed_by_their_strides(fake_gpu):
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((2, 3, 10)).astype(np.float32)
+    _prepare(_args(rng, u=base[:, :, ::2]))
+    _prepare(_args(rng, u=base[:, :, ::2]))
+    assert fake_gpu["full"] == 1
+    _prepare(_args(rng, u=base[:, :, :5]))  # (other strides: validated again)
+    assert fake_gpu["full"] == 2 and len(api._VALIDATED) == 2
 
 
 def test_numpy_arguments_are_validated_on_every_call(monkeypatch):
