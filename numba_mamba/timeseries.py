@@ -80,10 +80,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .layers import (conv1d_backward, conv1d_forward, linear_backward, linear_forward,
                      rmsnorm_backward, rmsnorm_forward, selective_scan_backward,
                      selective_scan_forward, softplus_backward, softplus_forward)
-from .models import (MambaConfig, init_params, layer_params, model_backward, model_forward,
-                     mse_backward, mse_forward)
-from .optim import AdamW, clip_grad_norm, warmup_cosine
-from .training import seed_everything
+from .models import MambaConfig, init_params, layer_params, model_backward, model_forward
+from .optim import AdamW, warmup_cosine
+from .training import TrainStep, seed_everything
 
 __all__ = [
     "MambaForecaster", "Scaler", "make_windows", "seasonal_naive",
@@ -981,12 +980,6 @@ class MambaForecaster:
             y = ((y.reshape(B, L, -1, C) - sub) / sd[:, :, None]).reshape(B, L, -1)
         return x, y, mu, sd
 
-    def _loss_grads(self, params, x, y, dtau, mask):
-        out, cache = _forward(x, params, self.config_, dtau)
-        loss, lc = mse_forward(out, y, mask=mask)
-        _, grads = _backward(mse_backward(1.0, lc), cache)
-        return float(loss), grads
-
     def _val_loss(self, params, val_ends):
         """MSE of the last position's forecasts, in the scaler's units (not the window's)."""
         L = self.settings["lookback"]
@@ -1009,6 +1002,13 @@ class MambaForecaster:
         if s["linear_skip"]:  # start from the skip alone: the head's output is 0
             params["decoder.weight"][...] = 0
         opt = AdamW(lr=s["lr"], weight_decay=s["weight_decay"])
+        # one whole step (forward, MSE, backward, clipping, AdamW) over static buffers: a CUDA
+        # graph replayed per step on the GPU, eager on NumPy; losses are read at evaluations
+        timed = self._data[2] is not None and self._use_delta
+        ts = TrainStep(params, self.config_, opt, max_grad_norm=s["max_grad_norm"],
+                       **(dict(forward=_forward, backward=_backward) if timed else {}))
+        xp = self.xp_
+        masked = train_on == "last" or self._data[3] is not None  # (see _window)
         warm = min(s["warmup_steps"], s["steps"])
         best = dict(val=math.inf, step=steps, params=None)
         hist = dict(train_losses=[], val_losses=[])
@@ -1021,18 +1021,17 @@ class MambaForecaster:
         for step in bar:
             starts = rng.integers(0, n_train, min(s["batch_size"], n_train))
             x, y, dtau, mask = self._window(starts, train_on)
-            loss, grads = self._loss_grads(params, x, y, dtau, mask)
-            if s["max_grad_norm"] is not None:
-                clip_grad_norm(grads, s["max_grad_norm"])
-            opt.step(params, grads, lr=warmup_cosine(step, s["lr"], warm, s["steps"],
-                                                     s["lr"] / 10))
-            hist["train_losses"].append(loss)
+            if mask is None and masked:  # the shapes of a TrainStep's buffers stay fixed
+                mask = xp.ones(x.shape[:2] + (1,), dtype=x.dtype)
+            ts.step(x, y, mask, lr=warmup_cosine(step, s["lr"], warm, s["steps"], s["lr"] / 10),
+                    extra=() if dtau is None else (dtau,))
             done = step + 1
             if val_ends and (done % s["eval_every"] == 0 or done == steps):
+                hist["train_losses"].extend(ts.losses())
                 v = self._val_loss(params, val_ends)
                 hist["val_losses"].append((done, v))
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{loss:.4g}", val=f"{v:.4g}")
+                    bar.set_postfix(loss=f"{hist['train_losses'][-1]:.4g}", val=f"{v:.4g}")
                 if v < best["val"]:
                     best.update(val=v, step=done,
                                 params={k: a.copy() for k, a in params.items()})
@@ -1041,6 +1040,7 @@ class MambaForecaster:
                     bad += 1
                     if bad >= s["patience"]:
                         break
+        hist["train_losses"].extend(ts.losses())
         hist["steps_run"] = len(hist["train_losses"])
         hist["best_step"] = best["step"] if best["params"] is not None else hist["steps_run"]
         hist["best_val"] = best["val"] if best["params"] is not None else None

@@ -22,7 +22,8 @@ import numpy as np
 from ._validation import is_cupy_array
 from .checkpoint import load_checkpoint, save_checkpoint
 from .graphs import CapturedStep, check_graph_mode
-from .models import device_loss_and_grads
+from .models import (cross_entropy_backward, cross_entropy_forward, device_loss_and_grads,
+                     mse_backward, mse_forward)
 from .optim import AdamW, FusedAdamW, _optim_kernels, warmup_cosine
 
 __all__ = ["TrainResult", "TrainStep", "seed_everything", "train"]
@@ -83,6 +84,13 @@ class TrainStep:
     history : int, optional
         Losses held on the device between reads (a ring buffer); a step that
         would overwrite an unread loss reads them first (one wait).
+    forward, backward : callable, optional
+        Another model of the same parameters (both or neither):
+        ``forward(inputs, params, config, *extra) -> (out, cache)`` and
+        ``backward(dout, cache) -> (dinputs, grads)``, where ``extra`` are
+        the arrays given as ``step(..., extra=...)``; the loss is still the
+        head's (cross-entropy or MSE).  Default: the model of
+        :mod:`numba_mamba.models`.  Both must not wait for the device.
 
     Notes
     -----
@@ -120,8 +128,15 @@ class TrainStep:
     """
 
     def __init__(self, params, config, optimizer=None, max_grad_norm=1.0, graph="auto",
-                 history=1024):
+                 history=1024, forward=None, backward=None):
         check_graph_mode(graph)
+        if (forward is None) != (backward is None):
+            raise ValueError("forward and backward must be given together (or neither), got "
+                             f"forward={forward!r}, backward={backward!r}")
+        for name, fn in (("forward", forward), ("backward", backward)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        self._model = None if forward is None else (forward, backward)
         if isinstance(history, bool) or not isinstance(history, (int, np.integer)) \
                 or history < 1:
             raise ValueError(f"history must be a positive integer, got {history!r}")
@@ -133,7 +148,7 @@ class TrainStep:
         self._kernels = _optim_kernels(xp)
         self._hist = xp.zeros(int(history), self._fused.dtype)
         self._state = xp.asarray(np.array([0, -1, 0], np.int64))
-        self._batch = None  # static (inputs, targets, mask)
+        self._batch = None  # static (inputs, targets, mask, *extra)
         self._pinned = {}  # page-locked staging of NumPy batches for device buffers
         self._graph = graph
         self._step = CapturedStep(self._run, graph=graph, xp=xp)
@@ -151,7 +166,7 @@ class TrainStep:
         """Global gradient norm of the last step before clipping: a (1,) float64 device array."""
         return self._fused.norm
 
-    def step(self, inputs, targets, mask=None, lr=None):
+    def step(self, inputs, targets, mask=None, lr=None, extra=()):
         """One training step on a batch; returns None (the loss stays on the device).
 
         Parameters
@@ -166,8 +181,17 @@ class TrainStep:
             predictions (regression).
         lr : float, optional
             Learning rate of this step (default ``optimizer.lr``).
+        extra : tuple of arrays, optional
+            Further inputs of a custom ``forward`` (its arguments after
+            ``config``), copied into static buffers like the batch: the same
+            number, shapes and dtype kinds at every step.
         """
-        self._put(inputs, targets, mask)
+        if not isinstance(extra, (tuple, list)):
+            raise TypeError(f"extra must be a tuple of arrays, got {type(extra).__name__}")
+        if extra and self._model is None:
+            raise ValueError(f"extra inputs ({len(extra)} given) need a custom forward: make "
+                             f"the TrainStep with forward= and backward=")
+        self._put(inputs, targets, mask, tuple(extra))
         fused = self._fused
         if fused.stale():
             decay = fused.decay
@@ -198,13 +222,36 @@ class TrainStep:
 
     def _run(self):
         """The captured work: no waits, no host state changed."""
-        inputs, targets, mask = self._batch
-        loss, grads, bad = device_loss_and_grads(inputs, targets, self.params, self.config,
-                                                 mask=mask)
+        inputs, targets, mask, *extra = self._batch
+        if self._model is None:
+            loss, grads, bad = device_loss_and_grads(inputs, targets, self.params, self.config,
+                                                     mask=mask)
+        else:
+            loss, grads, bad = self._custom_loss_and_grads(inputs, targets, mask, extra)
         self._fused.update(grads)
         xp = self.xp
         self._kernels.record_loss(xp.reshape(loss, (1,)), xp.reshape(bad, (1,)), self._hist,
                                   self._state)
+
+    def _custom_loss_and_grads(self, inputs, targets, mask, extra):
+        """:func:`~numba_mamba.models.device_loss_and_grads` through ``forward``, ``backward``."""
+        xp, cfg = self.xp, self.config
+        forward, backward = self._model
+        bad = xp.zeros((), xp.int64)
+        if cfg.head == "lm":
+            out_of_range = (inputs < 0) | (inputs >= cfg.vocab_size)
+            inputs = xp.where(out_of_range, 0, inputs)
+            bad = bad + 2 * out_of_range.any().astype(xp.int64)
+        out, cache = forward(inputs, self.params, cfg, *extra)
+        if cfg.head == "lm":
+            loss, lc = cross_entropy_forward(out, targets, mask=mask, sync=False)
+            dout = cross_entropy_backward(1.0, lc)
+            bad = bad + lc.bad.astype(xp.int64)
+        else:
+            loss, lc = mse_forward(out, targets, mask=mask, sync=False)
+            dout = mse_backward(1.0, lc)
+        _, grads = backward(dout, cache)
+        return loss, grads, bad
 
     def _drain(self):
         if self._done == self._read:
@@ -227,9 +274,13 @@ class TrainStep:
                              f"steps) had invalid {what}; that step and any later ones were "
                              f"run and applied")
 
-    def _put(self, inputs, targets, mask):
+    def _put(self, inputs, targets, mask, extra=()):
         """Check the batch against the static buffers (made from the first) and copy it in."""
         given = {"inputs": inputs, "targets": targets, "mask": mask}
+        given.update((f"extra[{k}]", a) for k, a in enumerate(extra))
+        for k, a in enumerate(extra):
+            if a is None:
+                raise TypeError(f"extra[{k}] must be a NumPy or CuPy array, got None")
         for name, a in given.items():
             if a is None:
                 continue
@@ -239,7 +290,11 @@ class TrainStep:
                 raise TypeError(f"{name} must be a NumPy array like the parameters, got a "
                                 f"CuPy array")
         if self._batch is None:
-            self._batch = self._buffers(inputs, targets, mask)
+            self._batch = self._buffers(inputs, targets, mask) + tuple(
+                self.xp.empty(a.shape, a.dtype) for a in extra)
+        if len(given) != len(self._batch):
+            raise ValueError(f"extra must hold {len(self._batch) - 3} arrays at every step, as "
+                             f"at the first, got {len(extra)}")
         for (name, a), buf in zip(given.items(), self._batch):
             if (a is None) != (buf is None):
                 raise ValueError(f"{name} must be {'given' if a is None else 'None'} at every "
@@ -251,7 +306,7 @@ class TrainStep:
                     f"(a TrainStep runs on buffers of one shape: make another for this one)")
         if self.config.head == "lm":
             _check_token_ranges(inputs, targets, mask, self.config.vocab_size)
-        for i, (a, buf) in enumerate(zip((inputs, targets, mask), self._batch)):
+        for i, (a, buf) in enumerate(zip(given.values(), self._batch)):
             if a is None:
                 continue
             if is_cupy_array(buf) and isinstance(a, np.ndarray):

@@ -219,3 +219,49 @@ def test_clip_grad_norm_device_matches_clip_grad_norm():
     assert float(norm) == pytest.approx(clip_grad_norm(ref, 1.0), rel=1e-12)
     for k in grads:
         np.testing.assert_array_equal(cupy.asnumpy(grads[k]), cupy.asnumpy(ref[k]))
+
+
+def _forecaster_fit(monkeypatch, device, graph):
+    """A MambaForecaster fit (float64, irregular times, time_as="delta") and its TrainSteps.
+
+    ``graph`` is forced on every TrainStep the forecaster makes; a CaptureWarning fails.
+    """
+    from numba_mamba import timeseries
+
+    made = []
+
+    class Forced(TrainStep):
+        def __init__(self, *a, **kw):
+            kw["graph"] = graph
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(timeseries, "TrainStep", Forced)
+    rng = np.random.default_rng(0)
+    t = np.cumsum(rng.uniform(0.5, 1.5, 200))
+    y = np.stack([np.sin(t / 5), np.cos(t / 7)], 1) + 0.05 * rng.standard_normal((200, 2))
+    f = timeseries.MambaForecaster(lookback=16, horizon=3, steps=30, val_fraction=0.2,
+                                   eval_every=10, time_as="delta", d_model=16, n_layers=2,
+                                   d_state=8, batch_size=8, dtype=np.float64, device=device,
+                                   progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureWarning)
+        f.fit(y, t=t)
+    return f.history_[0], made
+
+
+def test_forecaster_with_time_as_delta_trains_through_a_captured_step(monkeypatch):
+    """Captured, the fit equals the eager (graph=False) GPU fit to float64 rounding (rtol 1e-9,
+    see the module docstring), and the CPU fit's first losses to rtol 1e-6 (other kernels and
+    reduction orders; the same bound as test_gpu_forecaster_matches_cpu_forecaster)."""
+    captured, made = _forecaster_fit(monkeypatch, "gpu", "auto")
+    assert len(made) == 1 and made[0].captured and made[0]._model is not None
+    assert isinstance(made[0]._batch[3], cupy.ndarray)  # dtau, the extra input, on the device
+    eager, made_e = _forecaster_fit(monkeypatch, "gpu", False)
+    assert not made_e[0].captured
+    cpu, _ = _forecaster_fit(monkeypatch, "cpu", "auto")
+    assert captured["steps_run"] == eager["steps_run"] == cpu["steps_run"] == 30
+    np.testing.assert_allclose(captured["train_losses"], eager["train_losses"], rtol=1e-9)
+    np.testing.assert_allclose([v for _, v in captured["val_losses"]],
+                               [v for _, v in eager["val_losses"]], rtol=1e-9)
+    np.testing.assert_allclose(captured["train_losses"][:5], cpu["train_losses"][:5], rtol=1e-6)

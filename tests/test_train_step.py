@@ -385,3 +385,118 @@ def test_optim_kernels_in_the_cuda_simulator_equal_the_cpu_backend():
     run = subprocess.run([sys.executable, "-c", _SIMULATED], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+# ------------------------------------------------ custom forward/backward with extra inputs
+
+
+def _timed_batches(n, seed, masked, Bt=3, L=10):
+    """Batches ``(inputs, targets, mask, dtau)`` for ``timeseries.timed_model_forward``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for x, y, mask in _batches(REG, n, seed, masked, Bt=Bt, L=L):
+        out.append((x, y, mask, rng.uniform(0.2, 3.0, (Bt, L))))
+    return out
+
+
+@pytest.mark.parametrize("dtype,masked,max_norm", [(np.float32, True, 0.05),
+                                                   (np.float64, False, None),
+                                                   (np.float32, False, 1.0)])
+def test_custom_forward_with_an_extra_input_equals_the_eager_loop_to_the_bit(dtype, masked,
+                                                                             max_norm):
+    from numba_mamba.timeseries import timed_model_backward, timed_model_forward
+
+    batches = [tuple(a if a is None or a.dtype == bool else a.astype(dtype) for a in b)
+               for b in _timed_batches(6, 4, masked)]
+    lrs = [1e-2, 3e-2, 2e-2, 1e-2, 5e-3, 1e-3]
+    p_ref = models.init_params(REG, seed=2, dtype=dtype)
+    p_ts = {k: v.copy() for k, v in p_ref.items()}
+    opt_ref = AdamW(lr=1e-2, weight_decay=0.1)
+    ts = TrainStep(p_ts, REG, AdamW(lr=1e-2, weight_decay=0.1), max_grad_norm=max_norm,
+                   forward=timed_model_forward, backward=timed_model_backward)
+    ref_losses = []
+    for (x, y, mask, dtau), lr in zip(batches, lrs):
+        out, cache = timed_model_forward(x, p_ref, REG, dtau)
+        loss, lc = models.mse_forward(out, y, mask=mask)
+        _, grads = timed_model_backward(models.mse_backward(1.0, lc), cache)
+        if max_norm is not None:
+            clip_grad_norm(grads, max_norm)
+        opt_ref.step(p_ref, grads, lr=lr)
+        ref_losses.append(float(loss))
+        ts.step(x, y, mask, lr=lr, extra=(dtau,))
+        for k in p_ref:
+            np.testing.assert_array_equal(p_ts[k], p_ref[k], err_msg=k)
+    assert ts.losses() == ref_losses
+    # dtau matters: a step with dtau = 1 is the plain model's, not this one's
+    assert not np.allclose(batches[0][3], 1.0)
+
+
+def test_custom_forward_that_is_the_models_own_equals_the_default_step():
+    """The custom path (LM head: ids and targets checked on the device) runs what the default does."""
+    batches = _batches(LM, 4, 6, masked=True)
+    runs = []
+    for custom in (False, True):
+        params = models.init_params(LM, seed=1)
+        kw = dict(forward=models.model_forward, backward=models.model_backward) if custom \
+            else {}
+        ts = TrainStep(params, LM, AdamW(lr=1e-2), **kw)
+        for x, y, mask in batches:
+            ts.step(x, y, mask)
+        runs.append((ts.losses(), params))
+    assert runs[0][0] == runs[1][0]
+    for k in runs[0][1]:
+        np.testing.assert_array_equal(runs[0][1][k], runs[1][1][k], err_msg=k)
+
+
+def test_custom_forward_and_extra_errors_name_the_argument():
+    from numba_mamba.timeseries import timed_model_backward, timed_model_forward
+
+    params = models.init_params(REG, seed=0)
+    with pytest.raises(ValueError, match="forward and backward must be given together"):
+        TrainStep(params, REG, forward=timed_model_forward)
+    with pytest.raises(TypeError, match="backward must be callable, got int"):
+        TrainStep(params, REG, forward=timed_model_forward, backward=3)
+    x, y, _, dtau = _timed_batches(1, 0, False)[0]
+    x, y, dtau = x.astype(np.float32), y.astype(np.float32), dtau.astype(np.float32)
+    plain = TrainStep(params, REG)
+    with pytest.raises(ValueError, match=r"extra inputs \(1 given\) need a custom forward"):
+        plain.step(x, y, extra=(dtau,))
+    ts = TrainStep(params, REG, forward=timed_model_forward, backward=timed_model_backward)
+    with pytest.raises(TypeError, match="extra must be a tuple of arrays, got ndarray"):
+        ts.step(x, y, extra=dtau)
+    with pytest.raises(TypeError, match=r"extra\[0\] must be a NumPy or CuPy array, got None"):
+        ts.step(x, y, extra=(None,))
+    ts.step(x, y, extra=(dtau,))
+    with pytest.raises(ValueError, match="extra must hold 1 arrays at every step, as at the "
+                                         "first, got 0"):
+        ts.step(x, y)
+    with pytest.raises(ValueError, match=r"extra\[0\] must have shape \(3, 10\) and dtype kind "
+                                         r"'f' like the first batch \(float32\), got shape "
+                                         r"\(3, 9\)"):
+        ts.step(x, y, extra=(dtau[:, :9],))
+    assert ts.optimizer.t == 1 and len(ts.losses()) == 1
+
+
+def test_forecaster_trains_through_a_train_step_with_the_time_step_as_extra(monkeypatch):
+    """Each member's training is one TrainStep fed dtau; every step's loss is in the history."""
+    from numba_mamba import timeseries
+
+    made = []
+
+    class Recording(TrainStep):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(timeseries, "TrainStep", Recording)
+    rng = np.random.default_rng(0)
+    t = np.cumsum(rng.uniform(0.5, 1.5, 90))
+    y = np.sin(t / 4) + 0.05 * rng.standard_normal(90)
+    f = timeseries.MambaForecaster(lookback=8, horizon=2, steps=12, val_fraction=0.2,
+                                   eval_every=5, d_model=8, n_layers=1, d_state=4,
+                                   batch_size=4, progress=False).fit(y, t=t)
+    assert len(made) == 1 and made[0]._model is not None  # the timed model, dtau as extra
+    assert len(made[0]._batch) == 4 and made[0]._batch[3].shape == (4, 8)
+    hist = f.history_[0]
+    assert hist["steps_run"] == 12 == made[0].optimizer.t == len(hist["train_losses"])
+    assert all(np.isfinite(hist["train_losses"]))
