@@ -55,6 +55,63 @@ ROWS = [
 # PyTorch sequential loop, forward ms, as issue 3 quotes it (None: not given).
 TORCH_LOOP_MS = [117, 191, None, 66]
 
+# The reference's figures of issue 19 (same build and settings as ROWS, measured
+# in one process beside ours on 2026-12-03): (batch, D, N, L, dtype): fwd ms, bwd ms.
+REFERENCE_19 = {
+    (8, 1536, 16, 2048, "float32"): (0.894, 2.082),
+    (8, 1536, 16, 2048, "bfloat16"): (0.462, 1.781),
+    (2, 1536, 16, 16384, "float32"): (1.960, 4.291),
+    (64, 64, 16, 1024, "float32"): (0.203, 0.474),
+    (1, 768, 16, 4096, "float32"): (0.146, 0.368),
+    (1, 768, 16, 4096, "bfloat16"): (0.116, 0.364),
+    (1, 1536, 16, 16384, "float32"): (0.991, 2.282),
+    (1, 2048, 16, 65536, "float32"): (5.698, 12.869),
+    (1, 2048, 16, 65536, "bfloat16"): (2.958, 11.154),
+    (1, 64, 16, 65536, "float32"): (0.819, 1.635),
+    (2, 768, 16, 8192, "float32"): (0.514, 1.157),
+    (2, 768, 16, 8192, "bfloat16"): (0.300, 1.070),
+    (8, 768, 16, 1024, "bfloat16"): (0.146, 0.537),
+    (8, 2048, 16, 2048, "bfloat16"): (0.625, 2.369),
+    (64, 768, 16, 256, "float32"): (0.379, 1.229),
+    (64, 64, 16, 4096, "bfloat16"): (0.362, 1.445),
+    (8, 1536, 4, 2048, "float32"): (0.373, 0.826),
+    (8, 1536, 4, 2048, "bfloat16"): (0.205, 0.644),
+    (8, 1536, 64, 2048, "float32"): (3.176, 7.502),
+    (8, 1536, 64, 2048, "bfloat16"): (1.533, 6.662),
+    (16, 1536, 16, 4096, "bfloat16"): (1.788, 6.893),
+}
+
+
+def grid_rows(quick=False):
+    """The ``--grid`` rows: ``(batch, D, N, L, dtype name, variable B/C)``.
+
+    Issue 19's rows (where the reference has a figure), then one factor at a
+    time around (8, 1536, 16, 2048) -- batch {1, 2, 8, 16, 64}, D {64, 768,
+    1536, 2048, 4096}, N {4, 8, 16, 32, 64} -- and L {256 ... 65,536} at batch
+    1, D 1536, in float32, bfloat16 and float16, and a few rows with constant
+    B and C.  ``quick``: issue 19's rows only.
+    """
+    rows = [key + (True,) for key in REFERENCE_19]
+    if quick:
+        return rows
+    for dtype in ("float32", "bfloat16", "float16"):
+        for Bt in (1, 2, 8, 16, 64):
+            rows.append((Bt, 1536, 16, 2048, dtype, True))
+        for Dc in (64, 768, 2048, 4096):
+            rows.append((8, Dc, 16, 2048, dtype, True))
+        for N in (4, 8, 32, 64):
+            rows.append((8, 1536, N, 2048, dtype, True))
+        for L in (256, 1024, 4096, 16384, 65536):
+            rows.append((1, 1536, 16, L, dtype, True))
+        for shape in ((8, 1536, 16, 2048), (1, 768, 16, 4096)):
+            rows.append(shape + (dtype, False))
+    seen, unique = set(), []
+    for row in rows:
+        if row not in seen:
+            seen.add(row)
+            unique.append(row)
+    return unique
+
 
 def sequential_loop(exp, softplus, sigmoid, u, delta, A, B, C, D, z, delta_bias):
     """The selective scan forward as a loop over the sequence, one step per iteration.
@@ -119,13 +176,16 @@ def copy_bandwidth(cupy, nbytes=2 << 30, reps=10):
     return 2 * nbytes / statistics.median(times)
 
 
-def make_inputs(cupy, Bt, Dc, N, L, dtype, rng):
+def make_inputs(cupy, Bt, Dc, N, L, dtype, rng, var_bc=True):
     def rnd(*shape, scale=1.0, shift=0.0):
         return (rng.standard_normal(shape, dtype=cupy.float32) * scale + shift).astype(dtype)
+    bc_shape = (Bt, N, L) if var_bc else (Dc, N)
+    bc_dtype = dtype if var_bc else cupy.float32
     return dict(
         u=rnd(Bt, Dc, L), delta=rnd(Bt, Dc, L, scale=0.5, shift=-1.0),
         A=-cupy.exp(rnd(Dc, N, scale=0.5).astype(cupy.float32)),
-        B=rnd(Bt, N, L), C=rnd(Bt, N, L), D=rnd(Dc).astype(cupy.float32),
+        B=rnd(*bc_shape).astype(bc_dtype), C=rnd(*bc_shape).astype(bc_dtype),
+        D=rnd(Dc).astype(cupy.float32),
         z=rnd(Bt, Dc, L), delta_bias=rnd(Dc, scale=0.1).astype(cupy.float32),
         delta_softplus=True,
     )
@@ -147,17 +207,18 @@ def force_engine(engine):
     return _backends()[0].settings.override(engine="auto" if engine is None else engine)
 
 
-def time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup=3, engine=None):
+def time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup=3, engine=None, var_bc=True):
     with force_engine(engine):
-        return _time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup)
+        return _time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup, var_bc)
 
 
-def _time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup):
+def _time_row(cupy, Bt, Dc, N, L, dtype, reps, warmup, var_bc=True):
     rng = cupy.random.default_rng(0)
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
     fwd, bwd = [], []
     for i in range(warmup + reps):
-        args = make_inputs(cupy, Bt, Dc, N, L, dtype, rng)  # fresh inputs, never zeros
+        # fresh inputs, never zeros
+        args = make_inputs(cupy, Bt, Dc, N, L, dtype, rng, var_bc)
         dout = rng.standard_normal((Bt, Dc, L), dtype=cupy.float32).astype(dtype)
         cupy.cuda.get_current_stream().synchronize()
         start.record()
@@ -335,6 +396,10 @@ def main():
     parser.add_argument("--long", action="store_true",
                         help="instead, run batch 1, D 1536, N 16, L 2**20 (float32) forward + "
                              "backward and check 8 channels against the CPU in float64")
+    parser.add_argument("--grid", action="store_true",
+                        help="instead, time the wide grid of issue 19 (grid_rows; with --quick "
+                             "its reference rows only), forward and backward of the engines "
+                             "named by --engines (default here: auto)")
     parser.add_argument("--cast-half", action="store_true",
                         help="cast float16/bfloat16 inputs to float32 around the state engine "
                              "(settings.direct_half off) instead of reading them directly")
@@ -353,6 +418,12 @@ def main():
         return
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     import cupy
+
+    if args.grid:
+        if args.engines == parser.get_default("engines"):
+            engines = ["auto"]
+        grid(cupy, engines, args.reps, args.quick, args.torch_reps)
+        return
 
     rows = ROWS[:1] if args.quick else ROWS
     bw = copy_bandwidth(cupy)
@@ -418,6 +489,78 @@ def main():
                   flush=True)
     print_registers({(np.float32 if dtype_name != "float64" else np.float64, N, Dc)
                      for (Bt, Dc, N, L, dtype_name), _, _ in rows})
+
+
+def grid(cupy, engines, reps, quick, torch_reps):
+    """Print the ``--grid`` table (:func:`grid_rows`) and a summary of the
+    targets of issue 19."""
+    bw = copy_bandwidth(cupy)
+    dev = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {dev}; "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s; median of {reps} after 3 warm-ups; "
+          f"selective_scan_vjp forward / its backward, host time included")
+    header = ("| batch, D, N, L | dtype | B, C | engine | fwd ms | fwd / floor | ref fwd | "
+              "fwd / ref | bwd ms | bwd / floor | ref bwd | bwd / ref | bwd / fwd |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    times = {}
+    for Bt, Dc, N, L, dtype_name, var_bc in grid_rows(quick):
+        dtype = cupy.dtype(dtype_name) if dtype_name != "bfloat16" else _bf16(cupy)
+        if dtype is None:
+            continue
+        ref = REFERENCE_19.get((Bt, Dc, N, L, dtype_name)) if var_bc else None
+        b_fwd, b_bwd = pass_bytes(Bt, Dc, N if var_bc else 0, L, dtype.itemsize)
+        for engine in engines:
+            try:
+                t_fwd, t_bwd = time_row(cupy, Bt, Dc, N, L, dtype, reps,
+                                        engine=None if engine == "auto" else engine,
+                                        var_bc=var_bc)
+            except Exception as exc:  # an engine that cannot take the row
+                print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {'var' if var_bc else 'const'} "
+                      f"| {engine} | {type(exc).__name__}: {str(exc)[:60]} |")
+                continue
+            times[(Bt, Dc, N, L, dtype_name, var_bc, engine)] = (t_fwd, t_bwd)
+            r_f = f"{ref[0]} | {t_fwd / ref[0]:.2f}" if ref else "- | -"
+            r_b = f"{ref[1]} | {t_bwd / ref[1]:.2f}" if ref else "- | -"
+            print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | {'var' if var_bc else 'const'} | "
+                  f"{engine} | {t_fwd:.3f} | {t_fwd / (b_fwd / bw * 1e3):.1f} | {r_f} | "
+                  f"{t_bwd:.3f} | {t_bwd / (b_bwd / bw * 1e3):.1f} | {r_b} | "
+                  f"{t_bwd / t_fwd:.2f} |", flush=True)
+    print()
+    print("# issue 19's targets (each engine):")
+    for engine in engines:
+        mine = {k[:6]: v for k, v in times.items() if k[6] == engine}
+        over_ref = [(k, f / REFERENCE_19[k[:5]][0], b / REFERENCE_19[k[:5]][1])
+                    for k, (f, b) in mine.items() if k[5] and k[:5] in REFERENCE_19]
+        bad_ref = [k for k, rf, rb in over_ref if rf > 0.9 or rb > 0.9]
+        worst_f = max(over_ref, key=lambda r: r[1], default=None)
+        worst_b = max(over_ref, key=lambda r: r[2], default=None)
+        bwd_fwd = max(((b / f, k) for k, (f, b) in mine.items()), default=None)
+        half = []
+        for k, (f, b) in mine.items():
+            base = mine.get(k[:4] + ("float32",) + k[5:])
+            if k[4] != "float32" and base:
+                half.append((max(f / base[0], b / base[1]), k))
+        print(f"#   {engine}: rows over 0.9x the reference: {len(bad_ref)} of {len(over_ref)}"
+              + (f"; worst fwd {worst_f[1]:.2f}x at {worst_f[0][:5]}, worst bwd "
+                 f"{worst_b[2]:.2f}x at {worst_b[0][:5]}" if over_ref else ""))
+        if bwd_fwd:
+            print(f"#   {engine}: largest bwd / fwd {bwd_fwd[0]:.2f} at {bwd_fwd[1]}")
+        if half:
+            worst = max(half)
+            print(f"#   {engine}: largest half / float32 time {worst[0]:.2f} at {worst[1]}; "
+                  f"rows above 0.75: {sum(r > 0.75 for r, _ in half)} of {len(half)}")
+    if torch_reps:
+        print()
+        print("| batch, D, N, L | dtype | PyTorch loop fwd ms | ours (auto) fwd ms |")
+        print("|---|---|---|---|")
+        for Bt, Dc, N, L, dtype_name in ((1, 768, 16, 4096, "float32"), (64, 64, 16, 1024,
+                                                                          "float32")):
+            ms = torch_loop_ms(cupy, Bt, Dc, N, L, dtype_name, torch_reps)
+            ours = times.get((Bt, Dc, N, L, dtype_name, True, "auto"))
+            print(f"| {Bt}, {Dc}, {N}, {L} | {dtype_name} | "
+                  f"{'(no PyTorch with CUDA)' if ms is None else f'{ms:.1f}'} | "
+                  f"{'-' if ours is None else f'{ours[0]:.3f}'} |", flush=True)
 
 
 def print_registers(configs):
