@@ -384,8 +384,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="first row only")
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--engines", default="states,blocks",
-                        help="comma-separated engines to time: states, blocks, auto")
+    parser.add_argument("--engines", default=None,
+                        help="comma-separated engines to time: states, blocks, auto "
+                             "(default states,blocks; with --grid, auto)")
     parser.add_argument("--torch-reps", type=int, default=5,
                         help="timed runs of the PyTorch loop per row (0: skip it)")
     parser.add_argument("--memory", action="store_true",
@@ -416,12 +417,11 @@ def main():
         print("# largest error relative to the largest value, 8 channels vs CPU float64: "
               + ", ".join(f"{k} {v:.1e}" for k, v in res["errors"].items()))
         return
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    engines = [e.strip() for e in (args.engines or ("auto" if args.grid else "states,blocks"))
+               .split(",") if e.strip()]
     import cupy
 
     if args.grid:
-        if args.engines == parser.get_default("engines"):
-            engines = ["auto"]
         grid(cupy, engines, args.reps, args.quick, args.torch_reps)
         return
 
