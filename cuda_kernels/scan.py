@@ -903,11 +903,11 @@ def choose_engine(Bt, Dc, N, cfg=settings):
     Examples
     --------
     >>> from numba_mamba.cuda_kernels import scan
-    >>> scan.choose_engine(8, 1536, 16), scan.choose_engine(1, 4, 4)
+    >>> scan.choose_engine(8, 1536, 16), scan.choose_engine(1, 4, 256)
     ('states', 'blocks')
-    >>> with scan.settings.override(engine="states"):
-    ...     scan.choose_engine(1, 4, 4)
-    'states'
+    >>> with scan.settings.override(engine="blocks"):
+    ...     scan.choose_engine(8, 1536, 16)
+    'blocks'
     """
     engine = cfg.engine
     if engine != "auto":

@@ -84,8 +84,11 @@ class Settings:
         N = 16), K keeps one in K and the backward reruns the recurrence
         through each stretch of K tiles once more.
     min_recurrences : int
-        ``Bt * D * N`` from which ``'auto'`` picks the state engine (16
-        threads per multiprocessor of an H200 at 1024 threads each).
+        ``Bt * D * N`` from which ``'auto'`` picks the state engine.  1: the
+        state engine wherever it can take the problem (``N`` at most
+        ``scan_states.MAX_STATES``), since with its split of the sequence into
+        segments it is the faster of the two on every shape of
+        ``benchmarks/bench_scan.py --grid``, few recurrences included.
     target_blocks : int
         Thread blocks the state engine's forward aims for before it splits
         the sequence into segments.
@@ -123,7 +126,7 @@ class Settings:
     engine: str = "auto"
     direct_half: bool = True
     save_every: int = 1
-    min_recurrences: int = 16384
+    min_recurrences: int = 1
     target_blocks: int = 1056
     backward_target_blocks: int = 660
     min_segment: int = 256

@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._validation import (array_namespace, check_dtype, check_shape, compute_dtype,
-                          is_cupy_array, missing_gpu_stack_message)
+from ._validation import (array_namespace, as_float_array, check_flag, check_shape,
+                          compute_dtype, is_cupy_array, missing_gpu_stack_message)
 from .reference import ScanGrads
 
 __all__ = ["ScanGrads", "selective_scan", "selective_scan_vjp"]
@@ -40,12 +40,9 @@ def _backend(xp):
 
 
 def _as_array(name, x, xp):
-    if xp is np and not isinstance(x, np.ndarray):
-        x = np.asarray(x)
-        if x.dtype.kind in "iub":
-            x = x.astype(np.float64)
-    check_dtype(name, x)
-    return x
+    """``x`` as an array of ``xp``: native byte order, integers as float64
+    (:func:`~numba_mamba._validation.as_float_array`)."""
+    return as_float_array(name, x, xp)
 
 
 def _canonical(x, ftype, xp):
@@ -118,7 +115,7 @@ def _check_out(out, arrays, xp):
         raise ValueError(f"out must be on u's device {u.data.device_id}, got device "
                          f"{out.data.device_id}")
     check_shape("out", out, u.shape, "like u")
-    if out.dtype != u.dtype:
+    if out.dtype.newbyteorder("=") != u.dtype:  # (either byte order: the result is copied)
         raise TypeError(f"out must have u's dtype {u.dtype}, got {out.dtype}")
     if not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous, got shape {out.shape} with strides "
@@ -437,12 +434,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     the forward (the state forgets at once) and NaN in the gradient of
     ``delta``.
 
-    The GPU has two engines, chosen by the problem's size.  Where there are
-    many recurrences (``Bt * D * N >= 16384``, ``N <= 128``: a Mamba layer) one thread runs
+    The GPU has two engines.  Where ``N <= 128`` (the default choice; see
+    ``settings.min_recurrences``) one thread runs
     each (batch, channel, state) serially along L, with tiles of the inputs
     staged in shared memory (and, where ``Bt * D`` is small, the sequence
     split into segments whose end states, and in the backward whose
-    adjoints, are combined first).  Otherwise a
+    adjoints, are combined first).  Otherwise (or with
+    ``settings.engine = 'blocks'``) a
     hierarchical parallel scan along L with the associative operator
     ``(a1, b1) o (a2, b2) = (a2*a1, a2*b1 + b2)`` [2]_: each thread scans a
     contiguous piece, warps combine summaries with shuffles, warps combine
@@ -490,6 +488,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     >>> bool(np.allclose(y, whole))
     True
     """
+    check_flag("delta_softplus", delta_softplus)
+    check_flag("return_last_state", return_last_state)
     call = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, out)
     into = None  # (an out the kernels write: of the dtype they write)
     if out is not None and call.args[0].dtype == out.dtype:
@@ -561,6 +561,7 @@ def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     >>> bool(abs(numeric - grads.dA[0, 0]) < 1e-4)
     True
     """
+    check_flag("delta_softplus", delta_softplus)
     call = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     out, last_state, saved = call.backend.scan_forward(*call.args)
     return out.astype(call.given[0].dtype, copy=False), last_state, _backward(call, saved)

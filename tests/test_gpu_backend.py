@@ -251,7 +251,7 @@ def test_gpu_raw_launch_matches_numba_launch(engine, monkeypatch):
 
 def test_gpu_engine_choice():
     assert scan.choose_engine(8, 1536, 16) == "states"
-    assert scan.choose_engine(1, 4, 4) == "blocks"
+    assert scan.choose_engine(1, 4, 4) == "states"
     assert scan.choose_engine(64, 64, 256) == "blocks"  # more states than a block holds
 
 

@@ -306,8 +306,8 @@ def test_gpu_api_direct_half_not_taken_for_mixed_dtypes_or_the_blocks_engine(mon
     assert out.dtype == dtype and seen == [F32, dtype]  # direct
     small = {k: (v[:, :4] if k in ("u", "delta", "z") else v[:4] if k in ("A", "D") else v)
              for k, v in dev.items()}
-    assert scan.choose_engine(2, 4, 16) == "blocks"
-    out = nm.selective_scan(**small)  # the blocks engine: cast, state engine not called
+    with scan.settings.override(engine="blocks"):
+        out = nm.selective_scan(**small)  # the blocks engine: cast, state engine not called
     assert out.dtype == dtype and seen == [F32, dtype]
 
 

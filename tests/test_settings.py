@@ -28,15 +28,16 @@ def test_the_kernel_modules_read_the_one_settings_object():
 
 def test_the_engine_chooser_follows_the_settings_and_the_override_is_undone():
     assert settings.engine == "auto"
-    assert scan.choose_engine(8, 1536, 16) == "states" and scan.choose_engine(1, 4, 4) == "blocks"
-    with settings.override(engine="states"):
-        assert scan.choose_engine(1, 4, 4) == "states"
-    with settings.override(min_recurrences=16):
-        assert scan.choose_engine(1, 4, 4) == "states"
+    assert scan.choose_engine(8, 1536, 16) == "states" and scan.choose_engine(1, 4, 4) == "states"
+    assert scan.choose_engine(1, 4, 129) == "blocks"  # more states than a block holds
     with settings.override(engine="blocks"):
-        assert scan.choose_engine(8, 1536, 16) == "blocks"
-    assert settings.engine == "auto" and settings.min_recurrences == 16384
-    assert scan.choose_engine(1, 4, 4) == "blocks"
+        assert scan.choose_engine(1, 4, 4) == "blocks"
+    with settings.override(min_recurrences=17):
+        assert scan.choose_engine(1, 4, 4) == "blocks"
+    with settings.override(engine="states"):
+        assert scan.choose_engine(8, 1536, 16) == "states"
+    assert settings.engine == "auto" and settings.min_recurrences == 1
+    assert scan.choose_engine(1, 4, 4) == "states"
 
 
 def test_an_override_is_undone_after_an_exception_and_refuses_bad_fields_first():
