@@ -180,6 +180,8 @@ def _tile_bytes(N, ch, T, itemsize, backward):
     rowlen = _pitch(T)
     if backward:
         words = 2 * N * rowlen + 4 * ch * rowlen + (4 * T + 1) * (ch * N + 1)
+        if N > T:  # the partial sums over states (see _make_kernels)
+            words += 2 * (N // T) * ch * T
     else:
         words = 2 * N * rowlen + 2 * ch * rowlen + ch * N * rowlen
     return words * itemsize
@@ -723,6 +725,15 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     EPI_EARLY_B = NSUMB <= 4  # dout and z of those steps read early (as EPI_EARLY)
     NSUMC = (TB + CH - 1) // CH           # steps each thread sums over channels per tile
     UTB = U(TB)
+    # With more states than a tile has steps (N > TB), TB threads of a channel
+    # would sum all N states of one step each while the others wait: instead
+    # PB = N // TB threads share each step, each summing NKB consecutive states
+    # into a shared (PB, CH * TB) tile, and the first thread of the step adds
+    # the PB partial sums.  (The work of a sum then grows as N / PB = TB, not N.)
+    PB = N // TB if N > TB else 1
+    NKB = (N + PB - 1) // PB
+    SPLIT_B = PB > 1
+    PART = (PB, CH * TB) if SPLIT_B else (1, 1)
     SENT = (K, NT) if K > 1 else (1, 1)
 
     fetch_flat_b, NEBC_B = walker(N, TB, fetch_row)
@@ -746,6 +757,16 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         ssg[r, tt] = sg
 
     put_chan_b = walker(CH, TB, put_channel_b)[0]
+
+    @inline_device
+    def partial_over_states(S, tt, first, base):
+        # sum of S[tt, base + k] over the NKB states k from first (< N)
+        s = zero
+        for k in range(NKB):
+            kk = first + U(k)
+            if NKB * PB == N or kk < UN:
+                s += S[tt, base + kk]
+        return s
 
     fetch_tile = tile_fetcher(fetch_flat_b, fetch_chan_b)
 
@@ -863,6 +884,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         s2 = cuda.shared.array(YB, ftype)        # ddelta terms
         s3 = cuda.shared.array(YB, ftype)        # du terms
         sent = cuda.shared.array(SENT, ftype)    # states entering the tiles of a saved stretch
+        p1 = cuda.shared.array(PART, ftype)      # partial sums over states: y, then ddelta
+        p2 = cuda.shared.array(PART, ftype)      # (du)
 
         A_n = A[d, n]
         A2 = A_n * log2e
@@ -879,6 +902,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         uch = U(ch)
         un = U(n)
         utid = U(tid)
+        tp = un % UTB  # with SPLIT_B, the step and the part of the states this thread sums
+        pp = un // UTB
+        pcol = uch * UTB + tp
         q = zero  # adjoint flowing in from later steps
         if has_dlast:
             q = dlast_state[bi, d, n]
@@ -974,14 +1000,22 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             cuda.syncthreads()  # states and C h are written
             # y over states, the z gate, dz, dD; dy for the adjoint
             base = uch * UN
+            if SPLIT_B:
+                if pp < U(PB):
+                    p1[pp, pcol] = partial_over_states(s1, tp, pp * U(NKB), base)
+                cuda.syncthreads()  # the partial sums of y are written
             for j in range(NSUMB):
                 tt = un + U(j) * UN
                 if NSUMB * N == TB or tt < UTB:
                     g = zero
                     if valid and (full or t0 + tt < uL):
                         y = zero
-                        for k in range(N):
-                            y += s1[tt, base + U(k)]
+                        if SPLIT_B:
+                            for p in range(PB):
+                                y += p1[U(p), uch * UTB + tt]
+                        else:
+                            for k in range(N):
+                                y += s1[tt, base + U(k)]
                         uu = su[uch, tt]
                         o = rowd + t0 + tt
                         go = widen(gE[j]) if EPI_EARLY_B else load(dout, o)
@@ -1030,15 +1064,25 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                 h_t = h_prev
             cuda.syncthreads()  # the per-step terms are written
             # ddelta and du: sums over states
+            if SPLIT_B:  # (p1's partial sums of y were read before the barrier above)
+                if pp < U(PB):
+                    p1[pp, pcol] = partial_over_states(s2, tp, pp * U(NKB), base)
+                    p2[pp, pcol] = partial_over_states(s3, tp, pp * U(NKB), base)
+                cuda.syncthreads()  # the partial sums are written
             if valid:
                 for j in range(NSUMB):
                     tt = un + U(j) * UN
                     if (NSUMB * N == TB or tt < UTB) and (full or t0 + tt < uL):
                         sd = zero
                         sv = zero
-                        for k in range(N):
-                            sd += s2[tt, base + U(k)]
-                            sv += s3[tt, base + U(k)]
+                        if SPLIT_B:
+                            for p in range(PB):
+                                sd += p1[U(p), uch * UTB + tt]
+                                sv += p2[U(p), uch * UTB + tt]
+                        else:
+                            for k in range(N):
+                                sd += s2[tt, base + U(k)]
+                                sv += s3[tt, base + U(k)]
                         sd *= ssg[uch, tt]
                         o = rowd + t0 + tt
                         store(ddelta, o, sd)

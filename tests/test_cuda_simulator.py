@@ -97,7 +97,19 @@ STATES_CASES = {
                                               (3, 8, 2)),
     "states-float16-grouped-const-allflags-nodlast-save3": (
         "float16", "grouped", "const", ALL_FLAGS, False, (3, 8, 2, 3)),
+    # more states than a backward tile has steps (STATES_N): the backward's
+    # sums over states split among N // t_bwd threads per step (5 states in
+    # parts of 3 and 2; 8 in four parts of 2; 6 in three of 2)
+    "states-float64-var-var-allflags-N5": ("float64", "var", "var", ALL_FLAGS, True, (3, 8, 2)),
+    "states-float32-grouped-var-allflags-N8-bwd2segments": (
+        "float32", "grouped", "var", ALL_FLAGS, True, (2, 4, 2), None, 2),
+    "states-bfloat16-var-const-allflags-N6-save2": ("bfloat16", "var", "const", ALL_FLAGS, True,
+                                                    (2, 8, 2, 2)),
 }
+# States of the cases that do not have N = 3.
+STATES_N = {"states-float64-var-var-allflags-N5": 5,
+            "states-float32-grouped-var-allflags-N8-bwd2segments": 8,
+            "states-bfloat16-var-const-allflags-N6-save2": 6}
 HALF = ("float16", "bfloat16")
 
 
@@ -127,7 +139,7 @@ def _simulate_case(name):
         tuning = None
     dtype = half_dtype(dtype) if dtype in HALF else np.dtype(dtype)
     rng = np.random.default_rng(zlib.crc32(name.encode()))
-    Bt, Dc, L, N, G = 1, 4, 33, 3, 2
+    Bt, Dc, L, N, G = 1, 4, 33, STATES_N.get(name, 3), 2
     kw = make_inputs(rng, Bt=Bt, Dc=Dc, L=L, N=N, dtype=dtype, B_kind=bk, C_kind=ck,
                      G=G, **flags)
     dout = rng.standard_normal((Bt, Dc, L)).astype(dtype)
