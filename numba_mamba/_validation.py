@@ -3,6 +3,14 @@
 Every public function validates its arguments here before any kernel runs:
 array kind (NumPy or CuPy, never mixed), dtype, ndim and shape, each error
 naming the argument with what was expected and what was got.
+
+Dtypes are decided by kind and size, never by identity with a NumPy type:
+an array in non-native byte order (``>f8`` from a FITS or netCDF file) is
+the float64 it holds.  Arrays are taken in native byte order
+(:func:`as_float_array` converts the others), so results are native, as
+those of NumPy's ufuncs are.  Integer and boolean arrays are taken as float64,
+whether given as arrays or as lists; a ``bool`` is never taken for a number
+or a length (:func:`check_int`, :func:`check_flag`).
 """
 
 import numpy as np
@@ -10,14 +18,19 @@ import numpy as np
 __all__ = [
     "SUPPORTED_DTYPES",
     "array_namespace",
+    "as_float_array",
     "check_dtype",
+    "check_flag",
+    "check_int",
     "check_shape",
     "compute_dtype",
     "is_cupy_array",
+    "is_double",
     "missing_gpu_stack_message",
 ]
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+COMPLEX_DTYPES = ("complex64", "complex128")
 
 missing_gpu_stack_message = (
     "CuPy arrays need the CUDA stack of numba-mamba: install it with "
@@ -83,11 +96,72 @@ def check_dtype(name, x):
     _CHECKED_DTYPES.add(dtype)
 
 
+def is_double(dtype):
+    """True for a 64-bit real or 128-bit complex dtype, in either byte order."""
+    return (dtype.kind == "f" and dtype.itemsize == 8) or (dtype.kind == "c"
+                                                            and dtype.itemsize == 16)
+
+
 def compute_dtype(*arrays):
-    """float64 if any array is float64, else float32 (half precisions compute in float32)."""
-    if any(a is not None and a.dtype == np.float64 for a in arrays):
+    """float64 if any array is float64 (of either byte order), else float32
+    (half precisions compute in float32)."""
+    if any(a is not None and is_double(a.dtype) for a in arrays):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
+
+
+def as_float_array(name, x, xp, allow_complex=False):
+    """``x`` as an array of ``xp`` (numpy or cupy) of a supported dtype, native byte order.
+
+    Array-likes (lists, scalars) become arrays; integer and boolean arrays
+    (given as arrays or not) become float64; an array of non-native byte
+    order is converted to the native order of its dtype.
+
+    Raises
+    ------
+    TypeError
+        Any other dtype (the message names ``name``, the accepted dtypes and
+        the one got).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> as_float_array("x", np.arange(3), np).dtype
+    dtype('float64')
+    >>> as_float_array("x", np.ones(2, dtype=">f4"), np).dtype.isnative
+    True
+    """
+    if not (isinstance(x, np.ndarray) or is_cupy_array(x)):
+        x = xp.asarray(x)
+    dtype = x.dtype
+    if dtype.kind in "iub":
+        x = x.astype(np.float64)
+    elif not dtype.isnative:
+        x = x.astype(dtype.newbyteorder("="))
+    ok = SUPPORTED_DTYPES + (COMPLEX_DTYPES if allow_complex else ())
+    if x.dtype.name not in ok:
+        raise TypeError(f"{name} must have dtype {', '.join(ok)} (or be integer), got "
+                        f"{dtype}")
+    return x
+
+
+def check_int(name, value, low=None, what=""):
+    """``value`` as an ``int``; TypeError unless it is an integer (``bool`` is
+    not), ValueError if it is below ``low``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer{what}, got {value!r} "
+                        f"({type(value).__name__})")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{what}, got {value!r}")
+    return int(value)
+
+
+def check_flag(name, value):
+    """``value`` as a ``bool``; TypeError unless it is a ``bool`` (or NumPy's)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} "
+                        f"({type(value).__name__})")
+    return bool(value)
 
 
 def check_shape(name, x, expected, what=""):

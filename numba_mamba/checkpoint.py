@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 import zipfile
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple, Union
 
 import numpy as np
 
@@ -42,7 +42,82 @@ CHECKPOINT_VERSION = 1
 
 
 class CheckpointError(ValueError):
-    """A file is not a readable numba-mamba checkpoint (truncated, corrupted, foreign)."""
+    """A file is not a readable numba-mamba checkpoint (truncated, corrupted, foreign).
+
+    The message names the file and, for metadata that breaks the schema, the
+    field of ``__meta__`` (e.g. ``optimizer.betas``).
+    """
+
+
+_META_KEYS = ("format", "version", "config", "step", "optimizer", "extra", "arrays")
+_OPTIMIZER_KEYS = ("t", "lr", "betas", "eps", "weight_decay")
+_SECTIONS = ("param/", "adam_m/", "adam_v/")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_meta(path, meta):
+    """Raise :class:`CheckpointError` (naming ``path`` and the field) unless
+    the decoded ``__meta__`` follows the schema of format version 1.
+
+    Format and version are checked first, so that a foreign file or another
+    version is reported as such rather than as a schema error."""
+    def bad(field, expected, value):
+        raise CheckpointError(f"{path}: __meta__ field {field!r} must be {expected}, got "
+                              f"{value!r:.200}")
+
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a numba-mamba checkpoint: its __meta__ is a "
+                              f"{type(meta).__name__}, not a JSON object")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a numba-mamba checkpoint: format "
+                              f"{meta.get('format')!r:.200}")
+    if meta.get("version") != CHECKPOINT_VERSION or not _is_int(meta.get("version")):
+        raise CheckpointError(f"{path} has checkpoint format version "
+                              f"{meta.get('version')!r:.200}; this numba-mamba reads version "
+                              f"{CHECKPOINT_VERSION}")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: __meta__ lacks the field(s) {', '.join(missing)}")
+    if not _is_int(meta["step"]) or meta["step"] < 0:
+        bad("step", "an integer >= 0", meta["step"])
+    if meta["config"] is not None and not isinstance(meta["config"], dict):
+        bad("config", "an object (the MambaConfig's fields) or null", meta["config"])
+    opt = meta["optimizer"]
+    if opt is not None:
+        if not isinstance(opt, dict):
+            bad("optimizer", "an object (AdamW's hyperparameters) or null", opt)
+        for key in _OPTIMIZER_KEYS:
+            if key not in opt:
+                raise CheckpointError(f"{path}: __meta__ field 'optimizer' lacks {key!r}")
+        unknown = sorted(set(opt) - set(_OPTIMIZER_KEYS))
+        if unknown:
+            raise CheckpointError(f"{path}: __meta__ field 'optimizer' has unknown keys "
+                                  f"{unknown}")
+        if not _is_int(opt["t"]) or opt["t"] < 0:
+            bad("optimizer.t", "an integer >= 0", opt["t"])
+        for key in ("lr", "eps", "weight_decay"):
+            if not _is_number(opt[key]):
+                bad(f"optimizer.{key}", "a number", opt[key])
+        betas = opt["betas"]
+        if not (isinstance(betas, list) and len(betas) == 2 and all(map(_is_number, betas))):
+            bad("optimizer.betas", "a list of two numbers", betas)
+    manifest = meta["arrays"]
+    if not isinstance(manifest, dict):
+        bad("arrays", "an object (entry -> [shape, dtype])", manifest)
+    for key, entry in manifest.items():
+        if not key.startswith(_SECTIONS):
+            bad("arrays", f"entries named {', '.join(p + '<name>' for p in _SECTIONS)}", key)
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+                and all(_is_int(n) and n >= 0 for n in entry[0])
+                and isinstance(entry[1], str)):
+            bad(f"arrays.{key}", "[shape (a list of integers >= 0), dtype (a string)]", entry)
 
 
 class Checkpoint(NamedTuple):
@@ -59,7 +134,9 @@ def _host(x):
     return x.get() if is_cupy_array(x) else np.asarray(x)
 
 
-def save_checkpoint(path, params, config=None, optimizer=None, step=0, extra=None):
+def save_checkpoint(path: Union[str, os.PathLike], params: Mapping[str, Any],
+                    config: Any = None, optimizer: Any = None, step: int = 0,
+                    extra: Any = None) -> None:
     """Write parameters, optimizer state and metadata to ``path`` atomically.
 
     Parameters
@@ -132,7 +209,7 @@ def save_checkpoint(path, params, config=None, optimizer=None, step=0, extra=Non
         raise
 
 
-def load_checkpoint(path, xp=np):
+def load_checkpoint(path: Union[str, os.PathLike], xp: Any = np) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Parameters
@@ -151,7 +228,9 @@ def load_checkpoint(path, xp=np):
     CheckpointError
         The file is truncated or corrupted (bad zip, CRC mismatch), is not a
         numba-mamba checkpoint (no or foreign ``__meta__``), has a newer
-        format version, or its arrays disagree with its manifest.
+        format version, its ``__meta__`` breaks the schema of the module
+        docstring (a field missing or of the wrong type: the message names
+        the file and the field), or its arrays disagree with its manifest.
     FileNotFoundError
         No file at ``path``.
     """
@@ -166,13 +245,7 @@ def load_checkpoint(path, xp=np):
                 raise CheckpointError(f"{path} is not a numba-mamba checkpoint: it has no "
                                       f"__meta__ entry (entries: {npz.files[:5]})")
             meta = json.loads(npz["__meta__"].tobytes().decode("utf-8"))
-            if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{path} is not a numba-mamba checkpoint: format "
-                                      f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
-            if meta.get("version") != CHECKPOINT_VERSION:
-                raise CheckpointError(f"{path} has checkpoint format version "
-                                      f"{meta.get('version')}; this numba-mamba reads version "
-                                      f"{CHECKPOINT_VERSION}")
+            _check_meta(path, meta)
             manifest = meta["arrays"]
             if set(manifest) != set(npz.files) - {"__meta__"}:
                 raise CheckpointError(f"{path}: its entries do not match its manifest")
@@ -197,5 +270,11 @@ def load_checkpoint(path, xp=np):
     optimizer = None
     if meta["optimizer"] is not None:
         optimizer = dict(meta["optimizer"], m=section("adam_m/"), v=section("adam_v/"))
-    config = None if meta["config"] is None else MambaConfig.from_dict(meta["config"])
+    config = None
+    if meta["config"] is not None:
+        try:
+            config = MambaConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: __meta__ field 'config' is not a MambaConfig: "
+                                  f"{exc}") from exc
     return Checkpoint(section("param/"), config, optimizer, int(meta["step"]), meta["extra"])

@@ -23,18 +23,19 @@ NumPy arrays are discretized with vectorized NumPy, CuPy arrays with the Numba
 CUDA kernels of ``cuda_kernels/discretize.py``.
 """
 
-from typing import NamedTuple
+import warnings
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._validation import SUPPORTED_DTYPES, array_namespace, is_cupy_array
+from ._validation import array_namespace, as_float_array, is_cupy_array, is_double
 
-__all__ = ["DISCRETIZE_METHODS", "DiscretizeGrads", "discretize", "discretize_vjp"]
+__all__ = ["DISCRETIZE_METHODS", "DiscretizeGrads", "UnstableFilterWarning", "discretize",
+           "discretize_vjp"]
 
 #: accepted values of ``method``
 DISCRETIZE_METHODS = ("zoh", "euler", "backward_diff", "bilinear", "mamba")
 _GBT_ALPHA = {"euler": 0.0, "backward_diff": 1.0, "bilinear": 0.5}
-_COMPLEX_DTYPES = ("complex64", "complex128")
 # (m - 1) / m! for m = 2..10: the series of phi2 near 0
 _PHI2_SERIES = (1 / 2, 1 / 3, 1 / 8, 1 / 30, 1 / 144, 1 / 840, 1 / 5760, 1 / 45360,
                 1 / 403200)
@@ -61,32 +62,60 @@ def _gpu_kernels():
     return kernels
 
 
+class UnstableFilterWarning(RuntimeWarning):
+    """The filter has poles outside the unit circle: its output can grow without bound."""
+
+
 def check_method(method):
     """Raise ValueError unless ``method`` is one of :data:`DISCRETIZE_METHODS`."""
-    if method not in DISCRETIZE_METHODS:
+    if not isinstance(method, str) or method not in DISCRETIZE_METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, DISCRETIZE_METHODS))}, "
                          f"got {method!r}")
 
 
 def as_param(name, x, xp, allow_complex=True):
-    """``x`` as an array of ``xp`` with a supported real (or complex) dtype."""
-    if not (isinstance(x, np.ndarray) or is_cupy_array(x)):
-        x = xp.asarray(x)
-        if x.dtype.kind in "iub":
-            x = x.astype(np.float64)
-    ok = SUPPORTED_DTYPES + (_COMPLEX_DTYPES if allow_complex else ())
-    if x.dtype.name not in ok:
-        raise TypeError(f"{name} must have dtype {', '.join(ok)}, got {x.dtype}")
-    return x
+    """``x`` as an array of ``xp`` with a supported real (or complex) dtype, native byte
+    order; integer and boolean arrays and lists as float64."""
+    return as_float_array(name, x, xp, allow_complex=allow_complex)
+
+
+def check_state_matrix(A, xp, states=True):
+    """The checks of ``A`` that every SSM function makes (one path for
+    :func:`discretize`, ``ssm_kernel``, ``ssm_filter`` and ``SSMFilter``):
+    at least one entry (with ``states``, a last axis of ``N >= 1`` states)
+    and finite entries.  Raises ValueError naming ``A``."""
+    if states and (A.ndim == 0 or A.shape[-1] == 0):
+        raise ValueError(f"A must have shape (..., N) with N >= 1 states, got "
+                         f"{tuple(A.shape)}")
+    if A.size == 0:
+        raise ValueError(f"A must have at least one entry, got shape {tuple(A.shape)}")
+    if not bool(xp.isfinite(A).all()):
+        raise ValueError("A must be finite: it has NaN or infinite entries (a pole at "
+                         "infinity has no discretization)")
+
+
+def warn_unstable(A, Ab, method, stacklevel):
+    """Warn with :class:`UnstableFilterWarning` where ``Re(A) > 0`` or the
+    discretized poles ``Ab`` leave the unit circle; ``stacklevel`` as
+    :func:`warnings.warn` counts it from the caller of this function."""
+    if bool((A.real > 0).any()):
+        warnings.warn("A has entries with positive real part (unstable poles): the filter "
+                      "output grows without bound", UnstableFilterWarning,
+                      stacklevel=stacklevel + 1)
+    elif bool((abs(Ab) > 1 + 8 * np.finfo(Ab.real.dtype).eps).any()):
+        warnings.warn(f"the poles discretized with method {method!r} lie outside the unit "
+                      f"circle (|Ab| > 1) although Re(A) <= 0: reduce dt or use 'zoh' or "
+                      f"'bilinear'", UnstableFilterWarning, stacklevel=stacklevel + 1)
 
 
 def precision(*arrays):
     """float64 if any array has 64-bit (float64 or complex128) precision, else float32.
 
-    Python scalars are weak: pass only arrays given as arrays.
+    Decided by kind and size (either byte order).  Python scalars are weak:
+    pass only arrays given as arrays.
     """
     for a in arrays:
-        if a is not None and a.dtype in (np.float64, np.complex128):
+        if a is not None and is_double(a.dtype):
             return np.dtype(np.float64)
     return np.dtype(np.float32)
 
@@ -168,7 +197,10 @@ def _prepare(A, B, dt, method):
                          B=B if not np.isscalar(B) else None,
                          dt=dt if dt_is_array else None)
     A = as_param("A", A, xp)
+    check_state_matrix(A, xp, states=False)
     B = as_param("B", B, xp)
+    if isinstance(dt, (bool, np.bool_)):
+        raise TypeError(f"dt must be a number or an array of time steps, got {dt!r}")
     dt_arr = as_param("dt", dt, xp, allow_complex=False)
     ftype = precision(A, B, dt_arr if dt_is_array else None)
     try:
@@ -189,7 +221,20 @@ def _flat(x, shape, xp):
     return xp.ascontiguousarray(xp.broadcast_to(x, shape)).reshape(-1)
 
 
-def discretize(A, B, dt, method="zoh"):
+def _discretize(A, B, dt, method, xp, shape):
+    """:func:`discretize` of validated arrays (A, B of one dtype, dt real):
+    the arithmetic alone, for the filters, which validate once."""
+    if xp is np:
+        Ab, Bb = _forward_cpu(A, B, dt, method)
+        return (np.broadcast_to(Ab, shape).astype(A.dtype, copy=True),
+                np.broadcast_to(Bb, shape).astype(A.dtype, copy=True))
+    kernels = _gpu_kernels()
+    Ab, Bb = kernels.discretize_forward(_flat(A, shape, xp), _flat(B, shape, xp),
+                                        _flat(dt, shape, xp), method)
+    return Ab.reshape(shape), Bb.reshape(shape)
+
+
+def discretize(A: Any, B: Any, dt: Any, method: str = "zoh") -> tuple:
     """Discretize a diagonal continuous-time state space model.
 
     Parameters
@@ -219,9 +264,16 @@ def discretize(A, B, dt, method="zoh"):
     ------
     ValueError
         Unknown ``method`` (the message lists the choices); shapes that do not
-        broadcast (the message gives all three); negative or non-finite ``dt``.
+        broadcast (the message gives all three); negative or non-finite ``dt``;
+        empty or non-finite ``A``.
     TypeError
-        Unsupported dtype; NumPy and CuPy arrays mixed.
+        Unsupported dtype; NumPy and CuPy arrays mixed; a ``bool`` for ``dt``.
+
+    Warns
+    -----
+    UnstableFilterWarning
+        ``Re(A) > 0`` somewhere, or discretized poles outside the unit circle
+        (``|Ab| > 1``, e.g. 'euler' with a large ``dt``).
 
     See Also
     --------
@@ -284,17 +336,12 @@ def discretize(A, B, dt, method="zoh"):
     True
     """
     xp, A, B, dt, shape, _ = _prepare(A, B, dt, method)
-    if xp is np:
-        Ab, Bb = _forward_cpu(A, B, dt, method)
-        return (np.broadcast_to(Ab, shape).astype(A.dtype, copy=True),
-                np.broadcast_to(Bb, shape).astype(A.dtype, copy=True))
-    kernels = _gpu_kernels()
-    Ab, Bb = kernels.discretize_forward(_flat(A, shape, xp), _flat(B, shape, xp),
-                                        _flat(dt, shape, xp), method)
-    return Ab.reshape(shape), Bb.reshape(shape)
+    Ab, Bb = _discretize(A, B, dt, method, xp, shape)
+    warn_unstable(A, Ab, method, stacklevel=2)
+    return Ab, Bb
 
 
-def discretize_vjp(A, B, dt, method="zoh"):
+def discretize_vjp(A: Any, B: Any, dt: Any, method: str = "zoh") -> tuple:
     """Discretize with the vector-Jacobian product (hand-written backward pass).
 
     Parameters are those of :func:`discretize`.
@@ -336,7 +383,8 @@ def discretize_vjp(A, B, dt, method="zoh"):
     given = dict(A=A, B=B, dt=dt)
     xp, A, B, dtc, shape, dt_is_array = _prepare(A, B, dt, method)
     orig = {k: as_param(k, v, xp, allow_complex=(k != "dt")) for k, v in given.items()}
-    Ab, Bb = discretize(A, B, dtc, method)
+    Ab, Bb = _discretize(A, B, dtc, method, xp, shape)
+    warn_unstable(A, Ab, method, stacklevel=2)
 
     def backward(dAb, dBb=None):
         array_namespace(Ab=Ab, dAb=dAb, dBb=dBb)

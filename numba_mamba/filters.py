@@ -41,39 +41,52 @@ Engines
                  ``cuda_kernels/discretize.py`` (complex A, other methods).
 ``mode='conv'``  time-invariant filters only: the kernel ``K_k = Re(C Ab^k Bb)``
                  computed once, then an FFT convolution (``scipy.fft`` /
-                 ``cupy.fft``); ``zi`` and ``zf`` by closed-form sums.
-``mode='auto'``  the scan on the CPU (it is O(N L) with a small constant and
-                 beats the FFT at every size measured; see
-                 benchmarks/RESULTS.md); on the GPU the convolution for a
-                 time-invariant filter of at least
-                 :data:`GPU_CONV_MIN_LENGTH_FAST_SCAN` samples (real A with
-                 'zoh' or 'mamba') or :data:`GPU_CONV_MIN_LENGTH` samples
-                 (complex A, other methods), else the scan.
+                 ``cupy.fft``); ``zi`` and ``zf`` by closed-form sums.  A
+                 signal with a NaN or infinite sample is scanned instead
+                 (see Causality).
+``mode='auto'``  the scan, on the CPU and the GPU (see Causality).
+
+Causality
+---------
+A filter never changes outputs before the sample that caused them.  The scan
+computes ``y_t`` from the samples up to ``t`` only, so it keeps this exactly,
+in floating point too.  The FFT convolution keeps it in exact arithmetic
+only: its rounding error, of the order of ``eps * log2(n)`` times the
+signal's norm times the kernel's, reaches every output, so one large sample
+perturbs all earlier outputs (a 1e6 outlier in float32 by about 1e-3
+relative at 2^14 samples), and a NaN or infinity would turn every earlier
+output NaN.  Hence the policy: ``mode='auto'`` always scans (on the CPU the
+scan is also the faster engine at every length measured; on the GPU the
+convolution is faster from :data:`GPU_CONV_MIN_LENGTH` /
+:data:`GPU_CONV_MIN_LENGTH_FAST_SCAN` samples, see benchmarks/RESULTS.md);
+``mode='conv'`` is the caller's choice of speed over that guarantee for
+signals of bounded dynamic range, and it checks the signal: where a sample
+is not finite it runs the scan instead, so non-finite samples propagate only
+forward in time in every mode.
 """
 
 import math
-import warnings
+from typing import Any
 
 import numpy as np
 from numba import njit, prange
 
-from ._validation import array_namespace, is_cupy_array
-from .discretize import _phi1, as_param, check_method, complex_of, discretize
+from ._validation import array_namespace, check_int, is_cupy_array, is_double
+from .discretize import _prepare as _prepare_discretize
+from .discretize import (UnstableFilterWarning, _discretize, _phi1, as_param, check_method,
+                         check_state_matrix, complex_of, warn_unstable)
 
 __all__ = ["GPU_CONV_MIN_LENGTH", "GPU_CONV_MIN_LENGTH_FAST_SCAN", "SSMFilter",
            "UnstableFilterWarning", "ssm_filter", "ssm_kernel"]
 
 MODES = ("auto", "scan", "conv")
-#: on the GPU, ``mode='auto'`` convolves a time-invariant filter from this length on when
-#: it has no selective-scan fast path (complex A, or a method other than 'zoh'/'mamba')...
+#: on the GPU, ``mode='conv'`` is faster than the scan from this length on for a filter
+#: without a selective-scan fast path (complex A, or a method other than 'zoh'/'mamba')...
 GPU_CONV_MIN_LENGTH = 2**14
-#: ...and from this length on when it has one.  Both are the crossovers measured on an H200
-#: for 64 channels x 16 states in float32 (benchmarks/bench_filter.py, benchmarks/RESULTS.md).
+#: ...and from this length on for one with it.  Both are the crossovers measured on an H200
+#: for 64 channels x 16 states in float32 (benchmarks/bench_filter.py, benchmarks/RESULTS.md);
+#: ``mode='auto'`` scans all the same (see Causality in the module docstring).
 GPU_CONV_MIN_LENGTH_FAST_SCAN = 2**16
-
-
-class UnstableFilterWarning(RuntimeWarning):
-    """The filter has poles outside the unit circle: its output can grow without bound."""
 
 
 # --------------------------------------------------------------- CPU engine
@@ -135,7 +148,8 @@ def _is_array(v):
 
 
 def _normalize_axis(axis, ndim):
-    if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)) \
+            or not -ndim <= axis < ndim:
         raise ValueError(f"axis must be an integer in [{-ndim}, {ndim - 1}] for x with "
                          f"{ndim} dims, got {axis!r}")
     return int(axis) % ndim
@@ -188,18 +202,16 @@ def _broadcast_lead(shapes):
                          f"{desc}") from None
 
 
-def _warn_unstable(A, Ab, method, xp):
-    if bool((A.real > 0).any()):
-        warnings.warn("A has entries with positive real part (unstable poles): the filter "
-                      "output grows without bound", UnstableFilterWarning, stacklevel=4)
-    elif bool((abs(Ab) > 1 + 8 * np.finfo(Ab.real.dtype).eps).any()):
-        warnings.warn(f"the poles discretized with method {method!r} lie outside the unit "
-                      f"circle (|Ab| > 1) although Re(A) <= 0: reduce dt or use 'zoh' or "
-                      f"'bilinear'", UnstableFilterWarning, stacklevel=4)
+def _check_mode(mode):
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
 
 
-def _prepare(A, B, C, x, D, dt, method, axis, zi):
+def _prepare(A, B, C, x, D, dt, method, axis, zi, stacklevel=4):
     """Validate and bring everything to the canonical layout (see module docstring).
+
+    ``stacklevel`` of an :class:`UnstableFilterWarning`, counted from this
+    function (4: the caller of ``ssm_filter`` through ``_filter``).
 
     Returns a dict: xp, ftype, ctype, cplx, lead, L, N, ax, x (R, L), Ab (R, Ld, N),
     Bb (R, Lb, N), C (R, Lc, N), h0 (R, N), D (..., Lv) or None, A (R, N), dt (R, Ld),
@@ -220,11 +232,10 @@ def _prepare(A, B, C, x, D, dt, method, axis, zi):
         raise ValueError(f"x must have at least one sample along axis {axis}, got shape "
                          f"{tuple(x.shape)}")
     A = as_param("A", A, xp)
-    if A.ndim == 0 or A.shape[-1] == 0 or A.ndim > x.ndim:
-        raise ValueError(f"A must have shape (..., N) with N >= 1 and at most {x.ndim} dims "
-                         f"(x.ndim), got {tuple(A.shape)}")
-    if not bool(xp.isfinite(A).all()):
-        raise ValueError("A must be finite")
+    if A.ndim > x.ndim:
+        raise ValueError(f"A must have shape (..., N) with at most {x.ndim} dims (x.ndim), "
+                         f"got {tuple(A.shape)}")
+    check_state_matrix(A, xp)
     N = A.shape[-1]
     Bm = _state_param("B", B, xp, x.ndim, ax, L, N)
     Cm = _state_param("C", C, xp, x.ndim, ax, L, N)
@@ -248,7 +259,7 @@ def _prepare(A, B, C, x, D, dt, method, axis, zi):
     R = math.prod(lead)
 
     # compute precision: that of x (half precisions compute in float32)
-    ftype = np.dtype(np.float64 if x.dtype == np.float64 else np.float32)
+    ftype = np.dtype(np.float64 if is_double(x.dtype) else np.float32)
     cplx = any(v is not None and v.dtype.kind == "c" for v in (A, Bm, Cm, zi))
     ctype = complex_of(ftype) if cplx else ftype
 
@@ -258,9 +269,10 @@ def _prepare(A, B, C, x, D, dt, method, axis, zi):
     A_c = A.astype(ctype, copy=False)
     dt_c = dtm.astype(ftype, copy=False)
     # Bb is linear in B for every method: discretize with B = 1, then scale
-    Ab, G = discretize(A_c[..., None, :], xp.ones((), ftype), dt_c[..., None], method)
+    Ab, G = _discretize(A_c[..., None, :], xp.ones((), ctype), dt_c[..., None], method, xp,
+                        np.broadcast_shapes(A_c[..., None, :].shape, dt_c[..., None].shape))
     Bb = G * Bm.astype(ctype, copy=False)
-    _warn_unstable(A_c, Ab, method, xp)
+    warn_unstable(A_c, Ab, method, stacklevel)
     Ld, Lb, Lc = Ab.shape[-2], Bb.shape[-2], Cm.shape[-2]
     out = dict(
         xp=xp, ftype=ftype, ctype=ctype, cplx=cplx, lead=lead, L=L, N=N, ax=ax,
@@ -390,6 +402,8 @@ def _conv(p):
     if Ab.shape[1] != 1 or Bb.shape[1] != 1 or C.shape[1] != 1:
         raise ValueError("mode='conv' needs a time-invariant filter (dt, B and C constant "
                          "along time); use mode='scan' for a time-varying one")
+    if not bool(xp.isfinite(x).all()):
+        return _scan(p)  # (a NaN or inf would reach every earlier output: Causality)
     R, L = x.shape
     Ab, Bb, C = Ab[:, 0], Bb[:, 0], C[:, 0]                                 # (R, N)
     K, Y0 = _power_sums([C * Bb, C * h0 * Ab], Ab, L, xp)
@@ -410,27 +424,21 @@ def _conv(p):
     return xp.ascontiguousarray(y.astype(x.dtype, copy=False)), hf.astype(h0.dtype, copy=False)
 
 
-def _pick_mode(p, mode):
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    if mode != "auto":
-        return mode
-    lti = p["Ab"].shape[1] == 1 and p["Bb"].shape[1] == 1 and p["C"].shape[1] == 1
-    if p["xp"] is np or not lti:
-        return "scan"
-    fast_scan = not p["cplx"] and p["method"] in ("zoh", "mamba")
-    threshold = GPU_CONV_MIN_LENGTH_FAST_SCAN if fast_scan else GPU_CONV_MIN_LENGTH
-    return "conv" if p["L"] >= threshold else "scan"
+def _pick_mode(mode):
+    """The engine of ``mode``: 'auto' is the scan, on every device (Causality)."""
+    _check_mode(mode)
+    return "scan" if mode == "auto" else mode
 
 
 def _filter(A, B, C, x, D, dt, method, axis, zi, mode):
+    engine = _conv if _pick_mode(mode) == "conv" else _scan
     p = _prepare(A, B, C, x, D, dt, method, axis, zi)
-    engine = _conv if _pick_mode(p, mode) == "conv" else _scan
     y, hf = engine(p)
     return _finish(p, y), hf.reshape(p["lead"] + (p["N"],))
 
 
-def ssm_filter(A, B, C, x, D=None, dt=1.0, method="zoh", axis=-1, zi=None, mode="auto"):
+def ssm_filter(A: Any, B: Any, C: Any, x: Any, D: Any = None, dt: Any = 1.0,
+               method: str = "zoh", axis: int = -1, zi: Any = None, mode: str = "auto"):
     """Filter a signal with a diagonal state space model (like ``scipy.signal.lfilter``).
 
     Parameters
@@ -462,12 +470,17 @@ def ssm_filter(A, B, C, x, D=None, dt=1.0, method="zoh", axis=-1, zi=None, mode=
         State ``h_{-1}`` before the first sample (real or complex).  If given,
         the final state is returned too.
     mode : {'auto', 'scan', 'conv'}, optional
-        Engine (see Notes); 'conv' needs dt, B and C constant along time.
+        Engine: 'auto' (default) and 'scan' run the recurrence; 'conv' the
+        FFT convolution, which needs dt, B and C constant along time, and
+        is causal in exact arithmetic only (its rounding reaches earlier
+        outputs; a signal with NaN or infinite samples is scanned instead).
+        See Causality in :mod:`numba_mamba.filters`.
 
     Returns
     -------
     y : array
-        Filtered signal in the dtype of ``x``, time at ``axis`` (counted from
+        Filtered signal in the dtype of ``x`` (native byte order; integer
+        signals as float64), time at ``axis`` (counted from
         the end), channel axes broadcast over all arguments.
     zf : array, shape (..., N)
         Only if ``zi`` is given: the state after the last sample, in the
@@ -479,8 +492,9 @@ def ssm_filter(A, B, C, x, D=None, dt=1.0, method="zoh", axis=-1, zi=None, mode=
     ValueError
         Shapes that do not fit (the message names the argument, the expected
         and the actual shape), empty ``x``, negative or non-finite ``dt``,
-        non-finite ``A``, unknown ``method`` or ``mode``, ``mode='conv'`` for a
-        time-varying filter.
+        non-finite ``A`` or one without states, unknown ``method`` or
+        ``mode``, ``mode='conv'`` for a time-varying filter, ``axis`` not an
+        integer axis of ``x`` (a ``bool`` is not one).
     TypeError
         Unsupported dtype; NumPy and CuPy arrays mixed.
 
@@ -564,7 +578,7 @@ def ssm_filter(A, B, C, x, D=None, dt=1.0, method="zoh", axis=-1, zi=None, mode=
     return y if zi is None else (y, zf)
 
 
-def ssm_kernel(A, B, C, dt, L, method="zoh"):
+def ssm_kernel(A: Any, B: Any, C: Any, dt: Any, L: int, method: str = "zoh"):
     """Impulse response ``K_k = Re(sum_n C_n Ab_n^k Bb_n)`` of a time-invariant SSM.
 
     Parameters
@@ -586,6 +600,19 @@ def ssm_kernel(A, B, C, dt, L, method="zoh"):
         ``ssm_filter(A, B, C, x, dt=dt)`` equals the causal convolution of
         ``x`` with ``K`` (plus ``D x``).
 
+    Raises
+    ------
+    ValueError
+        ``A`` without states (N = 0) or not finite; negative or non-finite
+        ``dt``; shapes that do not broadcast; unknown ``method``; ``L < 1``.
+    TypeError
+        ``L`` not an integer (a ``bool`` is not one); unsupported dtype.
+
+    Warns
+    -----
+    UnstableFilterWarning
+        As :func:`ssm_filter`: the taps then grow without bound.
+
     Notes
     -----
     ``K_0 = C Bb`` because the output uses the current sample; this is
@@ -604,15 +631,16 @@ def ssm_kernel(A, B, C, dt, L, method="zoh"):
     xp = array_namespace(**{k: v for k, v in dict(A=A, B=B, C=C, dt=dt).items()
                             if _is_array(v)})
     check_method(method)
-    if not isinstance(L, (int, np.integer)) or L < 1:
-        raise ValueError(f"L must be a positive integer (number of taps), got {L!r}")
-    L = int(L)
+    L = check_int("L", L, low=1, what=" (the number of taps)")
     A = as_param("A", A, xp)
     if A.ndim == 0:
         A = A.reshape(1)
+    check_state_matrix(A, xp)
     B = as_param("B", B, xp)
     C = as_param("C", C, xp)
-    Ab, Bb = discretize(A, B, dt, method)
+    xp, A, B, dt, shape, _ = _prepare_discretize(A, B, dt, method)
+    Ab, Bb = _discretize(A, B, dt, method, xp, shape)
+    warn_unstable(A, Ab, method, stacklevel=2)
     try:
         shape = np.broadcast_shapes(Ab.shape, C.shape)
     except ValueError:
@@ -668,39 +696,50 @@ class SSMFilter:
     True
     """
 
-    def __init__(self, A, B, C, D=None, dt=1.0, method="zoh", zi=None, mode="auto"):
+    def __init__(self, A: Any, B: Any, C: Any, D: Any = None, dt: Any = 1.0,
+                 method: str = "zoh", zi: Any = None, mode: str = "auto"):
         check_method(method)
+        _check_mode(mode)
         self._args = dict(A=A, B=B, C=C, D=D, dt=dt, method=method)
         self.mode = mode
+        _probe(A, B, C, D, dt, method, zi)  # (every argument checked here, not at a first call)
         self.state = zi
         self._step_cache = None
 
-    def reset(self, zi=None):
-        """Forget the state (start again from ``zi``, or zeros)."""
+    def reset(self, zi: Any = None) -> None:
+        """Forget the state (start again from ``zi``, or zeros) and the
+        coefficients :meth:`step` keeps."""
         self.state = zi
+        self._step_cache = None
 
-    def __call__(self, x, dt=None):
+    def __call__(self, x: Any, dt: Any = None):
         """Filter the next piece ``x`` (..., L), time last; returns y and updates the state."""
         a = self._args
         zi = self.state
-        y, zf = _filter(a["A"], a["B"], a["C"], x, a["D"], a["dt"] if dt is None else dt,
-                        a["method"], -1, zi, self.mode)
+        with _state_hint(zi):
+            y, zf = _filter(a["A"], a["B"], a["C"], x, a["D"], a["dt"] if dt is None else dt,
+                            a["method"], -1, zi, self.mode)
         self.state = zf
         return y
 
-    def step(self, x, dt=None):
+    def step(self, x: Any, dt: Any = None):
         """Filter one sample ``x`` (...,) (the channel shape); returns y of that shape."""
         xp = array_namespace(**{k: v for k, v in dict(x=x, state=self.state).items()
                                 if _is_array(v)})
         x = as_param("x", x, xp, allow_complex=False)
-        ftype = np.dtype(np.float64 if x.dtype == np.float64 else np.float32)
+        ftype = np.dtype(np.float64 if is_double(x.dtype) else np.float32)
         a = self._args
-        if dt is None and self._step_cache is not None and self._step_cache[0] == ftype \
-                and self._step_cache[1] is xp:
-            Ab, Bb, C, D = self._step_cache[2:]
+        # the coefficients depend on the dtype, the array kind, the shape of the
+        # sample and of the state (which they are broadcast to), and dt
+        key = (ftype, xp, x.shape, None if self.state is None else tuple(self.state.shape))
+        cache = self._step_cache
+        if dt is None and cache is not None and cache[0] == key:
+            Ab, Bb, C, D = cache[1:]
         else:
-            p = _prepare(a["A"], a["B"], a["C"], x[..., None], a["D"],
-                         a["dt"] if dt is None else dt, a["method"], -1, self.state)
+            with _state_hint(self.state):
+                p = _prepare(a["A"], a["B"], a["C"], x[..., None], a["D"],
+                             a["dt"] if dt is None else dt, a["method"], -1, self.state,
+                             stacklevel=3)
             shape = p["lead"] + (p["N"],)
             if p["Bb"].shape[1] != 1 or p["C"].shape[1] != 1:
                 raise ValueError("SSMFilter.step needs B and C constant along time")
@@ -708,8 +747,7 @@ class SSMFilter:
             Bb = p["Bb"][:, 0].reshape(shape)
             C = p["C"][:, 0].reshape(shape)
             D = None if p["D"] is None else p["D"][..., 0]
-            if dt is None:
-                self._step_cache = (ftype, xp, Ab, Bb, C, D)
+            self._step_cache = (key, Ab, Bb, C, D) if dt is None else None
         h = self.state
         if h is None:
             h = xp.zeros(np.broadcast_shapes(Ab.shape, x.shape + (1,)), Ab.dtype)
@@ -719,3 +757,32 @@ class SSMFilter:
             y = y + D * x
         self.state = h
         return y.astype(x.dtype, copy=False)
+
+
+def _probe(A, B, C, D, dt, method, zi):
+    """Validate :class:`SSMFilter`'s arguments as its first call would:
+    with a one-sample signal whose channel axes (all of length 1) broadcast
+    against any channel shape the arguments have."""
+    given = dict(A=A, B=B, C=C, D=D, dt=dt, zi=zi)
+    arrays = {k: v for k, v in given.items() if _is_array(v) or isinstance(v, (list, tuple))}
+    xp = array_namespace(**{k: v for k, v in arrays.items() if _is_array(v)})
+    ndim = max([1] + [np.ndim(v) for k, v in arrays.items()])
+    _prepare(A, B, C, xp.zeros((1,) * ndim), D, dt, method, -1, zi, stacklevel=4)
+
+
+class _state_hint:
+    """Context: a ValueError about the channel axes gets a hint about the
+    filter's ``state`` (kept from earlier samples) where there is one."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is ValueError and self.state is not None and "channel axes" in str(exc):
+            raise ValueError(f"{exc} (zi is the filter's state from earlier samples, channel "
+                             f"shape {tuple(self.state.shape[:-1])}: call reset() to start a "
+                             f"signal of other channels)") from None
+        return False

@@ -456,7 +456,7 @@ def test_rejects_bad_axis_empty_signal_and_complex_x():
 
 
 def test_ssm_kernel_rejects_bad_length():
-    with pytest.raises(ValueError, match="^L must be a positive integer"):
+    with pytest.raises(ValueError, match=r"^L must be an integer >= 1 \(the number of taps\)"):
         nm.ssm_kernel(-np.ones(2), 1.0, 1.0, 0.1, 0)
 
 

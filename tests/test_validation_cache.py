@@ -109,7 +109,7 @@ def test_a_layout_validated_before_skips_the_checks_and_gives_the_same_result(fa
     (dict(B=np.zeros((2, 4, 6), np.float32)), "B must have shape"),
     (dict(A=np.zeros((3, 5), np.float32)), "B must have shape"),  # N from A
     (dict(D=np.zeros(4, np.float32)), "D must have shape"),
-    (dict(u=np.zeros((2, 3, 5), np.int32)), "u must have dtype"),
+    (dict(u=np.zeros((2, 3, 5), np.complex64)), "u must have dtype"),
     (dict(z=np.zeros((2, 3, 4), np.float32)), "z must have shape"),
 ])
 def test_a_changed_layout_is_validated_again(fake_gpu, change, error):
