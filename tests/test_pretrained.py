@@ -248,3 +248,37 @@ def test_gpu_fixture_logits_and_greedy():
     got = Decoder(params, config, batch_size=2).generate(cupy.asarray(PROMPT),
                                                          n_new=EXPECTED["n_new"])
     np.testing.assert_array_equal(cupy.asnumpy(got), np.array(EXPECTED["generated"]))
+
+
+# ---------------------------------------------------------------- the example
+
+
+def _example():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "pretrained_generate.py"
+    spec = importlib.util.spec_from_file_location("pretrained_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_generates_transformers_tokens(capsys):
+    ids = [str(i) for i in EXPECTED["prompt"][1]]
+    out = _example().main([str(FIXTURE), "--ids", *ids, "--n-new", str(EXPECTED["n_new"])])
+    assert out == EXPECTED["generated"][1]
+    assert capsys.readouterr().out.split() == [str(i) for i in out]
+
+
+def test_example_with_a_local_tokenizer(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"w{i}": i for i in range(64)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = " ".join(f"w{i}" for i in EXPECTED["prompt"][0])
+    out = _example().main([str(FIXTURE), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                           "--text", text, "--n-new", "4"])
+    assert out == EXPECTED["generated"][0][:len(EXPECTED["prompt"][0]) + 4]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == " ".join(f"w{i}" for i in out)
