@@ -121,9 +121,10 @@ class LinearCache(NamedTuple):
     weight: object  # (out, in)
     has_bias: bool
     axis: int  # -1: features last; -2: features before the time axis
+    out_axis: int = None  # the feature axis of out (None: axis)
 
 
-def linear_forward(x, weight, bias=None, axis=-1):
+def linear_forward(x, weight, bias=None, axis=-1, out_axis=None):
     """Affine map ``x W^T + b`` over the feature axis of ``x``.
 
     Parameters
@@ -136,17 +137,23 @@ def linear_forward(x, weight, bias=None, axis=-1):
     axis : {-1, -2}, optional
         Feature axis of ``x``: -1 (activations ``(batch, L, d)``) or -2
         (channels first, ``(batch, d, L)``, the layout of the scan).
+    out_axis : {-1, -2}, optional
+        Feature axis of ``out`` (default ``axis``).  Where it differs from
+        ``axis`` the map also moves the features, in the GEMM itself (no
+        transposing copy): ``(..., L, in) -> (..., out, L)`` or
+        ``(..., in, L) -> (..., L, out)``.
 
     Returns
     -------
     out : array, shape (..., out) or (..., out, L)
+        C-contiguous.
     cache : LinearCache
 
     Raises
     ------
     ValueError
-        Unknown ``axis``; ``x`` without ``in`` features along ``axis``; bias
-        of the wrong shape.
+        Unknown ``axis`` or ``out_axis``; ``x`` without ``in`` features along
+        ``axis``; bias of the wrong shape.
     TypeError
         NumPy and CuPy mixed; dtype other than float32/float64 or mixed dtypes.
 
@@ -165,12 +172,24 @@ def linear_forward(x, weight, bias=None, axis=-1):
     >>> dx, dw, db = layers.linear_backward(np.ones_like(out), cache)
     >>> dx, db
     (array([[2., 3.]]), array([1., 1., 1.]))
+
+    Channels first out of a features-last input, as Mamba's ``in_proj``
+    feeds the scan:
+
+    >>> u = np.arange(6.0).reshape(1, 3, 2)  # (batch, L, in)
+    >>> out, _ = layers.linear_forward(u, w, out_axis=-2)  # (batch, out, L)
+    >>> out.shape, bool(np.allclose(out, layers.linear_forward(u, w)[0].transpose(0, 2, 1)))
+    ((1, 3, 3), True)
     """
     xp = array_namespace(x=x, weight=weight, bias=bias)
     _check_float("x", x)
     _check_same_dtype("x", x, weight=weight, bias=bias)
     if axis not in (-1, -2):
         raise ValueError(f"axis must be -1 or -2, got {axis!r}")
+    if out_axis is None:
+        out_axis = axis
+    if out_axis not in (-1, -2):
+        raise ValueError(f"out_axis must be -1 or -2, got {out_axis!r}")
     if weight.ndim != 2:
         raise ValueError(f"weight must have 2 dims (out, in), got shape {tuple(weight.shape)}")
     n_out, n_in = weight.shape
@@ -180,14 +199,14 @@ def linear_forward(x, weight, bias=None, axis=-1):
     if bias is not None:
         check_shape("bias", bias, (n_out,), "(out features of weight)")
     if axis == -1:
-        out = gemm(xp, x, weight.T)  # (..., out)
-        if bias is not None:
-            out += bias
+        # (..., out) or (..., out, L)
+        out = gemm(xp, x, weight.T) if out_axis == -1 else gemm(xp, weight, xp.swapaxes(x, -1, -2))
     else:
-        out = gemm(xp, weight, x)  # (..., out, L)
-        if bias is not None:
-            out += bias[:, None]
-    return out, LinearCache(x, weight, bias is not None, axis)
+        # (..., out, L) or (..., L, out)
+        out = gemm(xp, weight, x) if out_axis == -2 else gemm(xp, xp.swapaxes(x, -1, -2), weight.T)
+    if bias is not None:
+        out += bias if out_axis == -1 else bias[:, None]
+    return out, LinearCache(x, weight, bias is not None, axis, out_axis)
 
 
 def linear_backward(dout, cache):
@@ -204,8 +223,21 @@ def linear_backward(dout, cache):
     dweight : array, shape (out, in)
     dbias : array, shape (out,), or None without bias
     """
-    x, weight, has_bias, axis = cache
+    x, weight, has_bias, axis, out_axis = cache
     xp = array_namespace(x=x, dout=dout)
+    if out_axis is not None and out_axis != axis:  # features moved by the GEMM
+        doutT = xp.swapaxes(dout, -1, -2)  # dout with its features along axis
+        if axis == -1:  # x (..., L, in), dout (..., out, L)
+            dx = gemm(xp, doutT, weight)  # (..., L, in)
+            dweight = _sum_to_last(gemm(xp, dout, x), 2)
+        else:  # x (..., in, L), dout (..., L, out)
+            dx = gemm(xp, weight.T, doutT)  # (..., in, L)
+            dweight = _sum_to_last(gemm(xp, doutT, xp.swapaxes(x, -1, -2)), 2)
+        dbias = None
+        if has_bias:
+            dbias = _sum_to_last(dout, 1) if out_axis == -1 else \
+                dout.sum(axis=tuple(i for i in range(dout.ndim) if i != dout.ndim - 2))
+        return dx, dweight, dbias
     if axis == -1:
         dx = gemm(xp, dout, weight)  # (..., in)
         if dout.flags.c_contiguous and x.flags.c_contiguous:  # one GEMM over all rows

@@ -197,6 +197,77 @@ def block_param_names(config):
     return names
 
 
+def param_shapes(config):
+    """Name -> shape of every parameter of a model of ``config`` (what
+    :func:`init_params` makes).
+
+    Examples
+    --------
+    >>> from numba_mamba.models import MambaConfig, param_shapes
+    >>> param_shapes(MambaConfig(d_model=8, n_layers=1, vocab_size=10))["embedding.weight"]
+    (10, 8)
+    """
+    dm, di, N, W, R = config.d_model, config.d_inner, config.d_state, config.d_conv, config.rank
+    block = {"in_proj.weight": (2 * di, dm), "conv1d.weight": (di, W), "conv1d.bias": (di,),
+             "x_proj.weight": (R + 2 * N, di), "dt_proj.weight": (di, R), "dt_proj.bias": (di,),
+             "dt_bias": (di,), "B": (di, N), "C": (di, N), "A_log": (di, N), "D": (di,),
+             "out_proj.weight": (dm, di), "in_proj.bias": (2 * di,), "out_proj.bias": (dm,)}
+    shapes = {}
+    if config.head == "lm":
+        shapes["embedding.weight"] = (config.vocab_size, dm)
+    else:
+        shapes["encoder.weight"] = (dm, config.d_input)
+        shapes["encoder.bias"] = (dm,)
+    for i in range(config.n_layers):
+        shapes[f"layers.{i}.norm.weight"] = (dm,)
+        for name in block_param_names(config):
+            shapes[f"layers.{i}.mixer.{name}"] = block[name]
+    shapes["norm_f.weight"] = (dm,)
+    if config.head == "lm":
+        if not config.tie_embeddings:
+            shapes["lm_head.weight"] = (config.vocab_size, dm)
+    else:
+        shapes["decoder.weight"] = (config.d_output, dm)
+        shapes["decoder.bias"] = (config.d_output,)
+    return shapes
+
+
+def check_params(params, config):
+    """Raise unless ``params`` are those of a model of ``config``: the names
+    and shapes of :func:`param_shapes`, floating arrays.
+
+    Raises
+    ------
+    TypeError
+        ``params`` not a mapping, or a parameter not a floating array (the
+        message names it).
+    ValueError
+        A parameter missing, one the config does not have (params built for
+        another config: more layers, untied head, ...), or one of another
+        shape (the message names it, the expected and the actual shape).
+    """
+    if not hasattr(params, "keys") or not hasattr(params, "__getitem__"):
+        raise TypeError(f"params must be a dict of name -> array (from init_params), got "
+                        f"{type(params).__name__}")
+    shapes = param_shapes(config)
+    missing = [k for k in shapes if k not in params]
+    if missing:
+        raise ValueError(f"params lacks {len(missing)} parameter(s) of the config, first "
+                         f"{missing[0]!r} (shape {shapes[missing[0]]}): params built for "
+                         f"another config?")
+    extra = [k for k in params if k not in shapes]
+    if extra:
+        raise ValueError(f"params has {len(extra)} parameter(s) the config does not, first "
+                         f"{extra[0]!r}: params built for another config?")
+    for name, shape in shapes.items():
+        x = params[name]
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or dtype.kind != "f":
+            raise TypeError(f"params[{name!r}] must be a floating array, got "
+                            f"{type(x).__name__}{'' if dtype is None else ' of ' + str(dtype)}")
+        check_shape(f"params[{name!r}]", x, shape, "(from the config)")
+
+
 def layer_params(params, i):
     """The parameters of block ``i`` under their local names (no copies)."""
     prefix = f"layers.{i}.mixer."
@@ -299,12 +370,12 @@ def init_params(config, seed=0, dtype=np.float32, xp=np):
 class MambaBlockCache(NamedTuple):
     """What :func:`mamba_block_forward` keeps for :func:`mamba_block_backward`."""
 
-    in_x: object  # LinearCache of in_proj (input u (Bt, L, d_model))
+    in_x: object  # LinearCaches of in_proj's x and z halves (input u (Bt, L, d_model))
     conv: object  # Conv1dCache: x before the conv (Bt, d_inner, L), contiguous
     x_proj: object  # LinearCache, channels first: xc (Bt, d_inner, L); None for LTI
     dt_proj: object  # LinearCache, channels first: dt_low (Bt, R, L) view; None for LTI
     scan: object  # ScanCache
-    out_proj: object  # LinearCache: y^T (Bt, L, d_inner) view of (Bt, d_inner, L)
+    out_proj: object  # LinearCache: y (Bt, d_inner, L) to out (Bt, L, d_model)
     A: object  # (d_inner, N) = -exp(A_log)
     last_state: object  # (Bt, d_inner, N) scan state after the last step
     lti: bool
@@ -355,10 +426,11 @@ def mamba_block_forward(u, params, initial_state=None):
     p = params
     di = p["in_proj.weight"].shape[0] // 2
     lti = "x_proj.weight" not in p
-    xz, c_in = linear_forward(u, p["in_proj.weight"], p.get("in_proj.bias"))  # (Bt, L, 2di)
-    # The block's one transpose: (Bt, L, 2di) -> contiguous x and z, each (Bt, di, L).
-    xs = xp.ascontiguousarray(xz[..., :di].transpose(0, 2, 1))
-    z = xp.ascontiguousarray(xz[..., di:].transpose(0, 2, 1))
+    # x and z, each (Bt, di, L) and contiguous: the GEMMs write them channels
+    # first, the scan's layout (the block has no transposing copy)
+    W_in, b_in = p["in_proj.weight"], p.get("in_proj.bias")
+    xs, c_inx = linear_forward(u, W_in[:di], None if b_in is None else b_in[:di], out_axis=-2)
+    z, c_inz = linear_forward(u, W_in[di:], None if b_in is None else b_in[di:], out_axis=-2)
     conv0, h0 = (None, None) if initial_state is None else initial_state
     if initial_state is not None:  # the conv sees the inputs before u; their outputs dropped
         W = p["conv1d.weight"].shape[1]
@@ -384,9 +456,9 @@ def mamba_block_forward(u, params, initial_state=None):
         y, last, c_scan = selective_scan_forward(
             xc, dt, A, x_dbl[:, R:R + N], x_dbl[:, R + N:], D=p["D"], z=z,
             delta_bias=p["dt_proj.bias"], delta_softplus=True, initial_state=h0)  # y (Bt, di, L)
-    out, c_out = linear_forward(y.transpose(0, 2, 1), p["out_proj.weight"],
-                                p.get("out_proj.bias"))  # (Bt, L, d_model)
-    return out, MambaBlockCache(c_in, c_conv, c_xproj, c_dt, c_scan, c_out, A, last, lti, R,
+    out, c_out = linear_forward(y, p["out_proj.weight"], p.get("out_proj.bias"), axis=-2,
+                                out_axis=-1)  # (Bt, L, d_model)
+    return out, MambaBlockCache((c_inx, c_inz), c_conv, c_xproj, c_dt, c_scan, c_out, A, last, lti, R,
                                 initial_state is not None)
 
 
@@ -409,10 +481,10 @@ def mamba_block_backward(dout, cache):
         raise ValueError("cache is of a forward from an initial_state, which has no backward")
     xp = array_namespace(dout=dout, A=c.A)
     g = {}
-    dyT, g["out_proj.weight"], db = linear_backward(dout, c.out_proj)  # dyT (Bt, L, di)
+    dy, g["out_proj.weight"], db = linear_backward(dout, c.out_proj)  # (Bt, di, L)
     if db is not None:
         g["out_proj.bias"] = db
-    s = selective_scan_backward(dyT.transpose(0, 2, 1), c.scan)
+    s = selective_scan_backward(dy, c.scan)
     g["A_log"] = s.dA * c.A  # A = -exp(A_log): dA_log = dA * A
     g["D"] = s.dD
     dxc = s.du  # (Bt, di, L)
@@ -433,13 +505,12 @@ def mamba_block_backward(dout, cache):
     dxs, g["conv1d.weight"], dcb = conv1d_backward(dxc, c.conv)
     if dcb is not None:
         g["conv1d.bias"] = dcb
-    Bt, di, L = dxs.shape
-    dxz = xp.empty((Bt, L, 2 * di), dtype=dxs.dtype)  # the backward's one transpose
-    dxz[..., :di] = dxs.transpose(0, 2, 1)
-    dxz[..., di:] = s.dz.transpose(0, 2, 1)
-    du, g["in_proj.weight"], dbin = linear_backward(dxz, c.in_x)
-    if dbin is not None:
-        g["in_proj.bias"] = dbin
+    du, dWx, dbx = linear_backward(dxs, c.in_x[0])  # du (Bt, L, d_model)
+    du_z, dWz, dbz = linear_backward(s.dz, c.in_x[1])
+    du += du_z
+    g["in_proj.weight"] = xp.concatenate([dWx, dWz])
+    if dbx is not None:
+        g["in_proj.bias"] = xp.concatenate([dbx, dbz])
     return du, g
 
 
@@ -474,7 +545,11 @@ class ModelCache(NamedTuple):
     head: object  # LinearCache of the LM head / decoder
 
 
-def _check_inputs(inputs, config):
+def _check_inputs(inputs, config, params=None):
+    """``inputs`` validated for ``config``; array-likes (lists) made arrays
+    where ``params`` live (:func:`_as_array_like_params`)."""
+    if params is not None:
+        inputs = _as_array_like_params(inputs, params, config.head == "lm")
     if config.head == "lm":
         if inputs.ndim != 2 or inputs.dtype.kind not in "iu":
             raise ValueError(f"inputs must be integer token ids of shape (batch, length), "
@@ -482,6 +557,20 @@ def _check_inputs(inputs, config):
     elif inputs.ndim != 3 or inputs.shape[-1] != config.d_input:
         raise ValueError(f"inputs must have shape (batch, length, {config.d_input}) "
                          f"(d_input), got {tuple(inputs.shape)}")
+    return inputs
+
+
+def _as_array_like_params(x, params, integer):
+    """An array-like ``x`` (a list) as an array where ``params`` live: of
+    integers (token ids, ``integer``) or the parameters' dtype; arrays as given."""
+    if x is None or (hasattr(x, "ndim") and hasattr(x, "dtype")):
+        return x
+    w = params["norm_f.weight"]
+    xp = array_namespace(w=w)
+    x = xp.asarray(x)
+    if not integer or x.dtype.kind not in "iu":
+        x = x.astype(w.dtype)
+    return x
 
 
 def model_forward(inputs, params, config, initial_state=None, sync=True):
@@ -518,7 +607,8 @@ def model_forward(inputs, params, config, initial_state=None, sync=True):
     >>> logits.shape, logits.dtype
     ((1, 3, 11), dtype('float32'))
     """
-    _check_inputs(inputs, config)
+    check_params(params, config)
+    inputs = _check_inputs(inputs, config, params)
     if config.head == "lm":
         h, c_stem = embedding_forward(inputs, params["embedding.weight"], sync=sync)
     else:
@@ -717,6 +807,8 @@ def mse_backward(dloss, cache):
 def _loss_and_grads(inputs, targets, params, config, mask, sync):
     """``(loss, grads, loss cache)`` of the head's loss; ``sync=False`` waits for nothing."""
     out, cache = model_forward(inputs, params, config, sync=sync)
+    targets = _as_array_like_params(targets, params, config.head == "lm")
+    mask = _as_array_like_params(mask, params, False)
     if config.head == "lm":
         loss, lc = cross_entropy_forward(out, targets, mask=mask, sync=sync)
         dout = cross_entropy_backward(1.0, lc)
@@ -792,7 +884,8 @@ def device_loss_and_grads(inputs, targets, params, config, mask=None):
     if config.head != "lm":
         loss, grads, _ = _loss_and_grads(inputs, targets, params, config, mask, sync=False)
         return loss, grads, xp.zeros((), xp.int64)
-    _check_inputs(inputs, config)
+    check_params(params, config)
+    inputs = _check_inputs(inputs, config, params)
     out_of_range = (inputs < 0) | (inputs >= config.vocab_size)
     ids = xp.where(out_of_range, 0, inputs)
     loss, grads, lc = _loss_and_grads(ids, targets, params, config, mask, sync=False)

@@ -94,6 +94,34 @@ def test_linear_backward_of_transposed_view_matches_contiguous_copy():
             np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("axis, out_axis", [(-1, -2), (-2, -1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_moving_the_features_matches_finite_differences(axis, out_axis, bias):
+    rng = np.random.default_rng(5)
+    shape = (2, 5, 3) if axis == -1 else (2, 3, 5)
+    arrays = dict(x=rng.standard_normal(shape), weight=rng.standard_normal((4, 3)),
+                  bias=rng.standard_normal(4) if bias else None)
+    names = ["x", "weight"] + (["bias"] if bias else [])
+    check_layer(layers.linear_forward, layers.linear_backward, arrays, rng, names, axis=axis,
+                out_axis=out_axis)
+
+
+@pytest.mark.parametrize("axis, out_axis", [(-1, -2), (-2, -1)])
+def test_linear_moving_the_features_equals_a_transpose_of_the_result(axis, out_axis):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 6, 3) if axis == -1 else (2, 3, 6))
+    w, b = rng.standard_normal((4, 3)), rng.standard_normal(4)
+    moved, _ = layers.linear_forward(x, w, b, axis=axis, out_axis=out_axis)
+    kept, _ = layers.linear_forward(x, w, b, axis=axis)
+    assert moved.flags.c_contiguous
+    np.testing.assert_allclose(moved, kept.transpose(0, 2, 1), rtol=1e-13, atol=1e-13)
+
+
+def test_linear_rejects_unknown_out_axis():
+    with pytest.raises(ValueError, match=r"^out_axis must be -1 or -2, got 1"):
+        layers.linear_forward(np.zeros((3, 4)), np.zeros((5, 4)), out_axis=1)
+
+
 def test_linear_rejects_wrong_feature_count():
     with pytest.raises(ValueError, match=r"^x must have 3 features along axis -1"):
         layers.linear_forward(np.zeros((2, 4)), np.zeros((5, 3)))
