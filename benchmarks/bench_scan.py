@@ -38,6 +38,7 @@ Run:  python benchmarks/bench_scan.py [--quick] [--reps 20] [--engines states,bl
 
 import argparse
 import datetime
+import re
 import statistics
 
 import numpy as np
@@ -88,8 +89,8 @@ def grid_rows(quick=False):
     Issue 19's rows (where the reference has a figure), then one factor at a
     time around (8, 1536, 16, 2048) -- batch {1, 2, 8, 16, 64}, D {64, 768,
     1536, 2048, 4096}, N {4, 8, 16, 32, 64} -- and L {256 ... 65,536} at batch
-    1, D 1536, in float32, bfloat16 and float16, and a few rows with constant
-    B and C.  ``quick``: issue 19's rows only.
+    1, D 1536, in float32, bfloat16 and float16, a few rows with constant
+    B and C, and three in float64.  ``quick``: issue 19's rows only.
     """
     rows = [key + (True,) for key in REFERENCE_19]
     if quick:
@@ -105,6 +106,8 @@ def grid_rows(quick=False):
             rows.append((1, 1536, 16, L, dtype, True))
         for shape in ((8, 1536, 16, 2048), (1, 768, 16, 4096)):
             rows.append(shape + (dtype, False))
+    for shape in ((8, 1536, 16, 2048), (1, 768, 16, 4096), (8, 1536, 64, 2048)):
+        rows.append(shape + ("float64", True))
     seen, unique = set(), []
     for row in rows:
         if row not in seen:
@@ -401,6 +404,9 @@ def main():
                         help="instead, time the wide grid of issue 19 (grid_rows; with --quick "
                              "its reference rows only), forward and backward of the engines "
                              "named by --engines (default here: auto)")
+    parser.add_argument("--filter", default=None,
+                        help="with --grid, only the rows whose 'batch, D, N, L | dtype | B, C' "
+                             "text matches this regular expression")
     parser.add_argument("--cast-half", action="store_true",
                         help="cast float16/bfloat16 inputs to float32 around the state engine "
                              "(settings.direct_half off) instead of reading them directly")
@@ -422,7 +428,7 @@ def main():
     import cupy
 
     if args.grid:
-        grid(cupy, engines, args.reps, args.quick, args.torch_reps)
+        grid(cupy, engines, args.reps, args.quick, args.torch_reps, args.filter)
         return
 
     rows = ROWS[:1] if args.quick else ROWS
@@ -491,7 +497,7 @@ def main():
                      for (Bt, Dc, N, L, dtype_name), _, _ in rows})
 
 
-def grid(cupy, engines, reps, quick, torch_reps):
+def grid(cupy, engines, reps, quick, torch_reps, pattern=None):
     """Print the ``--grid`` table (:func:`grid_rows`) and a summary of the
     targets of issue 19."""
     bw = copy_bandwidth(cupy)
@@ -506,7 +512,8 @@ def grid(cupy, engines, reps, quick, torch_reps):
     times = {}
     for Bt, Dc, N, L, dtype_name, var_bc in grid_rows(quick):
         dtype = cupy.dtype(dtype_name) if dtype_name != "bfloat16" else _bf16(cupy)
-        if dtype is None:
+        text = f"{Bt}, {Dc}, {N}, {L} | {dtype_name} | {'var' if var_bc else 'const'}"
+        if dtype is None or (pattern and not re.search(pattern, text)):
             continue
         ref = REFERENCE_19.get((Bt, Dc, N, L, dtype_name)) if var_bc else None
         b_fwd, b_bwd = pass_bytes(Bt, Dc, N if var_bc else 0, L, dtype.itemsize)
