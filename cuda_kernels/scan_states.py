@@ -184,6 +184,8 @@ def _tile_bytes(N, ch, T, itemsize, backward):
             words += 2 * (N // T) * ch * T
     else:
         words = 2 * N * rowlen + 2 * ch * rowlen + ch * N * rowlen
+        if N > T:  # the partial sums over states
+            words += (N // T) * ch * T
     return words * itemsize
 
 
@@ -472,6 +474,14 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     EPI_EARLY = NSUM <= 4
     UTF = U(TF)
     UN = U(N)
+    # With more states than a tile has steps (N > TF), PF = N // TF threads of
+    # a channel share the sum over states of each step, as in the backward
+    # (PB below): each sums NKF consecutive states into a shared (PF, CH * TF)
+    # tile, the first of the step adds the PF partial sums.
+    PF = N // TF if N > TF else 1
+    NKF = (N + PF - 1) // PF
+    SPLIT_F = PF > 1
+    PARTF = (PF, CH * TF) if SPLIT_F else (1, 1)
     def tile_fetcher(fetch_rows, fetch_channels):
         # the first half of staging a tile (walkers of its size): this
         # thread's elements of B, C, delta and u, raw, into registers
@@ -617,6 +627,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         sdt = cuda.shared.array(CHF, ftype, alignment=VA)   # delta after bias/softplus
         sdu = cuda.shared.array(CHF, ftype, alignment=VA)   # delta * u
         sy = cuda.shared.array(YF, ftype, alignment=VA)  # C_t[n] h_t[n], row tid
+        py = cuda.shared.array(PARTF, ftype)  # partial sums over states (SPLIT_F)
 
         A2 = A[d, n] * log2e  # exp(dt * A) = exp2(dt * A2)
         B_n = zero
@@ -694,15 +705,31 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
             cuda.syncthreads()  # every C h of the tile is written
             # 3. y = sum over states, then the epilogue
             # (each thread sums NSUM consecutive steps, read as one vector)
+            base = uch * UN
+            if SPLIT_F:
+                tp = un % UTF
+                pp = un // UTF
+                if pp < U(PF):
+                    s = zero
+                    for k in range(NKF):
+                        kk = pp * U(NKF) + U(k)
+                        if NKF * PF == N or kk < UN:
+                            s += sy[base + kk, tp]
+                    py[pp, uch * UTF + tp] = s
+                cuda.syncthreads()  # the partial sums are written
             if valid:
-                base = uch * UN
                 ys = cuda.local.array(NSUM, ftype)  # (in registers: indices are constant)
                 for j in range(NSUM):
                     ys[j] = zero
-                for k in range(N):
-                    for j in range(NSUM):
-                        if NSUM * N == TF or un * U(NSUM) + U(j) < UTF:
-                            ys[j] += sy[base + U(k), un * U(NSUM) + U(j)]
+                if SPLIT_F:  # (NSUM is 1)
+                    if un < UTF:
+                        for p in range(PF):
+                            ys[0] += py[U(p), uch * UTF + un]
+                else:
+                    for k in range(N):
+                        for j in range(NSUM):
+                            if NSUM * N == TF or un * U(NSUM) + U(j) < UTF:
+                                ys[j] += sy[base + U(k), un * U(NSUM) + U(j)]
                 for j in range(NSUM):
                     tt = un * U(NSUM) + U(j)
                     if (NSUM * N == TF or tt < UTF) and (full or t0 + tt < uL):
@@ -1234,11 +1261,12 @@ def ptx_signatures():
     Yields ``(name, py_func, argtypes, is_float32, options)`` (``options``: the
     keyword arguments of ``cuda.jit``, from :func:`compile_options`) for both
     dtypes, variable and constant ``B``/``C``, and a Mamba-sized (N = 16) and
-    an odd-sized (N = 5) layout; and for float32 compute with float16 and
+    an odd-sized (N = 5) layout, and in float32 N = 64 (the backward's sums
+    over states split among threads); and for float32 compute with float16 and
     bfloat16 storage (``is_float32`` True: they must be free of float64 too),
     N = 16 with variable and constant ``B``/``C``.
     """
-    variants = [(np.dtype(np.float32), None, N) for N in (16, 5)]
+    variants = [(np.dtype(np.float32), None, N) for N in (16, 5, 64)]
     variants += [(np.dtype(np.float64), None, N) for N in (16, 5)]
     variants += [(np.dtype(np.float32), st, 16) for st in ("float16", "bfloat16")]
     for dtype, storage, N in variants:

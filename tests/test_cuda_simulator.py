@@ -97,10 +97,11 @@ STATES_CASES = {
                                               (3, 8, 2)),
     "states-float16-grouped-const-allflags-nodlast-save3": (
         "float16", "grouped", "const", ALL_FLAGS, False, (3, 8, 2, 3)),
-    # more states than a backward tile has steps (STATES_N): the backward's
-    # sums over states split among N // t_bwd threads per step (5 states in
-    # parts of 3 and 2; 8 in four parts of 2; 6 in three of 2)
-    "states-float64-var-var-allflags-N5": ("float64", "var", "var", ALL_FLAGS, True, (3, 8, 2)),
+    # more states than a tile has steps (STATES_N): the sums over states split
+    # among N // tile threads per step (5 states in parts of 3 and 2, forward
+    # and backward; 8 in two parts of 4 forward and four of 2 backward; 6 in
+    # three parts of 2 backward)
+    "states-float64-var-var-allflags-N5": ("float64", "var", "var", ALL_FLAGS, True, (3, 2, 2)),
     "states-float32-grouped-var-allflags-N8-bwd2segments": (
         "float32", "grouped", "var", ALL_FLAGS, True, (2, 4, 2), None, 2),
     "states-bfloat16-var-const-allflags-N6-save2": ("bfloat16", "var", "const", ALL_FLAGS, True,
