@@ -402,7 +402,8 @@ class Mamba(torch.nn.Module):
     layer_idx : int, optional
         Kept as an attribute (mamba-ssm's key of the inference cache).
     device, dtype : optional
-        Of the parameters.
+        Of the parameters; ``A_log`` and ``D`` stay float32 where ``dtype``
+        is float16 or bfloat16 (as mamba-ssm keeps them).
 
     Examples
     --------
@@ -452,10 +453,12 @@ class Mamba(torch.nn.Module):
             dt = torch.exp(torch.rand(di, **factory) * (hi - lo) + lo).clamp(min=dt_init_floor)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.dt_proj.bias._no_reinit = True
+        # A_log and D stay float32 in a half-precision block, as in mamba-ssm
+        wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         A = torch.arange(1, N + 1, dtype=torch.float32, device=device).repeat(di, 1)
-        self.A_log = nn.Parameter(torch.log(A).to(dtype or torch.float32))
+        self.A_log = nn.Parameter(torch.log(A).to(wide or torch.float32))
         self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(di, **factory))
+        self.D = nn.Parameter(torch.ones(di, device=device, dtype=wide))
         self.D._no_weight_decay = True
 
     @classmethod

@@ -284,6 +284,26 @@ def test_mamba_module_matches_our_block(bias):
         assert_close(name, t.reshape(g.shape), g, 1e-9, 1e-10)
 
 
+def test_mamba_module_half_keeps_A_log_and_D_float32():
+    """In bfloat16 the block keeps A_log and D in float32 (mamba-ssm) and stays near the
+    float32 block with the same (rounded) weights."""
+    pytest.importorskip("ml_dtypes")
+    torch.manual_seed(2)
+    half = Mamba(d_model=16, d_state=4, dtype=torch.bfloat16)
+    assert half.A_log.dtype == half.D.dtype == torch.float32
+    assert half.in_proj.weight.dtype == torch.bfloat16
+    full = Mamba(d_model=16, d_state=4)
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    x = torch.randn(2, 24, 16).to(torch.bfloat16)
+    y = half(x)
+    assert y.dtype == torch.bfloat16
+    want = full(x.float())
+    scale = float(want.abs().max())
+    torch.testing.assert_close(y.float(), want, rtol=3e-2, atol=5e-2 * scale)
+    y.float().sum().backward()
+    assert half.A_log.grad.dtype == torch.float32 and bool(half.A_log.grad.abs().sum() > 0)
+
+
 def test_mamba_module_gradcheck():
     """gradcheck of the whole module in float64 (input and every parameter)."""
     torch.manual_seed(1)
