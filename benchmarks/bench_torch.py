@@ -34,30 +34,24 @@ import numpy as np
 import numba_mamba as nm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_block import _time as bench_block_time  # noqa: E402
 from bench_block import torch_block, torch_scan_function  # noqa: E402
 
 
 def _time(torch, fn, reps, warmup=3):
-    if not torch.cuda.is_available():  # --device cpu: wall clock
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    """Median ms of ``fn``: CUDA events (bench_block's timer: torch and CuPy share
+    the default stream), or the wall clock in a --device cpu dry run."""
+    if torch.cuda.is_available():
+        import cupy
+
+        return bench_block_time(cupy, fn, reps, warmup)
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        start.record()
+        t0 = time.perf_counter()
         fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
