@@ -162,10 +162,15 @@ def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
              delta_bias: torch.Tensor | None, initial_state: torch.Tensor | None,
              delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, last_state)`` of the scan (:func:`numba_mamba.selective_scan`)."""
-    values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    return _forward((u, delta, A, B, C, D, z, delta_bias, initial_state), delta_softplus)
+
+
+def _forward(values, delta_softplus):
+    """``(out, last_state)`` of the scan of the tensors ``values`` (in the order
+    of ``_NAMES``), without what a backward needs."""
     with _Bridge(_check_tensors(values)) as bridge:
         out, last = _np_scan(*map(bridge.array, values[:8]), delta_softplus=delta_softplus,
-                             return_last_state=True, initial_state=bridge.array(initial_state))
+                             return_last_state=True, initial_state=bridge.array(values[8]))
         return bridge.tensor(out), bridge.tensor(last)
 
 
@@ -314,7 +319,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     Notes
     -----
     Eagerly the backward is the one of :func:`numba_mamba.selective_scan_vjp`
-    of the same forward.  Under ``torch.compile`` the op
+    of the same forward; where no gradient is wanted (``torch.no_grad()``,
+    no input requiring one) the forward of :func:`numba_mamba.selective_scan`
+    runs, which keeps nothing for a backward.  Under ``torch.compile`` the op
     ``torch.ops.numba_mamba.selective_scan`` is called instead, with its
     registered fake implementation and backward op, which recomputes the
     forward's chunk states first.  Complex ``A``, ``B``, ``C`` (mamba-ssm's
@@ -346,11 +353,15 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     >>> torch.allclose(torch.cat([first, second], -1), out, atol=1e-5)
     True
     """
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
+    values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    softplus = bool(delta_softplus)
     if torch.compiler.is_compiling():
-        out, last = _scan_op(*args)
-    else:
-        out, last = _EagerScan.apply(*args)
+        out, last = _scan_op(*values, softplus)
+    elif torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                         for t in values):
+        out, last = _EagerScan.apply(*values, softplus)
+    else:  # no gradient wanted: the forward keeps nothing for a backward
+        out, last = _forward(values, softplus)
     return (out, last) if return_last_state else out
 
 
