@@ -750,7 +750,13 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     # du, ddelta, dz like u; dB_acc/dC_acc like B/C).
     NSUMB = (TB + N - 1) // N             # steps each thread sums over states per tile
     EPI_EARLY_B = NSUMB <= 4  # dout and z of those steps read early (as EPI_EARLY)
-    NSUMC = (TB + CH - 1) // CH           # steps each thread sums over channels per tile
+    # The sums over channels of a variable dB/dC cover N * TB (state, step)
+    # items per tile, NIC per thread, item = state * TB + step: a warp's threads
+    # take consecutive steps of one or two states, so that their atomic adds
+    # fall on few consecutive addresses (one thread per state would put the 32
+    # adds of a warp on 32 rows of the (N, L) array).
+    NI = N * TB
+    NIC = (NI + NT - 1) // NT
     UTB = U(TB)
     # With more states than a tile has steps (N > TB), TB threads of a channel
     # would sum all N states of one step each while the others wait: instead
@@ -1117,21 +1123,23 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                         store(du, o, sv + D_d * sdy[uch, tt])
             # variable dB and dC: sums over the block's channels (all CH of
             # them: an idle channel staged delta = 0 and dy = 0, so its dB and
-            # dC terms are exact zeros)
+            # dC terms are exact zeros), item (state ni, step tt) by item
             if b_var or c_var:
-                for j in range(NSUMC):
-                    tt = uch + U(j * CH)
-                    if (NSUMC * CH == TB or tt < UTB) and (full or t0 + tt < uL):
+                for j in range(NIC):
+                    item = utid + U(j * NT)
+                    ni = item // UTB
+                    tt = item - ni * UTB
+                    if (NIC * NT == NI or item < U(NI)) and (full or t0 + tt < uL):
                         if b_var:
                             s = zero
                             for c in range(CH):
-                                s += sh[tt + U(1), U(c) * UN + un]
-                            cuda.atomic.add(dB_acc, baseB + un * uL + t0 + tt, s)
+                                s += sh[tt + U(1), U(c) * UN + ni]
+                            cuda.atomic.add(dB_acc, baseB + ni * uL + t0 + tt, s)
                         if c_var:
                             s = zero
                             for c in range(CH):
-                                s += s1[tt, U(c) * UN + un]
-                            cuda.atomic.add(dC_acc, baseC + un * uL + t0 + tt, s)
+                                s += s1[tt, U(c) * UN + ni]
+                            cuda.atomic.add(dC_acc, baseC + ni * uL + t0 + tt, s)
 
         if valid:
             if seg == 0:
