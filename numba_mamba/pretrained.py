@@ -106,21 +106,22 @@ def read_safetensors(path):
            [3., 4., 5.]], dtype=float32), {'format': 'pt'})
     """
     path = Path(path)
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise PretrainedError(f"{path}: not a safetensors file ({len(data)} bytes)")
-    n = int.from_bytes(data[:8], "little")
-    if n > min(_MAX_HEADER, len(data) - 8):
+    size = path.stat().st_size
+    if size < 8:
+        raise PretrainedError(f"{path}: not a safetensors file ({size} bytes)")
+    data = np.memmap(path, dtype=np.uint8, mode="r")  # (each tensor is copied out once)
+    n = int.from_bytes(data[:8].tobytes(), "little")
+    if n > min(_MAX_HEADER, size - 8):
         raise PretrainedError(f"{path}: not a safetensors file (header length {n} for a file "
-                              f"of {len(data)} bytes)")
+                              f"of {size} bytes)")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(data[8:8 + n].tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PretrainedError(f"{path}: not a safetensors file (header: {exc})") from None
     if not isinstance(header, dict):
         raise PretrainedError(f"{path}: not a safetensors file (header is no JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + n:]
+    body = data[8 + n:]
     tensors = {}
     for name, info in header.items():
         try:
@@ -138,8 +139,10 @@ def read_safetensors(path):
             raise PretrainedError(f"{path}: tensor {name} of dtype {dtype} and shape {shape} "
                                   f"has data offsets [{begin}, {end}) in a body of "
                                   f"{len(body)} bytes (needs {size} bytes)")
-        a = np.frombuffer(body[begin:end], dtype=np_dtype).reshape(shape)
-        tensors[name] = _bf16_to_float32(a) if dtype == "BF16" else a.astype(np_dtype.newbyteorder("="))
+        a = body[begin:end].view(np_dtype).reshape(shape)
+        tensors[name] = (_bf16_to_float32(a) if dtype == "BF16"
+                         else np.array(a, dtype=np_dtype.newbyteorder("=")))
+    del data, body  # (the file is unmapped once no array refers to it)
     return tensors, metadata
 
 
