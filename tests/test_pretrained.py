@@ -63,6 +63,20 @@ def test_read_safetensors_matches_the_safetensors_package():
         assert ours[k].dtype == theirs[k].dtype and np.array_equal(ours[k], theirs[k]), k
 
 
+def test_half_tensors_written_by_safetensors_torch(tmp_path):
+    """bfloat16 and float16 as the safetensors package writes them from torch."""
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 3, generator=g) * 100).to(torch.bfloat16)
+    y = torch.randn(2, 4, generator=g).to(torch.float16)
+    st.save_file({"x": x, "y": y}, tmp_path / "h.safetensors")
+    ours, _ = read_safetensors(tmp_path / "h.safetensors")
+    assert ours["x"].dtype == np.float32 and ours["y"].dtype == np.float16
+    np.testing.assert_array_equal(ours["x"], x.float().numpy())
+    np.testing.assert_array_equal(ours["y"], y.numpy())
+
+
 def test_save_load_bit_exact_and_sharded(tmp_path):
     config = models.MambaConfig(d_model=12, n_layers=3, vocab_size=30, d_state=3,
                                 tie_embeddings=False, proj_bias=True)
