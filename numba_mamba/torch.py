@@ -238,6 +238,9 @@ class _EagerScan(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.bridge = _Bridge(_check_tensors(values))
         ctx.present = tuple(t is not None for t in values)
+        # (saved only for autograd's check that no input changes in place before the
+        # backward: the closure reads them)
+        ctx.save_for_backward(*[t for t in values if t is not None])
         with ctx.bridge as bridge:
             arrays = list(map(bridge.array, values))
             out, last, ctx.backward_fn = _np_scan_vjp(*arrays[:8], delta_softplus=delta_softplus,
@@ -250,9 +253,10 @@ class _EagerScan(torch.autograd.Function):
     def backward(ctx, dout, dlast_state):
         if dout is None and dlast_state is None:
             return (None,) * 10
+        ctx.saved_tensors  # noqa: B018  (raises where an input was modified in place)
         bridge = ctx.bridge
         if bridge.cuda:  # the stream of the backward: torch's current one now
-            bridge = _Bridge(dout.device)
+            bridge = _Bridge((dout if dout is not None else dlast_state).device)
         with bridge:
             if dout is None:  # (only last_state reached the loss)
                 dout = torch.zeros(ctx.out_shape, dtype=ctx.out_dtype, device=dlast_state.device)

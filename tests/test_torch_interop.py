@@ -105,6 +105,20 @@ def test_last_state_alone_carries_gradient():
         assert_close("du", args[0].grad, want.du, 1e-10, 1e-10)
 
 
+def test_input_modified_in_place_before_backward_is_an_error():
+    """As with any autograd op: an input changed in place after the forward makes the
+    backward raise instead of computing gradients of other values."""
+    kw = make_inputs(np.random.default_rng(15), Bt=1, Dc=2, L=6, N=3)
+    for path in (_eager, _op):
+        args = _tensors(kw, grad=True)
+        delta = args[1] * 1  # a non-leaf input
+        out, _ = path(args[0], delta, *args[2:], False)
+        with torch.no_grad():
+            delta.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
 def test_mamba_ssm_semantics():
     """(batch, N, L) B/C equal one group; return_last_state's dtype; out in u's dtype."""
     kw = make_inputs(np.random.default_rng(4), Bt=2, Dc=4, L=9, N=3, dtype=np.float32,
