@@ -498,6 +498,17 @@ def save(path, config, params, max_shard_size=None):
     ValueError
         A regression or LTI config (no Hugging Face counterpart), or params
         whose names or shapes do not fit the config (named).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from numba_mamba import models, pretrained
+    >>> cfg = models.MambaConfig(d_model=8, n_layers=2, vocab_size=20, d_state=4)
+    >>> folder = tempfile.mkdtemp()
+    >>> pretrained.save(folder, cfg, models.init_params(cfg), max_shard_size=4000)
+    >>> sorted(os.listdir(folder))  # doctest: +NORMALIZE_WHITESPACE
+    ['config.json', 'model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors',
+     'model.safetensors.index.json']
     """
     if config.head != "lm" or config.block != "mamba":
         raise ValueError(f"save writes Mamba language models (vocab_size, block='mamba'), "

@@ -491,6 +491,20 @@ class Mamba(torch.nn.Module):
         Returns
         -------
         Mamba
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import torch
+        >>> from numba_mamba import models
+        >>> from numba_mamba.torch import Mamba
+        >>> cfg = models.MambaConfig(d_model=8, n_layers=1, vocab_size=10, d_state=4)
+        >>> p = models.layer_params(models.init_params(cfg, dtype=np.float64), 0)
+        >>> block = Mamba.from_params(p)
+        >>> u = np.random.default_rng(0).standard_normal((1, 5, 8))
+        >>> ours, _ = models.mamba_block_forward(u, p)
+        >>> bool(np.allclose(block(torch.from_numpy(u)).detach().numpy(), ours))
+        True
         """
         if "x_proj.weight" not in params:
             raise ValueError("params must be of a selective block (with x_proj.weight); the "
