@@ -9,16 +9,16 @@ A checkpoint folder holds ``config.json`` and the weights in safetensors
 files: ``model.safetensors``, or shards listed by
 ``model.safetensors.index.json``.  Two layouts are understood:
 
-====================================  ====================================  ========================
-Hugging Face (``model_type: mamba``)  mamba-ssm (``d_model``, ``n_layer``)  here
-====================================  ====================================  ========================
-``backbone.embeddings.weight``        ``backbone.embedding.weight``         ``embedding.weight``
-``backbone.layers.{i}.norm.weight``   (same)                                ``layers.{i}.norm.weight``
-``backbone.layers.{i}.mixer.<name>``  (same)                                ``layers.{i}.mixer.<name>``
-``...mixer.conv1d.weight`` (C, 1, W)  (same)                                (C, W)
-``backbone.norm_f.weight``            (same)                                ``norm_f.weight``
-``lm_head.weight`` (untied only)      (same)                                ``lm_head.weight``
-====================================  ====================================  ========================
+====================================  ==============================  =====================
+Hugging Face (``model_type: mamba``)  mamba-ssm (``d_model``, ...)    here
+====================================  ==============================  =====================
+``backbone.embeddings.weight``        ``backbone.embedding.weight``   ``embedding.weight``
+``backbone.layers.{i}.norm.weight``   (same)                          ``layers.{i}.norm...``
+``backbone.layers.{i}.mixer.<name>``  (same)                          ``layers.{i}.mixer...``
+``...mixer.conv1d.weight`` (C, 1, W)  (same)                          (C, W)
+``backbone.norm_f.weight``            (same)                          ``norm_f.weight``
+``lm_head.weight`` (untied only)      (same)                          ``lm_head.weight``
+====================================  ==============================  =====================
 
 The safetensors format is read and written here byte by byte (a JSON
 header, then the raw little-endian tensors): no torch, no pickle, and no

@@ -24,7 +24,8 @@ import transformers
 from transformers import MambaConfig, MambaForCausalLM
 
 HERE = Path(__file__).resolve().parent / "tiny_mamba_hf"
-PROMPT = [[3, 17, 42, 8, 25, 61, 0, 33, 12, 50, 7, 29], [60, 1, 44, 44, 19, 5, 38, 2, 9, 63, 31, 14]]
+PROMPT = [[3, 17, 42, 8, 25, 61, 0, 33, 12, 50, 7, 29],
+          [60, 1, 44, 44, 19, 5, 38, 2, 9, 63, 31, 14]]
 N_NEW = 12
 
 
