@@ -88,7 +88,14 @@ import warnings
 
 import numba
 import numpy as np
-from numba import cuda
+
+try:  # numba.cuda as numba-cuda provides it (the cuda12/cuda13 extras), not numba's own
+    import numba_cuda  # noqa: F401
+    from numba import cuda
+except ImportError as _exc:
+    from numba_mamba._validation import missing_gpu_stack_message as _message
+
+    raise ImportError(f"{_message} ({_exc})", name=__name__) from _exc
 
 from .settings import settings
 

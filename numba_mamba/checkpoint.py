@@ -263,9 +263,10 @@ def load_checkpoint(path: Union[str, os.PathLike], xp: Any = np) -> Checkpoint:
         raise CheckpointError(f"{path} is not a readable numba-mamba checkpoint "
                               f"(truncated or corrupted?): {type(exc).__name__}: {exc}") from exc
 
-    def section(prefix):
+    def section(prefix):  # (native byte order: a file of another machine's order too)
         n = len(prefix)
-        return {k[n:]: xp.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
+        return {k[n:]: xp.asarray(v if v.dtype.isnative else v.astype(v.dtype.newbyteorder("=")))
+                for k, v in arrays.items() if k.startswith(prefix)}
 
     optimizer = None
     if meta["optimizer"] is not None:

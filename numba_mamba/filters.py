@@ -638,6 +638,8 @@ def ssm_kernel(A: Any, B: Any, C: Any, dt: Any, L: int, method: str = "zoh"):
     check_state_matrix(A, xp)
     B = as_param("B", B, xp)
     C = as_param("C", C, xp)
+    if is_double(C.dtype) and not is_double(A.dtype):  # (C's precision counts too)
+        A = A.astype(np.complex128 if A.dtype.kind == "c" else np.float64)
     xp, A, B, dt, shape, _ = _prepare_discretize(A, B, dt, method)
     Ab, Bb = _discretize(A, B, dt, method, xp, shape)
     warn_unstable(A, Ab, method, stacklevel=2)
@@ -669,6 +671,15 @@ class SSMFilter:
     mode : {'auto', 'scan', 'conv'}, optional
         Engine for :meth:`__call__`.
 
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`ssm_filter`, at construction: every argument is checked
+        here (with a one-sample signal whose channels broadcast against
+        any), not at the first call.  A later piece or sample whose
+        channels do not broadcast against the state's raises ValueError
+        naming it (``zi``); :meth:`reset` starts a signal of other channels.
+
     Attributes
     ----------
     state : array or None
@@ -679,7 +690,8 @@ class SSMFilter:
     -----
     Pieces joined equal one pass: ``f(x[..., :k])`` then ``f(x[..., k:])``
     returns the pieces of ``ssm_filter(..., x)``.  :meth:`step` runs one
-    sample in O(N) per channel (precomputed ``Ab``, ``Bb``), without the
+    sample in O(N) per channel (precomputed ``Ab``, ``Bb``, kept per dtype,
+    array kind and shapes of the sample and the state), without the
     validation and layout work of a call.  ``dt`` may be overridden per piece
     or per step (irregular sampling).
 

@@ -265,6 +265,9 @@ def check_params(params, config):
         if dtype is None or dtype.kind != "f":
             raise TypeError(f"params[{name!r}] must be a floating array, got "
                             f"{type(x).__name__}{'' if dtype is None else ' of ' + str(dtype)}")
+        if not dtype.isnative:  # (updated in place by the optimizer: not copied here)
+            raise TypeError(f"params[{name!r}] must be in native byte order, got {dtype}: "
+                            f"convert it with .astype({dtype.newbyteorder('=').name!r})")
         check_shape(f"params[{name!r}]", x, shape, "(from the config)")
 
 
@@ -562,9 +565,12 @@ def _check_inputs(inputs, config, params=None):
 
 def _as_array_like_params(x, params, integer):
     """An array-like ``x`` (a list) as an array where ``params`` live: of
-    integers (token ids, ``integer``) or the parameters' dtype; arrays as given."""
-    if x is None or (hasattr(x, "ndim") and hasattr(x, "dtype")):
+    integers (token ids, ``integer``) or the parameters' dtype; arrays as
+    given, in native byte order."""
+    if x is None:
         return x
+    if hasattr(x, "ndim") and hasattr(x, "dtype"):
+        return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
     w = params["norm_f.weight"]
     xp = array_namespace(w=w)
     x = xp.asarray(x)

@@ -9,7 +9,7 @@ B and C either constant ``(D, N)`` or grouped ``(Bt, G, N, L)``.
 """
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -339,8 +339,9 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     return _Call(xp, checked.backend, tuple(args), given, checked.ftype, dout_dtype)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, out=None):
+def selective_scan(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any = None, z: Any = None,
+                   delta_bias: Any = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, initial_state: Any = None, out: Any = None):
     """Selective state space scan of Mamba.
 
     Computes, for every batch element and channel, the time-varying linear
@@ -389,7 +390,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns
     -------
     out : array, shape (Bt, D, L)
-        Dtype of ``u``; the given ``out`` where there is one.
+        Dtype of ``u`` in native byte order (an integer ``u``: float64); the
+        given ``out`` where there is one.
     last_state : array, shape (Bt, D, N)
         Only if ``return_last_state``; in the compute dtype (float64 if any
         input is float64, else float32), so that it can seed the next piece
@@ -399,8 +401,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ------
     TypeError
         NumPy and CuPy arrays mixed; unsupported dtype (supported: float16,
-        bfloat16, float32, float64); ``out`` not an array of ``u``'s kind or
-        dtype.
+        bfloat16, float32, float64 in either byte order; integer arrays and
+        lists are taken as float64); ``out`` not an array of ``u``'s kind or
+        dtype; ``delta_softplus`` or ``return_last_state`` not a bool.
     ValueError
         Wrong number of dims or shape (the message names the argument, the
         expected and the actual shape); empty ``u``; non-finite ``A`` (NumPy
@@ -495,17 +498,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if out is not None and call.args[0].dtype == out.dtype:
         into = out
     result, last_state, _ = call.backend.scan_forward(*call.args, save=False, out=into)
-    if out is not None and into is None:
-        call.xp.copyto(out, result, casting="unsafe")  # (float16 from the compute dtype)
+    if out is not None:
+        if into is None:  # (float16 from the compute dtype; or out of the other byte order)
+            call.xp.copyto(out, result, casting="unsafe")
         result = out
-    result = result.astype(call.given[0].dtype, copy=False)
+    else:
+        result = result.astype(call.given[0].dtype, copy=False)
     if return_last_state:
         return result, last_state
     return result
 
 
-def selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, initial_state=None):
+def selective_scan_vjp(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any = None,
+                       z: Any = None, delta_bias: Any = None, delta_softplus: bool = False,
+                       initial_state: Any = None) -> tuple:
     """Selective scan with its vector-Jacobian product (hand-written backward pass).
 
     Parameters are those of :func:`selective_scan`.

@@ -3,10 +3,12 @@
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +137,7 @@ def test_built_wheel_ships_the_kernels_as_the_subpackage(tmp_path):
     pytest.importorskip("setuptools")
     tree = tmp_path / "tree"  # (a copy: setuptools leaves a build/ folder where it builds)
     tree.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, tree / name)
     for name in ("numba_mamba", "cuda_kernels"):
         shutil.copytree(REPO / name, tree / name,
@@ -156,3 +158,144 @@ def test_built_wheel_ships_the_kernels_as_the_subpackage(tmp_path):
     for module in ("__init__", "_launch", "_common", "settings", "scan", "step"):
         assert f"numba_mamba/cuda_kernels/{module}.py" in names
     assert not any(n.startswith("cuda_kernels/") for n in names)
+    assert "numba_mamba/py.typed" in names
+    (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert zipfile.ZipFile(wheel).read(license_file).startswith(b"BSD 3-Clause License")
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA")))
+    assert b"License-Expression: BSD-3-Clause" in metadata
+    assert not re.search(rb"Requires-Dist: [^\n;]*(nvidia|cuda|cupy)[^\n;]*\n", metadata, re.I)
+
+
+# ------------------------------------------------- license, version, dependencies
+def _pyproject():
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def test_license_is_bsd3_in_the_repository_and_the_metadata():
+    text = (REPO / "LICENSE").read_text()
+    assert text.startswith("BSD 3-Clause License")
+    assert "Neither the name of the copyright holder" in text
+    project = _pyproject()["project"]
+    assert project["license"] == "BSD-3-Clause"  # an SPDX expression, not the table form
+    assert project["license-files"] == ["LICENSE"]
+
+
+def test_one_version_source():
+    import numba_mamba
+
+    config = _pyproject()
+    assert "version" not in config["project"] and "version" in config["project"]["dynamic"]
+    assert config["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "numba_mamba.__version__"}
+    installed = _installed()
+    if installed is not None:
+        assert installed.version == numba_mamba.__version__
+
+
+def test_plain_install_and_test_extra_need_no_cuda_toolkit():
+    project = _pyproject()["project"]
+    cuda = re.compile(r"nvidia|cuda|cupy", re.IGNORECASE)
+    assert not [d for d in project["dependencies"] if cuda.search(d)]
+    extras = project["optional-dependencies"]
+    # the test extra: numba-cuda for its CUDA simulator, but no toolkit
+    assert not [d for d in extras["test"] if re.search(r"nvidia|cupy|\[cu\d+\]", d)]
+    assert any(d.startswith("numba-cuda[cu12]") for d in extras["ptx"])
+    for name, cu in (("cuda12", "cu12"), ("cuda13", "cu13")):
+        assert any(d.startswith(f"numba-cuda[{cu}]") for d in extras[name])
+        assert any(d.startswith(f"cupy-cuda{cu[2:]}x") for d in extras[name])
+
+
+def test_ci_checks_a_cpu_only_install_and_runs_the_readme_command():
+    ci = (REPO / ".ci" / "run").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert "--dry-run" in ci and "--report" in ci and "nvidia|cuda|cupy" in ci
+    command = re.search(r'pip install "(\.\[test[^"]*)" && python -m pytest', readme).group(1)
+    assert f'pip install -q "{command}" && python -m pytest' in ci
+    assert "ptx" in command
+
+
+def test_type_hints_and_py_typed():
+    import typing
+
+    import numba_mamba as nm
+
+    assert (REPO / "numba_mamba" / "py.typed").is_file()
+    for f in (nm.selective_scan, nm.selective_scan_vjp, nm.discretize, nm.discretize_vjp,
+              nm.ssm_filter, nm.ssm_kernel, nm.save_checkpoint, nm.load_checkpoint,
+              nm.SSMFilter.__init__, nm.SSMFilter.step, nm.SSMFilter.__call__):
+        hints = typing.get_type_hints(f)
+        assert hints, f"{f.__qualname__} has no type hints"
+
+
+_WITHOUT_CUDA = r"""
+import importlib.abc, json, sys, types
+import numpy as np
+BLOCKED = ("numba.cuda", "numba_cuda", "cupy", "cupyx")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in BLOCKED or name.startswith(tuple(b + "." for b in BLOCKED)):
+            raise ImportError(f"no module named {name!r} (blocked)")
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, sys.argv[1])
+import numba_mamba as nm
+y = nm.selective_scan(np.ones((1, 1, 3)), np.ones((1, 1, 3)), -np.ones((1, 1)), np.ones((1, 1)),
+                      np.ones((1, 1)))
+f = nm.ssm_filter(-np.ones(2), np.ones(2), np.ones(2), np.ones(5))
+# a CuPy array arrives (a stand-in: CuPy itself is blocked here)
+fake = types.ModuleType("cupy")
+class ndarray:
+    __module__ = "cupy"
+    __cuda_array_interface__ = {}
+    def __init__(self, a):
+        self.a, self.shape, self.dtype, self.ndim = a, a.shape, a.dtype, a.ndim
+        self.data = types.SimpleNamespace(device_id=0, ptr=0)
+        self.strides, self.flags = a.strides, a.flags
+fake.ndarray = ndarray
+sys.modules["cupy"] = fake
+args = [ndarray(np.ones(s)) for s in [(1, 1, 3), (1, 1, 3), (1, 1), (1, 1), (1, 1)]]
+try:
+    nm.selective_scan(*args)
+    error = None
+except (ImportError, RuntimeError) as exc:
+    error = f"{type(exc).__name__}: {exc}"
+print(json.dumps({"y": y.tolist(), "f": f.tolist(), "error": error,
+                  "cuda": sorted(m for m in sys.modules if m.startswith(("numba.cuda", "numba_cuda")))}))
+"""
+
+
+def test_imports_and_runs_on_the_cpu_without_numba_cuda(tmp_path):
+    """numba-cuda is an extra: the package imports and computes without it, and
+    a CuPy array gets an error that says what to install."""
+    got = _run(_WITHOUT_CUDA, tmp_path)
+    assert got["y"][0][0] == pytest.approx([1, 1 + np.exp(-1), 1 + np.exp(-1) + np.exp(-2)])
+    assert len(got["f"]) == 5 and got["cuda"] == []
+    assert got["error"] is not None and "pip install 'numba-mamba[cuda12]'" in got["error"], got
+
+
+def test_sdist_carries_the_tests_and_their_helpers(tmp_path):
+    import shutil
+    import tarfile
+
+    setuptools = pytest.importorskip("setuptools")
+    if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (77, 0):
+        pytest.skip("the SPDX license string needs setuptools >= 77")
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "*.pyc", "*.egg-info", "build", "dist", ".hypothesis",
+        ".pytest_cache", "gpu-test-logs", "*.png"))
+    code = ("import sys; from setuptools import build_meta as b; "
+            "print(b.build_sdist(sys.argv[1]))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tree,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (sdist,) = tmp_path.glob("numba_mamba-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for name in ("LICENSE", "README.md", "pyproject.toml", "tests/__init__.py", "tests/gpu.py",
+                 "tests/scan_cases.py", "tests/conftest.py", "tests/test_api.py",
+                 "numba_mamba/py.typed", "cuda_kernels/_launch.py", "examples/quickstart.py",
+                 "benchmarks/bench_scan.py"):
+        assert name in names, f"the sdist lacks {name}"
+    assert not any("__pycache__" in n for n in names)
