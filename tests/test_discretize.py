@@ -41,6 +41,7 @@ def _cont2discrete(A, B, C, D, dt, method):
     return ad, bd[:, 0], cd[0], dd[0, 0]
 
 
+@pytest.mark.filterwarnings("ignore::numba_mamba.UnstableFilterWarning")  # ('euler', dt = 2)
 @pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("method", SCIPY_METHODS)
 def test_each_method_matches_scipy_cont2discrete(method, cplx):
