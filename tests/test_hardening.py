@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 import numba_mamba as nm
@@ -555,6 +555,21 @@ def test_property_selective_scan(case):
                  for k, d in dtypes.items()}
     precise = any(d.itemsize == 8 for d in converted.values())
     _check_result(got, ref, precise, converted["u"].newbyteorder("="))
+    if not all(np.isfinite(_f64(a)).all() for a in args.values()):
+        return
+    # the backward: each gradient in its input's (native) dtype, equal to the reference's
+    event("backward compared")
+    out, _, backward = nm.selective_scan_vjp(**args, delta_softplus=True)
+    _check_result(out, ref, precise, converted["u"].newbyteorder("="))
+    dout = np.cos(np.arange(ref.size)).reshape(ref.shape)
+    grads = backward(dout.astype(converted["u"]))
+    order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    ref_grads = nm.reference.selective_scan_vjp(
+        *(_f64(args[k]) for k in order[:5]), D=_f64(args["D"]), z=_f64(args["z"]),
+        delta_bias=_f64(args["delta_bias"]), delta_softplus=True)[2](
+            dout.astype(converted["u"]).astype(np.float64))
+    for name, g, r in zip(order, grads, ref_grads):
+        _check_result(g, r, precise, converted[name].newbyteorder("="))
 
 
 def _filter_reference(A, B, C, x, dt):
@@ -620,6 +635,14 @@ def test_property_ssm_filter(case):
     x_dtype = np.dtype(np.float64) if np.dtype(dtypes["x"]).kind in "iu" else \
         np.dtype(dtypes["x"]).newbyteorder("=")
     _check_result(got, ref, x_dtype == np.float64, x_dtype)
+    # streaming: two pieces and a last sample, joined, are the same filter
+    event("streaming compared")
+    f = nm.SSMFilter(args["A"], args["B"], args["C"], dt=args["dt"], mode=mode)
+    L = args["x"].shape[-1]
+    k = L // 2
+    pieces = [f(args["x"][:, a:b]) for a, b in ((0, k), (k, L - 1)) if b > a]
+    pieces.append(f.step(args["x"][:, L - 1])[:, None])
+    _check_result(np.concatenate(pieces, axis=-1), ref, x_dtype == np.float64, x_dtype)
 
 
 @st.composite
