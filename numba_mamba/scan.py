@@ -322,7 +322,9 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     checked = None if layout is None else _VALIDATED.get(layout)
     if checked is None:
         checked, given = _validate(values, out)
-        if layout is not None:
+        # (a layout is remembered only where validation took the arrays as they
+        # are: an integer array converted to float64 is validated on every call)
+        if layout is not None and all(a is b for a, b in zip(values, given)):
             if len(_VALIDATED) >= _MAX_VALIDATED:
                 _VALIDATED.clear()
             _VALIDATED[layout] = checked

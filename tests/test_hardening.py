@@ -705,3 +705,37 @@ def test_property_discretize_and_ssm_kernel(case):
 
 def _is_length(L):
     return isinstance(L, int) and not isinstance(L, bool) and L >= 1
+
+
+# ------------------------------------------------------------------ the GPU's validation cache
+from tests.test_validation_cache import FakeCupyArray, _args, fake_gpu  # noqa: E402, F401
+from tests.test_validation_cache import _prepare as _prepare_fake  # noqa: E402
+
+
+class _FakeWithAstype(FakeCupyArray):
+    __module__ = "cupy._fake"
+
+    def astype(self, dtype):
+        return _FakeWithAstype(self.a.astype(dtype), self.data.device_id)
+
+
+def test_gpu_integer_arrays_are_converted_on_every_call(fake_gpu):  # noqa: F811
+    """A remembered layout skips validation, which converts integer arrays:
+    their layouts are not remembered (the kernels would get the integers)."""
+    kw = _args(np.random.default_rng(0), wrap=_FakeWithAstype)
+    kw["u"] = _FakeWithAstype(np.arange(30).reshape(2, 3, 5) % 3 - 1)
+    for calls in (1, 2):
+        call = _prepare_fake(kw)
+        assert call.ftype == np.float64
+        assert call.args[0].dtype == call.given[0].dtype == np.float64
+        assert fake_gpu["full"] == calls and not api_validated()
+    kw["u"] = _FakeWithAstype(kw["u"].a.astype(np.float32))  # (floats: remembered)
+    _prepare_fake(kw)
+    _prepare_fake(kw)
+    assert fake_gpu["full"] == 3 and len(api_validated()) == 1
+
+
+def api_validated():
+    import numba_mamba.scan as api
+
+    return api._VALIDATED
