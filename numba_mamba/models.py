@@ -47,7 +47,7 @@ References
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -197,7 +197,7 @@ def block_param_names(config):
     return names
 
 
-def param_shapes(config):
+def param_shapes(config: "MambaConfig") -> dict:
     """Name -> shape of every parameter of a model of ``config`` (what
     :func:`init_params` makes).
 
@@ -232,7 +232,7 @@ def param_shapes(config):
     return shapes
 
 
-def check_params(params, config):
+def check_params(params: Mapping[str, Any], config: "MambaConfig") -> None:
     """Raise unless ``params`` are those of a model of ``config``: the names
     and shapes of :func:`param_shapes`, floating arrays.
 
@@ -289,7 +289,8 @@ def _init_dt_bias(rng, config):
     return dt + np.log(-np.expm1(-dt))  # softplus(this) == dt
 
 
-def init_params(config, seed=0, dtype=np.float32, xp=np):
+def init_params(config: "MambaConfig", seed: Any = 0, dtype: Any = np.float32,
+                xp: Any = np) -> dict:
     """Parameters of a model, initialized as in the paper and reference code.
 
     Linear and convolution weights are uniform in ``+-1/sqrt(fan_in)`` (the
@@ -579,7 +580,8 @@ def _as_array_like_params(x, params, integer):
     return x
 
 
-def model_forward(inputs, params, config, initial_state=None, sync=True):
+def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
+                  initial_state: Any = None, sync: bool = True) -> tuple:
     """Forward of the whole model: stem, residual stack of pre-norm blocks, head.
 
     Parameters
@@ -637,7 +639,7 @@ def model_forward(inputs, params, config, initial_state=None, sync=True):
     return out, ModelCache(config, c_stem, norms, blocks, c_normf, c_head)
 
 
-def model_backward(dout, cache):
+def model_backward(dout: Any, cache: Any) -> tuple:
     """Gradients of :func:`model_forward`.
 
     Returns
@@ -825,7 +827,8 @@ def _loss_and_grads(inputs, targets, params, config, mask, sync):
     return loss, grads, lc
 
 
-def loss_and_grads(inputs, targets, params, config, mask=None):
+def loss_and_grads(inputs: Any, targets: Any, params: Mapping[str, Any], config: "MambaConfig",
+                   mask: Any = None) -> tuple:
     """Loss of the model's head (cross-entropy or MSE) and its gradients.
 
     Returns

@@ -86,13 +86,13 @@ def test_discretize_kernel_and_streaming_in_non_native_byte_order(code):
     p = {k: v.astype(code) for k, v in _filter_args(rng).items()}
     s = {k: _swapped(v, code) for k, v in p.items()}
     dt = rng.uniform(0.1, 1, (3, 1)).astype(code)
-    for want, got in [(nm.discretize(p["A"], p["B"], dt), nm.discretize(s["A"], s["B"],
-                                                                        _swapped(dt, code))),
-                      (nm.discretize_vjp(p["A"], p["B"], dt)[2](np.ones((3, 4), code)),
-                       nm.discretize_vjp(s["A"], s["B"], _swapped(dt, code))[2](
-                           _swapped(np.ones((3, 4)), code))),
-                      ((nm.ssm_kernel(**p, dt=dt, L=16),), (nm.ssm_kernel(**s, dt=_swapped(dt, code),
-                                                                        L=16),))]:
+    sdt = _swapped(dt, code)
+    ones = np.ones((3, 4), code)
+    pairs = [(nm.discretize(p["A"], p["B"], dt), nm.discretize(s["A"], s["B"], sdt)),
+             (nm.discretize_vjp(p["A"], p["B"], dt)[2](ones),
+              nm.discretize_vjp(s["A"], s["B"], sdt)[2](_swapped(ones, code))),
+             ((nm.ssm_kernel(**p, dt=dt, L=16),), (nm.ssm_kernel(**s, dt=sdt, L=16),))]
+    for want, got in pairs:
         for w, g in zip(want, got):
             assert g.dtype == w.dtype == np.dtype(code) and g.dtype.isnative
             np.testing.assert_array_equal(g, w)

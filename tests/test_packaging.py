@@ -261,7 +261,8 @@ try:
 except (ImportError, RuntimeError) as exc:
     error = f"{type(exc).__name__}: {exc}"
 print(json.dumps({"y": y.tolist(), "f": f.tolist(), "error": error,
-                  "cuda": sorted(m for m in sys.modules if m.startswith(("numba.cuda", "numba_cuda")))}))
+                  "cuda": sorted(m for m in sys.modules
+                                 if m.startswith(("numba.cuda", "numba_cuda")))}))
 """
 
 
