@@ -32,7 +32,7 @@ from typing import Any, Mapping, NamedTuple, Union
 
 import numpy as np
 
-from ._validation import is_cupy_array
+from ._validation import check_int, is_cupy_array
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "Checkpoint", "CheckpointError",
            "load_checkpoint", "save_checkpoint"]
@@ -149,7 +149,8 @@ def save_checkpoint(path: Union[str, os.PathLike], params: Mapping[str, Any],
     optimizer : AdamW or dict, optional
         An :class:`~numba_mamba.optim.AdamW` or its ``state_dict()``.
     step : int, optional
-        Training step reached.
+        Training step reached (an integer >= 0: what :func:`load_checkpoint`
+        accepts; a ``bool`` or a float is a TypeError).
     extra : JSON-serialisable, optional
         Anything else to keep (e.g. a loss history).
 
@@ -164,6 +165,7 @@ def save_checkpoint(path: Union[str, os.PathLike], params: Mapping[str, Any],
     >>> ck.params["w"], ck.step
     (array([0., 1., 2.]), 7)
     """
+    step = check_int("step", step, low=0)
     path = os.fspath(path)
     arrays = {}
     manifest = {}
@@ -189,7 +191,7 @@ def save_checkpoint(path: Union[str, os.PathLike], params: Mapping[str, Any],
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "config": None if config is None else config.to_dict(),
-        "step": int(step),
+        "step": step,
         "optimizer": opt_meta,
         "extra": extra,
         "arrays": manifest,

@@ -280,6 +280,15 @@ def test_checkpoint_meta_schema_errors_name_file_and_field(tmp_path, field, valu
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("step,error", [(True, TypeError), (2.5, TypeError), (-1, ValueError)])
+def test_save_checkpoint_refuses_a_step_load_would_refuse(tmp_path, step, error):
+    with pytest.raises(error, match="^step must be an integer"):
+        save_checkpoint(tmp_path / "ck.npz", {"w": np.zeros(2)}, step=step)
+    assert not (tmp_path / "ck.npz").exists()
+    save_checkpoint(tmp_path / "ck.npz", {"w": np.zeros(2)}, step=np.int64(4))
+    assert load_checkpoint(tmp_path / "ck.npz").step == 4
+
+
 def test_checkpoint_meta_not_an_object(tmp_path):
     path = tmp_path / "ck.npz"
     _rewrite(path, ["numba-mamba-checkpoint", 1], {})
