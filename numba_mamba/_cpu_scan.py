@@ -78,11 +78,20 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
+
+from ._cpu_vmath import fma, vexp, vsigmoid, vsoftplus
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "CpuScanSaved", "scan_forward", "scan_backward"]
 
 #: Steps per chunk: the backward recomputes one chunk of states at a time.
 DEFAULT_CHUNK_SIZE = 64
+
+
+#: Channels per block, processed as SIMD lanes, per compute dtype.  16 float32
+#: fill one 512-bit register; float64 takes 16 too, as two, since LLVM does not
+#: vectorize a loop of fewer than 16 iterations.
+LANES = {np.dtype(np.float32): 16, np.dtype(np.float64): 16}
 
 
 class CpuScanSaved(NamedTuple):
@@ -92,102 +101,304 @@ class CpuScanSaved(NamedTuple):
     chunk_size: int  # steps per chunk used by the forward
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- tiles
+#
+# A block's data lives in small tiles with the block's channels innermost, as
+# SIMD lanes: (steps, lanes) for per-step values (flat arrays, element
+# [s * lanes + k]), (N, lanes) for per-state ones.  Loops over lanes have the compile-time trip count ``lanes``.  Two
+# things keep LLVM vectorizing them:
+#
+# - The hot loops (one step, one state, all lanes) read and write few arrays,
+#   each with constant inner dimensions: per-state values are rows of one
+#   (N, 8, lanes) array, the step's values rows of one (8, lanes) array.
+#   LLVM then sees that the rows do not overlap; with a dozen separate arrays
+#   it needs a run-time overlap check per pair, gives up past eight and
+#   leaves the loop scalar.
+# - Loops that call vexp, vsoftplus or vsigmoid outside the hot loops run over
+#   a whole tile as one flat loop (LLVM leaves a 16-iteration loop with calls
+#   that long unvectorized).
+
+# rows of the per-state array ``par`` (N, 8, lanes)
+_A, _B, _C, _H, _Q, _DA, _DB, _DC = range(8)
+# rows of the per-step array ``cur`` (8, lanes)
+_DT, _X, _DTX, _DY, _DU, _DDT, _Y = range(7)
 
 
-@njit(cache=True)
-def _softplus(x):
-    # log1p(exp(x)), and x itself above the cut-off 20 of the reference implementation
-    # (the difference, log1p(exp(-x)) < 2.1e-9, is below float32 resolution there)
-    if x > 20:
-        return x
-    return np.log1p(np.exp(x))
+def _lane_count(x):
+    """Channels per block for an array ``x`` of the compute dtype (in kernels only)."""
+    return LANES[x.dtype]
 
 
-@njit(cache=True)
-def _sigmoid(x, one):
-    # ``one`` is 1 in the dtype of x: a literal 1 or 1.0 would widen float32 to float64
-    return one / (one + np.exp(-x))
+@overload(_lane_count, inline="always")
+def _ov_lane_count(x):
+    lanes = LANES[np.dtype(str(x.dtype))]
+
+    return lambda x: lanes
 
 
-@njit(cache=True)
-def _step_size(delta, delta_bias, b, d, t, has_bias, softplus):
-    """Effective step delta_t of channel d: optional bias, then optional softplus."""
-    dt = delta[b, d, t]
-    if has_bias:
-        dt += delta_bias[d]
-    if softplus:
-        dt = _softplus(dt)
-    return dt
+@njit(inline="always")
+def _load_tile(src, b, d0, kb, s0, steps, tile):
+    """tile[s * lanes + k] = src[b, d0 + k, s0 + s]: a (steps, kb) block, channels innermost."""
+    lanes = _lane_count(tile)
+    for k in range(kb):
+        row = src[b, d0 + k]
+        for s in range(steps):
+            tile[s * lanes + k] = row[s0 + s]
+
+
+@njit(inline="always")
+def _store_tile(tile, b, d0, kb, s0, steps, dst):
+    """dst[b, d0 + k, s0 + s] = tile[s * lanes + k]."""
+    lanes = _lane_count(tile)
+    for k in range(kb):
+        row = dst[b, d0 + k]
+        for s in range(steps):
+            row[s0 + s] = tile[s * lanes + k]
+
+
+@njit(inline="always")
+def _load_steps(M, var, bm, gm, s0, steps, tile):
+    """tile[s, n] = M[bm, gm, n, s0 + s] for a variable B or C; a constant one
+    leaves the tile as it is (ones: its values are per lane, not per step)."""
+    if var:
+        for n in range(tile.shape[1]):
+            row = M[bm, gm, n]
+            for s in range(steps):
+                tile[s, n] = row[s0 + s]
+
+
+@njit(inline="always")
+def _block_params(par, A, B, C, b_var, c_var, d0, kb):
+    """par[n, _A/_B/_C, k] for the block's lanes: A, and B and C where constant
+    (ones where variable: their values come per step); unused lanes 0 and 1."""
+    zero = par.dtype.type(0)  # (a bare 0 or 1 would make the selects float64)
+    one = par.dtype.type(1)
+    N = par.shape[0]
+    for n in range(N):
+        for k in range(par.shape[2]):
+            use = k < kb
+            d = d0 + k if use else d0
+            par[n, _A, k] = A[d, n] if use else zero
+            par[n, _B, k] = B[0, d, n, 0] if use and not b_var else one
+            par[n, _C, k] = C[0, d, n, 0] if use and not c_var else one
+
+
+@njit(inline="always")
+def _add_lanes(tile, v, steps):
+    """tile[s * lanes + k] += v[k]."""
+    lanes = _lane_count(tile)
+    for s in range(steps):
+        for k in range(lanes):
+            tile[s * lanes + k] += v[k]
+
+
+@njit(inline="always")
+def _fma_lanes(tile, v, x, steps):
+    """tile[s * lanes + k] += v[k] * x[s * lanes + k] (rounded once)."""
+    lanes = _lane_count(tile)
+    for s in range(steps):
+        for k in range(lanes):
+            tile[s * lanes + k] = fma(v[k], x[s * lanes + k], tile[s * lanes + k])
+
+
+@njit(inline="always")
+def _sum_lanes(acc, x, y, steps):
+    """acc[k] += x[s * lanes + k] * y[s * lanes + k], s from the last step to the first (the
+    adjoint's order, whatever the chunking)."""
+    lanes = _lane_count(acc)
+    for s in range(steps - 1, -1, -1):
+        for k in range(lanes):
+            acc[k] = fma(x[s * lanes + k], y[s * lanes + k], acc[k])
+
+
+@njit(inline="always")
+def _add_steps(acc, x, steps):
+    """acc[k] += x[s * lanes + k], s from the last step to the first."""
+    lanes = _lane_count(acc)
+    for s in range(steps - 1, -1, -1):
+        for k in range(lanes):
+            acc[k] += x[s * lanes + k]
+
+
+@njit(inline="always")
+def _softplus_flat(x, n):
+    for i in range(n):
+        x[i] = vsoftplus(x[i])
+
+
+@njit(inline="always")
+def _mul_flat(a, b, out, n):
+    for i in range(n):
+        out[i] = a[i] * b[i]
+
+
+@njit(inline="always")
+def _gate_flat(y, z, n):
+    """y *= silu(z)."""
+    for i in range(n):
+        zi = z[i]
+        y[i] *= zi * vsigmoid(zi)
+
+
+@njit(inline="always")
+def _gate_grad_flat(g, z, y, dz, n, one):
+    """Through ``out = y silu(z)``: dz = g y silu'(z), then g becomes g silu(z)."""
+    for i in range(n):
+        zi = z[i]
+        sz = vsigmoid(zi)
+        gi = g[i]
+        dz[i] = gi * y[i] * sz * fma(zi, one - sz, one)
+        g[i] = gi * zi * sz
+
+
+@njit(inline="always")
+def _sigmoid_mul_flat(x, pre, n):
+    """x *= sigmoid(pre): through the softplus."""
+    for i in range(n):
+        x[i] *= vsigmoid(pre[i])
+
+
+@njit(fastmath={"reassoc"}, error_model="numpy")  # (not inlined by Numba: that would drop the flag)
+def _grouped_grads(st, dhs, dtx, gs, steps, dB_accum, bb, pb, gb, dC_accum, cb, pc, gc,
+                   t0, b_var, c_var):
+    """The chunk's variable dB[n, t] += sum_k dh_t[n, k] dtx_t[k] and
+    dC[n, t] += sum_k dy_t[k] h_t[n, k] over the lanes, in any order (a
+    reduction LLVM vectorizes).  ``st[s + 1, n, 0]`` holds h and ``dhs[s, n]``
+    dh of step t0 + s.  Unused lanes add exact zeros: their dy, and so their
+    dh and their input (so h and dtx), are 0."""
+    N = st.shape[1]
+    lanes = _lane_count(st)
+    for s in range(steps):
+        for n in range(N):
+            if b_var:
+                acc = dhs[s, n, 0] * dtx[s * lanes]
+                for k in range(1, lanes):
+                    acc += dhs[s, n, k] * dtx[s * lanes + k]
+                dB_accum[bb, pb, gb, n, t0 + s] += acc
+            if c_var:
+                acc = gs[s * lanes] * st[s + 1, n, 0, 0]
+                for k in range(1, lanes):
+                    acc += gs[s * lanes + k] * st[s + 1, n, 0, k]
+                dC_accum[cb, pc, gc, n, t0 + s] += acc
 
 
 # ---------------------------------------------------------------- forward
 
 
-@njit(parallel=True, cache=True)
-def _forward_kernel(u, delta, A, B, C, D, z, delta_bias, h0,
+@njit(parallel=True, cache=True, error_model="numpy")
+def _forward_kernel(u, delta, A, B, C, D, z, delta_bias, h0, blocks, tile,
                     b_var, c_var, b_group_size, c_group_size,
                     has_D, has_z, has_bias, softplus, has_h0, chunk_size,
                     out, last_state, chunk_states):
     """Write out (Bt, Dc, L), last_state (Bt, Dc, N), chunk_states (Bt, Dc, n_chunks, N).
 
-    B and C are 4-D: (Bt, G, N, L) when ``*_var``, else the constant (Dc, N)
-    seen as (1, Dc, N, 1) with group size 1.
+    One parallel task per (batch, channel block); ``blocks[j] = (d0, d1)``
+    are the channel blocks (at most ``lanes`` channels, inside one group of
+    every variable B/C).  B and C are 4-D: (Bt, G, N, L) when ``*_var``, else
+    the constant (Dc, N) seen as (1, Dc, N, 1).  Time runs in tiles of at most
+    ``tile`` steps, split at chunk boundaries.
     """
     Bt, Dc, L = u.shape
     N = A.shape[1]
     n_chunks = chunk_states.shape[2]
-    zero = u.dtype.type(0)  # constants in ftype: bare literals would widen float32
-    one = u.dtype.type(1)
-    for bd in prange(Bt * Dc):
-        b = bd // Dc
-        d = bd - b * Dc
-        bb = b if b_var else 0  # batch index into B
+    n_blocks = blocks.shape[0]
+    ftype = u.dtype
+    zero = ftype.type(0)  # constants in ftype: bare literals would widen float32
+    lanes = _lane_count(u)  # a compile-time constant
+    T = min(tile, L, chunk_size)
+    for task in prange(Bt * n_blocks):
+        b = task // n_blocks
+        j = task - b * n_blocks
+        d0 = blocks[j, 0]
+        kb = blocks[j, 1] - d0
+        bb = b if b_var else 0
         cb = b if c_var else 0
-        gb = d // b_group_size  # group index into B (= d when constant)
-        gc = d // c_group_size
-        h = np.empty(N, dtype=u.dtype)  # (N,) state of this channel
-        for n in range(N):
-            h[n] = h0[b, d, n] if has_h0 else zero
-        for c in range(n_chunks):
-            for n in range(N):
-                chunk_states[b, d, c, n] = h[n]
-            t_end = min(L, (c + 1) * chunk_size)
-            for t in range(c * chunk_size, t_end):
-                dt = _step_size(delta, delta_bias, b, d, t, has_bias, softplus)
-                x = u[b, d, t]
-                tb = t if b_var else 0
-                tc = t if c_var else 0
-                y = zero
+        gb = d0 // b_group_size
+        gc = d0 // c_group_size
+        # per state and lane (channel d0 + k): A, constant B and C, h; per step
+        # and lane: step size, step * input, y.  B_t[n] of lane k is
+        # par[n, _B, k] * Bs[s, n], one factor of the two 1.
+        par = np.zeros((N, 8, lanes), dtype=ftype)
+        cur = np.zeros((8, lanes), dtype=ftype)
+        _block_params(par, A, B, C, b_var, c_var, d0, kb)
+        Dk = np.zeros(lanes, dtype=ftype)
+        biask = np.zeros(lanes, dtype=ftype)
+        Bs = np.ones((T, N), dtype=ftype)
+        Cs = np.ones((T, N), dtype=ftype)
+        dts = np.zeros(T * lanes, dtype=ftype)
+        xs = np.zeros(T * lanes, dtype=ftype)
+        dtx = np.zeros(T * lanes, dtype=ftype)
+        ys = np.zeros(T * lanes, dtype=ftype)
+        zs = np.zeros(T * lanes, dtype=ftype)
+        for k in range(kb):
+            d = d0 + k
+            if has_h0:
                 for n in range(N):
-                    a = np.exp(dt * A[d, n])
-                    h[n] = a * h[n] + dt * B[bb, gb, n, tb] * x
-                    y += C[cb, gc, n, tc] * h[n]
+                    par[n, _H, k] = h0[b, d, n]
+            if has_D:
+                Dk[k] = D[d]
+            if has_bias:
+                biask[k] = delta_bias[d]
+        for c in range(n_chunks):
+            for k in range(kb):
+                for n in range(N):
+                    chunk_states[b, d0 + k, c, n] = par[n, _H, k]
+            t_end = min(L, (c + 1) * chunk_size)
+            for s0 in range(c * chunk_size, t_end, T):
+                steps = min(T, t_end - s0)
+                flat = steps * lanes
+                _load_tile(delta, b, d0, kb, s0, steps, dts)
+                _load_tile(u, b, d0, kb, s0, steps, xs)
+                _load_steps(B, b_var, bb, gb, s0, steps, Bs)
+                _load_steps(C, c_var, cb, gc, s0, steps, Cs)
+                if has_bias:
+                    _add_lanes(dts, biask, steps)
+                if softplus:
+                    _softplus_flat(dts, flat)
+                _mul_flat(dts, xs, dtx, flat)
+                for s in range(steps):
+                    for k in range(lanes):
+                        cur[_DT, k] = dts[s * lanes + k]
+                        cur[_DTX, k] = dtx[s * lanes + k]
+                        cur[_Y, k] = zero
+                    for n in range(N):
+                        b_sn = Bs[s, n]
+                        c_sn = Cs[s, n]
+                        for k in range(lanes):
+                            a = vexp(cur[_DT, k] * par[n, _A, k])
+                            hn = fma(a, par[n, _H, k], cur[_DTX, k] * (par[n, _B, k] * b_sn))
+                            par[n, _H, k] = hn
+                            cur[_Y, k] = fma(par[n, _C, k] * c_sn, hn, cur[_Y, k])
+                    for k in range(lanes):
+                        ys[s * lanes + k] = cur[_Y, k]
                 if has_D:
-                    y += D[d] * x
+                    _fma_lanes(ys, Dk, xs, steps)
                 if has_z:
-                    zt = z[b, d, t]
-                    y *= zt * _sigmoid(zt, one)
-                out[b, d, t] = y
-        for n in range(N):
-            last_state[b, d, n] = h[n]
+                    _load_tile(z, b, d0, kb, s0, steps, zs)
+                    _gate_flat(ys, zs, flat)
+                _store_tile(ys, b, d0, kb, s0, steps, out)
+        for k in range(kb):
+            for n in range(N):
+                last_state[b, d0 + k, n] = par[n, _H, k]
 
 
 # ---------------------------------------------------------------- backward
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _backward_kernel(dout, dlast, u, delta, A, B, C, D, z, delta_bias, chunk_states,
+                     blocks, slice_starts,
                      b_var, c_var, b_group_size, c_group_size,
-                     has_D, has_z, has_bias, softplus, has_dlast, chunk_size, n_slices,
+                     has_D, has_z, has_bias, softplus, has_dlast, chunk_size,
                      du, ddelta, dz, dinit,
                      dA_part, dD_part, dbias_part, dB_accum, dC_accum):
     """Write du, ddelta, dz, dinit and accumulate the partial reductions.
 
-    Parallel tasks are (batch b, channel slice p): task (b, p) handles the
-    channels ``d`` in slice ``p`` of ``n_slices`` contiguous slices, one after
-    the other.  Every array a task writes is indexed so that no two tasks
-    touch the same element, so no atomics are needed:
+    Parallel tasks are (batch b, slice p): task (b, p) handles the channel
+    blocks ``slice_starts[p] <= j < slice_starts[p + 1]`` one after the
+    other, each block's channels as SIMD lanes.  Every array a task writes is
+    indexed so that no two tasks touch the same element, so no atomics are
+    needed:
 
     - du, ddelta, dz, dinit: per element (b, d, ...), unique to the task.
     - dA_part (Bt, Dc, N), dD_part, dbias_part (Bt, Dc): per (b, d) partial
@@ -195,22 +406,22 @@ def _backward_kernel(dout, dlast, u, delta, A, B, C, D, z, delta_bias, chunk_sta
     - dB_accum / dC_accum when constant: (Bt, 1, Dc, N, 1), per (b, d) partial
       sums over time; the caller sums over batch.
     - dB_accum / dC_accum when variable: (Bt, n_slices, G, N, L), accumulated
-      over the channels of a group that fall in the task's slice; the caller
-      sums over slices.  A per-channel partial (Bt, Dc, N, L) would be Dc/G
-      times the output; this one is n_slices times it, and n_slices is only as
-      large as needed to give every thread a task (see :func:`_num_slices`).
-      Parallelising over (b, g) alone instead would leave one task per batch
-      element when G = 1, the common case.
+      over the channels of a group that fall in the task's slice (summed over
+      a block's lanes, then over its blocks); the caller sums over slices.
 
     ``dB_accum`` and ``dC_accum`` accumulate and must be zero on entry; every
-    other output is overwritten.
+    other output is overwritten.  Sums over time run from the last step to the
+    first, as the adjoint does, so that no result depends on the chunking.
     """
     Bt, Dc, L = u.shape
     N = A.shape[1]
     n_chunks = chunk_states.shape[2]
-    zero = u.dtype.type(0)  # constants in ftype: bare literals would widen float32
-    one = u.dtype.type(1)
-    per_slice = (Dc + n_slices - 1) // n_slices
+    n_slices = slice_starts.shape[0] - 1
+    ftype = u.dtype
+    zero = ftype.type(0)  # constants in ftype: bare literals would widen float32
+    one = ftype.type(1)
+    lanes = _lane_count(u)  # a compile-time constant
+    T = min(chunk_size, L)
     for task in prange(Bt * n_slices):
         b = task // n_slices
         p = task - b * n_slices
@@ -218,87 +429,156 @@ def _backward_kernel(dout, dlast, u, delta, A, B, C, D, z, delta_bias, chunk_sta
         cb = b if c_var else 0
         pb = p if b_var else 0  # slice index into dB_accum (constant: one slot per channel)
         pc = p if c_var else 0
-        # chunk recomputation buffers, reused for every channel of the task
-        steps_max = min(chunk_size, L)
-        hs = np.empty((steps_max + 1, N), dtype=u.dtype)  # hs[k] = h_{t0+k}, hs[0] saved
-        decay = np.empty((steps_max, N), dtype=u.dtype)  # exp(delta_t A) at t0+k
-        dts = np.empty(steps_max, dtype=u.dtype)  # effective delta_t at t0+k
-        q = np.empty(N, dtype=u.dtype)  # q_{t+1}: gradient reaching h_t from later steps
-        dA_acc = np.empty(N, dtype=u.dtype)
-        for d in range(p * per_slice, min(Dc, (p + 1) * per_slice)):
-            gb = d // b_group_size
-            gc = d // c_group_size
-            for n in range(N):
-                q[n] = dlast[b, d, n] if has_dlast else zero
-                dA_acc[n] = zero
-            dD_acc = zero
-            dbias_acc = zero
+        # per state and lane: A, constant B and C, the running state h, and the
+        # accumulators q (gradient reaching h_t from later steps), dA, constant
+        # dB and dC; per step and lane: step size, input, step * input, dy, du,
+        # ddelta, y.  Per chunk: st[s, n] = (h, decay) of step t0 + s - 1
+        # (st[0, n, 0] the saved state), dhs[s, n] = dh of step t0 + s (apart:
+        # a store into st would keep the adjoint loop scalar), and the
+        # (steps, lanes) tiles.
+        par = np.zeros((N, 8, lanes), dtype=ftype)
+        cur = np.zeros((8, lanes), dtype=ftype)
+        Dk = np.zeros(lanes, dtype=ftype)
+        biask = np.zeros(lanes, dtype=ftype)
+        dD_acc = np.zeros(lanes, dtype=ftype)
+        dbias_acc = np.zeros(lanes, dtype=ftype)
+        Bs = np.ones((T, N), dtype=ftype)
+        Cs = np.ones((T, N), dtype=ftype)
+        st = np.zeros((T + 1, N, 2, lanes), dtype=ftype)
+        dhs = np.zeros((T, N, lanes), dtype=ftype)
+        dts = np.zeros(T * lanes, dtype=ftype)
+        pre = np.zeros(T * lanes, dtype=ftype)
+        xs = np.zeros(T * lanes, dtype=ftype)
+        dtx = np.zeros(T * lanes, dtype=ftype)
+        ys = np.zeros(T * lanes, dtype=ftype)
+        gs = np.zeros(T * lanes, dtype=ftype)
+        zs = np.zeros(T * lanes, dtype=ftype)
+        dus = np.zeros(T * lanes, dtype=ftype)
+        ddts = np.zeros(T * lanes, dtype=ftype)
+        dzs = np.zeros(T * lanes, dtype=ftype)
+        for j in range(slice_starts[p], slice_starts[p + 1]):
+            d0 = blocks[j, 0]
+            kb = blocks[j, 1] - d0
+            gb = d0 // b_group_size
+            gc = d0 // c_group_size
+            _block_params(par, A, B, C, b_var, c_var, d0, kb)
+            for k in range(lanes):
+                use = k < kb
+                d = d0 + k if use else d0
+                for n in range(N):
+                    par[n, _Q, k] = dlast[b, d, n] if has_dlast and use else zero
+                    par[n, _DA, k] = zero
+                    par[n, _DB, k] = zero
+                    par[n, _DC, k] = zero
+                Dk[k] = D[d] if has_D and use else zero
+                biask[k] = delta_bias[d] if has_bias and use else zero
+                dD_acc[k] = zero
+                dbias_acc[k] = zero
+                for s in range(T):  # unused lanes of the tiles loaded below
+                    dts[s * lanes + k] = zero
+                    xs[s * lanes + k] = zero
+                    gs[s * lanes + k] = zero
+                    zs[s * lanes + k] = zero
             for c in range(n_chunks - 1, -1, -1):
                 t0 = c * chunk_size
                 steps = min(L, t0 + chunk_size) - t0
-                # recompute this chunk's states from the saved boundary state
-                # (same arithmetic as the forward, so the same values)
-                for n in range(N):
-                    hs[0, n] = chunk_states[b, d, c, n]
-                for k in range(steps):
-                    t = t0 + k
-                    dt = _step_size(delta, delta_bias, b, d, t, has_bias, softplus)
-                    dts[k] = dt
-                    x = u[b, d, t]
-                    tb = t if b_var else 0
+                flat = steps * lanes
+                _load_tile(delta, b, d0, kb, t0, steps, dts)
+                _load_tile(u, b, d0, kb, t0, steps, xs)
+                _load_steps(B, b_var, bb, gb, t0, steps, Bs)
+                _load_steps(C, c_var, cb, gc, t0, steps, Cs)
+                if has_bias:
+                    _add_lanes(dts, biask, steps)
+                if softplus:
+                    pre[:flat] = dts[:flat]
+                    _softplus_flat(dts, flat)
+                _mul_flat(dts, xs, dtx, flat)
+                # recompute this chunk's states from the saved boundary state (the
+                # forward's arithmetic, so the forward's values), and y
+                for k in range(lanes):
                     for n in range(N):
-                        a = np.exp(dt * A[d, n])
-                        decay[k, n] = a
-                        hs[k + 1, n] = a * hs[k, n] + dt * B[bb, gb, n, tb] * x
-                # adjoint sweep through the chunk, last step first
-                for k in range(steps - 1, -1, -1):
-                    t = t0 + k
-                    dt = dts[k]
-                    x = u[b, d, t]
-                    tb = t if b_var else 0
-                    tc = t if c_var else 0
-                    g = dout[b, d, t]
-                    if has_z:
-                        y = zero
-                        for n in range(N):
-                            y += C[cb, gc, n, tc] * hs[k + 1, n]
-                        if has_D:
-                            y += D[d] * x
-                        zt = z[b, d, t]
-                        sz = _sigmoid(zt, one)
-                        dz[b, d, t] = g * y * sz * (one + zt * (one - sz))
-                        dy = g * zt * sz
-                    else:
-                        dy = g
-                    du_t = zero
+                        h = chunk_states[b, d0 + k, c, n] if k < kb else zero
+                        par[n, _H, k] = h
+                        st[0, n, 0, k] = h
+                for s in range(steps):
+                    for k in range(lanes):
+                        cur[_DT, k] = dts[s * lanes + k]
+                        cur[_DTX, k] = dtx[s * lanes + k]
+                        cur[_Y, k] = zero
+                    for n in range(N):
+                        b_sn = Bs[s, n]
+                        c_sn = Cs[s, n]
+                        for k in range(lanes):
+                            a = vexp(cur[_DT, k] * par[n, _A, k])
+                            hn = fma(a, par[n, _H, k], cur[_DTX, k] * (par[n, _B, k] * b_sn))
+                            par[n, _H, k] = hn
+                            st[s + 1, n, 0, k] = hn
+                            st[s + 1, n, 1, k] = a
+                            cur[_Y, k] = fma(par[n, _C, k] * c_sn, hn, cur[_Y, k])
+                    for k in range(lanes):
+                        ys[s * lanes + k] = cur[_Y, k]
+                # upstream gradient at y: dy = dout * silu(z), and dz
+                _load_tile(dout, b, d0, kb, t0, steps, gs)
+                if has_z:
                     if has_D:
-                        du_t = dy * D[d]
-                        dD_acc += dy * x
-                    ddt = zero
+                        _fma_lanes(ys, Dk, xs, steps)
+                    _load_tile(z, b, d0, kb, t0, steps, zs)
+                    _gate_grad_flat(gs, zs, ys, dzs, flat, one)
+                    _store_tile(dzs, b, d0, kb, t0, steps, dz)
+                # adjoint sweep through the chunk, last step first
+                for s in range(steps - 1, -1, -1):
+                    for k in range(lanes):
+                        cur[_DT, k] = dts[s * lanes + k]
+                        cur[_X, k] = xs[s * lanes + k]
+                        cur[_DTX, k] = dtx[s * lanes + k]
+                        cur[_DY, k] = gs[s * lanes + k]
+                        cur[_DU, k] = zero
+                        cur[_DDT, k] = zero
                     for n in range(N):
-                        bn = B[bb, gb, n, tb]
-                        a = decay[k, n]
-                        dh = C[cb, gc, n, tc] * dy + q[n]  # total gradient at h_t
-                        ah = a * hs[k, n]  # exp(delta_t A) h_{t-1}
-                        dC_accum[b, pc, gc, n, tc] += dy * hs[k + 1, n]
-                        dB_accum[b, pb, gb, n, tb] += dh * dt * x
-                        ddt += dh * (ah * A[d, n] + bn * x)
-                        dA_acc[n] += dh * ah * dt
-                        du_t += dh * dt * bn
-                        q[n] = a * dh
-                    du[b, d, t] = du_t
-                    if softplus:
-                        pre = delta[b, d, t]
-                        if has_bias:
-                            pre += delta_bias[d]
-                        ddt *= _sigmoid(pre, one)
-                    ddelta[b, d, t] = ddt
-                    dbias_acc += ddt
-            for n in range(N):
-                dinit[b, d, n] = q[n]
-                dA_part[b, d, n] = dA_acc[n]
-            dD_part[b, d] = dD_acc
-            dbias_part[b, d] = dbias_acc
+                        b_sn = Bs[s, n]
+                        c_sn = Cs[s, n]
+                        for k in range(lanes):
+                            a = st[s + 1, n, 1, k]
+                            h_t = st[s + 1, n, 0, k]
+                            bk = par[n, _B, k] * b_sn
+                            dy = cur[_DY, k]
+                            dh = fma(par[n, _C, k] * c_sn, dy, par[n, _Q, k])  # gradient at h_t
+                            ah = a * st[s, n, 0, k]  # exp(delta_t A) h_{t-1}
+                            cur[_DDT, k] = fma(dh, fma(ah, par[n, _A, k], bk * cur[_X, k]),
+                                               cur[_DDT, k])
+                            par[n, _DA, k] = fma(dh * ah, cur[_DT, k], par[n, _DA, k])
+                            cur[_DU, k] = fma(dh, bk, cur[_DU, k])
+                            par[n, _Q, k] = a * dh
+                            par[n, _DB, k] = fma(dh, cur[_DTX, k], par[n, _DB, k])
+                            par[n, _DC, k] = fma(dy, h_t, par[n, _DC, k])
+                            dhs[s, n, k] = dh
+                    for k in range(lanes):
+                        dus[s * lanes + k] = cur[_DU, k]
+                        ddts[s * lanes + k] = cur[_DDT, k]
+                if b_var or c_var:
+                    _grouped_grads(st, dhs, dtx, gs, steps, dB_accum, b, pb, gb, dC_accum, b, pc,
+                                   gc, t0, b_var, c_var)
+                # du = <dh, B> delta + dy D; ddelta through the softplus; dD, dbias
+                _mul_flat(dus, dts, dus, flat)
+                if has_D:
+                    _fma_lanes(dus, Dk, gs, steps)
+                    _sum_lanes(dD_acc, gs, xs, steps)
+                if softplus:
+                    _sigmoid_mul_flat(ddts, pre, flat)
+                _add_steps(dbias_acc, ddts, steps)
+                _store_tile(dus, b, d0, kb, t0, steps, du)
+                _store_tile(ddts, b, d0, kb, t0, steps, ddelta)
+            for k in range(kb):
+                d = d0 + k
+                for n in range(N):
+                    dinit[b, d, n] = par[n, _Q, k]
+                    dA_part[b, d, n] = par[n, _DA, k]
+                    if not b_var:
+                        dB_accum[b, 0, d, n, 0] = par[n, _DB, k]
+                    if not c_var:
+                        dC_accum[b, 0, d, n, 0] = par[n, _DC, k]
+                dD_part[b, d] = dD_acc[k]
+                dbias_part[b, d] = dbias_acc[k]
 
 
 # ---------------------------------------------------------------- launchers
@@ -320,10 +600,34 @@ def _n_chunks(L, chunk_size):
     return (L + chunk_size - 1) // chunk_size
 
 
-def _num_slices(Bt, Dc):
-    """Channel slices per batch element in the backward: enough tasks for every thread."""
+def _num_slices(Bt, n_blocks):
+    """Block slices per batch element in the backward: enough tasks for every thread."""
     threads = numba.get_num_threads()
-    return max(1, min(Dc, -(-threads // Bt)))
+    return max(1, min(n_blocks, -(-threads // Bt)))
+
+
+#: Most steps per forward tile (the backward's tile is the chunk).
+TILE = 64
+
+
+def _blocks(Dc, lanes, *group_sizes):
+    """(n_blocks, 2) int64 array of channel ranges ``[d0, d1)``: at most ``lanes``
+    channels, never across a multiple of any of ``group_sizes`` (the groups of
+    a variable B or C, whose per-step values a block shares)."""
+    blocks = []
+    d0 = 0
+    while d0 < Dc:
+        d1 = min(Dc, d0 + lanes)
+        for g in group_sizes:
+            d1 = min(d1, (d0 // g + 1) * g)
+        blocks.append((d0, d1))
+        d0 = d1
+    return np.array(blocks, dtype=np.int64)
+
+
+def _scan_blocks(Dc, ftype, b_var, b_group_size, c_var, c_group_size):
+    sizes = [g for var, g in ((b_var, b_group_size), (c_var, c_group_size)) if var]
+    return _blocks(Dc, LANES[np.dtype(ftype)], *sizes)
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
@@ -410,12 +714,14 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
         out = np.empty((Bt, Dc, L), dtype=ftype)
     last_state = np.empty((Bt, Dc, N), dtype=ftype)
     chunk_states = np.empty((Bt, Dc, _n_chunks(L, chunk_size), N), dtype=ftype)
+    blocks = _scan_blocks(Dc, ftype, b_var, b_group_size, c_var, c_group_size)
     _forward_kernel(
         u, delta, A, B4, C4,
         _dummy(1, ftype) if D is None else D,
         _dummy(3, ftype) if z is None else z,
         _dummy(1, ftype) if delta_bias is None else delta_bias,
         _dummy(3, ftype) if initial_state is None else initial_state,
+        blocks, TILE,
         b_var, c_var, b_group_size, c_group_size,
         D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
         initial_state is not None, chunk_size,
@@ -497,9 +803,13 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_
     ftype = u.dtype
     B4, b_var, b_group_size = _as_4d(B, Dc)
     C4, c_var, c_group_size = _as_4d(C, Dc)
+    blocks = _scan_blocks(Dc, ftype, b_var, b_group_size, c_var, c_group_size)
+    n_blocks = len(blocks)
     if n_slices is None:
-        n_slices = _num_slices(Bt, Dc)
-    n_slices = min(Dc, _check_positive("n_slices", n_slices))
+        n_slices = _num_slices(Bt, n_blocks)
+    n_slices = min(n_blocks, _check_positive("n_slices", n_slices))
+    # slice p holds blocks slice_starts[p] .. slice_starts[p + 1] - 1, as even as can be
+    slice_starts = (np.arange(n_slices + 1, dtype=np.int64) * n_blocks) // n_slices
 
     def part_like(M4, var):
         # variable: (Bt, n_slices, G, N, L) per slice; constant: (Bt, 1, Dc, N, 1) per channel
@@ -522,10 +832,10 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_
         _dummy(1, ftype) if D is None else D,
         _dummy(3, ftype) if z is None else z,
         _dummy(1, ftype) if delta_bias is None else delta_bias,
-        saved.chunk_states,
+        saved.chunk_states, blocks, slice_starts,
         b_var, c_var, b_group_size, c_group_size,
         D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
-        dlast_state is not None, chunk_size, n_slices,
+        dlast_state is not None, chunk_size,
         du, ddelta, dz, dinit, dA_part, dD_part, dbias_part, dB_accum, dC_accum)
 
     def finish(part, var, like):
