@@ -407,12 +407,16 @@ def main():
     parser.add_argument("--filter", default=None,
                         help="with --grid, only the rows whose 'batch, D, N, L | dtype | B, C' "
                              "text matches this regular expression")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="settings.deterministic on: the backward's sums in a fixed order")
     parser.add_argument("--cast-half", action="store_true",
                         help="cast float16/bfloat16 inputs to float32 around the state engine "
                              "(settings.direct_half off) instead of reading them directly")
     args = parser.parse_args()
     if args.cast_half:
         _backends()[0].settings.direct_half = False
+    if args.deterministic:
+        _backends()[0].settings.deterministic = True
     if args.long:
         import cupy
 

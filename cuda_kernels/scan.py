@@ -1019,6 +1019,12 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     if isinstance(saved, scan_states.StatesSaved):
         return scan_states.scan_backward(dout, dlast_state, u, delta, A, B, C, D, z,
                                          delta_bias, delta_softplus, initial_state, saved)
+    if settings.deterministic:
+        raise ValueError(
+            "settings.deterministic: the 'blocks' engine adds its sums over steps atomically "
+            "and has no ordered mode; the state engine has one (N <= "
+            f"{scan_states.MAX_STATES}, settings.engine 'auto' or 'states'), got N = "
+            f"{A.shape[1]} on the 'blocks' engine")
     chunk = saved.threads * saved.items
     if threads is None and items is None:
         threads, items = saved.threads, saved.items

@@ -271,7 +271,7 @@ def _argtypes(ftype, storage=None, b_var=True, c_var=True):
     return fwd, bwd, ends, bwd_ends
 
 
-def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
+def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, det=False):
     """Python bodies of the forward and backward kernels for one layout.
 
     ``N`` states, ``CH`` channels per block, tiles of ``TF`` (forward) and
@@ -281,6 +281,8 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     type in which the per-step arrays (``u, delta, z``, variable ``B``/``C``,
     ``dout``; ``out, du, ddelta, dz``) are read and written, through
     :func:`~cuda_kernels._common.storage_io` (None: ``ftype`` itself).
+    ``det``: the backward stores its partial sums (:func:`partial_shapes`)
+    instead of adding them atomically, for a reduction in a fixed order.
     """
     ftype = np.dtype(ftype).type
     zero = ftype(0.0)
@@ -436,6 +438,17 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
     def group_rows(bi, d0, Dc, G, uL):
         # flat offset of the first row of the block's group of a variable B/C
         return U(bi * G + d0 // (Dc // G)) * U(N) * uL
+
+    @inline_device
+    def group_block(d0, Dc, G, dg, size):
+        # flat offset of the slice, in a buffer of `size` partial sums of a
+        # variable dB/dC, of the block whose first channel is d0: its number
+        # among the blocks of its group of G (per batch and segment)
+        per_dg = (dg + CH - 1) // CH
+        Dgr = Dc // G
+        k = d0 % Dgr
+        n_blocks = (Dgr // dg) * per_dg
+        return U((k // dg) * per_dg + (k % dg) // CH) * U(size // n_blocks)
 
     @inline_device
     def delta_at(delta, delta_bias, o, k, has_bias, use_softplus):
@@ -923,6 +936,14 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
         A_n = A[d, n]
         A2 = A_n * log2e
         dn = U(d) * UN + U(n)  # flat (d, n) of a constant B/C and of its gradient
+        # det: this block's slice of the partial sums of a variable dB / dC
+        # (one per block of the group), see partial_shapes
+        offB = U(0)
+        offC = U(0)
+        if det and b_var:
+            offB = group_block(d0, Dc, GB, dg, dB_acc.shape[0])
+        if det and c_var:
+            offC = group_block(d0, Dc, GC, dg, dC_acc.shape[0])
         B_n = zero
         if not b_var:
             B_n = B[dn]
@@ -1134,14 +1155,34 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None):
                             s = zero
                             for c in range(CH):
                                 s += sh[tt + U(1), U(c) * UN + ni]
-                            cuda.atomic.add(dB_acc, baseB + ni * uL + t0 + tt, s)
+                            if det:
+                                dB_acc[offB + baseB + ni * uL + t0 + tt] = s
+                            else:
+                                cuda.atomic.add(dB_acc, baseB + ni * uL + t0 + tt, s)
                         if c_var:
                             s = zero
                             for c in range(CH):
                                 s += s1[tt, U(c) * UN + ni]
-                            cuda.atomic.add(dC_acc, baseC + ni * uL + t0 + tt, s)
+                            if det:
+                                dC_acc[offC + baseC + ni * uL + t0 + tt] = s
+                            else:
+                                cuda.atomic.add(dC_acc, baseC + ni * uL + t0 + tt, s)
 
-        if valid:
+        if valid and det:  # this thread's partial sums, one slot per (segment, batch, d, n)
+            if seg == 0:
+                dinitial_state[bi, d, n] = q
+            sbd = (seg * tile_states.shape[0] + bi) * Dc + d
+            slot = U(sbd) * UN + un
+            dA_acc[sbd, n] = dA_r
+            if not b_var:
+                dB_acc[slot] = dB_r
+            if not c_var:
+                dC_acc[slot] = dC_r
+            if has_D:
+                dD_acc[slot] = dD_r
+            if has_bias:
+                ddelta_bias_acc[slot] = dbias_r
+        elif valid:
             if seg == 0:
                 dinitial_state[bi, d, n] = q
             # (sums over this segment's steps: every segment's blocks add theirs)
@@ -1236,6 +1277,17 @@ def narrow(x, dtype, stream="current"):
     return y
 
 
+@functools.lru_cache(maxsize=None)
+def _get_det_backward(dtype, N, ch, t_fwd, t_bwd, save_every, b_var, c_var, sim, bound,
+                      storage=None):
+    body = _make_kernels(dtype, N, ch, t_fwd, t_bwd, b_var, c_var, save_every, storage,
+                         det=True)[1]
+    if sim:
+        return cuda.jit(body)
+    return compile_kernel(body, types.void(*_argtypes(dtype, storage, b_var, c_var)[1]),
+                          launch_bounds=bound, fastmath=True)
+
+
 def get_kernels(dtype, N, p, b_var, c_var, storage=None, cfg=settings):
     """Compiled kernels for ``N`` states, plan ``p``, variable/constant B and C (cached).
 
@@ -1254,13 +1306,67 @@ def get_kernels(dtype, N, p, b_var, c_var, storage=None, cfg=settings):
     Returns
     -------
     _Kernels
-        ``forward, backward, forward_ends, backward_ends``.
+        ``forward, backward, forward_ends, backward_ends``; with
+        ``cfg.deterministic`` the backward that stores its partial sums
+        (:func:`partial_shapes`).
     """
     dtype = np.dtype(dtype)
     bounds = (launch_bounds(dtype, "forward", p.ch * N, cfg),
               launch_bounds(dtype, "backward", p.ch * N, cfg))
-    return _get_kernels(dtype, int(N), p.ch, p.t_fwd, p.t_bwd, p.save_every,
-                        bool(b_var), bool(c_var), simulator(), bounds, storage)
+    key = (dtype, int(N), p.ch, p.t_fwd, p.t_bwd, p.save_every, bool(b_var), bool(c_var),
+           simulator())
+    kernels = _get_kernels(*key, bounds, storage)
+    if cfg.deterministic:
+        kernels = kernels._replace(backward=_get_det_backward(*key, bounds[1], storage))
+    return kernels
+
+
+def partial_shapes(Bt, Dc, N, L, S, p, groups_B, groups_C):
+    """Shapes of the partial sums of the deterministic backward
+    (``settings.deterministic``), each summed over its first axis afterwards.
+
+    ``dA``, a constant ``dB``/``dC``, ``dD`` and ``ddelta_bias`` (the last two
+    also over the states): one value per (segment, batch, channel, state),
+    ``(S * Bt, Dc, N)``; a variable ``dB``/``dC`` of ``G`` groups: one per block
+    of its group, ``(blocks, Bt, G, N, L)``, or None where constant (0 groups).
+
+    Examples
+    --------
+    >>> from numba_mamba.cuda_kernels import scan_states
+    >>> p = scan_states.StatesPlan(ch=8, dg=1536, t_fwd=32, t_bwd=16)
+    >>> scan_states.partial_shapes(8, 1536, 16, 2048, 1, p, 1, 0)
+    ((8, 1536, 16), (192, 8, 1, 16, 2048), None)
+    """
+    def variable(G):
+        if not G:
+            return None
+        blocks = (Dc // G // p.dg) * (-(-p.dg // p.ch))
+        return (blocks, Bt, G, N, L)
+    return (S * Bt, Dc, N), variable(groups_B), variable(groups_C)
+
+
+def _ordered_sums(xp, dtype, A, B, C, D, delta_bias, Bt, L, S, p):
+    """Zeroed buffers of the deterministic backward's partial sums, flat as
+    its kernel takes them (dA 2-D), and a function giving the gradients
+    ``dA, dB, dC, dD, ddelta_bias`` from them (None where the input is)."""
+    Dc, N = A.shape
+    per_thread, var_B, var_C = partial_shapes(Bt, Dc, N, L, S, p, _groups(B), _groups(C))
+
+    def buffer(shape, wanted=True):
+        return xp.zeros((math.prod(shape),), dtype) if wanted else None
+    bufs = [xp.zeros((per_thread[0] * Dc, N), dtype),
+            buffer(var_B) if var_B else buffer(per_thread),
+            buffer(var_C) if var_C else buffer(per_thread),
+            buffer(per_thread, D is not None), buffer(per_thread, delta_bias is not None)]
+
+    def sums():
+        dA = bufs[0].reshape(per_thread).sum(axis=0)
+        dB = bufs[1].reshape(var_B or per_thread).sum(axis=0)
+        dC = bufs[2].reshape(var_C or per_thread).sum(axis=0)
+        dD, dbias = (None if b is None else b.reshape(per_thread).sum(axis=(0, 2))
+                     for b in bufs[3:])
+        return dA, dB, dC, dD, dbias
+    return bufs, sums
 
 
 def ptx_signatures():
@@ -1296,6 +1402,11 @@ def ptx_signatures():
             if b_var:  # (the backward's do not read B)
                 yield (f"states_backward_ends_{tag}", bends_py, bends_t, is_f32,
                        compile_options(dtype, "forward", p.ch * N))
+            if b_var == c_var and N == 16 and storage is None:  # settings.deterministic
+                yield (f"states_backward_{tag}_det",
+                       _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var, c_var, 1,
+                                     storage, det=True)[1], bwd_t, is_f32,
+                       compile_options(dtype, "backward", p.ch * N))
             if b_var and c_var:  # one saved state in 4 backward tiles
                 fwd4, bwd4, *_ = _make_kernels(dtype, N, p.ch, p.t_fwd, p.t_bwd, b_var,
                                                c_var, 4, storage)
@@ -1534,15 +1645,22 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     Bt, Dc, L = u.shape
     N = A.shape[1]
     p = saved.plan
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = gradient_buffers(xp, u, A, B, C, D, z,
-                                                                   delta_bias)
+    S, SL = backward_segments(Bt, Dc, L, p, n_segments, cfg)
+    if cfg.deterministic:  # partial sums, summed in a fixed order after the kernel
+        (dA, dB, dC, dD, ddelta_bias), ordered = _ordered_sums(xp, dtype, A, B, C, D,
+                                                               delta_bias, Bt, L, S, p)
+        du, ddelta = xp.empty(u.shape, u.dtype), xp.empty(u.shape, u.dtype)
+        dz = None if z is None else xp.empty(u.shape, u.dtype)
+    else:
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = gradient_buffers(xp, u, A, B, C, D, z,
+                                                                       delta_bias)
+        ordered = None
     dinit = xp.empty((Bt, Dc, N), dtype)
     dummy1 = dummy(xp, dtype, 1)
     dummy3 = dummy(xp, dtype, 3)
     dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)
     k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage, cfg)
     v = kernel_view if storage == "bfloat16" else _as_is
-    S, SL = backward_segments(Bt, Dc, L, p, n_segments, cfg)
     if S > 1:  # the adjoint entering segments 1 .. S-1 from zero at their ends, their delta sums
         seg_q = xp.empty((Bt, Dc, S - 1, N), dtype)
         seg_dt = xp.empty((Bt, Dc, S - 1), dtype)
@@ -1569,6 +1687,8 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
             np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)),
             seg_q, seg_dt, np.int64(SL), np.int64(S))
     launch(k.backward, S * _grid(Bt, Dc, p), p.ch * N, stream, args)
+    if ordered is not None:
+        dA, dB, dC, dD, ddelta_bias = ordered()
     if storage is not None:  # variable dB, dC were summed in float32
         dB = dB if dB.dtype == B.dtype else narrow(dB, B.dtype, stream)
         dC = dC if dC.dtype == C.dtype else narrow(dC, C.dtype, stream)

@@ -78,6 +78,15 @@ class Settings:
         The public API hands float16/bfloat16 ``u``, ``delta``, ``z`` and a
         variable ``B``/``C`` to the state engine as they are (half storage);
         False casts them to float32 first.
+    deterministic : bool
+        Default False.  True: the state engine's backward stores its partial
+        sums (``dA``, ``dB``, ``dC``, ``dD``, ``ddelta_bias``, a variable
+        ``dB``/``dC`` summed over the blocks of a group) and sums them in a
+        fixed order afterwards, instead of adding them atomically in whatever
+        order the blocks finish: two runs of the same backward on the same
+        GPU give the same bits.  It costs memory (a variable ``dB``/``dC``
+        once per block of its group) and time (``benchmarks/RESULTS.md``).
+        The blocks engine (``N > 128``) has no such mode and refuses it.
     save_every : int
         Backward tiles per state the state engine's forward keeps: 1 keeps
         the state entering every backward tile (as many values as ``u`` at
@@ -125,6 +134,7 @@ class Settings:
     raw_launch: bool = dataclasses.field(default_factory=_raw_launch_from_env)
     engine: str = "auto"
     direct_half: bool = True
+    deterministic: bool = False
     save_every: int = 1
     min_recurrences: int = 1
     target_blocks: int = 1056
@@ -187,7 +197,7 @@ def _checked(name, value):
     if name == "engine":
         if value not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {value!r}")
-    elif name in ("raw_launch", "direct_half"):
+    elif name in ("raw_launch", "direct_half", "deterministic"):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
         value = bool(value)

@@ -107,6 +107,18 @@ STATES_CASES = {
     "states-bfloat16-var-const-allflags-N6-save2": ("bfloat16", "var", "const", ALL_FLAGS, True,
                                                     (2, 8, 2, 2)),
 }
+# settings.deterministic: the backward's partial sums stored and summed in order
+# (B in 2 groups of 2 channels, one channel per block: 2 blocks per group of B,
+# 4 of C, 2 backward segments; constant B and C; half storage)
+STATES_CASES.update({
+    "states-float64-grouped-var-allflags-det-bwd2segments": (
+        "float64", "grouped", "var", ALL_FLAGS, True, (1, 8, 2), None, 2),
+    "states-float32-const-const-allflags-det-3segments-bwd3segments": (
+        "float32", "const", "const", ALL_FLAGS, True, (3, 8, 2), 3, 3),
+    "states-bfloat16-var-grouped-allflags-det": ("bfloat16", "var", "grouped", ALL_FLAGS, True,
+                                                 (2, 4, 4)),
+})
+DETERMINISTIC = {name for name in STATES_CASES if "-det" in name}
 # States of the cases that do not have N = 3.
 STATES_N = {"states-float64-var-var-allflags-N5": 5,
             "states-float32-grouped-var-allflags-N8-bwd2segments": 8,
@@ -380,4 +392,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "api-half":
         print(json.dumps(_simulate_api_half(sys.argv[2], sys.argv[3] == "1")))
     else:
-        print(json.dumps(_simulate_case(sys.argv[1])))
+        from numba_mamba.cuda_kernels.settings import settings
+
+        with settings.override(deterministic=sys.argv[1] in DETERMINISTIC):
+            print(json.dumps(_simulate_case(sys.argv[1])))
