@@ -169,3 +169,12 @@ def check_shape(name, x, expected, what=""):
     if tuple(x.shape) != tuple(expected):
         detail = f" {what}" if what else ""
         raise ValueError(f"{name} must have shape {tuple(expected)}{detail}, got {tuple(x.shape)}")
+
+
+def is_dask_array(*values):
+    """True if any of ``values`` is a ``dask.array.Array`` (without importing
+    Dask: where it is not imported, none can be one)."""
+    import sys
+
+    module = sys.modules.get("dask.array")
+    return module is not None and any(isinstance(v, module.Array) for v in values)

@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from ._validation import array_namespace, check_int, is_cupy_array, is_double
+from ._validation import array_namespace, check_int, is_cupy_array, is_dask_array, is_double
 from .discretize import _prepare as _prepare_discretize
 from .discretize import (UnstableFilterWarning, _discretize, _phi1, as_param, check_method,
                          check_state_matrix, complex_of, warn_unstable)
@@ -574,6 +574,9 @@ def ssm_filter(A: Any, B: Any, C: Any, x: Any, D: Any = None, dt: Any = 1.0,
     >>> bool(np.allclose(y, nm.ssm_filter(A, B, C, x, axis=0, mode="conv")))
     True
     """
+    if is_dask_array(A, B, C, x, D, dt, zi):  # lazily, chunk by chunk: numba_mamba.dask
+        from .dask import ssm_filter as dask_filter
+        return dask_filter(A, B, C, x, D, dt, method, axis, zi, mode)
     y, zf = _filter(A, B, C, x, D, dt, method, axis, zi, mode)
     return y if zi is None else (y, zf)
 

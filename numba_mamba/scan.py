@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._validation import (array_namespace, as_float_array, check_flag, check_shape,
-                          compute_dtype, is_cupy_array, missing_gpu_stack_message)
+                          compute_dtype, is_cupy_array, is_dask_array,
+                          missing_gpu_stack_message)
 from .reference import ScanGrads
 
 __all__ = ["ScanGrads", "selective_scan", "selective_scan_vjp"]
@@ -495,6 +496,10 @@ def selective_scan(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any = None, z:
     """
     check_flag("delta_softplus", delta_softplus)
     check_flag("return_last_state", return_last_state)
+    if is_dask_array(u, delta, A, B, C, D, z, delta_bias, initial_state):  # numba_mamba.dask
+        from .dask import selective_scan as dask_scan
+        return dask_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                         return_last_state, initial_state, out)
     call = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, out)
     into = None  # (an out the kernels write: of the dtype they write)
     if out is not None and call.args[0].dtype == out.dtype:

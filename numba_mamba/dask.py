@@ -1,0 +1,577 @@
+"""Filters and scans on Dask arrays: time-chunked, lazy, past one machine.
+
+:func:`numba_mamba.ssm_filter` and :func:`numba_mamba.selective_scan` take
+``dask.array.Array`` arguments and return Dask arrays (they call the
+functions of this module); nothing is computed until the result is asked
+for.  The arrays may be chunked along time and along the batch and channel
+axes, with NumPy chunks (CuPy chunks go through the same code: each chunk is
+handed to the public functions, which run on the GPU for CuPy arrays).
+
+Summary of algorithm
+--------------------
+Every recurrence here is ``h_t = a_t h_{t-1} + b_t`` per (batch, channel,
+state), a composition of affine maps, associative under
+``(a1, b1) o (a2, b2) = (a2 a1, a2 b1 + b2)``.  A naive ``map_blocks`` would
+start every time chunk from a zero state; instead, per block of channels:
+
+1. pass 1, one task per time chunk ``k`` (all in parallel): the chunk's
+   transition ``a_k`` (the product of its per-step factors: ``Ab^len`` for a
+   time-invariant filter, ``exp(A * sum(delta))`` for the selective scan)
+   and its end state ``b_k`` from a zero start;
+2. the prefix: ``s_0 = zi`` (zeros if absent), ``s_{k+1} = a_k s_k + b_k``,
+   one small task per chunk (O(batch x channels x states) work each);
+3. pass 2, one task per time chunk: the public function reruns the chunk
+   from its true initial state ``s_k`` (``zi=`` / ``initial_state=``).
+
+The prefix is a chain, so pass 2 of chunk ``k`` can start as soon as pass 1
+of the chunks before it is done: a chunk of the input is released soon
+after it was read, and memory stays bounded by a few chunks per worker.
+For a time-invariant filter pass 1 needs no recurrence: the end state is
+``Bb sum_t Ab^(len-1-t) x_t``, computed as matrix products with tables of
+powers (like ``mode='conv'``'s final state), cheaper than the scan.
+
+The results equal the single-array call up to rounding (the order of the
+operations differs at chunk boundaries), for any chunking.
+"""
+
+import itertools
+import math
+import operator
+from functools import partial
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from ._validation import array_namespace, as_float_array, is_double
+
+__all__ = ["selective_scan", "ssm_filter"]
+
+
+# ------------------------------------------------------------- shared parts
+def _namespace(v):
+    """numpy or cupy: of an array, of a Dask array's chunks (its meta)."""
+    if isinstance(v, da.Array):
+        v = v._meta
+    return array_namespace(v=v) if hasattr(v, "shape") else np
+
+
+def _probe_value(v, shape):
+    """A stand-in for ``v`` in the validating probe call: zeros of ``shape``
+    in its dtype where ``v`` is a Dask array (whose values are checked
+    when its chunks are computed), else ``v`` itself."""
+    if isinstance(v, da.Array):
+        return _namespace(v).zeros(shape, v.dtype)
+    return v
+
+
+def _time_slice(v, dim):
+    """``v`` with one sample along ``dim`` (a stand-in zeros for Dask arrays)."""
+    if isinstance(v, da.Array):
+        shape = list(v.shape)
+        shape[dim] = 1
+        return _probe_value(v, tuple(shape))
+    index = [slice(None)] * v.ndim
+    index[dim] = slice(0, 1)
+    return v[tuple(index)]
+
+
+def _check_length(name, v, dim, L, what):
+    if v.shape[dim] not in (1, L):
+        raise ValueError(f"{name} must have length 1 or {L} (the samples of {what}) along "
+                         f"its axis {dim - v.ndim}, got shape {tuple(v.shape)}")
+
+
+def _choose_chunks(dims, full, args):
+    """Chunks of the output per dim name in ``dims``: those of the first
+    Dask argument (``args``: ``(array, dim names)``, the signal first)
+    spanning the whole dim, else one chunk."""
+    chunks = {}
+    for name in dims:
+        chunks[name] = (full[name],)
+        for v, names in args:
+            if isinstance(v, da.Array) and name in names \
+                    and v.shape[names.index(name)] == full[name] > 1:
+                chunks[name] = v.chunks[names.index(name)]
+                break
+    return chunks
+
+
+def _as_chunked(v, names, chunks):
+    """``v`` (NumPy, CuPy or Dask) as a Dask array chunked as ``chunks`` on
+    its dims of full length; dims of length 1 (broadcast) in one chunk."""
+    want = tuple(chunks[n] if v.shape[i] == sum(chunks[n]) else (v.shape[i],)
+                 for i, n in enumerate(names))
+    if isinstance(v, da.Array):
+        return v.rechunk(want)
+    return da.from_array(v, chunks=want)
+
+
+def _key(v, names, block):
+    """The key of the chunk of ``v`` (dims ``names``) that output ``block``
+    (a dict from dim name to block index) reads; broadcast dims: chunk 0."""
+    if v is None:
+        return None
+    return (v.name,) + tuple(block[n] if v.numblocks[i] > 1 else 0
+                             for i, n in enumerate(names))
+
+
+def _chain(state, pair):
+    """One step of the prefix over chunks: the state after a chunk with
+    transition ``a`` and zero-start end state ``b``, entered with ``state``."""
+    a, b = pair
+    return b if state is None else a * state + b
+
+
+def _last_state(state, shape, dtype):
+    xp = array_namespace(state=state)
+    return xp.ascontiguousarray(xp.broadcast_to(state, shape).astype(dtype, copy=False))
+
+
+def _softplus(v, xp):
+    """``log1p(exp(v))``, ``v`` itself above 20 (as the scan's kernels)."""
+    return xp.where(v > 20, v, xp.log1p(xp.exp(xp.minimum(v, 20))))
+
+
+def _build(name, out_dims, chunks, pass1, pass2, args, state0, need_last):
+    """The graph of pass 1, the prefix and pass 2 over the chunks of ``out_dims``.
+
+    ``out_dims`` names the output's dims, time (``'t'``) last; ``args`` maps
+    an argument name to ``(dask array or None, dim names)``; ``pass1`` and
+    ``pass2`` are ``(function, argument names)``, called per chunk with
+    those arguments' chunks as keywords, ``pass2`` also with ``state`` (the
+    chunk's initial state; None: zeros).  ``state0`` names the argument
+    holding the initial state (or None).  Returns ``(layer, last)``: the
+    output's keys are ``(name, *block)``; with ``need_last``, ``last`` maps
+    each block of channels to the key of its final state.
+    """
+    lead = out_dims[:-1]
+    token = name.rsplit("-", 1)[-1]
+    p1_name, st_name = f"pass1-{token}", f"state-{token}"
+    dsk, last = {}, {}
+
+    def task(fn_names, block, *extra):
+        fn, names = fn_names
+        keys = tuple(_key(args[n][0], args[n][1], block) for n in names)
+        return (_Call(fn, names + ("state",) * len(extra)),) + keys + extra
+
+    for lead_index in itertools.product(*(range(len(chunks[n])) for n in lead)):
+        block = dict(zip(lead, lead_index), n=0)
+        state = _key(args[state0][0], args[state0][1], block) if state0 else None
+        for k in range(len(chunks["t"])):
+            block["t"] = k
+            dsk[(name,) + lead_index + (k,)] = task(pass2, block, state)
+            if k < len(chunks["t"]) - 1 or need_last:
+                p1 = (p1_name,) + lead_index + (k,)
+                dsk[p1] = task(pass1, block)
+                dsk[(st_name,) + lead_index + (k,)] = (_chain, state, p1)
+                state = (st_name,) + lead_index + (k,)
+        if need_last:
+            last[lead_index] = state
+    return dsk, last
+
+
+class _Call:
+    """A chunk function called with keyword arguments (picklable)."""
+
+    def __init__(self, fn, names):
+        self.fn, self.names = fn, names
+
+    def __call__(self, *values):
+        return self.fn(**dict(zip(self.names, values)))
+
+
+def _array(dsk, deps, name, chunks, meta):
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    return da.Array(graph, name, chunks, meta=meta)
+
+
+def _meta(like, ndim):
+    xp = array_namespace(like=like)
+    return xp.empty((0,) * ndim, like.dtype)
+
+
+# ------------------------------------------------------------------ ssm_filter
+def _pad(v, ndim):
+    """``v`` with leading axes of length 1 up to ``ndim`` dims."""
+    return v[(None,) * (ndim - v.ndim) + (Ellipsis,)]
+
+
+def _move(v, src, dst):
+    return da.moveaxis(v, src, dst) if isinstance(v, da.Array) else \
+        array_namespace(v=v).moveaxis(v, src, dst)
+
+
+def _as_array(v, xp):
+    return v if isinstance(v, da.Array) or hasattr(v, "__array_namespace__") \
+        or isinstance(v, np.ndarray) else xp.asarray(v)
+
+
+def _power_weighted_sum(x, Ab, xp):
+    """``E[..., n] = sum_t Ab[..., n]^(L-1-t) x[..., t]`` for ``x`` (..., L)
+    and ``Ab`` (..., N) broadcasting on their leading axes.
+
+    Summary of algorithm: with ``j = L-1-t = b T + m`` (``T ~ sqrt(L)``),
+    ``Ab^j = Ab^(bT) Ab^m``: one batched matrix product of the reversed
+    signal in blocks of ``T`` with the table ``Ab^m`` (m < T), then a sum
+    over the blocks weighted by ``Ab^(bT)``; powers are evaluated directly.
+    """
+    lead = np.broadcast_shapes(x.shape[:-1], Ab.shape[:-1])
+    L, N = x.shape[-1], Ab.shape[-1]
+    R = math.prod(lead)
+    Ab = xp.broadcast_to(Ab, lead + (N,)).reshape(R, N)
+    T = math.isqrt(L - 1) + 1 if L > 1 else 1
+    nb = -(-L // T)
+    xr = xp.zeros((R, nb * T), Ab.dtype)
+    xr[:, :L] = xp.broadcast_to(x, lead + (L,)).reshape(R, L)[:, ::-1]
+    powers = xp.arange(T, dtype=Ab.real.dtype)
+    P = Ab[:, None, :] ** powers[None, :, None]                            # (R, T, N)
+    E = xp.matmul(xr.reshape(R, nb, T), P)                                 # (R, nb, N)
+    start = Ab[:, None, :] ** (xp.arange(nb, dtype=Ab.real.dtype) * T)[None, :, None]
+    return (start * E).sum(axis=1).reshape(lead + (N,))
+
+
+def _filter_pass1(x, A, B, dt, method):
+    """``(a, b)`` of one chunk: its transition and end state from zero.
+
+    Chunks in the canonical layout: x (..., Lc), A (..., 1, N),
+    B (..., T, N), dt (..., T), T in {1, Lc}.
+    """
+    from .discretize import discretize
+    from .filters import ssm_filter as filt
+
+    xp = array_namespace(x=x, A=A, B=B, dt=dt)
+    x = as_float_array("x", x, xp)
+    ftype = np.dtype(np.float64 if is_double(x.dtype) else np.float32)
+    cplx = A.dtype.kind == "c" or B.dtype.kind == "c"
+    ctype = np.dtype(np.complex128 if ftype == np.float64 else np.complex64) if cplx \
+        else ftype
+    A = A[..., 0, :].astype(ctype if A.dtype.kind == "c" else ftype, copy=False)
+    dt = xp.asarray(dt).astype(ftype, copy=False)
+    Lc = x.shape[-1]
+    if B.shape[-2] == 1 and dt.shape[-1] == 1:  # time-invariant: no recurrence
+        Ab, Bb = discretize(A, B[..., 0, :].astype(ctype, copy=False), dt, method)
+        return Ab ** Lc, Bb * _power_weighted_sum(x.astype(ftype, copy=False), Ab, xp)
+    _, b = filt(A, B, xp.ones((1,), ftype), x, dt=dt, method=method, axis=-1,
+                zi=xp.zeros((A.shape[-1],), ftype))
+    if method in ("zoh", "mamba"):  # exp(dt A) multiplied along time: exp(A sum dt)
+        total = dt.sum(axis=-1, keepdims=True, dtype=np.float64) if dt.shape[-1] > 1 \
+            else dt.astype(np.float64) * Lc
+        a = xp.exp(A * total.astype(ftype))
+    else:
+        Ab, _ = discretize(A[..., None, :], xp.ones((), ftype), dt[..., None], method)
+        a = Ab[..., 0, :] ** Lc if dt.shape[-1] == 1 else xp.prod(Ab, axis=-2)
+    return a, b
+
+
+
+def _filter_pass2(x, A, B, C, D, dt, state, method, mode):
+    from .filters import ssm_filter as filt
+
+    A = A[..., 0, :]
+    if state is None:
+        return filt(A, B, C, x, D, dt, method, -1, None, mode)
+    return filt(A, B, C, x, D, dt, method, -1, state, mode)[0]
+
+
+
+def ssm_filter(A, B, C, x, D=None, dt=1.0, method="zoh", axis=-1, zi=None, mode="auto"):
+    """:func:`numba_mamba.ssm_filter` on Dask arrays, lazily.
+
+    Called by :func:`numba_mamba.ssm_filter` where any argument is a
+    ``dask.array.Array``; the arguments and results are those of that
+    function, as Dask arrays.  Arguments given as NumPy arrays are put in
+    the graph as they are (split along the chunks of the Dask ones).
+
+    Parameters
+    ----------
+    A, B, C, x, D, dt, method, axis, zi, mode
+        As :func:`numba_mamba.ssm_filter`.  ``x`` may be chunked along any
+        axis; arguments varying along time (``dt``, ``D``, ``B``, ``C``) are
+        rechunked to ``x``'s time chunks, and every argument to the output's
+        channel chunks (those of ``x``, or of the first Dask argument that
+        spans a channel axis).
+
+    Returns
+    -------
+    y : dask.array.Array
+        As :func:`numba_mamba.ssm_filter`'s, chunked as ``x`` along time.
+    zf : dask.array.Array
+        Only if ``zi`` is given: the final state, one chunk along the states.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`numba_mamba.ssm_filter`, when called for the shapes and
+        dtypes (a probe with one sample); the values of Dask arguments (a
+        negative ``dt``, say) are checked as their chunks are computed.
+
+    Notes
+    -----
+    Summary of algorithm: see :mod:`numba_mamba.dask`.  The result equals
+    the single-array call up to rounding for any chunking (chunks of one
+    sample included).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import dask.array as da
+    >>> import numba_mamba as nm
+    >>> rng = np.random.default_rng(0)
+    >>> A = -rng.uniform(0.1, 1, (4, 8)); B = rng.standard_normal((4, 8))
+    >>> C = rng.standard_normal((4, 8)); x = rng.standard_normal((4, 1000))
+    >>> xd = da.from_array(x, chunks=(2, 300))
+    >>> y = nm.ssm_filter(A, B, C, xd)
+    >>> y.chunks
+    ((2, 2), (300, 300, 300, 100))
+    >>> bool(np.allclose(y.compute(), nm.ssm_filter(A, B, C, x)))
+    True
+    """
+    from .filters import ssm_filter as filt
+
+    xp = _namespace(x)
+    given = {k: _as_array(v, xp) for k, v in dict(A=A, B=B, C=C, x=x, D=D, dt=dt,
+                                                     zi=zi).items() if v is not None}
+    x = given["x"]
+    if x.ndim == 0:
+        raise ValueError("x must have at least 1 dim (time along axis), got a scalar")
+    n = x.ndim
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)) \
+            or not -n <= axis < n:
+        raise ValueError(f"axis must be an integer in [{-n}, {n - 1}] for x with {n} dims, "
+                         f"got {axis!r}")
+    ax = int(axis) % n
+    L = x.shape[ax]
+
+    # the dim of each argument along time (None: constant along time)
+    time_dim = {"x": ax}
+    for k in ("dt", "D"):
+        v = given.get(k)
+        if v is not None and 1 <= v.ndim <= n and ax - (n - v.ndim) >= 0:
+            time_dim[k] = ax - (n - v.ndim)
+    for k in ("B", "C"):
+        if given[k].ndim == n + 1:
+            time_dim[k] = ax
+    for k, d in time_dim.items():
+        if k != "x":
+            _check_length(k, given[k], d, L, "x")
+
+    # validate shapes and dtypes with one sample (Dask arguments as zeros)
+    probe = {k: _time_slice(v, time_dim[k]) if k in time_dim else
+             _probe_value(v, v.shape) for k, v in given.items()}
+    y0, zf0 = filt(probe["A"], probe["B"], probe["C"], probe["x"], probe.get("D"),
+                   probe["dt"], method, ax, probe.get("zi", xp.zeros(probe["A"].shape[-1:])),
+                   mode)
+    nl = y0.ndim - 1
+    lead, N = zf0.shape[:-1], zf0.shape[-1]
+
+    # canonical layout: leading channel dims '0'.., time 't' last, states 'n'
+    ld = tuple(str(i) for i in range(nl))
+    canon = {}
+    canon["x"] = (_pad(_move(x, ax, -1), nl + 1), ld + ("t",))
+    for k in ("dt", "D"):
+        v = given.get(k)
+        if v is not None:
+            v = _pad(v, n) if v.ndim else v.reshape((1,) * n)
+            canon[k] = (_pad(_move(v, ax, -1), nl + 1), ld + ("t",))
+    for k in ("A", "B", "C", "zi"):
+        v = given.get(k)
+        if v is None:
+            continue
+        if v.ndim == 0:
+            v = v.reshape(1)
+        if k in time_dim:
+            v = _move(v, ax, -2)
+        elif k != "zi":
+            v = v[..., None, :]
+        names = ld + (("n",) if k == "zi" else ("t", "n"))
+        canon[k] = (_pad(v, len(names)), names)
+    full = dict(zip(ld, lead), t=L, n=N)
+    chunks = _choose_chunks(ld + ("t",), full, list(canon.values()))
+    chunks["n"] = (N,)
+    args = {k: (_as_chunked(v, names, chunks), names) for k, (v, names) in canon.items()}
+    args.setdefault("D", (None, ()))
+
+    token = tokenize(args, method, mode, "ssm_filter")
+    name = f"ssm_filter-{token}"
+    pass1 = (partial(_filter_pass1, method=method), ("x", "A", "B", "dt"))
+    pass2 = (partial(_filter_pass2, method=method, mode=mode), ("x", "A", "B", "C", "D", "dt"))
+    dsk, last = _build(name, ld + ("t",), chunks, pass1, pass2, args,
+                       "zi" if zi is not None else None, zi is not None)
+    deps = [v for v, _ in args.values() if v is not None]
+    yc = _array(dsk, deps, name, tuple(chunks[d] for d in ld + ("t",)), _meta(y0, nl + 1))
+    y = da.moveaxis(yc, -1, ax - n)
+    if zi is None:
+        return y
+    zname = f"ssm_filter_zf-{token}"
+    zsk = {(zname,) + i + (0,): (_last_state, key,
+                                 tuple(chunks[d][j] for d, j in zip(ld, i)) + (N,),
+                                 zf0.dtype)
+           for i, key in last.items()}
+    zf = _array(zsk, [yc], zname, tuple(chunks[d] for d in ld) + ((N,),), _meta(zf0, nl + 1))
+    return y, zf
+
+
+# -------------------------------------------------------------- selective_scan
+def _scan_pass1(u, delta, A, B, C, delta_bias, delta_softplus):
+    """``(a, b)`` of one chunk: ``exp(A * sum of its deltas)`` and its end state from zero."""
+    from .scan import selective_scan as scan
+
+    _, b = scan(u, delta, A, B, C, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                return_last_state=True)
+    xp = array_namespace(b=b)
+    ftype = b.dtype
+    dt = xp.asarray(delta).astype(ftype)
+    if delta_bias is not None:
+        dt = dt + xp.asarray(delta_bias).astype(ftype)[:, None]
+    if delta_softplus:
+        dt = _softplus(dt, xp)
+    total = dt.sum(axis=-1, dtype=np.float64).astype(ftype)                # (Bt, D)
+    return xp.exp(xp.asarray(A).astype(ftype)[None] * total[..., None]), b
+
+
+def _scan_pass2(u, delta, A, B, C, D, z, delta_bias, state, delta_softplus):
+    from .scan import selective_scan as scan
+
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=state)
+
+
+def _grouped(M, Dc, chunks):
+    """A grouped ``B``/``C`` (Bt, G, N, L) whose chunk ``j`` along the groups
+    serves chunk ``j`` of the channels: split at the channel chunks' borders
+    where they fall on groups' borders, else one group per channel."""
+    G = M.shape[1]
+    per = Dc // G
+    if G == 1:
+        return M
+    M = M if isinstance(M, da.Array) else da.from_array(M, chunks=M.shape)
+    borders = np.cumsum((0,) + chunks["d"])
+    if (borders % per == 0).all():
+        return M.rechunk({1: tuple(c // per for c in chunks["d"])})
+    return da.take(M, np.arange(Dc) // per, axis=1).rechunk({1: chunks["d"]})
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, initial_state=None, out=None):
+    """:func:`numba_mamba.selective_scan` (forward) on Dask arrays, lazily.
+
+    Called by :func:`numba_mamba.selective_scan` where any argument is a
+    ``dask.array.Array``; the arguments and results are those of that
+    function, as Dask arrays.
+
+    Parameters
+    ----------
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
+        As :func:`numba_mamba.selective_scan`.  ``u`` may be chunked along
+        batch, channels and time; the other arguments are rechunked to match
+        (a grouped ``B``/``C`` (Bt, G, N, L) whose groups straddle a chunk
+        border of the channels is expanded to one group per channel).
+    out : None
+        Not supported for Dask arrays (the result is a lazy array).
+
+    Returns
+    -------
+    out : dask.array.Array, shape (Bt, D, L)
+        Chunked as ``u``.
+    last_state : dask.array.Array, shape (Bt, D, N)
+        Only if ``return_last_state``; one chunk along the states.
+
+    Raises
+    ------
+    TypeError
+        ``out`` given; otherwise as :func:`numba_mamba.selective_scan`.
+    ValueError
+        As :func:`numba_mamba.selective_scan` for the shapes (checked at the
+        call with a one-step probe); the values of Dask arguments are checked
+        as their chunks are computed.
+
+    Notes
+    -----
+    Summary of algorithm: see :mod:`numba_mamba.dask`; a chunk's transition
+    is ``exp(A * sum_t delta_t)`` (``delta`` after the bias and softplus).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import dask.array as da
+    >>> import numba_mamba as nm
+    >>> rng = np.random.default_rng(0)
+    >>> u = rng.standard_normal((2, 3, 100)); delta = rng.uniform(0.1, 1, (2, 3, 100))
+    >>> A = -rng.uniform(0.5, 2, (3, 4)); B = rng.standard_normal((2, 4, 100))
+    >>> C = rng.standard_normal((2, 4, 100))
+    >>> ud, dd = da.from_array(u, chunks=(1, 3, 40)), da.from_array(delta, chunks=(1, 3, 40))
+    >>> y, h = nm.selective_scan(ud, dd, A, B, C, return_last_state=True)
+    >>> y.chunks, h.shape
+    (((1, 1), (3,), (40, 40, 20)), (2, 3, 4))
+    >>> want, want_h = nm.selective_scan(u, delta, A, B, C, return_last_state=True)
+    >>> bool(np.allclose(y.compute(), want)), bool(np.allclose(h.compute(), want_h))
+    (True, True)
+    """
+    from .scan import selective_scan as scan
+
+    if out is not None:
+        raise TypeError(f"out must be None for Dask arrays (the result is a lazy Dask array), "
+                        f"got {type(out).__module__}.{type(out).__name__}")
+    xp = _namespace(u)
+    given = {k: None if v is None else _as_array(v, xp)
+             for k, v in dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                              delta_bias=delta_bias, initial_state=initial_state).items()}
+    u = given["u"]
+    if u.ndim != 3:
+        raise ValueError(f"u must have 3 dims (batch, channels, length), got {u.ndim} dims "
+                         f"with shape {tuple(u.shape)}")
+    Bt, Dc, L = u.shape
+    along_time = [k for k in ("u", "delta", "z", "B", "C")
+                  if given[k] is not None and (k not in "BC" or given[k].ndim in (3, 4))]
+    for k in along_time:
+        v = given[k]
+        if v.ndim >= 1 and v.shape[-1] != L:
+            raise ValueError(f"{k} must have length {L} (u's) along its last axis, got shape "
+                             f"{tuple(v.shape)}")
+    probe = {k: None if v is None else
+             _time_slice(v, v.ndim - 1) if k in along_time else _probe_value(v, v.shape)
+             for k, v in given.items()}
+    y0, last0 = scan(**probe, delta_softplus=delta_softplus, return_last_state=True)
+    N = last0.shape[-1]
+
+    dims = {"u": ("b", "d", "t"), "delta": ("b", "d", "t"), "z": ("b", "d", "t"),
+            "A": ("d", "n"), "D": ("d",), "delta_bias": ("d",),
+            "initial_state": ("b", "d", "n")}
+    for k in ("B", "C"):
+        dims[k] = {2: ("d", "n"), 3: ("b", "n", "t"), 4: ("b", "d", "n", "t")}[given[k].ndim]
+    canon = {k: (v, dims[k]) for k, v in given.items() if v is not None}
+    full = dict(b=Bt, d=Dc, t=L, n=N)
+    chunks = _choose_chunks(("b", "d", "t"), full,
+                            [canon[k] for k in ("u", "delta", "z") if k in canon]
+                            + [v for k, v in canon.items() if k not in ("u", "delta", "z")])
+    chunks["n"] = (N,)
+    args = {}
+    for k, (v, names) in canon.items():
+        if len(names) == 4 and v.shape[1] != Dc:  # grouped, G < D
+            v = _grouped(v, Dc, chunks)
+            want = {0: chunks["b"], 2: (N,), 3: chunks["t"]}
+            args[k] = (v.rechunk(want), names)
+        else:
+            args[k] = (_as_chunked(v, names, chunks), names)
+    for k in dims:
+        args.setdefault(k, (None, ()))
+
+    token = tokenize(args, bool(delta_softplus), "selective_scan")
+    name = f"selective_scan-{token}"
+    pass1 = (partial(_scan_pass1, delta_softplus=bool(delta_softplus)),
+             ("u", "delta", "A", "B", "C", "delta_bias"))
+    pass2 = (partial(_scan_pass2, delta_softplus=bool(delta_softplus)),
+             ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    state0 = "initial_state" if initial_state is not None else None
+    dsk, last = _build(name, ("b", "d", "t"), chunks, pass1, pass2, args, state0,
+                       return_last_state)
+    deps = [v for v, _ in args.values() if v is not None]
+    y = _array(dsk, deps, name, (chunks["b"], chunks["d"], chunks["t"]), _meta(y0, 3))
+    if not return_last_state:
+        return y
+    hname = f"selective_scan_last-{token}"
+    hsk = {(hname,) + i + (0,): (_last_state, key, (chunks["b"][i[0]], chunks["d"][i[1]], N),
+                                 last0.dtype)
+           for i, key in last.items()}
+    return y, _array(hsk, [y], hname, (chunks["b"], chunks["d"], (N,)), _meta(last0, 3))

@@ -1,0 +1,244 @@
+"""ssm_filter and selective_scan on Dask arrays (numba_mamba.dask) against the single-array call."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import numba_mamba as nm
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+
+
+def close(got, want, rtol=1e-12):
+    """Equal to float64 rounding: relative to each entry and to the largest."""
+    got = np.asarray(got)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def compute(*arrays):
+    return dask.compute(*arrays, scheduler="threads")
+
+
+def check(lazy, want, rtol=1e-12):
+    """Compute the Dask arrays ``lazy`` (threaded) and compare each with ``want``'s."""
+    for got, expected in zip(compute(*lazy), want, strict=True):
+        close(got, expected, rtol)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def lti(rng, lead, N, cplx=False):
+    A = -rng.uniform(0.05, 1.0, lead + (N,))
+    if cplx:
+        A = A + 1j * rng.uniform(-0.5, 0.5, lead + (N,))
+    B = rng.standard_normal(lead + (N,))
+    C = rng.standard_normal(lead + (N,)) + (1j * rng.standard_normal(lead + (N,)) if cplx else 0)
+    return A, B, C
+
+
+# ------------------------------------------------------------------ ssm_filter
+@pytest.mark.parametrize("time_chunks", [(50,), (1, 7, 13, 29), (1,) * 12 + (38,), (25, 25)])
+def test_filter_lti_any_time_chunks(rng, time_chunks):
+    A, B, C = lti(rng, (3,), 4)
+    x = rng.standard_normal((3, 50))
+    zi = rng.standard_normal((3, 4))
+    D = rng.standard_normal((3, 1))
+    xd = da.from_array(x, chunks=((2, 1), time_chunks))
+    y, zf = nm.ssm_filter(A, B, C, xd, D=D, dt=0.3, zi=zi)
+    assert isinstance(y, da.Array) and isinstance(zf, da.Array)
+    assert y.chunks == xd.chunks and zf.chunks == ((2, 1), (4,))
+    want, want_zf = nm.ssm_filter(A, B, C, x, D=D, dt=0.3, zi=zi)
+    check((y, zf), (want, want_zf))
+
+
+def test_filter_no_zi_returns_y_only(rng):
+    A, B, C = lti(rng, (2,), 3)
+    x = rng.standard_normal((2, 40))
+    y = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(1, 9)))
+    assert isinstance(y, da.Array)
+    close(compute(y)[0], nm.ssm_filter(A, B, C, x))
+
+
+@pytest.mark.parametrize("method", ["bilinear", "euler", "backward_diff", "mamba"])
+def test_filter_complex_time_axis_0(rng, method):
+    A, B, C = lti(rng, (4,), 3, cplx=True)
+    x = rng.standard_normal((60, 4))
+    zi = rng.standard_normal((4, 3)) + 1j * rng.standard_normal((4, 3))
+    y, zf = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(17, 3)), dt=0.2, method=method,
+                          axis=0, zi=zi)
+    want, want_zf = nm.ssm_filter(A, B, C, x, dt=0.2, method=method, axis=0, zi=zi)
+    check((y, zf), (want, want_zf))
+
+
+@pytest.mark.parametrize("method", ["zoh", "euler"])
+def test_filter_time_varying(rng, method):
+    """dt per sample (a Dask array chunked otherwise than x), B and C varying along time."""
+    L = 45
+    A = -rng.uniform(0.1, 1.0, (2, 5))
+    x = rng.standard_normal((2, L))
+    B = rng.standard_normal((2, L, 5))
+    C = rng.standard_normal((2, L, 5))
+    dt = rng.uniform(0.05, 0.5, (2, L))
+    zi = rng.standard_normal((2, 5))
+    y, zf = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(2, (1, 20, 24))),
+                          dt=da.from_array(dt, chunks=(1, 15)), method=method, zi=zi,
+                          axis=-1)
+    want, want_zf = nm.ssm_filter(A, B, C, x, dt=dt, method=method, zi=zi)
+    check((y, zf), (want, want_zf))
+
+
+def test_filter_dt_per_sample_constant_b(rng):
+    A, B, C = lti(rng, (3,), 4)
+    x = rng.standard_normal((3, 30))
+    dt = rng.uniform(0.05, 0.5, 30)
+    y = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(3, 7)), dt=dt)
+    close(compute(y)[0], nm.ssm_filter(A, B, C, x, dt=dt))
+
+
+def test_filter_broadcasts_one_signal_over_a_bank(rng):
+    """A single signal (1, L) through 4 channels of filters: y (4, L)."""
+    A, B, C = lti(rng, (4,), 6)
+    x = rng.standard_normal((1, 33))
+    y = nm.ssm_filter(A, B, C, da.from_array(x, chunks=10))
+    assert y.shape == (4, 33)
+    close(compute(y)[0], nm.ssm_filter(A, B, C, x))
+
+
+def test_filter_conv_mode_and_float32(rng):
+    A, B, C = lti(rng, (2,), 4)
+    x = rng.standard_normal((2, 64))
+    y = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(2, 20)), mode="conv")
+    close(compute(y)[0], nm.ssm_filter(A, B, C, x))
+    x32 = x.astype(np.float32)
+    y32 = nm.ssm_filter(A, B, C, da.from_array(x32, chunks=(2, 20)))
+    assert y32.dtype == np.float32
+    close(compute(y32)[0], nm.ssm_filter(A, B, C, x32), rtol=1e-5)
+
+
+def test_filter_is_lazy_and_reads_each_chunk_once():
+    A = -np.linspace(0.1, 1, 4)[None].repeat(2, 0)
+    B = np.ones((2, 4))
+    C = np.ones((2, 4))
+    calls = []
+    lock = threading.Lock()
+
+    def piece(block_info=None):
+        with lock:
+            calls.append(block_info[None]["chunk-location"])
+        start = block_info[None]["array-location"][1][0]
+        return np.sin(0.1 * np.arange(start, start + block_info[None]["chunk-shape"][1])
+                      )[None].repeat(2, 0)
+
+    x = da.map_blocks(piece, chunks=((2,), (10,) * 5), dtype=np.float64)
+    y, zf = nm.ssm_filter(A, B, C, x, zi=np.zeros((2, 4)))
+    assert calls == []  # nothing computed to build the graph
+    got, got_zf = compute(y, zf)
+    assert sorted(calls) == [(0, k) for k in range(5)]  # each chunk once, shared by both passes
+    want, want_zf = nm.ssm_filter(A, B, C, np.sin(0.1 * np.arange(50))[None].repeat(2, 0),
+                                  zi=np.zeros((2, 4)))
+    close(got, want)
+    close(got_zf, want_zf)
+
+
+def test_filter_errors(rng):
+    A, B, C = lti(rng, (2,), 3)
+    xd = da.zeros((2, 20), chunks=5)
+    with pytest.raises(ValueError, match=r"dt must have length 1 or 20"):
+        nm.ssm_filter(A, B, C, xd, dt=da.ones((2, 7), chunks=7))
+    with pytest.raises(ValueError, match=r"B must have 3 states"):
+        nm.ssm_filter(A, np.ones((2, 5)), C, xd)
+    with pytest.raises(ValueError, match=r"axis must be an integer"):
+        nm.ssm_filter(A, B, C, xd, axis=2)
+    y = nm.ssm_filter(A, B, C, xd, dt=-da.ones((2, 20), chunks=5))  # values: at compute
+    with pytest.raises(ValueError, match=r"dt must be finite and >= 0"):
+        compute(y)
+
+
+# -------------------------------------------------------------- selective_scan
+def scan_args(rng, Bt, Dc, N, L, bc="var", G=1):
+    u = rng.standard_normal((Bt, Dc, L))
+    delta = rng.uniform(-2, 1, (Bt, Dc, L))
+    A = -rng.uniform(0.5, 2.0, (Dc, N))
+    shape = {"const": (Dc, N), "var": (Bt, N, L), "grouped": (Bt, G, N, L)}[bc]
+    return u, delta, A, rng.standard_normal(shape), rng.standard_normal(shape)
+
+
+@pytest.mark.parametrize("bc,G,chunks", [
+    ("var", 1, (1, 3, (1, 9, 10, 20))),
+    ("const", 1, (2, 2, 7)),
+    ("grouped", 2, (2, 2, (1,) * 5 + (35,))),   # channel chunks on group borders
+    ("grouped", 2, (1, (1, 3), 13)),           # a chunk straddling two groups
+])
+def test_scan_any_chunks(rng, bc, G, chunks):
+    u, delta, A, B, C = scan_args(rng, 2, 4, 3, 40, bc, G)
+    D = rng.standard_normal(4)
+    z = rng.standard_normal(u.shape)
+    bias = rng.uniform(-1, 1, 4)
+    h0 = rng.standard_normal((2, 4, 3))
+    ud = da.from_array(u, chunks=chunks)
+    dd = da.from_array(delta, chunks=chunks)
+    y, h = nm.selective_scan(ud, dd, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
+                             return_last_state=True, initial_state=h0)
+    assert y.chunks == ud.chunks and h.shape == (2, 4, 3)
+    want, want_h = nm.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias,
+                                     delta_softplus=True, return_last_state=True,
+                                     initial_state=h0)
+    check((y, h), (want, want_h))
+
+
+def test_scan_without_softplus_and_state(rng):
+    u, delta, A, B, C = scan_args(rng, 1, 2, 4, 30)
+    delta = np.abs(delta)
+    y = nm.selective_scan(da.from_array(u, chunks=(1, 1, 8)), da.from_array(delta, chunks=10),
+                          A, da.from_array(B, chunks=(1, 4, 6)), C)
+    close(compute(y)[0], nm.selective_scan(u, delta, A, B, C))
+
+
+def test_scan_float32(rng):
+    u, delta, A, B, C = (v.astype(np.float32) for v in scan_args(rng, 1, 2, 4, 30))
+    y, h = nm.selective_scan(da.from_array(u, chunks=(1, 2, 7)), delta, A, B, C,
+                             delta_softplus=True, return_last_state=True)
+    want, want_h = nm.selective_scan(u, delta, A, B, C, delta_softplus=True,
+                                     return_last_state=True)
+    check((y, h), (want, want_h), rtol=2e-5)
+
+
+def test_scan_errors(rng):
+    u, delta, A, B, C = scan_args(rng, 1, 2, 4, 30)
+    ud = da.from_array(u, chunks=10)
+    with pytest.raises(TypeError, match="out must be None"):
+        nm.selective_scan(ud, delta, A, B, C, out=np.empty_like(u))
+    with pytest.raises(ValueError, match=r"delta must have length 30"):
+        nm.selective_scan(ud, delta[..., :20], A, B, C)
+    with pytest.raises(ValueError, match=r"A must have shape \(2, N\)"):
+        nm.selective_scan(ud, delta, A[:1], B, C)
+
+
+# ------------------------------------------------------- on a LocalCluster
+def test_local_cluster_two_processes(rng):
+    distributed = pytest.importorskip("distributed")
+    A, B, C = lti(rng, (4,), 8)
+    x = rng.standard_normal((4, 3000))
+    zi = rng.standard_normal((4, 8))
+    u, delta, sA, sB, sC = scan_args(rng, 2, 3, 4, 200)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        y, zf = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(2, 700)), zi=zi)
+        s, h = nm.selective_scan(da.from_array(u, chunks=(1, 3, 60)), delta, sA, sB, sC,
+                                 delta_softplus=True, return_last_state=True)
+        got, got_zf, got_s, got_h = client.compute([y, zf, s, h], sync=True)
+        assert len(client.scheduler_info()["workers"]) == 2
+    want, want_zf = nm.ssm_filter(A, B, C, x, zi=zi)
+    close(got, want)
+    close(got_zf, want_zf)
+    want_s, want_h = nm.selective_scan(u, delta, sA, sB, sC, delta_softplus=True,
+                                       return_last_state=True)
+    close(got_s, want_s)
+    close(got_h, want_h)
