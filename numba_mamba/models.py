@@ -639,8 +639,25 @@ def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
     return out, ModelCache(config, c_stem, norms, blocks, c_normf, c_head)
 
 
-def model_backward(dout: Any, cache: Any) -> tuple:
+def model_backward(dout: Any, cache: Any, on_grads: Any = None) -> tuple:
     """Gradients of :func:`model_forward`.
+
+    Parameters
+    ----------
+    dout : array
+        Gradient of the loss with respect to the model's output.
+    cache : ModelCache
+    on_grads : callable, optional
+        ``on_grads(names, grads)``, called as soon as a group of gradients
+        is final (nothing later in the backward changes them), in the order
+        of the backward: the head and ``norm_f`` first, then each layer from
+        the last to the first, then the stem (the embedding, tied to the
+        head or not, or the encoder).  ``names`` is a list of parameter
+        names and ``grads`` the list of their gradients; every parameter
+        comes exactly once.  On the GPU the arrays' values are final on the
+        current stream (work queued after it sees them).  Data-parallel
+        training (:mod:`numba_mamba.distributed`) starts averaging them
+        across ranks while the backward goes on.
 
     Returns
     -------
@@ -651,6 +668,11 @@ def model_backward(dout: Any, cache: Any) -> tuple:
     """
     config = cache.config
     g = {}
+
+    def final(names):
+        if on_grads is not None:
+            on_grads(names, [g[k] for k in names])
+
     dhf, dW, db = linear_backward(dout, cache.head)
     if config.head == "lm":
         head_name = "embedding.weight" if config.tie_embeddings else "lm_head.weight"
@@ -658,18 +680,22 @@ def model_backward(dout: Any, cache: Any) -> tuple:
     else:
         g["decoder.weight"], g["decoder.bias"] = dW, db
     dh, g["norm_f.weight"] = rmsnorm_backward(dhf, cache.norm_f)
+    final([k for k in g if k != "embedding.weight"])  # (a tied head: final with the stem)
     for i in reversed(range(config.n_layers)):
         dhn, gb = mamba_block_backward(dh, cache.blocks[i])
         for k, v in gb.items():
             g[f"layers.{i}.mixer.{k}"] = v
         dh_norm, g[f"layers.{i}.norm.weight"] = rmsnorm_backward(dhn, cache.norms[i])
+        final([f"layers.{i}.mixer.{k}" for k in gb] + [f"layers.{i}.norm.weight"])
         dh = dh + dh_norm
     if config.head == "lm":
         dE = embedding_backward(dh, cache.stem)
         g["embedding.weight"] = g["embedding.weight"] + dE if config.tie_embeddings else dE
         dinputs = None
+        final(["embedding.weight"])
     else:
         dinputs, g["encoder.weight"], g["encoder.bias"] = linear_backward(dh, cache.stem)
+        final(["encoder.weight", "encoder.bias"])
     return dinputs, g
 
 
