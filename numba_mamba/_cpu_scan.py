@@ -184,6 +184,32 @@ def _block_params(par, A, B, C, b_var, c_var, d0, kb):
 
 
 @njit(inline="always")
+def _step(par, cur, dts, dtx, ys, Bs, Cs, s, st, keep):
+    """Step s of a tile for every state and lane: par[n, _H] becomes h_t,
+    ys[s] gets y_t = <C_t, h_t>; with ``keep`` also st[s + 1, n] = (h_t,
+    decay).  The forward and the backward's recomputation both run this, so
+    the backward sees the forward's states bit for bit."""
+    lanes = _lane_count(par)
+    for k in range(lanes):
+        cur[_DT, k] = dts[s * lanes + k]
+        cur[_DTX, k] = dtx[s * lanes + k]
+        cur[_Y, k] = 0
+    for n in range(par.shape[0]):
+        b_sn = Bs[s, n]
+        c_sn = Cs[s, n]
+        for k in range(lanes):
+            a = vexp(cur[_DT, k] * par[n, _A, k])
+            hn = fma(a, par[n, _H, k], cur[_DTX, k] * (par[n, _B, k] * b_sn))
+            par[n, _H, k] = hn
+            cur[_Y, k] = fma(par[n, _C, k] * c_sn, hn, cur[_Y, k])
+            if keep:
+                st[s + 1, n, 0, k] = hn
+                st[s + 1, n, 1, k] = a
+    for k in range(lanes):
+        ys[s * lanes + k] = cur[_Y, k]
+
+
+@njit(inline="always")
 def _add_lanes(tile, v, steps):
     """tile[s * lanes + k] += v[k]."""
     lanes = _lane_count(tile)
@@ -320,6 +346,7 @@ def _forward_kernel(u, delta, A, B, C, D, z, delta_bias, h0, blocks, tile,
         # par[n, _B, k] * Bs[s, n], one factor of the two 1.
         par = np.zeros((N, 8, lanes), dtype=ftype)
         cur = np.zeros((8, lanes), dtype=ftype)
+        no_states = np.zeros((1, 1, 2, lanes), dtype=ftype)  # (the forward keeps none)
         _block_params(par, A, B, C, b_var, c_var, d0, kb)
         Dk = np.zeros(lanes, dtype=ftype)
         biask = np.zeros(lanes, dtype=ftype)
@@ -357,20 +384,7 @@ def _forward_kernel(u, delta, A, B, C, D, z, delta_bias, h0, blocks, tile,
                     _softplus_flat(dts, flat)
                 _mul_flat(dts, xs, dtx, flat)
                 for s in range(steps):
-                    for k in range(lanes):
-                        cur[_DT, k] = dts[s * lanes + k]
-                        cur[_DTX, k] = dtx[s * lanes + k]
-                        cur[_Y, k] = zero
-                    for n in range(N):
-                        b_sn = Bs[s, n]
-                        c_sn = Cs[s, n]
-                        for k in range(lanes):
-                            a = vexp(cur[_DT, k] * par[n, _A, k])
-                            hn = fma(a, par[n, _H, k], cur[_DTX, k] * (par[n, _B, k] * b_sn))
-                            par[n, _H, k] = hn
-                            cur[_Y, k] = fma(par[n, _C, k] * c_sn, hn, cur[_Y, k])
-                    for k in range(lanes):
-                        ys[s * lanes + k] = cur[_Y, k]
+                    _step(par, cur, dts, dtx, ys, Bs, Cs, s, no_states, False)
                 if has_D:
                     _fma_lanes(ys, Dk, xs, steps)
                 if has_z:
@@ -501,22 +515,7 @@ def _backward_kernel(dout, dlast, u, delta, A, B, C, D, z, delta_bias, chunk_sta
                         par[n, _H, k] = h
                         st[0, n, 0, k] = h
                 for s in range(steps):
-                    for k in range(lanes):
-                        cur[_DT, k] = dts[s * lanes + k]
-                        cur[_DTX, k] = dtx[s * lanes + k]
-                        cur[_Y, k] = zero
-                    for n in range(N):
-                        b_sn = Bs[s, n]
-                        c_sn = Cs[s, n]
-                        for k in range(lanes):
-                            a = vexp(cur[_DT, k] * par[n, _A, k])
-                            hn = fma(a, par[n, _H, k], cur[_DTX, k] * (par[n, _B, k] * b_sn))
-                            par[n, _H, k] = hn
-                            st[s + 1, n, 0, k] = hn
-                            st[s + 1, n, 1, k] = a
-                            cur[_Y, k] = fma(par[n, _C, k] * c_sn, hn, cur[_Y, k])
-                    for k in range(lanes):
-                        ys[s * lanes + k] = cur[_Y, k]
+                    _step(par, cur, dts, dtx, ys, Bs, Cs, s, st, True)
                 # upstream gradient at y: dy = dout * silu(z), and dz
                 _load_tile(dout, b, d0, kb, t0, steps, gs)
                 if has_z:
