@@ -148,7 +148,8 @@ def _build(name, out_dims, chunks, pass1, pass2, args, state0, need_last):
     """
     lead = out_dims[:-1]
     token = name.rsplit("-", 1)[-1]
-    p1_name, st_name = f"pass1-{token}", f"state-{token}"
+    p1_name, st_name, done_name = f"pass1-{token}", f"state-{token}", f"done-{token}"
+    ahead = lookahead()
     dsk, last = {}, {}
 
     def task(fn_names, block, *extra):
@@ -165,11 +166,50 @@ def _build(name, out_dims, chunks, pass1, pass2, args, state0, need_last):
             if k < len(chunks["t"]) - 1 or need_last:
                 p1 = (p1_name,) + lead_index + (k,)
                 dsk[p1] = task(pass1, block)
+                if k >= ahead:  # (after pass 2 of chunk k - ahead: a bounded read-ahead)
+                    done = (done_name,) + lead_index + (k - ahead,)
+                    dsk[done] = (_done, (name,) + lead_index + (k - ahead,))
+                    dsk[p1] = (_first, dsk[p1], done)
                 dsk[(st_name,) + lead_index + (k,)] = (_chain, state, p1)
                 state = (st_name,) + lead_index + (k,)
         if need_last:
             last[lead_index] = state
     return dsk, last
+
+
+def lookahead():
+    """How many time chunks pass 1 may run ahead of pass 2 (per block of
+    channels): Dask's configuration value ``numba-mamba.lookahead``, 8 if
+    unset.  Each chunk read ahead is held in memory until its pass 2; up to
+    this many chunks' passes run in parallel per block of channels, so a
+    cluster of ``P`` workers wants about ``2 P`` (or channel blocks).
+
+    Examples
+    --------
+    >>> import dask
+    >>> from numba_mamba.dask import lookahead
+    >>> lookahead()
+    8
+    >>> with dask.config.set({"numba-mamba.lookahead": 200}):
+    ...     lookahead()
+    200
+    """
+    import dask
+
+    value = dask.config.get("numba-mamba.lookahead", 8)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"the Dask configuration value numba-mamba.lookahead must be an "
+                         f"integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _done(_):
+    """A token that a chunk's pass 2 finished (holding nothing of it)."""
+    return None
+
+
+def _first(value, *_):
+    return value
 
 
 class _Call:

@@ -9,6 +9,7 @@ import numba_mamba as nm
 
 da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
+Callback = pytest.importorskip("dask.callbacks").Callback
 
 
 def close(got, want, rtol=1e-12):
@@ -144,6 +145,42 @@ def test_filter_is_lazy_and_reads_each_chunk_once():
                                   zi=np.zeros((2, 4)))
     close(got, want)
     close(got_zf, want_zf)
+
+
+class HeldChunks(Callback):
+    """The most arrays with ``width`` samples that the scheduler held at once."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width, self.most = width, 0
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        held = sum(isinstance(v, np.ndarray) and v.shape[-1] == self.width
+                   for v in state["cache"].values())
+        self.most = max(self.most, held)
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_filter_streams(ahead):
+    """In Dask's order (the synchronous scheduler) the chunks stream: a few
+    held at once, whatever their number (see the benchmark for a cluster)."""
+    A, B, C = lti(np.random.default_rng(0), (2,), 3)
+    x = da.random.default_rng(1).standard_normal((2, 8 * 40), chunks=(2, 8))
+    with dask.config.set({"numba-mamba.lookahead": ahead}):
+        y, zf = nm.ssm_filter(A, B, C, x, zi=np.zeros((2, 3)))
+    with HeldChunks(8) as held:
+        total, h = dask.compute(y.sum(axis=-1), zf, scheduler="sync")
+    assert held.most <= ahead + 2
+    want, want_h = nm.ssm_filter(A, B, C, x.compute(), zi=np.zeros((2, 3)))
+    close(np.asarray(total), want.sum(axis=-1))
+    close(np.asarray(h), want_h)
+
+
+def test_lookahead_setting():
+    for bad in (0, 2.5, True):
+        with dask.config.set({"numba-mamba.lookahead": bad}), \
+                pytest.raises(ValueError, match="numba-mamba.lookahead must be an integer"):
+            nm.ssm_filter(np.array([-1.0]), np.ones(1), np.ones(1), da.ones(10, chunks=5))
 
 
 def test_filter_errors(rng):

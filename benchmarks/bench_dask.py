@@ -1,0 +1,182 @@
+"""A long multichannel LTI filter on Dask (issue 25) against pieces with zi/zf one after another.
+
+The signal, ``channels x 2^log2-length`` float64 samples, is generated lazily
+chunk by chunk (a chunk is a function of its position: the same numbers in
+every run and in the baseline); it is never held whole.  Compared:
+
+* ``pieces``: one process calls ``ssm_filter(..., zi=h)`` on the chunks one
+  after another (generating each), keeping the state -- the way a user
+  streams a signal larger than memory without Dask;
+* ``dask``: ``ssm_filter`` on the Dask array (pass 1, the prefix over chunks,
+  pass 2; see numba_mamba.dask) on a ``LocalCluster`` of 1 and 2 worker
+  processes with one thread each.
+
+Both reduce the output to its sum per channel (so that nothing of the
+length of the signal is kept) and return the final state; the two must
+agree.  Every worker, and the baseline, runs one thread (Numba, BLAS), so
+the scaling is the workers'.  Reported: wall time (the Dask one includes
+building the graph and scheduling), the peak resident memory of each worker
+process (``ru_maxrss``; a fresh cluster per run) and that of the baseline's.
+
+Run::
+
+    python benchmarks/bench_dask.py --quick            # ~1 min on 2 cores
+    python benchmarks/bench_dask.py                    # the issue's 64 x 16 x 2^24
+
+The many-series part of the issue (1,000 AR(2) series, fit and forecast per
+series on the cluster) is not benchmarked here.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import time
+
+for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+             "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"  # (before NumPy and Numba load; workers inherit it)
+
+import numpy as np  # noqa: E402
+
+
+def piece(channels, start, n, seed):
+    """Samples ``start .. start + n`` of the test signal (channels, n): white
+    noise plus a slow sine, generated from the chunk's position."""
+    rng = np.random.default_rng([seed, start])
+    t = np.arange(start, start + n)
+    return rng.standard_normal((channels, n)) + np.sin(2e-5 * t)[None, :]
+
+
+def filter_bank(channels, states):
+    rng = np.random.default_rng(1)
+    A = -np.exp(rng.uniform(np.log(1e-4), np.log(1.0), (channels, states)))
+    B = rng.standard_normal((channels, states))
+    C = rng.standard_normal((channels, states)) / states
+    return A, B, C
+
+
+def peak_rss_mib():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pieces(channels, states, length, chunk, seed):
+    """The baseline: chunks one after another with zi/zf (in one worker process)."""
+    import numba_mamba as nm
+
+    A, B, C = filter_bank(channels, states)
+    h = np.zeros((channels, states))
+    nm.ssm_filter(A, B, C, piece(channels, 0, 16, seed), zi=h)  # (compile outside the timing)
+    total = np.zeros(channels)
+    t0 = time.perf_counter()
+    for start in range(0, length, chunk):
+        y, h = nm.ssm_filter(A, B, C, piece(channels, start, min(chunk, length - start), seed),
+                             zi=h)
+        total += y.sum(axis=-1)
+    return total, h, time.perf_counter() - t0, peak_rss_mib()
+
+
+def warm_up():
+    """Compile the kernels a worker runs (outside the timing)."""
+    import numba_mamba as nm
+    from numba_mamba.dask import _filter_pass1
+
+    A, B, C = filter_bank(2, 4)
+    x = piece(2, 0, 16, 0)
+    nm.ssm_filter(A, B, C, x, zi=np.zeros((2, 4)))
+    _filter_pass1(x, A[:, None], B[:, None], np.ones((1, 1)), "zoh")
+    return peak_rss_mib()
+
+
+def lazy_signal(channels, length, chunk, seed):
+    import dask.array as da
+
+    chunks = ((channels,), tuple(min(chunk, length - s) for s in range(0, length, chunk)))
+
+    def block(block_info=None):
+        (_, _), (start, stop) = block_info[None]["array-location"]
+        return piece(channels, start, stop - start, seed)
+
+    return da.map_blocks(block, chunks=chunks, dtype=np.float64,
+                         meta=np.empty((0, 0), np.float64))
+
+
+def cluster(workers):
+    from distributed import Client, LocalCluster
+
+    lc = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      memory_limit=0, dashboard_address=None)
+    client = Client(lc)
+    client.run(warm_up)
+    return lc, client
+
+
+def run_dask(workers, channels, states, length, chunk, seed):
+    import dask
+
+    import numba_mamba as nm
+
+    lc, client = cluster(workers)
+    try:
+        base = client.run(peak_rss_mib)
+        A, B, C = filter_bank(channels, states)
+        t0 = time.perf_counter()
+        y, zf = nm.ssm_filter(A, B, C, lazy_signal(channels, length, chunk, seed),
+                              zi=np.zeros((channels, states)))
+        total, h = dask.compute(y.sum(axis=-1), zf)
+        elapsed = time.perf_counter() - t0
+        peaks = client.run(peak_rss_mib)
+    finally:
+        client.close()
+        lc.close()
+    return total, h, elapsed, sorted(peaks.values()), max(base.values())
+
+
+def run_pieces(channels, states, length, chunk, seed):
+    lc, client = cluster(1)
+    try:
+        base = max(client.run(peak_rss_mib).values())
+        return client.submit(pieces, channels, states, length, chunk, seed,
+                             pure=False).result() + (base,)
+    finally:
+        client.close()
+        lc.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--states", type=int, default=16)
+    parser.add_argument("--log2-length", type=int, default=24)
+    parser.add_argument("--log2-chunk", type=int, default=18)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="2^21 samples in chunks of 2^17 (about a minute on 2 cores)")
+    args = parser.parse_args()
+    if args.quick:
+        args.log2_length, args.log2_chunk = 21, 17
+    length, chunk = 2 ** args.log2_length, 2 ** args.log2_chunk
+    ch, st = args.channels, args.states
+    size = ch * length * 8 / 2 ** 30
+    print(f"# bench_dask {datetime.date.today()} {platform.node()} ({os.cpu_count()} cores): "
+          f"LTI float64, {ch} channels x {st} states x 2^{args.log2_length} samples "
+          f"({size:.2f} GiB of input), chunks of 2^{args.log2_chunk} "
+          f"({ch * chunk * 8 / 2 ** 20:.0f} MiB), {-(-length // chunk)} chunks")
+    want, want_h, t_base, peak_base, idle = run_pieces(ch, st, length, chunk, args.seed)
+    print(f"| run | workers | time s | vs pieces | peak RSS per worker MiB (idle {idle:.0f}) |")
+    print("|---|---|---|---|---|")
+    print(f"| pieces with zi/zf | 1 | {t_base:.2f} | 1.00 | {peak_base:.0f} |")
+    for w in args.workers:
+        total, h, t, peaks, idle = run_dask(w, ch, st, length, chunk, args.seed)
+        err = max(np.abs(total - want).max() / np.abs(want).max(),
+                  np.abs(h - want_h).max() / np.abs(want_h).max())
+        if err > 1e-9:
+            raise SystemExit(f"dask and pieces disagree: relative difference {err:.2e}")
+        print(f"| dask ssm_filter | {w} | {t:.2f} | {t / t_base:.2f} | "
+              f"{', '.join(f'{p:.0f}' for p in peaks)} |")
+
+
+if __name__ == "__main__":
+    main()
