@@ -15,16 +15,17 @@ multiplicative) and trend damping chosen by AIC on the training months;
 and, for reference, ``ExponentialSmoothing(trend="add", seasonal="add")``
 with statsmodels' default fit.
 
-The forecaster is the one of ``forecast_sunspots.py``: a ridge linear
-autoregression of the next 48 months on the last ``lookback`` months plus a
-small Mamba model on the instance-normalised window that learns the
+The forecaster is the library's default, ``MambaForecaster(season=12)``
+fitted with ``fit(train, fh=48)`` (see ``forecast_sunspots.py``): a ridge
+linear autoregression of the next 48 months on the last ``lookback`` months
+plus a small Mamba model on the instance-normalised window that learns the
 remainder; lookbacks of one, two and three years (12, 24, 36), median over
 lookbacks x seeds; the ridge penalty and each member's stopping step are
 chosen on the last 15 % of the training months, then each member is
 refitted on all of them.
 
 Run:  python examples/forecast_co2.py [--quick] [--device cpu|gpu] [--seed 0]
-      [--members 3] [--lookbacks 12,24,36] [--out co2_forecast.png]
+      [--members 3] [--out co2_forecast.png]
 """
 
 import argparse
@@ -61,7 +62,6 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="one seed per lookback, no Mamba-alone row (under a minute on one core)")
     ap.add_argument("--members", type=int, default=3, help="seeds per lookback")
-    ap.add_argument("--lookbacks", default="12,24,36", help="lookbacks of the ensemble")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "co2_forecast.png"))
@@ -87,11 +87,11 @@ def main():
         sarima = SARIMAX(train, order=(1, 1, 1), seasonal_order=(0, 1, 1, 12)).fit(disp=False)
         rows.append(("SARIMA(1,1,1)(0,1,1,12)", sarima.forecast(h)))
 
-    lookbacks, seeds, secs = mamba_rows(rows, train, h, args, xp)
+    f, secs = mamba_rows(rows, train, h, args, xp, season=12)
 
     print(f"\nCO2 monthly, train {dates[0]:%Y-%m} .. {dates[-h - 1]:%Y-%m} ({len(train)} months), "
-          f"test {dates[-h]:%Y-%m} .. {dates[-1]:%Y-%m} (h = {h}); lookbacks {lookbacks}, "
-          f"seeds {seeds}; MASE scale: seasonal naive m = 12")
+          f"test {dates[-h]:%Y-%m} .. {dates[-1]:%Y-%m} (h = {h}); lookbacks {list(f.lookbacks_)}, "
+          f"seeds {f.seed}..{f.seed + f.n_seeds - 1}; MASE scale: seasonal naive m = 12")
     print(table(rows, test, train, 12))
     print(f"Mamba: {secs:.1f} s on {args.device} (all fits + predictions)")
 

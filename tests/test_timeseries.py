@@ -1,5 +1,7 @@
 """Forecasting API (numba_mamba.timeseries): windows, scaling, metrics, the time-aware model,
-fit/predict, save/load and bad input.  CPU; one GPU test runs where CuPy sees a GPU."""
+and the single-lookback engine of the forecaster (fit/predict, linear skip, bad input).  The
+public MambaForecaster is tested in test_timeseries_forecaster.py.  CPU (the GPU tests are in
+test_gpu_timeseries.py)."""
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from numba_mamba.checkpoint import CheckpointError, save_checkpoint
 from numba_mamba.timeseries import (MambaForecaster, Scaler, mae, make_windows, mase, rmse,
                                     seasonal_naive, smape, timed_model_backward,
                                     timed_model_forward)
+from numba_mamba._ts_engine import _LookbackModel as Engine
 
 SMALL = dict(d_model=8, n_layers=1, d_state=4, progress=False)
 
@@ -186,7 +189,7 @@ def test_fit_predict_on_ar2_reaches_near_the_noise_floor():
     sigma = 0.5
     y = _ar2(700, sigma=sigma)
     train, n = 600, 700
-    f = MambaForecaster(lookback=16, horizon=1, steps=300, lr=1e-2, val_fraction=0.15,
+    f = Engine(lookback=16, horizon=1, steps=300, lr=1e-2, val_fraction=0.15,
                         patience=4, seed=0, **SMALL).fit(y[:train])
     pred = np.array([f.predict(1, y=y[:o])[0] for o in range(train, n)])
     mse = np.mean((pred - y[train:n]) ** 2)
@@ -198,46 +201,21 @@ def test_fit_predict_on_ar2_reaches_near_the_noise_floor():
 def test_same_seed_gives_identical_forecasts():
     y = _ar2(200)
     kw = dict(lookback=12, horizon=3, steps=30, val_fraction=0.0, seed=3, **SMALL)
-    a = MambaForecaster(**kw).fit(y).predict(3)
-    b = MambaForecaster(**kw).fit(y).predict(3)
+    a = Engine(**kw).fit(y).predict(3)
+    b = Engine(**kw).fit(y).predict(3)
     np.testing.assert_array_equal(a, b)
 
 
 def test_multivariate_forecast_shapes_and_recursive_extension_starts_with_direct_block():
     rng = np.random.default_rng(0)
     y = np.cumsum(rng.standard_normal((150, 3)), axis=0)
-    f = MambaForecaster(lookback=12, horizon=4, steps=20, val_fraction=0.2, n_members=2,
+    f = Engine(lookback=12, horizon=4, steps=20, val_fraction=0.2, n_members=2,
                         scaler="robust", **SMALL).fit(y)
     direct = f.predict(4)
     longer = f.predict(10)
     assert direct.shape == (4, 3) and longer.shape == (10, 3)
     np.testing.assert_allclose(longer[:4], direct, rtol=1e-6)
     assert len(f.history_) == 2 and f.history_[0]["best_step"] <= 20
-
-
-def test_save_load_round_trip_predicts_identically(tmp_path):
-    y = _ar2(160)
-    f = MambaForecaster(lookback=10, horizon=3, steps=20, val_fraction=0.2, n_members=2,
-                        instance_norm=True, **SMALL).fit(y)
-    path = tmp_path / "forecaster.npz"
-    f.save(path)
-    g = MambaForecaster.load(path)
-    np.testing.assert_array_equal(g.predict(3), f.predict(3))
-    np.testing.assert_array_equal(g.predict(7, y=y[:100]), f.predict(7, y=y[:100]))
-    assert g.settings == f.settings and g.config_ == f.config_
-
-
-def test_save_load_round_trip_with_sample_times(tmp_path):
-    rng = np.random.default_rng(1)
-    t = np.cumsum(rng.uniform(0.1, 1.0, 120))
-    y = np.stack([np.sin(t), np.cos(0.5 * t)], axis=1)
-    f = MambaForecaster(lookback=10, horizon=2, steps=15, val_fraction=0.0, **SMALL)
-    f.fit(y, t=t)
-    f.save(tmp_path / "f.npz")
-    g = MambaForecaster.load(tmp_path / "f.npz")
-    tf = t[-1] + np.array([0.3, 0.9, 1.2])
-    np.testing.assert_array_equal(g.predict(3, t_future=tf), f.predict(3, t_future=tf))
-    assert f.predict(3, t_future=tf).shape == (3, 2)
 
 
 def test_sample_times_reduce_error_on_an_irregularly_sampled_sine():
@@ -247,8 +225,8 @@ def test_sample_times_reduce_error_on_an_irregularly_sampled_sine():
     t = np.cumsum(rng.uniform(0.1, 1.5, 360))
     y = np.sin(t)
     kw = dict(lookback=16, horizon=1, steps=150, lr=1e-2, val_fraction=0.0, seed=0, **SMALL)
-    timed = MambaForecaster(**kw).fit(y[:300], t=t[:300])
-    plain = MambaForecaster(**kw).fit(y[:300])
+    timed = Engine(**kw).fit(y[:300], t=t[:300])
+    plain = Engine(**kw).fit(y[:300])
     e_timed = np.mean([(timed.predict(1, y=y[:o], t=t[:o], t_future=t[o:o + 1])[0] - y[o]) ** 2
                        for o in range(300, 360)])
     e_plain = np.mean([(plain.predict(1, y=y[:o])[0] - y[o]) ** 2 for o in range(300, 360)])
@@ -260,7 +238,7 @@ def test_linear_skip_alone_is_the_ridge_direct_autoregression():
     # on the last P scaled values (and 1), fitted on every window of the series
     y = _ar2(150) + 3.0
     P, H, lam = 6, 3, 1e-2
-    f = MambaForecaster(lookback=10, horizon=H, skip_lags=P, skip_ridge=lam, steps=0,
+    f = Engine(lookback=10, horizon=H, skip_lags=P, skip_ridge=lam, steps=0,
                         linear_skip=True, val_fraction=0.0, **SMALL).fit(y)
     z = (y - y.mean()) / y.std()
     X, Y = make_windows(z, P, H)
@@ -277,7 +255,7 @@ def test_linear_skip_members_validate_against_the_same_skip_and_refit_uses_all_d
     y = _ar2(200)
     kw = dict(lookback=12, horizon=2, linear_skip=True, val_fraction=0.2, refit=True,
               n_members=2, steps=10, eval_every=5, **SMALL)
-    f = MambaForecaster(**kw).fit(y)
+    f = Engine(**kw).fit(y)
     # step 0 (the skip alone, the head is 0) is scored first, with the skip of the training
     # part for every member: the refit's skip (all of y) must not leak into validation
     v0 = [h["val_losses"][0] for h in f.history_]
@@ -298,7 +276,7 @@ def test_linear_skip_with_mamba_beats_the_skip_alone_on_a_nonlinear_series():
     y = np.zeros(700)
     for t in range(1, 700):
         y[t] = 1.5 * np.sin(2 * y[t - 1]) + 0.3 * rng.standard_normal()
-    f = MambaForecaster(lookback=8, horizon=1, linear_skip=True,
+    f = Engine(lookback=8, horizon=1, linear_skip=True,
                         steps=200, lr=1e-2, val_fraction=0.2, patience=100, seed=0,
                         **SMALL).fit(y)
     h = f.history_[0]
@@ -306,23 +284,22 @@ def test_linear_skip_with_mamba_beats_the_skip_alone_on_a_nonlinear_series():
     assert h["best_step"] > 0 and h["best_val"] < 0.3 * v0, (h["best_val"], v0)
 
 
-def test_median_combine_and_save_load_with_linear_skip(tmp_path):
+def test_median_combine_with_linear_skip_and_constructor_errors():
     y = _ar2(160)
     kw = dict(lookback=10, horizon=3, steps=15, val_fraction=0.0, n_members=3,
               linear_skip=True, instance_norm=True, **SMALL)
-    f = MambaForecaster(combine="median", **kw).fit(y)
-    m = MambaForecaster(combine="mean", **kw).fit(y)
-    f.save(tmp_path / "f.npz")
-    g = MambaForecaster.load(tmp_path / "f.npz")
-    np.testing.assert_array_equal(g.predict(5), f.predict(5))
-    np.testing.assert_array_equal(g.skip_, f.skip_)
+    f = Engine(combine="median", **kw).fit(y)
+    m = Engine(combine="mean", **kw).fit(y)
+    members = f.predict(3, members=True)
+    assert members.shape == (3, 3)
+    np.testing.assert_array_equal(f.predict(3), np.median(members, axis=0))
     assert not np.allclose(f.predict(3), m.predict(3))  # median of 3 differs from the mean
     with pytest.raises(ValueError, match="combine must be one of"):
-        MambaForecaster(combine="max")
+        Engine(combine="max")
     with pytest.raises(ValueError, match="skip_lags must be <= lookback = 10"):
-        MambaForecaster(lookback=10, skip_lags=11, linear_skip=True)
+        Engine(lookback=10, skip_lags=11, linear_skip=True)
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
-        MambaForecaster(steps=0)  # 0 steps only with the linear skip
+        Engine(steps=0)  # 0 steps only with the linear skip
 
 
 # ---------------------------------------------------------------- bad input
@@ -333,28 +310,28 @@ def test_rejects_nan_in_the_series_naming_the_indices():
     y[[10, 50]] = np.nan
     with pytest.raises(ValueError, match=r"y must be finite, got NaN or inf at 2 time "
                                          r"index\(es\), first \[10, 50\]"):
-        MambaForecaster(lookback=8, **SMALL).fit(y)
+        Engine(lookback=8, **SMALL).fit(y)
 
 
 def test_rejects_non_positive_horizon():
-    f = MambaForecaster(lookback=8, horizon=2, steps=2, val_fraction=0.0, **SMALL)
+    f = Engine(lookback=8, horizon=2, steps=2, val_fraction=0.0, **SMALL)
     f.fit(_ar2(60))
     for h in (0, -3, 1.5):
         with pytest.raises(ValueError, match="horizon must be a positive integer"):
             f.predict(h)
     with pytest.raises(ValueError, match="horizon must be an integer >= 1, got 0"):
-        MambaForecaster(lookback=8, horizon=0)
+        Engine(lookback=8, horizon=0)
 
 
 def test_rejects_series_too_short_for_the_lookback():
     with pytest.raises(ValueError, match=r"at least lookback \+ horizon = 25 samples "
                                          r"\(lookback=20, horizon=5\), got 24"):
-        MambaForecaster(lookback=20, horizon=5, val_fraction=0.0, **SMALL).fit(np.ones(24))
+        Engine(lookback=20, horizon=5, val_fraction=0.0, **SMALL).fit(np.ones(24))
     # 0.2 * 30 -> 6 validation samples, at least horizon = 5
     with pytest.raises(ValueError, match=r"\+ validation samples = 31 samples .*"
                                          r"6 for validation\), got 30"):
-        MambaForecaster(lookback=20, horizon=5, val_fraction=0.2, **SMALL).fit(np.ones(30))
-    f = MambaForecaster(lookback=8, steps=2, val_fraction=0.0, **SMALL).fit(_ar2(40))
+        Engine(lookback=20, horizon=5, val_fraction=0.2, **SMALL).fit(np.ones(30))
+    f = Engine(lookback=8, steps=2, val_fraction=0.0, **SMALL).fit(_ar2(40))
     with pytest.raises(ValueError, match="y must have at least lookback = 8 samples, got 5"):
         f.predict(1, y=np.ones(5))
 
@@ -364,11 +341,11 @@ def test_rejects_bad_times_and_use_before_fit():
     t = np.arange(50.0)
     t[20] = t[19]
     with pytest.raises(ValueError, match=r"t must be strictly increasing, got t\[19\]"):
-        MambaForecaster(lookback=8, **SMALL).fit(y, t=t)
+        Engine(lookback=8, **SMALL).fit(y, t=t)
     with pytest.raises(ValueError, match=r"t must have shape \(50,\)"):
-        MambaForecaster(lookback=8, **SMALL).fit(y, t=np.arange(49.0))
+        Engine(lookback=8, **SMALL).fit(y, t=np.arange(49.0))
     with pytest.raises(RuntimeError, match="not fitted"):
-        MambaForecaster(lookback=8, **SMALL).predict(1)
+        Engine(lookback=8, **SMALL).predict(1)
 
 
 def test_load_rejects_a_checkpoint_that_is_not_a_forecaster(tmp_path):
@@ -376,23 +353,3 @@ def test_load_rejects_a_checkpoint_that_is_not_a_forecaster(tmp_path):
     save_checkpoint(path, {"w": np.zeros(2)})
     with pytest.raises(CheckpointError, match="not of a MambaForecaster"):
         MambaForecaster.load(path)
-
-
-# ---------------------------------------------------------------- GPU
-
-
-@pytest.mark.gpu
-def test_gpu_forecaster_matches_cpu_forecaster():
-    cupy = pytest.importorskip("cupy")
-    try:
-        have_gpu = cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # CUDA driver missing
-        have_gpu = False
-    if not have_gpu:
-        pytest.skip("no CUDA GPU")
-    y = _ar2(120)
-    kw = dict(lookback=10, horizon=3, steps=10, val_fraction=0.2, dtype=np.float64, **SMALL)
-    cpu = MambaForecaster(**kw).fit(y).predict(3)
-    gpu = MambaForecaster(**kw).fit(cupy.asarray(y)).predict(3)
-    assert isinstance(gpu, cupy.ndarray)
-    np.testing.assert_allclose(cupy.asnumpy(gpu), cpu, rtol=1e-6, atol=1e-8)

@@ -1,404 +1,29 @@
-"""Time-series forecasting with Mamba: a fit/predict forecaster, windowing, scaling, metrics.
+"""The single-lookback engine of the forecaster and the time-aware Mamba stack.
 
-A small API in the style of darts and sktime::
-
-    f = MambaForecaster(lookback=48, horizon=20, seed=0)
-    f.fit(y)                    # y (T,) or (T, C), NumPy (CPU) or CuPy (GPU)
-    y_hat = f.predict(20)       # (20,) or (20, C): the 20 samples after the end of y
-    f.save("model.npz"); g = MambaForecaster.load("model.npz")
-
-The model is a stack of Mamba blocks with a regression head
-(:mod:`numba_mamba.models`) read out *directly* for all ``H = horizon``
-steps at once: at every position ``k`` of a window the head emits
-``H * C`` numbers, the forecasts of ``y[k+1], ..., y[k+H]`` given
-``y[..k]``.  Prediction reads the last position of the last ``lookback``
-samples.  Horizons beyond ``H`` are forecast recursively, ``H`` steps at a
-time, feeding the forecasts back in.
-
-Irregularly sampled series
---------------------------
-Given sample times ``t`` (strictly increasing), the time step between
-samples becomes the SSM's time step.  With ``tau`` the median step of the
-training times and ``dtau_k = (t_k - t_{k-1}) / tau`` (``dtau_0 = 1``), the
-selective time step of every block is a learned multiple of it::
-
-    delta_k = softplus(dt_proj(x_k) + dt_bias) * dtau_k              (Bt, d_inner, L)
-    h_k     = exp(delta_k A) h_{k-1} + delta_k B_k x_k
-
-so the state decays over the real time elapsed (zero-order hold for ``A``
-over each gap).  On a regular grid ``dtau = 1`` and this is the plain Mamba
-block.  The inputs also carry ``dtau_k`` and the offsets of the query times,
-``(t_{k+j} - t_k) / tau`` for ``j = 1..H``, so the head knows *when* it is
-asked to forecast.  ``time_as="feature"`` keeps those inputs but leaves the
-scan's step alone (an ablation); without ``t`` the times are ignored.  The
-causal convolution inside each block still counts samples, not time.
-
-:mod:`numba_mamba.models` builds ``delta`` inside the block and has no input
-for an external time step, so the time-aware stack (:func:`timed_model_forward`,
-:func:`timed_model_backward`) is composed here from :mod:`numba_mamba.layers`
-with the same parameter names; with ``dtau = 1`` it equals
-:func:`~numba_mamba.models.model_forward`.
-
-Linear skip
------------
-With ``linear_skip=True`` the forecast is ``skip(y[k-P+1..k]) + model(window)``:
-a ridge-regression direct forecast of all ``H`` steps from the last ``P``
-scaled values (a linear autoregression, fitted in closed form, like the
-highway component of LSTNet [4]_ or the linear models of [5]_) plus the Mamba
-model's correction, trained on the skip's residuals.  With instance
-normalisation the model's inputs are the normalised window and its targets
-``(y - skip) / sd``.  ``steps=0`` gives the skip alone, an ablation.
-
-Metrics
--------
-:func:`mae`, :func:`rmse`, :func:`mase` (scaled by the in-sample mean
-absolute error of the seasonal naive forecast with period ``m`` on the
-training series) and :func:`smape` (in percent, 0 where ``|y| + |y_hat| = 0``).
-
-References
-----------
-.. [1] A. Gu and T. Dao, "Mamba: Linear-Time Sequence Modeling with Selective
-   State Spaces", arXiv:2312.00752, 2023.
-.. [2] R. J. Hyndman and A. B. Koehler, "Another look at measures of forecast
-   accuracy", International Journal of Forecasting 22(4), 2006 (MASE).
-.. [3] T. Kim et al., "Reversible Instance Normalization for Accurate
-   Time-Series Forecasting against Distribution Shift", ICLR 2022.
-.. [4] G. Lai et al., "Modeling Long- and Short-Term Temporal Patterns with
-   Deep Neural Networks" (LSTNet), SIGIR 2018.
-.. [5] A. Zeng et al., "Are Transformers Effective for Time Series
-   Forecasting?", AAAI 2023.
+:class:`_LookbackModel` trains ``n_members`` Mamba models (seeds) of one lookback with
+a direct head for ``horizon`` steps and an optional ridge linear skip; the public
+:class:`~numba_mamba.timeseries.MambaForecaster` is an ensemble of these over lookbacks.
 """
 
 import math
-import os
 from typing import NamedTuple
 
 import numpy as np
 
 from ._validation import array_namespace, is_cupy_array
-from .checkpoint import load_checkpoint, save_checkpoint
 from .layers import (conv1d_backward, conv1d_forward, linear_backward, linear_forward,
-                     rmsnorm_backward, rmsnorm_forward, selective_scan_backward,
-                     selective_scan_forward, softplus_backward, softplus_forward)
+                      rmsnorm_backward, rmsnorm_forward, selective_scan_backward,
+                      selective_scan_forward, softplus_backward, softplus_forward)
 from .models import MambaConfig, init_params, layer_params, model_backward, model_forward
 from .optim import AdamW, warmup_cosine
 from .training import TrainStep, seed_everything
+from ._ts_base import SCALERS, Scaler, _as_2d, _check_finite, _check_int
 
-__all__ = [
-    "MambaForecaster", "Scaler", "make_windows", "seasonal_naive",
-    "mae", "rmse", "mase", "smape",
-    "timed_model_forward", "timed_model_backward",
-]
+__all__ = ["timed_model_forward", "timed_model_backward"]
 
-SCALERS = ("standard", "robust", "none")
 TIME_AS = ("delta", "feature")
 TRAIN_ON = ("auto", "all", "last")
 COMBINE = ("mean", "median")
-_FORMAT = "numba-mamba-forecaster"
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _as_2d(name, y, xp=None):
-    """``y`` as a float (T, C) array of its own namespace, and whether it was 1-D."""
-    if xp is None:
-        xp = array_namespace(**{name: y}) if hasattr(y, "shape") else np
-    y = xp.asarray(y)
-    if y.ndim not in (1, 2):
-        raise ValueError(f"{name} must have shape (time,) or (time, channels), "
-                         f"got {tuple(y.shape)}")
-    if y.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold real numbers, got dtype {y.dtype}")
-    one_d = y.ndim == 1
-    return (y[:, None] if one_d else y), one_d
-
-
-def _check_finite(name, y, xp):
-    bad = ~xp.isfinite(y)
-    if bool(bad.any()):
-        rows = xp.nonzero(bad.any(axis=tuple(range(1, y.ndim))))[0]
-        first = [int(i) for i in rows[:5]]
-        raise ValueError(f"{name} must be finite, got NaN or inf at {int(rows.size)} time "
-                         f"index(es), first {first}; fill or drop them first (e.g. "
-                         f"pandas .interpolate()) or pass sample times t of the kept ones")
-
-
-def _check_int(name, v, low=1):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-    return int(v)
-
-
-# ---------------------------------------------------------------- windows and scaling
-
-
-def make_windows(y, lookback, horizon, stride=1):
-    """Sliding (input, target) windows of a series for direct multi-step forecasting.
-
-    Window ``i`` starts at ``s = i * stride``: its input is
-    ``y[s : s + lookback]`` and its target the ``horizon`` samples after it,
-    ``y[s + lookback : s + lookback + horizon]``.
-
-    Parameters
-    ----------
-    y : array, shape (T,) or (T, C)
-    lookback, horizon : int
-        Input and target lengths (both >= 1).
-    stride : int, optional
-        Step between window starts.
-
-    Returns
-    -------
-    X : array, shape (n, lookback) or (n, lookback, C)
-    Y : array, shape (n, horizon) or (n, horizon, C)
-        ``n = (T - lookback - horizon) // stride + 1``; copies, in ``y``'s namespace.
-
-    Raises
-    ------
-    ValueError
-        ``T < lookback + horizon``, or a length that is not a positive integer.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from numba_mamba.timeseries import make_windows
-    >>> X, Y = make_windows(np.arange(6.0), lookback=3, horizon=2)
-    >>> X
-    array([[0., 1., 2.],
-           [1., 2., 3.]])
-    >>> Y
-    array([[3., 4.],
-           [4., 5.]])
-    """
-    lookback = _check_int("lookback", lookback)
-    horizon = _check_int("horizon", horizon)
-    stride = _check_int("stride", stride)
-    y2, one_d = _as_2d("y", y)
-    xp = array_namespace(y=y2)
-    T = y2.shape[0]
-    if T < lookback + horizon:
-        raise ValueError(f"y must have at least lookback + horizon = {lookback + horizon} "
-                         f"samples, got {T}")
-    starts = xp.arange(0, T - lookback - horizon + 1, stride)
-    X = y2[starts[:, None] + xp.arange(lookback)]  # (n, lookback, C)
-    Y = y2[starts[:, None] + lookback + xp.arange(horizon)]  # (n, horizon, C)
-    return (X[..., 0], Y[..., 0]) if one_d else (X, Y)
-
-
-class Scaler:
-    """Per-channel affine scaling ``(y - center) / scale``, fitted on a training series.
-
-    ``method="standard"``: mean and standard deviation (ddof 0).
-    ``method="robust"``: median and interquartile range / 1.349 (the standard
-    deviation for normal data, insensitive to outliers).  ``method="none"``:
-    center 0, scale 1.  A channel of zero spread gets scale 1.
-
-    Parameters
-    ----------
-    method : {"standard", "robust", "none"}
-
-    Attributes
-    ----------
-    center_, scale_ : array, shape (C,)
-        Set by :meth:`fit`.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from numba_mamba.timeseries import Scaler
-    >>> s = Scaler("standard").fit(np.array([1.0, 2.0, 3.0, 6.0]))
-    >>> float(s.center_[0]), round(float(s.scale_[0]), 4)
-    (3.0, 1.8708)
-    >>> s.transform(np.array([3.0, 6.0])).round(4)
-    array([0.    , 1.6036])
-    >>> r = Scaler("robust").fit(np.array([1.0, 2.0, 3.0, 100.0]))
-    >>> float(r.center_[0]), round(float(r.scale_[0]), 4)  # median 2.5, IQR 27.25 - 1.75
-    (2.5, 18.9029)
-    """
-
-    def __init__(self, method="standard"):
-        if method is None:
-            method = "none"
-        if method not in SCALERS:
-            raise ValueError(f"method must be one of {SCALERS}, got {method!r}")
-        self.method = method
-        self.center_ = None
-        self.scale_ = None
-
-    def fit(self, y):
-        """Fit center and scale per channel on ``y (T,)`` or ``(T, C)``; returns self."""
-        y2, _ = _as_2d("y", y)
-        xp = array_namespace(y=y2)
-        y2 = y2.astype(np.float64)
-        if self.method == "standard":
-            center, scale = y2.mean(axis=0), y2.std(axis=0)
-        elif self.method == "robust":
-            q25, center, q75 = xp.percentile(y2, xp.asarray([25.0, 50.0, 75.0]), axis=0)
-            scale = (q75 - q25) / 1.349
-        else:
-            center, scale = xp.zeros(y2.shape[1]), xp.ones(y2.shape[1])
-        self.center_ = center
-        self.scale_ = xp.where(scale > 0, scale, 1.0)
-        return self
-
-    def _check(self, y):
-        if self.center_ is None:
-            raise RuntimeError("Scaler is not fitted: call fit(y) first")
-        y2, one_d = _as_2d("y", y)
-        if y2.shape[1] != self.center_.shape[0]:
-            raise ValueError(f"y must have {self.center_.shape[0]} channels like the series "
-                             f"the scaler was fitted on, got shape {tuple(y.shape)}")
-        return y2, one_d
-
-    def transform(self, y):
-        """``(y - center) / scale``, shape and dtype of ``y`` (float)."""
-        y2, one_d = self._check(y)
-        out = ((y2 - self.center_) / self.scale_).astype(
-            y2.dtype if y2.dtype.kind == "f" else np.float64)
-        return out[:, 0] if one_d else out
-
-    def inverse_transform(self, y):
-        """``y * scale + center``: undoes :meth:`transform`."""
-        y2, one_d = self._check(y)
-        out = (y2 * self.scale_ + self.center_).astype(
-            y2.dtype if y2.dtype.kind == "f" else np.float64)
-        return out[:, 0] if one_d else out
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def _pair(y_true, y_pred):
-    xp = array_namespace(y_true=y_true, y_pred=y_pred)
-    a, p = xp.asarray(y_true, dtype=np.float64), xp.asarray(y_pred, dtype=np.float64)
-    if a.shape != p.shape:
-        raise ValueError(f"y_pred must have shape {tuple(a.shape)} like y_true, "
-                         f"got {tuple(p.shape)}")
-    if a.size == 0:
-        raise ValueError("y_true must not be empty")
-    return xp, a, p
-
-
-def mae(y_true, y_pred):
-    """Mean absolute error ``mean(|y_true - y_pred|)`` over all elements, as a float.
-
-    Examples
-    --------
-    >>> from numba_mamba.timeseries import mae
-    >>> mae([1.0, 2.0, 3.0], [2.0, 2.0, 1.0])
-    1.0
-    """
-    xp, a, p = _pair(y_true, y_pred)
-    return float(xp.abs(a - p).mean())
-
-
-def rmse(y_true, y_pred):
-    """Root mean squared error ``sqrt(mean((y_true - y_pred)**2))``, as a float.
-
-    Examples
-    --------
-    >>> from numba_mamba.timeseries import rmse
-    >>> rmse([0.0, 0.0], [3.0, -4.0])  # sqrt((9 + 16) / 2)
-    3.5355339059327378
-    """
-    xp, a, p = _pair(y_true, y_pred)
-    return float(xp.sqrt(((a - p) ** 2).mean()))
-
-
-def mase(y_true, y_pred, y_train, m=1):
-    """Mean absolute scaled error (Hyndman & Koehler 2006).
-
-    ``MASE = mean|y_true - y_pred| / mean_t |y_train[t] - y_train[t - m]|``:
-    the forecast's MAE divided by the in-sample MAE of the seasonal naive
-    forecast with period ``m`` on the training series.  Below 1: better than
-    that naive forecast was in sample.  For several channels the scale is
-    per channel and the scaled errors are averaged over channels.
-
-    Parameters
-    ----------
-    y_true, y_pred : array, shape (h,) or (h, C)
-    y_train : array, shape (T,) or (T, C)
-        The series the forecast was made from (time along axis 0).
-    m : int, optional
-        Seasonal period of the scale (1: the random-walk naive forecast).
-
-    Returns
-    -------
-    float
-
-    Raises
-    ------
-    ValueError
-        ``y_train`` has no more than ``m`` samples, or a channel of
-        ``y_train`` has zero scale (it repeats with period ``m`` exactly;
-        MASE is then undefined).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from numba_mamba.timeseries import mase
-    >>> y_train = np.array([1.0, 3.0, 2.0, 4.0])  # naive errors 2, 1, 2: scale 5/3
-    >>> round(mase([5.0, 6.0], [4.0, 4.0], y_train), 12)  # MAE 1.5
-    0.9
-    >>> mase([5.0, 6.0], [4.0, 4.0], y_train, m=2)  # seasonal errors 1, 1: scale 1
-    1.5
-    """
-    m = _check_int("m", m)
-    xp, a, p = _pair(y_true, y_pred)
-    tr, _ = _as_2d("y_train", y_train, xp)
-    tr = tr.astype(np.float64)
-    a2, _ = _as_2d("y_true", a, xp)
-    p2, _ = _as_2d("y_pred", p, xp)
-    if a2.shape[1] != tr.shape[1]:
-        raise ValueError(f"y_train must have {a2.shape[1]} channels like y_true, "
-                         f"got shape {tuple(tr.shape)}")
-    if tr.shape[0] <= m:
-        raise ValueError(f"y_train must have more than m = {m} samples, got {tr.shape[0]}")
-    scale = xp.abs(tr[m:] - tr[:-m]).mean(axis=0)  # (C,)
-    if bool((scale == 0).any()):
-        raise ValueError(f"MASE is undefined: y_train's seasonal naive error (period m = {m}) "
-                         f"is zero in channel(s) {[int(i) for i in xp.nonzero(scale == 0)[0]]}")
-    return float((xp.abs(a2 - p2).mean(axis=0) / scale).mean())
-
-
-def smape(y_true, y_pred):
-    """Symmetric mean absolute percentage error, in percent (0 to 200).
-
-    ``sMAPE = 100 mean(2 |y_pred - y_true| / (|y_true| + |y_pred|))``, a term
-    being 0 where ``y_true = y_pred = 0`` (the forecast is exact there).
-
-    Examples
-    --------
-    >>> from numba_mamba.timeseries import smape
-    >>> smape([1.0, 0.0, 0.0], [3.0, 0.0, 2.0])  # terms 1, 0 (0/0), 2
-    100.0
-    """
-    xp, a, p = _pair(y_true, y_pred)
-    den = xp.abs(a) + xp.abs(p)
-    terms = xp.where(den > 0, 2 * xp.abs(p - a) / xp.where(den > 0, den, 1.0), 0.0)
-    return float(100 * terms.mean())
-
-
-def seasonal_naive(y_train, horizon, m=1):
-    """Seasonal naive forecast: repeat the last season, ``y_hat[j] = y[T - m + (j mod m)]``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from numba_mamba.timeseries import seasonal_naive
-    >>> seasonal_naive(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), 5, m=2)
-    array([4., 5., 4., 5., 4.])
-    """
-    horizon = _check_int("horizon", horizon)
-    m = _check_int("m", m)
-    tr, one_d = _as_2d("y_train", y_train)
-    xp = array_namespace(y_train=tr)
-    T = tr.shape[0]
-    if T < m:
-        raise ValueError(f"y_train must have at least m = {m} samples, got {T}")
-    out = tr[T - m + xp.arange(horizon) % m]
-    return out[:, 0] if one_d else out
 
 
 # ---------------------------------------------------------------- the time-aware model
@@ -580,8 +205,8 @@ def _progress(iterable, enabled, desc):
     return tqdm(iterable, desc=desc, leave=False)
 
 
-class MambaForecaster:
-    """Forecast a univariate or multivariate series with a small Mamba model.
+class _LookbackModel:
+    """One lookback of the forecaster: ``n_members`` Mamba models (seeds) and a linear skip.
 
     ``fit(y)`` trains on sliding windows of ``lookback`` samples with a direct
     head for ``horizon`` steps; ``predict(h)`` forecasts the ``h`` samples
@@ -673,9 +298,10 @@ class MambaForecaster:
     Examples
     --------
     >>> import numpy as np
-    >>> from numba_mamba.timeseries import MambaForecaster, mae
+    >>> from numba_mamba.timeseries import mae
+    >>> from numba_mamba._ts_engine import _LookbackModel
     >>> y = np.sin(0.3 * np.arange(200))
-    >>> f = MambaForecaster(lookback=24, horizon=5, d_model=8, n_layers=1, d_state=4,
+    >>> f = _LookbackModel(lookback=24, horizon=5, d_model=8, n_layers=1, d_state=4,
     ...                     steps=150, lr=1e-2, val_fraction=0.0, progress=False)
     >>> f = f.fit(y[:190])
     >>> y_hat = f.predict(5)
@@ -735,13 +361,15 @@ class MambaForecaster:
             progress=bool(progress))
         self.config_ = None
         self.members_ = None
+        self._xp_name = "numpy"
+        self.val_pred_ = self.val_true_ = None
         self.history_ = None
         self.tau_ = None
         self.skip_ = None
 
     def __repr__(self):
         s = self.settings
-        return (f"MambaForecaster(lookback={s['lookback']}, horizon={s['horizon']}, "
+        return (f"_LookbackModel(lookback={s['lookback']}, horizon={s['horizon']}, "
                 f"d_model={s['d_model']}, n_layers={s['n_layers']}, "
                 f"n_members={s['n_members']})")
 
@@ -757,6 +385,18 @@ class MambaForecaster:
         return array_namespace(y=y) if hasattr(y, "shape") else np
 
     @property
+    def xp_(self):
+        """The array namespace of the fitted state (kept as a name: modules do not pickle)."""
+        if self._xp_name == "cupy":
+            import cupy
+            return cupy
+        return np
+
+    @xp_.setter
+    def xp_(self, xp):
+        self._xp_name = "cupy" if xp is not np else "numpy"
+
+    @property
     def _timed(self):
         return self.tau_ is not None
 
@@ -764,7 +404,8 @@ class MambaForecaster:
     def _use_delta(self):
         return self._timed and self.settings["time_as"] == "delta"
 
-    def _check_series(self, y, t, xp, what="y"):
+    @staticmethod
+    def _check_series(y, t, xp, what="y"):
         if is_cupy_array(y) and xp is np:
             y = y.get()
         y2, one_d = _as_2d(what, xp.asarray(y), xp)
@@ -893,9 +534,12 @@ class MambaForecaster:
                 skip_all = self._fit_skip(Z[P - 1:T - H], Yh[P - 1:T - H])
                 S_all = (Z @ skip_all).astype(dt)
         self.members_, self.history_ = [], []
+        val_pred = []
         for j in range(s["n_members"]):
             self._data, self.skip_ = (F, Y, DT, S), skip
             params, hist = self._train_member(j, n_train, val_ends, s["steps"])
+            if val_ends:
+                val_pred.append(self._val_forecast(params, val_ends))
             if n_val and s["refit"]:
                 self._data, self.skip_ = (F, Y, DT, S_all), skip_all
                 params, h2 = self._train_member(j, T - L - H + 1, [], hist["best_step"])
@@ -903,6 +547,11 @@ class MambaForecaster:
             self.members_.append(params)
             self.history_.append(hist)
         self.skip_ = skip_all
+        # out-of-sample forecasts of the validation windows by the members before any refit,
+        # (n_windows, n_members, H, C) in the scaler's units, and their targets (n_windows, H, C)
+        self.val_pred_ = xp.stack(val_pred, axis=1).reshape(-1, len(val_pred), H, C) \
+            if val_pred else None
+        self.val_true_ = ys[idx][xp.asarray(val_ends, dtype=np.int64)] if val_ends else None
         keep = min(T, L)
         self.last_y_ = y2[T - keep:]
         self.last_t_ = None if tt is None else tt[T - keep:]
@@ -991,6 +640,29 @@ class MambaForecaster:
             d = (d.reshape(d.shape[0], -1, self.n_channels_) * sd).reshape(d.shape)
         return float((d * d).mean())
 
+    def _val_forecast(self, params, val_ends):
+        """Forecasts ``(n_windows, H*C)`` in the scaler's units at the validation positions."""
+        xp = self.xp_
+        L = self.settings["lookback"]
+        starts = np.asarray(val_ends) - (L - 1)
+        F, Y, DT, S = self._data
+        pos = xp.asarray(starts)[:, None] + xp.arange(L)
+        x = F[pos]
+        dtau = None if DT is None or not self._use_delta else DT[pos]
+        mu = sd = None
+        if self.settings["instance_norm"]:
+            x, _, mu, sd = self._instance_norm(x)
+        out = _forward(x, params, self.config_, dtau)[0][:, -1].astype(np.float64)  # (B, H*C)
+        B, C = out.shape[0], self.n_channels_
+        out = out.reshape(B, -1, C)
+        if sd is not None:
+            out = out * sd
+        if S is not None:
+            out = out + S[pos[:, -1]].astype(np.float64).reshape(B, -1, C)
+        elif mu is not None:
+            out = out + mu
+        return out.reshape(B, -1)
+
     def _train_member(self, j, n_train, val_ends, steps):
         s = self.settings
         train_on = s["train_on"]
@@ -1050,9 +722,9 @@ class MambaForecaster:
 
     def _check_fitted(self):
         if self.members_ is None:
-            raise RuntimeError("MambaForecaster is not fitted: call fit(y) first")
+            raise RuntimeError("the forecaster is not fitted: call fit(y) first")
 
-    def predict(self, horizon, y=None, t=None, t_future=None):
+    def predict(self, horizon, y=None, t=None, t_future=None, members=False):
         """Forecast the ``horizon`` samples after the end of a series.
 
         Parameters
@@ -1069,6 +741,9 @@ class MambaForecaster:
             Times of the samples to forecast, after the last of ``t``; with
             times, default: continue with the median spacing of the training
             times.
+        members : bool, optional
+            Return each member's direct forecast, shape ``(n_members, horizon)``
+            or ``(n_members, horizon, C)`` (``horizon`` at most the model's).
 
         Returns
         -------
@@ -1116,6 +791,12 @@ class MambaForecaster:
                     raise ValueError("t_future must be strictly increasing and after the "
                                      "last time of t")
         yh, th = yh[-L:], None if th is None else th[-L:]
+        if members:  # each member's direct forecast, no recursion
+            if horizon > H:
+                raise ValueError(f"horizon must be <= {H} for the members' forecasts, "
+                                 f"got {horizon}")
+            res = self._member_forecasts(yh, th, tf)[:, :horizon]
+            return res[..., 0] if self.one_d_ else res
         out = []
         done = 0
         while done < horizon:
@@ -1130,7 +811,14 @@ class MambaForecaster:
         return res[:, 0] if self.one_d_ else res
 
     def _predict_block(self, yh, th, tf):
-        """The direct ``(H, C)`` forecast after history ``yh (L, C)``, averaged over members."""
+        """The direct ``(H, C)`` forecast after history ``yh (L, C)``, combined over members."""
+        outs = self._member_forecasts(yh, th, tf)
+        xp = self.xp_
+        return xp.median(outs, axis=0) if self.settings["combine"] == "median" \
+            else outs.mean(axis=0)
+
+    def _member_forecasts(self, yh, th, tf):
+        """Each member's direct forecast ``(n_members, H, C)`` after history ``yh (L, C)``."""
         xp = self.xp_
         H, C = self.horizon, self.n_channels_
         ys = self.scaler_.transform(yh)
@@ -1152,68 +840,48 @@ class MambaForecaster:
             outs = outs + (self._lags(ys)[-1] @ self.skip_).reshape(H, C)
         elif mu is not None:
             outs = outs + mu[0]
-        pred = xp.median(outs, axis=0) if self.settings["combine"] == "median" \
-            else outs.mean(axis=0)
-        return self.scaler_.inverse_transform(pred)
+        return xp.stack([self.scaler_.inverse_transform(o) for o in outs])
 
-    # ------------------------------------------------------------ save / load
+    # ------------------------------------------------------------ state
 
-    def save(self, path):
-        """Write the fitted forecaster to one ``.npz`` checkpoint (no pickle).
+    _STATE = ("skip_", "last_y_", "last_t_", "val_pred_", "val_true_")
 
-        Uses :func:`numba_mamba.checkpoint.save_checkpoint`: the members'
-        parameters under ``member<j>.<name>``, the scaler, the end of the
-        series (what :meth:`predict` starts from) and the settings as JSON.
-        """
+    def _arrays(self, prefix):
+        """The fitted arrays under ``prefix``: members, scaler, skip, end of the series."""
         self._check_fitted()
-        arrays = {f"member{j}.{k}": v for j, p in enumerate(self.members_) for k, v in p.items()}
-        arrays["scaler.center"] = self.scaler_.center_
-        arrays["scaler.scale"] = self.scaler_.scale_
-        arrays["data.last_y"] = self.last_y_
-        if self.skip_ is not None:
-            arrays["skip.weight"] = self.skip_
-        if self.last_t_ is not None:
-            arrays["data.last_t"] = self.last_t_
-        extra = {"format": _FORMAT, "settings": self.settings, "one_d": self.one_d_,
-                 "n_channels": self.n_channels_, "tau": self.tau_,
-                 "history": [{k: v for k, v in h.items() if k != "train_losses"}
-                             for h in self.history_]}
-        save_checkpoint(os.fspath(path), arrays, self.config_, step=0, extra=extra)
+        out = {f"{prefix}member{j}.{k}": v for j, p in enumerate(self.members_)
+               for k, v in p.items()}
+        out[f"{prefix}scaler.center"] = self.scaler_.center_
+        out[f"{prefix}scaler.scale"] = self.scaler_.scale_
+        for name in self._STATE:
+            if getattr(self, name) is not None:
+                out[prefix + name] = getattr(self, name)
+        return out
+
+    def _meta(self):
+        """The JSON-able fitted state besides the arrays."""
+        return {"settings": self.settings, "one_d": self.one_d_, "n_channels": self.n_channels_,
+                "tau": self.tau_, "history": [{k: v for k, v in h.items()
+                                               if not k.endswith("train_losses")}
+                                              for h in self.history_]}
 
     @classmethod
-    def load(cls, path, xp=np):
-        """Read a forecaster written by :meth:`save`; arrays go to ``xp`` (numpy or cupy).
-
-        Raises
-        ------
-        numba_mamba.CheckpointError
-            Not a readable checkpoint, or a checkpoint of something else.
-        """
-        from .checkpoint import CheckpointError
-        ck = load_checkpoint(path, xp=xp)
-        extra = ck.extra if isinstance(ck.extra, dict) else {}
-        if extra.get("format") != _FORMAT:
-            raise CheckpointError(f"{path} is a numba-mamba checkpoint but not of a "
-                                  f"MambaForecaster (extra format {extra.get('format')!r})")
-        s = dict(extra["settings"])
-        s.pop("lookback"), s.pop("horizon")
+    def _restore(cls, meta, arrays, prefix, config, xp):
+        """Rebuild a fitted engine from :meth:`_meta` and :meth:`_arrays`."""
+        s = dict(meta["settings"])
+        lookback, horizon = s.pop("lookback"), s.pop("horizon")
         dtype = np.dtype(s.pop("dtype"))
-        self = cls(extra["settings"]["lookback"], extra["settings"]["horizon"], dtype=dtype,
-                   **s)
-        self.config_ = ck.config
-        self.xp_ = xp
-        self.one_d_ = bool(extra["one_d"])
-        self.n_channels_ = int(extra["n_channels"])
-        self.dtype_ = dtype
-        self.tau_ = extra["tau"]
+        self = cls(lookback, horizon, dtype=dtype, **s)
+        self.config_, self.xp_, self.dtype_ = config, xp, dtype
+        self.one_d_, self.n_channels_ = bool(meta["one_d"]), int(meta["n_channels"])
+        self.tau_ = meta["tau"]
         self.scaler_ = Scaler(s["scaler"])
-        self.scaler_.center_ = ck.params["scaler.center"]
-        self.scaler_.scale_ = ck.params["scaler.scale"]
-        self.last_y_ = ck.params["data.last_y"]
-        self.last_t_ = ck.params.get("data.last_t")
-        self.skip_ = ck.params.get("skip.weight")
-        n = s["n_members"]
-        self.members_ = [{k[len(f"member{j}."):]: v for k, v in ck.params.items()
-                          if k.startswith(f"member{j}.")} for j in range(n)]
-        self.history_ = extra["history"]
+        self.scaler_.center_ = arrays[prefix + "scaler.center"]
+        self.scaler_.scale_ = arrays[prefix + "scaler.scale"]
+        for name in self._STATE:
+            setattr(self, name, arrays.get(prefix + name))
+        self.members_ = [{k[len(f"{prefix}member{j}."):]: v for k, v in arrays.items()
+                          if k.startswith(f"{prefix}member{j}.")}
+                         for j in range(s["n_members"])]
+        self.history_ = meta["history"]
         return self

@@ -1,0 +1,676 @@
+"""The forecaster: an ensemble over lookbacks and seeds with a ridge skip, intervals, backtests."""
+
+import inspect
+import os
+import time
+
+import numpy as np
+
+from ._validation import is_cupy_array
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ._ts_base import _as_2d, _check_int
+from ._ts_engine import _LookbackModel
+from ._ts_metrics import interval_coverage, mae, mase, pinball_loss, rmse, smape
+from ._ts_metrics import _quantile_levels
+
+__all__ = ["MambaForecaster", "detect_season"]
+
+_FORMAT = "numba-mamba-forecaster-ensemble"
+_OLD_FORMAT = "numba-mamba-forecaster"
+MIN_WINDOWS = 8  # training windows every lookback keeps on a short series
+NO_SEASON_LOOKBACKS = (8, 16, 32)
+_REMOVED = {
+    "horizon": "the forecast horizon is given at fit: fit(y, fh=h) trains a direct head for "
+               "h steps and predict(fh) forecasts up to h steps (horizon had two meanings)",
+    "n_members": "members now differ in lookback and seed: use n_seeds (seeds per lookback)",
+    "skip_lags": "the linear skip uses each member's lookback as its lags",
+}
+
+
+def _host(a):
+    return a.get() if is_cupy_array(a) else np.asarray(a)
+
+
+def detect_season(y, max_period=None, min_acf=0.3):
+    """Seasonal period of a series from the autocorrelation of its first differences.
+
+    The differences remove a trend; the period is the lag of the highest
+    local maximum of their autocorrelation (averaged over channels) among
+    lags 2 .. ``max_period``, or the smallest lag whose peak reaches 90 % of
+    it (the fundamental rather than a multiple).  A peak counts only if the
+    autocorrelation there is at least ``max(min_acf, 3 / sqrt(T))``.
+
+    Parameters
+    ----------
+    y : array, shape (T,) or (T, C)
+    max_period : int, optional
+        Longest period considered; default ``T // 3`` (at most 500).
+    min_acf : float, optional
+
+    Returns
+    -------
+    int
+        The period, or 1 where no peak qualifies (no seasonality found, or a
+        series too short to tell).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba.timeseries import detect_season
+    >>> t = np.arange(240)
+    >>> detect_season(np.sin(2 * np.pi * t / 12) + 0.05 * t)
+    12
+    >>> detect_season(np.random.default_rng(0).standard_normal(240))
+    1
+    """
+    y2, _ = _as_2d("y", _host(y))
+    d = np.diff(y2.astype(np.float64), axis=0)
+    T = d.shape[0]
+    K = min(T // 3, 500 if max_period is None else _check_int("max_period", max_period))
+    if K < 3:
+        return 1
+    d = d - d.mean(axis=0)
+    den = (d * d).sum(axis=0)
+    keep = den > 0
+    if not keep.any():
+        return 1
+    d, den = d[:, keep], den[keep]
+    acf = np.array([1.0] + [float(((d[k:] * d[:-k]).sum(axis=0) / den).mean())
+                            for k in range(1, K + 1)])
+    floor = max(min_acf, 3 / np.sqrt(T))
+    peaks = [k for k in range(2, K) if acf[k] > acf[k - 1] and acf[k] >= acf[k + 1]
+             and acf[k] >= floor]
+    if not peaks:
+        return 1
+    best = max(acf[k] for k in peaks)
+    return min(k for k in peaks if acf[k] >= 0.9 * best)
+
+
+def _is_panel(y):
+    """A list or tuple of arrays (not of numbers or nested lists) is a panel of series."""
+    return isinstance(y, (list, tuple)) and len(y) > 0 and all(hasattr(e, "shape") for e in y)
+
+
+class MambaForecaster:
+    """Forecast a series (or a panel of series) with an ensemble of small Mamba models.
+
+    ``fit(y, fh=h)`` trains, for every lookback and seed, a Mamba model with
+    a *direct* head for the ``h`` steps after each position, on top of a
+    ridge-regression linear autoregression (the linear skip); ``predict()``
+    forecasts the ``h`` samples after the end of ``y`` as the median over
+    all members, and ``predict(quantiles=...)`` / :meth:`predict_interval`
+    add quantiles from the validation residuals.
+
+    The defaults are the recipe that held up on sunspots and CO2:
+
+    * lookbacks of 1, 2 and 3 seasonal periods (``season`` given, or found
+      by :func:`detect_season`; 8, 16, 32 samples without a season), capped
+      on short series so that every lookback keeps at least 8 training
+      windows;
+    * ``n_seeds`` members per lookback, combined by the median;
+    * the last ``val_fraction`` of the series is a validation split: it
+      picks the ridge penalty of the skip among ``skip_ridge`` (mean
+      validation MSE over lookbacks, skip alone), each member's stopping
+      step, and gives the residuals of the intervals; each member is then
+      refitted on the whole series (``refit``);
+    * each window is normalised by its own mean and spread for the Mamba
+      part (``instance_norm``); the skip sees the globally scaled series.
+
+    How the defaults behave (tested in ``tests/test_timeseries_forecaster.py``):
+    a constant series is forecast as that constant with a zero-width
+    interval; a linear trend is continued (the skip is an autoregression
+    with an intercept, which extrapolates a trend); a seasonal series gets
+    its period detected and its lookbacks tied to it; a short series (down
+    to about ``fh + 2 + 8`` training samples plus the validation part) gets
+    shorter lookbacks instead of an error.
+
+    Parameters
+    ----------
+    lookback : int, sequence of int or None, optional
+        Lookbacks of the ensemble; None: 1, 2 and 3 seasonal periods.
+    season : int or None, optional
+        Seasonal period in samples (1: none); None: detected at fit
+        (``season_``).
+    n_seeds : int, optional
+        Members per lookback, differing in initialization and batches.
+    combine : {"median", "mean"}, optional
+        How all members' forecasts are combined.
+    linear_skip : bool, optional
+        Add the ridge direct autoregression; the Mamba models learn what it
+        leaves over.  ``steps=0``: the skip alone.
+    skip_ridge : float or sequence of float, optional
+        Ridge penalty (per training row) of the skip, or candidates picked
+        on validation (without validation: the middle candidate).
+    instance_norm, refit, d_model, n_layers, d_state, d_conv, expand, dt_min, dt_max, scaler, \
+train_on, time_as, steps, batch_size, lr, weight_decay, warmup_steps, max_grad_norm, \
+val_fraction, patience, eval_every : optional
+        Training and model settings of every member, as in the engine (see
+        the module docstring): ``steps`` is the most optimizer steps per
+        member, ``val_fraction`` the held-out end of the series (0: no
+        validation, no intervals), ``patience`` evaluations every
+        ``eval_every`` steps without improvement stop a member.
+    seed : int, optional
+        First seed; the members of every lookback use seeds
+        ``seed, seed + 1, ...``.
+    dtype : {numpy.float32, numpy.float64}, optional
+    device : {None, "cpu", "gpu"}, optional
+        None: where ``y`` lives (NumPy: CPU, CuPy: GPU).
+    progress : bool, optional
+        A tqdm progress bar per member.
+
+    Attributes
+    ----------
+    fh_ : int
+        The horizon fitted for (the direct head's length).
+    season_ : int
+    lookbacks_ : tuple of int
+    ridge_ : float or None
+        The skip's penalty used.
+    residuals_ : array, shape (n_windows, fh, C) or None
+        Validation residuals ``y - forecast`` of the combined forecast of the
+        members trained before the refit (original units).
+    sigma_ : array, shape (fh, C) or None
+        Root mean square of ``residuals_`` per step, made non-decreasing
+        along the horizon: the scale of the intervals.
+    engines_ : list
+        One fitted model per lookback (its members' parameters are arrays).
+    panel_ : list of MambaForecaster or None
+        After ``fit`` on a list of series: one fitted forecaster per series.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba.timeseries import MambaForecaster, mae
+    >>> y = np.sin(2 * np.pi * np.arange(160) / 10)
+    >>> f = MambaForecaster(steps=20, d_model=8, n_layers=1, d_state=4).fit(y[:150], fh=5)
+    >>> f.season_, f.lookbacks_
+    (10, (10, 20, 30))
+    >>> bool(mae(y[150:155], f.predict()) < 0.1)
+    True
+    >>> lo, hi = f.predict_interval(coverage=0.8)
+    >>> lo.shape, bool((lo <= f.predict()).all())
+    ((5,), True)
+    """
+
+    def __init__(self, lookback=None, *, season=None, n_seeds=1, combine="median",
+                 linear_skip=True, skip_ridge=(1e-5, 1e-3, 1e-1), instance_norm=True,
+                 refit=True, d_model=16, n_layers=2, d_state=16, d_conv=4, expand=2,
+                 dt_min=0.01, dt_max=1.0, scaler="standard", train_on="auto",
+                 time_as="delta", steps=300, batch_size=32, lr=2e-3, weight_decay=0.01,
+                 warmup_steps=50, max_grad_norm=1.0, val_fraction=0.15, patience=100,
+                 eval_every=25, seed=0, dtype=np.float32, device=None, progress=False,
+                 **removed):
+        args = {k: v for k, v in locals().items() if k not in ("self", "removed")}
+        for k in removed:
+            if k in _REMOVED:
+                raise TypeError(f"MambaForecaster has no argument {k!r} any more: "
+                                f"{_REMOVED[k]}")
+            raise TypeError(f"MambaForecaster got an unexpected keyword argument {k!r}")
+        for k, v in args.items():
+            setattr(self, k, v)
+        self._validate()
+        self.engines_ = None
+        self.panel_ = None
+
+    # ------------------------------------------------------------ parameters
+
+    @classmethod
+    def _param_names(cls):
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+    def get_params(self, deep=True):
+        """The constructor arguments, as given (scikit-learn convention).
+
+        Examples
+        --------
+        >>> from numba_mamba.timeseries import MambaForecaster
+        >>> f = MambaForecaster(season=12, n_seeds=3)
+        >>> p = f.get_params()
+        >>> p["season"], p["n_seeds"], p["lookback"]
+        (12, 3, None)
+        >>> MambaForecaster(**p).get_params() == p
+        True
+        """
+        return {k: getattr(self, k) for k in self._param_names()}
+
+    def set_params(self, **params):
+        """Set constructor arguments (checked as by the constructor); returns self.
+
+        Raises
+        ------
+        ValueError
+            An argument the constructor does not have.
+        """
+        names = self._param_names()
+        for k in params:
+            if k not in names:
+                hint = f" ({_REMOVED[k]})" if k in _REMOVED else ""
+                raise ValueError(f"invalid parameter {k!r} for MambaForecaster{hint}; "
+                                 f"valid parameters: {', '.join(names)}")
+        old = self.get_params()
+        for k, v in params.items():
+            setattr(self, k, v)
+        try:
+            self._validate()
+        except (TypeError, ValueError):
+            for k, v in old.items():
+                setattr(self, k, v)
+            raise
+        return self
+
+    def _ridges(self):
+        r = self.skip_ridge
+        return tuple(float(v) for v in r) if isinstance(r, (list, tuple)) else (float(r),)
+
+    def _lookbacks_given(self):
+        lb = self.lookback
+        if lb is None:
+            return None
+        return tuple(lb) if isinstance(lb, (list, tuple)) else (lb,)
+
+    def _validate(self):
+        if self.season is not None:
+            _check_int("season", self.season)
+        _check_int("n_seeds", self.n_seeds)
+        lbs = self._lookbacks_given()
+        if lbs is not None:
+            if not lbs:
+                raise ValueError("lookback must be None, an integer or a non-empty sequence "
+                                 "of integers, got an empty sequence")
+            for v in lbs:
+                _check_int("lookback", v)
+        r = self.skip_ridge
+        if isinstance(r, (list, tuple)) and not r:
+            raise ValueError("skip_ridge must be a number >= 0 or a non-empty sequence of them, "
+                             "got an empty sequence")
+        try:
+            ridges = self._ridges()
+        except (TypeError, ValueError):
+            raise ValueError(f"skip_ridge must be a number >= 0 or a sequence of them, "
+                             f"got {r!r}") from None
+        # the engine checks the rest (and names the argument)
+        _LookbackModel(max(lbs) if lbs else 8, 1, **self._engine_kwargs(ridges[0]))
+
+    def _engine_kwargs(self, ridge, n_members=None):
+        return dict(d_model=self.d_model, n_layers=self.n_layers, d_state=self.d_state,
+                    d_conv=self.d_conv, expand=self.expand, dt_min=self.dt_min,
+                    dt_max=self.dt_max, scaler=self.scaler, instance_norm=self.instance_norm,
+                    train_on=self.train_on, time_as=self.time_as, steps=self.steps,
+                    batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                    warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm,
+                    val_fraction=self.val_fraction, patience=self.patience,
+                    eval_every=self.eval_every, refit=self.refit,
+                    n_members=self.n_seeds if n_members is None else n_members,
+                    combine=self.combine, linear_skip=self.linear_skip, skip_ridge=ridge,
+                    seed=self.seed, dtype=self.dtype, device=self.device,
+                    progress=self.progress)
+
+    def __repr__(self):
+        default = type(self)()
+        args = [f"{k}={v!r}" for k, v in self.get_params().items()
+                if not (v is getattr(default, k) or (isinstance(v, (int, float, str))
+                                                     and v == getattr(default, k)))]
+        return f"MambaForecaster({', '.join(args)})"
+
+    # ------------------------------------------------------------ fit
+
+    def _n_val(self, T, fh):
+        n_val = int(round(self.val_fraction * T)) if self.val_fraction > 0 else 0
+        return max(n_val, fh) if n_val else 0
+
+    def _auto_lookbacks(self, season, T, fh):
+        cut = T - self._n_val(T, fh)
+        cap = cut - fh - MIN_WINDOWS + 1
+        base = (season, 2 * season, 3 * season) if season >= 2 else NO_SEASON_LOOKBACKS
+        out = sorted({min(max(b, 4), cap) for b in base})
+        if out[0] < 2:
+            raise ValueError(f"y is too short for fh = {fh}: {T} samples leave {cut} for "
+                             f"training (val_fraction = {self.val_fraction}), fewer than "
+                             f"lookback 2 + fh + {MIN_WINDOWS - 1} = {fh + MIN_WINDOWS + 1}")
+        return tuple(out)
+
+    def fit(self, y, fh=1, t=None):
+        """Train the ensemble to forecast the ``fh`` samples after the end of ``y``.
+
+        Parameters
+        ----------
+        y : array, shape (T,) or (T, C), or a list of such arrays
+            The series (NumPy or CuPy, no NaN).  A list or tuple of arrays
+            (unequal lengths allowed) is a panel: one forecaster is fitted
+            per series, with its own scaling, season and lookbacks
+            (``panel_``).
+        fh : int, optional
+            Forecast horizon: the direct head forecasts ``fh`` steps and
+            :meth:`predict` forecasts up to ``fh`` steps.
+        t : array, shape (T,), optional
+            Strictly increasing sample times (irregular sampling; a list of
+            them for a panel).
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        ValueError
+            ``fh`` not a positive integer; NaN or inf in ``y``; a series too
+            short for ``fh`` and the validation part; bad times.
+        """
+        if isinstance(fh, bool) or not isinstance(fh, (int, np.integer)) or fh < 1:
+            raise ValueError(f"fh must be a positive integer (the forecast horizon), got {fh!r}")
+        fh = int(fh)
+        self._validate()
+        if _is_panel(y):
+            ts = [None] * len(y) if t is None else list(t)
+            if len(ts) != len(y):
+                raise ValueError(f"t must be a list of {len(y)} time arrays like y, "
+                                 f"got {len(ts)}")
+            panel = [type(self)(**self.get_params()).fit(yi, fh=fh, t=ti)
+                     for yi, ti in zip(y, ts)]
+            self._reset()
+            self.panel_, self.fh_ = panel, fh
+            return self
+        probe = _LookbackModel(2, 1, **self._engine_kwargs(self._ridges()[0]))
+        xp = probe._xp_for(y)
+        y2, one_d, tt = _LookbackModel._check_series(y, t, xp)
+        T = y2.shape[0]
+        n_val = self._n_val(T, fh)
+        season = self.season if self.season is not None \
+            else detect_season(y2[:T - n_val])
+        lookbacks = self._lookbacks_given()
+        lookbacks = tuple(int(v) for v in lookbacks) if lookbacks is not None \
+            else self._auto_lookbacks(season, T, fh)
+        yy = y2[:, 0] if one_d else y2
+        ridges = self._ridges()
+        ridge, scores = None, {}
+        if self.linear_skip:
+            ridge = ridges[len(ridges) // 2]
+            if len(ridges) > 1 and n_val:
+                for r in ridges:  # the skip alone, no training: closed form
+                    kw = self._engine_kwargs(r, n_members=1)
+                    kw.update(steps=0, refit=False, progress=False)
+                    scores[r] = float(np.mean([
+                        _LookbackModel(lb, fh, **kw).fit(yy, t=tt).history_[0]["best_val"]
+                        for lb in lookbacks]))
+                ridge = min(scores, key=scores.get)
+        n_members = 1 if self.linear_skip and self.steps == 0 else None  # identical members
+        engines = [_LookbackModel(lb, fh, **self._engine_kwargs(
+            ridges[0] if ridge is None else ridge, n_members)).fit(yy, t=tt)
+            for lb in lookbacks]
+        self._reset()
+        self.engines_, self.fh_, self.season_, self.lookbacks_ = engines, fh, int(season), \
+            lookbacks
+        self.ridge_, self.ridge_scores_ = ridge, scores
+        self.one_d_, self.n_channels_ = one_d, y2.shape[1]
+        self.residuals_ = None
+        if all(e.val_pred_ is not None for e in engines):
+            pred = self._combine(xp.concatenate([e.val_pred_ for e in engines], axis=1))
+            self.residuals_ = (engines[0].val_true_ - pred) * engines[0].scaler_.scale_
+        self._set_sigma()
+        return self
+
+    def _reset(self):
+        self.engines_ = self.panel_ = self.residuals_ = self.sigma_ = None
+
+    def _set_sigma(self):
+        self.sigma_ = None
+        if self.residuals_ is not None:
+            xp = self.engines_[0].xp_
+            s = xp.sqrt((self.residuals_ ** 2).mean(axis=0))  # (fh, C)
+            self.sigma_ = xp.asarray(np.maximum.accumulate(_host(s), axis=0))
+
+    def _combine(self, outs, axis=1):
+        xp = self.engines_[0].xp_
+        return xp.median(outs, axis=axis) if self.combine == "median" else outs.mean(axis=axis)
+
+    # ------------------------------------------------------------ predict
+
+    def _check_fitted(self):
+        if self.engines_ is None and self.panel_ is None:
+            raise RuntimeError("MambaForecaster is not fitted: call fit(y, fh=h) first")
+
+    def _check_fh(self, fh):
+        if fh is None:
+            return self.fh_
+        if isinstance(fh, bool) or not isinstance(fh, (int, np.integer)) or fh < 1:
+            raise ValueError(f"fh must be a positive integer, got {fh!r}")
+        if fh > self.fh_:
+            raise ValueError(f"fh must be <= {self.fh_}, the horizon this forecaster was "
+                             f"fitted for, got {fh}: fit again with fit(y, fh={int(fh)}) to "
+                             f"forecast further (forecasts are direct, not recursive)")
+        return int(fh)
+
+    def predict_members(self, fh=None, y=None, t=None, t_future=None):
+        """Every member's forecast, ``(n_members, fh)`` or ``(n_members, fh, C)``.
+
+        Members are ordered by lookback, then seed; their spread shows how
+        much the forecast depends on them.
+        """
+        self._check_fitted()
+        if self.panel_ is not None:
+            raise ValueError("predict_members is per series: use panel_[i].predict_members()")
+        fh = self._check_fh(fh)
+        xp = self.engines_[0].xp_
+        return xp.concatenate([e.predict(fh, y=y, t=t, t_future=t_future, members=True)
+                               for e in self.engines_])
+
+    def predict(self, fh=None, y=None, t=None, t_future=None, quantiles=None):
+        """Forecast the ``fh`` samples after the end of a series (median over members).
+
+        Parameters
+        ----------
+        fh : int, optional
+            Steps ahead, at most the ``fh`` given to :meth:`fit` (default).
+        y : array, shape (T,) or (T, C), optional
+            History to forecast from (at least the longest lookback);
+            default: the end of the series given to :meth:`fit`.  After a fit
+            on a panel: a list of histories (or None).
+        t, t_future : array, optional
+            Sample times of ``y`` and of the forecast samples (irregular
+            sampling; see the module docstring).
+        quantiles : sequence of float, optional
+            Return these quantiles instead: ``forecast + sigma_[j] * z_q``
+            at step ``j``, with ``z_q`` the empirical quantile of the
+            validation residuals divided by their step's ``sigma_``, pooled
+            over windows and steps (a split-conformal interval with a scale
+            per step; it keeps the residuals' skew and bias, so the 0.5
+            quantile may differ from the point forecast).
+
+        Returns
+        -------
+        array, shape (fh,) or (fh, C); with ``quantiles``: (fh, n_q) or (fh, C, n_q)
+            In the forecaster's array namespace.  A list of them after a fit
+            on a panel.
+
+        Raises
+        ------
+        ValueError
+            ``fh`` larger than fitted; a bad history (see the engine).
+        RuntimeError
+            ``quantiles`` without validation residuals (``val_fraction=0``).
+        """
+        self._check_fitted()
+        if self.panel_ is not None:
+            n = len(self.panel_)
+            ys = [None] * n if y is None else list(y)
+            ts = [None] * n if t is None else list(t)
+            tfs = [None] * n if t_future is None else list(t_future)
+            if not len(ys) == len(ts) == len(tfs) == n:
+                raise ValueError(f"y, t and t_future must be lists of {n} series like the "
+                                 f"panel fitted, got {len(ys)}, {len(ts)}, {len(tfs)}")
+            return [f.predict(fh, y=a, t=b, t_future=c, quantiles=quantiles)
+                    for f, a, b, c in zip(self.panel_, ys, ts, tfs)]
+        fh = self._check_fh(fh)
+        point = self._combine(self.predict_members(fh, y, t, t_future), axis=0)
+        if quantiles is None:
+            return point
+        return point[..., None] + self._quantile_offsets(fh, quantiles)
+
+    def _quantile_offsets(self, fh, quantiles):
+        q = _quantile_levels(quantiles)
+        if self.sigma_ is None:
+            raise RuntimeError("quantiles need validation residuals: fit with val_fraction > 0")
+        xp = self.engines_[0].xp_
+        sigma, res = _host(self.sigma_), _host(self.residuals_)  # (fh_, C), (n, fh_, C)
+        z = (res / np.where(sigma > 0, sigma, 1.0)).reshape(-1, sigma.shape[1])
+        zq = np.quantile(z, q, axis=0)  # (n_q, C): pooled over windows and steps
+        off = xp.asarray(sigma[:fh, :, None] * zq.T[None])  # (fh, C, n_q)
+        return off[:, 0] if self.one_d_ else off
+
+    def predict_interval(self, fh=None, coverage=0.8, y=None, t=None, t_future=None):
+        """Central prediction interval of nominal ``coverage``: ``(lower, upper)``.
+
+        The quantiles ``(1 - coverage) / 2`` and ``(1 + coverage) / 2`` of
+        :meth:`predict`; each of shape ``(fh,)`` or ``(fh, C)`` (lists after a
+        fit on a panel).
+
+        Raises
+        ------
+        ValueError
+            ``coverage`` not in (0, 1).
+        """
+        if not 0 < coverage < 1:
+            raise ValueError(f"coverage must be in (0, 1), got {coverage!r}")
+        qs = self.predict(fh, y, t, t_future, quantiles=((1 - coverage) / 2, (1 + coverage) / 2))
+        if isinstance(qs, list):
+            return [q[..., 0] for q in qs], [q[..., 1] for q in qs]
+        return qs[..., 0], qs[..., 1]
+
+    # ------------------------------------------------------------ backtest
+
+    def backtest(self, y, fh, n_origins=4, step=None, t=None, m=None, coverage=0.8,
+                 quantiles=(0.1, 0.5, 0.9)):
+        """Rolling-origin evaluation: refit a copy at ``n_origins`` origins and score each.
+
+        Origin ``i`` (of ``n``) is ``T - fh - (n - 1 - i) * step``: a copy of
+        this forecaster (same parameters, ``self`` untouched) is fitted on
+        ``y[:origin]`` and forecasts ``y[origin:origin + fh]``.
+
+        Parameters
+        ----------
+        y : array, shape (T,) or (T, C)
+        fh : int
+        n_origins : int, optional
+        step : int, optional
+            Samples between origins; default ``fh`` (test windows do not overlap).
+        t : array, shape (T,), optional
+        m : int, optional
+            Season of MASE's scale; default the fitted ``season_`` at each origin.
+        coverage : float, optional
+            Nominal coverage of the scored interval.
+        quantiles : sequence of float, optional
+            Levels of the pinball loss.
+
+        Returns
+        -------
+        list of dict
+            Per origin: ``origin``, ``mae``, ``rmse``, ``mase`` (NaN where
+            undefined), ``smape``, ``coverage`` (fraction of the test samples
+            inside the interval), ``width`` (mean interval width), ``pinball``
+            and ``seconds`` (fit and predictions); the interval entries are
+            None without validation residuals.
+        """
+        fh = _check_int("fh", fh)
+        n_origins = _check_int("n_origins", n_origins)
+        step = fh if step is None else _check_int("step", step)
+        yh = _host(y)
+        T = yh.shape[0]
+        first = T - fh - (n_origins - 1) * step
+        if first < 1:
+            raise ValueError(f"y must have more than fh + (n_origins - 1) * step = "
+                             f"{fh + (n_origins - 1) * step} samples, got {T}")
+        if t is not None:
+            t = _host(t)
+        lo_q, hi_q = (1 - coverage) / 2, (1 + coverage) / 2
+        levels = tuple(quantiles) + (lo_q, hi_q)
+        rows = []
+        for i in range(n_origins):
+            o = first + i * step
+            t0 = time.perf_counter()
+            f = type(self)(**self.get_params())
+            f.fit(y[:o], fh=fh, t=None if t is None else t[:o])
+            kw = {} if t is None else dict(t_future=t[o:o + fh])
+            point = _host(f.predict(fh, **kw))
+            qs = None if f.sigma_ is None else _host(f.predict(fh, quantiles=levels, **kw))
+            secs = time.perf_counter() - t0
+            truth = yh[o:o + fh]
+            try:
+                ms = mase(truth, point, yh[:o], f.season_ if m is None else m)
+            except ValueError:  # a training series without naive error
+                ms = float("nan")
+            row = dict(origin=o, mae=mae(truth, point), rmse=rmse(truth, point), mase=ms,
+                       smape=smape(truth, point), coverage=None, width=None, pinball=None,
+                       seconds=secs)
+            if qs is not None:
+                nq = len(quantiles)
+                row.update(coverage=interval_coverage(truth, qs[..., nq], qs[..., nq + 1]),
+                           width=float((qs[..., nq + 1] - qs[..., nq]).mean()),
+                           pinball=pinball_loss(truth, qs[..., :nq], quantiles))
+            rows.append(row)
+        return rows
+
+    # ------------------------------------------------------------ save / load
+
+    def save(self, path):
+        """Write the fitted forecaster to one ``.npz`` checkpoint (no pickle).
+
+        Uses :func:`numba_mamba.checkpoint.save_checkpoint`: each lookback's
+        members, scaler, skip and end of the series under ``lookback<i>.``,
+        the validation residuals, and the parameters and fitted settings as
+        JSON.  Not for a fit on a panel (pickle that, or save ``panel_[i]``).
+        """
+        self._check_fitted()
+        if self.panel_ is not None:
+            raise ValueError("save writes one series' forecaster: save each of panel_ "
+                             "(or pickle the panel forecaster)")
+        arrays = {}
+        for i, e in enumerate(self.engines_):
+            arrays.update(e._arrays(f"lookback{i}."))
+        if self.residuals_ is not None:
+            arrays["residuals"] = self.residuals_
+        params = self.get_params()
+        params["dtype"] = np.dtype(params["dtype"]).name
+        extra = {"format": _FORMAT, "params": params, "fh": self.fh_, "season": self.season_,
+                 "lookbacks": list(self.lookbacks_), "ridge": self.ridge_,
+                 "ridge_scores": [[k, v] for k, v in self.ridge_scores_.items()],
+                 "one_d": self.one_d_, "n_channels": self.n_channels_,
+                 "engines": [e._meta() for e in self.engines_]}
+        save_checkpoint(os.fspath(path), arrays, self.engines_[0].config_, step=0, extra=extra)
+
+    @classmethod
+    def load(cls, path, xp=np):
+        """Read a forecaster written by :meth:`save`; arrays go to ``xp`` (numpy or cupy).
+
+        Raises
+        ------
+        numba_mamba.CheckpointError
+            Not a readable checkpoint, a checkpoint of something else, or of
+            the single-model forecaster of earlier versions.
+        """
+        ck = load_checkpoint(path, xp=xp)
+        extra = ck.extra if isinstance(ck.extra, dict) else {}
+        if extra.get("format") == _OLD_FORMAT:
+            raise CheckpointError(f"{path} holds a forecaster of an earlier numba-mamba "
+                                  f"(one lookback, horizon at construction): fit a "
+                                  f"MambaForecaster again and save it")
+        if extra.get("format") != _FORMAT:
+            raise CheckpointError(f"{path} is a numba-mamba checkpoint but not of a "
+                                  f"MambaForecaster (extra format {extra.get('format')!r})")
+        params = dict(extra["params"])
+        params["dtype"] = np.dtype(params["dtype"]).type
+        for k in ("lookback", "skip_ridge"):
+            if isinstance(params[k], list):
+                params[k] = tuple(params[k])
+        self = cls(**params)
+        self.engines_ = [_LookbackModel._restore(meta, ck.params, f"lookback{i}.", ck.config, xp)
+                         for i, meta in enumerate(extra["engines"])]
+        self.fh_, self.season_ = int(extra["fh"]), int(extra["season"])
+        self.lookbacks_ = tuple(extra["lookbacks"])
+        self.ridge_ = extra["ridge"]
+        self.ridge_scores_ = {k: v for k, v in extra["ridge_scores"]}
+        self.one_d_, self.n_channels_ = bool(extra["one_d"]), int(extra["n_channels"])
+        self.residuals_ = ck.params.get("residuals")
+        self._set_sigma()
+        return self

@@ -1,0 +1,85 @@
+"""Time-series forecasting with Mamba: an ensemble forecaster, intervals, backtests, metrics.
+
+A small API in the style of darts and sktime::
+
+    f = MambaForecaster(season=12)      # or season=None: detected
+    f.fit(y, fh=24)                     # y (T,) or (T, C), NumPy (CPU) or CuPy (GPU)
+    y_hat = f.predict()                 # (24,) or (24, C): the 24 samples after the end of y
+    lo, hi = f.predict_interval(coverage=0.8)
+    rows = f.backtest(y, fh=24, n_origins=4)          # per-origin metrics
+    f.save("model.npz"); g = MambaForecaster.load("model.npz")   # or pickle.dumps(f)
+
+``fh`` is the forecast horizon, given at ``fit``: every member has a
+*direct* head for ``fh`` steps (at every position ``k`` of a window the
+head emits ``fh * C`` numbers, the forecasts of ``y[k+1], ..., y[k+fh]``
+given ``y[..k]``); ``predict`` reads the last position of the last
+``lookback`` samples and forecasts up to ``fh`` steps, never recursively.
+The members are small Mamba models (:mod:`numba_mamba.models`), one per
+lookback and seed, on top of a ridge linear skip (below); their forecasts
+are combined by the median.  See :class:`MambaForecaster` for the
+defaults and the intervals.
+
+Irregularly sampled series
+--------------------------
+Given sample times ``t`` (strictly increasing), the time step between
+samples becomes the SSM's time step.  With ``tau`` the median step of the
+training times and ``dtau_k = (t_k - t_{k-1}) / tau`` (``dtau_0 = 1``), the
+selective time step of every block is a learned multiple of it::
+
+    delta_k = softplus(dt_proj(x_k) + dt_bias) * dtau_k              (Bt, d_inner, L)
+    h_k     = exp(delta_k A) h_{k-1} + delta_k B_k x_k
+
+so the state decays over the real time elapsed (zero-order hold for ``A``
+over each gap).  On a regular grid ``dtau = 1`` and this is the plain Mamba
+block.  The inputs also carry ``dtau_k`` and the offsets of the query times,
+``(t_{k+j} - t_k) / tau`` for ``j = 1..H``, so the head knows *when* it is
+asked to forecast.  ``time_as="feature"`` keeps those inputs but leaves the
+scan's step alone (an ablation); without ``t`` the times are ignored.  The
+causal convolution inside each block still counts samples, not time.
+
+:mod:`numba_mamba.models` builds ``delta`` inside the block and has no input
+for an external time step, so the time-aware stack (:func:`timed_model_forward`,
+:func:`timed_model_backward`) is composed here from :mod:`numba_mamba.layers`
+with the same parameter names; with ``dtau = 1`` it equals
+:func:`~numba_mamba.models.model_forward`.
+
+Linear skip
+-----------
+With ``linear_skip=True`` the forecast is ``skip(y[k-P+1..k]) + model(window)``:
+a ridge-regression direct forecast of all ``H`` steps from the last ``P``
+scaled values (a linear autoregression, fitted in closed form, like the
+highway component of LSTNet [4]_ or the linear models of [5]_) plus the Mamba
+model's correction, trained on the skip's residuals.  With instance
+normalisation the model's inputs are the normalised window and its targets
+``(y - skip) / sd``.  ``steps=0`` gives the skip alone, an ablation.
+
+Metrics
+-------
+:func:`mae`, :func:`rmse`, :func:`mase` (scaled by the in-sample mean
+absolute error of the seasonal naive forecast with period ``m`` on the
+training series), :func:`smape` (in percent, 0 where ``|y| + |y_hat| = 0``),
+:func:`pinball_loss` of quantile forecasts and :func:`interval_coverage`.
+
+References
+----------
+.. [1] A. Gu and T. Dao, "Mamba: Linear-Time Sequence Modeling with Selective
+   State Spaces", arXiv:2312.00752, 2023.
+.. [2] R. J. Hyndman and A. B. Koehler, "Another look at measures of forecast
+   accuracy", International Journal of Forecasting 22(4), 2006 (MASE).
+.. [3] T. Kim et al., "Reversible Instance Normalization for Accurate
+   Time-Series Forecasting against Distribution Shift", ICLR 2022.
+.. [4] G. Lai et al., "Modeling Long- and Short-Term Temporal Patterns with
+   Deep Neural Networks" (LSTNet), SIGIR 2018.
+.. [5] A. Zeng et al., "Are Transformers Effective for Time Series
+   Forecasting?", AAAI 2023.
+"""
+from ._ts_base import Scaler, make_windows
+from ._ts_engine import timed_model_backward, timed_model_forward
+from ._ts_forecaster import MambaForecaster, detect_season
+from ._ts_metrics import interval_coverage, mae, mase, pinball_loss, rmse, seasonal_naive, smape
+
+__all__ = [
+    "MambaForecaster", "detect_season", "Scaler", "make_windows", "seasonal_naive",
+    "mae", "rmse", "mase", "smape", "pinball_loss", "interval_coverage",
+    "timed_model_forward", "timed_model_backward",
+]

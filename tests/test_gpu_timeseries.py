@@ -1,0 +1,37 @@
+"""The forecaster on CuPy arrays: the single-lookback engine and the public MambaForecaster
+match their CPU results (float64), and a fitted GPU forecaster pickles."""
+
+import pickle
+
+import numpy as np
+
+from numba_mamba.timeseries import MambaForecaster
+from numba_mamba._ts_engine import _LookbackModel
+from tests.gpu import gpu_module
+from tests.test_timeseries_forecaster import TINY, _ar2
+
+cupy, _HAVE_GPU, pytestmark = gpu_module()
+
+
+def test_gpu_engine_matches_cpu_engine():
+    y = _ar2(120)
+    kw = dict(lookback=10, horizon=3, steps=10, val_fraction=0.2, dtype=np.float64,
+              d_model=8, n_layers=1, d_state=4, progress=False)
+    cpu = _LookbackModel(**kw).fit(y).predict(3)
+    gpu = _LookbackModel(**kw).fit(cupy.asarray(y)).predict(3)
+    assert isinstance(gpu, cupy.ndarray)
+    np.testing.assert_allclose(cupy.asnumpy(gpu), cpu, rtol=1e-6, atol=1e-8)
+
+
+def test_gpu_forecaster_matches_cpu_and_pickles():
+    y = _ar2(120)
+    kw = dict(lookback=(8, 12), dtype=np.float64, **TINY)
+    cpu = MambaForecaster(**kw).fit(y, fh=3)
+    gpu = MambaForecaster(**kw).fit(cupy.asarray(y), fh=3)
+    assert isinstance(gpu.predict(), cupy.ndarray)
+    np.testing.assert_allclose(cupy.asnumpy(gpu.predict()), cpu.predict(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(cupy.asnumpy(gpu.predict(quantiles=(0.1, 0.9))),
+                               cpu.predict(quantiles=(0.1, 0.9)), rtol=1e-6, atol=1e-8)
+    assert gpu.ridge_ == cpu.ridge_
+    g = pickle.loads(pickle.dumps(gpu))
+    np.testing.assert_array_equal(cupy.asnumpy(g.predict()), cupy.asnumpy(gpu.predict()))
