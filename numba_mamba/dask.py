@@ -4,8 +4,7 @@
 ``dask.array.Array`` arguments and return Dask arrays (they call the
 functions of this module); nothing is computed until the result is asked
 for.  The arrays may be chunked along time and along the batch and channel
-axes, with NumPy chunks (CuPy chunks go through the same code: each chunk is
-handed to the public functions, which run on the GPU for CuPy arrays).
+axes.
 
 Summary of algorithm
 --------------------
@@ -24,11 +23,19 @@ start every time chunk from a zero state; instead, per block of channels:
    from its true initial state ``s_k`` (``zi=`` / ``initial_state=``).
 
 The prefix is a chain, so pass 2 of chunk ``k`` can start as soon as pass 1
-of the chunks before it is done: a chunk of the input is released soon
-after it was read, and memory stays bounded by a few chunks per worker.
-For a time-invariant filter pass 1 needs no recurrence: the end state is
+of the chunks before it is done, and pass 1 of chunk ``k`` waits for pass 2
+of chunk ``k - lookahead`` (:func:`lookahead`, Dask's configuration value
+``numba-mamba.lookahead``): a chunk of the input is held from its read to
+its pass 2 only, so on a ``dask.distributed`` cluster (which starts input
+chunks only as workers have room) a worker's memory stays at a few chunks.
+Dask's local threaded scheduler starts every ready input chunk as threads
+come free, so with many threads it may read ahead further.  For a
+time-invariant filter pass 1 needs no recurrence: the end state is
 ``Bb sum_t Ab^(len-1-t) x_t``, computed as matrix products with tables of
 powers (like ``mode='conv'``'s final state), cheaper than the scan.
+
+CuPy chunks go the same way (each chunk is handed to the public functions);
+only NumPy chunks are tested.
 
 The results equal the single-array call up to rounding (the order of the
 operations differs at chunk boundaries), for any chunking.
