@@ -279,3 +279,38 @@ def test_local_cluster_two_processes(rng):
                                        return_last_state=True)
     close(got_s, want_s)
     close(got_h, want_h)
+
+
+# ------------------------------------------------------------------- xarray
+def test_xarray_keeps_coordinates_and_stays_lazy(rng):
+    xr = pytest.importorskip("xarray")
+    from numba_mamba.xarray import ssm_filter
+
+    A, B, C = lti(rng, (3,), 4)
+    values = rng.standard_normal((40, 3))  # time first
+    x = xr.DataArray(values, dims=("time", "station"), name="flow", attrs={"units": "m3/s"},
+                     coords={"time": np.arange(40.0), "station": ["a", "b", "c"]})
+    zi = rng.standard_normal((3, 4))
+    y, zf = ssm_filter(A, B, C, x.chunk({"time": 9}), dt=0.5, zi=zi)
+    assert isinstance(y.data, da.Array) and y.dims == ("time", "station")
+    assert y.attrs == {"units": "m3/s"} and y.station.values.tolist() == ["a", "b", "c"]
+    assert zf.dims == ("station", "state")
+    want, want_zf = nm.ssm_filter(A, B, C, values, dt=0.5, axis=0, zi=zi)
+    close(y.values, want)
+    close(zf.values, want_zf)
+    close(ssm_filter(A, B, C, x, dt=0.5).values,  # NumPy-backed, no zi
+          nm.ssm_filter(A, B, C, values, dt=0.5, axis=0))
+
+
+def test_xarray_errors(rng):
+    xr = pytest.importorskip("xarray")
+    from numba_mamba.xarray import ssm_filter
+
+    A, B, C = lti(rng, (3,), 4)
+    x = xr.DataArray(np.zeros((1, 10)), dims=("station", "time"))
+    with pytest.raises(ValueError, match="dim must be a dimension of x"):
+        ssm_filter(A, B, C, x, dim="t")
+    with pytest.raises(ValueError, match=r"must fit x's dimensions \('station',\)"):
+        ssm_filter(A, B, C, x)   # 3 filters on 1 station: 3 outputs
+    with pytest.raises(TypeError, match="x must be an xarray.DataArray"):
+        ssm_filter(A, B, C, np.zeros((3, 10)))
