@@ -40,16 +40,27 @@ name               shape                            notes
 
 Algorithm
 ---------
-Forward: one parallel task per (batch, channel) pair keeps the N states of
-that channel in a small local array and sweeps over time, writing ``out`` and,
-at the start of every chunk of ``chunk_size`` steps, a copy of the state.  Only
+Channels are processed in blocks of ``LANES`` (16) channels of one group of
+every variable B/C, the block's channels as the SIMD lanes of the inner loops:
+at a step, the update of state n is the same arithmetic for every channel,
+with ``delta``, ``u`` and ``A`` differing per lane and a variable ``B_t[n]``,
+``C_t[n]`` shared by the group (a scalar broadcast over the lanes).  ``exp``,
+softplus and sigmoid are :mod:`numba_mamba._cpu_vmath`'s, written in
+arithmetic LLVM vectorizes.  A block reads ``u``, ``delta``, ``z`` in tiles of
+up to 64 steps, transposed so that channels are innermost (the transposition
+costs one copy per (channel, step), the update N of them).
+
+Forward: one parallel task per (batch, block) keeps the block's N x 16 states
+in a small local array and sweeps over time, writing ``out`` and, at the
+start of every chunk of ``chunk_size`` steps, a copy of the states.  Only
 these chunk-boundary states (and ``h_L``) are kept, never the (Bt, Dc, L, N)
 history.
 
-Backward: per channel, walk the chunks in reverse.  For each chunk, recompute
+Backward: per block, walk the chunks in reverse.  For each chunk, recompute
 the states inside it from its saved boundary state into a local
-``(chunk_size + 1, N)`` buffer (with the decays ``exp(delta_t A)`` and the
-effective steps), then run the adjoint recurrence backwards through the chunk::
+``(chunk_size + 1, N, 2, lanes)`` buffer (with the decays
+``exp(delta_t A)``; the same step function as the forward, so the same
+values), then run the adjoint recurrence backwards through the chunk::
 
     dy_t = dout_t * silu(z_t)                (dout_t without z)
     dh_t = C_t * dy_t + q_{t+1},   q_{t+1} = exp(delta_{t+1} A) * dh_{t+1},
@@ -57,13 +68,14 @@ effective steps), then run the adjoint recurrence backwards through the chunk::
 
 and from ``dh_t``: ``du``, ``ddelta`` (through the softplus by multiplying with
 ``sigmoid(delta + delta_bias)``), ``dA``, ``dB``, ``dC``, ``dD``,
-``ddelta_bias``.  Reductions are race-free: see :func:`_backward_kernel`.
+``ddelta_bias``.  A variable dB/dC is a sum over the block's lanes (done per
+chunk, after the sweep).  Reductions are race-free: see
+:func:`_backward_kernel`.
 
 To keep compile time low there is one forward and one backward kernel, each
-compiled once per dtype: constant B/C are passed as ``(1, Dc, N, 1)`` views
-indexed by the same expression as variable ones (batch and time index forced
-to 0, group size 1), and absent optional inputs are replaced by tiny dummy
-arrays plus a flag.
+compiled once per dtype: constant B/C are per-lane values and variable ones
+per-step values, the other factor 1 (``B_t[n]`` of a lane is the product),
+and absent optional inputs are replaced by tiny dummy arrays plus a flag.
 
 References
 ----------
@@ -105,8 +117,8 @@ class CpuScanSaved(NamedTuple):
 #
 # A block's data lives in small tiles with the block's channels innermost, as
 # SIMD lanes: (steps, lanes) for per-step values (flat arrays, element
-# [s * lanes + k]), (N, lanes) for per-state ones.  Loops over lanes have the compile-time trip count ``lanes``.  Two
-# things keep LLVM vectorizing them:
+# [s * lanes + k]), (N, lanes) for per-state ones.  Loops over lanes have the
+# compile-time trip count ``lanes``.  Two things keep LLVM vectorizing them:
 #
 # - The hot loops (one step, one state, all lanes) read and write few arrays,
 #   each with constant inner dimensions: per-state values are rows of one
@@ -745,8 +757,9 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_
     chunk_size : int or None, optional
         Must be None or the forward's ``chunk_size`` (which ``saved`` holds).
     n_slices : int or None, optional
-        Parallel tasks per batch element: the channels are split into this
-        many contiguous slices (capped at ``Dc``).  Variable dB/dC take
+        Parallel tasks per batch element: the channel blocks (of up to
+        ``LANES`` channels, see :func:`_blocks`) are split into this many
+        contiguous slices (capped at the number of blocks).  Variable dB/dC take
         ``n_slices`` times their own size in partial sums.  Default: just
         enough tasks to occupy every Numba thread.  Only the summation order
         of variable dB/dC depends on it.

@@ -234,7 +234,8 @@ def _ov_vexp(x):
 
 
 def _softplus_impl(c):
-    zero, half, one, two, sqrt2, ln2, twenty = c.zero, c.half, c.one, c.two, c.sqrt2, c.ln2, c.twenty
+    zero, half, one, two = c.zero, c.half, c.one, c.two
+    sqrt2, ln2, twenty = c.sqrt2, c.ln2, c.twenty
     at = c.atanh
     if len(at) == 5:
         a0, a1, a2, a3, a4 = at

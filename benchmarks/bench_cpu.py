@@ -1,0 +1,292 @@
+"""CPU benchmarks of issue 22: the selective scan per state update, a model
+forward against transformers' PyTorch Mamba, a training step against PyTorch.
+
+Parts (``--parts``, default all):
+
+``scan``
+    ``selective_scan_vjp`` forward and its backward on NumPy arrays, batch 2,
+    D 64, N 16, L 4096 (``--quick``: 1024), z, D, delta_bias and softplus
+    on, B and C variable ``(Bt, N, L)``: ns per state update (one update is
+    one (batch, channel, step, state)), on 1 and 2 Numba threads, float32 and
+    float64.  Beside it, on the same inputs: a NumPy loop over time
+    (``bench_scan.sequential_loop``, forward; the backward column is
+    :func:`numba_mamba.reference.selective_scan_vjp`, the float64 oracle,
+    also a NumPy loop over time) and a PyTorch CPU loop (the same loop,
+    backward by autograd), each on as many threads; ratios are theirs / ours.
+``model``
+    One forward of a 2-layer model, d_model 768, N 16, expand 2, vocab 1024
+    (small, so that the tied head does not swamp the blocks), batch 1,
+    lengths 256 and 1024, float32: ``models.model_forward`` (training caches
+    kept) and ``inference.prefill`` where it exists, against transformers'
+    ``MambaForCausalLM`` (its pure-PyTorch path, ``torch.no_grad``) holding
+    the same weights (copied array by array); the largest difference of the
+    logits is printed.
+``train``
+    One training step of the small model of ``examples/`` (2 layers, d_model
+    64, N 16, vocab 16, batch 32, length 80, AdamW, clipping at 1.0):
+    ``training.TrainStep`` on NumPy arrays against PyTorch eager
+    (``benchmarks/_torch_mamba.py``: autograd, ``clip_grad_norm_``,
+    ``torch.optim.AdamW``; its selective scan is this library's, so the
+    ratio compares everything around the scan).
+
+Times: wall clock, after warm-up (compilation left out), the minimum over
+``--reps`` repetitions (the machine is shared: the minimum is the least
+disturbed run).  torch and transformers are needed only here (``pip install
+torch transformers``); a part whose imports fail says so and the others run.
+
+Run::
+
+    python benchmarks/bench_cpu.py [--parts scan,model,train] [--reps 5] [--quick]
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+import numba_mamba as nm
+from numba_mamba import models, optim, reference, training
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scan import sequential_loop  # noqa: E402  (one copy of the loop)
+
+
+def best_time(fn, reps, warmup=1):
+    """Smallest wall time of ``fn()`` in seconds over ``reps`` runs, after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def thread_counts():
+    return sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+
+
+def try_torch():
+    try:
+        import torch
+    except ImportError as exc:
+        print(f"(torch not importable: {exc})")
+        return None
+    return torch
+
+
+# ---------------------------------------------------------------- scan
+
+
+def scan_inputs(Bt, Dc, N, L, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(
+        u=rng.standard_normal((Bt, Dc, L)).astype(dtype),
+        delta=rng.uniform(-3.0, 0.5, (Bt, Dc, L)).astype(dtype),
+        A=-rng.uniform(0.2, 3.0, (Dc, N)).astype(dtype),
+        B=rng.standard_normal((Bt, N, L)).astype(dtype),
+        C=rng.standard_normal((Bt, N, L)).astype(dtype),
+        D=rng.standard_normal(Dc).astype(dtype),
+        z=rng.standard_normal((Bt, Dc, L)).astype(dtype),
+        delta_bias=rng.uniform(-1.0, 1.0, Dc).astype(dtype),
+    )
+
+
+def _np_softplus(x):
+    return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
+
+
+def _np_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def numpy_loop_s(a):
+    t = time.perf_counter()
+    sequential_loop(np.exp, _np_softplus, _np_sigmoid, a["u"], a["delta"], a["A"], a["B"],
+                    a["C"], a["D"], a["z"], a["delta_bias"])
+    return time.perf_counter() - t
+
+
+def reference_backward_s(a, dout):
+    _, _, backward = reference.selective_scan_vjp(**a, delta_softplus=True)
+    t = time.perf_counter()
+    backward(dout)
+    return time.perf_counter() - t
+
+
+def torch_loop_s(torch, a, dout, threads):
+    """(forward s, backward s) of the loop in PyTorch on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    F = torch.nn.functional
+    t_in = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in a.items()}
+    g = torch.from_numpy(dout)
+    t = time.perf_counter()
+    out = sequential_loop(torch.exp, F.softplus, torch.sigmoid, *(t_in[k] for k in (
+        "u", "delta", "A", "B", "C", "D", "z", "delta_bias")))
+    fwd = time.perf_counter() - t
+    t = time.perf_counter()
+    out.backward(g)
+    return fwd, time.perf_counter() - t
+
+
+def part_scan(args):
+    Bt, Dc, N, L = 2, 64, 16, 1024 if args.quick else 4096
+    updates = Bt * Dc * N * L
+    torch = try_torch()
+    print(f"\nscan: batch {Bt}, D {Dc}, N {N}, L {L}; z, D, delta_bias, softplus on, B and C "
+          f"(Bt, N, L); ns per state update (min of {args.reps})")
+    head = ("dtype", "threads", "fwd ns", "bwd ns", "NumPy fwd x", "ref bwd x", "torch fwd x",
+            "torch bwd x")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for dtype in (np.float32, np.float64):
+        a = scan_inputs(Bt, Dc, N, L, dtype)
+        dout = np.random.default_rng(1).standard_normal((Bt, Dc, L)).astype(dtype)
+        np_fwd = min(numpy_loop_s(a) for _ in range(max(1, args.reps // 3)))
+        ref_bwd = reference_backward_s(a, dout)
+        for threads in thread_counts():
+            numba.set_num_threads(threads)
+            state = {}
+
+            def forward():
+                state["out"], _, state["bwd"] = nm.selective_scan_vjp(**a, delta_softplus=True)
+
+            fwd = best_time(forward, args.reps)
+            bwd = best_time(lambda: state["bwd"](dout), args.reps)
+            cells = [np.dtype(dtype).name, str(threads), f"{fwd / updates * 1e9:.3f}",
+                     f"{bwd / updates * 1e9:.3f}", f"{np_fwd / fwd:.1f}", f"{ref_bwd / bwd:.1f}"]
+            if torch is not None:
+                tf, tb = torch_loop_s(torch, a, dout, threads)
+                cells += [f"{tf / fwd:.1f}", f"{tb / bwd:.1f}"]
+            else:
+                cells += ["-", "-"]
+            print("| " + " | ".join(cells) + " |", flush=True)
+
+
+# ---------------------------------------------------------------- model forward
+
+
+def hf_model(torch, cfg, params):
+    """transformers' MambaForCausalLM holding ``params`` (copied), in eval mode."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    hf_cfg = MambaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                         state_size=cfg.d_state, num_hidden_layers=cfg.n_layers,
+                         expand=cfg.expand, conv_kernel=cfg.d_conv, time_step_rank=cfg.rank,
+                         use_bias=False, use_conv_bias=True, layer_norm_epsilon=cfg.norm_eps,
+                         tie_word_embeddings=True, use_mambapy=False)
+    model = MambaForCausalLM(hf_cfg).eval()
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            ours = name.removeprefix("backbone.").replace("embeddings.", "embedding.")
+            if name == "lm_head.weight":
+                ours = "embedding.weight"
+            tensor.copy_(torch.from_numpy(params[ours].reshape(tensor.shape)))
+    return model
+
+
+def part_model(args):
+    torch = try_torch()
+    if torch is None:
+        return
+    try:
+        import transformers
+    except ImportError as exc:
+        print(f"(model part skipped: transformers not importable: {exc})")
+        return
+    cfg = models.MambaConfig(d_model=768, n_layers=2, vocab_size=1024, d_state=16)
+    params = models.init_params(cfg, seed=0, dtype=np.float32)
+    hf = hf_model(torch, cfg, params)
+    prefill = getattr(nm.inference, "prefill", None)
+    print(f"\nmodel forward: 2 layers, d_model 768, N 16, vocab 1024, batch 1, float32, "
+          f"transformers {transformers.__version__}, torch {torch.__version__}; ms (min of "
+          f"{args.reps})")
+    head = ("L", "threads", "model_forward", "prefill", "transformers",
+            "model_forward / transformers", "max |logit diff|")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for L in (256, 1024):
+        tokens = np.random.default_rng(L).integers(0, cfg.vocab_size, (1, L))
+        t_tokens = torch.from_numpy(tokens)
+        for threads in thread_counts():
+            numba.set_num_threads(threads)
+            torch.set_num_threads(threads)
+            ours = best_time(lambda: models.model_forward(tokens, params, cfg), args.reps)
+            pre = best_time(lambda: prefill(tokens, params, cfg), args.reps) if prefill else None
+            with torch.no_grad():
+                theirs = best_time(lambda: hf(t_tokens), args.reps)
+                ref = hf(t_tokens).logits.numpy()
+            got = models.model_forward(tokens, params, cfg)[0]
+            diff = float(np.max(np.abs(got - ref)))
+            print(f"| {L} | {threads} | {ours * 1e3:.1f} | "
+                  f"{'-' if pre is None else f'{pre * 1e3:.1f}'} | {theirs * 1e3:.1f} | "
+                  f"{ours / theirs:.2f} | {diff:.2g} |", flush=True)
+
+
+# ---------------------------------------------------------------- training step
+
+
+def part_train(args):
+    torch = try_torch()
+    if torch is None:
+        return
+    from _torch_mamba import TorchMamba, make_train_step
+
+    cfg = models.MambaConfig(d_model=64, n_layers=2, vocab_size=16, d_state=16)
+    Bt, L = 32, 80
+    adamw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, cfg.vocab_size, (Bt, L)), rng.integers(0, cfg.vocab_size, (Bt, L)))
+               for _ in range(4)]
+    print(f"\ntraining step: 2 layers, d_model 64, N 16, vocab 16, batch {Bt}, L {L}, AdamW, "
+          f"clipping 1.0, float32; ms/step (min of {args.reps} x 5 steps)")
+    head = ("threads", "TrainStep (NumPy)", "PyTorch eager", "ours / theirs")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for threads in thread_counts():
+        numba.set_num_threads(threads)
+        torch.set_num_threads(threads)
+        params = models.init_params(cfg, seed=0)
+        ts = training.TrainStep(params, cfg, optimizer=optim.AdamW(**adamw), max_grad_norm=1.0)
+
+        def ours():
+            for tokens, targets in batches + batches[:1]:
+                ts.step(tokens, targets)
+
+        model = TorchMamba(torch, models.init_params(cfg, seed=0), cfg, "cpu", np,
+                           requires_grad=True)
+        step = make_train_step(model, max_grad_norm=1.0, **adamw)
+        t_batches = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in batches]
+
+        def theirs():
+            for tokens, targets in t_batches + t_batches[:1]:
+                step(tokens, targets)
+
+        mine = best_time(ours, args.reps) / 5
+        them = best_time(theirs, args.reps) / 5
+        print(f"| {threads} | {mine * 1e3:.2f} | {them * 1e3:.2f} | {mine / them:.2f} |",
+              flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="scan,model,train")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="shorter scan (L 1024)")
+    args = parser.parse_args(argv)
+    print(f"bench_cpu.py, {datetime.datetime.now().isoformat(timespec='minutes')}, "
+          f"{platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+          f"numba {numba.__version__}, numpy {np.__version__}, "
+          f"numba-mamba {getattr(nm, '__version__', '?')}")
+    parts = {"scan": part_scan, "model": part_model, "train": part_train}
+    for name in args.parts.split(","):
+        parts[name](args)
+
+
+if __name__ == "__main__":
+    main()
