@@ -471,12 +471,13 @@ val_fraction, patience, eval_every : optional
             Sample times of ``y`` and of the forecast samples (irregular
             sampling; see the module docstring).
         quantiles : sequence of float, optional
-            Return these quantiles instead: ``forecast + sigma_[j] * z_q``
-            at step ``j``, with ``z_q`` the empirical quantile of the
-            validation residuals divided by their step's ``sigma_``, pooled
-            over windows and steps (a split-conformal interval with a scale
-            per step; it keeps the residuals' skew and bias, so the 0.5
-            quantile may differ from the point forecast).
+            Return these quantiles instead: ``forecast + sign(q - 0.5)
+            sigma_[j] a_|2q-1|`` at step ``j``, with ``a_p`` the ``p``
+            quantile of the absolute validation residuals divided by their
+            step's ``sigma_``, pooled over windows and steps (a symmetric
+            split-conformal interval with a scale per step; the 0.5
+            quantile is the point forecast).  The residuals' mean is not
+            added: the members' refit on the whole series changes it.
 
         Returns
         -------
@@ -514,8 +515,9 @@ val_fraction, patience, eval_every : optional
             raise RuntimeError("quantiles need validation residuals: fit with val_fraction > 0")
         xp = self.engines_[0].xp_
         sigma, res = _host(self.sigma_), _host(self.residuals_)  # (fh_, C), (n, fh_, C)
-        z = (res / np.where(sigma > 0, sigma, 1.0)).reshape(-1, sigma.shape[1])
-        zq = np.quantile(z, q, axis=0)  # (n_q, C): pooled over windows and steps
+        a = np.abs(res / np.where(sigma > 0, sigma, 1.0)).reshape(-1, sigma.shape[1])
+        qa = np.quantile(a, np.abs(2 * q - 1), axis=0)  # (n_q, C): pooled over windows, steps
+        zq = np.sign(q - 0.5)[:, None] * qa
         off = xp.asarray(sigma[:fh, :, None] * zq.T[None])  # (fh, C, n_q)
         return off[:, 0] if self.one_d_ else off
 
