@@ -832,13 +832,13 @@ class _Buckets:
         p0 = next(iter(params.values()))
         self.gpu = is_cupy_array(p0)
         self.xp = _xp(p0)
+        self.stream = self.xp.cuda.Stream(non_blocking=True) if self.gpu else None
         self.dtype = p0.dtype
         self.scale = self.dtype.type(1.0 / comm.world_size)
         self.sizes = {k: (int(v.size), tuple(v.shape)) for k, v in params.items()}
         self.bucket_bytes = int(bucket_bytes)
         self.plan = None  # list of lists of names, made at the first backward
         self.buffers = []
-        self.stream = None
         self._reset()
 
     def _reset(self):
@@ -870,10 +870,7 @@ class _Buckets:
         parts = [self.pending.pop(k).reshape(-1) for k in names]
         self.keep.append(parts)
         if self.gpu:  # the comm stream waits for the gradients on the compute stream
-            import cupy
-            if self.stream is None:
-                self.stream = cupy.cuda.Stream(non_blocking=True)
-            self.stream.wait_event(cupy.cuda.get_current_stream().record())
+            self.stream.wait_event(self.xp.cuda.get_current_stream().record())
         with self._on_stream():
             self.xp.concatenate(parts, out=buf)
             self.started.append(self.comm.allreduce_sum(buf))
@@ -901,8 +898,7 @@ class _Buckets:
                     out[k] = buf[offset:offset + n].reshape(shape)
                     offset += n
         if self.gpu:  # the compute stream waits for the comm stream
-            import cupy
-            cupy.cuda.get_current_stream().wait_event(self.stream.record())
+            self.xp.cuda.get_current_stream().wait_event(self.stream.record())
         self._reset()
         return out
 
@@ -1203,7 +1199,11 @@ def _rank_envs(opts):
                    **{_ENV_BACKEND: "cpu" if opts.cpu else "nccl"})
         if opts.timeout is not None:
             env[_ENV_TIMEOUT] = str(_timeout(opts.timeout))
-        if not opts.cpu:
+        if opts.cpu:  # (the host's cores shared among its ranks, unless the caller chose)
+            threads = str(max(1, (os.cpu_count() or 1) // nproc))
+            for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
+                env.setdefault(name, threads)
+        else:
             env["CUDA_VISIBLE_DEVICES"] = gpus[local]
         envs.append(env)
     return envs
@@ -1243,11 +1243,13 @@ def main(argv=None):
 
     Starts ``--nproc`` processes of ``python SCRIPT ARGS...`` (each in a
     process group of its own), one per visible GPU (each sees only its GPU
-    through ``CUDA_VISIBLE_DEVICES``) or, with ``--cpu``, on the CPU, and
-    waits for them.  When one fails (a non-zero exit or a signal) the others
-    get SIGTERM, then SIGKILL after ``--grace`` seconds, a line on stderr
-    names the failed rank, and the status is non-zero (that rank's code, or
-    1 for a signal).  SIGINT or SIGTERM to the launcher stops them all.
+    through ``CUDA_VISIBLE_DEVICES``) or, with ``--cpu``, on the CPU (each
+    with ``NUMBA_NUM_THREADS`` and ``OMP_NUM_THREADS`` set to its share of
+    the cores, unless already set), and waits for them.  When one fails (a
+    non-zero exit or a signal) the others get SIGTERM, then SIGKILL after
+    ``--grace`` seconds, a line on stderr names the failed rank(s), and the
+    status is non-zero (the code of the lowest failed rank, or 1 for a
+    signal).  SIGINT or SIGTERM to the launcher stops them all.
     """
     opts = _parser().parse_args(argv)
     envs = _rank_envs(opts)
