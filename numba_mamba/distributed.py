@@ -843,13 +843,11 @@ class _Buckets:
 
     def _reset(self):
         self.pending = {}  # name -> gradient, of the bucket being filled
-        self.groups = []  # [names] of this backward, in order
         self.started = []  # handles of started buckets
         self.keep = []  # the gradients copied, held until the comm stream has read them
 
     def ready(self, names, grads):
         """``on_grads``: take a group; start the bucket it completes."""
-        self.groups.append(list(names))
         self.pending.update(zip(names, grads))
         if self.plan is None:  # (first backward: pack as the groups come)
             if sum(self.sizes[k][0] for k in self.pending) * self.dtype.itemsize \
@@ -1157,7 +1155,7 @@ def _parser():
                    help="CPU processes (backend 'cpu', NumPy arrays, TCP) instead of GPUs")
     p.add_argument("--hosts", default=None,
                    help="comma-separated hosts of a multi-host run, the first runs rank 0; "
-                        "run this command on each with its --node-rank")
+                        "run this command on each with its --node-rank and the same --nproc")
     p.add_argument("--node-rank", type=int, default=0, help="this host's index in --hosts")
     p.add_argument("--master-addr", default=None,
                    help="rank 0's address (default: the first of --hosts, else 127.0.0.1)")
