@@ -1,6 +1,7 @@
 """Time-series forecasting with Mamba: an ensemble forecaster, intervals, backtests, metrics.
 
-A small API in the style of darts and sktime::
+A small API in the style of darts and sktime (and :class:`MambaClassifier`,
+``fit(X, y)`` / ``predict_proba(X)``, for classifying series)::
 
     f = MambaForecaster(season=12)      # or season=None: detected
     f.fit(y, fh=24)                     # y (T,) or (T, C), NumPy (CPU) or CuPy (GPU)
@@ -74,12 +75,13 @@ References
    Forecasting?", AAAI 2023.
 """
 from ._ts_base import Scaler, make_windows
+from ._ts_classifier import MambaClassifier
 from ._ts_engine import timed_model_backward, timed_model_forward
 from ._ts_forecaster import MambaForecaster, detect_season
 from ._ts_metrics import interval_coverage, mae, mase, pinball_loss, rmse, seasonal_naive, smape
 
 __all__ = [
-    "MambaForecaster", "detect_season", "Scaler", "make_windows", "seasonal_naive",
-    "mae", "rmse", "mase", "smape", "pinball_loss", "interval_coverage",
+    "MambaForecaster", "MambaClassifier", "detect_season", "Scaler", "make_windows",
+    "seasonal_naive", "mae", "rmse", "mase", "smape", "pinball_loss", "interval_coverage",
     "timed_model_forward", "timed_model_backward",
 ]

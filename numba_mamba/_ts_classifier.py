@@ -1,0 +1,289 @@
+"""Time-series classification with Mamba as a sequence encoder (``MambaClassifier``)."""
+
+import inspect
+
+import numpy as np
+
+from ._validation import array_namespace, is_cupy_array
+from ._ts_base import _check_int
+from .models import MambaConfig, init_params, model_backward, model_forward
+from .optim import AdamW, clip_grad_norm, warmup_cosine
+from .training import seed_everything
+
+__all__ = ["MambaClassifier"]
+
+POOLS = ("mean", "last")
+
+
+def _batch(X, n_channels=None, xp=None):
+    """``(x (n, L, C) float64, lengths (n,))`` of equal-length or ragged inputs, zero-padded.
+
+    ``X``: an array ``(n, L)`` or ``(n, L, C)``, or a list of ``(L_i,)`` or ``(L_i, C)`` arrays.
+    """
+    if isinstance(X, (list, tuple)):
+        if not X:
+            raise ValueError("X must hold at least one series, got an empty list")
+        xp = xp or array_namespace(X=X[0]) if hasattr(X[0], "shape") else (xp or np)
+        seqs = []
+        for i, s in enumerate(X):
+            s = xp.asarray(s, dtype=np.float64)
+            if s.ndim == 1:
+                s = s[:, None]
+            if s.ndim != 2 or s.shape[0] == 0:
+                raise ValueError(f"X[{i}] must have shape (length,) or (length, channels) with "
+                                 f"length >= 1, got {tuple(s.shape)}")
+            seqs.append(s)
+        C = seqs[0].shape[1]
+        for i, s in enumerate(seqs):
+            if s.shape[1] != C:
+                raise ValueError(f"X[{i}] must have {C} channel(s) like X[0], got "
+                                 f"shape {tuple(s.shape)}")
+        lengths = np.array([s.shape[0] for s in seqs])
+        x = xp.zeros((len(seqs), int(lengths.max()), C))
+        for i, s in enumerate(seqs):
+            x[i, :s.shape[0]] = s
+    else:
+        xp = xp or (array_namespace(X=X) if hasattr(X, "shape") else np)
+        x = xp.asarray(X, dtype=np.float64)
+        if x.ndim == 2:
+            x = x[:, :, None]
+        if x.ndim != 3 or 0 in x.shape[:2]:
+            raise ValueError(f"X must have shape (n, length) or (n, length, channels) or be a "
+                             f"list of series, got {tuple(x.shape)}")
+        lengths = np.full(x.shape[0], x.shape[1])
+    if n_channels is not None and x.shape[2] != n_channels:
+        raise ValueError(f"X must have {n_channels} channel(s) like the training series, got "
+                         f"{x.shape[2]}")
+    if not bool(xp.isfinite(x).all()):
+        raise ValueError("X must be finite, got NaN or inf")
+    return x, lengths
+
+
+class MambaClassifier:
+    """Classify (multivariate, variable-length) time series with a small Mamba encoder.
+
+    A stack of Mamba blocks reads each series causally; the regression head
+    emits one logit per class at every position and the series' logits are
+    their mean over its positions (``pool="mean"``) or the last position's
+    (``pool="last"``).  Trained with softmax cross-entropy and AdamW (linear
+    warmup, cosine decay); ``n_seeds`` models are averaged in probability.
+
+    Parameters
+    ----------
+    d_model, n_layers, d_state, d_conv, expand : int, optional
+        Model size (:class:`~numba_mamba.models.MambaConfig`).
+    dt_min, dt_max : float, optional
+        Range of the initial selective time step, in samples.
+    normalize : bool, optional
+        Standardise each series per channel over its own samples (the UCR
+        convention); a channel without spread is only centred.
+    pool : {"mean", "last"}, optional
+    steps, batch_size, lr, weight_decay, warmup_steps, max_grad_norm : optional
+        Optimisation (``steps`` per seed).
+    n_seeds : int, optional
+    seed : int, optional
+    dtype : {numpy.float32, numpy.float64}, optional
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        The labels, sorted (``numpy.unique`` of ``y``).
+    members_ : list of dict
+        Trained parameters per seed.
+    losses_ : list of list of float
+        Training loss per step, per seed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba.timeseries import MambaClassifier
+    >>> rng = np.random.default_rng(0)
+    >>> t = np.arange(40)
+    >>> X = np.stack([np.sin(t / (2 + k % 2 * 4)) for k in range(40)])
+    >>> X = X + 0.1 * rng.standard_normal(X.shape)
+    >>> y = np.array(["slow" if k % 2 else "fast" for k in range(40)])
+    >>> clf = MambaClassifier(d_model=8, n_layers=1, d_state=4, steps=60, lr=1e-2)
+    >>> clf = clf.fit(X[:30], y[:30])
+    >>> bool((clf.predict(X[30:]) == y[30:]).mean() >= 0.9), clf.predict_proba(X[30:]).shape
+    (True, (10, 2))
+    """
+
+    def __init__(self, *, d_model=32, n_layers=2, d_state=16, d_conv=4, expand=2,
+                 dt_min=1e-3, dt_max=1e-1, normalize=True, pool="mean", steps=400,
+                 batch_size=32, lr=3e-3, weight_decay=0.01, warmup_steps=40,
+                 max_grad_norm=1.0, n_seeds=1, seed=0, dtype=np.float32):
+        args = {k: v for k, v in locals().items() if k != "self"}
+        for k, v in args.items():
+            setattr(self, k, v)
+        self._validate()
+        self.members_ = None
+
+    @classmethod
+    def _param_names(cls):
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep=True):
+        """The constructor arguments, as given (scikit-learn convention)."""
+        return {k: getattr(self, k) for k in self._param_names()}
+
+    def set_params(self, **params):
+        """Set constructor arguments (checked as by the constructor); returns self."""
+        names = self._param_names()
+        for k in params:
+            if k not in names:
+                raise ValueError(f"invalid parameter {k!r} for MambaClassifier; valid "
+                                 f"parameters: {', '.join(names)}")
+        old = self.get_params()
+        for k, v in params.items():
+            setattr(self, k, v)
+        try:
+            self._validate()
+        except (TypeError, ValueError):
+            for k, v in old.items():
+                setattr(self, k, v)
+            raise
+        return self
+
+    def _validate(self):
+        for name in ("d_model", "n_layers", "d_state", "d_conv", "expand", "steps",
+                     "batch_size", "n_seeds"):
+            _check_int(name, getattr(self, name))
+        _check_int("warmup_steps", self.warmup_steps, low=0)
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if np.dtype(self.dtype) not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {np.dtype(self.dtype)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+
+    def __repr__(self):
+        return f"MambaClassifier(d_model={self.d_model}, n_layers={self.n_layers})"
+
+    # ------------------------------------------------------------ data
+
+    def _prepare(self, X, fitted=False):
+        """Padded, normalised inputs ``(n, L, C)`` in the model dtype and the mask ``(n, L, 1)``."""
+        x, lengths = _batch(X, self.n_channels_ if fitted else None)
+        xp = array_namespace(x=x)
+        mask = (xp.arange(x.shape[1])[None, :] < xp.asarray(lengths)[:, None])[..., None]
+        mask = mask.astype(np.float64)
+        if self.normalize:
+            n = xp.asarray(lengths, dtype=np.float64)[:, None, None]
+            mu = x.sum(axis=1, keepdims=True) / n
+            sd = xp.sqrt((((x - mu) * mask) ** 2).sum(axis=1, keepdims=True) / n)
+            x = (x - mu) / xp.where(sd > 0, sd, 1.0) * mask
+        dt = np.dtype(self.dtype)
+        return x.astype(dt), mask.astype(dt), lengths
+
+    def _logits(self, out, mask, lengths):
+        xp = array_namespace(out=out)
+        if self.pool == "mean":
+            n = xp.asarray(lengths, dtype=out.dtype)[:, None]
+            return (out * mask).sum(axis=1) / n
+        return out[xp.arange(out.shape[0]), xp.asarray(lengths) - 1]
+
+    def _dout(self, dlogits, out, mask, lengths):
+        xp = array_namespace(out=out)
+        if self.pool == "mean":
+            n = xp.asarray(lengths, dtype=out.dtype)[:, None, None]
+            return dlogits[:, None, :] * mask / n
+        d = xp.zeros_like(out)
+        d[xp.arange(out.shape[0]), xp.asarray(lengths) - 1] = dlogits
+        return d
+
+    # ------------------------------------------------------------ fit / predict
+
+    def fit(self, X, y):
+        """Train on series ``X`` with labels ``y``.
+
+        Parameters
+        ----------
+        X : array, shape (n, L) or (n, L, C), or a list of (L_i,) or (L_i, C) arrays
+            Time along axis 1 (axis 0 of each listed series); series of
+            different lengths are zero-padded at the end and masked.
+        y : array-like, shape (n,)
+            Labels of any type (at least two classes).
+
+        Returns
+        -------
+        self
+        """
+        self._validate()
+        x, mask, lengths = self._prepare(X)
+        y = np.asarray(y.get() if is_cupy_array(y) else y)
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape ({x.shape[0]},) (one label per series), "
+                             f"got {tuple(y.shape)}")
+        self.classes_, yi = np.unique(y, return_inverse=True)
+        K = len(self.classes_)
+        if K < 2:
+            raise ValueError(f"y must hold at least 2 classes, got {K}")
+        xp = array_namespace(x=x)
+        self.n_channels_ = x.shape[2]
+        self.config_ = MambaConfig(d_model=self.d_model, n_layers=self.n_layers,
+                                   d_input=self.n_channels_, d_output=K, d_state=self.d_state,
+                                   d_conv=self.d_conv, expand=self.expand, dt_min=self.dt_min,
+                                   dt_max=self.dt_max)
+        seed_everything(self.seed)
+        onehot = xp.asarray(np.eye(K)[yi], dtype=x.dtype)
+        n = x.shape[0]
+        B = min(self.batch_size, n)
+        warm = min(self.warmup_steps, self.steps)
+        self.members_, self.losses_ = [], []
+        for j in range(self.n_seeds):
+            rng = np.random.default_rng([self.seed, j])
+            params = init_params(self.config_, seed=np.random.default_rng([self.seed, j, 1]),
+                                 dtype=np.dtype(self.dtype), xp=xp)
+            opt = AdamW(lr=self.lr, weight_decay=self.weight_decay)
+            losses = []
+            order = rng.permutation(n)
+            pos = 0
+            for step in range(self.steps):
+                if pos + B > n:  # epochs of random batches
+                    order, pos = rng.permutation(n), 0
+                idx = xp.asarray(order[pos:pos + B])
+                pos += B
+                xb, mb, lb = x[idx], mask[idx], lengths[order[pos - B:pos]]
+                out, cache = model_forward(xb, params, self.config_)
+                logits = self._logits(out, mb, lb)
+                z = logits - logits.max(axis=1, keepdims=True)
+                p = xp.exp(z)
+                p /= p.sum(axis=1, keepdims=True)
+                ob = onehot[idx]
+                losses.append(float(-(ob * (z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))))
+                                    .sum(axis=1).mean()))
+                _, grads = model_backward(self._dout((p - ob) / B, out, mb, lb), cache)
+                if self.max_grad_norm is not None:
+                    clip_grad_norm(grads, self.max_grad_norm)
+                opt.step(params, grads, lr=warmup_cosine(step, self.lr, warm, self.steps,
+                                                         self.lr / 10))
+            self.members_.append(params)
+            self.losses_.append(losses)
+        return self
+
+    def predict_proba(self, X, batch_size=256):
+        """Class probabilities ``(n, n_classes)``, columns in the order of ``classes_``."""
+        if self.members_ is None:
+            raise RuntimeError("MambaClassifier is not fitted: call fit(X, y) first")
+        x, mask, lengths = self._prepare(X, fitted=True)
+        xp = array_namespace(x=x)
+        out = xp.zeros((x.shape[0], len(self.classes_)))
+        for params in self.members_:
+            for s in range(0, x.shape[0], batch_size):
+                sl = slice(s, s + batch_size)
+                o, _ = model_forward(x[sl], params, self.config_)
+                z = self._logits(o, mask[sl], lengths[sl]).astype(np.float64)
+                z = xp.exp(z - z.max(axis=1, keepdims=True))
+                out[sl] += z / z.sum(axis=1, keepdims=True)
+        return out / len(self.members_)
+
+    def predict(self, X):
+        """Labels ``(n,)``: the most probable class of each series."""
+        p = self.predict_proba(X)
+        if is_cupy_array(p):
+            p = p.get()
+        return self.classes_[np.argmax(p, axis=1)]
+
+    def score(self, X, y):
+        """Accuracy on ``(X, y)``."""
+        return float((self.predict(X) == np.asarray(y)).mean())
