@@ -23,8 +23,15 @@ Run::
     python benchmarks/bench_dask.py --quick            # ~1 min on 2 cores
     python benchmarks/bench_dask.py                    # the issue's 64 x 16 x 2^24
 
-The many-series part of the issue (1,000 AR(2) series, fit and forecast per
-series on the cluster) is not benchmarked here.
+With ``--series N`` it runs the issue's second target instead: N series
+(AR(2) with random stable coefficients plus a period-12 seasonality, 500
+samples and 12 held out), one ``MambaForecaster`` per series with
+``numba_mamba.dask.forecast_many`` on 1 and 2 workers, against a per-series
+``statsmodels`` ``AutoReg(lags=2, seasonal=True, period=12)``: wall time and
+the mean MAE and MASE (m = 12) over the series::
+
+    python benchmarks/bench_dask.py --series 1000 --steps 300    # the issue's
+    python benchmarks/bench_dask.py --series 16 --steps 50       # a short run
 """
 
 import argparse
@@ -89,6 +96,14 @@ def warm_up():
     return peak_rss_mib()
 
 
+def warm_forecaster(steps):
+    """Compile the forecaster's kernels in a worker (outside the timing)."""
+    from numba_mamba.timeseries import MambaForecaster
+
+    y = np.sin(np.arange(200) * 0.5)
+    MambaForecaster(season=12, steps=min(steps, 2)).fit(y, fh=12).predict()
+
+
 def lazy_signal(channels, length, chunk, seed):
     import dask.array as da
 
@@ -144,6 +159,64 @@ def run_pieces(channels, states, length, chunk, seed):
         lc.close()
 
 
+def panel(n, length, fh, seed):
+    """n series of AR(2) noise (random stable coefficients) plus a period-12 season."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        r, theta = rng.uniform(0.3, 0.9), rng.uniform(0.2, 2.5)  # complex pole pair
+        a1, a2 = 2 * r * np.cos(theta), -r * r
+        e = rng.standard_normal(length + fh + 100)
+        y = np.zeros_like(e)
+        for t in range(2, len(e)):
+            y[t] = a1 * y[t - 1] + a2 * y[t - 2] + e[t]
+        season = rng.uniform(0.5, 3) * np.sin(2 * np.pi * np.arange(len(e)) / 12
+                                              + rng.uniform(0, 2 * np.pi))
+        out.append((y + season)[100:])
+    return out
+
+
+def autoreg(series, length, fh):
+    from statsmodels.tsa.ar_model import AutoReg
+
+    return [AutoReg(y[:length], lags=2, seasonal=True, period=12).fit().forecast(fh)
+            for y in series]
+
+
+def run_series(args):
+    from numba_mamba.dask import forecast_many
+    from numba_mamba.timeseries import mae, mase
+
+    length, fh = 500, 12
+    series = panel(args.series, length, fh, args.seed)
+    print(f"# bench_dask --series {args.series} --steps {args.steps} "
+          f"{datetime.date.today()} {platform.node()} ({os.cpu_count()} cores): "
+          f"AR(2) + season 12, {length} samples, fh {fh}")
+    print("| run | workers | time s | mean MAE | mean MASE |")
+    print("|---|---|---|---|---|")
+
+    def row(name, workers, seconds, forecasts):
+        e = np.mean([mae(y[length:], f) for y, f in zip(series, forecasts)])
+        m = np.mean([mase(y[length:], f, y[:length], m=12) for y, f in zip(series, forecasts)])
+        print(f"| {name} | {workers} | {seconds:.1f} | {e:.3f} | {m:.3f} |")
+
+    t0 = time.perf_counter()
+    ar = autoreg(series, length, fh)
+    row("AutoReg(2) + seasonal dummies (statsmodels)", 1, time.perf_counter() - t0, ar)
+    for w in args.workers:
+        lc, client = cluster(w)
+        try:
+            client.run(warm_forecaster, args.steps)
+            t0 = time.perf_counter()
+            got = forecast_many([y[:length] for y in series], fh, client=client,
+                                progress=False, season=12, steps=args.steps)
+            row(f"MambaForecaster per series (steps={args.steps})", w,
+                time.perf_counter() - t0, got)
+        finally:
+            client.close()
+            lc.close()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--channels", type=int, default=64)
@@ -154,7 +227,13 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="2^21 samples in chunks of 2^17 (about a minute on 2 cores)")
+    parser.add_argument("--series", type=int, default=0,
+                        help="run the many-series benchmark with this many series instead")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="training steps of each MambaForecaster (--series)")
     args = parser.parse_args()
+    if args.series:
+        return run_series(args)
     if args.quick:
         args.log2_length, args.log2_chunk = 21, 17
     length, chunk = 2 ** args.log2_length, 2 ** args.log2_chunk

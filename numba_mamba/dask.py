@@ -53,7 +53,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from ._validation import array_namespace, as_float_array, is_double
 
-__all__ = ["selective_scan", "ssm_filter"]
+__all__ = ["forecast_many", "lookahead", "selective_scan", "ssm_filter"]
 
 
 # ------------------------------------------------------------- shared parts
@@ -622,3 +622,73 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                  last0.dtype)
            for i, key in last.items()}
     return y, _array(hsk, [y], hname, (chunks["b"], chunks["d"], (N,)), _meta(last0, 3))
+
+
+# ----------------------------------------------------------------- many series
+def _fit_predict(y, fh, params):
+    from .timeseries import MambaForecaster
+
+    return MambaForecaster(**params).fit(y, fh=fh).predict()
+
+
+def forecast_many(series, fh, client=None, progress=True, **params):
+    """Fit one :class:`~numba_mamba.timeseries.MambaForecaster` per series in
+    parallel with Dask and forecast each.
+
+    Parameters
+    ----------
+    series : sequence of arrays, shape (T,) or (T, C) each, or an array (n, T)
+        The series (unequal lengths allowed in a sequence).
+    fh : int
+        Forecast horizon, as :meth:`MambaForecaster.fit`.
+    client : distributed.Client, optional
+        Runs the fits on its cluster (``Client("tcp://scheduler:8786")`` on
+        a real one), with ``distributed.progress`` as the progress bar;
+        default: Dask's current scheduler (a local one unless a client is
+        active) with ``dask.diagnostics.ProgressBar``.
+    progress : bool, optional
+        Show the progress bar (default True).
+    **params
+        Arguments of :class:`MambaForecaster` (the same for every series).
+
+    Returns
+    -------
+    forecasts : list of arrays, shape (fh,) or (fh, C) each
+        In the order of ``series``.
+
+    Notes
+    -----
+    One task per series; a worker should run one thread with
+    ``NUMBA_NUM_THREADS=1`` so that the workers, not Numba's threads, share
+    the cores.  For one global model on a panel, fit a single
+    :class:`MambaForecaster` on the panel instead.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba.dask import forecast_many
+    >>> t = np.arange(120)
+    >>> series = [np.sin(2 * np.pi * t / 12) * a for a in (1.0, 2.0, 3.0)]
+    >>> out = forecast_many(series, fh=6, progress=False, season=12, steps=0)
+    >>> len(out), out[0].shape
+    (3, (6,))
+    >>> bool(np.allclose(out[2], 3 * np.sin(2 * np.pi * np.arange(120, 126) / 12), atol=1e-2))
+    True
+    """
+    import dask
+
+    tasks = [dask.delayed(_fit_predict, pure=True)(np.asarray(y), fh, params)
+             for y in series]
+    if client is not None:
+        futures = client.compute(tasks)
+        if progress:
+            from distributed import progress as show
+
+            show(futures)
+        return client.gather(futures)
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar():
+            return list(dask.compute(*tasks))
+    return list(dask.compute(*tasks))

@@ -258,27 +258,43 @@ def test_scan_errors(rng):
 
 
 # ------------------------------------------------------- on a LocalCluster
-def test_local_cluster_two_processes(rng):
+@pytest.fixture(scope="module")
+def client():
     distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as c:
+        yield c
+
+
+def test_local_cluster_two_processes(rng, client):
     A, B, C = lti(rng, (4,), 8)
     x = rng.standard_normal((4, 3000))
     zi = rng.standard_normal((4, 8))
     u, delta, sA, sB, sC = scan_args(rng, 2, 3, 4, 200)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
-        y, zf = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(2, 700)), zi=zi)
-        s, h = nm.selective_scan(da.from_array(u, chunks=(1, 3, 60)), delta, sA, sB, sC,
-                                 delta_softplus=True, return_last_state=True)
-        got, got_zf, got_s, got_h = client.compute([y, zf, s, h], sync=True)
-        assert len(client.scheduler_info()["workers"]) == 2
-    want, want_zf = nm.ssm_filter(A, B, C, x, zi=zi)
-    close(got, want)
-    close(got_zf, want_zf)
-    want_s, want_h = nm.selective_scan(u, delta, sA, sB, sC, delta_softplus=True,
-                                       return_last_state=True)
-    close(got_s, want_s)
-    close(got_h, want_h)
+    y, zf = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(2, 700)), zi=zi)
+    s, h = nm.selective_scan(da.from_array(u, chunks=(1, 3, 60)), delta, sA, sB, sC,
+                             delta_softplus=True, return_last_state=True)
+    got = client.compute([y, zf, s, h], sync=True)
+    assert len(client.scheduler_info()["workers"]) == 2
+    want = nm.ssm_filter(A, B, C, x, zi=zi) + nm.selective_scan(
+        u, delta, sA, sB, sC, delta_softplus=True, return_last_state=True)
+    for g, w in zip(got, want, strict=True):
+        close(g, w)
+
+
+def test_forecast_many_on_the_cluster(client):
+    from numba_mamba.dask import forecast_many
+    from numba_mamba.timeseries import MambaForecaster
+
+    t = np.arange(150)
+    rng = np.random.default_rng(3)
+    series = [np.sin(2 * np.pi * t / 12 + p) + 0.1 * rng.standard_normal(150)
+              for p in (0.0, 1.0, 2.0)]
+    got = forecast_many(series, 6, client=client, progress=False, season=12, steps=0)
+    for y, g in zip(series, got, strict=True):
+        np.testing.assert_array_equal(g, MambaForecaster(season=12, steps=0).fit(y, fh=6)
+                                      .predict())
 
 
 # ------------------------------------------------------------------- xarray
