@@ -631,6 +631,9 @@ class NcclCommunicator(Communicator):
         return getattr(self._nccl, name)
 
     def _check_gpu(self, x):
+        if self._comm is None:
+            raise DistributedError(f"rank {self.rank}: the NCCL communicator was aborted or "
+                                   f"closed")
         if not is_cupy_array(x):
             raise TypeError(f"x must be a CuPy array, got {type(x).__name__}")
         self._check("x", x)
