@@ -43,7 +43,6 @@ operations differs at chunk boundaries), for any chunking.
 
 import itertools
 import math
-import operator
 from functools import partial
 
 import dask.array as da
