@@ -29,6 +29,13 @@ Parts (``--parts``, default all):
     ``torch.optim.AdamW``; its selective scan is this library's, so the
     ratio compares everything around the scan).
 
+BLAS threads matter as much as the kernels here: on a 2-core machine
+OpenBLAS's own thread pool (NumPy's matmul) and Numba's OpenMP pool compete
+for the cores, and a model forward or training step can run several times
+slower than with ``OPENBLAS_NUM_THREADS=1``.  The header prints the
+variables that set them; run once as is and once with
+``OPENBLAS_NUM_THREADS=1`` to see both.
+
 Times: wall clock, after warm-up (compilation left out), the minimum over
 ``--reps`` repetitions (the machine is shared: the minimum is the least
 disturbed run).  torch and transformers are needed only here (``pip install
@@ -37,6 +44,7 @@ torch transformers``); a part whose imports fail says so and the others run.
 Run::
 
     python benchmarks/bench_cpu.py [--parts scan,model,train] [--reps 5] [--quick]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_cpu.py --parts model,train
 """
 
 import argparse
@@ -282,7 +290,10 @@ def main(argv=None):
     print(f"bench_cpu.py, {datetime.datetime.now().isoformat(timespec='minutes')}, "
           f"{platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
           f"numba {numba.__version__}, numpy {np.__version__}, "
-          f"numba-mamba {getattr(nm, '__version__', '?')}")
+          f"numba-mamba {getattr(nm, '__version__', '?')}; " + ", ".join(
+              f"{v}={os.environ.get(v, '(unset)')}" for v in (
+                  "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS",
+                  "NUMBA_THREADING_LAYER")))
     parts = {"scan": part_scan, "model": part_model, "train": part_train}
     for name in args.parts.split(","):
         parts[name](args)
