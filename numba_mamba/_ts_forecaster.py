@@ -574,6 +574,8 @@ val_fraction, patience, eval_every : optional
             and ``seconds`` (fit and predictions); the interval entries are
             None without validation residuals.
         """
+        if _is_panel(y):
+            raise ValueError("backtest takes one series: call it for each series of the panel")
         fh = _check_int("fh", fh)
         n_origins = _check_int("n_origins", n_origins)
         step = fh if step is None else _check_int("step", step)

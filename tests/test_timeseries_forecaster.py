@@ -272,6 +272,8 @@ def test_backtest_refits_copies_at_each_origin_and_reports_metrics(fitted):
     np.testing.assert_array_equal(fitted.predict(), before)
     with pytest.raises(ValueError, match=r"more than fh \+ \(n_origins - 1\) \* step = 150"):
         MambaForecaster(steps=0).backtest(y, fh=10, n_origins=15)
+    with pytest.raises(ValueError, match="backtest takes one series"):
+        MambaForecaster(steps=0).backtest([y, y], fh=5)
 
 
 def test_a_list_of_series_is_a_panel_with_one_forecaster_each():
