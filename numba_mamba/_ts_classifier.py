@@ -1,11 +1,9 @@
 """Time-series classification with Mamba as a sequence encoder (``MambaClassifier``)."""
 
-import inspect
-
 import numpy as np
 
 from ._validation import array_namespace, is_cupy_array
-from ._ts_base import _check_int
+from ._ts_base import _check_int, _Params
 from .models import MambaConfig, init_params, model_backward, model_forward
 from .optim import AdamW, clip_grad_norm, warmup_cosine
 from .training import seed_everything
@@ -59,7 +57,7 @@ def _batch(X, n_channels=None, xp=None):
     return x, lengths
 
 
-class MambaClassifier:
+class MambaClassifier(_Params):
     """Classify (multivariate, variable-length) time series with a small Mamba encoder.
 
     A stack of Mamba blocks reads each series causally; the regression head
@@ -117,32 +115,6 @@ class MambaClassifier:
             setattr(self, k, v)
         self._validate()
         self.members_ = None
-
-    @classmethod
-    def _param_names(cls):
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def get_params(self, deep=True):
-        """The constructor arguments, as given (scikit-learn convention)."""
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params):
-        """Set constructor arguments (checked as by the constructor); returns self."""
-        names = self._param_names()
-        for k in params:
-            if k not in names:
-                raise ValueError(f"invalid parameter {k!r} for MambaClassifier; valid "
-                                 f"parameters: {', '.join(names)}")
-        old = self.get_params()
-        for k, v in params.items():
-            setattr(self, k, v)
-        try:
-            self._validate()
-        except (TypeError, ValueError):
-            for k, v in old.items():
-                setattr(self, k, v)
-            raise
-        return self
 
     def _validate(self):
         for name in ("d_model", "n_layers", "d_state", "d_conv", "expand", "steps",

@@ -1,6 +1,5 @@
 """The forecaster: an ensemble over lookbacks and seeds with a ridge skip, intervals, backtests."""
 
-import inspect
 import os
 import time
 
@@ -8,7 +7,7 @@ import numpy as np
 
 from ._validation import is_cupy_array
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ._ts_base import _as_2d, _check_int
+from ._ts_base import _as_2d, _check_int, _Params
 from ._ts_engine import _LookbackModel
 from ._ts_metrics import interval_coverage, mae, mase, pinball_loss, rmse, smape
 from ._ts_metrics import _quantile_levels
@@ -91,7 +90,7 @@ def _is_panel(y):
     return isinstance(y, (list, tuple)) and len(y) > 0 and all(hasattr(e, "shape") for e in y)
 
 
-class MambaForecaster:
+class MambaForecaster(_Params):
     """Forecast a series (or a panel of series) with an ensemble of small Mamba models.
 
     ``fit(y, fh=h)`` trains, for every lookback and seed, a Mamba model with
@@ -192,6 +191,8 @@ val_fraction, patience, eval_every : optional
     ((5,), True)
     """
 
+    _REMOVED = _REMOVED
+
     def __init__(self, lookback=None, *, season=None, n_seeds=1, combine="median",
                  linear_skip=True, skip_ridge=(1e-5, 1e-3, 1e-1), instance_norm=True,
                  refit=True, d_model=16, n_layers=2, d_state=16, d_conv=4, expand=2,
@@ -214,12 +215,6 @@ val_fraction, patience, eval_every : optional
 
     # ------------------------------------------------------------ parameters
 
-    @classmethod
-    def _param_names(cls):
-        sig = inspect.signature(cls.__init__)
-        return [p.name for p in sig.parameters.values()
-                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-
     def get_params(self, deep=True):
         """The constructor arguments, as given (scikit-learn convention).
 
@@ -233,32 +228,7 @@ val_fraction, patience, eval_every : optional
         >>> MambaForecaster(**p).get_params() == p
         True
         """
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params):
-        """Set constructor arguments (checked as by the constructor); returns self.
-
-        Raises
-        ------
-        ValueError
-            An argument the constructor does not have.
-        """
-        names = self._param_names()
-        for k in params:
-            if k not in names:
-                hint = f" ({_REMOVED[k]})" if k in _REMOVED else ""
-                raise ValueError(f"invalid parameter {k!r} for MambaForecaster{hint}; "
-                                 f"valid parameters: {', '.join(names)}")
-        old = self.get_params()
-        for k, v in params.items():
-            setattr(self, k, v)
-        try:
-            self._validate()
-        except (TypeError, ValueError):
-            for k, v in old.items():
-                setattr(self, k, v)
-            raise
-        return self
+        return super().get_params(deep)
 
     def _ridges(self):
         r = self.skip_ridge
