@@ -363,6 +363,7 @@ class _LookbackModel:
         self.members_ = None
         self._xp_name = "numpy"
         self.val_pred_ = self.val_true_ = None
+        self.past_scaler_ = self.future_scaler_ = self.last_past_ = self.last_future_ = None
         self.history_ = None
         self.tau_ = None
         self.skip_ = None
@@ -455,9 +456,41 @@ class _LookbackModel:
         idx = xp.arange(tt.shape[0])[:, None] + xp.arange(1, H + 1)
         return ext[idx] - tt[:, None], n
 
+    def _check_cov(self, name, a, rows, xp, at_least=False):
+        """A covariate array as float64 ``(rows, K)`` (``>= rows`` rows with ``at_least``)."""
+        if is_cupy_array(a) and xp is np:
+            a = a.get()
+        a2, _ = _as_2d(name, xp.asarray(a), xp)
+        a2 = a2.astype(np.float64)
+        if (a2.shape[0] < rows) if at_least else (a2.shape[0] != rows):
+            raise ValueError(f"{name} must have {'at least ' if at_least else ''}{rows} rows "
+                             f"(time along axis 0), got shape {tuple(a2.shape)}")
+        _check_finite(name, a2, xp)
+        return a2
+
+    def _cov_features(self, pc, fc, T):
+        """Covariate inputs ``(T, Kp + H*Kf)`` of positions ``0..T-1`` (scaled), or None.
+
+        ``pc (T, Kp)``: past covariates, the row of each position; ``fc (>= T, Kf)``:
+        known-future covariates, rows ``k+1 .. k+H`` of position ``k`` (beyond the
+        last row given: its value repeated; such positions are never scored).
+        """
+        cols = []
+        if pc is not None:
+            cols.append(self.past_scaler_.transform(pc))
+        if fc is not None:
+            xp = array_namespace(fc=fc)
+            f = self.future_scaler_.transform(fc)
+            idx = xp.minimum(xp.arange(T)[:, None] + xp.arange(1, self.horizon + 1),
+                             f.shape[0] - 1)
+            cols.append(f[idx].reshape(T, -1))
+        if not cols:
+            return None
+        return cols[0] if len(cols) == 1 else array_namespace(c=cols[0]).concatenate(cols, 1)
+
     # ------------------------------------------------------------ fit
 
-    def fit(self, y, t=None):
+    def fit(self, y, t=None, past=None, future=None):
         """Train on the series ``y`` (and its sample times ``t``, for irregular sampling).
 
         Parameters
@@ -467,6 +500,11 @@ class _LookbackModel:
             missing samples and pass the times of the kept ones as ``t``).
         t : array, shape (T,), optional
             Strictly increasing sample times.
+        past : array, shape (T,) or (T, Kp), optional
+            Past covariates: known up to each forecast origin only.
+        future : array, shape (T + n, Kf), optional
+            Known-future covariates; rows after ``T`` (at least ``horizon`` of
+            them, if any) are kept for :meth:`predict`.
 
         Returns
         -------
@@ -508,6 +546,14 @@ class _LookbackModel:
         ys = self.scaler_.transform(y2)
         q = self._queries(tt)[0] if self._timed else None
         feats, dtau = self._features(ys, tt, q)
+        pc = None if past is None else self._check_cov("past_covariates", past, T, xp)
+        fc = None if future is None else self._check_cov("future_covariates", future, T, xp,
+                                                         at_least=True)
+        self.past_scaler_ = None if pc is None else Scaler(s["scaler"]).fit(pc[:cut])
+        self.future_scaler_ = None if fc is None else Scaler(s["scaler"]).fit(fc[:cut])
+        cov = self._cov_features(pc, fc, T)
+        if cov is not None:
+            feats = xp.concatenate([feats, cov], axis=1)
         d_in = feats.shape[1]
         self.config_ = MambaConfig(d_model=s["d_model"], n_layers=s["n_layers"], d_input=d_in,
                                    d_output=H * C, d_state=s["d_state"], d_conv=s["d_conv"],
@@ -525,7 +571,7 @@ class _LookbackModel:
         if s["linear_skip"]:
             # ridge regression of y[k+1..k+H] on y[k-P+1..k] (scaled units), rows k whose
             # targets lie in the training part; the model then learns what it leaves over
-            Z = self._lags(ys)  # (T, P*C + 1)
+            Z = self._lags(ys, cov)  # (T, P*C + K + 1)
             P = self._skip_lags
             Yh = ys[idx].reshape(T, H * C)
             skip = skip_all = self._fit_skip(Z[P - 1:cut - H], Yh[P - 1:cut - H])
@@ -554,6 +600,8 @@ class _LookbackModel:
         self.val_true_ = ys[idx][xp.asarray(val_ends, dtype=np.int64)] if val_ends else None
         keep = min(T, L)
         self.last_y_ = y2[T - keep:]
+        self.last_past_ = None if pc is None else pc[T - keep:]
+        self.last_future_ = None if fc is None else fc[T - keep:]  # history rows + known future
         self.last_t_ = None if tt is None else tt[T - keep:]
         del self._data
         return self
@@ -589,17 +637,19 @@ class _LookbackModel:
     def _skip_lags(self):
         return self.settings["skip_lags"] or self.settings["lookback"]
 
-    def _lags(self, ys):
-        """Rows ``[ys[k-P+1..k] flattened, 1]`` of the linear skip, ``(T, P*C + 1)``.
+    def _lags(self, ys, cov=None):
+        """Rows ``[ys[k-P+1..k] flattened, cov[k], 1]`` of the linear skip, ``(T, P*C + K + 1)``.
 
-        Before the start of the series the lags are 0.
+        Before the start of the series the lags are 0; ``cov (T, K)``: the
+        covariate features of each row (see :meth:`_cov_features`), or None.
         """
         xp = array_namespace(ys=ys)
         T, C = ys.shape
         P = self._skip_lags
         pad = xp.concatenate([xp.zeros((P - 1, C)), ys.astype(np.float64)])
         idx = xp.arange(T)[:, None] + xp.arange(P)  # (T, P): pad rows k .. k+P-1
-        return xp.concatenate([pad[idx].reshape(T, P * C), xp.ones((T, 1))], axis=1)
+        cols = [pad[idx].reshape(T, P * C)] + ([] if cov is None else [cov])
+        return xp.concatenate(cols + [xp.ones((T, 1))], axis=1)
 
     def _fit_skip(self, Z, Y):
         """Ridge solution ``W (P*C + 1, H*C)`` of ``Z W ~ Y`` (penalty ``skip_ridge * n``,
@@ -724,7 +774,8 @@ class _LookbackModel:
         if self.members_ is None:
             raise RuntimeError("the forecaster is not fitted: call fit(y) first")
 
-    def predict(self, horizon, y=None, t=None, t_future=None, members=False):
+    def predict(self, horizon, y=None, t=None, t_future=None, members=False, past=None,
+                future=None):
         """Forecast the ``horizon`` samples after the end of a series.
 
         Parameters
@@ -744,6 +795,11 @@ class _LookbackModel:
         members : bool, optional
             Return each member's direct forecast, shape ``(n_members, horizon)``
             or ``(n_members, horizon, C)`` (``horizon`` at most the model's).
+        past, future : array, optional
+            With covariates fitted: the past covariates of ``y`` (its rows), and
+            the known-future ones of ``y``'s rows and the ``horizon`` after
+            them; without ``y``: ``future`` holds the ``horizon`` rows after the
+            fitted series (default: those given to :meth:`fit` beyond it).
 
         Returns
         -------
@@ -790,12 +846,16 @@ class _LookbackModel:
                 if bool((xp.diff(xp.concatenate([th[-1:], tf])) <= 0).any()):
                     raise ValueError("t_future must be strictly increasing and after the "
                                      "last time of t")
+        cov = self._predict_cov(y, yh.shape[0], past, future)
         yh, th = yh[-L:], None if th is None else th[-L:]
+        if cov is not None and (not members or horizon > H):
+            raise ValueError(f"with covariates the forecast is direct only: horizon must be "
+                             f"<= {H} (members=True)")
         if members:  # each member's direct forecast, no recursion
             if horizon > H:
                 raise ValueError(f"horizon must be <= {H} for the members' forecasts, "
                                  f"got {horizon}")
-            res = self._member_forecasts(yh, th, tf)[:, :horizon]
+            res = self._member_forecasts(yh, th, tf, cov)[:, :horizon]
             return res[..., 0] if self.one_d_ else res
         out = []
         done = 0
@@ -817,8 +877,46 @@ class _LookbackModel:
         return xp.median(outs, axis=0) if self.settings["combine"] == "median" \
             else outs.mean(axis=0)
 
-    def _member_forecasts(self, yh, th, tf):
-        """Each member's direct forecast ``(n_members, H, C)`` after history ``yh (L, C)``."""
+    def _predict_cov(self, y, n_hist, past, future):
+        """Covariate features ``(L, K)`` of the last ``lookback`` history rows, or None."""
+        if self.past_scaler_ is None and self.future_scaler_ is None:
+            if past is not None or future is not None:
+                raise ValueError("covariates given to predict but not to fit")
+            return None
+        # the direct head reads the covariates of all its H steps, whatever is asked of it
+        xp, L, H = self.xp_, self.settings["lookback"], self.horizon
+        pc = fc = None
+        if self.past_scaler_ is not None:
+            if y is None:
+                pc = self.last_past_ if past is None else None
+            if pc is None:
+                if past is None:
+                    raise ValueError("past_covariates of the history y are needed (fitted "
+                                     "with past covariates)")
+                pc = self._check_cov("past_covariates", past, n_hist, xp)
+        if self.future_scaler_ is not None:
+            n_known = self.last_future_.shape[0] - self.last_y_.shape[0]
+            if y is None and future is None:
+                if n_known < H:
+                    raise ValueError(f"future_covariates of the {H} forecast steps are "
+                                     f"needed: fit got {n_known} row(s) after the series")
+                fc = self.last_future_
+            elif y is None:
+                fut = self._check_cov("future_covariates", future, H, xp, at_least=True)
+                fc = xp.concatenate([self.last_future_[:self.last_y_.shape[0]], fut])
+            else:
+                fc = self._check_cov("future_covariates", future, n_hist + H, xp,
+                                     at_least=True)
+        n = min(n_hist, L)
+        pc = None if pc is None else pc[pc.shape[0] - n:]
+        if fc is not None:
+            start = (self.last_y_.shape[0] if y is None else n_hist) - n
+            fc = fc[start:]
+        return self._cov_features(pc, fc, n)
+
+    def _member_forecasts(self, yh, th, tf, cov=None):
+        """Each member's direct forecast ``(n_members, H, C)`` after history ``yh (L, C)``,
+        with covariate features ``cov (L, K)`` (or None)."""
         xp = self.xp_
         H, C = self.horizon, self.n_channels_
         ys = self.scaler_.transform(yh)
@@ -826,6 +924,8 @@ class _LookbackModel:
         if self._timed:
             q, _ = self._queries(th, tf[:H])
         feats, dtau = self._features(ys, th, q)
+        if cov is not None:
+            feats = xp.concatenate([feats, cov], axis=1)
         x = feats.astype(self.dtype_)[None]  # (1, L, d_in)
         mu = sd = None
         if self.settings["instance_norm"]:
@@ -837,22 +937,26 @@ class _LookbackModel:
         if sd is not None:
             outs = outs * sd[0]
         if self.skip_ is not None:
-            outs = outs + (self._lags(ys)[-1] @ self.skip_).reshape(H, C)
+            outs = outs + (self._lags(ys, cov)[-1] @ self.skip_).reshape(H, C)
         elif mu is not None:
             outs = outs + mu[0]
         return xp.stack([self.scaler_.inverse_transform(o) for o in outs])
 
     # ------------------------------------------------------------ state
 
-    _STATE = ("skip_", "last_y_", "last_t_", "val_pred_", "val_true_")
+    _STATE = ("skip_", "last_y_", "last_t_", "val_pred_", "val_true_", "last_past_",
+              "last_future_")
 
     def _arrays(self, prefix):
         """The fitted arrays under ``prefix``: members, scaler, skip, end of the series."""
         self._check_fitted()
         out = {f"{prefix}member{j}.{k}": v for j, p in enumerate(self.members_)
                for k, v in p.items()}
-        out[f"{prefix}scaler.center"] = self.scaler_.center_
-        out[f"{prefix}scaler.scale"] = self.scaler_.scale_
+        for name, sc in (("scaler", self.scaler_), ("past_scaler", self.past_scaler_),
+                         ("future_scaler", self.future_scaler_)):
+            if sc is not None:
+                out[f"{prefix}{name}.center"] = sc.center_
+                out[f"{prefix}{name}.scale"] = sc.scale_
         for name in self._STATE:
             if getattr(self, name) is not None:
                 out[prefix + name] = getattr(self, name)
@@ -875,9 +979,13 @@ class _LookbackModel:
         self.config_, self.xp_, self.dtype_ = config, xp, dtype
         self.one_d_, self.n_channels_ = bool(meta["one_d"]), int(meta["n_channels"])
         self.tau_ = meta["tau"]
-        self.scaler_ = Scaler(s["scaler"])
-        self.scaler_.center_ = arrays[prefix + "scaler.center"]
-        self.scaler_.scale_ = arrays[prefix + "scaler.scale"]
+        for name in ("scaler", "past_scaler", "future_scaler"):
+            sc = None
+            if prefix + name + ".center" in arrays:
+                sc = Scaler(s["scaler"])
+                sc.center_ = arrays[prefix + name + ".center"]
+                sc.scale_ = arrays[prefix + name + ".scale"]
+            setattr(self, name + "_", sc)
         for name in self._STATE:
             setattr(self, name, arrays.get(prefix + name))
         self.members_ = [{k[len(f"{prefix}member{j}."):]: v for k, v in arrays.items()

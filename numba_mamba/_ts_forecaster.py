@@ -301,7 +301,7 @@ val_fraction, patience, eval_every : optional
                              f"lookback 2 + fh + {MIN_WINDOWS - 1} = {fh + MIN_WINDOWS + 1}")
         return tuple(out)
 
-    def fit(self, y, fh=1, t=None):
+    def fit(self, y, fh=1, t=None, past_covariates=None, future_covariates=None):
         """Train the ensemble to forecast the ``fh`` samples after the end of ``y``.
 
         Parameters
@@ -317,6 +317,14 @@ val_fraction, patience, eval_every : optional
         t : array, shape (T,), optional
             Strictly increasing sample times (irregular sampling; a list of
             them for a panel).
+        past_covariates : array, shape (T,) or (T, Kp), optional
+            Covariates known only up to each forecast origin (measured
+            drivers): each position's row is an input of the Mamba members
+            and of the linear skip.
+        future_covariates : array, shape (T + n, Kf), optional
+            Covariates known ahead (calendar, planned inputs): position ``k``
+            sees rows ``k+1 .. k+fh``.  Rows after ``T`` (``n >= fh`` of
+            them, or none) are kept for :meth:`predict`.
 
         Returns
         -------
@@ -332,7 +340,11 @@ val_fraction, patience, eval_every : optional
             raise ValueError(f"fh must be a positive integer (the forecast horizon), got {fh!r}")
         fh = int(fh)
         self._validate()
+        cov = dict(past=past_covariates, future=future_covariates)
         if _is_panel(y):
+            if past_covariates is not None or future_covariates is not None:
+                raise ValueError("covariates are not supported for a panel yet: fit one "
+                                 "forecaster per series")
             ts = [None] * len(y) if t is None else list(t)
             if len(ts) != len(y):
                 raise ValueError(f"t must be a list of {len(y)} time arrays like y, "
@@ -362,12 +374,12 @@ val_fraction, patience, eval_every : optional
                     kw = self._engine_kwargs(r, n_members=1)
                     kw.update(steps=0, refit=False, progress=False)
                     scores[r] = float(np.mean([
-                        _LookbackModel(lb, fh, **kw).fit(yy, t=tt).history_[0]["best_val"]
+                        _LookbackModel(lb, fh, **kw).fit(yy, t=tt, **cov).history_[0]["best_val"]
                         for lb in lookbacks]))
                 ridge = min(scores, key=scores.get)
         n_members = 1 if self.linear_skip and self.steps == 0 else None  # identical members
         engines = [_LookbackModel(lb, fh, **self._engine_kwargs(
-            ridges[0] if ridge is None else ridge, n_members)).fit(yy, t=tt)
+            ridges[0] if ridge is None else ridge, n_members)).fit(yy, t=tt, **cov)
             for lb in lookbacks]
         self._reset()
         self.engines_, self.fh_, self.season_, self.lookbacks_ = engines, fh, int(season), \
@@ -412,7 +424,8 @@ val_fraction, patience, eval_every : optional
                              f"forecast further (forecasts are direct, not recursive)")
         return int(fh)
 
-    def predict_members(self, fh=None, y=None, t=None, t_future=None):
+    def predict_members(self, fh=None, y=None, t=None, t_future=None, past_covariates=None,
+                        future_covariates=None):
         """Every member's forecast, ``(n_members, fh)`` or ``(n_members, fh, C)``.
 
         Members are ordered by lookback, then seed; their spread shows how
@@ -423,10 +436,12 @@ val_fraction, patience, eval_every : optional
             raise ValueError("predict_members is per series: use panel_[i].predict_members()")
         fh = self._check_fh(fh)
         xp = self.engines_[0].xp_
-        return xp.concatenate([e.predict(fh, y=y, t=t, t_future=t_future, members=True)
+        return xp.concatenate([e.predict(fh, y=y, t=t, t_future=t_future, members=True,
+                                         past=past_covariates, future=future_covariates)
                                for e in self.engines_])
 
-    def predict(self, fh=None, y=None, t=None, t_future=None, quantiles=None):
+    def predict(self, fh=None, y=None, t=None, t_future=None, quantiles=None,
+                past_covariates=None, future_covariates=None):
         """Forecast the ``fh`` samples after the end of a series (median over members).
 
         Parameters
@@ -440,6 +455,12 @@ val_fraction, patience, eval_every : optional
         t, t_future : array, optional
             Sample times of ``y`` and of the forecast samples (irregular
             sampling; see the module docstring).
+        past_covariates, future_covariates : array, optional
+            With covariates fitted and a history ``y``: the past covariates of
+            ``y``'s rows, and the future ones of ``y``'s rows and the fitted
+            ``fh_`` after them.  Without ``y``: ``future_covariates`` holds the
+            ``fh_`` rows after the fitted series (default: those given to
+            :meth:`fit` beyond it).
         quantiles : sequence of float, optional
             Return these quantiles instead: ``forecast + sign(q - 0.5)
             sigma_[j] a_|2q-1|`` at step ``j``, with ``a_p`` the ``p``
@@ -468,13 +489,16 @@ val_fraction, patience, eval_every : optional
             ys = [None] * n if y is None else list(y)
             ts = [None] * n if t is None else list(t)
             tfs = [None] * n if t_future is None else list(t_future)
+            if past_covariates is not None or future_covariates is not None:
+                raise ValueError("covariates are not supported for a panel yet")
             if not len(ys) == len(ts) == len(tfs) == n:
                 raise ValueError(f"y, t and t_future must be lists of {n} series like the "
                                  f"panel fitted, got {len(ys)}, {len(ts)}, {len(tfs)}")
             return [f.predict(fh, y=a, t=b, t_future=c, quantiles=quantiles)
                     for f, a, b, c in zip(self.panel_, ys, ts, tfs)]
         fh = self._check_fh(fh)
-        point = self._combine(self.predict_members(fh, y, t, t_future), axis=0)
+        point = self._combine(self.predict_members(fh, y, t, t_future, past_covariates,
+                                                   future_covariates), axis=0)
         if quantiles is None:
             return point
         return point[..., None] + self._quantile_offsets(fh, quantiles)
@@ -491,7 +515,8 @@ val_fraction, patience, eval_every : optional
         off = xp.asarray(sigma[:fh, :, None] * zq.T[None])  # (fh, C, n_q)
         return off[:, 0] if self.one_d_ else off
 
-    def predict_interval(self, fh=None, coverage=0.8, y=None, t=None, t_future=None):
+    def predict_interval(self, fh=None, coverage=0.8, y=None, t=None, t_future=None,
+                         past_covariates=None, future_covariates=None):
         """Central prediction interval of nominal ``coverage``: ``(lower, upper)``.
 
         The quantiles ``(1 - coverage) / 2`` and ``(1 + coverage) / 2`` of
@@ -505,7 +530,8 @@ val_fraction, patience, eval_every : optional
         """
         if not 0 < coverage < 1:
             raise ValueError(f"coverage must be in (0, 1), got {coverage!r}")
-        qs = self.predict(fh, y, t, t_future, quantiles=((1 - coverage) / 2, (1 + coverage) / 2))
+        qs = self.predict(fh, y, t, t_future, quantiles=((1 - coverage) / 2, (1 + coverage) / 2),
+                          past_covariates=past_covariates, future_covariates=future_covariates)
         if isinstance(qs, list):
             return [q[..., 0] for q in qs], [q[..., 1] for q in qs]
         return qs[..., 0], qs[..., 1]
@@ -513,7 +539,7 @@ val_fraction, patience, eval_every : optional
     # ------------------------------------------------------------ backtest
 
     def backtest(self, y, fh, n_origins=4, step=None, t=None, m=None, coverage=0.8,
-                 quantiles=(0.1, 0.5, 0.9)):
+                 quantiles=(0.1, 0.5, 0.9), past_covariates=None, future_covariates=None):
         """Rolling-origin evaluation: refit a copy at ``n_origins`` origins and score each.
 
         Origin ``i`` (of ``n``) is ``T - fh - (n - 1 - i) * step``: a copy of
@@ -534,6 +560,9 @@ val_fraction, patience, eval_every : optional
             Nominal coverage of the scored interval.
         quantiles : sequence of float, optional
             Levels of the pinball loss.
+        past_covariates, future_covariates : array, optional
+            Aligned with ``y`` (``T`` rows); each origin's fit gets the rows
+            before it, plus the ``fh`` rows after it of the future ones.
 
         Returns
         -------
@@ -564,7 +593,10 @@ val_fraction, patience, eval_every : optional
             o = first + i * step
             t0 = time.perf_counter()
             f = type(self)(**self.get_params())
-            f.fit(y[:o], fh=fh, t=None if t is None else t[:o])
+            f.fit(y[:o], fh=fh, t=None if t is None else t[:o],
+                  past_covariates=None if past_covariates is None else past_covariates[:o],
+                  future_covariates=None if future_covariates is None
+                  else future_covariates[:o + fh])
             kw = {} if t is None else dict(t_future=t[o:o + fh])
             point = _host(f.predict(fh, **kw))
             qs = None if f.sigma_ is None else _host(f.predict(fh, quantiles=levels, **kw))

@@ -294,6 +294,54 @@ def test_a_list_of_series_is_a_panel_with_one_forecaster_each():
     np.testing.assert_array_equal(g.predict()[3], preds[3])
 
 
+# ---------------------------------------------------------------- covariates
+
+
+def test_known_future_covariates_are_read_for_the_forecast_steps(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(153)  # known ahead, e.g. a planned input
+    y = 2.0 * x[:150] + 0.05 * rng.standard_normal(150)
+    f = MambaForecaster(lookback=(4, 8), steps=0).fit(y, fh=3, future_covariates=x)
+    assert mae(2.0 * x[150:], f.predict()) < 0.1
+    blind = MambaForecaster(lookback=(4, 8), steps=0).fit(y, fh=3)
+    assert mae(2.0 * x[150:], blind.predict()) > 0.5
+    # another history: its covariate rows and the 3 after them
+    np.testing.assert_allclose(f.predict(y=y[:100], future_covariates=x[:103]), 2 * x[100:103],
+                               atol=0.2)
+    # the forecast steps' rows given at predict instead of at fit
+    g = MambaForecaster(lookback=(4, 8), steps=0).fit(y, fh=3, future_covariates=x[:150])
+    np.testing.assert_allclose(g.predict(future_covariates=x[150:]), f.predict(), rtol=1e-12)
+    with pytest.raises(ValueError, match="future_covariates of the 3 forecast steps are needed"):
+        g.predict()
+    with pytest.raises(ValueError, match=r"future_covariates must have at least 103 rows"):
+        f.predict(y=y[:100], future_covariates=x[:101])
+    with pytest.raises(ValueError, match="covariates given to predict but not to fit"):
+        blind.predict(future_covariates=x[150:])
+    f.save(tmp_path / "f.npz")
+    np.testing.assert_array_equal(MambaForecaster.load(tmp_path / "f.npz").predict(), f.predict())
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(f)).predict(), f.predict())
+
+
+def test_past_covariates_drive_the_next_step_and_the_mamba_members_take_them():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(160)
+    y = np.r_[0.0, 0.9 * x[:-1]] + 0.05 * rng.standard_normal(160)  # y[t] = 0.9 x[t-1]
+    f = MambaForecaster(lookback=(4, 8), steps=0).fit(y[:150], fh=1, past_covariates=x[:150])
+    preds = [f.predict(y=y[:o], past_covariates=x[:o])[0] for o in range(150, 160)]
+    assert mae(y[150:160], preds) < 0.1
+    blind = MambaForecaster(lookback=(4, 8), steps=0).fit(y[:150], fh=1)
+    assert mae(y[150:160], [blind.predict(y=y[:o])[0] for o in range(150, 160)]) > 0.4
+    with pytest.raises(ValueError, match=r"past_covariates must have 150 rows"):
+        MambaForecaster(steps=0).fit(y[:150], fh=1, past_covariates=x[:149])
+    with pytest.raises(ValueError, match="past_covariates of the history y are needed"):
+        f.predict(y=y[:120])
+    m = MambaForecaster(lookback=8, **TINY).fit(y[:150], fh=2, past_covariates=np.c_[x, x][:150])
+    assert m.engines_[0].config_.d_input == 1 + 2 and np.isfinite(m.predict()).all()
+    rows = MambaForecaster(lookback=8, steps=0).backtest(y, fh=1, n_origins=3,
+                                                          past_covariates=x)
+    assert len(rows) == 3 and np.mean([r["mae"] for r in rows]) < 0.15
+
+
 # ---------------------------------------------------------------- metrics
 
 
