@@ -8,6 +8,7 @@ A small API in the style of darts and sktime (and :class:`MambaClassifier`,
     y_hat = f.predict()                 # (24,) or (24, C): the 24 samples after the end of y
     lo, hi = f.predict_interval(coverage=0.8)
     rows = f.backtest(y, fh=24, n_origins=4)          # per-origin metrics
+    f.fit(y, fh=24, future_covariates=calendar)       # (T + 24, K): known ahead
     f.save("model.npz"); g = MambaForecaster.load("model.npz")   # or pickle.dumps(f)
 
 ``fh`` is the forecast horizon, given at ``fit``: every member has a
