@@ -305,17 +305,18 @@ def _grouped_grads(st, dhs, dtx, gs, steps, dB_accum, bb, pb, gb, dC_accum, cb, 
     dh of step t0 + s.  Unused lanes add exact zeros: their dy, and so their
     dh and their input (so h and dtx), are 0."""
     N = st.shape[1]
-    lanes = _lane_count(st)
+    lanes = _lane_count(st)  # (all of them: 16 iterations make one vector, 15 would not)
+    zero = st.dtype.type(0)
     for s in range(steps):
         for n in range(N):
             if b_var:
-                acc = dhs[s, n, 0] * dtx[s * lanes]
-                for k in range(1, lanes):
+                acc = zero
+                for k in range(lanes):
                     acc += dhs[s, n, k] * dtx[s * lanes + k]
                 dB_accum[bb, pb, gb, n, t0 + s] += acc
             if c_var:
-                acc = gs[s * lanes] * st[s + 1, n, 0, 0]
-                for k in range(1, lanes):
+                acc = zero
+                for k in range(lanes):
                     acc += gs[s * lanes + k] * st[s + 1, n, 0, k]
                 dC_accum[cb, pc, gc, n, t0 + s] += acc
 
