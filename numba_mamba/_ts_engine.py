@@ -797,9 +797,10 @@ class _LookbackModel:
             or ``(n_members, horizon, C)`` (``horizon`` at most the model's).
         past, future : array, optional
             With covariates fitted: the past covariates of ``y`` (its rows), and
-            the known-future ones of ``y``'s rows and the ``horizon`` after
-            them; without ``y``: ``future`` holds the ``horizon`` rows after the
-            fitted series (default: those given to :meth:`fit` beyond it).
+            the known-future ones of ``y``'s rows and the model's ``horizon``
+            rows after them (the head reads all of them); without ``y``:
+            ``future`` holds the ``horizon`` rows after the fitted series
+            (default: those given to :meth:`fit` beyond it).
 
         Returns
         -------
