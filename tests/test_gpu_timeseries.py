@@ -1,5 +1,6 @@
-"""The forecaster on CuPy arrays: the single-lookback engine and the public MambaForecaster
-match their CPU results (float64), and a fitted GPU forecaster pickles."""
+"""numba_mamba.timeseries on CuPy arrays: the single-lookback engine, the public
+MambaForecaster and MambaClassifier match their CPU results (float64), and a fitted GPU
+forecaster pickles."""
 
 import pickle
 
@@ -35,3 +36,16 @@ def test_gpu_forecaster_matches_cpu_and_pickles():
     assert gpu.ridge_ == cpu.ridge_
     g = pickle.loads(pickle.dumps(gpu))
     np.testing.assert_array_equal(cupy.asnumpy(g.predict()), cupy.asnumpy(gpu.predict()))
+
+
+def test_gpu_classifier_matches_cpu_on_ragged_input():
+    from tests.test_timeseries_classifier import _two_frequencies
+    from numba_mamba.timeseries import MambaClassifier
+    X, y = _two_frequencies(20, channels=2)
+    ragged = [x[:30 + i % 5] for i, x in enumerate(X)]
+    kw = dict(d_model=8, n_layers=1, d_state=4, steps=5, dtype=np.float64)
+    cpu = MambaClassifier(**kw).fit(ragged, y)
+    gpu = MambaClassifier(**kw).fit([cupy.asarray(x) for x in ragged], cupy.asarray(y))
+    p = gpu.predict_proba([cupy.asarray(x) for x in ragged])
+    assert isinstance(p, cupy.ndarray)
+    np.testing.assert_allclose(cupy.asnumpy(p), cpu.predict_proba(ragged), rtol=1e-6, atol=1e-9)
