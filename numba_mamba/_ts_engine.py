@@ -490,7 +490,7 @@ class _LookbackModel:
 
     # ------------------------------------------------------------ fit
 
-    def fit(self, y, t=None, past=None, future=None):
+    def fit(self, y, t=None, past=None, future=None, segments=None):
         """Train on the series ``y`` (and its sample times ``t``, for irregular sampling).
 
         Parameters
@@ -505,6 +505,11 @@ class _LookbackModel:
         future : array, shape (T + n, Kf), optional
             Known-future covariates; rows after ``T`` (at least ``horizon`` of
             them, if any) are kept for :meth:`predict`.
+        segments : list of (start, end), optional
+            ``y`` is several series end to end (a panel, already scaled):
+            windows, skip rows and validation parts stay inside each
+            segment, the validation part being the end of each.  Not with
+            times or covariates.
 
         Returns
         -------
@@ -522,22 +527,31 @@ class _LookbackModel:
         y2, one_d, tt = self._check_series(y, t, xp)
         T, C = y2.shape
         L, H = s["lookback"], s["horizon"]
-        n_val = int(round(s["val_fraction"] * T)) if s["val_fraction"] > 0 else 0
-        if n_val:
-            n_val = max(n_val, H)
-        need = L + H + n_val
-        if T < need:
-            raise ValueError(f"y must have at least lookback + horizon"
-                             f"{' + validation samples' if n_val else ''} = {need} samples "
-                             f"(lookback={L}, horizon={H}"
-                             f"{f', {n_val} for validation' if n_val else ''}), got {T}")
+        if segments is not None and (t is not None or past is not None or future is not None):
+            raise ValueError("segments (a panel) do not take times or covariates yet")
+        segs = [(0, T)] if segments is None else [(int(a), int(b)) for a, b in segments]
+        cuts = []
+        for i, (a, b) in enumerate(segs):
+            Ti = b - a
+            n_val = int(round(s["val_fraction"] * Ti)) if s["val_fraction"] > 0 else 0
+            if n_val:
+                n_val = max(n_val, H)
+            need = L + H + n_val
+            if Ti < need:
+                what = "y" if segments is None else f"series {i} of the panel"
+                raise ValueError(f"{what} must have at least lookback + horizon"
+                                 f"{' + validation samples' if n_val else ''} = {need} samples "
+                                 f"(lookback={L}, horizon={H}"
+                                 f"{f', {n_val} for validation' if n_val else ''}), got {Ti}")
+            cuts.append(b - n_val)  # samples [a, cut) train, [cut, b) validate
         seed_everything(s["seed"])
         self.xp_ = xp
         self.one_d_ = one_d
         self.n_channels_ = C
         self.dtype_ = np.dtype(s["dtype"])
-        cut = T - n_val  # samples [0, cut) train, [cut, T) validate
-        self.scaler_ = Scaler(s["scaler"]).fit(y2[:cut])
+        cut = cuts[0] if segments is None else T  # (panel: scaled already, by the caller)
+        train_rows = xp.concatenate([xp.arange(a, c) for (a, _), c in zip(segs, cuts)])
+        self.scaler_ = Scaler(s["scaler"]).fit(y2[train_rows])
         self.tau_ = None
         if tt is not None:
             if T < 2:
@@ -565,8 +579,12 @@ class _LookbackModel:
         Y = ys[idx].reshape(T, H * C).astype(dt)
         DT = None if dtau is None else dtau.astype(dt)
         # window w covers positions [w, w + L); its last position w + L - 1 forecasts up to w+L-1+H
-        n_train = cut - L - H + 1  # last target inside [0, cut)
-        val_ends = list(range(max(cut - 1, L - 1), T - H))  # last positions of validation windows
+        # window starts of training (last target inside [a, cut)) and of the refit, last
+        # positions of the validation windows, per segment
+        pool = np.concatenate([np.arange(a, c - L - H + 1) for (a, _), c in zip(segs, cuts)])
+        pool_all = np.concatenate([np.arange(a, b - L - H + 1) for a, b in segs])
+        val_ends = [k for (a, b), c in zip(segs, cuts) for k in range(max(c - 1, a + L - 1), b - H)]
+        n_val = T - int(sum(c - a for (a, _), c in zip(segs, cuts)))
         skip = skip_all = S = S_all = None
         if s["linear_skip"]:
             # ridge regression of y[k+1..k+H] on y[k-P+1..k] (scaled units), rows k whose
@@ -574,21 +592,27 @@ class _LookbackModel:
             Z = self._lags(ys, cov)  # (T, P*C + K + 1)
             P = self._skip_lags
             Yh = ys[idx].reshape(T, H * C)
-            skip = skip_all = self._fit_skip(Z[P - 1:cut - H], Yh[P - 1:cut - H])
+            rows = xp.asarray(np.concatenate([np.arange(a + P - 1, c - H)
+                                              for (a, _), c in zip(segs, cuts)]))
+            skip = skip_all = self._fit_skip(Z[rows], Yh[rows])
             S = S_all = (Z @ skip).astype(dt)  # (T, H*C)
             if n_val and s["refit"]:  # the refit's skip sees all of y too
-                skip_all = self._fit_skip(Z[P - 1:T - H], Yh[P - 1:T - H])
+                rows = xp.asarray(np.concatenate([np.arange(a + P - 1, b - H) for a, b in segs]))
+                skip_all = self._fit_skip(Z[rows], Yh[rows])
                 S_all = (Z @ skip_all).astype(dt)
+        # positions with a full lag vector for the skip inside their segment (host)
+        self._lag_ok = np.concatenate([np.arange(b - a) >= self._skip_lags - 1
+                                       for a, b in segs])
         self.members_, self.history_ = [], []
         val_pred = []
         for j in range(s["n_members"]):
             self._data, self.skip_ = (F, Y, DT, S), skip
-            params, hist = self._train_member(j, n_train, val_ends, s["steps"])
+            params, hist = self._train_member(j, pool, val_ends, s["steps"])
             if val_ends:
                 val_pred.append(self._val_forecast(params, val_ends))
             if n_val and s["refit"]:
                 self._data, self.skip_ = (F, Y, DT, S_all), skip_all
-                params, h2 = self._train_member(j, T - L - H + 1, [], hist["best_step"])
+                params, h2 = self._train_member(j, pool_all, [], hist["best_step"])
                 hist["refit_train_losses"] = h2["train_losses"]
             self.members_.append(params)
             self.history_.append(hist)
@@ -603,7 +627,7 @@ class _LookbackModel:
         self.last_past_ = None if pc is None else pc[T - keep:]
         self.last_future_ = None if fc is None else fc[T - keep:]  # history rows + known future
         self.last_t_ = None if tt is None else tt[T - keep:]
-        del self._data
+        del self._data, self._lag_ok
         return self
 
     def _window(self, starts, train_on, with_scale=False):
@@ -628,9 +652,11 @@ class _LookbackModel:
         if train_on == "last":
             mask = xp.zeros((1, L, 1), dtype=x.dtype)
             mask[:, -1] = 1
-        elif S is not None and int(starts.min()) < self._skip_lags - 1:
-            # the first P - 1 samples of the series have no full lag vector for the skip
-            mask = (pos >= self._skip_lags - 1)[..., None].astype(x.dtype)
+        elif S is not None:
+            # the first P - 1 samples of a series have no full lag vector for the skip
+            ok = self._lag_ok[np.asarray(starts)[:, None] + np.arange(L)]
+            if not ok.all():
+                mask = xp.asarray(ok[..., None], dtype=x.dtype)
         return (x, y, dtau, mask, sd) if with_scale else (x, y, dtau, mask)
 
     @property
@@ -713,7 +739,7 @@ class _LookbackModel:
             out = out + mu
         return out.reshape(B, -1)
 
-    def _train_member(self, j, n_train, val_ends, steps):
+    def _train_member(self, j, pool, val_ends, steps):
         s = self.settings
         train_on = s["train_on"]
         if train_on == "auto":
@@ -741,7 +767,7 @@ class _LookbackModel:
             best.update(val=v, step=0, params={k: a.copy() for k, a in params.items()})
         bar = _progress(range(steps), s["progress"], f"member {j + 1}/{s['n_members']}")
         for step in bar:
-            starts = rng.integers(0, n_train, min(s["batch_size"], n_train))
+            starts = pool[rng.integers(0, len(pool), min(s["batch_size"], len(pool)))]
             x, y, dtau, mask = self._window(starts, train_on)
             if mask is None and masked:  # the shapes of a TrainStep's buffers stay fixed
                 mask = xp.ones(x.shape[:2] + (1,), dtype=x.dtype)

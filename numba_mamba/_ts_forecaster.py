@@ -7,7 +7,7 @@ import numpy as np
 
 from ._validation import is_cupy_array
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ._ts_base import _as_2d, _check_int, _Params
+from ._ts_base import Scaler, _as_2d, _check_int, _Params
 from ._ts_engine import _LookbackModel
 from ._ts_metrics import interval_coverage, mae, mase, pinball_loss, rmse, smape
 from ._ts_metrics import _quantile_levels
@@ -167,14 +167,17 @@ val_fraction, patience, eval_every : optional
         The skip's penalty used.
     residuals_ : array, shape (n_windows, fh, C) or None
         Validation residuals ``y - forecast`` of the combined forecast of the
-        members trained before the refit (original units).
+        members trained before the refit (original units; after a fit on a
+        panel: each series' scaled units, pooled over the series).
     sigma_ : array, shape (fh, C) or None
         Root mean square of ``residuals_`` per step, made non-decreasing
         along the horizon: the scale of the intervals.
     engines_ : list
         One fitted model per lookback (its members' parameters are arrays).
-    panel_ : list of MambaForecaster or None
-        After ``fit`` on a list of series: one fitted forecaster per series.
+    panel_scalers_ : list of Scaler or None
+        After ``fit`` on a list of series: each series' scaling (fitted on
+        its training part); the engines are one global model of all the
+        scaled series.
 
     Examples
     --------
@@ -210,8 +213,7 @@ val_fraction, patience, eval_every : optional
         for k, v in args.items():
             setattr(self, k, v)
         self._validate()
-        self.engines_ = None
-        self.panel_ = None
+        self._reset()
 
     # ------------------------------------------------------------ parameters
 
@@ -308,9 +310,12 @@ val_fraction, patience, eval_every : optional
         ----------
         y : array, shape (T,) or (T, C), or a list of such arrays
             The series (NumPy or CuPy, no NaN).  A list or tuple of arrays
-            (unequal lengths allowed) is a panel: one forecaster is fitted
-            per series, with its own scaling, season and lookbacks
-            (``panel_``).
+            (unequal lengths allowed) is a panel: each series is scaled by
+            its own training part and one global ensemble is fitted on all
+            of them (windows, skip rows and validation parts inside each
+            series; the season is the most frequent one detected, the
+            lookbacks capped by the shortest series); :meth:`predict`
+            returns a list.  Not with times or covariates yet.
         fh : int, optional
             Forecast horizon: the direct head forecasts ``fh`` steps and
             :meth:`predict` forecasts up to ``fh`` steps.
@@ -341,20 +346,11 @@ val_fraction, patience, eval_every : optional
         fh = int(fh)
         self._validate()
         cov = dict(past=past_covariates, future=future_covariates)
-        if _is_panel(y):
-            if past_covariates is not None or future_covariates is not None:
-                raise ValueError("covariates are not supported for a panel yet: fit one "
-                                 "forecaster per series")
-            ts = [None] * len(y) if t is None else list(t)
-            if len(ts) != len(y):
-                raise ValueError(f"t must be a list of {len(y)} time arrays like y, "
-                                 f"got {len(ts)}")
-            panel = [type(self)(**self.get_params()).fit(yi, fh=fh, t=ti)
-                     for yi, ti in zip(y, ts)]
-            self._reset()
-            self.panel_, self.fh_ = panel, fh
-            return self
         probe = _LookbackModel(2, 1, **self._engine_kwargs(self._ridges()[0]))
+        if _is_panel(y):
+            if t is not None or past_covariates is not None or future_covariates is not None:
+                raise ValueError("times and covariates are not supported for a panel yet")
+            return self._fit_panel(y, fh, probe._xp_for(y[0]))
         xp = probe._xp_for(y)
         y2, one_d, tt = _LookbackModel._check_series(y, t, xp)
         T = y2.shape[0]
@@ -364,37 +360,80 @@ val_fraction, patience, eval_every : optional
         lookbacks = self._lookbacks_given()
         lookbacks = tuple(int(v) for v in lookbacks) if lookbacks is not None \
             else self._auto_lookbacks(season, T, fh)
-        yy = y2[:, 0] if one_d else y2
+        self._fit_members(y2[:, 0] if one_d else y2, fh, season, lookbacks, n_val > 0,
+                          dict(t=tt, **cov), {})
+        self.one_d_, self.n_channels_ = one_d, y2.shape[1]
+        if self.residuals_ is not None:  # to the series' units
+            self.residuals_ = self.residuals_ * self.engines_[0].scaler_.scale_
+        self._set_sigma()
+        return self
+
+    def _fit_members(self, yy, fh, season, lookbacks, has_val, fit_kw, engine_kw):
+        """Pick the skip's penalty, fit one engine per lookback, keep the validation residuals
+        (in the engines' scaled units)."""
         ridges = self._ridges()
         ridge, scores = None, {}
         if self.linear_skip:
             ridge = ridges[len(ridges) // 2]
-            if len(ridges) > 1 and n_val:
+            if len(ridges) > 1 and has_val:
                 for r in ridges:  # the skip alone, no training: closed form
-                    kw = self._engine_kwargs(r, n_members=1)
+                    kw = dict(self._engine_kwargs(r, n_members=1), **engine_kw)
                     kw.update(steps=0, refit=False, progress=False)
                     scores[r] = float(np.mean([
-                        _LookbackModel(lb, fh, **kw).fit(yy, t=tt, **cov).history_[0]["best_val"]
+                        _LookbackModel(lb, fh, **kw).fit(yy, **fit_kw).history_[0]["best_val"]
                         for lb in lookbacks]))
                 ridge = min(scores, key=scores.get)
         n_members = 1 if self.linear_skip and self.steps == 0 else None  # identical members
-        engines = [_LookbackModel(lb, fh, **self._engine_kwargs(
-            ridges[0] if ridge is None else ridge, n_members)).fit(yy, t=tt, **cov)
-            for lb in lookbacks]
+        kw = dict(self._engine_kwargs(ridges[0] if ridge is None else ridge, n_members),
+                  **engine_kw)
+        engines = [_LookbackModel(lb, fh, **kw).fit(yy, **fit_kw) for lb in lookbacks]
         self._reset()
         self.engines_, self.fh_, self.season_, self.lookbacks_ = engines, fh, int(season), \
             lookbacks
         self.ridge_, self.ridge_scores_ = ridge, scores
-        self.one_d_, self.n_channels_ = one_d, y2.shape[1]
-        self.residuals_ = None
         if all(e.val_pred_ is not None for e in engines):
+            xp = engines[0].xp_
             pred = self._combine(xp.concatenate([e.val_pred_ for e in engines], axis=1))
-            self.residuals_ = (engines[0].val_true_ - pred) * engines[0].scaler_.scale_
-        self._set_sigma()
+            self.residuals_ = engines[0].val_true_ - pred
+
+    def _fit_panel(self, ys, fh, xp):
+        """One global model on a list of series, each scaled by its own training part."""
+        series = []
+        for i, yi in enumerate(ys):
+            y2, one_d, _ = _LookbackModel._check_series(yi, None, xp, what=f"y[{i}]")
+            if series and (one_d != series[0][1] or y2.shape[1] != series[0][0].shape[1]):
+                raise ValueError(f"y[{i}] must have the shape kind of y[0] "
+                                 f"({'(T,)' if series[0][1] else '(T, C)'} with the same "
+                                 f"channels), got {tuple(xp.asarray(yi).shape)}")
+            series.append((y2, one_d))
+        lengths = [y2.shape[0] for y2, _ in series]
+        n_vals = [self._n_val(T, fh) for T in lengths]
+        if self.season is not None:
+            season = self.season
+        else:  # the most frequent of the series' seasons (the smallest among ties)
+            found = [detect_season(y2[:T - nv]) for (y2, _), T, nv in zip(series, lengths,
+                                                                            n_vals)]
+            season = int(np.argmax(np.bincount(found)))
+        lookbacks = self._lookbacks_given()
+        lookbacks = tuple(int(v) for v in lookbacks) if lookbacks is not None \
+            else self._auto_lookbacks(season, min(lengths), fh)
+        scalers = [Scaler(self.scaler).fit(y2[:T - nv])
+                   for (y2, _), T, nv in zip(series, lengths, n_vals)]
+        z = xp.concatenate([sc.transform(y2) for sc, (y2, _) in zip(scalers, series)])
+        ends = np.cumsum(lengths)
+        segments = [(int(e - T), int(e)) for e, T in zip(ends, lengths)]
+        one_d = series[0][1]
+        self._fit_members(z[:, 0] if one_d else z, fh, season, lookbacks, n_vals[0] > 0,
+                          dict(segments=segments), dict(scaler="none"))
+        self.one_d_, self.n_channels_ = one_d, z.shape[1]
+        self.panel_scalers_ = scalers
+        self.panel_last_ = [y2[-max(lookbacks):] for y2, _ in series]
+        self._set_sigma()  # in scaled units: each series' scale multiplies it
         return self
 
     def _reset(self):
-        self.engines_ = self.panel_ = self.residuals_ = self.sigma_ = None
+        self.engines_ = self.panel_scalers_ = self.panel_last_ = None
+        self.residuals_ = self.sigma_ = None
 
     def _set_sigma(self):
         self.sigma_ = None
@@ -410,7 +449,7 @@ val_fraction, patience, eval_every : optional
     # ------------------------------------------------------------ predict
 
     def _check_fitted(self):
-        if self.engines_ is None and self.panel_ is None:
+        if self.engines_ is None:
             raise RuntimeError("MambaForecaster is not fitted: call fit(y, fh=h) first")
 
     def _check_fh(self, fh):
@@ -432,8 +471,8 @@ val_fraction, patience, eval_every : optional
         much the forecast depends on them.
         """
         self._check_fitted()
-        if self.panel_ is not None:
-            raise ValueError("predict_members is per series: use panel_[i].predict_members()")
+        if self.panel_scalers_ is not None:
+            raise ValueError("predict_members takes one series, not a panel")
         fh = self._check_fh(fh)
         xp = self.engines_[0].xp_
         return xp.concatenate([e.predict(fh, y=y, t=t, t_future=t_future, members=True,
@@ -484,24 +523,44 @@ val_fraction, patience, eval_every : optional
             ``quantiles`` without validation residuals (``val_fraction=0``).
         """
         self._check_fitted()
-        if self.panel_ is not None:
-            n = len(self.panel_)
-            ys = [None] * n if y is None else list(y)
-            ts = [None] * n if t is None else list(t)
-            tfs = [None] * n if t_future is None else list(t_future)
-            if past_covariates is not None or future_covariates is not None:
-                raise ValueError("covariates are not supported for a panel yet")
-            if not len(ys) == len(ts) == len(tfs) == n:
-                raise ValueError(f"y, t and t_future must be lists of {n} series like the "
-                                 f"panel fitted, got {len(ys)}, {len(ts)}, {len(tfs)}")
-            return [f.predict(fh, y=a, t=b, t_future=c, quantiles=quantiles)
-                    for f, a, b, c in zip(self.panel_, ys, ts, tfs)]
+        if self.panel_scalers_ is not None:
+            return self._predict_panel(fh, y, t, t_future, quantiles, past_covariates,
+                                       future_covariates)
         fh = self._check_fh(fh)
         point = self._combine(self.predict_members(fh, y, t, t_future, past_covariates,
                                                    future_covariates), axis=0)
         if quantiles is None:
             return point
         return point[..., None] + self._quantile_offsets(fh, quantiles)
+
+    def _predict_panel(self, fh, y, t, t_future, quantiles, past_covariates,
+                       future_covariates):
+        if t is not None or t_future is not None or past_covariates is not None \
+                or future_covariates is not None:
+            raise ValueError("times and covariates are not supported for a panel yet")
+        fh = self._check_fh(fh)
+        n = len(self.panel_scalers_)
+        ys = [None] * n if y is None else list(y)
+        if len(ys) != n:
+            raise ValueError(f"y must be a list of {n} histories like the panel fitted, "
+                             f"got {len(ys)}")
+        xp = self.engines_[0].xp_
+        off = None if quantiles is None else self._quantile_offsets(fh, quantiles)
+        out = []
+        for i, (sc, last, yi) in enumerate(zip(self.panel_scalers_, self.panel_last_, ys)):
+            if yi is not None:
+                yi, _, _ = _LookbackModel._check_series(yi, None, xp, what=f"y[{i}]")
+            z = sc.transform(last if yi is None else yi)
+            members = xp.concatenate([e.predict(fh, y=z[:, 0] if self.one_d_ else z,
+                                                members=True) for e in self.engines_])
+            point = self._combine(members, axis=0)
+            scale = sc.scale_[0] if self.one_d_ else sc.scale_
+            center = sc.center_[0] if self.one_d_ else sc.center_
+            point = point * scale + center
+            if off is not None:
+                point = point[..., None] + off * (scale if self.one_d_ else scale[:, None])
+            out.append(point)
+        return out
 
     def _quantile_offsets(self, fh, quantiles):
         q = _quantile_levels(quantiles)
@@ -625,12 +684,11 @@ val_fraction, patience, eval_every : optional
         Uses :func:`numba_mamba.checkpoint.save_checkpoint`: each lookback's
         members, scaler, skip and end of the series under ``lookback<i>.``,
         the validation residuals, and the parameters and fitted settings as
-        JSON.  Not for a fit on a panel (pickle that, or save ``panel_[i]``).
+        JSON.  Not for a fit on a panel (pickle that).
         """
         self._check_fitted()
-        if self.panel_ is not None:
-            raise ValueError("save writes one series' forecaster: save each of panel_ "
-                             "(or pickle the panel forecaster)")
+        if self.panel_scalers_ is not None:
+            raise ValueError("save writes a forecaster of one series: pickle a panel's")
         arrays = {}
         for i, e in enumerate(self.engines_):
             arrays.update(e._arrays(f"lookback{i}."))

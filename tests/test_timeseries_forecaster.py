@@ -276,22 +276,40 @@ def test_backtest_refits_copies_at_each_origin_and_reports_metrics(fitted):
         MambaForecaster(steps=0).backtest([y, y], fh=5)
 
 
-def test_a_list_of_series_is_a_panel_with_one_forecaster_each():
-    ys = [_ar2(90, seed=s) for s in range(3)] + [_seasonal(130, m=6)]
-    f = MambaForecaster(steps=0).fit(ys, fh=3)
+def test_a_list_of_series_is_one_global_model_with_per_series_scaling():
+    ys = [_ar2(90, seed=s) * (s + 1) + 10 * s for s in range(3)] + [3 * _ar2(130, seed=7) - 5]
+    f = MambaForecaster(lookback=(6, 12), steps=0, skip_ridge=1e-3).fit(ys, fh=3)
     preds = f.predict()
     assert len(preds) == 4 and all(p.shape == (3,) for p in preds)
-    for p, y in zip(preds, ys):
-        np.testing.assert_array_equal(p, MambaForecaster(steps=0).fit(y, fh=3).predict())
-    assert f.panel_[3].season_ == 6
+    # the global skip, by hand: ridge on every series' (own-scaled) lag windows, training parts
+    sc = [((y[:len(y) - f._n_val(len(y), 3)]).mean(), (y[:len(y) - f._n_val(len(y), 3)]).std())
+          for y in ys]
+    for P, e in zip((6, 12), f.engines_):
+        rows = [make_windows((y - m) / s, P, 3) for y, (m, s) in zip(ys, sc)]
+        X = np.concatenate([r[0] for r in rows])
+        Y = np.concatenate([r[1] for r in rows])
+        Z = np.c_[X, np.ones(len(X))]
+        R = 1e-3 * len(Z) * np.eye(P + 1)
+        R[-1, -1] = 0
+        np.testing.assert_allclose(e.skip_, np.linalg.solve(Z.T @ Z + R, Z.T @ Y), rtol=1e-8)
+    for p, y, (m, s) in zip(preds, ys, sc):
+        want = np.median([(np.r_[(y[-P:] - m) / s, 1.0] @ e.skip_) * s + m
+                          for P, e in zip((6, 12), f.engines_)], axis=0)
+        np.testing.assert_allclose(p, want, rtol=1e-5)
     lo, hi = f.predict_interval()
-    assert len(lo) == 4 and all((a <= b).all() for a, b in zip(lo, hi))
+    assert len(lo) == 4 and all((a < b).all() for a, b in zip(lo, hi))
+    # intervals scale with each series: the fourth (x3) is wider than the first (x1)
+    assert (hi[3] - lo[3]).mean() > 2 * (hi[0] - lo[0]).mean()
     histories = [y[:80] for y in ys]
     assert len(f.predict(y=histories)) == 4
-    with pytest.raises(ValueError, match="lists of 4 series"):
+    with pytest.raises(ValueError, match="list of 4 histories"):
         f.predict(y=histories[:2])
+    with pytest.raises(ValueError, match=r"y\[1\] must have the shape kind of y\[0\]"):
+        MambaForecaster(steps=0).fit([ys[0], np.c_[ys[1], ys[1]]], fh=3)
     g = pickle.loads(pickle.dumps(f))
     np.testing.assert_array_equal(g.predict()[3], preds[3])
+    m = MambaForecaster(lookback=8, **TINY).fit(ys, fh=2)  # the Mamba members train across series
+    assert all(np.isfinite(p).all() for p in m.predict())
 
 
 # ---------------------------------------------------------------- covariates
