@@ -77,7 +77,16 @@ class MambaClassifier(_Params):
         convention); a channel without spread is only centred.
     pool : {"mean", "last"}, optional
     steps, batch_size, lr, weight_decay, warmup_steps, max_grad_norm : optional
-        Optimisation (``steps`` per seed).
+        Optimisation (at most ``steps`` per seed).
+    val_fraction : float, optional
+        Share of each class held out (stratified) to pick the stopping step:
+        the validation cross-entropy is evaluated every ``eval_every`` steps
+        and training stops after ``patience`` evaluations without a better
+        one; 0: train ``steps`` steps.
+    eval_every, patience : int, optional
+    refit : bool, optional
+        After early stopping, train again from the same initialization on
+        all series for the chosen number of steps.
     n_seeds : int, optional
     seed : int, optional
     dtype : {numpy.float32, numpy.float64}, optional
@@ -89,7 +98,9 @@ class MambaClassifier(_Params):
     members_ : list of dict
         Trained parameters per seed.
     losses_ : list of list of float
-        Training loss per step, per seed.
+        Training loss per step, per seed (of the final training).
+    best_steps_ : list of int
+        The stopping step of each seed (``steps`` without validation).
 
     Examples
     --------
@@ -109,7 +120,8 @@ class MambaClassifier(_Params):
     def __init__(self, *, d_model=32, n_layers=2, d_state=16, d_conv=4, expand=2,
                  dt_min=1e-3, dt_max=1e-1, normalize=True, pool="mean", steps=400,
                  batch_size=32, lr=3e-3, weight_decay=0.01, warmup_steps=40,
-                 max_grad_norm=1.0, n_seeds=1, seed=0, dtype=np.float32):
+                 max_grad_norm=1.0, val_fraction=0.2, eval_every=20, patience=5, refit=True,
+                 n_seeds=1, seed=0, dtype=np.float32):
         args = {k: v for k, v in locals().items() if k != "self"}
         for k, v in args.items():
             setattr(self, k, v)
@@ -118,13 +130,15 @@ class MambaClassifier(_Params):
 
     def _validate(self):
         for name in ("d_model", "n_layers", "d_state", "d_conv", "expand", "steps",
-                     "batch_size", "n_seeds"):
+                     "batch_size", "n_seeds", "eval_every", "patience"):
             _check_int(name, getattr(self, name))
         _check_int("warmup_steps", self.warmup_steps, low=0)
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if np.dtype(self.dtype) not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {np.dtype(self.dtype)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
 
@@ -197,41 +211,84 @@ class MambaClassifier(_Params):
                                    d_conv=self.d_conv, expand=self.expand, dt_min=self.dt_min,
                                    dt_max=self.dt_max)
         seed_everything(self.seed)
-        onehot = xp.asarray(np.eye(K)[yi], dtype=x.dtype)
-        n = x.shape[0]
-        B = min(self.batch_size, n)
-        warm = min(self.warmup_steps, self.steps)
-        self.members_, self.losses_ = [], []
+        self._data = (x, mask, lengths, xp.asarray(np.eye(K)[yi], dtype=x.dtype))
+        val = self._split(yi)
+        train = np.setdiff1d(np.arange(x.shape[0]), val)
+        self.members_, self.losses_, self.best_steps_ = [], [], []
         for j in range(self.n_seeds):
-            rng = np.random.default_rng([self.seed, j])
-            params = init_params(self.config_, seed=np.random.default_rng([self.seed, j, 1]),
-                                 dtype=np.dtype(self.dtype), xp=xp)
-            opt = AdamW(lr=self.lr, weight_decay=self.weight_decay)
-            losses = []
-            order = rng.permutation(n)
-            pos = 0
-            for step in range(self.steps):
-                if pos + B > n:  # epochs of random batches
-                    order, pos = rng.permutation(n), 0
-                idx = xp.asarray(order[pos:pos + B])
-                pos += B
-                xb, mb, lb = x[idx], mask[idx], lengths[order[pos - B:pos]]
-                out, cache = model_forward(xb, params, self.config_)
-                logits = self._logits(out, mb, lb)
-                z = logits - logits.max(axis=1, keepdims=True)
-                p = xp.exp(z)
-                p /= p.sum(axis=1, keepdims=True)
-                ob = onehot[idx]
-                losses.append(float(-(ob * (z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))))
-                                    .sum(axis=1).mean()))
-                _, grads = model_backward(self._dout((p - ob) / B, out, mb, lb), cache)
-                if self.max_grad_norm is not None:
-                    clip_grad_norm(grads, self.max_grad_norm)
-                opt.step(params, grads, lr=warmup_cosine(step, self.lr, warm, self.steps,
-                                                         self.lr / 10))
+            params, losses, best = self._train(j, train, val, self.steps)
+            if len(val) and self.refit:
+                params, losses, _ = self._train(j, np.arange(x.shape[0]), [], best)
             self.members_.append(params)
             self.losses_.append(losses)
+            self.best_steps_.append(best)
+        del self._data
         return self
+
+    def _split(self, yi):
+        """Stratified validation indices: ``val_fraction`` of each class with 2+ series."""
+        if self.val_fraction == 0:
+            return np.zeros(0, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, 7])
+        out = []
+        for c in np.unique(yi):
+            idx = rng.permutation(np.nonzero(yi == c)[0])
+            out.append(idx[:min(int(round(self.val_fraction * len(idx))), len(idx) - 1)])
+        return np.sort(np.concatenate(out)).astype(np.int64)
+
+    def _batch_loss(self, params, idx):
+        """Mean cross-entropy, its dout and the forward's cache on series ``idx``."""
+        x, mask, lengths, onehot = self._data
+        xp = array_namespace(x=x)
+        ix = xp.asarray(idx)
+        lb = lengths[np.asarray(idx)]
+        out, cache = model_forward(x[ix], params, self.config_)
+        z = self._logits(out, mask[ix], lb)
+        z = z - z.max(axis=1, keepdims=True)
+        lse = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+        ob = onehot[ix]
+        loss = float(-(ob * (z - lse)).sum(axis=1).mean())
+        dout = self._dout((xp.exp(z - lse) - ob) / len(idx), out, mask[ix], lb)
+        return loss, dout, cache
+
+    def _train(self, j, train, val, steps):
+        """Train seed ``j`` on series ``train``; early stopping on ``val`` (if any).
+
+        Returns ``(params, losses, best_step)``.
+        """
+        xp = array_namespace(x=self._data[0])
+        rng = np.random.default_rng([self.seed, j])
+        params = init_params(self.config_, seed=np.random.default_rng([self.seed, j, 1]),
+                             dtype=np.dtype(self.dtype), xp=xp)
+        opt = AdamW(lr=self.lr, weight_decay=self.weight_decay)
+        n = len(train)
+        B = min(self.batch_size, n)
+        warm = min(self.warmup_steps, self.steps)
+        losses, best, bad = [], (np.inf, steps, None), 0
+        order, pos = rng.permutation(train), 0
+        for step in range(steps):
+            if pos + B > n:  # epochs of random batches
+                order, pos = rng.permutation(train), 0
+            loss, dout, cache = self._batch_loss(params, order[pos:pos + B])
+            pos += B
+            losses.append(loss)
+            _, grads = model_backward(dout, cache)
+            if self.max_grad_norm is not None:
+                clip_grad_norm(grads, self.max_grad_norm)
+            opt.step(params, grads, lr=warmup_cosine(step, self.lr, warm, self.steps,
+                                                     self.lr / 10))
+            if len(val) and ((step + 1) % self.eval_every == 0 or step + 1 == steps):
+                v = sum(self._batch_loss(params, val[k:k + 256])[0] * len(val[k:k + 256])
+                        for k in range(0, len(val), 256)) / len(val)
+                if v < best[0]:
+                    best, bad = (v, step + 1, {k: a.copy() for k, a in params.items()}), 0
+                else:
+                    bad += 1
+                    if bad >= self.patience:
+                        break
+        if best[2] is None:
+            return params, losses, steps
+        return best[2], losses, best[1]
 
     def predict_proba(self, X, batch_size=256):
         """Class probabilities ``(n, n_classes)``, columns in the order of ``classes_``."""
