@@ -8,6 +8,7 @@ unequal-length series for JapaneseVowels, masked); ROCKET and 1-NN DTW get Japan
 padded at the end with each series' last value (sktime's versions need equal lengths).
 
 Run:  python examples/classify_ucr.py [--datasets GunPoint,...] [--steps 400] [--seeds 1]
+      [--val-fraction 0.2]
       (needs sktime: pip install sktime)
 """
 
@@ -43,6 +44,8 @@ def main():
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, default=1, help="n_seeds of MambaClassifier")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="MambaClassifier's early-stopping split (0: none, the default)")
     args = ap.parse_args()
     from sktime.classification.distance_based import KNeighborsTimeSeriesClassifier
     from sktime.classification.kernel_based import RocketClassifier
@@ -54,7 +57,8 @@ def main():
         L = max(len(s) for s in Xtr + Xte)
         equal = all(len(s) == L for s in Xtr + Xte)
         t0 = time.perf_counter()
-        clf = MambaClassifier(steps=args.steps, n_seeds=args.seeds, seed=args.seed)
+        clf = MambaClassifier(steps=args.steps, n_seeds=args.seeds, seed=args.seed,
+                              val_fraction=args.val_fraction)
         clf.fit(Xtr if not equal else np.stack(Xtr), ytr)
         acc_m = clf.score(Xte if not equal else np.stack(Xte), yte)
         t_m = time.perf_counter() - t0
@@ -71,7 +75,8 @@ def main():
                      t_m, t_r, t_d))
         print(f"{name}: Mamba {acc_m:.3f} ({t_m:.0f} s), ROCKET {acc_r:.3f} ({t_r:.0f} s), "
               f"1-NN DTW {acc_d:.3f} ({t_d:.0f} s)", flush=True)
-    print(f"\nTest accuracy (MambaClassifier: steps {args.steps}, seeds {args.seeds}; "
+    print(f"\nTest accuracy (MambaClassifier: steps {args.steps}, seeds {args.seeds}, "
+          f"val_fraction {args.val_fraction}; "
           f"ROCKET: sktime RocketClassifier, 10000 kernels; 1-NN DTW: sktime, full window)")
     print(f"{'dataset':<18}{'train':>6}{'test':>6}{'len':>5}{'ch':>4}{'Mamba':>8}{'ROCKET':>8}"
           f"{'1NN-DTW':>9}{'s Mamba':>9}{'s ROCKET':>9}{'s DTW':>7}")

@@ -35,13 +35,13 @@ def test_learns_two_frequency_classes_and_probabilities_sum_to_one():
 
 def test_early_stopping_holds_out_each_class_and_refits_on_all():
     X, y = _two_frequencies(40)
-    clf = MambaClassifier(steps=60, eval_every=10, patience=2, **TINY)
+    clf = MambaClassifier(steps=60, val_fraction=0.2, eval_every=10, patience=2, **TINY)
     val = clf._split(np.r_[np.zeros(10, int), np.ones(5, int)])
     assert len(val) == 2 + 1 and (val < 10).sum() == 2  # 20 % of each class
     clf.fit(X, y)
     assert 10 <= clf.best_steps_[0] <= 60 and clf.best_steps_[0] % 10 == 0
     assert len(clf.losses_[0]) == clf.best_steps_[0]  # the refit runs the chosen steps
-    plain = MambaClassifier(steps=30, val_fraction=0.0, **TINY).fit(X, y)
+    plain = MambaClassifier(steps=30, **TINY).fit(X, y)
     assert plain.best_steps_ == [30] and len(plain.losses_[0]) == 30
 
 
