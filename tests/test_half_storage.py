@@ -135,7 +135,9 @@ def test_api_reads_half_directly_only_where_switched_on_and_the_state_engine_run
     backend = types.SimpleNamespace(settings=Settings(direct_half=switch),
                                     choose_engine=scan.choose_engine)
     assert api._reads_half(backend, 8, 1536, 16) is switch  # (the state engine's size)
-    assert api._reads_half(backend, 1, 4, 4) is False  # (the block engine's)
+    assert api._reads_half(backend, 1, 4, 256) is False  # (the blocks engine's: N > 128)
+    with scan.settings.override(engine="blocks"):
+        assert api._reads_half(backend, 1, 4, 4) is False
     with scan.settings.override(engine="states"):
         assert api._reads_half(backend, 1, 4, 4) is switch
     with scan.settings.override(engine="blocks"):
