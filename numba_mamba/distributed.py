@@ -588,6 +588,15 @@ class _Ready:
         pass
 
 
+def _unique_id(nccl, values):
+    """NCCL's unique id from the integers it was sent as, in the type this CuPy's
+    ``get_unique_id`` returns and ``NcclCommunicator`` takes (bytes in CuPy 14, a tuple
+    of ints before)."""
+    if isinstance(nccl.get_unique_id(), (bytes, bytearray)):
+        return bytes(v & 0xFF for v in values)
+    return tuple(values)
+
+
 class NcclCommunicator(Communicator):
     """Collectives among GPUs through NCCL (``cupy.cuda.nccl``), one process per GPU.
 
@@ -620,8 +629,8 @@ class NcclCommunicator(Communicator):
             uid = nccl.get_unique_id()
             store.set_json("__nccl/id", list(uid))
         else:
-            uid = tuple(store.get_json("__nccl/id", self.timeout))
-        self._comm = nccl.NcclCommunicator(world_size, tuple(uid), rank)
+            uid = _unique_id(nccl, store.get_json("__nccl/id", self.timeout))
+        self._comm = nccl.NcclCommunicator(world_size, uid, rank)
 
     def _dtype(self, x):
         name = _NCCL_DTYPES.get(x.dtype.name)

@@ -32,12 +32,13 @@ if numba.config.ENABLE_CUDASIM:  # pragma: no cover - the simulator has no PTX
 
 from numba.cuda import dispatcher as _dispatcher  # noqa: E402
 
-from numba_mamba.cuda_kernels import (conv1d, discretize, elementwise, optim, sample,  # noqa: E402
-                                      scan, scan_states, step)
+from numba_mamba.cuda_kernels import (conv1d, discretize, elementwise, embedding,  # noqa: E402
+                                      optim, sample, scan, scan_states, step)
 
 CC = (9, 0)
 SIGNATURES = {}
-for _module in (scan, scan_states, discretize, conv1d, elementwise, step, sample, optim):
+for _module in (scan, scan_states, discretize, conv1d, elementwise, embedding, step, sample,
+                optim):
     for _name, _py_func, _argtypes, _is_f32, *_bounds in _module.ptx_signatures():
         SIGNATURES[_name] = (_py_func, _argtypes, _is_f32, _bounds[0] if _bounds else None)
 _F64 = re.compile(r"\.f64\b")

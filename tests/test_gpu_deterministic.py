@@ -95,3 +95,23 @@ def test_the_blocks_engine_refuses_the_deterministic_setting():
         _, _, backward = nm.selective_scan_vjp(**kw)
         with pytest.raises(ValueError, match="settings.deterministic: the 'blocks' engine"):
             backward(cupy.ones((1, 4, 32), np.float32))
+
+
+def test_deterministic_embedding_gradient_is_the_same_twice_and_equals_scatter_add():
+    from numba_mamba import layers
+
+    rng = np.random.default_rng(4)
+    V, d = 50, 96
+    ids = cupy.asarray(rng.integers(0, V, (8, 300)))  # many repeats of each id
+    dout = cupy.asarray(rng.standard_normal((8, 300, d)).astype(np.float32))
+    _, cache = layers.embedding_forward(ids, cupy.zeros((V, d), np.float32))
+    with settings.override(deterministic=True):
+        first = cupy.asnumpy(layers.embedding_backward(dout, cache))
+        second = cupy.asnumpy(layers.embedding_backward(dout, cache))
+    atomic = cupy.asnumpy(layers.embedding_backward(dout, cache))
+    want = np.zeros((V, d))
+    np.add.at(want, cupy.asnumpy(ids).reshape(-1), cupy.asnumpy(dout).reshape(-1, d))
+    assert first.dtype == np.float32 and first.shape == (V, d)
+    np.testing.assert_array_equal(first.view(np.uint32), second.view(np.uint32))
+    np.testing.assert_allclose(first, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(atomic, want, rtol=1e-5, atol=1e-4)

@@ -222,11 +222,12 @@ def test_clip_grad_norm_device_matches_clip_grad_norm():
 
 
 def _forecaster_fit(monkeypatch, device, graph):
-    """A MambaForecaster fit (float64, irregular times, time_as="delta") and its TrainSteps.
+    """A fit of one lookback of the forecaster (float64, irregular times, time_as="delta")
+    and its TrainSteps.
 
     ``graph`` is forced on every TrainStep the forecaster makes; a CaptureWarning fails.
     """
-    from numba_mamba import timeseries
+    from numba_mamba import _ts_engine
 
     made = []
 
@@ -236,11 +237,11 @@ def _forecaster_fit(monkeypatch, device, graph):
             super().__init__(*a, **kw)
             made.append(self)
 
-    monkeypatch.setattr(timeseries, "TrainStep", Forced)
+    monkeypatch.setattr(_ts_engine, "TrainStep", Forced)
     rng = np.random.default_rng(0)
     t = np.cumsum(rng.uniform(0.5, 1.5, 200))
     y = np.stack([np.sin(t / 5), np.cos(t / 7)], 1) + 0.05 * rng.standard_normal((200, 2))
-    f = timeseries.MambaForecaster(lookback=16, horizon=3, steps=30, val_fraction=0.2,
+    f = _ts_engine._LookbackModel(lookback=16, horizon=3, steps=30, val_fraction=0.2,
                                    eval_every=10, time_as="delta", d_model=16, n_layers=2,
                                    d_state=8, batch_size=8, dtype=np.float64, device=device,
                                    progress=False)

@@ -478,8 +478,9 @@ def test_custom_forward_and_extra_errors_name_the_argument():
 
 
 def test_forecaster_trains_through_a_train_step_with_the_time_step_as_extra(monkeypatch):
-    """Each member's training is one TrainStep fed dtau; every step's loss is in the history."""
-    from numba_mamba import timeseries
+    """Each member's training (one lookback of the forecaster's ensemble) is one TrainStep
+    fed dtau; every step's loss is in the history."""
+    from numba_mamba import _ts_engine
 
     made = []
 
@@ -488,11 +489,11 @@ def test_forecaster_trains_through_a_train_step_with_the_time_step_as_extra(monk
             super().__init__(*a, **kw)
             made.append(self)
 
-    monkeypatch.setattr(timeseries, "TrainStep", Recording)
+    monkeypatch.setattr(_ts_engine, "TrainStep", Recording)
     rng = np.random.default_rng(0)
     t = np.cumsum(rng.uniform(0.5, 1.5, 90))
     y = np.sin(t / 4) + 0.05 * rng.standard_normal(90)
-    f = timeseries.MambaForecaster(lookback=8, horizon=2, steps=12, val_fraction=0.2,
+    f = _ts_engine._LookbackModel(lookback=8, horizon=2, steps=12, val_fraction=0.2,
                                    eval_every=5, d_model=8, n_layers=1, d_state=4,
                                    batch_size=4, progress=False).fit(y, t=t)
     assert len(made) == 1 and made[0]._model is not None  # the timed model, dtau as extra
