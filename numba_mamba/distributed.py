@@ -953,9 +953,10 @@ class DataParallelTrainStep(TrainStep):
     optimizer : AdamW, optional
     max_grad_norm : float or None, optional
         Clip the averaged gradients to this global norm.
-    graph : {'auto', True, False}, optional
-        Capture the step, collectives included, as a CUDA graph (see
-        :class:`~numba_mamba.training.TrainStep`).  Default False.
+    graph : {'auto', False}, optional
+        Default False: the step runs eagerly.  A step with its collectives is
+        not captured as a CUDA graph yet (on the H200 the capture met a
+        host-to-device copy); ``'auto'`` is taken as False and True is refused.
     history : int, optional
     bucket_bytes : int, optional
         Size of a bucket (default :data:`DEFAULT_BUCKET_BYTES`).
@@ -971,6 +972,11 @@ class DataParallelTrainStep(TrainStep):
 
     def __init__(self, params, config, group=None, optimizer=None, max_grad_norm=1.0,
                  graph=False, history=1024, bucket_bytes=DEFAULT_BUCKET_BYTES):
+        if graph is True:
+            raise ValueError("graph=True: a data-parallel step is not captured as a CUDA graph "
+                             "yet; use graph=False (the default) or 'auto' (eager)")
+        if graph == "auto":
+            graph = False
         self.group = init_process_group() if group is None else group
         bucket_bytes = check_int("bucket_bytes", bucket_bytes, low=0)
         p0 = next(iter(params.values()), None)
@@ -1072,7 +1078,7 @@ def train(params, config, batch_fn, steps, group=None, lr=1e-3, warmup_steps=0, 
     ----------
     group : ProcessGroup, optional
         Default: :func:`init_process_group` from the environment.
-    graph : {'auto', True, False}, optional
+    graph : {'auto', False}, optional
         Default False (see :class:`DataParallelTrainStep`).
     bucket_bytes : int, optional
 
