@@ -550,7 +550,7 @@ def grid(cupy, engines, reps, quick, torch_reps, pattern=None):
         half = []
         for k, (f, b) in mine.items():
             base = mine.get(k[:4] + ("float32",) + k[5:])
-            if k[4] != "float32" and base:
+            if k[4] in ("float16", "bfloat16") and base:
                 half.append((max(f / base[0], b / base[1]), k))
         print(f"#   {engine}: rows over 0.9x the reference: {len(bad_ref)} of {len(over_ref)}"
               + (f"; worst fwd {worst_f[1]:.2f}x at {worst_f[0][:5]}, worst bwd "
