@@ -37,10 +37,24 @@ training             train (loop with progress bar, checkpoint/resume), seed_eve
 checkpoint           save_checkpoint / load_checkpoint (one .npz, no pickle)
 inference            prefill, step, generate: recurrent inference
 
-Forecasting (issue 7)
-timeseries           MambaForecaster (fit/predict, scaling, early stopping, regular
-                     or irregular sample times, save/load), make_windows, Scaler,
-                     metrics mae, rmse, mase, smape, seasonal_naive
+Whole steps and several machines
+graphs               CapturedStep: a step captured once as a CUDA graph, then replayed
+training             also TrainStep (forward, loss, backward, clipping, AdamW as one step)
+inference            also Decoder (static buffers, captured decoding, generate)
+distributed          data-parallel training (NCCL or TCP ranks) and its launcher
+dask, xarray         ssm_filter and selective_scan on Dask arrays / DataArrays
+                     (optional: the ``dask`` extra)
+
+Interop
+torch                selective_scan_fn (mamba-ssm's signature) and a Mamba module
+                     (optional: the ``torch`` extra)
+pretrained           load / save Hugging Face and mamba-ssm checkpoints without torch
+
+Time series (issues 7 and 24)
+timeseries           MambaForecaster (an ensemble over lookbacks and seeds, fh at fit,
+                     intervals, covariates, panels, backtest, save/load, pickling),
+                     MambaClassifier, make_windows, Scaler, metrics mae, rmse, mase,
+                     smape, pinball_loss, interval_coverage, seasonal_naive
 """
 
 import importlib.util as _importlib_util
