@@ -91,10 +91,10 @@ import time
 import numpy as np
 
 from ._validation import check_int, is_cupy_array
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .models import model_backward, model_forward
-from .optim import AdamW, warmup_cosine
-from .training import TrainResult, TrainStep, _progress
+from .optim import AdamW
+from .training import TrainResult, TrainStep, run_steps
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT", "Communicator", "DataParallelTrainStep",
            "DistributedError", "NcclCommunicator", "ProcessGroup", "TCPStore", "TcpCommunicator",
@@ -1100,26 +1100,9 @@ def train(params, config, batch_fn, steps, group=None, lr=1e-3, warmup_steps=0, 
     stepper = DataParallelTrainStep(params, config, group, optimizer,
                                     max_grad_norm=max_grad_norm, graph=graph,
                                     bucket_bytes=bucket_bytes)
-    bar = _progress(progress and group.is_main, initial=start, total=steps)
-    shown = start
-    for s in range(start, steps):
-        batch = batch_fn(s)
-        step_lr = warmup_cosine(s, lr, warmup_steps, steps, min_lr)
-        stepper.step(batch[0], batch[1], batch[2] if len(batch) > 2 else None, lr=step_lr)
-        done = s + 1
-        save = checkpoint_path is not None and (
-            done == steps or (checkpoint_every and done % checkpoint_every == 0))
-        if save or done % log_every == 0 or done == steps:
-            losses.extend(stepper.losses())
-            if bar is not None:
-                bar.update(done - shown)
-                bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{step_lr:.2e}")
-                shown = done
-        if save and group.is_main:
-            save_checkpoint(checkpoint_path, params, config, optimizer, step=done,
-                            extra={"losses": losses})
-    if bar is not None:
-        bar.close()
+    run_steps(stepper, batch_fn, start, steps, losses, lr, warmup_steps, min_lr, log_every,
+              checkpoint_path, checkpoint_every, progress and group.is_main,
+              writes=group.is_main)
     return TrainResult(params, optimizer, losses, max(start, steps))
 
 

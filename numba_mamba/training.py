@@ -467,6 +467,17 @@ def train(params, config, batch_fn, steps, lr=1e-3, warmup_steps=0, min_lr=0.0,
         start = ck.step
         losses = list((ck.extra or {}).get("losses", []))
     stepper = TrainStep(params, config, optimizer, max_grad_norm=max_grad_norm, graph=graph)
+    run_steps(stepper, batch_fn, start, steps, losses, lr, warmup_steps, min_lr, log_every,
+              checkpoint_path, checkpoint_every, progress)
+    return TrainResult(params, optimizer, losses, max(start, steps))
+
+
+def run_steps(stepper, batch_fn, start, steps, losses, lr, warmup_steps, min_lr, log_every,
+              checkpoint_path, checkpoint_every, progress, writes=True):
+    """The loop of :func:`train` (and of ``distributed.train``): steps ``start .. steps - 1``
+    of ``stepper`` (a :class:`TrainStep`) on ``batch_fn(s)``, the learning rate of
+    :func:`~numba_mamba.optim.warmup_cosine`, the losses read into ``losses`` every
+    ``log_every`` steps and at checkpoints, which are written where ``writes``."""
     bar = _progress(progress, initial=start, total=steps)
     shown = start
     for s in range(start, steps):
@@ -482,12 +493,11 @@ def train(params, config, batch_fn, steps, lr=1e-3, warmup_steps=0, min_lr=0.0,
                 bar.update(done - shown)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{step_lr:.2e}")
                 shown = done
-        if save:
-            save_checkpoint(checkpoint_path, params, config, optimizer, step=done,
-                            extra={"losses": losses})
+        if save and writes:
+            save_checkpoint(checkpoint_path, stepper.params, stepper.config, stepper.optimizer,
+                            step=done, extra={"losses": losses})
     if bar is not None:
         bar.close()
-    return TrainResult(params, optimizer, losses, max(start, steps))
 
 
 def _namespace(params):
