@@ -8,8 +8,13 @@ unequal-length series for JapaneseVowels, masked); ROCKET and 1-NN DTW get Japan
 padded at the end with each series' last value (sktime's versions need equal lengths).
 
 Run:  python examples/classify_ucr.py [--datasets GunPoint,...] [--steps 400] [--seeds 1]
-      [--val-fraction 0.2]
+      [--val-fraction 0.2] [--pool meanmax] [--bidirectional] [--crop 0.8] [--jitter 0.1]
+      [--select 0.3]
       (needs sktime: pip install sktime)
+
+``--select F`` never loads the test split: it holds out a stratified share F of each training
+split, fits MambaClassifier only on the rest and reports its accuracy on the held-out part (to
+choose a configuration without looking at the test sets).
 """
 
 import argparse
@@ -38,6 +43,32 @@ def padded(series, length):
                      for s in series])
 
 
+def fit_score(Xtr, ytr, Xte, yte, options):
+    """MambaClassifier(**options) fitted on ``(Xtr, ytr)``, its accuracy on ``(Xte, yte)``."""
+    equal = len({len(s) for s in Xtr + Xte}) == 1
+    clf = MambaClassifier(**options)
+    clf.fit(np.stack(Xtr) if equal else Xtr, ytr)
+    return clf.score(np.stack(Xte) if equal else Xte, yte)
+
+
+def select(names, share, options):
+    """Accuracy on a stratified ``share`` of each training split, fitted on the rest."""
+    accs = []
+    for name in names:
+        X, y = load(name, "train")
+        rng = np.random.default_rng(12345)
+        held = np.sort(np.concatenate([
+            rng.permutation(np.nonzero(y == c)[0])[:max(1, int(round(share * (y == c).sum())))]
+            for c in np.unique(y)]))
+        fit = np.setdiff1d(np.arange(len(y)), held)
+        t0 = time.perf_counter()
+        acc = fit_score([X[i] for i in fit], y[fit], [X[i] for i in held], y[held], options)
+        accs.append(acc)
+        print(f"{name}: fitted on {len(fit)}, held-out accuracy {acc:.3f} on {len(held)} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"mean held-out accuracy {np.mean(accs):.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default=",".join(DATASETS))
@@ -46,7 +77,20 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="MambaClassifier's early-stopping split (0: none, the default)")
+    ap.add_argument("--pool", default="mean", help="MambaClassifier's pool")
+    ap.add_argument("--features", type=int, default=32, help="n_features (pool meanmax)")
+    ap.add_argument("--bidirectional", action="store_true")
+    ap.add_argument("--crop", type=float, default=1.0)
+    ap.add_argument("--jitter", type=float, default=0.0)
+    ap.add_argument("--select", type=float, default=0.0,
+                    help="hold out this share of each training split (test split unused)")
     args = ap.parse_args()
+    options = dict(steps=args.steps, n_seeds=args.seeds, seed=args.seed,
+                   val_fraction=args.val_fraction, pool=args.pool, n_features=args.features,
+                   bidirectional=args.bidirectional, crop=args.crop, jitter=args.jitter)
+    print(f"MambaClassifier options: {options}")
+    if args.select:
+        return select(args.datasets.split(","), args.select, options)
     from sktime.classification.distance_based import KNeighborsTimeSeriesClassifier
     from sktime.classification.kernel_based import RocketClassifier
 
@@ -55,12 +99,8 @@ def main():
         Xtr, ytr = load(name, "train")
         Xte, yte = load(name, "test")
         L = max(len(s) for s in Xtr + Xte)
-        equal = all(len(s) == L for s in Xtr + Xte)
         t0 = time.perf_counter()
-        clf = MambaClassifier(steps=args.steps, n_seeds=args.seeds, seed=args.seed,
-                              val_fraction=args.val_fraction)
-        clf.fit(Xtr if not equal else np.stack(Xtr), ytr)
-        acc_m = clf.score(Xte if not equal else np.stack(Xte), yte)
+        acc_m = fit_score(Xtr, ytr, Xte, yte, options)
         t_m = time.perf_counter() - t0
         Ptr, Pte = padded(Xtr, L), padded(Xte, L)
         t0 = time.perf_counter()
@@ -75,8 +115,7 @@ def main():
                      t_m, t_r, t_d))
         print(f"{name}: Mamba {acc_m:.3f} ({t_m:.0f} s), ROCKET {acc_r:.3f} ({t_r:.0f} s), "
               f"1-NN DTW {acc_d:.3f} ({t_d:.0f} s)", flush=True)
-    print(f"\nTest accuracy (MambaClassifier: steps {args.steps}, seeds {args.seeds}, "
-          f"val_fraction {args.val_fraction}; "
+    print(f"\nTest accuracy (MambaClassifier: {options}; "
           f"ROCKET: sktime RocketClassifier, 10000 kernels; 1-NN DTW: sktime, full window)")
     print(f"{'dataset':<18}{'train':>6}{'test':>6}{'len':>5}{'ch':>4}{'Mamba':>8}{'ROCKET':>8}"
           f"{'1NN-DTW':>9}{'s Mamba':>9}{'s ROCKET':>9}{'s DTW':>7}")

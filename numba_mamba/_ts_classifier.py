@@ -10,7 +10,15 @@ from .training import seed_everything
 
 __all__ = ["MambaClassifier"]
 
-POOLS = ("mean", "last")
+POOLS = ("mean", "last", "meanmax")
+
+
+def _reverse(x, mask, lengths):
+    """Each series of the padded batch ``x`` ``(n, L, C)`` reversed in time over its own length."""
+    xp = array_namespace(x=x)
+    t = np.arange(x.shape[1])[None, :]
+    idx = np.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+    return xp.take_along_axis(x, xp.asarray(idx)[..., None], axis=1) * mask
 
 
 def _batch(X, n_channels=None, xp=None):
@@ -60,11 +68,15 @@ def _batch(X, n_channels=None, xp=None):
 class MambaClassifier(_Params):
     """Classify (multivariate, variable-length) time series with a small Mamba encoder.
 
-    A stack of Mamba blocks reads each series causally; the regression head
-    emits one logit per class at every position and the series' logits are
-    their mean over its positions (``pool="mean"``) or the last position's
-    (``pool="last"``).  Trained with softmax cross-entropy and AdamW (linear
-    warmup, cosine decay); ``n_seeds`` models are averaged in probability.
+    A stack of Mamba blocks reads each series causally.  With ``pool="mean"``
+    or ``"last"`` the regression head emits one logit per class at every
+    position and the series' logits are their mean over its positions or the
+    last position's; with ``pool="meanmax"`` it emits ``n_features`` features
+    per position, whose mean and maximum over the series go through a linear
+    layer to the logits.  Trained with softmax cross-entropy and AdamW (linear
+    warmup, cosine decay), optionally on augmented views (random crops,
+    noise); ``n_seeds`` models (twice as many with ``bidirectional``: one
+    reading each series forwards, one backwards) are averaged in probability.
 
     Parameters
     ----------
@@ -75,7 +87,17 @@ class MambaClassifier(_Params):
     normalize : bool, optional
         Standardise each series per channel over its own samples (the UCR
         convention); a channel without spread is only centred.
-    pool : {"mean", "last"}, optional
+    pool : {"mean", "last", "meanmax"}, optional
+    n_features : int, optional
+        Features per position pooled by ``"meanmax"`` (unused otherwise).
+    bidirectional : bool, optional
+        Train a second model per seed on the time-reversed series.
+    crop : float, optional
+        Training batches show each series as a random contiguous piece of at
+        least this share of its length (1: whole series).
+    jitter : float, optional
+        Standard deviation of Gaussian noise added to the (standardised)
+        training series at every step (0: none).
     steps, batch_size, lr, weight_decay, warmup_steps, max_grad_norm : optional
         Optimisation (at most ``steps`` per seed).
     val_fraction : float, optional
@@ -97,11 +119,12 @@ class MambaClassifier(_Params):
     classes_ : ndarray
         The labels, sorted (``numpy.unique`` of ``y``).
     members_ : list of dict
-        Trained parameters per seed.
+        Per trained model (seed, then direction): ``{"reverse": bool,
+        "model": params, "head": params of the pooled features' layer}``.
     losses_ : list of list of float
-        Training loss per step, per seed (of the final training).
+        Training loss per step, per member (of the final training).
     best_steps_ : list of int
-        The stopping step of each seed (``steps`` without validation).
+        The stopping step of each member (``steps`` without validation).
 
     Examples
     --------
@@ -119,7 +142,8 @@ class MambaClassifier(_Params):
     """
 
     def __init__(self, *, d_model=32, n_layers=2, d_state=16, d_conv=4, expand=2,
-                 dt_min=1e-3, dt_max=1e-1, normalize=True, pool="mean", steps=400,
+                 dt_min=1e-3, dt_max=1e-1, normalize=True, pool="mean", n_features=32,
+                 bidirectional=False, crop=1.0, jitter=0.0, steps=400,
                  batch_size=32, lr=3e-3, weight_decay=0.01, warmup_steps=40,
                  max_grad_norm=1.0, val_fraction=0.0, eval_every=20, patience=5, refit=True,
                  n_seeds=1, seed=0, dtype=np.float32):
@@ -130,7 +154,7 @@ class MambaClassifier(_Params):
         self.members_ = None
 
     def _validate(self):
-        for name in ("d_model", "n_layers", "d_state", "d_conv", "expand", "steps",
+        for name in ("d_model", "n_layers", "d_state", "d_conv", "expand", "steps", "n_features",
                      "batch_size", "n_seeds", "eval_every", "patience"):
             _check_int(name, getattr(self, name))
         _check_int("warmup_steps", self.warmup_steps, low=0)
@@ -138,6 +162,10 @@ class MambaClassifier(_Params):
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if np.dtype(self.dtype) not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {np.dtype(self.dtype)}")
+        if not 0 < self.crop <= 1:
+            raise ValueError(f"crop must be in (0, 1], got {self.crop!r}")
+        if not self.jitter >= 0:
+            raise ValueError(f"jitter must be >= 0, got {self.jitter!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not self.lr > 0:
@@ -162,21 +190,73 @@ class MambaClassifier(_Params):
         dt = np.dtype(self.dtype)
         return x.astype(dt), mask.astype(dt), lengths
 
-    def _logits(self, out, mask, lengths):
-        xp = array_namespace(out=out)
-        if self.pool == "mean":
-            n = xp.asarray(lengths, dtype=out.dtype)[:, None]
-            return (out * mask).sum(axis=1) / n
-        return out[xp.arange(out.shape[0]), xp.asarray(lengths) - 1]
+    def _head_forward(self, head, out, mask, lengths):
+        """Logits ``(n, K)`` of the model outputs ``out`` ``(n, L, F)`` and the backward's cache.
 
-    def _dout(self, dlogits, out, mask, lengths):
+        ``"mean"``/``"last"``: ``out`` holds per-position logits, pooled.
+        ``"meanmax"``: ``out`` holds ``n_features`` features per position; their
+        mean and maximum over the series' positions go through the linear
+        layer ``head`` (``{"weight": (2F, K), "bias": (K,)}``).
+        """
         xp = array_namespace(out=out)
+        n = xp.asarray(lengths, dtype=out.dtype)[:, None]
+        if self.pool == "last":
+            return out[xp.arange(out.shape[0]), xp.asarray(lengths) - 1], None
+        mean = (out * mask).sum(axis=1) / n
+        if self.pool == "mean":
+            return mean, None
+        masked = xp.where(mask > 0, out, out.dtype.type(-np.inf))
+        arg = masked.argmax(axis=1)  # (n, F)
+        mx = xp.take_along_axis(masked, arg[:, None, :], axis=1)[:, 0]
+        feat = xp.concatenate([mean, mx], axis=1)
+        return feat @ head["weight"] + head["bias"], (feat, arg, out.shape, mask, n, head)
+
+    def _head_backward(self, dz, hcache, out, mask, lengths):
+        """``(dout, dhead)`` from the logits' gradient ``dz`` ``(n, K)``."""
+        xp = array_namespace(out=out)
+        if self.pool == "last":
+            d = xp.zeros_like(out)
+            d[xp.arange(out.shape[0]), xp.asarray(lengths) - 1] = dz
+            return d, {}
         if self.pool == "mean":
             n = xp.asarray(lengths, dtype=out.dtype)[:, None, None]
-            return dlogits[:, None, :] * mask / n
-        d = xp.zeros_like(out)
-        d[xp.arange(out.shape[0]), xp.asarray(lengths) - 1] = dlogits
-        return d
+            return dz[:, None, :] * mask / n, {}
+        feat, arg, shape, mask, n, head = hcache
+        dfeat = dz @ head["weight"].T
+        F = shape[2]
+        dout = dfeat[:, None, :F] * mask / n[:, :, None]
+        rows = xp.arange(shape[0])[:, None]
+        cols = xp.arange(F)[None, :]
+        dout[rows, arg, cols] += dfeat[:, F:]
+        return dout, {"weight": feat.T @ dz, "bias": dz.sum(axis=0)}
+
+    def _init_head(self, rng, xp):
+        """The linear layer on the pooled features (``"meanmax"``); ``{}`` otherwise."""
+        if self.pool != "meanmax":
+            return {}
+        K, F = len(self.classes_), self.n_features
+        dt = np.dtype(self.dtype)
+        W = rng.standard_normal((2 * F, K)) / np.sqrt(2 * F)
+        return {"weight": xp.asarray(W, dtype=dt), "bias": xp.zeros(K, dtype=dt)}
+
+    def _augment(self, x, mask, lengths, rng):
+        """Training views of a batch: random crops (``crop``) and noise (``jitter``)."""
+        xp = array_namespace(x=x)
+        if self.crop < 1:
+            lo = np.ceil(self.crop * lengths).astype(np.int64)
+            new = rng.integers(np.minimum(lo, lengths), lengths + 1)
+            start = rng.integers(0, lengths - new + 1)
+            L = int(new.max())
+            t = np.arange(L)[None, :]
+            idx = np.minimum(start[:, None] + t, x.shape[1] - 1)
+            keep = (t < new[:, None]).astype(x.dtype)[..., None]
+            idx = xp.asarray(idx)
+            x = xp.take_along_axis(x, idx[..., None], axis=1) * xp.asarray(keep)
+            mask, lengths = xp.asarray(keep), new
+        if self.jitter > 0:
+            noise = rng.standard_normal(x.shape).astype(x.dtype) * x.dtype.type(self.jitter)
+            x = x + xp.asarray(noise) * mask
+        return x, mask, lengths
 
     # ------------------------------------------------------------ fit / predict
 
@@ -208,21 +288,26 @@ class MambaClassifier(_Params):
         xp = array_namespace(x=x)
         self.n_channels_ = x.shape[2]
         self.config_ = MambaConfig(d_model=self.d_model, n_layers=self.n_layers,
-                                   d_input=self.n_channels_, d_output=K, d_state=self.d_state,
-                                   d_conv=self.d_conv, expand=self.expand, dt_min=self.dt_min,
-                                   dt_max=self.dt_max)
+                                   d_input=self.n_channels_,
+                                   d_output=self.n_features if self.pool == "meanmax" else K,
+                                   d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                                   dt_min=self.dt_min, dt_max=self.dt_max)
         seed_everything(self.seed)
-        self._data = (x, mask, lengths, xp.asarray(np.eye(K)[yi], dtype=x.dtype))
+        onehot = xp.asarray(np.eye(K)[yi], dtype=x.dtype)
+        views = [(False, (x, mask, lengths, onehot))]
+        if self.bidirectional:
+            views.append((True, (_reverse(x, mask, lengths), mask, lengths, onehot)))
         val = self._split(yi)
         train = np.setdiff1d(np.arange(x.shape[0]), val)
         self.members_, self.losses_, self.best_steps_ = [], [], []
         for j in range(self.n_seeds):
-            params, losses, best = self._train(j, train, val, self.steps)
-            if len(val) and self.refit:
-                params, losses, _ = self._train(j, np.arange(x.shape[0]), [], best)
-            self.members_.append(params)
-            self.losses_.append(losses)
-            self.best_steps_.append(best)
+            for reverse, self._data in views:
+                params, losses, best = self._train(j, train, val, self.steps, reverse)
+                if len(val) and self.refit:
+                    params, losses, _ = self._train(j, np.arange(x.shape[0]), [], best, reverse)
+                self.members_.append({"reverse": reverse, **params})
+                self.losses_.append(losses)
+                self.best_steps_.append(best)
         del self._data
         return self
 
@@ -237,58 +322,74 @@ class MambaClassifier(_Params):
             out.append(idx[:min(int(round(self.val_fraction * len(idx))), len(idx) - 1)])
         return np.sort(np.concatenate(out)).astype(np.int64)
 
-    def _batch_loss(self, params, idx):
-        """Mean cross-entropy, its dout and the forward's cache on series ``idx``."""
+    def _batch_loss(self, member, idx, rng=None):
+        """Mean cross-entropy and a closure giving the gradients, on series ``idx``.
+
+        ``rng``: augment the batch (training); None: the series as they are.
+        """
         x, mask, lengths, onehot = self._data
         xp = array_namespace(x=x)
         ix = xp.asarray(idx)
-        lb = lengths[np.asarray(idx)]
-        out, cache = model_forward(x[ix], params, self.config_)
-        z = self._logits(out, mask[ix], lb)
+        xb, mb, lb = x[ix], mask[ix], lengths[np.asarray(idx)]
+        if rng is not None:
+            xb, mb, lb = self._augment(xb, mb, lb, rng)
+        out, cache = model_forward(xb, member["model"], self.config_)
+        z, hcache = self._head_forward(member["head"], out, mb, lb)
         z = z - z.max(axis=1, keepdims=True)
         lse = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
         ob = onehot[ix]
         loss = float(-(ob * (z - lse)).sum(axis=1).mean())
-        dout = self._dout((xp.exp(z - lse) - ob) / len(idx), out, mask[ix], lb)
-        return loss, dout, cache
 
-    def _train(self, j, train, val, steps):
+        def grads():
+            dout, dhead = self._head_backward((xp.exp(z - lse) - ob) / len(idx), hcache, out,
+                                              mb, lb)
+            _, g = model_backward(dout, cache)
+            return {**g, **{"head." + k: v for k, v in dhead.items()}}
+        return loss, grads
+
+    def _train(self, j, train, val, steps, reverse=False):
         """Train seed ``j`` on series ``train``; early stopping on ``val`` (if any).
 
-        Returns ``(params, losses, best_step)``.
+        Returns ``(member, losses, best_step)``, ``member`` = ``{"model": params, "head": ...}``.
         """
         xp = array_namespace(x=self._data[0])
-        rng = np.random.default_rng([self.seed, j])
-        params = init_params(self.config_, seed=np.random.default_rng([self.seed, j, 1]),
-                             dtype=np.dtype(self.dtype), xp=xp)
+        rng = np.random.default_rng([self.seed, j, int(reverse)])
+        init = np.random.default_rng([self.seed, j, 1])
+        member = {"model": init_params(self.config_, seed=init, dtype=np.dtype(self.dtype),
+                                       xp=xp),
+                  "head": self._init_head(init, xp)}
+        flat = {**member["model"], **{"head." + k: v for k, v in member["head"].items()}}
         opt = AdamW(lr=self.lr, weight_decay=self.weight_decay)
         n = len(train)
         B = min(self.batch_size, n)
         warm = min(self.warmup_steps, self.steps)
         losses, best, bad = [], (np.inf, steps, None), 0
         order, pos = rng.permutation(train), 0
+        augment = self.crop < 1 or self.jitter > 0
         for step in range(steps):
             if pos + B > n:  # epochs of random batches
                 order, pos = rng.permutation(train), 0
-            loss, dout, cache = self._batch_loss(params, order[pos:pos + B])
+            loss, grad_fn = self._batch_loss(member, order[pos:pos + B], rng if augment else None)
             pos += B
             losses.append(loss)
-            _, grads = model_backward(dout, cache)
+            grads = grad_fn()
             if self.max_grad_norm is not None:
                 clip_grad_norm(grads, self.max_grad_norm)
-            opt.step(params, grads, lr=warmup_cosine(step, self.lr, warm, self.steps,
-                                                     self.lr / 10))
+            opt.step(flat, grads, lr=warmup_cosine(step, self.lr, warm, self.steps,
+                                                    self.lr / 10))
             if len(val) and ((step + 1) % self.eval_every == 0 or step + 1 == steps):
-                v = sum(self._batch_loss(params, val[k:k + 256])[0] * len(val[k:k + 256])
+                v = sum(self._batch_loss(member, val[k:k + 256])[0] * len(val[k:k + 256])
                         for k in range(0, len(val), 256)) / len(val)
                 if v < best[0]:
-                    best, bad = (v, step + 1, {k: a.copy() for k, a in params.items()}), 0
+                    best = (v, step + 1, {part: {k: a.copy() for k, a in d.items()}
+                                          for part, d in member.items()})
+                    bad = 0
                 else:
                     bad += 1
                     if bad >= self.patience:
                         break
         if best[2] is None:
-            return params, losses, steps
+            return member, losses, steps
         return best[2], losses, best[1]
 
     def predict_proba(self, X, batch_size=256):
@@ -298,11 +399,14 @@ class MambaClassifier(_Params):
         x, mask, lengths = self._prepare(X, fitted=True)
         xp = array_namespace(x=x)
         out = xp.zeros((x.shape[0], len(self.classes_)))
-        for params in self.members_:
+        xr = _reverse(x, mask, lengths) if self.bidirectional else None
+        for member in self.members_:
+            xm = xr if member["reverse"] else x
             for s in range(0, x.shape[0], batch_size):
                 sl = slice(s, s + batch_size)
-                o, _ = model_forward(x[sl], params, self.config_)
-                z = self._logits(o, mask[sl], lengths[sl]).astype(np.float64)
+                o, _ = model_forward(xm[sl], member["model"], self.config_)
+                z = self._head_forward(member["head"], o, mask[sl], lengths[sl])[0]
+                z = z.astype(np.float64)
                 z = xp.exp(z - z.max(axis=1, keepdims=True))
                 out[sl] += z / z.sum(axis=1, keepdims=True)
         return out / len(self.members_)

@@ -57,37 +57,92 @@ def test_ragged_multivariate_list_input_pads_without_changing_a_series_result():
         clf.predict(X[:, :, :1])
 
 
-@pytest.mark.parametrize("pool", ["mean", "last"])
+@pytest.mark.parametrize("pool", ["mean", "last", "meanmax"])
 def test_pooled_cross_entropy_gradient_matches_finite_differences(pool):
     X, y = _two_frequencies(6, length=12, channels=2)
     X = [x[:8 + i] for i, x in enumerate(X)]  # ragged: the mask and lengths matter
-    clf = MambaClassifier(d_model=8, n_layers=1, d_state=4, pool=pool, steps=1,
+    clf = MambaClassifier(d_model=8, n_layers=1, d_state=4, pool=pool, n_features=5, steps=1,
                           dtype=np.float64).fit(X, y)
     x, mask, lengths = clf._prepare(X, fitted=True)
     onehot = np.eye(2)[y]
     params = init_params(clf.config_, seed=3, dtype=np.float64)
+    head = clf._init_head(np.random.default_rng(4), np)
+    assert params["decoder.weight"].shape[0] == (5 if pool == "meanmax" else 2)
 
-    def loss(p):
+    def loss(p, h):
         out, cache = model_forward(x, p, clf.config_)
-        z = clf._logits(out, mask, lengths)
+        z, hcache = clf._head_forward(h, out, mask, lengths)
         z = z - z.max(axis=1, keepdims=True)
         lp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        return -(onehot * lp).sum(1).mean(), out, cache, np.exp(lp)
+        return -(onehot * lp).sum(1).mean(), out, cache, hcache, np.exp(lp)
 
-    _, out, cache, prob = loss(params)
-    _, grads = model_backward(clf._dout((prob - onehot) / len(X), out, mask, lengths), cache)
+    _, out, cache, hcache, prob = loss(params, head)
+    dout, dhead = clf._head_backward((prob - onehot) / len(X), hcache, out, mask, lengths)
+    _, grads = model_backward(dout, cache)
+    grads.update({"head." + k: v for k, v in dhead.items()})
+    assert sorted(dhead) == (["bias", "weight"] if pool == "meanmax" else [])
     rng = np.random.default_rng(0)
-    for name in ("decoder.weight", "encoder.weight", "layers.0.mixer.A_log"):
-        flat = params[name].reshape(-1)
-        for i in rng.choice(flat.size, 3, replace=False):
+    names = ["decoder.weight", "encoder.weight", "layers.0.mixer.A_log"]
+    names += ["head." + k for k in head]
+    for name in names:
+        arr = head[name[5:]] if name.startswith("head.") else params[name]
+        flat = arr.reshape(-1)
+        for i in rng.choice(flat.size, min(3, flat.size), replace=False):
             old, eps = flat[i], 1e-6
             flat[i] = old + eps
-            up = loss(params)[0]
+            up = loss(params, head)[0]
             flat[i] = old - eps
-            down = loss(params)[0]
+            down = loss(params, head)[0]
             flat[i] = old
             np.testing.assert_allclose(grads[name].reshape(-1)[i], (up - down) / (2 * eps),
                                        rtol=1e-5, atol=1e-9)
+
+
+def test_reverse_flips_each_series_within_its_own_length():
+    from numba_mamba._ts_classifier import _reverse
+    x = np.arange(12.0).reshape(2, 3, 2)
+    mask = np.array([[1, 1, 1], [1, 1, 0]], dtype=float)[..., None]
+    r = _reverse(x * mask, mask, np.array([3, 2]))
+    np.testing.assert_array_equal(r[0], x[0, ::-1])
+    np.testing.assert_array_equal(r[1], [[8, 9], [6, 7], [0, 0]])
+
+
+def test_crops_stay_inside_each_series_and_keep_the_share():
+    X, y = _two_frequencies(8, length=20)
+    clf = MambaClassifier(crop=0.5, jitter=0.0, steps=1, **TINY).fit(X, y)
+    x, mask, lengths = clf._prepare([s[:10 + i] for i, s in enumerate(X)], fitted=True)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        xc, mc, lc = clf._augment(x, mask, lengths, rng)
+        assert np.all(lc >= np.ceil(0.5 * lengths)) and np.all(lc <= lengths)
+        assert xc.shape[1] == lc.max()
+        np.testing.assert_array_equal(mc[..., 0].sum(axis=1), lc)
+        for i in range(len(lc)):  # a contiguous piece of series i
+            piece, full = xc[i, :lc[i], 0], x[i, :lengths[i], 0]
+            starts = [s for s in range(lengths[i] - lc[i] + 1)
+                      if np.array_equal(full[s:s + lc[i]], piece)]
+            assert starts and np.all(xc[i, lc[i]:] == 0)
+    xj, _, _ = MambaClassifier(jitter=0.5, steps=1, **TINY)._augment(x, mask, lengths, rng)
+    noise = (xj - x)[..., 0]
+    assert np.all(noise[mask[..., 0] == 0] == 0) and 0.4 < noise[mask[..., 0] > 0].std() < 0.6
+
+
+def test_meanmax_bidirectional_augmented_learns_and_pickles():
+    X, y = _two_frequencies(60, channels=2)
+    ragged = [x[:30 + (i % 7)] for i, x in enumerate(X)]
+    clf = MambaClassifier(steps=60, pool="meanmax", n_features=8, bidirectional=True, crop=0.8,
+                          jitter=0.1, n_seeds=2, **TINY).fit(ragged[:40], y[:40])
+    assert [m["reverse"] for m in clf.members_] == [False, True, False, True]
+    assert clf.score(ragged[40:], y[40:]) >= 0.9
+    # one series alone gets the probabilities it gets inside the padded batch
+    p_all = clf.predict_proba(ragged[40:])
+    np.testing.assert_allclose(clf.predict_proba([ragged[43]])[0], p_all[3], rtol=1e-5)
+    g = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(g.predict_proba(ragged[40:]), p_all)
+    with pytest.raises(ValueError, match=r"crop must be in \(0, 1\], got 0"):
+        MambaClassifier(crop=0)
+    with pytest.raises(ValueError, match="jitter must be >= 0, got -1"):
+        MambaClassifier(jitter=-1)
 
 
 def test_parameters_clone_and_pickle():
