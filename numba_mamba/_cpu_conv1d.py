@@ -42,6 +42,8 @@ References
 import numpy as np
 from numba import njit, prange
 
+from ._cpu_threads import serial_below
+
 __all__ = ["conv1d_forward", "conv1d_backward"]
 
 
@@ -142,7 +144,9 @@ def conv1d_forward(x, weight, bias, silu):
     array([[[1., 3., 5., 7., 9.]]])
     """
     out = np.empty_like(x)
-    _forward_kernel(x, weight, _bias_or_dummy(bias, x.dtype), bias is not None, bool(silu), out)
+    with serial_below(out.size):
+        _forward_kernel(x, weight, _bias_or_dummy(bias, x.dtype), bias is not None, bool(silu),
+                        out)
     return out
 
 
@@ -157,8 +161,9 @@ def conv1d_backward(dout, x, weight, bias, silu):
     dx = np.empty_like(x)
     dw_part = np.empty((Bt, C, W), dtype=x.dtype)
     db_part = np.empty((Bt, C), dtype=x.dtype)
-    _backward_kernel(dout, x, weight, _bias_or_dummy(bias, x.dtype), bias is not None,
-                     bool(silu), dx, dw_part, db_part)
+    with serial_below(dx.size):
+        _backward_kernel(dout, x, weight, _bias_or_dummy(bias, x.dtype), bias is not None,
+                         bool(silu), dx, dw_part, db_part)
     return dx, dw_part.sum(axis=0), None if bias is None else db_part.sum(axis=0)
 
 

@@ -18,6 +18,8 @@ Math
 import numpy as np
 from numba import njit, prange
 
+from ._cpu_threads import serial_below
+
 __all__ = ["silu_forward", "silu_backward", "softplus_forward", "softplus_backward"]
 
 
@@ -55,7 +57,8 @@ def _softplus_backward_kernel(dout, x, dx):
 
 def _run(kernel, *arrays):
     out = np.empty_like(arrays[0])
-    kernel(*(a.reshape(-1) for a in arrays), out.reshape(-1))
+    with serial_below(out.size):
+        kernel(*(a.reshape(-1) for a in arrays), out.reshape(-1))
     return out
 
 

@@ -92,6 +92,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
+from ._cpu_threads import serial_below
 from ._cpu_vmath import fma, vexp, vsigmoid, vsoftplus
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "CpuScanSaved", "scan_forward", "scan_backward"]
@@ -727,17 +728,18 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     last_state = np.empty((Bt, Dc, N), dtype=ftype)
     chunk_states = np.empty((Bt, Dc, _n_chunks(L, chunk_size), N), dtype=ftype)
     blocks = _scan_blocks(Dc, ftype, b_var, b_group_size, c_var, c_group_size)
-    _forward_kernel(
-        u, delta, A, B4, C4,
-        _dummy(1, ftype) if D is None else D,
-        _dummy(3, ftype) if z is None else z,
-        _dummy(1, ftype) if delta_bias is None else delta_bias,
-        _dummy(3, ftype) if initial_state is None else initial_state,
-        blocks, TILE,
-        b_var, c_var, b_group_size, c_group_size,
-        D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
-        initial_state is not None, chunk_size,
-        out, last_state, chunk_states)
+    with serial_below(Bt * Dc * N * L):
+        _forward_kernel(
+            u, delta, A, B4, C4,
+            _dummy(1, ftype) if D is None else D,
+            _dummy(3, ftype) if z is None else z,
+            _dummy(1, ftype) if delta_bias is None else delta_bias,
+            _dummy(3, ftype) if initial_state is None else initial_state,
+            blocks, TILE,
+            b_var, c_var, b_group_size, c_group_size,
+            D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
+            initial_state is not None, chunk_size,
+            out, last_state, chunk_states)
     return out, last_state, CpuScanSaved(chunk_states, chunk_size)
 
 
@@ -807,6 +809,14 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_
     The states ``h_t`` are recomputed one chunk at a time from
     ``saved.chunk_states`` instead of being stored by the forward.
     """
+    with serial_below(u.size * A.shape[1]):  # (the slices follow the threads)
+        return _scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                              delta_softplus, initial_state, saved, chunk_size, n_slices)
+
+
+def _scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                   initial_state, saved, chunk_size, n_slices):
+    """:func:`scan_backward` on Numba's current thread count."""
     if chunk_size is not None and chunk_size != saved.chunk_size:
         raise ValueError(f"chunk_size must be the forward's ({saved.chunk_size}) or None, "
                          f"got {chunk_size}")

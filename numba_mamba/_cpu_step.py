@@ -28,6 +28,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ._cpu_threads import serial_below
+
 __all__ = ["conv_step", "residual_rmsnorm", "ssm_step", "step_cells"]
 
 
@@ -124,8 +126,10 @@ def conv_step(x, conv_state, weight, bias, silu, out=None):
     return the conv output ``(Bt, C)`` (in ``out`` where given)."""
     Bt, C, _ = conv_state.shape
     out = np.empty((Bt, C), x.dtype) if out is None else out
-    _step_kernels(x.dtype)[0](x, conv_state, weight, _dummy(1, x.dtype) if bias is None else bias,
-                      bias is not None, bool(silu), out)
+    with serial_below(conv_state.size):
+        _step_kernels(x.dtype)[0](x, conv_state, weight,
+                                  _dummy(1, x.dtype) if bias is None else bias,
+                                  bias is not None, bool(silu), out)
     return out
 
 
@@ -138,10 +142,11 @@ def ssm_step(x, xz, x_dbl, dt_weight, dt_bias, A, B, C, D, ssm_state, out=None):
     var = x_dbl is not None
     d1, d2 = _dummy(1, x.dtype), _dummy(2, x.dtype)
     out = np.empty((Bt, Dc), x.dtype) if out is None else out
-    _step_kernels(x.dtype)[1](x, d2 if xz is None else xz, x_dbl if var else d2,
-                              dt_weight if var else d2, dt_bias, A, d2 if var else B,
-                              d2 if var else C, d1 if D is None else D, var, D is not None,
-                              xz is not None, ssm_state, out)
+    with serial_below(ssm_state.size):
+        _step_kernels(x.dtype)[1](x, d2 if xz is None else xz, x_dbl if var else d2,
+                                  dt_weight if var else d2, dt_bias, A, d2 if var else B,
+                                  d2 if var else C, d1 if D is None else D, var, D is not None,
+                                  xz is not None, ssm_state, out)
     return out
 
 

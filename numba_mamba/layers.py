@@ -44,6 +44,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from ._cpu_threads import blas_limited
 from ._validation import array_namespace, check_shape, missing_gpu_stack_message
 from .scan import ScanGrads, selective_scan_vjp
 
@@ -97,11 +98,15 @@ def _check_same_dtype(ref_name, ref, **others):
 def gemm(xp, a, b, out=None):
     """``xp.matmul(a, b, out=out)``; on CuPy arrays through
     :func:`numba_mamba.cuda_kernels.blas.matmul` where cuBLAS was found (a
-    GEMM a CUDA graph can capture, which CuPy's matmul is not)."""
-    if xp is not np:
-        blas = importlib.import_module("numba_mamba.cuda_kernels.blas")
-        if blas.available():
-            return blas.matmul(a, b, out=out)
+    GEMM a CUDA graph can capture, which CuPy's matmul is not); on NumPy
+    arrays with BLAS on one thread (:mod:`numba_mamba._cpu_threads`: its
+    pool and Numba's would compete for the cores)."""
+    if xp is np:
+        with blas_limited():
+            return np.matmul(a, b, out=out)
+    blas = importlib.import_module("numba_mamba.cuda_kernels.blas")
+    if blas.available():
+        return blas.matmul(a, b, out=out)
     return xp.matmul(a, b, out=out)
 
 

@@ -46,11 +46,14 @@ References
 """
 
 import dataclasses
+import functools
 import math
+from contextlib import nullcontext
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from ._cpu_threads import blas_limited
 from ._validation import array_namespace, check_shape
 from .layers import (embedding_backward, embedding_forward, linear_backward, linear_forward,
                      rmsnorm_backward, rmsnorm_forward, conv1d_backward, conv1d_forward,
@@ -65,6 +68,29 @@ __all__ = [
 ]
 
 BLOCKS = ("mamba", "lti")
+
+
+def _blas_limited_on_cpu(array_of):
+    """Decorator: the call runs under :func:`numba_mamba._cpu_threads.blas_limited`
+    (BLAS on one thread for the whole call, not set and undone per GEMM) when
+    ``array_of(args, kwargs)``, one of its array arguments, is a NumPy array."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            cpu = isinstance(array_of(args, kwargs), np.ndarray)
+            with blas_limited() if cpu else nullcontext():
+                return fn(*args, **kwargs)
+        return run
+    return wrap
+
+
+def _params_arg(index):
+    """``array_of`` for :func:`_blas_limited_on_cpu`: a parameter array of argument
+    ``params`` (positional ``index``)."""
+    def array_of(args, kwargs):
+        params = args[index] if len(args) > index else kwargs.get("params")
+        return next(iter(params.values()), None) if isinstance(params, Mapping) else None
+    return array_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -580,6 +606,7 @@ def _as_array_like_params(x, params, integer):
     return x
 
 
+@_blas_limited_on_cpu(_params_arg(1))
 def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
                   initial_state: Any = None, sync: bool = True) -> tuple:
     """Forward of the whole model: stem, residual stack of pre-norm blocks, head.
@@ -639,6 +666,7 @@ def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
     return out, ModelCache(config, c_stem, norms, blocks, c_normf, c_head)
 
 
+@_blas_limited_on_cpu(lambda args, kwargs: args[0] if args else kwargs.get("dout"))
 def model_backward(dout: Any, cache: Any, on_grads: Any = None) -> tuple:
     """Gradients of :func:`model_forward`.
 
@@ -838,6 +866,7 @@ def mse_backward(dloss, cache):
     return d if cache.b is None else d * cache.b
 
 
+@_blas_limited_on_cpu(_params_arg(2))
 def _loss_and_grads(inputs, targets, params, config, mask, sync):
     """``(loss, grads, loss cache)`` of the head's loss; ``sync=False`` waits for nothing."""
     out, cache = model_forward(inputs, params, config, sync=sync)
