@@ -43,44 +43,68 @@ import numpy as np
 from numba import njit, prange
 
 from ._cpu_threads import serial_below
+from ._cpu_vmath import vsigmoid
 
 __all__ = ["conv1d_forward", "conv1d_backward"]
 
 
-@njit(cache=True)
-def _sigmoid(x, one):
-    # ``one`` is 1 in the dtype of x: a bare literal would widen float32 to float64
-    return one / (one + np.exp(-x))
+@njit(inline="always")
+def _pre_row(xr, w, c, out):
+    """``out[t] += sum_k w[c, k] * xr[t - (W-1) + k]`` over the causal window.
 
-
-@njit(cache=True)
-def _pre(x, w, bias, has_bias, b, c, t):
-    """Pre-activation at (b, c, t): bias plus the causal window of W taps."""
+    One contiguous loop per tap (the taps in order, as the math sums them),
+    each of which LLVM vectorizes; terms before ``t = 0`` are left out.
+    """
     W = w.shape[1]
-    acc = bias[c] if has_bias else x.dtype.type(0)
+    L = xr.shape[0]
     for k in range(W):
-        s = t - (W - 1) + k
-        if s >= 0:
-            acc += w[c, k] * x[b, c, s]
+        shift = W - 1 - k
+        wk = w[c, k]
+        for t in range(shift, L):
+            out[t] += wk * xr[t - shift]
+
+
+@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
+def _dot(a, a0, b, b0, n):
+    """``sum_i a[a0 + i] * b[b0 + i]`` over ``i < n``, in any order (SIMD partial sums).
+
+    Not inlined: Numba would drop the fastmath flag of an inlined function.
+    """
+    acc = a.dtype.type(0)
+    for i in range(n):
+        acc += a[a0 + i] * b[b0 + i]
     return acc
 
 
-@njit(parallel=True, cache=True)
+@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
+def _sum(a):
+    """``sum(a)`` in any order (SIMD partial sums)."""
+    acc = a.dtype.type(0)
+    for i in range(a.shape[0]):
+        acc += a[i]
+    return acc
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
 def _forward_kernel(x, w, bias, has_bias, silu, out):
     """Overwrite out (Bt, C, L); one parallel task per (batch, channel)."""
     Bt, C, L = x.shape
-    one = x.dtype.type(1)
+    zero = x.dtype.type(0)
     for bc in prange(Bt * C):
         b = bc // C
         c = bc - b * C
+        o = out[b, c]
+        b0 = bias[c] if has_bias else zero
         for t in range(L):
-            acc = _pre(x, w, bias, has_bias, b, c, t)
-            if silu:
-                acc = acc * _sigmoid(acc, one)
-            out[b, c, t] = acc
+            o[t] = b0
+        _pre_row(x[b, c], w, c, o)
+        if silu:
+            for t in range(L):
+                v = o[t]
+                o[t] = v * vsigmoid(v)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _backward_kernel(dout, x, w, bias, has_bias, silu, dx, dw_part, db_part):
     """Overwrite dx (Bt, C, L), dw_part (Bt, C, W) and db_part (Bt, C).
 
@@ -94,31 +118,33 @@ def _backward_kernel(dout, x, w, bias, has_bias, silu, dx, dw_part, db_part):
     for bc in prange(Bt * C):
         b = bc // C
         c = bc - b * C
+        xr = x[b, c]
+        dr = dout[b, c]
         g = np.empty(L, dtype=x.dtype)  # (L,) gradient at the pre-activation
-        dw = np.zeros(W, dtype=x.dtype)
-        db = zero
-        for t in range(L):
-            gt = dout[b, c, t]
-            if silu:  # recomputed, not stored by the forward
-                pre = _pre(x, w, bias, has_bias, b, c, t)
-                s = _sigmoid(pre, one)
-                gt *= s * (one + pre * (one - s))
-            g[t] = gt
-            db += gt
-            for k in range(W):
-                s_idx = t - (W - 1) + k
-                if s_idx >= 0:
-                    dw[k] += gt * x[b, c, s_idx]
-        for s_idx in range(L):
-            acc = zero
-            for k in range(W):
-                t = s_idx + (W - 1) - k
-                if t < L:
-                    acc += w[c, k] * g[t]
-            dx[b, c, s_idx] = acc
+        if silu:  # the pre-activation recomputed, not stored by the forward
+            b0 = bias[c] if has_bias else zero
+            for t in range(L):
+                g[t] = b0
+            _pre_row(xr, w, c, g)
+            for t in range(L):
+                pre = g[t]
+                s = vsigmoid(pre)
+                g[t] = dr[t] * (s * (one + pre * (one - s)))
+        else:
+            for t in range(L):
+                g[t] = dr[t]
         for k in range(W):
-            dw_part[b, c, k] = dw[k]
-        db_part[b, c] = db
+            shift = W - 1 - k
+            dw_part[b, c, k] = _dot(g, shift, xr, 0, max(L - shift, 0))
+        d = dx[b, c]
+        for t in range(L):
+            d[t] = zero
+        for k in range(W):
+            shift = W - 1 - k
+            wk = w[c, k]
+            for t in range(L - shift):
+                d[t] += wk * g[t + shift]
+        db_part[b, c] = _sum(g)
 
 
 def conv1d_forward(x, weight, bias, silu):
