@@ -14,7 +14,7 @@ from numba import cuda
 __all__ = ["BoundLaunch", "HALF_STORAGE", "RawLaunch", "activations", "array_module",
            "as_variable", "bfloat16_bits_to_float32", "c_strided", "compile_kernel",
            "current_stream", "dummy", "float32_to_bfloat16_bits", "inline_device", "kernel_view",
-           "launch", "simulator", "storage_dtype", "storage_io", "storage_of", "storage_widen"]
+           "launch", "prepare_launch", "simulator", "storage_dtype", "storage_io", "storage_of", "storage_widen"]
 
 
 def simulator():
@@ -221,7 +221,8 @@ def current_stream(xp=None):
 # Every launch goes through the launch seam, ``_launch`` (the one module that
 # reads internals of numba-cuda and CuPy); its names are re-exported here for
 # the kernel modules.
-from ._launch import BoundLaunch, RawLaunch, c_strided, compile_kernel, launch  # noqa: E402
+from ._launch import (BoundLaunch, RawLaunch, c_strided, compile_kernel, launch,  # noqa: E402
+                      prepare_launch)
 
 
 _DUMMIES = {}

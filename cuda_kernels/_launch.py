@@ -102,7 +102,8 @@ from .settings import settings
 __all__ = ["BoundLaunch", "KERNEL_CACHE", "LaunchFallbackWarning", "RawLaunch", "c_strided",
            "cache_refusals",
            "check_argument_layout", "compile_kernel", "contiguity_reader", "contiguous",
-           "fallback_reason", "launch", "launch_path", "layout_key", "numba_launch"]
+           "fallback_reason", "launch", "launch_path", "layout_key", "numba_launch",
+           "prepare_launch"]
 
 
 class LaunchFallbackWarning(RuntimeWarning):
@@ -761,3 +762,61 @@ def launch(kernel, grid, block, stream, args):
         kernel[grid, block](*args)
     else:
         kernel[grid, block, stream](*args)
+
+
+def _is_scalar(a):
+    return isinstance(a, (int, float, np.generic))
+
+
+def prepare_launch(kernel, grid, block, args):
+    """A launch of ``kernel`` on ``grid`` x ``block`` threads prepared once
+    for the layout of ``args`` (as :func:`launch` takes them): a function of
+    the list of the array arguments alone, in their order in ``args``.
+
+    Each later call launches on CuPy's current stream with the scalars of
+    ``args`` and the given arrays, which must have the layout of those in
+    ``args`` -- the same number of bytes, C-contiguous, the same item size --
+    but may differ in shape and dtype: on the raw path only their data
+    pointers are read; on the Numba path (and in the simulator) each is
+    viewed with the shape and dtype of its counterpart in ``args``.  This is
+    unchecked: a caller keys its prepared launches on what fixes the layout
+    (a launcher's per-layout plan, :mod:`.scan_states`).  The path is chosen
+    when preparing, as :func:`launch` chooses it (and falls back to Numba's
+    launch where the raw path cannot be built); the prepared launch holds no
+    reference to the arrays of ``args``.  ``tests/test_launch.py`` runs it in
+    the simulator and on the GPU on both paths.
+    """
+    where = [i for i, a in enumerate(args) if not _is_scalar(a)]
+    views = [(args[i].shape, args[i].dtype) for i in where]
+    template = list(args)
+    for i in where:
+        template[i] = None  # (no reference kept)
+
+    def filled(arrays):
+        full = list(template)
+        for i, (shape, dtype), a in zip(where, views, arrays):
+            if a.dtype != dtype:
+                a = a.view(dtype)
+            full[i] = a.reshape(shape) if a.shape != shape else a
+        return full
+
+    if isinstance(args[where[0]], np.ndarray) or _simulator():
+        return lambda arrays: launch(kernel, grid, block, None, filled(arrays))
+    import cupy
+
+    raw = None
+    if settings.raw_launch:
+        key = (kernel, cupy.cuda.runtime.getDevice())
+        raw = _RAW[key] if key in _RAW else _build(kernel, key)
+    if raw is None:
+        return lambda arrays: numba_launch(kernel, grid, block, filled(arrays))
+    if [i for i, _ in raw._data_slots] != where:
+        raise ValueError(f"expected the arrays at {[i for i, _ in raw._data_slots]} of the "
+                         f"kernel's arguments, got arrays at {where}")
+    bound = raw.bind(grid, block, args)
+    current = cupy.cuda.get_current_stream
+
+    def go(arrays):
+        bound(current().ptr, [a.data.ptr for a in arrays])
+
+    return go

@@ -108,6 +108,7 @@ __all__ = [
     "backward_into",
     "choose_engine",
     "forward_into",
+    "forward_plan",
     "get_kernels",
     "ptx_signatures",
     "scan_backward",
@@ -983,6 +984,18 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                  initial_state, out, last_state, chunk_states,
                  threads=threads, items=items, stream="current")
     return out, last_state, GpuScanSaved(chunk_states, threads, items)
+
+
+def forward_plan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, *,
+                 save=True):
+    """The state engine's plan of :func:`scan_forward` for these canonical
+    arguments (:func:`cuda_kernels.scan_states.forward_plan`), where
+    :func:`choose_engine` picks that engine; else None."""
+    Bt, Dc, _ = u.shape
+    if choose_engine(Bt, Dc, A.shape[1]) != "states":
+        return None
+    return scan_states.forward_plan((u, delta, A, B, C, D, z, delta_bias, initial_state),
+                                    delta_softplus, save)
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,

@@ -107,8 +107,8 @@ import numpy as np
 from numba import cuda, types
 
 from ._common import (HALF_STORAGE, activations, array_module, compile_kernel, dummy,
-                      inline_device, kernel_view, launch, simulator, storage_dtype, storage_io,
-                      storage_of, storage_widen)
+                      inline_device, kernel_view, launch, prepare_launch, simulator,
+                      storage_dtype, storage_io, storage_of, storage_widen)
 from .settings import settings
 
 __all__ = [
@@ -118,6 +118,7 @@ __all__ = [
     "backward_segments",
     "gradient_buffers",
     "compile_options",
+    "forward_plan",
     "launch_bounds",
     "narrow",
     "narrow_kernel",
@@ -1541,59 +1542,129 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     the inputs; unchecked here) is written and returned in place of a new
     array.
     """
+    arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    return forward_plan(arrays, delta_softplus, save, tuning, n_segments)(arrays, out)
+
+
+def forward_plan(arrays, delta_softplus, save=True, tuning=None, n_segments=None):
+    """The plan of :func:`scan_forward` for the layout of ``arrays`` (``u,
+    delta, A, B, C, D, z, delta_bias, initial_state``, canonical), worked out
+    on the first call of a layout and kept (keyed on the arrays' shapes,
+    dtypes and device, the flags and ``settings.generation``).
+
+    Calling it, ``plan(arrays, out)``, runs the forward of ``arrays`` of that
+    layout: ``(out, last_state, saved)``.  On CuPy arrays its launches read
+    only the arrays' data pointers, so arrays of the same bytes in another
+    shape (a variable ``B`` of shape ``(Bt, N, L)`` for ``(Bt, 1, N, L)``)
+    run it too.
+    """
     cfg = settings
-    xp = array_module(u)
-    dtype, storage = storage_of(u.dtype)  # compute dtype, storage of the per-step arrays
-    if storage is not None:
-        _check_half(u.dtype, dtype, dict(delta=delta, z=z, B=B, C=C),
-                    dict(A=A, B=B, C=C, D=D, delta_bias=delta_bias,
-                         initial_state=initial_state))
-    Bt, Dc, L = u.shape
-    N = A.shape[1]
-    p = plan(dtype, N, Dc, _groups(B), _groups(C), cfg)
-    if tuning is not None:
-        ch, t_fwd, t_bwd, *every = (int(v) for v in tuning)
-        if t_fwd % t_bwd or t_fwd & (t_fwd - 1):
-            raise ValueError(f"tiles must be powers of two, backward <= forward; got {tuning}")
-        p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd, every[0] if every else p.save_every)
-    # the backward recomputes from the state entering every save_every-th of its tiles
-    n_tiles = -(-(-(-L // p.t_bwd)) // p.save_every)
-    if out is None:
-        out = xp.empty(u.shape, u.dtype)
-    last_state = xp.empty((Bt, Dc, N), dtype)
-    if save:
-        tile_states = xp.empty((Bt, Dc, n_tiles, N), dtype)
-    else:  # (not written)
-        tile_states = dummy(xp, dtype, 4)
-    dummy1 = dummy(xp, dtype, 1)
-    dummy3 = dummy(xp, dtype, 3)
-    dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)  # an absent per-step array
-    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage, cfg)
-    v = kernel_view if storage == "bfloat16" else _as_is  # (bfloat16 as its bits)
-    S, SL = segments(Bt, Dc, L, p, n_segments, cfg)
-    if S > 1:  # the end state of segments 0 .. S-2 from zero, their delta sums
-        seg_h = xp.empty((Bt, Dc, S - 1, N), dtype)
-        seg_dt = xp.empty((Bt, Dc, S - 1), dtype)
-    else:  # (not read)
-        seg_h, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
-    flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)
-    if save:
-        flags |= np.int32(FLAG_SAVE)
-    if S > 1:
-        launch(k.forward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream,
-               (v(u).reshape(-1), v(delta).reshape(-1), A, v(B).reshape(-1),
-                dummy1 if delta_bias is None else delta_bias, seg_h, seg_dt, flags,
-                np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(SL), np.int64(S)))
-    args = (v(u).reshape(-1), v(delta).reshape(-1), A, v(B).reshape(-1), v(C).reshape(-1),
-            dummy1 if D is None else D,
-            dummy_s if z is None else v(z).reshape(-1),
-            dummy1 if delta_bias is None else delta_bias,
-            dummy3 if initial_state is None else initial_state,
-            v(out).reshape(-1), last_state, tile_states, flags,
-            np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)),
-            seg_h, seg_dt, np.int64(SL), np.int64(S))
-    launch(k.forward, S * _grid(Bt, Dc, p), p.ch * N, stream, args)
-    return out, last_state, StatesSaved(tile_states, p) if save else None
+    u, B, C = arrays[0], arrays[3], arrays[4]
+    key = (type(u), None if isinstance(u, np.ndarray) else u.data.device_id, u.shape,
+           B.shape, C.shape, tuple([None if x is None else x.dtype for x in arrays]),
+           bool(delta_softplus), bool(save), tuning, n_segments, cfg.generation)
+    forward = _FORWARD_PLANS.get(key)
+    if forward is None:
+        forward = _ForwardPlan(arrays, delta_softplus, save, tuning, n_segments, cfg)
+        if len(_FORWARD_PLANS) >= _MAX_PLANS:
+            _FORWARD_PLANS.clear()
+        _FORWARD_PLANS[key] = forward
+    return forward
+
+
+#: :func:`scan_forward`'s plans by layout (the arrays' shapes, dtypes and
+#: device, the flags, the settings' generation); bounded, started again when full.
+_FORWARD_PLANS = {}
+_MAX_PLANS = 256
+
+
+class _ForwardPlan:
+    """What :func:`scan_forward` works out once per layout: the plan, the
+    kernels, the segments, the flags, the buffers' shapes, and the two
+    launches prepared through the launch seam
+    (:func:`~cuda_kernels._launch.prepare_launch`), so that a call of a
+    layout seen before allocates its outputs and launches."""
+
+    def __init__(self, arrays, delta_softplus, save, tuning, n_segments, cfg):
+        u, delta, A, B, C, D, z, delta_bias, initial_state = arrays
+        xp = self.xp = array_module(u)
+        dtype, storage = storage_of(u.dtype)  # compute dtype, storage of the per-step arrays
+        if storage is not None:
+            _check_half(u.dtype, dtype, dict(delta=delta, z=z, B=B, C=C),
+                        dict(A=A, B=B, C=C, D=D, delta_bias=delta_bias,
+                             initial_state=initial_state))
+        Bt, Dc, L = u.shape
+        N = A.shape[1]
+        p = plan(dtype, N, Dc, _groups(B), _groups(C), cfg)
+        if tuning is not None:
+            ch, t_fwd, t_bwd, *every = (int(v) for v in tuning)
+            if t_fwd % t_bwd or t_fwd & (t_fwd - 1):
+                raise ValueError(f"tiles must be powers of two, backward <= forward; got "
+                                 f"{tuning}")
+            p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd,
+                           every[0] if every else p.save_every)
+        self.p, self.save = p, bool(save)
+        # the backward recomputes from the state entering every save_every-th of its tiles
+        n_tiles = -(-(-(-L // p.t_bwd)) // p.save_every)
+        self.out = (u.shape, u.dtype)
+        self.last_state = ((Bt, Dc, N), dtype)
+        self.tile_states = ((Bt, Dc, n_tiles, N), dtype)
+        self.dummy1 = dummy(xp, dtype, 1)
+        self.dummy3 = dummy(xp, dtype, 3)
+        self.dummy_tiles = dummy(xp, dtype, 4)  # (no states saved: not written)
+        self.dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)  # an absent per-step array
+        k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage, cfg)
+        v = kernel_view if storage == "bfloat16" else _as_is  # (bfloat16 as its bits)
+        S, SL = segments(Bt, Dc, L, p, n_segments, cfg)
+        self.segment_buffers = None
+        seg_h, seg_dt = self.no_segments = (self.dummy3.reshape(1, 1, 1, 1), self.dummy3)
+        if S > 1:  # the end state of segments 0 .. S-2 from zero, their delta sums
+            self.segment_buffers = (((Bt, Dc, S - 1, N), dtype), ((Bt, Dc, S - 1), dtype))
+            seg_h, seg_dt = (xp.empty(*shape) for shape in self.segment_buffers)
+        flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)
+        if save:
+            flags |= np.int32(FLAG_SAVE)
+        self.ends = None
+        ints = np.int64(p.dg), np.int64(L)
+        if S > 1:
+            self.ends = prepare_launch(
+                k.forward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N,
+                (v(u).reshape(-1), v(delta).reshape(-1), A, v(B).reshape(-1),
+                 self.dummy1 if delta_bias is None else delta_bias, seg_h, seg_dt, flags,
+                 *ints, np.int64(_groups(B)), np.int64(SL), np.int64(S)))
+        out, last_state = (xp.empty(*shape) for shape in (self.out, self.last_state))
+        tile_states = xp.empty(*self.tile_states) if save else self.dummy_tiles
+        self.main = prepare_launch(
+            k.forward, S * _grid(Bt, Dc, p), p.ch * N,
+            (v(u).reshape(-1), v(delta).reshape(-1), A, v(B).reshape(-1), v(C).reshape(-1),
+             self.dummy1 if D is None else D,
+             self.dummy_s if z is None else v(z).reshape(-1),
+             self.dummy1 if delta_bias is None else delta_bias,
+             self.dummy3 if initial_state is None else initial_state,
+             v(out).reshape(-1), last_state, tile_states, flags,
+             *ints, np.int64(_groups(B)), np.int64(_groups(C)),
+             seg_h, seg_dt, np.int64(SL), np.int64(S)))
+
+    def __call__(self, arrays, out):
+        """``(out, last_state, saved)`` of the forward of ``arrays`` (of this
+        plan's layout) into ``out`` (None: a new array)."""
+        u, delta, A, B, C, D, z, delta_bias, initial_state = arrays
+        empty = self.xp.ndarray  # (uninitialized, as ``empty``; a call less)
+        if out is None:
+            out = empty(*self.out)
+        last_state = empty(*self.last_state)
+        tile_states = empty(*self.tile_states) if self.save else self.dummy_tiles
+        dummy1 = self.dummy1
+        bias = dummy1 if delta_bias is None else delta_bias
+        seg_h, seg_dt = self.no_segments  # (not read)
+        if self.ends is not None:
+            seg_h, seg_dt = (empty(*shape) for shape in self.segment_buffers)
+            self.ends([u, delta, A, B, bias, seg_h, seg_dt])
+        self.main([u, delta, A, B, C, dummy1 if D is None else D,
+                   self.dummy_s if z is None else z, bias,
+                   self.dummy3 if initial_state is None else initial_state,
+                   out, last_state, tile_states, seg_h, seg_dt])
+        return out, last_state, StatesSaved(tile_states, self.p) if self.save else None
 
 
 def gradient_buffers(xp, u, A, B, C, D, z, delta_bias):

@@ -145,7 +145,15 @@ class Settings:
         default_factory=_default_blocks_tuning)
 
     def __setattr__(self, name, value):
-        object.__setattr__(self, name, _checked(name, value))
+        _set(self, name, _checked(name, value))
+
+    @property
+    def generation(self):
+        """A number that changes whenever a field of any :class:`Settings`
+        changes (an assignment, an override and its end, :meth:`reset`): a
+        launcher that works out a plan once per layout keys it on this, so a
+        change of settings is seen by the next call."""
+        return _GENERATION[0]
 
     def override(self, **changes):
         """A context manager: the fields in ``changes`` take their values for
@@ -165,18 +173,18 @@ class Settings:
     def _override(self, checked):
         previous = {name: getattr(self, name) for name in checked}
         for name, value in checked.items():
-            object.__setattr__(self, name, value)
+            _set(self, name, value)
         try:
             yield self
         finally:
             for name, value in previous.items():
-                object.__setattr__(self, name, value)
+                _set(self, name, value)
 
     def reset(self):
         """Every field back to its default (``raw_launch`` from the environment)."""
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, f.default_factory()
-                               if f.default is dataclasses.MISSING else f.default)
+            _set(self, f.name, f.default_factory()
+                 if f.default is dataclasses.MISSING else f.default)
 
     def as_dict(self):
         """The fields and their values (the tables as plain dicts)."""
@@ -186,6 +194,14 @@ class Settings:
 
 _POSITIVE = ("save_every", "min_recurrences", "target_blocks", "backward_target_blocks",
              "min_segment")
+
+
+_GENERATION = [0]
+
+
+def _set(settings_object, name, value):
+    object.__setattr__(settings_object, name, value)
+    _GENERATION[0] += 1
 
 
 def _checked(name, value):

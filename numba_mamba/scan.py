@@ -173,6 +173,7 @@ class _Checked(NamedTuple):
     half_casts: tuple   # the same where the per-step arrays stay in ``half`` (else None)
     spans: tuple        # per argument: :func:`_span` (None where absent), for a given ``out``
     out_nbytes: int     # the given ``out``'s bytes (0: none)
+    plans: dict         # delta_softplus -> (settings generation, the GPU forward's plan)
 
 
 def _casts(arrays, ftype, half):
@@ -249,7 +250,7 @@ def _validate(values, out):
         xp, _backend(xp), ftype, half, (Bt, Dc, N), _casts(arrays, ftype, None),
         None if half is None else _casts(arrays, ftype, half),
         tuple(None if x is None else _span(x) for x in arrays.values()),
-        0 if out is None else out.nbytes)
+        0 if out is None else out.nbytes, {})
     return checked, tuple(arrays.values())
 
 
@@ -305,9 +306,12 @@ class _Call(NamedTuple):
     given: tuple      # the arguments as validated, in the order of _ARG_NAMES
     ftype: np.dtype   # compute dtype
     dout_dtype: np.dtype  # the dtype the backward takes ``dout`` in
+    plans: dict       # the validated layout's forward plans (None: not remembered)
+    direct: bool      # the canonical arrays are the given ones (no copy, at most a view)
 
 
-def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, out=None):
+def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, out=None,
+             layout=False):
     """Validate the scan's arguments (and ``out``, where given) and put them in
     the canonical layout: a :class:`_Call`.
 
@@ -317,9 +321,11 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     :func:`_reads_half`): those stay in it, and ``dout`` is to be passed in
     it too.  The validation of CuPy arguments is remembered per
     :func:`_gpu_layout`; ``out``'s overlap with the inputs is checked on
-    every call."""
+    every call.  ``layout``: :func:`_gpu_layout` of the arguments where the
+    caller has it (False: not computed yet)."""
     values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    layout = _gpu_layout(values if out is None else values + (out,))
+    if layout is False:
+        layout = _gpu_layout(values if out is None else values + (out,))
     checked = None if layout is None else _VALIDATED.get(layout)
     if checked is None:
         checked, given = _validate(values, out)
@@ -339,7 +345,27 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     xp = checked.xp
     args = [x if cast is None else _canonical_form(x, cast, xp) for x, cast in zip(given, casts)]
     args.insert(8, bool(delta_softplus))
-    return _Call(xp, checked.backend, tuple(args), given, checked.ftype, dout_dtype)
+    remembered = layout is not None and given is values
+    return _Call(xp, checked.backend, tuple(args), given, checked.ftype, dout_dtype,
+                 checked.plans if remembered else None,
+                 all(cast is None or cast[0] is None for cast in casts))
+
+
+def _generation():
+    """The GPU settings' generation (:attr:`Settings.generation`)."""
+    return _gpu_backend().settings.generation
+
+
+def _remembered_plan(values, delta_softplus):
+    """``(layout, plan)``: :func:`_gpu_layout` of the forward's arguments
+    ``values`` and the plan of the GPU forward remembered for that layout,
+    these flags and the current settings (None where there is none yet)."""
+    layout = _gpu_layout(values)
+    checked = None if layout is None else _VALIDATED.get(layout)
+    if checked is None:
+        return layout, None
+    generation, plan = checked.plans.get(delta_softplus, (None, None))
+    return layout, plan if generation == _generation() else None
 
 
 def selective_scan(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any = None, z: Any = None,
@@ -496,15 +522,28 @@ def selective_scan(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any = None, z:
     """
     check_flag("delta_softplus", delta_softplus)
     check_flag("return_last_state", return_last_state)
+    layout = False
+    if out is None:  # a GPU layout validated before: its remembered plan
+        values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        layout, plan = _remembered_plan(values, bool(delta_softplus))
+        if plan is not None:
+            result, last_state, _ = plan(values, None)
+            return (result, last_state) if return_last_state else result
     if is_dask_array(u, delta, A, B, C, D, z, delta_bias, initial_state):  # numba_mamba.dask
         from .dask import selective_scan as dask_scan
         return dask_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                          return_last_state, initial_state, out)
-    call = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, out)
+    call = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, out,
+                    layout)
     into = None  # (an out the kernels write: of the dtype they write)
     if out is not None and call.args[0].dtype == out.dtype:
         into = out
     result, last_state, _ = call.backend.scan_forward(*call.args, save=False, out=into)
+    if out is None and call.plans is not None and call.direct:
+        # (the next call of this layout runs the plan: its kernels read the
+        # given arrays, of which the canonical ones are views)
+        call.plans[bool(delta_softplus)] = (
+            _generation(), call.backend.forward_plan(*call.args, save=False))
     if out is not None:
         if into is None:  # (float16 from the compute dtype; or out of the other byte order)
             call.xp.copyto(out, result, casting="unsafe")
@@ -585,7 +624,7 @@ def _backward(call, saved):
     :class:`_Call` and the states its forward saved."""
 
     def backward(dout, dlast_state=None):
-        xp, backend, args, given, ftype, dout_dtype = call
+        xp, backend, args, given, ftype, dout_dtype = call[:6]
         Bt, Dc, L = args[0].shape
         N = args[2].shape[1]
         array_namespace(u=given[0], dout=dout, dlast_state=dlast_state)  # not mixed

@@ -356,16 +356,10 @@ def test_gpu_out_of_another_kind_dtype_or_layout_is_refused():
                 nm.selective_scan(**kw, out=out)
 
 
-def test_gpu_a_setting_changed_through_the_public_import_is_seen_by_the_api(monkeypatch):
-    """``numba_mamba.cuda_kernels.settings.settings`` is the object the API's kernels
-    read: forcing the engine through it changes which engine a call runs."""
-    from numba_mamba import scan as api
+def _count_state_engine_forwards(monkeypatch):
+    """A list that grows by one item per call of the state engine's launcher."""
     from numba_mamba.cuda_kernels import scan_states
-    from numba_mamba.cuda_kernels.settings import settings
 
-    assert api._gpu_backend().settings is settings
-    rng = np.random.default_rng(9)
-    kw = _device_inputs(rng, 1, 4, 4, 16, np.dtype(np.float32), dict(D=True))
     calls = []
     forward = scan_states.scan_forward
 
@@ -374,6 +368,19 @@ def test_gpu_a_setting_changed_through_the_public_import_is_seen_by_the_api(monk
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(scan_states, "scan_forward", spy)
+    return calls
+
+
+def test_gpu_a_setting_changed_through_the_public_import_is_seen_by_the_api(monkeypatch):
+    """``numba_mamba.cuda_kernels.settings.settings`` is the object the API's kernels
+    read: forcing the engine through it changes which engine a call runs."""
+    from numba_mamba import scan as api
+    from numba_mamba.cuda_kernels.settings import settings
+
+    assert api._gpu_backend().settings is settings
+    rng = np.random.default_rng(9)
+    kw = _device_inputs(rng, 1, 4, 4, 16, np.dtype(np.float32), dict(D=True))
+    calls = _count_state_engine_forwards(monkeypatch)
     with settings.override(engine="blocks"):
         blocks = nm.selective_scan(**kw)
     assert calls == []
@@ -382,3 +389,39 @@ def test_gpu_a_setting_changed_through_the_public_import_is_seen_by_the_api(monk
     with settings.override(engine="blocks"):
         assert nm.selective_scan(**kw).shape == blocks.shape and calls == [1]
     np.testing.assert_allclose(states.get(), blocks.get(), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_a_layout_seen_before_runs_its_plan_and_follows_the_settings(monkeypatch):
+    """From the third call of a layout on, ``selective_scan`` runs the plan the
+    state engine worked out for it (no pass through the launchers); every
+    call, new data each time, agrees with the CPU, and a change of settings
+    is seen by the next call."""
+    from numba_mamba import scan as api
+    from numba_mamba.cuda_kernels.settings import settings
+
+    monkeypatch.setattr(api, "_VALIDATED", {})
+    rng = np.random.default_rng(11)
+    options = dict(D=True, z=True, delta_bias=True, softplus=True)
+    calls = _count_state_engine_forwards(monkeypatch)
+
+    def check(n_calls):
+        kw = _device_inputs(rng, 2, 8, 16, 300, np.dtype(np.float32), options)
+        y, last = nm.selective_scan(**kw, return_last_state=True)
+        host = {k: v.get() if hasattr(v, "get") else v for k, v in kw.items()}
+        want_y, want_last = nm.selective_scan(**host, return_last_state=True)
+        np.testing.assert_allclose(y.get(), want_y, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(last.get(), want_last, rtol=1e-4, atol=1e-5)
+        assert len(calls) == n_calls
+
+    for n_calls in (1, 2, 2, 2):  # validated, planned, then the plan
+        check(n_calls)
+    (checked,) = api._VALIDATED.values()
+    assert checked.plans[True][1] is not None
+    with settings.override(save_every=2):  # (a new generation: planned again)
+        for n_calls in (3, 3):
+            check(n_calls)
+    with settings.override(engine="blocks"):  # (no plan: the blocks engine each call)
+        for n_calls in (3, 3):
+            check(n_calls)
+    for n_calls in (4, 4):  # (back: planned again, then the plan)
+        check(n_calls)

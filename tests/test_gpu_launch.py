@@ -71,6 +71,10 @@ def test_gpu_numba_path_matches_raw_path_and_runs_in_a_captured_graph(monkeypatc
     monkeypatch.setattr(_launch, "_RAW", {})
     monkeypatch.setattr(_launch, "_WHY", {})
     monkeypatch.setattr(_launch, "_WARNED", [])
+    # (the launches the state engine prepared per layout chose their path when prepared)
+    from numba_mamba.cuda_kernels import scan_states
+
+    monkeypatch.setattr(scan_states, "_FORWARD_PLANS", {})
     calls = []
     numba_launch = _launch.numba_launch
 

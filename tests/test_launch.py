@@ -565,3 +565,76 @@ def test_kernel_closures_pickle_alike_in_every_process():
         assert result.returncode == 0, result.stderr
         digests.append(json.loads(result.stdout.strip().splitlines()[-1]))
     assert len(digests[0]) > 50 and digests[0] == digests[1]
+
+
+# ------------------------------------------------------ prepared launches
+class ReshapableArray(FakeCupyArray):
+    """A CuPy array stand-in that can be viewed with another shape or dtype."""
+
+    def __init__(self, shape, ptr, dtype=np.float32):
+        super().__init__(shape, np.dtype(dtype).itemsize, ptr)
+        self.dtype = np.dtype(dtype)
+
+    def reshape(self, shape):
+        return ReshapableArray(shape, self.data.ptr, self.dtype)
+
+    def view(self, dtype):
+        return ReshapableArray(self.shape, self.data.ptr, dtype)
+
+
+def test_a_prepared_raw_launch_writes_only_the_new_data_pointers(seam):
+    import ctypes
+
+    seen = []
+
+    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, kernel_params, extra):
+        pointers = (ctypes.c_uint64 * 10).from_address(kernel_params)
+        seen.append((f, gx, bx, stream, [ctypes.c_uint64.from_address(p).value
+                                          for p in pointers]))
+
+    sys.modules["cupy"].cuda.driver.launchKernel = launch_kernel
+    kernel = FakeDispatcher()
+    go = _launch.prepare_launch(kernel, 5, 128, [ReshapableArray((3, 2), 0xABC000),
+                                                 np.int32(4)])
+    assert seen == []  # (preparing launches nothing)
+    go([ReshapableArray((6,), 0xDEF000)])  # another array of that layout, flat
+    go([ReshapableArray((3, 2), 0x123000)])
+    assert [s[:4] for s in seen] == [(0xF00, 5, 128, CURRENT_STREAM)] * 2
+    assert seen[0][4] == [0, 0, 6, 4, 0xDEF000, 3, 2, 8, 4, 4]
+    assert seen[1][4] == [0, 0, 6, 4, 0x123000, 3, 2, 8, 4, 4]
+    assert kernel.calls == [] and seam.views == []
+
+
+def test_a_prepared_launch_takes_the_numba_path_with_the_arrays_as_prepared(seam):
+    kernel = FakeDispatcher()
+    with settings.override(raw_launch=False):
+        go = _launch.prepare_launch(kernel, 5, 128, [ReshapableArray((3, 2), 0xABC000),
+                                                     np.int32(4)])
+    go([ReshapableArray((6,), 0xDEF000, np.uint32)])  # viewed as (3, 2) float32
+    ((grid, block, stream, (view, n)),) = kernel.calls
+    assert (grid, block, stream, n) == (5, 128, ("numba stream", CURRENT_STREAM), 4)
+    assert view[0] == "view" and view[2] is False  # (no synchronization)
+    assert view[1].shape == (3, 2) and view[1].dtype == np.float32
+    assert view[1].data.ptr == 0xDEF000
+    assert seam.launches == []
+
+
+def test_a_prepared_launch_falls_back_to_numba_where_the_raw_path_fails(seam):
+    kernel = FakeDispatcher()
+    del kernel.overloads
+    with pytest.warns(_launch.LaunchFallbackWarning, match="overloads"):
+        go = _launch.prepare_launch(kernel, 2, 64, [ReshapableArray((4,), 0x1000),
+                                                    np.int32(1)])
+    go([ReshapableArray((4,), 0x2000)])
+    assert len(kernel.calls) == 1 and seam.launches == []
+
+
+def test_a_prepared_launch_on_numpy_arrays_launches_through_the_dispatcher(seam):
+    kernel = FakeDispatcher()
+    x = np.zeros((3, 2), np.float32)
+    go = _launch.prepare_launch(kernel, 2, 32, [x, np.int32(1)])
+    y = np.ones(6, np.float32)
+    go([y])
+    ((grid, block, (arg, n)),) = kernel.calls
+    assert (grid, block, n) == (2, 32, 1)
+    assert arg.shape == (3, 2) and np.shares_memory(arg, y)

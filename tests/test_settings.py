@@ -148,3 +148,17 @@ def test_save_every_changes_the_saved_states_of_the_simulated_forward():
     assert report["shapes"] == {"default": [[1, 2, 20, 3], 1], "override": [[1, 2, 5, 3], 4],
                                 "after": [[1, 2, 20, 3], 1]}, report
     assert report["same_out"] and report["same_du"], report
+
+
+def test_the_generation_changes_with_every_change_of_a_field():
+    """Launchers key their per-layout plans on ``settings.generation``."""
+    seen = [settings.generation]
+    with settings.override(save_every=4):
+        seen.append(settings.generation)
+    seen.append(settings.generation)
+    previous = settings.min_segment
+    settings.min_segment = 128
+    seen.append(settings.generation)
+    settings.min_segment = previous
+    seen.append(settings.generation)
+    assert len(set(seen)) == len(seen)
