@@ -32,7 +32,7 @@ Dask's local threaded scheduler starts every ready input chunk as threads
 come free, so with many threads it may read ahead further.  For a
 time-invariant filter pass 1 needs no recurrence: the end state is
 ``Bb sum_t Ab^(len-1-t) x_t``, computed as matrix products with tables of
-powers (like ``mode='conv'``'s final state), cheaper than the scan.
+powers (``mode='conv'``'s final state), cheaper than the scan.
 
 CuPy chunks go the same way (each chunk is handed to the public functions);
 only NumPy chunks are tested.
@@ -52,7 +52,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from ._validation import array_namespace, as_float_array, is_double
 
-__all__ = ["forecast_many", "lookahead", "selective_scan", "ssm_filter"]
+__all__ = ["forecast_many", "lookahead", "parallelism", "selective_scan", "ssm_filter"]
 
 
 # ------------------------------------------------------------- shared parts
@@ -155,7 +155,8 @@ def _build(name, out_dims, chunks, pass1, pass2, args, state0, need_last):
     lead = out_dims[:-1]
     token = name.rsplit("-", 1)[-1]
     p1_name, st_name, done_name = f"pass1-{token}", f"state-{token}", f"done-{token}"
-    ahead = lookahead()
+    tree_name = f"prefix-{token}"
+    ahead = lookahead(math.prod(len(chunks[n]) for n in lead))
     dsk, last = {}, {}
 
     def task(fn_names, block, *extra):
@@ -165,48 +166,133 @@ def _build(name, out_dims, chunks, pass1, pass2, args, state0, need_last):
 
     for lead_index in itertools.product(*(range(len(chunks[n])) for n in lead)):
         block = dict(zip(lead, lead_index), n=0)
-        state = _key(args[state0][0], args[state0][1], block) if state0 else None
-        for k in range(len(chunks["t"])):
+        zi = _key(args[state0][0], args[state0][1], block) if state0 else None
+        K = len(chunks["t"])
+        p1 = []
+        for k in range(K if need_last else K - 1):  # (the last chunk's: for the final state)
             block["t"] = k
-            dsk[(name,) + lead_index + (k,)] = task(pass2, block, state)
-            if k < len(chunks["t"]) - 1 or need_last:
-                p1 = (p1_name,) + lead_index + (k,)
-                dsk[p1] = task(pass1, block)
-                if k >= ahead:  # (after pass 2 of chunk k - ahead: a bounded read-ahead)
-                    done = (done_name,) + lead_index + (k - ahead,)
-                    dsk[done] = (_done, (name,) + lead_index + (k - ahead,))
-                    dsk[p1] = (_first, dsk[p1], done)
-                dsk[(st_name,) + lead_index + (k,)] = (_chain, state, p1)
-                state = (st_name,) + lead_index + (k,)
+            p1.append((p1_name,) + lead_index + (k,))
+            dsk[p1[k]] = task(pass1, block)
+            if k >= ahead:  # (after pass 2 of chunk k - ahead: a bounded read-ahead)
+                done = (done_name,) + lead_index + (k - ahead,)
+                dsk[done] = (_done, (name,) + lead_index + (k - ahead,))
+                dsk[p1[k]] = (_first, dsk[p1[k]], done)
+        states = [zi] + [(st_name,) + lead_index + (k,) for k in range(len(p1))]
+        if ahead >= len(p1):  # pass 1 runs on all chunks at once: a tree, log2 deep
+            for k, pair in enumerate(_sklansky(dsk, p1, (tree_name,) + lead_index)):
+                dsk[states[k + 1]] = (_chain, zi, pair)
+        else:  # pass 1 paced by pass 2: a chain, as deep as the chunks, fewer tasks
+            for k, pair in enumerate(p1):
+                dsk[states[k + 1]] = (_chain, states[k], pair)
+        for k in range(K):
+            block["t"] = k
+            dsk[(name,) + lead_index + (k,)] = task(pass2, block, states[k])
         if need_last:
-            last[lead_index] = state
+            last[lead_index] = states[K]
     return dsk, last
 
 
-def lookahead():
-    """How many time chunks pass 1 may run ahead of pass 2 (per block of
-    channels): Dask's configuration value ``numba-mamba.lookahead``, 8 if
-    unset.  Each chunk read ahead is held in memory until its pass 2; up to
-    this many chunks' passes run in parallel per block of channels, so a
-    cluster of ``P`` workers wants about ``2 P`` (or channel blocks).
+def _compose(first, then):
+    """The pair ``(a, b)`` of two chunks, ``first`` then ``then``: their
+    affine maps composed (the scan's operator)."""
+    (a1, b1), (a2, b2) = first, then
+    return a2 * a1, a2 * b1 + b2
+
+
+def _sklansky(dsk, keys, name):
+    """Inclusive prefixes of the pairs at ``keys`` under :func:`_compose`, as
+    tasks added to ``dsk`` (keys ``(*name, level, i)``); returns their keys.
+
+    Summary of algorithm: Sklansky's prefix: at level ``l`` every item in
+    the upper half of a block of ``2^(l+1)`` is composed after the last
+    item of the lower half; ``ceil(log2 K)`` levels deep, ``(K/2) log2 K``
+    compositions.
+    """
+    keys, width, level = list(keys), 1, 0
+    while width < len(keys):
+        new = list(keys)
+        for i in range(len(keys)):
+            if (i // width) % 2:
+                new[i] = name + (level, i)
+                dsk[new[i]] = (_compose, keys[(i // width) * width - 1], keys[i])
+        keys, width, level = new, 2 * width, level + 1
+    return keys
+
+
+def lookahead(blocks=1):
+    """How many time chunks pass 1 may run ahead of pass 2 per block of
+    channels: Dask's configuration value ``numba-mamba.lookahead`` if set,
+    else ``ceil(2 P / blocks)`` with ``P`` the tasks the scheduler runs at
+    once (:func:`parallelism`), read when the graph is built.
+
+    Each chunk read ahead is held in memory until its pass 2, and each
+    block of channels runs up to this many chunks' passes in parallel:
+    ``2 P`` in all keeps ``P`` workers busy while a worker holds a few
+    chunks; with one thread more only costs memory.
+
+    Parameters
+    ----------
+    blocks : int, optional
+        The blocks of channels (and batch) of the array, each with its own
+        chain over time; they share the automatic value.
 
     Examples
     --------
     >>> import dask
     >>> from numba_mamba.dask import lookahead
-    >>> lookahead()
-    8
+    >>> with dask.config.set(scheduler="synchronous"):
+    ...     lookahead()
+    2
     >>> with dask.config.set({"numba-mamba.lookahead": 200}):
     ...     lookahead()
     200
     """
     import dask
 
-    value = dask.config.get("numba-mamba.lookahead", 8)
+    value = dask.config.get("numba-mamba.lookahead", None)
+    if value is None:
+        return max(1, -(-2 * parallelism() // blocks))
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"the Dask configuration value numba-mamba.lookahead must be an "
-                         f"integer >= 1, got {value!r}")
+                         f"integer >= 1 (or None: automatic), got {value!r}")
     return int(value)
+
+
+def parallelism():
+    """How many tasks the current Dask scheduler runs at once: the threads of
+    all workers of the current ``distributed`` client, else 1 for the
+    synchronous scheduler, else the local pool's threads (Dask's
+    ``num_workers``, default the CPU count).
+
+    Examples
+    --------
+    >>> import dask
+    >>> from numba_mamba.dask import parallelism
+    >>> with dask.config.set(scheduler="synchronous"):
+    ...     parallelism()
+    1
+    >>> with dask.config.set(scheduler="threads", num_workers=3):
+    ...     parallelism()
+    3
+    """
+    import os
+    import sys
+
+    import dask
+
+    scheduler = dask.config.get("scheduler", None)
+    if scheduler in ("sync", "synchronous", "single-threaded"):
+        return 1
+    if hasattr(scheduler, "nthreads"):  # a distributed.Client
+        return max(1, sum(scheduler.nthreads().values()))
+    if scheduler in (None, "dask.distributed", "distributed") and "distributed" in sys.modules:
+        try:
+            client = sys.modules["distributed"].default_client()
+        except ValueError:  # (no client)
+            client = None
+        if client is not None:
+            return max(1, sum(client.nthreads().values()))
+    return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
 
 
 def _done(_):
@@ -254,30 +340,6 @@ def _as_array(v, xp):
         or isinstance(v, np.ndarray) else xp.asarray(v)
 
 
-def _power_weighted_sum(x, Ab, xp):
-    """``E[..., n] = sum_t Ab[..., n]^(L-1-t) x[..., t]`` for ``x`` (..., L)
-    and ``Ab`` (..., N) broadcasting on their leading axes.
-
-    Summary of algorithm: with ``j = L-1-t = b T + m`` (``T ~ sqrt(L)``),
-    ``Ab^j = Ab^(bT) Ab^m``: one batched matrix product of the reversed
-    signal in blocks of ``T`` with the table ``Ab^m`` (m < T), then a sum
-    over the blocks weighted by ``Ab^(bT)``; powers are evaluated directly.
-    """
-    lead = np.broadcast_shapes(x.shape[:-1], Ab.shape[:-1])
-    L, N = x.shape[-1], Ab.shape[-1]
-    R = math.prod(lead)
-    Ab = xp.broadcast_to(Ab, lead + (N,)).reshape(R, N)
-    T = math.isqrt(L - 1) + 1 if L > 1 else 1
-    nb = -(-L // T)
-    xr = xp.zeros((R, nb * T), Ab.dtype)
-    xr[:, :L] = xp.broadcast_to(x, lead + (L,)).reshape(R, L)[:, ::-1]
-    powers = xp.arange(T, dtype=Ab.real.dtype)
-    P = Ab[:, None, :] ** powers[None, :, None]                            # (R, T, N)
-    E = xp.matmul(xr.reshape(R, nb, T), P)                                 # (R, nb, N)
-    start = Ab[:, None, :] ** (xp.arange(nb, dtype=Ab.real.dtype) * T)[None, :, None]
-    return (start * E).sum(axis=1).reshape(lead + (N,))
-
-
 def _filter_pass1(x, A, B, dt, method):
     """``(a, b)`` of one chunk: its transition and end state from zero.
 
@@ -285,6 +347,7 @@ def _filter_pass1(x, A, B, dt, method):
     B (..., T, N), dt (..., T), T in {1, Lc}.
     """
     from .discretize import discretize
+    from .filters import _decayed_sum
     from .filters import ssm_filter as filt
 
     xp = array_namespace(x=x, A=A, B=B, dt=dt)
@@ -298,7 +361,11 @@ def _filter_pass1(x, A, B, dt, method):
     Lc = x.shape[-1]
     if B.shape[-2] == 1 and dt.shape[-1] == 1:  # time-invariant: no recurrence
         Ab, Bb = discretize(A, B[..., 0, :].astype(ctype, copy=False), dt, method)
-        return Ab ** Lc, Bb * _power_weighted_sum(x.astype(ftype, copy=False), Ab, xp)
+        lead = np.broadcast_shapes(x.shape[:-1], Ab.shape[:-1])
+        rows = math.prod(lead)
+        xr = xp.broadcast_to(x.astype(ftype, copy=False), lead + (Lc,)).reshape(rows, Lc)
+        E = _decayed_sum(xr, xp.broadcast_to(Ab, lead + Ab.shape[-1:]).reshape(rows, -1), xp)
+        return Ab ** Lc, Bb * E.reshape(lead + Ab.shape[-1:])
     _, b = filt(A, B, xp.ones((1,), ftype), x, dt=dt, method=method, axis=-1,
                 zi=xp.zeros((A.shape[-1],), ftype))
     if method in ("zoh", "mamba"):  # exp(dt A) multiplied along time: exp(A sum dt)

@@ -395,6 +395,40 @@ def _power_sums(coefs, Ab, L, xp):
     return out
 
 
+def _decayed_sum(x, Ab, xp):
+    """E[r, n] = sum_t Ab[r, n]^(L-1-t) x[r, t] for real x (R, L) and Ab (R, N).
+
+    The end state of the filter from a zero start is ``Bb * E`` (and its
+    state transition ``Ab^L``), without computing its outputs.
+
+    Summary of algorithm: with ``t = b T + m`` in blocks of ``T ~ sqrt(L)``,
+    ``Ab^(L-1-t) = Ab^(T-1-m) Ab^(L-(b+1)T)``: one batched matrix product of
+    the full blocks of ``x`` (a view, not a copy) with the table
+    ``Ab^(T-1-m)`` (R, T, N), summed over the blocks with the weights
+    ``Ab^(L-(b+1)T)``; the last ``L mod T`` samples take the table's last
+    rows.  Complex tables are applied as two real products (``x`` is not
+    cast to complex).  Powers are evaluated directly, not by repeated
+    multiplication.
+    """
+    R, L = x.shape
+    T = _block(L)
+    nb = L // T
+    rtype = Ab.real.dtype
+
+    def times(X, P):
+        if P.dtype.kind == "c":
+            return xp.matmul(X, P.real) + 1j * xp.matmul(X, P.imag)
+        return xp.matmul(X, P)
+
+    P = Ab[:, None, :] ** xp.arange(T - 1, -1, -1, dtype=rtype)[None, :, None]  # (R, T, N)
+    weights = Ab[:, None, :] ** (L - T * xp.arange(1, nb + 1, dtype=rtype))[None, :, None]
+    E = (weights * times(x[:, :nb * T].reshape(R, nb, T), P)).sum(axis=1)
+    rest = L - nb * T
+    if rest:
+        E = E + times(x[:, None, nb * T:], P[:, T - rest:])[:, 0]
+    return E
+
+
 def _conv(p):
     """Time-invariant filter by FFT convolution with K_k = Re(sum_n C Ab^k Bb)."""
     xp = p["xp"]
@@ -412,15 +446,7 @@ def _conv(p):
     y = fft.irfft(fft.rfft(x, n, axis=-1) * fft.rfft(K.astype(x.dtype, copy=False), n,
                                                      axis=-1), n, axis=-1)[:, :L]
     y = y + Y0
-    # zf = Ab^L h0 + Bb sum_k x_k Ab^(L-1-k): the same block trick on the reversed signal
-    T = _block(L)
-    nb = -(-L // T)
-    xr = xp.zeros((R, nb * T), x.dtype)
-    xr[:, :L] = x[:, ::-1]
-    P = Ab[:, :, None] ** xp.arange(T, dtype=Ab.real.dtype)                 # (R, N, T)
-    E = xp.matmul(xr.reshape(R, nb, T).astype(P.dtype, copy=False), P.transpose(0, 2, 1))
-    start = Ab[:, None, :] ** (xp.arange(nb, dtype=Ab.real.dtype) * T)[None, :, None]
-    hf = Ab ** L * h0 + Bb * (start * E).sum(axis=1)
+    hf = Ab ** L * h0 + Bb * _decayed_sum(x, Ab, xp)  # (zf, in closed form)
     return xp.ascontiguousarray(y.astype(x.dtype, copy=False)), hf.astype(h0.dtype, copy=False)
 
 

@@ -1,5 +1,6 @@
 """ssm_filter and selective_scan on Dask arrays (numba_mamba.dask) against the single-array call."""
 
+import functools
 import threading
 
 import numpy as np
@@ -183,6 +184,53 @@ def test_lookahead_setting():
             nm.ssm_filter(np.array([-1.0]), np.ones(1), np.ones(1), da.ones(10, chunks=5))
 
 
+def test_lookahead_automatic():
+    """Unset, the lookahead is twice the scheduler's threads shared by the blocks of channels."""
+    from numba_mamba.dask import lookahead, parallelism
+
+    with dask.config.set(scheduler="sync"):
+        assert (parallelism(), lookahead(), lookahead(3)) == (1, 2, 1)
+    with dask.config.set(scheduler="threads", num_workers=5):
+        assert (parallelism(), lookahead(), lookahead(4)) == (5, 10, 3)
+    with dask.config.set({"numba-mamba.lookahead": 7}):
+        assert lookahead(4) == 7  # (a set value is per block)
+
+
+def prefix_depth(graph, key):
+    """The most prefix compositions on a path of the graph into ``key``."""
+    @functools.cache
+    def depth(k):
+        task = graph[k]
+        deps = [d for d in task[1:] if isinstance(d, tuple) and d in graph] \
+            if isinstance(task, tuple) else []
+        own = isinstance(k, tuple) and str(k[0]).startswith("prefix-")
+        return own + max((depth(d) for d in deps), default=0)
+    return depth(key)
+
+
+@pytest.mark.parametrize("with_zi", [True, False])
+def test_filter_tree_prefix(rng, with_zi):
+    """With a lookahead of all the chunks the prefix over them is a tree, log2 deep."""
+    A, B, C = lti(rng, (3,), 4)
+    x = rng.standard_normal((3, 100))
+    zi = rng.standard_normal((3, 4)) if with_zi else None
+    xd = da.from_array(x, chunks=((2, 1), (1, 9, 10, 3, 7, 12, 8, 8, 1, 11, 10, 10, 10)))
+    with dask.config.set({"numba-mamba.lookahead": 13}):
+        got = nm.ssm_filter(A, B, C, xd, zi=zi)
+    got = got if with_zi else (got,)
+    graph = dict(got[-1].__dask_graph__())
+    prefix = [k for k in graph if str(k[0]).startswith("prefix-")]
+    assert len(prefix) == 2 * (6 + 6 + 5 + 5 if with_zi else 6 + 6 + 4 + 4)  # (2 blocks)
+    last = max(k for k in graph if str(k[0]).startswith("state-") and k[1] == 0)
+    assert prefix_depth(graph, last) == 4  # ceil(log2 13), where a chain has 12
+    want = nm.ssm_filter(A, B, C, x, zi=zi)
+    check(got, want if with_zi else (want,))
+    with dask.config.set({"numba-mamba.lookahead": 12 if with_zi else 11}):
+        chain = nm.ssm_filter(A, B, C, xd, zi=zi)
+    graph = dict((chain[-1] if with_zi else chain).__dask_graph__())
+    assert not any(str(k[0]).startswith("prefix-") for k in graph)
+
+
 def test_filter_errors(rng):
     A, B, C = lti(rng, (2,), 3)
     xd = da.zeros((2, 20), chunks=5)
@@ -277,6 +325,8 @@ def test_local_cluster_two_processes(rng, client):
                              delta_softplus=True, return_last_state=True)
     got = client.compute([y, zf, s, h], sync=True)
     assert len(client.scheduler_info()["workers"]) == 2
+    from numba_mamba.dask import lookahead, parallelism
+    assert (parallelism(), lookahead(), lookahead(3)) == (2, 4, 2)  # (the client's threads)
     want = nm.ssm_filter(A, B, C, x, zi=zi) + nm.selective_scan(
         u, delta, sA, sB, sC, delta_softplus=True, return_last_state=True)
     for g, w in zip(got, want, strict=True):
