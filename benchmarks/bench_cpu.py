@@ -17,7 +17,8 @@ Parts (``--parts``, default all):
     One forward of a 2-layer model, d_model 768, N 16, expand 2, vocab 1024
     (small, so that the tied head does not swamp the blocks), batch 1,
     lengths 256 and 1024, float32: ``models.model_forward`` (training caches
-    kept) and ``inference.prefill`` where it exists, against transformers'
+    kept), the same with ``keep_cache=False`` (the inference forward) and
+    ``inference.prefill`` where it exists, against transformers'
     ``MambaForCausalLM`` (its pure-PyTorch path, ``torch.no_grad``) holding
     the same weights (copied array by array); the largest difference of the
     logits is printed.
@@ -29,12 +30,23 @@ Parts (``--parts``, default all):
     ``torch.optim.AdamW``; its selective scan is this library's, so the
     ratio compares everything around the scan).
 
+``tiny``
+    Small calls, where waking Numba's threads costs more than the work: the
+    CPU scan's forward + backward (``_cpu_scan``, without the public API's
+    checks; batch 1, N 16, float32) at growing sizes, on 2
+    Numba threads and on 1, and which one :func:`_cpu_threads.serial_below`
+    picks at its ``SERIAL_BELOW``; us per call.  The crossover sets
+    ``SERIAL_BELOW``.
+
 BLAS threads matter as much as the kernels here: on a 2-core machine
 OpenBLAS's own thread pool (NumPy's matmul) and Numba's OpenMP pool compete
 for the cores, and a model forward or training step can run several times
-slower than with ``OPENBLAS_NUM_THREADS=1``.  The header prints the
-variables that set them; run once as is and once with
-``OPENBLAS_NUM_THREADS=1`` to see both.
+slower than with ``OPENBLAS_NUM_THREADS=1``.  The library limits BLAS to
+one thread during its calls (:mod:`numba_mamba._cpu_threads`); the model and
+training parts run each case under each ``--blas`` policy in the same run
+(``1``: that limit, the default; ``0``: no limit, BLAS as installed) so the
+two compare under the same load.  The header prints the variables that set
+the pools.
 
 Times: wall clock, after warm-up (compilation left out), the minimum over
 ``--reps`` repetitions (the machine is shared: the minimum is the least
@@ -43,8 +55,8 @@ torch transformers``); a part whose imports fail says so and the others run.
 
 Run::
 
-    python benchmarks/bench_cpu.py [--parts scan,model,train] [--reps 5] [--quick]
-    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_cpu.py --parts model,train
+    python benchmarks/bench_cpu.py [--parts scan,model,train,tiny] [--reps 5] [--quick]
+                                   [--blas 1,0]
 """
 
 import argparse
@@ -59,7 +71,7 @@ import numba
 import numpy as np
 
 import numba_mamba as nm
-from numba_mamba import models, optim, reference, training
+from numba_mamba import _cpu_scan, _cpu_threads, models, optim, reference, training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import sequential_loop  # noqa: E402  (one copy of the loop)
@@ -79,6 +91,11 @@ def best_time(fn, reps, warmup=1):
 
 def thread_counts():
     return sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+
+
+def blas_policies(args):
+    """``--blas`` as ints: 1 (this library's limit to one BLAS thread), 0 (no limit)."""
+    return [int(v) for v in args.blas.split(",")]
 
 
 def try_torch():
@@ -216,7 +233,7 @@ def part_model(args):
     print(f"\nmodel forward: 2 layers, d_model 768, N 16, vocab 1024, batch 1, float32, "
           f"transformers {transformers.__version__}, torch {torch.__version__}; ms (min of "
           f"{args.reps})")
-    head = ("L", "threads", "model_forward", "prefill", "transformers",
+    head = ("L", "threads", "BLAS limit", "model_forward", "no cache", "prefill", "transformers",
             "model_forward / transformers", "max |logit diff|")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for L in (256, 1024):
@@ -225,16 +242,23 @@ def part_model(args):
         for threads in thread_counts():
             numba.set_num_threads(threads)
             torch.set_num_threads(threads)
-            ours = best_time(lambda: models.model_forward(tokens, params, cfg), args.reps)
-            pre = best_time(lambda: prefill(tokens, params, cfg), args.reps) if prefill else None
             with torch.no_grad():
                 theirs = best_time(lambda: hf(t_tokens), args.reps)
                 ref = hf(t_tokens).logits.numpy()
-            got = models.model_forward(tokens, params, cfg)[0]
-            diff = float(np.max(np.abs(got - ref)))
-            print(f"| {L} | {threads} | {ours * 1e3:.1f} | "
-                  f"{'-' if pre is None else f'{pre * 1e3:.1f}'} | {theirs * 1e3:.1f} | "
-                  f"{ours / theirs:.2f} | {diff:.2g} |", flush=True)
+            for blas in blas_policies(args):
+                _cpu_threads.BLAS_THREADS = blas
+                ours = best_time(lambda: models.model_forward(tokens, params, cfg), args.reps)
+                bare = best_time(lambda: models.model_forward(tokens, params, cfg,
+                                                              keep_cache=False), args.reps)
+                pre = (best_time(lambda: prefill(tokens, params, cfg), args.reps) if prefill
+                       else None)
+                got = models.model_forward(tokens, params, cfg)[0]
+                diff = float(np.max(np.abs(got - ref)))
+                print(f"| {L} | {threads} | {blas or 'none'} | {ours * 1e3:.1f} | "
+                      f"{bare * 1e3:.1f} | "
+                      f"{'-' if pre is None else f'{pre * 1e3:.1f}'} | {theirs * 1e3:.1f} | "
+                      f"{ours / theirs:.2f} | {diff:.2g} |", flush=True)
+    _cpu_threads.BLAS_THREADS = 1
 
 
 # ---------------------------------------------------------------- training step
@@ -254,7 +278,7 @@ def part_train(args):
                for _ in range(4)]
     print(f"\ntraining step: 2 layers, d_model 64, N 16, vocab 16, batch {Bt}, L {L}, AdamW, "
           f"clipping 1.0, float32; ms/step (min of {args.reps} x 5 steps)")
-    head = ("threads", "TrainStep (NumPy)", "PyTorch eager", "ours / theirs")
+    head = ("threads", "BLAS limit", "TrainStep (NumPy)", "PyTorch eager", "ours / theirs")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for threads in thread_counts():
         numba.set_num_threads(threads)
@@ -275,26 +299,69 @@ def part_train(args):
             for tokens, targets in t_batches + t_batches[:1]:
                 step(tokens, targets)
 
-        mine = best_time(ours, args.reps) / 5
         them = best_time(theirs, args.reps) / 5
-        print(f"| {threads} | {mine * 1e3:.2f} | {them * 1e3:.2f} | {mine / them:.2f} |",
-              flush=True)
+        for blas in blas_policies(args):
+            _cpu_threads.BLAS_THREADS = blas
+            mine = best_time(ours, args.reps) / 5
+            print(f"| {threads} | {blas or 'none'} | {mine * 1e3:.2f} | {them * 1e3:.2f} | "
+                  f"{mine / them:.2f} |", flush=True)
+    _cpu_threads.BLAS_THREADS = 1
+
+
+# ---------------------------------------------------------------- small calls
+
+
+def part_tiny(args):
+    """Scan forward + backward per call at growing sizes on 2 and on 1 Numba thread."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        print("\n(tiny part skipped: Numba has one thread)")
+        return
+    print(f"\nsmall calls: the CPU scan's forward + backward (``_cpu_scan``), batch 1, N 16, float32, "
+          f"z, D, delta_bias, softplus on; us per call (min of {args.reps} x 20 calls); "
+          f"SERIAL_BELOW = {_cpu_threads.SERIAL_BELOW} updates")
+    head = ("D, L", "updates", "2 threads", "1 thread", "1 / 2", "serial_below picks")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    limit = _cpu_threads.SERIAL_BELOW
+    for Dc, L in ((16, 1), (64, 1), (64, 4), (256, 4), (64, 32), (256, 16), (128, 64),
+                  (256, 64), (256, 128), (512, 128)):
+        a = scan_inputs(1, Dc, 16, L, np.float32)
+        args_ = [a[k] for k in ("u", "delta", "A")] + [a["B"][:, None], a["C"][:, None]] + [
+            a[k] for k in ("D", "z", "delta_bias")] + [True, None]
+        dout = np.ones((1, Dc, L), np.float32)
+
+        def call():
+            for _ in range(20):
+                saved = _cpu_scan.scan_forward(*args_)[2]
+                _cpu_scan.scan_backward(dout, None, *args_, saved)
+
+        us = {}
+        _cpu_threads.SERIAL_BELOW = 0  # the thread count as set
+        for threads in (2, 1):
+            numba.set_num_threads(threads)
+            us[threads] = best_time(call, args.reps) / 20 * 1e6
+        _cpu_threads.SERIAL_BELOW = limit
+        updates = Dc * 16 * L
+        print(f"| {Dc}, {L} | {updates} | {us[2]:.0f} | {us[1]:.0f} | {us[1] / us[2]:.2f} | "
+              f"{'1' if updates < limit else '2'} |", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="scan,model,train")
+    parser.add_argument("--parts", default="scan,model,train,tiny")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="shorter scan (L 1024)")
+    parser.add_argument("--blas", default="1,0",
+                        help="BLAS policies for model and train: 1 one thread, 0 no limit")
     args = parser.parse_args(argv)
     print(f"bench_cpu.py, {datetime.datetime.now().isoformat(timespec='minutes')}, "
           f"{platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
           f"numba {numba.__version__}, numpy {np.__version__}, "
-          f"numba-mamba {getattr(nm, '__version__', '?')}; " + ", ".join(
+          f"numba-mamba {getattr(nm, '__version__', '?')}, load "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; " + ", ".join(
               f"{v}={os.environ.get(v, '(unset)')}" for v in (
                   "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS",
-                  "NUMBA_THREADING_LAYER")))
-    parts = {"scan": part_scan, "model": part_model, "train": part_train}
+                  "NUMBA_THREADING_LAYER", "NUMBA_MAMBA_BLAS_THREADS")))
+    parts = {"scan": part_scan, "model": part_model, "train": part_train, "tiny": part_tiny}
     for name in args.parts.split(","):
         parts[name](args)
 

@@ -608,7 +608,8 @@ def _as_array_like_params(x, params, integer):
 
 @_blas_limited_on_cpu(_params_arg(1))
 def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
-                  initial_state: Any = None, sync: bool = True) -> tuple:
+                  initial_state: Any = None, sync: bool = True,
+                  keep_cache: bool = True) -> tuple:
     """Forward of the whole model: stem, residual stack of pre-norm blocks, head.
 
     Parameters
@@ -625,12 +626,19 @@ def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
     sync : bool, optional
         False: token ids are not checked against the vocabulary (the check
         waits for the device); the caller has validated them.
+    keep_cache : bool, optional
+        False: an inference forward, with no backward to follow.  Each
+        layer's activations are dropped as soon as the next layer has its
+        input, so the peak memory is that of one block (with the cache, all
+        layers' activations live until the backward); the outputs are the
+        same to the bit.
 
     Returns
     -------
     out : array
         LM: logits ``(Bt, L, vocab_size)``.  Regression: ``(Bt, L, d_output)``.
-    cache : ModelCache
+    cache : ModelCache or None
+        None when ``keep_cache`` is False.
 
     Examples
     --------
@@ -641,6 +649,9 @@ def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
     >>> logits, cache = models.model_forward(np.array([[1, 2, 3]]), params, cfg)
     >>> logits.shape, logits.dtype
     ((1, 3, 11), dtype('float32'))
+    >>> same, none = models.model_forward(np.array([[1, 2, 3]]), params, cfg, keep_cache=False)
+    >>> bool((same == logits).all()), none
+    (True, None)
     """
     check_params(params, config)
     inputs = _check_inputs(inputs, config, params)
@@ -655,14 +666,18 @@ def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
             hn, layer_params(params, i),
             None if initial_state is None else (initial_state[0][i], initial_state[1][i]))
         h = h + o
-        norms.append(c_norm)
-        blocks.append(c_blk)
+        if keep_cache:
+            norms.append(c_norm)
+            blocks.append(c_blk)
+        del hn, o, c_norm, c_blk  # (without the cache: this layer's activations go now)
     hf, c_normf = rmsnorm_forward(h, params["norm_f.weight"], config.norm_eps)
     if config.head == "lm":
         W = params["embedding.weight"] if config.tie_embeddings else params["lm_head.weight"]
         out, c_head = linear_forward(hf, W)
     else:
         out, c_head = linear_forward(hf, params["decoder.weight"], params["decoder.bias"])
+    if not keep_cache:
+        return out, None
     return out, ModelCache(config, c_stem, norms, blocks, c_normf, c_head)
 
 
