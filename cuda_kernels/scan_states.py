@@ -1578,6 +1578,13 @@ _FORWARD_PLANS = {}
 _MAX_PLANS = 256
 
 
+def _saved_tiles(L, p):
+    """How many states the forward saves of a sequence of ``L`` steps: the
+    backward recomputes from the state entering every ``p.save_every``-th of
+    its tiles."""
+    return -(-(-(-L // p.t_bwd)) // p.save_every)
+
+
 class _ForwardPlan:
     """What :func:`scan_forward` works out once per layout: the plan, the
     kernels, the segments, the flags, the buffers' shapes, and the two
@@ -1604,8 +1611,7 @@ class _ForwardPlan:
             p = StatesPlan(min(ch, p.dg), p.dg, t_fwd, t_bwd,
                            every[0] if every else p.save_every)
         self.p, self.save = p, bool(save)
-        # the backward recomputes from the state entering every save_every-th of its tiles
-        n_tiles = -(-(-(-L // p.t_bwd)) // p.save_every)
+        n_tiles = _saved_tiles(L, p)
         self.out = (u.shape, u.dtype)
         self.last_state = ((Bt, Dc, N), dtype)
         self.tile_states = ((Bt, Dc, n_tiles, N), dtype)
@@ -1707,6 +1713,30 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     ``ddelta_bias``, ``dinitial_state`` are float32.
     """
     cfg = settings
+    arrays = (dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if cfg.deterministic:
+        return _deterministic_backward(arrays, delta_softplus, saved, n_segments, stream, cfg)
+    key = (type(u), None if isinstance(u, np.ndarray) else u.data.device_id, u.shape,
+           B.shape, C.shape, tuple([None if x is None else x.dtype for x in arrays]),
+           bool(delta_softplus), saved.plan, n_segments, cfg.generation)
+    backward = _BACKWARD_PLANS.get(key)
+    if backward is None:
+        backward = _BackwardPlan(arrays, delta_softplus, saved.plan, n_segments, cfg)
+        if len(_BACKWARD_PLANS) >= _MAX_PLANS:
+            _BACKWARD_PLANS.clear()
+        _BACKWARD_PLANS[key] = backward
+    return backward(arrays, saved.tile_states)
+
+
+#: :func:`scan_backward`'s plans by layout (as :data:`_FORWARD_PLANS`, and the
+#: forward's :class:`StatesPlan`).
+_BACKWARD_PLANS = {}
+
+
+def _backward_setup(arrays, saved_plan, n_segments, cfg):
+    """What every backward of a layout shares: ``(xp, dtype, storage, p, S, SL,
+    k, v)`` (see :func:`scan_backward`), the half-storage dtypes checked."""
+    dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state = arrays
     xp = array_module(u)
     dtype, storage = storage_of(u.dtype)
     if storage is not None:
@@ -1714,54 +1744,132 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
                     dict(dlast_state=dlast_state, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
                          initial_state=initial_state))
     Bt, Dc, L = u.shape
-    N = A.shape[1]
-    p = saved.plan
-    S, SL = backward_segments(Bt, Dc, L, p, n_segments, cfg)
-    if cfg.deterministic:  # partial sums, summed in a fixed order after the kernel
-        (dA, dB, dC, dD, ddelta_bias), ordered = _ordered_sums(xp, dtype, A, B, C, D,
-                                                               delta_bias, Bt, L, S, p)
-        du, ddelta = xp.empty(u.shape, u.dtype), xp.empty(u.shape, u.dtype)
-        dz = None if z is None else xp.empty(u.shape, u.dtype)
-    else:
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = gradient_buffers(xp, u, A, B, C, D, z,
-                                                                       delta_bias)
-        ordered = None
-    dinit = xp.empty((Bt, Dc, N), dtype)
-    dummy1 = dummy(xp, dtype, 1)
-    dummy3 = dummy(xp, dtype, 3)
-    dummy_s = dummy(xp, storage_dtype(storage, dtype), 1)
-    k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage, cfg)
+    S, SL = backward_segments(Bt, Dc, L, saved_plan, n_segments, cfg)
+    k = get_kernels(dtype, A.shape[1], saved_plan, B.ndim == 4, C.ndim == 4, storage, cfg)
     v = kernel_view if storage == "bfloat16" else _as_is
-    if S > 1:  # the adjoint entering segments 1 .. S-1 from zero at their ends, their delta sums
-        seg_q = xp.empty((Bt, Dc, S - 1, N), dtype)
-        seg_dt = xp.empty((Bt, Dc, S - 1), dtype)
-    else:  # (not read; views, so one segment allocates nothing more than before)
-        seg_q, seg_dt = dummy3.reshape(1, 1, 1, 1), dummy3
-    flags = _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST)
+    return xp, dtype, storage, S, SL, k, v
+
+
+def _backward_args(arrays, grads, tile_states, seg_q, seg_dt, flags, p, S, SL, dummies, v):
+    """The arguments of the backward kernel, and of the segment-end kernel
+    (None where ``S`` is 1): both as :func:`~cuda_kernels._launch.launch`
+    takes them."""
+    dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state = arrays
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
+    dummy1, dummy3, dummy_s = dummies
+    ints = np.int64(p.dg), np.int64(u.shape[2])
+    ends = None
     if S > 1:
-        launch(k.backward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream,
-               (v(dout).reshape(-1), v(delta).reshape(-1), A, v(C).reshape(-1),
+        ends = (v(dout).reshape(-1), v(delta).reshape(-1), A, v(C).reshape(-1),
                 dummy_s if z is None else v(z).reshape(-1),
                 dummy1 if delta_bias is None else delta_bias, seg_q, seg_dt, flags,
-                np.int64(p.dg), np.int64(L), np.int64(_groups(C)), np.int64(SL), np.int64(S)))
-    args = (v(dout).reshape(-1), dummy3 if dlast_state is None else dlast_state,
+                *ints, np.int64(_groups(C)), np.int64(SL), np.int64(S))
+    main = (v(dout).reshape(-1), dummy3 if dlast_state is None else dlast_state,
             v(u).reshape(-1), v(delta).reshape(-1), A, v(B).reshape(-1), v(C).reshape(-1),
             dummy1 if D is None else D,
             dummy_s if z is None else v(z).reshape(-1),
             dummy1 if delta_bias is None else delta_bias,
-            saved.tile_states, v(du).reshape(-1), v(ddelta).reshape(-1), dA,
+            tile_states, v(du).reshape(-1), v(ddelta).reshape(-1), dA,
             dB.reshape(-1), dC.reshape(-1),
             dummy1 if dD is None else dD,
             dummy_s if dz is None else v(dz).reshape(-1),
             dummy1 if ddelta_bias is None else ddelta_bias,
-            dinit, flags,
-            np.int64(p.dg), np.int64(L), np.int64(_groups(B)), np.int64(_groups(C)),
+            dinit, flags, *ints, np.int64(_groups(B)), np.int64(_groups(C)),
             seg_q, seg_dt, np.int64(SL), np.int64(S))
-    launch(k.backward, S * _grid(Bt, Dc, p), p.ch * N, stream, args)
-    if ordered is not None:
-        dA, dB, dC, dD, ddelta_bias = ordered()
-    if storage is not None:  # variable dB, dC were summed in float32
+    return main, ends
+
+
+def _segment_buffers(xp, dtype, Bt, Dc, N, S, dummy3):
+    """The adjoint entering segments 1 .. S-1 from zero at their ends and their
+    delta sums; where ``S`` is 1 views of a dummy (not read)."""
+    if S > 1:
+        return xp.empty((Bt, Dc, S - 1, N), dtype), xp.empty((Bt, Dc, S - 1), dtype)
+    return dummy3.reshape(1, 1, 1, 1), dummy3
+
+
+def _narrowed(dB, dC, B, C, storage, stream):
+    """A variable ``dB``/``dC`` summed in float32, in ``B``'s/``C``'s half dtype."""
+    if storage is not None:
         dB = dB if dB.dtype == B.dtype else narrow(dB, B.dtype, stream)
         dC = dC if dC.dtype == C.dtype else narrow(dC, C.dtype, stream)
+    return dB, dC
+
+
+def _deterministic_backward(arrays, delta_softplus, saved, n_segments, stream, cfg):
+    """:func:`scan_backward` with ``cfg.deterministic``: partial sums, summed in
+    a fixed order after the kernel."""
+    dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state = arrays
+    xp, dtype, storage, S, SL, k, v = _backward_setup(arrays, saved.plan, n_segments, cfg)
+    p = saved.plan
+    Bt, Dc, L = u.shape
+    N = A.shape[1]
+    (dA, dB, dC, dD, ddelta_bias), ordered = _ordered_sums(xp, dtype, A, B, C, D,
+                                                           delta_bias, Bt, L, S, p)
+    du, ddelta = xp.empty(u.shape, u.dtype), xp.empty(u.shape, u.dtype)
+    dz = None if z is None else xp.empty(u.shape, u.dtype)
+    dinit = xp.empty((Bt, Dc, N), dtype)
+    dummies = (dummy(xp, dtype, 1), dummy(xp, dtype, 3),
+               dummy(xp, storage_dtype(storage, dtype), 1))
+    seg_q, seg_dt = _segment_buffers(xp, dtype, Bt, Dc, N, S, dummies[1])
+    flags = _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST)
+    main, ends = _backward_args(arrays, (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit),
+                                saved.tile_states, seg_q, seg_dt, flags, p, S, SL, dummies, v)
+    if ends is not None:
+        launch(k.backward_ends, (S - 1) * _grid(Bt, Dc, p), p.ch * N, stream, ends)
+    launch(k.backward, S * _grid(Bt, Dc, p), p.ch * N, stream, main)
+    dA, dB, dC, dD, ddelta_bias = ordered()
+    dB, dC = _narrowed(dB, dC, B, C, storage, stream)
     dinitial_state = None if initial_state is None else dinit
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
+
+
+class _BackwardPlan:
+    """What :func:`scan_backward` works out once per layout (as
+    :class:`_ForwardPlan`): a call allocates the gradients and launches."""
+
+    def __init__(self, arrays, delta_softplus, saved_plan, n_segments, cfg):
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state = arrays
+        xp, dtype, storage, S, SL, k, v = _backward_setup(arrays, saved_plan, n_segments, cfg)
+        p = saved_plan
+        Bt, Dc, L = u.shape
+        N = A.shape[1]
+        self.xp, self.storage = xp, storage
+        self.dummies = (dummy(xp, dtype, 1), dummy(xp, dtype, 3),
+                        dummy(xp, storage_dtype(storage, dtype), 1))
+        self.segments = (((Bt, Dc, S - 1, N), dtype), ((Bt, Dc, S - 1), dtype)) \
+            if S > 1 else None
+        self.no_segments = _segment_buffers(xp, dtype, Bt, Dc, N, 1, self.dummies[1])
+        self.dinit = ((Bt, Dc, N), dtype)
+        self.has_initial_state = initial_state is not None
+        seg_q, seg_dt = _segment_buffers(xp, dtype, Bt, Dc, N, S, self.dummies[1])
+        flags = _flags(D, z, delta_bias, delta_softplus, dlast_state, FLAG_DLAST)
+        grads = gradient_buffers(xp, u, A, B, C, D, z, delta_bias)
+        n_tiles = _saved_tiles(L, p)
+        main, ends = _backward_args(arrays, grads + (xp.empty(*self.dinit),),
+                                    xp.empty((Bt, Dc, n_tiles, N), dtype), seg_q, seg_dt,
+                                    flags, p, S, SL, self.dummies, v)
+        grid = _grid(Bt, Dc, p)
+        self.ends = None if ends is None else prepare_launch(k.backward_ends,
+                                                             (S - 1) * grid, p.ch * N, ends)
+        self.main = prepare_launch(k.backward, S * grid, p.ch * N, main)
+
+    def __call__(self, arrays, tile_states):
+        """The gradients of :func:`scan_backward` for ``arrays`` of this layout."""
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state = arrays
+        dummy1, dummy3, dummy_s = self.dummies
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = gradient_buffers(
+            self.xp, u, A, B, C, D, z, delta_bias)
+        dinit = self.xp.ndarray(*self.dinit)
+        seg_q, seg_dt = self.no_segments
+        if self.segments is not None:
+            seg_q, seg_dt = (self.xp.ndarray(*shape) for shape in self.segments)
+            self.ends([dout, delta, A, C, dummy_s if z is None else z,
+                       dummy1 if delta_bias is None else delta_bias, seg_q, seg_dt])
+        self.main([dout, dummy3 if dlast_state is None else dlast_state, u, delta, A, B, C,
+                   dummy1 if D is None else D, dummy_s if z is None else z,
+                   dummy1 if delta_bias is None else delta_bias, tile_states, du, ddelta, dA,
+                   dB, dC, dummy1 if dD is None else dD, dummy_s if dz is None else dz,
+                   dummy1 if ddelta_bias is None else ddelta_bias, dinit, seg_q, seg_dt])
+        dB, dC = _narrowed(dB, dC, B, C, self.storage, "current")
+        return (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
+                dinit if self.has_initial_state else None)

@@ -652,5 +652,5 @@ def _as_given(grads, given):
             continue
         if g.shape != original.shape:  # a (Bt, N, L) B or C was passed on as one group
             g = g.reshape(original.shape)
-        result.append(g.astype(original.dtype, copy=False))
+        result.append(g if g.dtype == original.dtype else g.astype(original.dtype))
     return ScanGrads(*result)
