@@ -17,22 +17,28 @@ start every time chunk from a zero state; instead, per block of channels:
    transition ``a_k`` (the product of its per-step factors: ``Ab^len`` for a
    time-invariant filter, ``exp(A * sum(delta))`` for the selective scan)
    and its end state ``b_k`` from a zero start;
-2. the prefix: ``s_0 = zi`` (zeros if absent), ``s_{k+1} = a_k s_k + b_k``,
-   one small task per chunk (O(batch x channels x states) work each);
+2. the prefix over chunks: ``s_0 = zi`` (zeros if absent),
+   ``s_{k+1} = a_k s_k + b_k``, small tasks (O(batch x channels x states)
+   work each): a chain, or Sklansky's tree ``ceil(log2 K)`` deep for ``K``
+   chunks (:func:`prefix_kind`);
 3. pass 2, one task per time chunk: the public function reruns the chunk
    from its true initial state ``s_k`` (``zi=`` / ``initial_state=``).
 
-The prefix is a chain, so pass 2 of chunk ``k`` can start as soon as pass 1
-of the chunks before it is done, and pass 1 of chunk ``k`` waits for pass 2
-of chunk ``k - lookahead`` (:func:`lookahead`, Dask's configuration value
-``numba-mamba.lookahead``): a chunk of the input is held from its read to
-its pass 2 only, so on a ``dask.distributed`` cluster (which starts input
-chunks only as workers have room) a worker's memory stays at a few chunks.
-Dask's local threaded scheduler starts every ready input chunk as threads
-come free, so with many threads it may read ahead further.  For a
-time-invariant filter pass 1 needs no recurrence: the end state is
-``Bb sum_t Ab^(len-1-t) x_t``, computed as matrix products with tables of
-powers (``mode='conv'``'s final state), cheaper than the scan.
+Pass 1 of chunk ``k`` waits for pass 2 of chunk ``k - lookahead``
+(:func:`lookahead`, Dask's configuration value ``numba-mamba.lookahead``,
+by default twice the scheduler's threads): a chunk of the input is held
+from its read to its pass 2 only, so on a ``dask.distributed`` cluster
+(which starts input chunks only as workers have room) a worker's memory
+stays at a few chunks.  Dask's local threaded scheduler starts every ready
+input chunk as threads come free, so with many threads it may read ahead
+further.  Where the lookahead covers all chunks, pass 1 runs on them at
+once and the prefix is the tree; otherwise pass 2 paces it and a chain
+(fewer tasks) is as fast.  Built for a scheduler of one thread the graph
+has no pass 1 at all: each chunk runs from the final state of the one
+before, which is what one thread would do best.  For a time-invariant
+filter pass 1 needs no recurrence: the end state is
+``Bb sum_t Ab^(len-1-t) x_t``, a batched matrix product with tables of
+powers (``mode='conv'``'s final state), about half the scan's work.
 
 CuPy chunks go the same way (each chunk is handed to the public functions);
 only NumPy chunks are tested.
@@ -43,6 +49,7 @@ operations differs at chunk boundaries), for any chunking.
 
 import itertools
 import math
+import operator
 from functools import partial
 
 import dask.array as da
@@ -52,7 +59,8 @@ from dask.highlevelgraph import HighLevelGraph
 
 from ._validation import array_namespace, as_float_array, is_double
 
-__all__ = ["forecast_many", "lookahead", "parallelism", "selective_scan", "ssm_filter"]
+__all__ = ["forecast_many", "lookahead", "parallelism", "prefix_kind", "selective_scan",
+           "ssm_filter"]
 
 
 # ------------------------------------------------------------- shared parts
@@ -155,8 +163,11 @@ def _build(name, out_dims, chunks, pass1, pass2, args, state0, need_last):
     lead = out_dims[:-1]
     token = name.rsplit("-", 1)[-1]
     p1_name, st_name, done_name = f"pass1-{token}", f"state-{token}", f"done-{token}"
-    tree_name = f"prefix-{token}"
+    tree_name, p2_name = f"prefix-{token}", f"pass2-{token}"
     ahead = lookahead(math.prod(len(chunks[n]) for n in lead))
+    kind = prefix_kind()
+    if kind == "auto" and parallelism() == 1:
+        kind = "sequential"
     dsk, last = {}, {}
 
     def task(fn_names, block, *extra):
@@ -168,6 +179,17 @@ def _build(name, out_dims, chunks, pass1, pass2, args, state0, need_last):
         block = dict(zip(lead, lead_index), n=0)
         zi = _key(args[state0][0], args[state0][1], block) if state0 else None
         K = len(chunks["t"])
+        if kind == "sequential":  # pass 2 only, each chunk from the one before's final state
+            state = zi
+            for k in range(K):
+                block["t"] = k
+                both = (p2_name,) + lead_index + (k,)
+                dsk[both] = task((partial(pass2[0], final=True), pass2[1]), block, state)
+                dsk[(name,) + lead_index + (k,)] = (operator.getitem, both, 0)
+                state = (st_name,) + lead_index + (k,)
+                dsk[state] = (operator.getitem, both, 1)
+            last[lead_index] = state
+            continue
         p1 = []
         for k in range(K if need_last else K - 1):  # (the last chunk's: for the final state)
             block["t"] = k
@@ -178,7 +200,7 @@ def _build(name, out_dims, chunks, pass1, pass2, args, state0, need_last):
                 dsk[done] = (_done, (name,) + lead_index + (k - ahead,))
                 dsk[p1[k]] = (_first, dsk[p1[k]], done)
         states = [zi] + [(st_name,) + lead_index + (k,) for k in range(len(p1))]
-        if ahead >= len(p1):  # pass 1 runs on all chunks at once: a tree, log2 deep
+        if kind == "tree" or kind == "auto" and ahead >= len(p1):  # (pass 1 all at once)
             for k, pair in enumerate(_sklansky(dsk, p1, (tree_name,) + lead_index)):
                 dsk[states[k + 1]] = (_chain, zi, pair)
         else:  # pass 1 paced by pass 2: a chain, as deep as the chunks, fewer tasks
@@ -189,7 +211,7 @@ def _build(name, out_dims, chunks, pass1, pass2, args, state0, need_last):
             dsk[(name,) + lead_index + (k,)] = task(pass2, block, states[k])
         if need_last:
             last[lead_index] = states[K]
-    return dsk, last
+    return dsk, last if need_last else {}
 
 
 def _compose(first, then):
@@ -256,6 +278,44 @@ def lookahead(blocks=1):
         raise ValueError(f"the Dask configuration value numba-mamba.lookahead must be an "
                          f"integer >= 1 (or None: automatic), got {value!r}")
     return int(value)
+
+
+def prefix_kind():
+    """How the initial states of the time chunks are found: Dask's
+    configuration value ``numba-mamba.prefix``, one of
+
+    ``'auto'`` (default)
+        ``'sequential'`` where the scheduler runs one task at a time
+        (:func:`parallelism` is 1, when the graph is built), else
+        ``'tree'`` where pass 1 may run on all chunks at once (the
+        :func:`lookahead` covers them), else ``'chain'``;
+    ``'chain'``
+        pass 1, then ``s_{k+1} = a_k s_k + b_k`` chunk after chunk, paced
+        by pass 2 through the lookahead (fewer tasks than a tree);
+    ``'tree'``
+        pass 1, then Sklansky's parallel prefix, ``ceil(log2 K)`` tasks deep
+        for ``K`` chunks (``(K/2) log2 K`` small tasks);
+    ``'sequential'``
+        no pass 1: each chunk runs from the final state of the one before,
+        as a loop with ``zi``/``zf`` would (no parallelism along time).
+
+    Examples
+    --------
+    >>> import dask
+    >>> from numba_mamba.dask import prefix_kind
+    >>> prefix_kind()
+    'auto'
+    >>> with dask.config.set({"numba-mamba.prefix": "tree"}):
+    ...     prefix_kind()
+    'tree'
+    """
+    import dask
+
+    value = dask.config.get("numba-mamba.prefix", "auto")
+    if value not in ("auto", "chain", "tree", "sequential"):
+        raise ValueError(f"the Dask configuration value numba-mamba.prefix must be one of "
+                         f"'auto', 'chain', 'tree', 'sequential', got {value!r}")
+    return value
 
 
 def parallelism():
@@ -379,13 +439,17 @@ def _filter_pass1(x, A, B, dt, method):
 
 
 
-def _filter_pass2(x, A, B, C, D, dt, state, method, mode):
+def _filter_pass2(x, A, B, C, D, dt, state, method, mode, final=False):
+    """The chunk's output from its initial ``state``; with ``final`` also its final state."""
     from .filters import ssm_filter as filt
 
     A = A[..., 0, :]
-    if state is None:
+    if state is None and not final:
         return filt(A, B, C, x, D, dt, method, -1, None, mode)
-    return filt(A, B, C, x, D, dt, method, -1, state, mode)[0]
+    if state is None:
+        state = array_namespace(A=A).zeros(A.shape[-1:], A.dtype)
+    y, zf = filt(A, B, C, x, D, dt, method, -1, state, mode)
+    return (y, zf) if final else y
 
 
 
@@ -544,10 +608,12 @@ def _scan_pass1(u, delta, A, B, C, delta_bias, delta_softplus):
     return xp.exp(xp.asarray(A).astype(ftype)[None] * total[..., None]), b
 
 
-def _scan_pass2(u, delta, A, B, C, D, z, delta_bias, state, delta_softplus):
+def _scan_pass2(u, delta, A, B, C, D, z, delta_bias, state, delta_softplus, final=False):
+    """The chunk's output from its initial ``state``; with ``final`` also its final state."""
     from .scan import selective_scan as scan
 
-    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=state)
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=state,
+                return_last_state=final)
 
 
 def _grouped(M, Dc, chunks):

@@ -167,7 +167,7 @@ def test_filter_streams(ahead):
     held at once, whatever their number (see the benchmark for a cluster)."""
     A, B, C = lti(np.random.default_rng(0), (2,), 3)
     x = da.random.default_rng(1).standard_normal((2, 8 * 40), chunks=(2, 8))
-    with dask.config.set({"numba-mamba.lookahead": ahead}):
+    with dask.config.set({"numba-mamba.lookahead": ahead, "numba-mamba.prefix": "chain"}):
         y, zf = nm.ssm_filter(A, B, C, x, zi=np.zeros((2, 3)))
     with HeldChunks(8) as held:
         total, h = dask.compute(y.sum(axis=-1), zf, scheduler="sync")
@@ -215,7 +215,7 @@ def test_filter_tree_prefix(rng, with_zi):
     x = rng.standard_normal((3, 100))
     zi = rng.standard_normal((3, 4)) if with_zi else None
     xd = da.from_array(x, chunks=((2, 1), (1, 9, 10, 3, 7, 12, 8, 8, 1, 11, 10, 10, 10)))
-    with dask.config.set({"numba-mamba.lookahead": 13}):
+    with dask.config.set({"numba-mamba.lookahead": 13}, scheduler="threads", num_workers=2):
         got = nm.ssm_filter(A, B, C, xd, zi=zi)
     got = got if with_zi else (got,)
     graph = dict(got[-1].__dask_graph__())
@@ -225,10 +225,37 @@ def test_filter_tree_prefix(rng, with_zi):
     assert prefix_depth(graph, last) == 4  # ceil(log2 13), where a chain has 12
     want = nm.ssm_filter(A, B, C, x, zi=zi)
     check(got, want if with_zi else (want,))
-    with dask.config.set({"numba-mamba.lookahead": 12 if with_zi else 11}):
+    with dask.config.set({"numba-mamba.lookahead": 12 if with_zi else 11}, scheduler="threads",
+                         num_workers=2):
         chain = nm.ssm_filter(A, B, C, xd, zi=zi)
     graph = dict((chain[-1] if with_zi else chain).__dask_graph__())
     assert not any(str(k[0]).startswith("prefix-") for k in graph)
+
+
+def test_sequential_on_one_thread(rng):
+    """Built for a scheduler of one thread, the graph has no pass 1: each chunk
+    runs from the one before's final state (a loop with zi/zf)."""
+    A, B, C = lti(rng, (3,), 4, cplx=True)
+    x = rng.standard_normal((3, 60))
+    u, delta, sA, sB, sC = scan_args(rng, 2, 3, 4, 50)
+    with dask.config.set(scheduler="sync"):
+        y = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(2, (1, 20, 39))), dt=0.2)
+        yz = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(3, 7)), zi=np.ones((3, 4)))
+        s, h = nm.selective_scan(da.from_array(u, chunks=(1, 2, 11)), delta, sA, sB, sC,
+                                 delta_softplus=True, return_last_state=True)
+    for lazy in (y, yz[1], h):
+        names = {str(k[0]).rsplit("-", 1)[0] for k in dict(lazy.__dask_graph__())}
+        assert "pass2" in names and "pass1" not in names and "prefix" not in names
+    check((y,) + yz + (s, h), (nm.ssm_filter(A, B, C, x, dt=0.2),)
+          + nm.ssm_filter(A, B, C, x, zi=np.ones((3, 4)))
+          + nm.selective_scan(u, delta, sA, sB, sC, delta_softplus=True, return_last_state=True))
+    with dask.config.set({"numba-mamba.prefix": "tree"}, scheduler="sync"):
+        y = nm.ssm_filter(A, B, C, da.from_array(x, chunks=(3, 7)), dt=0.2)
+    assert any(str(k[0]).startswith("prefix-") for k in dict(y.__dask_graph__()))
+    check((y,), (nm.ssm_filter(A, B, C, x, dt=0.2),))
+    with dask.config.set({"numba-mamba.prefix": "fast"}), \
+            pytest.raises(ValueError, match="numba-mamba.prefix must be one of"):
+        nm.ssm_filter(A, B, C, da.from_array(x, chunks=(3, 7)))
 
 
 def test_filter_errors(rng):
