@@ -330,17 +330,16 @@ def embedding_backward(dout, cache):
     """
     ids, shape, dtype = cache
     xp = array_namespace(ids=ids, dout=dout)
-    dweight = xp.zeros(shape, dtype=dtype)
     flat_ids = ids.reshape(-1)
     rows = dout.reshape(-1, shape[1])
-    if xp is np:
-        np.add.at(dweight, flat_ids, rows)
-    else:
-        kernels = importlib.import_module("numba_mamba.cuda_kernels.embedding")
-        if kernels.settings.deterministic:  # the same bits on every run
-            return kernels.embedding_backward(ids, dout, shape).astype(dtype, copy=False)
-        import cupyx
-        cupyx.scatter_add(dweight, flat_ids, rows)
+    if xp is np:  # the sums of np.add.at, in its order
+        return _backend(xp, "embedding").embedding_backward(flat_ids, rows, shape, dtype)
+    kernels = importlib.import_module("numba_mamba.cuda_kernels.embedding")
+    if kernels.settings.deterministic:  # the same bits on every run
+        return kernels.embedding_backward(ids, dout, shape).astype(dtype, copy=False)
+    import cupyx
+    dweight = xp.zeros(shape, dtype=dtype)
+    cupyx.scatter_add(dweight, flat_ids, rows)
     return dweight
 
 
