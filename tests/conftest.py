@@ -1,16 +1,25 @@
-"""What every test module shares: the PTX tests are opt-in.
+"""What every test module shares: the PTX tests are opt-in; long work runs in the background.
 
 The PTX tests (``ptx`` in their node id) compile the kernels for sm_90 with
 NVRTC, which comes with the opt-in extra ``ptx`` (numba-cuda's ``cu12``
 extra; CI installs it).  Where no NVRTC library can be loaded they are
 skipped, so that the ``test`` extra needs no CUDA toolkit.  The CUDA
 simulator's tests need numba-cuda only, which the ``test`` extra brings.
+
+Tests marked ``background`` (the simulator's, and every test of the ``ptx``
+fixture) wait on subprocesses that start as soon as the tests are collected
+and run beside the other tests (``tests/background.py``); they run last.
 """
 
 import functools
+import json
+import os
+from collections.abc import Mapping
 
 import pytest
 
+from tests import background as _background
+from tests import ptx_kernels as _ptx
 
 @functools.lru_cache(maxsize=1)
 def nvrtc_missing():
@@ -24,11 +33,89 @@ def nvrtc_missing():
     return None
 
 
+def _ptx_jobs(item):
+    """The compile jobs of the kernels a test of the ``ptx`` fixture reads: those of
+    the modules its ``ptx_modules`` marker names, else all."""
+    marker = item.get_closest_marker("ptx_modules")
+    modules = set(marker.args if marker else _ptx.MODULES)
+    return [job for job in _ptx.JOBS if modules & set(job[0])]
+
+
 def pytest_collection_modifyitems(config, items):
     ptx = [item for item in items if "ptx" in item.nodeid.lower()]
     reason = nvrtc_missing() if ptx else None
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=f"PTX tests need NVRTC (pip install '.[test,ptx]'): {reason}")
-    for item in ptx:
-        item.add_marker(skip)
+    if reason is not None:
+        skip = pytest.mark.skip(reason=f"PTX tests need NVRTC (pip install '.[test,ptx]'): {reason}")
+        for item in ptx:
+            item.add_marker(skip)
+    elif os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "0":
+        for item in items:
+            if "ptx" in getattr(item, "fixturenames", ()):
+                for job in _ptx_jobs(item):
+                    item.add_marker(pytest.mark.background(*_ptx.job_args(job)))
+
+
+def _waits(item):
+    return (item.get_closest_marker("background") is not None
+            and item.get_closest_marker("skip") is None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    # (after deselection: only the processes of tests that will run)
+    items = session.items
+    waiting = [item for item in items if _waits(item)]
+    items[:] = [item for item in items if not _waits(item)] + waiting
+    jobs = []
+    for item in waiting:
+        for marker in item.iter_markers("background"):
+            jobs.append(_background.key(marker))
+    if not session.config.option.collectonly:
+        _background.start(jobs)
+
+
+def pytest_sessionfinish(session):
+    _background.stop()
+
+
+@pytest.fixture
+def background(request):
+    """The finished subprocess (``subprocess.CompletedProcess``) the test's
+    ``background`` marker names."""
+    return _background.result(_background.key(request.node.get_closest_marker("background")))
+
+
+class _Ptx(Mapping):
+    """name -> PTX text of a kernel, read from the output of the job that compiles it."""
+
+    def __init__(self):
+        self._job = _ptx.jobs_by_name()
+        self._text = {}
+
+    def __getitem__(self, name):
+        job = self._job[name]
+        if job not in self._text:
+            proc = _background.result((_ptx.job_args(job), ()))
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(proc.args)} failed:\n{proc.stderr[-5000:]}")
+            self._text[job] = json.loads(proc.stdout)
+        return self._text[job][name]
+
+    def __iter__(self):
+        return iter(self._job)
+
+    def __len__(self):
+        return len(self._job)
+
+
+@pytest.fixture(scope="session")
+def ptx():
+    """name -> PTX text (sm_90) of every kernel that a module of
+    ``numba_mamba.cuda_kernels`` lists, each compiled once per session
+    (``tests/ptx_kernels.py``), in the background from the start of the session."""
+    import numba
+
+    pytest.importorskip("numba.cuda")
+    if numba.config.ENABLE_CUDASIM:
+        pytest.skip("compile_ptx is not available under the CUDA simulator")
+    return _Ptx()

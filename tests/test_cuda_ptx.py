@@ -8,14 +8,9 @@ does a libdevice function with a float64 slow path (``sinf`` and ``cosf`` have
 one, which is why the complex float32 filter kernels use their own sine and
 cosine).
 
-Numba compiles a kernel's device functions through their dispatchers, which
-ask the current device for its compute capability; here a stand-in device
-reporting (9, 0) answers, so the whole kernel is compiled for sm_90 without a
-driver.  (That stand-in patches numba-cuda 0.30's private
-``numba.cuda.dispatcher.get_current_device``.)
-
-Each module of ``numba_mamba.cuda_kernels`` lists its kernels with ``ptx_signatures()``:
-``(name, py_func, argtypes, is_float32[, launch_bounds or dict of cuda.jit options])``.
+The kernels and their compilation for sm_90 without a driver are in
+``tests/ptx_kernels.py``; the ``ptx`` fixture (``tests/conftest.py``) compiles
+them all once per session, in subprocesses that run while other tests do.
 """
 
 import re
@@ -30,36 +25,11 @@ if numba.config.ENABLE_CUDASIM:  # pragma: no cover - the simulator has no PTX
     pytest.skip("compile_ptx is not available under the CUDA simulator",
                 allow_module_level=True)
 
-from numba.cuda import dispatcher as _dispatcher  # noqa: E402
+from numba_mamba.cuda_kernels import scan, scan_states  # noqa: E402
+from tests.ptx_kernels import CC, signatures, sm90_device  # noqa: E402
 
-from numba_mamba.cuda_kernels import (conv1d, discretize, elementwise, embedding,  # noqa: E402
-                                      optim, sample, scan, scan_states, step)
-
-CC = (9, 0)
-SIGNATURES = {}
-for _module in (scan, scan_states, discretize, conv1d, elementwise, embedding, step, sample,
-                optim):
-    for _name, _py_func, _argtypes, _is_f32, *_bounds in _module.ptx_signatures():
-        SIGNATURES[_name] = (_py_func, _argtypes, _is_f32, _bounds[0] if _bounds else None)
+SIGNATURES = signatures()
 _F64 = re.compile(r"\.f64\b")
-
-
-class _Sm90:
-    compute_capability = CC
-
-
-@pytest.fixture(scope="module")
-def ptx():
-    """name -> PTX text of every kernel signature, compiled once."""
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_dispatcher, "get_current_device", lambda: _Sm90())
-        for name, (py_func, argtypes, _, options) in SIGNATURES.items():
-            # a module yields its launch bounds, or a dict of cuda.jit keywords
-            kwargs = (options if isinstance(options, dict)
-                      else dict(launch_bounds=options) if options else {})
-            out[name], _ = cuda.compile_ptx(py_func, argtypes, cc=CC, **kwargs)
-    return out
 
 
 def test_lists_every_kernel_for_both_dtypes():
@@ -212,8 +182,7 @@ def _storage_copy_kernel(storage):
 @pytest.mark.parametrize("storage", ["float16", "bfloat16"])
 def test_half_storage_conversions_compile_without_f64(storage):
     py_func, argtypes = _storage_copy_kernel(storage)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_dispatcher, "get_current_device", lambda: _Sm90())
+    with sm90_device():
         text, _ = cuda.compile_ptx(py_func, argtypes, cc=CC, fastmath=True)
     assert not _F64.search(text)
     assert "ld.global.u16" in text and "st.global.u16" in text
@@ -257,8 +226,7 @@ def test_storage_widen_of_a_read_is_a_load(storage):
 
     s = types.Array(numba.from_dtype(storage_dtype(storage, np.float32)), 1, "C")
     argtypes = (s, types.Array(types.float32, 1, "C"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_dispatcher, "get_current_device", lambda: _Sm90())
+    with sm90_device():
         texts = [cuda.compile_ptx(k, argtypes, cc=CC, fastmath=True)[0]
                  for k in (by_load, by_widen)]
     assert _body(texts[0]) == _body(texts[1])

@@ -8,7 +8,8 @@ warp shuffles; under it the kernel factory combines warps through shared
 memory instead, with a 4-lane "warp" so that a block of 8 threads has two.
 
 The simulator must be switched on before ``numba.cuda`` is first imported, so
-each case runs in a subprocess: this file, run as a script.  Sizes are tiny
+the cases run in subprocesses, a few per process: this file, run as a script,
+beside the other tests (``tests/background.py``).  Sizes are tiny
 (the simulator runs one Python thread per CUDA thread).  The block-scan engine
 runs with 8 threads x 2 items, chunks of 16 steps, and L = 33 crosses two
 chunk boundaries (the last chunk holds one step); the state-parallel engine
@@ -20,16 +21,12 @@ bit for bit against the float32 kernels' results rounded afterwards.
 """
 
 import json
-import os
-import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 THREADS, ITEMS = 8, 2
 
 ALL_FLAGS = dict(D=True, z=True, delta_bias=True, softplus=True, initial_state=True)
@@ -124,6 +121,12 @@ STATES_N = {"states-float64-var-var-allflags-N5": 5,
             "states-float32-grouped-var-allflags-N8-bwd2segments": 8,
             "states-bfloat16-var-const-allflags-N6-save2": 6}
 HALF = ("float16", "bfloat16")
+# the direct half path of the API: dtype, then A, D, delta_bias, initial_state in
+# float32 or in the half dtype
+API_HALF_CASES = [f"{dtype}-{weights}" for dtype in HALF
+                  for weights in ("float32-weights", "half-weights")]
+# cases per simulator process (each process pays for importing numba and numba_mamba)
+BATCH = 4
 
 
 def _to_backend_bc(M):
@@ -281,31 +284,44 @@ def _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA
     return report
 
 
-@pytest.mark.parametrize("name", list(CASES) + list(STATES_CASES))
-def test_simulated_kernels_match_reference(name):
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__, name], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+def _batched(names, size, *head):
+    """``pytest.param(name)`` for each name, marked to run in a simulator process
+    with the ``size - 1`` names after or before it (``tests/background.py``)."""
+    names = list(names)
+    params = []
+    for i in range(0, len(names), size):
+        batch = names[i:i + size]
+        mark = pytest.mark.background("tests/test_cuda_simulator.py", *head, *batch,
+                                      env={"NUMBA_ENABLE_CUDASIM": "1"})
+        params += [pytest.param(name, marks=mark) for name in batch]
+    return params
+
+
+def _report(proc, name):
+    """The report of case ``name`` from a simulator process run by ``__main__``."""
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])[name]
+    assert "error" not in report, f"{name} raised:\n{report.get('error')}"
+    return report
+
+
+@pytest.mark.parametrize("name", _batched(list(CASES) + list(STATES_CASES), BATCH))
+def test_simulated_kernels_match_reference(name, background):
+    report = _report(background, name)
     bad = {k: v for k, v in report.items() if not v["ok"]}
     assert not bad, f"{name}: mismatches {bad}; all {report}"
     assert "out" in report and "dA" in report
 
 
-@pytest.mark.parametrize("half_weights", [False, True], ids=["float32-weights", "half-weights"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_simulated_api_half_states_engine_direct_path(dtype, half_weights):
+@pytest.mark.parametrize("case", _batched(API_HALF_CASES, len(API_HALF_CASES), "api-half"))
+def test_simulated_api_half_states_engine_direct_path(case, background):
     """With ``settings.direct_half`` on, the API passes half ``u``, ``delta``, ``z``,
     variable ``B``/``C`` and ``dout`` to the state engine uncast, and gets what its
     cast path gets (the same bits where rounded to the half type); dtypes as its
     contract says (A, D, delta_bias, initial_state given in the half dtype or float32)."""
     pytest.importorskip("ml_dtypes")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__, "api-half", dtype, str(int(half_weights))],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    dtype = case.split("-")[0]
+    report = _report(background, case)
     bad = {k: v for k, v in report.items() if not v["ok"]}
     assert not bad, f"{dtype}: mismatches {bad}; all {report}"
     assert "dB" in report and "dz" in report
@@ -388,11 +404,26 @@ def _simulate_api_half(dtype_name, half_weights):
     return report
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "api-half":
-        print(json.dumps(_simulate_api_half(sys.argv[2], sys.argv[3] == "1")))
-    else:
-        from numba_mamba.cuda_kernels.settings import settings
+def _main(argv):
+    """``[api-half] name...``: {name: report, or {"error": traceback}} of each case."""
+    import traceback
 
-        with settings.override(deterministic=sys.argv[1] in DETERMINISTIC):
-            print(json.dumps(_simulate_case(sys.argv[1])))
+    from numba_mamba.cuda_kernels.settings import settings
+
+    api_half = argv[:1] == ["api-half"]
+    reports = {}
+    for name in argv[1:] if api_half else argv:
+        try:
+            if api_half:  # (it replaces the API's backend for the rest of the process)
+                dtype, weights = name.split("-", 1)
+                reports[name] = _simulate_api_half(dtype, weights == "half-weights")
+            else:
+                with settings.override(deterministic=name in DETERMINISTIC):
+                    reports[name] = _simulate_case(name)
+        except Exception:
+            reports[name] = {"error": traceback.format_exc()}
+    return reports
+
+
+if __name__ == "__main__":
+    print(json.dumps(_main(sys.argv[1:])))

@@ -4,11 +4,7 @@ decode step and of the choice compiled to sm_90 PTX and run in the CUDA
 simulator against the CPU backend."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +12,6 @@ from scipy import stats
 
 from numba_mamba import _cpu_sample, inference, models
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL64 = dict(rtol=1e-10, atol=1e-11)
 
 
@@ -298,37 +293,26 @@ def test_arguments_are_checked_and_named():
 # ---------------------------------------------------------------- GPU kernels without a GPU
 
 
-def test_new_kernels_compile_to_sm90_ptx_and_float32_stays_float32():
-    cuda = pytest.importorskip("numba.cuda")
-    import numba
-
-    if numba.config.ENABLE_CUDASIM:
-        pytest.skip("no PTX under the simulator")
-    from numba.cuda import dispatcher
-
+@pytest.mark.ptx_modules("sample", "step")
+def test_new_kernels_compile_to_sm90_ptx_and_float32_stays_float32(ptx):
+    # (ptx: every kernel compiled once per session, tests/conftest.py)
     from numba_mamba.cuda_kernels import sample, step
 
-    class _Sm90:
-        compute_capability = (9, 0)
-
     names = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dispatcher, "get_current_device", lambda: _Sm90())
-        for module in (sample, step):
-            for name, py_func, argtypes, is_f32, bounds in module.ptx_signatures():
-                ptx, _ = cuda.compile_ptx(py_func, argtypes, cc=(9, 0), launch_bounds=bounds)
-                assert ".target sm_90" in ptx
-                if is_f32:
-                    assert not re.search(r"\.f64\b", ptx), f"{name} has float64 instructions"
-                names.append(name)
+    for module in (sample, step):
+        for name, py_func, argtypes, is_f32, bounds in module.ptx_signatures():
+            assert ".target sm_90" in ptx[name]
+            if is_f32:
+                assert not re.search(r"\.f64\b", ptx[name]), f"{name} has float64 instructions"
+            names.append(name)
     assert {f"{k}_{d}" for k in ("choose_token", "conv_step", "ssm_step", "rmsnorm_step")
             for d in ("float32", "float64")} <= set(names)
 
 
-def test_gpu_kernels_in_the_simulator_match_the_cpu_backend():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+@pytest.mark.background("tests/test_decoder.py", env={"NUMBA_ENABLE_CUDASIM": "1"})
+def test_gpu_kernels_in_the_simulator_match_the_cpu_backend(background):
+    # (this file run as a script under the simulator, beside the other tests: tests/background.py)
+    proc = background
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = {k: v for k, v in report.items() if v is not True}
