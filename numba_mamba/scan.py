@@ -356,16 +356,18 @@ def _generation():
     return _gpu_backend().settings.generation
 
 
-def _remembered_plan(values, delta_softplus):
-    """``(layout, plan)``: :func:`_gpu_layout` of the forward's arguments
-    ``values`` and the plan of the GPU forward remembered for that layout,
-    these flags and the current settings (None where there is none yet)."""
-    layout = _gpu_layout(values)
+def _remembered_plan(values, out, delta_softplus):
+    """``(layout, checked, plan)``: :func:`_gpu_layout` of the forward's
+    arguments ``values`` and ``out`` (None: not given), the validation
+    remembered for that layout (None: none yet) and the plan of the GPU
+    forward remembered with it for these flags and the current settings
+    (None where there is none yet)."""
+    layout = _gpu_layout(values if out is None else values + (out,))
     checked = None if layout is None else _VALIDATED.get(layout)
     if checked is None:
-        return layout, None
+        return layout, None, None
     generation, plan = checked.plans.get(delta_softplus, (None, None))
-    return layout, plan if generation == _generation() else None
+    return layout, checked, plan if generation == _generation() else None
 
 
 def selective_scan(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any = None, z: Any = None,
@@ -522,13 +524,13 @@ def selective_scan(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any = None, z:
     """
     check_flag("delta_softplus", delta_softplus)
     check_flag("return_last_state", return_last_state)
-    layout = False
-    if out is None:  # a GPU layout validated before: its remembered plan
-        values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-        layout, plan = _remembered_plan(values, bool(delta_softplus))
-        if plan is not None:
-            result, last_state, _ = plan(values, None)
-            return (result, last_state) if return_last_state else result
+    values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    layout, checked, plan = _remembered_plan(values, out, bool(delta_softplus))
+    if plan is not None:  # a GPU layout validated before: its remembered plan
+        if out is not None:
+            _check_overlap(out, values, checked)
+        result, last_state, _ = plan(values, out)
+        return (result, last_state) if return_last_state else result
     if is_dask_array(u, delta, A, B, C, D, z, delta_bias, initial_state):  # numba_mamba.dask
         from .dask import selective_scan as dask_scan
         return dask_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -539,9 +541,9 @@ def selective_scan(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any = None, z:
     if out is not None and call.args[0].dtype == out.dtype:
         into = out
     result, last_state, _ = call.backend.scan_forward(*call.args, save=False, out=into)
-    if out is None and call.plans is not None and call.direct:
+    if call.plans is not None and call.direct and into is out:
         # (the next call of this layout runs the plan: its kernels read the
-        # given arrays, of which the canonical ones are views)
+        # given arrays, of which the canonical ones are views, and write out)
         call.plans[bool(delta_softplus)] = (
             _generation(), call.backend.forward_plan(*call.args, save=False))
     if out is not None:
