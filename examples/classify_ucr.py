@@ -8,7 +8,7 @@ unequal-length series for JapaneseVowels, masked); ROCKET and 1-NN DTW get Japan
 padded at the end with each series' last value (sktime's versions need equal lengths).
 
 Run:  python examples/classify_ucr.py [--datasets GunPoint,...] [--steps 400] [--seeds 1]
-      [--val-fraction 0.2] [--pool meanmax] [--bidirectional] [--crop 0.8] [--jitter 0.1]
+      [--val-fraction 0.2] [--pool meanmax] [--[no-]bidirectional] [--crop 0.8] [--jitter 0.1]
       [--select 0.3]
       (needs sktime: pip install sktime)
 
@@ -77,11 +77,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="MambaClassifier's early-stopping split (0: none, the default)")
-    ap.add_argument("--pool", default="mean", help="MambaClassifier's pool")
-    ap.add_argument("--features", type=int, default=32, help="n_features (pool meanmax)")
-    ap.add_argument("--bidirectional", action="store_true")
-    ap.add_argument("--crop", type=float, default=1.0)
-    ap.add_argument("--jitter", type=float, default=0.0)
+    d = MambaClassifier().get_params()  # the command line's defaults are the library's
+    ap.add_argument("--pool", default=d["pool"], help="MambaClassifier's pool")
+    ap.add_argument("--features", type=int, default=d["n_features"],
+                    help="n_features (pool meanmax)")
+    ap.add_argument("--bidirectional", action=argparse.BooleanOptionalAction,
+                    default=d["bidirectional"])
+    ap.add_argument("--crop", type=float, default=d["crop"])
+    ap.add_argument("--jitter", type=float, default=d["jitter"])
     ap.add_argument("--select", type=float, default=0.0,
                     help="hold out this share of each training split (test split unused)")
     args = ap.parse_args()

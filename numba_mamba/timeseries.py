@@ -86,3 +86,11 @@ __all__ = [
     "seasonal_naive", "mae", "rmse", "mase", "smape", "pinball_loss", "interval_coverage",
     "timed_model_forward", "timed_model_backward",
 ]
+
+
+def __getattr__(name):
+    """``MambaSktimeForecaster`` on first use (it imports sktime, an optional package)."""
+    if name == "MambaSktimeForecaster":
+        from ._ts_sktime import MambaSktimeForecaster
+        return MambaSktimeForecaster
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
