@@ -104,7 +104,9 @@ def blas_limited():
 
     Blocks nest (and may overlap across Python threads): the limit is set
     when the first one opens and undone when the last one closes.  A BLAS
-    already on fewer threads keeps its count.
+    already on fewer threads keeps its count.  The BLAS thread count is the
+    process's: while a block is open, NumPy matmuls in other Python threads
+    run on ``BLAS_THREADS`` threads too.
     """
     global _depth
     if BLAS_THREADS == 0:
