@@ -98,6 +98,10 @@ class MambaClassifier(_Params):
     jitter : float, optional
         Standard deviation of Gaussian noise added to the (standardised)
         training series at every step (0: none).
+
+        The defaults of these three (True, 0.8, 0.1) were chosen over
+        (False, 1, 0) on held-out parts of six UCR/UEA training splits,
+        never their test splits (``examples/RESULTS_forecasting.md``).
     steps, batch_size, lr, weight_decay, warmup_steps, max_grad_norm : optional
         Optimisation (at most ``steps`` per seed).
     val_fraction : float, optional
@@ -143,7 +147,7 @@ class MambaClassifier(_Params):
 
     def __init__(self, *, d_model=32, n_layers=2, d_state=16, d_conv=4, expand=2,
                  dt_min=1e-3, dt_max=1e-1, normalize=True, pool="mean", n_features=32,
-                 bidirectional=False, crop=1.0, jitter=0.0, steps=400,
+                 bidirectional=True, crop=0.8, jitter=0.1, steps=400,
                  batch_size=32, lr=3e-3, weight_decay=0.01, warmup_steps=40,
                  max_grad_norm=1.0, val_fraction=0.0, eval_every=20, patience=5, refit=True,
                  n_seeds=1, seed=0, dtype=np.float32):

@@ -42,7 +42,7 @@ def test_early_stopping_holds_out_each_class_and_refits_on_all():
     assert 10 <= clf.best_steps_[0] <= 60 and clf.best_steps_[0] % 10 == 0
     assert len(clf.losses_[0]) == clf.best_steps_[0]  # the refit runs the chosen steps
     plain = MambaClassifier(steps=30, **TINY).fit(X, y)
-    assert plain.best_steps_ == [30] and len(plain.losses_[0]) == 30
+    assert plain.best_steps_ == [30, 30] and len(plain.losses_[0]) == 30  # 2 directions
 
 
 def test_ragged_multivariate_list_input_pads_without_changing_a_series_result():
@@ -52,7 +52,7 @@ def test_ragged_multivariate_list_input_pads_without_changing_a_series_result():
     p_all = clf.predict_proba(ragged)
     # a series alone (no padding) gets the same probabilities as inside the padded batch
     np.testing.assert_allclose(clf.predict_proba([ragged[3]])[0], p_all[3], rtol=1e-5)
-    assert clf.predict(ragged).shape == (40,) and len(clf.members_) == 2
+    assert clf.predict(ragged).shape == (40,) and len(clf.members_) == 4  # x 2 directions
     with pytest.raises(ValueError, match="X must have 2 channel"):
         clf.predict(X[:, :, :1])
 
@@ -122,7 +122,8 @@ def test_crops_stay_inside_each_series_and_keep_the_share():
             starts = [s for s in range(lengths[i] - lc[i] + 1)
                       if np.array_equal(full[s:s + lc[i]], piece)]
             assert starts and np.all(xc[i, lc[i]:] == 0)
-    xj, _, _ = MambaClassifier(jitter=0.5, steps=1, **TINY)._augment(x, mask, lengths, rng)
+    xj, _, _ = MambaClassifier(crop=1.0, jitter=0.5, steps=1, **TINY)._augment(x, mask, lengths,
+                                                                        rng)
     noise = (xj - x)[..., 0]
     assert np.all(noise[mask[..., 0] == 0] == 0) and 0.4 < noise[mask[..., 0] > 0].std() < 0.6
 
