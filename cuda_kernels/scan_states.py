@@ -1475,8 +1475,14 @@ def backward_segments(Bt, Dc, L, p, n_segments=None, cfg=settings):
     sequence into as many segments as keep all blocks in one wave of that
     count, each at least ``cfg.min_segment`` steps long (the pass that finds the adjoint
     entering each segment costs about a sixth of the backward, so a split
-    pays only where it multiplies the resident blocks).  ``n_segments``
-    forces a count (for tests; at most one per stretch of saved states).
+    pays only where it multiplies the resident blocks).  Where one wave
+    splits the sequence and its segments would still be at least
+    ``cfg.long_segment`` steps long, the split goes on to up to
+    ``cfg.long_segment_waves`` waves, with segments of at least
+    ``2 * cfg.min_segment`` steps (``benchmarks/RESULTS.md`` has the
+    measurements behind both rules).
+    ``n_segments`` forces a count (for tests; at most one per stretch of
+    saved states).
 
     Parameters
     ----------
@@ -1493,7 +1499,11 @@ def backward_segments(Bt, Dc, L, p, n_segments=None, cfg=settings):
     """
     unit = p.t_bwd * p.save_every
     if n_segments is None:
-        S = min(cfg.backward_target_blocks // _grid(Bt, Dc, p), L // cfg.min_segment)
+        grid = _grid(Bt, Dc, p)
+        S = min(cfg.backward_target_blocks // grid, L // cfg.min_segment)
+        if S > 1 and L >= cfg.long_segment * S:  # a split into long segments: more waves pay
+            S = max(S, min(cfg.long_segment_waves * cfg.backward_target_blocks // grid,
+                           L // (2 * cfg.min_segment)))
     else:
         S = int(n_segments)
     S = max(1, min(S, -(-L // unit)))

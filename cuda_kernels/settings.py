@@ -106,6 +106,14 @@ class Settings:
         fills by splitting the sequence.
     min_segment : int
         Shortest segment (steps) of a split sequence.
+    long_segment : int
+        Where one wave of the backward's blocks (``backward_target_blocks``)
+        splits the sequence into segments of at least this many steps, the
+        state engine's backward splits it further: into up to
+        ``long_segment_waves`` waves of blocks, with segments of at least
+        twice ``min_segment`` steps.
+    long_segment_waves : int
+        See ``long_segment``; 1 keeps the backward to one wave.
     min_blocks : mapping
         ``(dtype, 'forward' | 'backward') -> blocks per multiprocessor`` the
         compiler must fit in registers (``launch_bounds``' second entry; 0
@@ -140,6 +148,8 @@ class Settings:
     target_blocks: int = 1056
     backward_target_blocks: int = 660
     min_segment: int = 256
+    long_segment: int = 2048
+    long_segment_waves: int = 4
     min_blocks: types.MappingProxyType = dataclasses.field(default_factory=_default_min_blocks)
     blocks_tuning: types.MappingProxyType = dataclasses.field(
         default_factory=_default_blocks_tuning)
@@ -193,7 +203,7 @@ class Settings:
 
 
 _POSITIVE = ("save_every", "min_recurrences", "target_blocks", "backward_target_blocks",
-             "min_segment")
+             "min_segment", "long_segment", "long_segment_waves")
 
 
 _GENERATION = [0]

@@ -130,27 +130,43 @@ def test_state_engine_backward_segments_cover_the_sequence(shape, save_every):
     S, SL = scan_states.backward_segments(Bt, Dc, L, p)
     assert SL % (p.t_bwd * save_every) == 0 and (S - 1) * SL < L <= S * SL
     blocks = scan_states._grid(Bt, Dc, p)
-    target = scan_states.settings.backward_target_blocks
-    if 2 * blocks > target or L < 2 * scan_states.settings.min_segment:
+    cfg = scan_states.settings
+    target = cfg.backward_target_blocks
+    one_wave = max(1, min(target // blocks, L // cfg.min_segment))
+    if one_wave > 1 and L >= cfg.long_segment * one_wave:  # split into more waves
+        assert S >= one_wave and S * blocks <= cfg.long_segment_waves * target
+        assert S == 1 or SL >= 2 * cfg.min_segment
+    elif 2 * blocks > target or L < 2 * cfg.min_segment:
         assert S == 1
     else:
-        assert S > 1 and SL >= scan_states.settings.min_segment
+        assert S > 1 and SL >= cfg.min_segment
         assert S * blocks <= target  # one wave
-        assert (S + 1) * blocks > target or (S + 1) * scan_states.settings.min_segment > L
+        assert (S + 1) * blocks > target or (S + 1) * cfg.min_segment > L
     for n in (1, 2, 3, 4):  # a forced count, where the stretches allow it
         S, SL = scan_states.backward_segments(Bt, Dc, L, p, n)
         assert SL % (p.t_bwd * save_every) == 0 and (S - 1) * SL < L <= S * SL
         assert S <= n
 
 
-def test_state_engine_backward_splits_only_a_grid_of_under_half_a_wave():
-    # float32, N = 16: (2, 1536, 16384) makes 384 blocks (more than half of the
-    # 660 resident: one segment); (1, 1536, 2**20) makes 192 (3 segments)
-    p = scan_states.plan(np.float32, 16, 1536, 1, 1)
-    assert scan_states._grid(2, 1536, p) == 384
-    assert scan_states.backward_segments(2, 1536, 16384, p) == (1, 16384)
-    assert scan_states.backward_segments(8, 1536, 2048, p) == (1, 2048)
-    assert scan_states.backward_segments(1, 1536, 2 ** 20, p) == (3, 349536)
+def test_state_engine_backward_splits_a_grid_of_under_half_a_wave_or_long_segments():
+    # float32, N = 16: (64, 64, 1024) and (2, 1536, 16384) make 512 and 384
+    # blocks (more than half of the 660 resident: one segment); (1, 768, 4096)
+    # makes 96 (6 segments of 688 steps); where one wave splits into segments
+    # of 2048 steps or more, up to 4 waves: (1, 1536, 2**20) 192 blocks, 13
+    def split(Bt, Dc, L):
+        return scan_states.backward_segments(Bt, Dc, L, scan_states.plan(np.float32, 16, Dc,
+                                                                          1, 1))
+
+    assert scan_states._grid(2, 1536, scan_states.plan(np.float32, 16, 1536, 1, 1)) == 384
+    assert split(64, 64, 1024) == (1, 1024)
+    assert split(1, 768, 4096) == (6, 688)
+    assert split(8, 1536, 2048) == (1, 2048)
+    assert split(2, 1536, 16384) == (1, 16384)
+    assert split(1, 1536, 2 ** 20) == (13, 80672)
+    assert split(2, 768, 8192) == (13, 640)
+    with scan_states.settings.override(long_segment_waves=1):  # (one wave)
+        assert split(1, 1536, 2 ** 20) == (3, 349536)
+        assert split(2, 768, 8192) == (3, 2736)
 
 
 def test_state_engine_lists_its_backward_segment_kernel():
