@@ -6,16 +6,16 @@ switched on before ``numba.cuda`` is imported).  A test marked
 ``@pytest.mark.background(script, *args, env={...})`` names such a process
 (``python script *args`` in the repository root, with ``env`` added to the
 environment).  ``tests/conftest.py`` starts the processes of every selected
-test as soon as the tests are collected, two at a time at a lower priority
-(``nice``), and moves the marked tests to the end of the session: the
-processes use the second core while the other tests run on the first.  A
+test as soon as the tests are collected, two at a time, and moves the marked
+tests to the end of the session: the processes use the second core while the
+other tests run on the first.  (Not at a lower priority: on a machine shared
+with other work, ``nice`` would starve them.)  A
 test reads its process's result with the ``background`` fixture (a
 :class:`subprocess.CompletedProcess`); tests that name the same process
 share one run of it.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -40,8 +40,7 @@ def key(marker):
 
 def _run(job):
     args, env = job
-    nice = shutil.which("nice")
-    argv = ([nice, "-n", "10"] if nice else []) + [sys.executable, *args]
+    argv = [sys.executable, *args]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **dict(env))
     proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
