@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._backends import gpu_module
 from ._validation import array_namespace, as_float_array, is_cupy_array, is_double
 
 __all__ = ["DISCRETIZE_METHODS", "DiscretizeGrads", "UnstableFilterWarning", "discretize",
@@ -51,15 +52,6 @@ class DiscretizeGrads(NamedTuple):
     dA: object   # like A
     dB: object   # like B
     ddt: object  # like dt
-
-
-def _gpu_kernels():
-    from .scan import _gpu_backend  # raises with the install hint if the stack is missing
-
-    _gpu_backend()
-    from .cuda_kernels import discretize as kernels
-
-    return kernels
 
 
 class UnstableFilterWarning(RuntimeWarning):
@@ -228,7 +220,7 @@ def _discretize(A, B, dt, method, xp, shape):
         Ab, Bb = _forward_cpu(A, B, dt, method)
         return (np.broadcast_to(Ab, shape).astype(A.dtype, copy=True),
                 np.broadcast_to(Bb, shape).astype(A.dtype, copy=True))
-    kernels = _gpu_kernels()
+    kernels = gpu_module("discretize")
     Ab, Bb = kernels.discretize_forward(_flat(A, shape, xp), _flat(B, shape, xp),
                                         _flat(dt, shape, xp), method)
     return Ab.reshape(shape), Bb.reshape(shape)
@@ -401,7 +393,7 @@ def discretize_vjp(A: Any, B: Any, dt: Any, method: str = "zoh") -> tuple:
             dA, dB, ddt = _backward_cpu(A, B, dtc, g[0], g[1], method)
             dA, dB, ddt = (np.broadcast_to(v, shape) for v in (dA, dB, ddt))
         else:
-            kernels = _gpu_kernels()
+            kernels = gpu_module("discretize")
             dA, dB, ddt = kernels.discretize_backward(
                 _flat(A, shape, xp), _flat(B, shape, xp), _flat(dtc, shape, xp),
                 xp.ascontiguousarray(g[0]).reshape(-1),

@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+from ._backends import gpu_module
 from ._validation import array_namespace, check_int, is_cupy_array, is_dask_array, is_double
 from .discretize import _prepare as _prepare_discretize
 from .discretize import (UnstableFilterWarning, _discretize, _phi1, as_param, check_method,
@@ -316,9 +317,8 @@ def _scan(p):
         return y, hf
     if not p["cplx"] and p["method"] in ("zoh", "mamba"):
         return _selective_scan_gpu(p)
-    from .discretize import _gpu_kernels
 
-    return _gpu_kernels().recurrence(x, Ab, Bb.astype(Ab.dtype, copy=False),
+    return gpu_module("discretize").recurrence(x, Ab, Bb.astype(Ab.dtype, copy=False),
                                      C.astype(Ab.dtype, copy=False), h0)
 
 

@@ -40,7 +40,6 @@ the device too (``cuda_kernels/sample.py``; the same rule on the CPU in
 wait for the device until the tokens are read.
 """
 
-import importlib
 import numbers
 from typing import NamedTuple
 
@@ -48,7 +47,8 @@ import numpy as np
 
 from ._validation import array_namespace, is_cupy_array
 from .graphs import CapturedStep, check_graph_mode
-from .layers import embedding_forward, gemm, gpu_kernels, linear_forward, rmsnorm_forward
+from ._backends import backend
+from .layers import embedding_forward, gemm, linear_forward, rmsnorm_forward
 from .models import block_state, layer_params, mamba_block_forward, model_forward
 
 __all__ = ["Decoder", "InferenceState", "generate", "init_state", "prefill", "step"]
@@ -62,15 +62,11 @@ class InferenceState(NamedTuple):
 
 
 def _kernels(xp):
-    if xp is np:
-        return importlib.import_module("numba_mamba._cpu_step")
-    return gpu_kernels("step")
+    return backend(xp, "step")
 
 
 def _sampler(xp):
-    if xp is np:
-        return importlib.import_module("numba_mamba._cpu_sample")
-    return gpu_kernels("sample")
+    return backend(xp, "sample")
 
 
 class _Plan:

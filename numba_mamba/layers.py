@@ -39,13 +39,14 @@ References
    NeurIPS 2019.
 """
 
-import importlib
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 from ._cpu_threads import blas_limited
-from ._validation import array_namespace, check_shape, missing_gpu_stack_message
+from ._backends import backend as _backend
+from ._backends import gpu_module
+from ._validation import array_namespace, check_shape
 from .scan import ScanGrads, selective_scan_vjp
 
 __all__ = [
@@ -64,23 +65,6 @@ CONV_ACTIVATIONS = (None, "silu")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def gpu_kernels(name):
-    """The module ``numba_mamba.cuda_kernels.<name>``, or RuntimeError saying what to install."""
-    try:
-        from numba import cuda
-        if not cuda.is_available():
-            raise RuntimeError("numba.cuda.is_available() is False")
-        return importlib.import_module(f"numba_mamba.cuda_kernels.{name}")
-    except (ImportError, RuntimeError) as exc:
-        raise RuntimeError(f"{missing_gpu_stack_message} ({exc})") from exc
-
-
-def _backend(xp, name):
-    if xp is np:
-        return importlib.import_module(f"numba_mamba._cpu_{name}")
-    return gpu_kernels(name)
 
 
 def _check_float(name, x):
@@ -104,7 +88,7 @@ def gemm(xp, a, b, out=None):
     if xp is np:
         with blas_limited():
             return np.matmul(a, b, out=out)
-    blas = importlib.import_module("numba_mamba.cuda_kernels.blas")
+    blas = gpu_module("blas")
     if blas.available():
         return blas.matmul(a, b, out=out)
     return xp.matmul(a, b, out=out)
@@ -334,7 +318,7 @@ def embedding_backward(dout, cache):
     rows = dout.reshape(-1, shape[1])
     if xp is np:  # the sums of np.add.at, in its order
         return _backend(xp, "embedding").embedding_backward(flat_ids, rows, shape, dtype)
-    kernels = importlib.import_module("numba_mamba.cuda_kernels.embedding")
+    kernels = gpu_module("embedding")
     if kernels.settings.deterministic:  # the same bits on every run
         return kernels.embedding_backward(ids, dout, shape).astype(dtype, copy=False)
     import cupyx

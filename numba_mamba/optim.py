@@ -12,11 +12,11 @@ References
    ICLR 2015.
 """
 
-import importlib
 import math
 
 import numpy as np
 
+from ._backends import backend
 from ._validation import array_namespace
 
 __all__ = ["AdamW", "FusedAdamW", "clip_grad_norm", "clip_grad_norm_device", "default_no_decay",
@@ -168,10 +168,7 @@ def clip_grad_norm(grads, max_norm):
 
 def _optim_kernels(xp):
     """The AdamW and loss-history kernels for ``xp``'s arrays (NumPy or CUDA)."""
-    if xp is np:
-        return importlib.import_module("numba_mamba._cpu_optim")
-    from .layers import gpu_kernels
-    return gpu_kernels("optim")
+    return backend(xp, "optim")
 
 
 def _slot(a, i):

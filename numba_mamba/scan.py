@@ -13,31 +13,21 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._backends import cpu_module, gpu_module
 from ._validation import (array_namespace, as_float_array, check_flag, check_shape,
-                          compute_dtype, is_cupy_array, is_dask_array,
-                          missing_gpu_stack_message)
+                          compute_dtype, is_cupy_array, is_dask_array)
 from .reference import ScanGrads
 
 __all__ = ["ScanGrads", "selective_scan", "selective_scan_vjp"]
 
 
-@functools.lru_cache(maxsize=1)  # (``cuda.is_available()`` costs microseconds; a failure is not kept)
 def _gpu_backend():
-    try:
-        from numba import cuda
-        if not cuda.is_available():
-            raise RuntimeError("numba.cuda.is_available() is False")
-        from .cuda_kernels import scan as backend
-    except (ImportError, RuntimeError) as exc:
-        raise RuntimeError(f"{missing_gpu_stack_message} ({exc})") from exc
-    return backend
+    """The GPU module of the scan (:func:`~numba_mamba._backends.gpu_module`)."""
+    return gpu_module("scan")
 
 
 def _backend(xp):
-    if xp is np:
-        from . import _cpu_scan
-        return _cpu_scan
-    return _gpu_backend()
+    return cpu_module("scan") if xp is np else _gpu_backend()
 
 
 def _as_array(name, x, xp):
