@@ -9,19 +9,26 @@ every run and in the baseline); it is never held whole.  Compared:
   streams a signal larger than memory without Dask;
 * ``dask``: ``ssm_filter`` on the Dask array (pass 1, the prefix over chunks,
   pass 2; see numba_mamba.dask) on a ``LocalCluster`` of 1 and 2 worker
-  processes with one thread each.
+  processes with one thread each.  On one worker the automatic graph has no
+  pass 1 (``numba-mamba.prefix`` 'sequential'); the row ``prefix=chain`` is
+  the two-pass graph on one worker.
 
 Both reduce the output to its sum per channel (so that nothing of the
 length of the signal is kept) and return the final state; the two must
 agree.  Every worker, and the baseline, runs one thread (Numba, BLAS), so
 the scaling is the workers'.  Reported: wall time (the Dask one includes
-building the graph and scheduling), the peak resident memory of each worker
-process (``ru_maxrss``; a fresh cluster per run) and that of the baseline's.
+building the graph and scheduling), the CPU time of the processes involved
+(the workers' and, for Dask, the client's and scheduler's: on a machine
+shared with other work it moves less than the wall time), the peak resident
+memory of each worker process (``ru_maxrss``; a fresh cluster per run) and
+that of the baseline's.  ``--repeat`` interleaves the runs and reports the
+best.
 
 Run::
 
     python benchmarks/bench_dask.py --quick            # ~1 min on 2 cores
     python benchmarks/bench_dask.py                    # the issue's 64 x 16 x 2^24
+    python benchmarks/bench_dask.py --costs            # one chunk's parts (paper estimate)
 
 With ``--series N`` it runs the issue's second target instead: N series
 (AR(2) with random stable coefficients plus a period-12 seasonality, 500
@@ -30,7 +37,8 @@ samples and 12 held out), one ``MambaForecaster`` per series with
 ``statsmodels`` ``AutoReg(lags=2, seasonal=True, period=12)``: wall time and
 the mean MAE and MASE (m = 12) over the series::
 
-    python benchmarks/bench_dask.py --series 1000 --steps 300    # the issue's
+    python benchmarks/bench_dask.py --series 1000 --steps 300    # the issue's (hours here)
+    python benchmarks/bench_dask.py --series 1000 --steps 0      # what ran (RESULTS.md)
     python benchmarks/bench_dask.py --series 16 --steps 50       # a short run
 """
 
@@ -76,12 +84,12 @@ def pieces(channels, states, length, chunk, seed):
     h = np.zeros((channels, states))
     nm.ssm_filter(A, B, C, piece(channels, 0, 16, seed), zi=h)  # (compile outside the timing)
     total = np.zeros(channels)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for start in range(0, length, chunk):
         y, h = nm.ssm_filter(A, B, C, piece(channels, start, min(chunk, length - start), seed),
                              zi=h)
         total += y.sum(axis=-1)
-    return total, h, time.perf_counter() - t0, peak_rss_mib()
+    return total, h, time.perf_counter() - t0, time.process_time() - c0, peak_rss_mib()
 
 
 def warm_up():
@@ -127,7 +135,7 @@ def cluster(workers):
     return lc, client
 
 
-def run_dask(workers, channels, states, length, chunk, seed):
+def run_dask(workers, channels, states, length, chunk, seed, prefix="auto"):
     import dask
 
     import numba_mamba as nm
@@ -136,16 +144,19 @@ def run_dask(workers, channels, states, length, chunk, seed):
     try:
         base = client.run(peak_rss_mib)
         A, B, C = filter_bank(channels, states)
+        c0 = sum(client.run(time.process_time).values()) + time.process_time()
         t0 = time.perf_counter()
-        y, zf = nm.ssm_filter(A, B, C, lazy_signal(channels, length, chunk, seed),
-                              zi=np.zeros((channels, states)))
+        with dask.config.set({"numba-mamba.prefix": prefix}):
+            y, zf = nm.ssm_filter(A, B, C, lazy_signal(channels, length, chunk, seed),
+                                  zi=np.zeros((channels, states)))
         total, h = dask.compute(y.sum(axis=-1), zf)
         elapsed = time.perf_counter() - t0
+        cpu = sum(client.run(time.process_time).values()) + time.process_time() - c0
         peaks = client.run(peak_rss_mib)
     finally:
         client.close()
         lc.close()
-    return total, h, elapsed, sorted(peaks.values()), max(base.values())
+    return total, h, elapsed, cpu, sorted(peaks.values()), max(base.values())
 
 
 def run_pieces(channels, states, length, chunk, seed):
@@ -157,6 +168,31 @@ def run_pieces(channels, states, length, chunk, seed):
     finally:
         client.close()
         lc.close()
+
+
+def run_costs(channels, states, chunk, seed, reps=5):
+    """Per chunk, in this process (one thread), best of ``reps``: generating it,
+    pass 2 (``ssm_filter`` with ``zi``) and the LTI pass 1 (its end state)."""
+    import numba_mamba as nm
+    from numba_mamba.dask import _filter_pass1
+
+    warm_up()
+    A, B, C = filter_bank(channels, states)
+    h = np.zeros((channels, states))
+
+    def best(fn):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    x = piece(channels, 0, chunk, seed)
+    return {"generate": best(lambda: piece(channels, 0, chunk, seed)),
+            "pass 2 (the scan)": best(lambda: nm.ssm_filter(A, B, C, x, zi=h)),
+            "pass 1 (end state)": best(lambda: _filter_pass1(x, A[:, None], B[:, None],
+                                                             np.ones((1, 1)), "zoh"))}
 
 
 def panel(n, length, fh, seed):
@@ -225,8 +261,12 @@ def main():
     parser.add_argument("--log2-chunk", type=int, default=18)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each (interleaved); the table has the best and all")
     parser.add_argument("--quick", action="store_true",
                         help="2^21 samples in chunks of 2^17 (about a minute on 2 cores)")
+    parser.add_argument("--costs", action="store_true",
+                        help="only time one chunk's generation, pass 1 and pass 2 (one thread)")
     parser.add_argument("--series", type=int, default=0,
                         help="run the many-series benchmark with this many series instead")
     parser.add_argument("--steps", type=int, default=300,
@@ -237,25 +277,46 @@ def main():
     if args.quick:
         args.log2_length, args.log2_chunk = 21, 17
     length, chunk = 2 ** args.log2_length, 2 ** args.log2_chunk
+    if args.costs:
+        costs = run_costs(args.channels, args.states, chunk, args.seed)
+        print(f"# per chunk of {args.channels} x 2^{args.log2_chunk}, {args.states} states, one "
+              f"thread, best of 5 (load {os.getloadavg()[0]:.1f}): "
+              + ", ".join(f"{k} {v:.3f} s" for k, v in costs.items()))
+        return
     ch, st = args.channels, args.states
     size = ch * length * 8 / 2 ** 30
     print(f"# bench_dask {datetime.date.today()} {platform.node()} ({os.cpu_count()} cores): "
           f"LTI float64, {ch} channels x {st} states x 2^{args.log2_length} samples "
           f"({size:.2f} GiB of input), chunks of 2^{args.log2_chunk} "
-          f"({ch * chunk * 8 / 2 ** 20:.0f} MiB), {-(-length // chunk)} chunks")
-    want, want_h, t_base, peak_base, idle = run_pieces(ch, st, length, chunk, args.seed)
-    print(f"| run | workers | time s | vs pieces | peak RSS per worker MiB (idle {idle:.0f}) |")
-    print("|---|---|---|---|---|")
-    print(f"| pieces with zi/zf | 1 | {t_base:.2f} | 1.00 | {peak_base:.0f} |")
-    for w in args.workers:
-        total, h, t, peaks, idle = run_dask(w, ch, st, length, chunk, args.seed)
-        err = max(np.abs(total - want).max() / np.abs(want).max(),
-                  np.abs(h - want_h).max() / np.abs(want_h).max())
-        if err > 1e-9:
-            raise SystemExit(f"dask and pieces disagree: relative difference {err:.2e}")
-        print(f"| dask ssm_filter | {w} | {t:.2f} | {t / t_base:.2f} | "
+          f"({ch * chunk * 8 / 2 ** 20:.0f} MiB), {-(-length // chunk)} chunks; load average "
+          f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    runs = {}  # (name, workers) -> [(seconds, peaks)]
+    for _ in range(args.repeat):  # (interleaved: a load from elsewhere hits every run alike)
+        want, want_h, t_base, cpu, peak_base, idle = run_pieces(ch, st, length, chunk,
+                                                                 args.seed)
+        runs.setdefault(("pieces with zi/zf", 1), []).append((t_base, cpu, [peak_base]))
+        kinds = [(w, "auto") for w in args.workers] + [(1, "chain")] * (1 in args.workers)
+        for w, prefix in kinds:
+            total, h, t, cpu, peaks, idle = run_dask(w, ch, st, length, chunk, args.seed,
+                                                     prefix)
+            err = max(np.abs(total - want).max() / np.abs(want).max(),
+                      np.abs(h - want_h).max() / np.abs(want_h).max())
+            if err > 1e-9:
+                raise SystemExit(f"dask and pieces disagree: relative difference {err:.2e}")
+            name = {"auto": "dask ssm_filter"}.get(prefix, f"dask ssm_filter, prefix={prefix}")
+            runs.setdefault((name, w), []).append((t, cpu, peaks))
+    base = min(t for t, _, _ in runs[("pieces with zi/zf", 1)])
+    base_cpu = min(c for _, c, _ in runs[("pieces with zi/zf", 1)])
+    print(f"| run | workers | time s (best of {args.repeat}) | vs pieces | all times s | "
+          f"CPU s (best) | CPU vs pieces | peak RSS per worker MiB (idle {idle:.0f}) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, w), got in runs.items():
+        best, cpu = min(t for t, _, _ in got), min(c for _, c, _ in got)
+        peaks = [max(p[i] for _, _, p in got) for i in range(len(got[0][2]))]
+        print(f"| {name} | {w} | {best:.2f} | {best / base:.2f} | "
+              f"{', '.join(f'{t:.1f}' for t, _, _ in got)} | {cpu:.1f} | {cpu / base_cpu:.2f} | "
               f"{', '.join(f'{p:.0f}' for p in peaks)} |")
-
+    print(f"load average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 if __name__ == "__main__":
     main()
