@@ -47,13 +47,12 @@ Spaces", arXiv:2312.00752, 2023.
 """
 
 import functools
-import math
 
 import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import compile_kernel, dummy, inline_device, launch
+from ._common import activations, compile_kernel, dummy, inline_device, launch
 
 __all__ = ["THREADS", "conv1d_backward", "conv1d_forward", "get_kernels", "ptx_signatures"]
 
@@ -94,9 +93,7 @@ def _make_kernels(ftype, width):
                 acc += w[c, k] * x[b, c, s]
         return acc
 
-    @inline_device
-    def sigmoid(v):
-        return one / (one + math.exp(-v))
+    _, sigmoid = activations(ftype)
 
     def forward(x, w, bias, flags, out):
         Bt, C, L = x.shape
