@@ -54,7 +54,8 @@ Time series (issues 7 and 24)
 timeseries           MambaForecaster (an ensemble over lookbacks and seeds, fh at fit,
                      intervals, covariates, panels, backtest, save/load, pickling),
                      MambaClassifier, make_windows, Scaler, metrics mae, rmse, mase,
-                     smape, pinball_loss, interval_coverage, seasonal_naive
+                     smape, pinball_loss, interval_coverage, seasonal_naive;
+                     MambaSktimeForecaster (optional: needs sktime)
 """
 
 import importlib.util as _importlib_util
