@@ -1744,8 +1744,8 @@ _BACKWARD_PLANS = {}
 
 
 def _backward_setup(arrays, saved_plan, n_segments, cfg):
-    """What every backward of a layout shares: ``(xp, dtype, storage, p, S, SL,
-    k, v)`` (see :func:`scan_backward`), the half-storage dtypes checked."""
+    """What every backward of a layout shares: ``(xp, dtype, storage, S, SL, k,
+    v)`` (see :func:`scan_backward`), the half-storage dtypes checked."""
     dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state = arrays
     xp = array_module(u)
     dtype, storage = storage_of(u.dtype)
