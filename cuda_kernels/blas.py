@@ -20,6 +20,15 @@ The library is found with ``cuda.pathfinder.load_nvidia_dynamic_lib`` (or,
 where that fails, as the cuBLAS CuPy itself loaded);
 :func:`available` says whether it and every symbol used were found and
 :func:`unavailable_reason` why not.
+
+Tuning.  cuBLAS's own heuristic picks small tiles for some batched products
+(the Mamba block's channels-first GEMMs among them).  Where cuBLASLt is found
+too, the first eager call of a large enough GEMM shape (``settings.gemm_tuning``,
+``gemm_tuning_min_flops``) times cuBLAS's call against the algorithms
+cuBLASLt's heuristic proposes, on a scratch output, and the fastest serves every
+later call of that shape in the process, captured ones included
+(:func:`choices` lists them).  A shape first seen inside a capture, or any
+cuBLASLt error, takes cuBLAS's own call.
 """
 
 import ctypes
@@ -28,7 +37,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["GemmPlan", "available", "gemm_plan", "matmul", "unavailable_reason"]
+__all__ = ["GemmPlan", "available", "choices", "gemm_plan", "lt_layouts", "matmul",
+           "unavailable_reason"]
 
 #: Bytes of the workspace given to each handle.
 WORKSPACE_BYTES = 32 * 1024 * 1024
@@ -36,6 +46,16 @@ WORKSPACE_BYTES = 32 * 1024 * 1024
 _OP_N, _OP_T = 0, 1  # cublasOperation_t
 _POINTER_MODE_HOST = 0  # cublasPointerMode_t
 _INT_MAX = 2**31 - 1
+
+# cuBLASLt (cublasLt.h): dtype -> (cublasComputeType_t, cudaDataType_t), attribute ids
+_LT_TYPES = {np.dtype(np.float32): (68, 0), np.dtype(np.float64): (70, 1)}
+_LT_DESC_TRANSA, _LT_DESC_TRANSB = 3, 4
+_LT_LAYOUT_BATCH_COUNT, _LT_LAYOUT_BATCH_OFFSET = 5, 6
+_LT_PREF_MAX_WORKSPACE = 1
+_LT_PREF_REDUCTION_SCHEME_MASK = 3
+_LT_REDUCTIONS_NOT_INPLACE = 2 | 4  # split-K sums in the compute or output type, in workspace
+_LT_CANDIDATES = 8  # algorithms asked of cuBLASLt's heuristic per shape
+_TIMING_REPS = 3
 
 
 class GemmPlan(NamedTuple):
@@ -167,6 +187,22 @@ def gemm_plan(a_shape, a_strides, b_shape, b_strides):
                     stride_c=stride_c, batch=n_batch, out_shape=out_shape)
 
 
+def lt_layouts(plan):
+    """cuBLASLt's view of ``plan``: ``(rows, cols, ld, batch, stride)`` of its
+    ``A``, ``B`` and ``C`` (column-major, before the transpose flags).
+
+    Examples
+    --------
+    >>> from numba_mamba.cuda_kernels.blas import gemm_plan, lt_layouts
+    >>> lt_layouts(gemm_plan((4, 3), (3, 1), (3, 5), (1, 3)))
+    ((3, 5, 3, 1, 0), (3, 4, 3, 1, 0), (5, 4, 5, 1, 0))
+    """
+    a = (plan.m, plan.k) if plan.transa == _OP_N else (plan.k, plan.m)
+    b = (plan.k, plan.n) if plan.transb == _OP_N else (plan.n, plan.k)
+    return ((*a, plan.lda, plan.batch, plan.stride_a), (*b, plan.ldb, plan.batch, plan.stride_b),
+            (plan.m, plan.n, plan.ldc, plan.batch, plan.stride_c))
+
+
 # ------------------------------------------------------------------ the library
 class _Library:
     """cuBLAS loaded once; ``lib`` None with ``reason`` where it failed."""
@@ -232,6 +268,72 @@ def _cupys_cublas():
 _LIB = _Library()
 
 
+class _HeuristicResult(ctypes.Structure):
+    """``cublasLtMatmulHeuristicResult_t``."""
+
+    _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspace", ctypes.c_size_t),
+                ("state", ctypes.c_int), ("waves", ctypes.c_float),
+                ("reserved", ctypes.c_int * 4)]
+
+
+class _LtLibrary:
+    """cuBLASLt loaded once (None where it or a symbol is missing: then every
+    GEMM takes cuBLAS's own call)."""
+
+    def __init__(self):
+        self.lib, self.loaded, self.lock = None, False, threading.Lock()
+        self.local = threading.local()  # .handles: device id -> cublasLtHandle_t
+
+    def load(self):
+        with self.lock:
+            if not self.loaded:
+                self.loaded = True
+                self.lib = _load_lt()
+            return self.lib
+
+
+def _load_lt():
+    lib = None
+    try:
+        from cuda import pathfinder
+
+        lib = ctypes.CDLL(pathfinder.load_nvidia_dynamic_lib("cublasLt").abs_path)
+    except Exception:  # noqa: BLE001 (then by soname, as cuBLAS loaded it)
+        for soname in ("libcublasLt.so.13", "libcublasLt.so.12"):
+            try:
+                lib = ctypes.CDLL(soname)
+                break
+            except OSError:
+                continue
+    if lib is None:
+        return None
+    vp, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+    pvp = ctypes.POINTER(vp)
+    protos = {"cublasLtCreate": [pvp],
+              "cublasLtMatmulDescCreate": [pvp, i, i],
+              "cublasLtMatmulDescSetAttribute": [vp, i, vp, sz],
+              "cublasLtMatrixLayoutCreate": [pvp, i, ctypes.c_uint64, ctypes.c_uint64,
+                                             ctypes.c_int64],
+              "cublasLtMatrixLayoutSetAttribute": [vp, i, vp, sz],
+              "cublasLtMatmulPreferenceCreate": [pvp],
+              "cublasLtMatmulPreferenceSetAttribute": [vp, i, vp, sz],
+              "cublasLtMatmulPreferenceDestroy": [vp],
+              "cublasLtMatmulAlgoGetHeuristic": [vp] * 7 + [i, ctypes.POINTER(_HeuristicResult),
+                                                            ctypes.POINTER(i)],
+              "cublasLtMatmul": [vp] * 14 + [sz, vp]}
+    if any(not hasattr(lib, name) for name in protos):
+        return None
+    for name, args in protos.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    return lib
+
+
+_LT = _LtLibrary()
+#: (plan, dtype char, device) -> _LtGemm, or None for cuBLAS's own call
+_CHOICES = {}
+
+
 def available():
     """True where cuBLAS and every function used here were found.
 
@@ -284,8 +386,17 @@ def _handle(lib, cupy):
 
 
 def _gemm(lib, cupy, plan, a, b, out, beta):
-    """Launch ``plan`` on CuPy's current stream: ``out = a @ b + beta * out``."""
+    """Launch ``plan`` on CuPy's current stream: ``out = a @ b + beta * out``,
+    through the tuned choice of its shape where there is one."""
     h = _handle(lib, cupy)
+    choice = _choice(lib, cupy, h, plan, a, b, out)
+    if choice is not None and choice(cupy, h, a, b, out, beta) == 0:
+        return
+    _classic(lib, cupy, h, plan, a, b, out, beta)
+
+
+def _classic(lib, cupy, h, plan, a, b, out, beta):
+    """cuBLAS's own (strided-batched) GEMM."""
     _check("cublasSetStream_v2",
            lib.cublasSetStream_v2(h.ptr, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)))
     single = out.dtype == np.float32
@@ -304,6 +415,152 @@ def _gemm(lib, cupy, plan, a, b, out, beta):
                                     ptrs[0], p.lda, p.stride_a, ptrs[1], p.ldb, p.stride_b,
                                     ctypes.byref(beta_c), ptrs[2], p.ldc, p.stride_c, p.batch)
     _check(name, status)
+
+
+class _LtGemm:
+    """One cuBLASLt algorithm for one GEMM shape, its descriptors kept alive."""
+
+    def __init__(self, lt, handle, desc, layouts, result, dtype):
+        self.lt, self.handle, self.desc, self.layouts = lt, handle, desc, layouts
+        self.result, self.scalar = result, ctypes.c_float if dtype == np.float32 else ctypes.c_double
+
+    def __call__(self, cupy, h, a, b, out, beta):
+        """Run it (cuBLAS's ``A`` is our ``b``); the cuBLASLt status (0: done)."""
+        lay_a, lay_b, lay_c = self.layouts
+        alpha, beta_c = self.scalar(1.0), self.scalar(beta)
+        return self.lt.cublasLtMatmul(
+            self.handle, self.desc, ctypes.byref(alpha), ctypes.c_void_p(b.data.ptr), lay_a,
+            ctypes.c_void_p(a.data.ptr), lay_b, ctypes.byref(beta_c),
+            ctypes.c_void_p(out.data.ptr), lay_c, ctypes.c_void_p(out.data.ptr), lay_c,
+            ctypes.byref(self.result.algo), ctypes.c_void_p(h.workspace.ptr), WORKSPACE_BYTES,
+            ctypes.c_void_p(cupy.cuda.get_current_stream().ptr))
+
+
+def _lt_handle(lt, cupy):
+    handles = getattr(_LT.local, "handles", None)
+    if handles is None:
+        handles = _LT.local.handles = {}
+    device = cupy.cuda.Device().id
+    if device not in handles:
+        ptr = ctypes.c_void_p()
+        _check("cublasLtCreate", lt.cublasLtCreate(ctypes.byref(ptr)))
+        handles[device] = ptr
+    return handles[device]
+
+
+def _lt_candidates(lt, cupy, plan, dtype):
+    """The algorithms cuBLASLt's heuristic proposes for ``plan`` (best guess
+    first) as :class:`_LtGemm` objects; [] where it proposes none."""
+    compute, data = _LT_TYPES[np.dtype(dtype)]
+    handle = _lt_handle(lt, cupy)
+    desc = ctypes.c_void_p()
+    _check("cublasLtMatmulDescCreate", lt.cublasLtMatmulDescCreate(ctypes.byref(desc), compute,
+                                                                    data))
+    for attr, value in ((_LT_DESC_TRANSA, plan.transa), (_LT_DESC_TRANSB, plan.transb)):
+        v = ctypes.c_int32(value)
+        _check("cublasLtMatmulDescSetAttribute", lt.cublasLtMatmulDescSetAttribute(
+            desc, attr, ctypes.byref(v), ctypes.sizeof(v)))
+    layouts = []
+    for rows, cols, ld, batch, stride in lt_layouts(plan):
+        lay = ctypes.c_void_p()
+        _check("cublasLtMatrixLayoutCreate", lt.cublasLtMatrixLayoutCreate(
+            ctypes.byref(lay), data, rows, cols, ld))
+        if batch > 1:
+            for attr, v in ((_LT_LAYOUT_BATCH_COUNT, ctypes.c_int32(batch)),
+                            (_LT_LAYOUT_BATCH_OFFSET, ctypes.c_int64(stride))):
+                _check("cublasLtMatrixLayoutSetAttribute", lt.cublasLtMatrixLayoutSetAttribute(
+                    lay, attr, ctypes.byref(v), ctypes.sizeof(v)))
+        layouts.append(lay)
+    pref = ctypes.c_void_p()
+    _check("cublasLtMatmulPreferenceCreate", lt.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)))
+    try:
+        ws = ctypes.c_uint64(WORKSPACE_BYTES)
+        _check("cublasLtMatmulPreferenceSetAttribute", lt.cublasLtMatmulPreferenceSetAttribute(
+            pref, _LT_PREF_MAX_WORKSPACE, ctypes.byref(ws), ctypes.sizeof(ws)))
+        mask = ctypes.c_uint32(_LT_REDUCTIONS_NOT_INPLACE)
+        _check("cublasLtMatmulPreferenceSetAttribute", lt.cublasLtMatmulPreferenceSetAttribute(
+            pref, _LT_PREF_REDUCTION_SCHEME_MASK, ctypes.byref(mask), ctypes.sizeof(mask)))
+        results = (_HeuristicResult * _LT_CANDIDATES)()
+        found = ctypes.c_int(0)
+        status = lt.cublasLtMatmulAlgoGetHeuristic(
+            handle, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref, _LT_CANDIDATES,
+            results, ctypes.byref(found))
+    finally:
+        lt.cublasLtMatmulPreferenceDestroy(pref)
+    if status != 0:
+        return []
+    keep = []
+    for r in results[:found.value]:
+        if r.state == 0 and r.workspace <= WORKSPACE_BYTES:
+            own = _HeuristicResult()
+            ctypes.pointer(own)[0] = r
+            keep.append(_LtGemm(lt, handle, desc, layouts, own, dtype))
+    return keep
+
+
+def _median_ms(cupy, run):
+    """Median of ``_TIMING_REPS`` timed runs of ``run()`` after one warm-up;
+    inf where a run reports a nonzero status."""
+    if run() != 0:
+        return float("inf")
+    times = []
+    for _ in range(_TIMING_REPS):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        run()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return sorted(times)[len(times) // 2]
+
+
+def _choice(lib, cupy, h, plan, a, b, out):
+    """The tuned :class:`_LtGemm` of this GEMM's shape, or None for cuBLAS's
+    own call (tuning off, a small or untunable shape, a shape first seen in a
+    capture, or cuBLAS's call timed fastest)."""
+    from .settings import settings
+
+    if not settings.gemm_tuning or settings.deterministic:
+        return None
+    key = (plan, out.dtype.char, cupy.cuda.Device().id)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    if 2 * plan.m * plan.n * plan.k * plan.batch < settings.gemm_tuning_min_flops:
+        return None
+    if cupy.cuda.get_current_stream().is_capturing():
+        return None
+    lt = _LT.load()
+    if lt is None:
+        _CHOICES[key] = None
+        return None
+    scratch = cupy.empty_like(out)
+
+    def classic():
+        _classic(lib, cupy, h, plan, a, b, scratch, 0.0)
+        return 0
+
+    best, best_ms = None, _median_ms(cupy, classic)
+    for cand in _lt_candidates(lt, cupy, plan, out.dtype):
+        ms = _median_ms(cupy, lambda c=cand: c(cupy, h, a, b, scratch, 0.0))
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    _CHOICES[key] = best
+    return best
+
+
+def choices():
+    """The tuned GEMM shapes of this process: ``{(m, n, k, batch, dtype):
+    'cublas' | 'cublaslt'}`` in cuBLAS's column-major terms (``m``, ``n`` are
+    our ``n``, ``m``).
+
+    Examples
+    --------
+    >>> from numba_mamba.cuda_kernels import blas
+    >>> isinstance(blas.choices(), dict)
+    True
+    """
+    return {(p.m, p.n, p.k, p.batch, np.dtype(dt).name): "cublas" if c is None else "cublaslt"
+            for (p, dt, _), c in _CHOICES.items()}
 
 
 def _elements(x):

@@ -21,24 +21,29 @@ name         shape           notes
 x, out, dx   (Bt, C, L)
 weight       (C, W)          W fixed per compiled kernel
 bias         (C,)            a 1-element dummy when absent (flag bit 0)
-dw_part      (Bt, C, W)      per-batch partial sums, summed by the launcher
-db_part      (Bt, C)
+dw_part      (Bt, nT, C, W)  per-block partial sums, summed by the launcher
+db_part      (Bt, nT, C)
 ===========  ==============  ============================================
 
 Summary of algorithm
 --------------------
-Forward: one thread per output element (1-D grid over ``Bt * C * L``); the
-``W`` reads of neighbouring samples hit the same cache lines as the
-neighbouring threads' reads.
+Both kernels give each thread ``STEPS`` consecutive steps of one (batch,
+channel) row and each block of ``THREADS`` threads ``THREADS * STEPS``
+steps of it: a 1-D grid of ``Bt * C * nT`` blocks, ``nT`` the blocks per
+row.  A thread reads the ``x`` it needs once into registers -- its steps and
+the ``W - 1`` before them; the backward also the ``W - 1`` after, for the
+``g`` of later steps that its ``dx`` needs -- so index arithmetic is paid
+once per ``STEPS`` outputs, and neighbouring threads' overlapping reads hit
+the same cache lines.
 
-Backward: one block of ``THREADS`` threads per (batch, channel) walks the
-sequence in tiles of ``THREADS`` steps.  For a tile starting at ``t0`` the
-threads first write ``g`` at ``t0 .. t0 + THREADS + W - 2`` into shared memory
-(recomputing ``pre`` from ``x``: the forward stores nothing), then thread
-``i`` reads the ``W`` values it needs for ``dx`` at ``t0 + i`` and adds its
-terms of ``dweight`` and ``dbias`` to registers.  After the last tile the block
-reduces its ``W + 1`` sums through shared memory into ``dw_part[b, c]`` and
-``db_part[b, c]``.
+Forward: ``out`` at the thread's steps from its registers.
+
+Backward: the thread recomputes ``pre`` (hence ``g``) at its steps and the
+``W - 1`` after them, writes ``dx`` at its steps, and adds its terms of
+``dweight`` and ``dbias``.  The block reduces its ``W + 1`` sums through
+shared memory into ``dw_part[b, j, c]`` and ``db_part[b, j, c]`` (``j`` the
+block's place in the row); the launcher sums those over ``b`` and ``j`` --
+a fixed order, so the gradients are the same bits on every run.
 
 References
 ----------
@@ -58,6 +63,8 @@ __all__ = ["THREADS", "conv1d_backward", "conv1d_forward", "get_kernels", "ptx_s
 
 #: Threads per block of both kernels (a power of two: the block reduction halves it).
 THREADS = 128
+#: Consecutive steps of one row per thread.
+STEPS = 4
 FLAG_BIAS = 1
 FLAG_SILU = 2
 
@@ -67,9 +74,10 @@ def _argtypes(ftype):
     a1 = types.Array(t, 1, "C")
     a2 = types.Array(t, 2, "C")
     a3 = types.Array(t, 3, "C")
+    a4 = types.Array(t, 4, "C")
     i32 = types.int32
     fwd = (a3, a2, a1, i32, a3)  # x, weight, bias, flags, out
-    bwd = (a3, a3, a2, a1, i32, a3, a3, a2)  # dout, x, weight, bias, flags, dx, dw_part, db_part
+    bwd = (a3, a3, a2, a1, i32, a3, a4, a3)  # dout, x, weight, bias, flags, dx, dw_part, db_part
     return fwd, bwd
 
 
@@ -81,77 +89,96 @@ def _make_kernels(ftype, width):
     one = ftype(1.0)
     W = int(width)
     T = THREADS
-    TILE = T + W - 1  # a tile of g and its halo of W - 1 later steps
+    P = STEPS
+    NX_F = P + W - 1  # x read by a forward thread: its steps and the W - 1 before
+    NX_B = P + 2 * (W - 1)  # the backward's: also the W - 1 after
+    NG = P + W - 1  # g at a backward thread's steps and the W - 1 after
     RED = (W + 1) * T  # the block's W + 1 partial sums, row k at k * T
-
-    @inline_device
-    def pre_at(x, w, bias, has_bias, b, c, t):
-        acc = bias[c] if has_bias else zero
-        for k in range(W):
-            s = t - (W - 1) + k
-            if s >= 0:
-                acc += w[c, k] * x[b, c, s]
-        return acc
 
     _, sigmoid = activations(ftype)
 
+    @inline_device
+    def row_start(n_rows_blocks, C):
+        """``(b, c, block in the row, first step of this thread)``."""
+        blk = cuda.blockIdx.x
+        bc = blk // n_rows_blocks
+        j = blk - bc * n_rows_blocks
+        b = bc // C
+        return b, bc - b * C, j, (j * T + cuda.threadIdx.x) * P
+
+    @inline_device
+    def read_row(x, w, bias, flags, b, c, t0, L, xs, n, wk):
+        """Into registers: ``xs[i] = x[b, c, t0 - (W-1) + i]`` for ``i < n``
+        (zero outside ``0 .. L - 1``) and ``wk`` the taps of channel ``c``;
+        returns its bias (zero without)."""
+        for k in range(W):
+            wk[k] = w[c, k]
+        for i in range(n):
+            s = t0 - (W - 1) + i
+            xs[i] = x[b, c, s] if s >= 0 and s < L else zero
+        return bias[c] if (flags & FLAG_BIAS) != 0 else zero
+
+    @inline_device
+    def pre_from(xs, i, wk, bias_c):
+        """``pre`` at the step whose window starts at ``xs[i]``."""
+        acc = bias_c
+        for k in range(W):
+            acc += wk[k] * xs[i + k]
+        return acc
+
     def forward(x, w, bias, flags, out):
         Bt, C, L = x.shape
-        i = cuda.grid(1)
-        if i >= Bt * C * L:
+        n_blocks = (L + T * P - 1) // (T * P)
+        b, c, _, t0 = row_start(n_blocks, C)
+        if t0 >= L:
             return
-        bc = i // L
-        t = i - bc * L
-        b = bc // C
-        c = bc - b * C
-        acc = pre_at(x, w, bias, (flags & FLAG_BIAS) != 0, b, c, t)
-        if flags & FLAG_SILU:
-            acc = acc * sigmoid(acc)
-        out[b, c, t] = acc
+        xs = cuda.local.array(NX_F, nb_ftype)
+        wk = cuda.local.array(W, nb_ftype)
+        bias_c = read_row(x, w, bias, flags, b, c, t0, L, xs, NX_F, wk)
+        for i in range(P):
+            t = t0 + i
+            if t < L:
+                acc = pre_from(xs, i, wk, bias_c)
+                if flags & FLAG_SILU:
+                    acc = acc * sigmoid(acc)
+                out[b, c, t] = acc
 
     def backward(dout, x, w, bias, flags, dx, dw_part, db_part):
         Bt, C, L = x.shape
-        has_bias = (flags & FLAG_BIAS) != 0
-        silu = (flags & FLAG_SILU) != 0
-        bc = cuda.blockIdx.x
+        b, c, j, t0 = row_start(dw_part.shape[1], C)
         tid = cuda.threadIdx.x
-        b = bc // C
-        c = bc - b * C
-        g_sh = cuda.shared.array(TILE, nb_ftype)
-        red = cuda.shared.array(RED, nb_ftype)
-        acc_w = cuda.local.array(W, nb_ftype)
-        for k in range(W):
-            acc_w[k] = zero
-        acc_b = zero
-        for t0 in range(0, L, T):
-            j = tid
-            while j < TILE:
-                t = t0 + j
-                gt = zero
-                if t < L:
-                    gt = dout[b, c, t]
-                    if silu:
-                        p = pre_at(x, w, bias, has_bias, b, c, t)
-                        s = sigmoid(p)
-                        gt *= s * (one + p * (one - s))
-                g_sh[j] = gt
-                j += T
-            cuda.syncthreads()  # the tile of g is complete before threads read neighbours
-            t = t0 + tid
+        silu = (flags & FLAG_SILU) != 0
+        xs = cuda.local.array(NX_B, nb_ftype)
+        g = cuda.local.array(NG, nb_ftype)
+        wk = cuda.local.array(W, nb_ftype)
+        bias_c = read_row(x, w, bias, flags, b, c, t0, L, xs, NX_B, wk)
+        for i in range(NG):
+            t = t0 + i
+            gt = zero
             if t < L:
-                gt = g_sh[tid]
-                acc_b += gt
+                gt = dout[b, c, t]
+                if silu:
+                    p = pre_from(xs, i, wk, bias_c)
+                    sg = sigmoid(p)
+                    gt *= sg * (one + p * (one - sg))
+            g[i] = gt
+        for i in range(P):  # (g is zero past L: no terms from there)
+            t = t0 + i
+            if t < L:
                 acc = zero
                 for k in range(W):
-                    s = t - (W - 1) + k
-                    if s >= 0:
-                        acc_w[k] += gt * x[b, c, s]
-                    acc += w[c, k] * g_sh[tid + (W - 1) - k]
+                    acc += wk[k] * g[i + (W - 1) - k]
                 dx[b, c, t] = acc
-            cuda.syncthreads()  # every thread has read the tile before the next overwrites it
+        red = cuda.shared.array(RED, nb_ftype)
         for k in range(W):
-            red[k * T + tid] = acc_w[k]
-        red[W * T + tid] = acc_b
+            acc = zero
+            for i in range(P):
+                acc += g[i] * xs[i + k]
+            red[k * T + tid] = acc
+        acc = zero
+        for i in range(P):
+            acc += g[i]
+        red[W * T + tid] = acc
         cuda.syncthreads()  # all partial sums are in shared memory
         stride = T // 2
         while stride > 0:  # same trip count in every thread
@@ -161,9 +188,9 @@ def _make_kernels(ftype, width):
             cuda.syncthreads()  # this halving step is done before the next reads it
             stride //= 2
         if tid < W:
-            dw_part[b, c, tid] = red[tid * T]
+            dw_part[b, j, c, tid] = red[tid * T]
         elif tid == W:
-            db_part[b, c] = red[W * T]
+            db_part[b, j, c] = red[W * T]
 
     return forward, backward
 
@@ -189,6 +216,11 @@ def ptx_signatures(widths=(4,)):
             yield (f"conv1d_backward_{tag}", bwd_py, bwd_t, dtype == np.float32, (THREADS,))
 
 
+def _row_blocks(L):
+    """Blocks per (batch, channel) row of ``L`` steps."""
+    return max(1, -(-L // (THREADS * STEPS)))
+
+
 def _flags(bias, silu):
     return np.int32((FLAG_BIAS if bias is not None else 0) | (FLAG_SILU if silu else 0))
 
@@ -200,8 +232,7 @@ def conv1d_forward(x, weight, bias, silu):
     Bt, C, L = x.shape
     fwd, _ = get_kernels(x.dtype, weight.shape[1])
     out = cupy.empty_like(x)
-    n = Bt * C * L
-    launch(fwd, (n + THREADS - 1) // THREADS, THREADS, "current",
+    launch(fwd, Bt * C * _row_blocks(L), THREADS, "current",
            (x, weight, dummy(cupy, x.dtype, 1) if bias is None else bias, _flags(bias, silu), out))
     return out
 
@@ -214,9 +245,10 @@ def conv1d_backward(dout, x, weight, bias, silu):
     W = weight.shape[1]
     _, bwd = get_kernels(x.dtype, W)
     dx = cupy.empty_like(x)
-    dw_part = cupy.empty((Bt, C, W), x.dtype)
-    db_part = cupy.empty((Bt, C), x.dtype)
-    launch(bwd, Bt * C, THREADS, "current",
+    nT = _row_blocks(L)
+    dw_part = cupy.empty((Bt, nT, C, W), x.dtype)
+    db_part = cupy.empty((Bt, nT, C), x.dtype)
+    launch(bwd, Bt * C * nT, THREADS, "current",
            (dout, x, weight, dummy(cupy, x.dtype, 1) if bias is None else bias, _flags(bias, silu),
             dx, dw_part, db_part))
-    return dx, dw_part.sum(axis=0), None if bias is None else db_part.sum(axis=0)
+    return dx, dw_part.sum(axis=(0, 1)), None if bias is None else db_part.sum(axis=(0, 1))

@@ -122,6 +122,15 @@ class Settings:
     blocks_tuning : mapping
         ``dtype -> (threads, items)`` of the block engine where the caller
         gives none.
+    gemm_tuning : bool
+        Default True.  ``blas.matmul`` times, at the first eager call of each
+        GEMM shape of at least ``gemm_tuning_min_flops``, cuBLAS's own call
+        against the algorithms cuBLASLt proposes for it, and keeps the
+        fastest for the process (``blas.choices``).  Off, or with
+        ``deterministic`` on (the choice could differ between processes), every
+        GEMM takes cuBLAS's own call.
+    gemm_tuning_min_flops : int
+        ``2 m n k batch`` from which a GEMM is tuned.
 
     Examples
     --------
@@ -153,6 +162,8 @@ class Settings:
     min_blocks: types.MappingProxyType = dataclasses.field(default_factory=_default_min_blocks)
     blocks_tuning: types.MappingProxyType = dataclasses.field(
         default_factory=_default_blocks_tuning)
+    gemm_tuning: bool = True
+    gemm_tuning_min_flops: int = 1 << 28
 
     def __setattr__(self, name, value):
         _set(self, name, _checked(name, value))
@@ -203,7 +214,7 @@ class Settings:
 
 
 _POSITIVE = ("save_every", "min_recurrences", "target_blocks", "backward_target_blocks",
-             "min_segment", "long_segment", "long_segment_waves")
+             "min_segment", "long_segment", "long_segment_waves", "gemm_tuning_min_flops")
 
 
 _GENERATION = [0]
@@ -223,7 +234,7 @@ def _checked(name, value):
     if name == "engine":
         if value not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {value!r}")
-    elif name in ("raw_launch", "direct_half", "deterministic"):
+    elif name in ("raw_launch", "direct_half", "deterministic", "gemm_tuning"):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
         value = bool(value)

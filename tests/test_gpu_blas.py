@@ -116,3 +116,68 @@ def test_captured_equals_eager_bit_for_bit():
     step()
     eager = blas.matmul(a, b)
     assert cupy.array_equal(out, eager)
+
+
+def _bound(a, b, k, dtype):
+    """A rounding bound of a computed ``a @ b`` whatever the summation order:
+    ``k * eps * (|a| @ |b|)`` (the classic ``gamma_k`` bound, first order)."""
+    return k * np.finfo(dtype).eps * (np.abs(a) @ np.abs(b))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pattern", ["shared_a", "batched_t", "folded"])
+def test_tuned_shapes_are_right_and_replay_bit_for_bit(dtype, pattern):
+    """A tuned shape (cuBLASLt or cuBLAS, whichever timed faster) is right
+    to the rounding bound, also with ``beta``, and a captured graph replays
+    the tuned choice: identical bits to the eager call."""
+    from numba_mamba.cuda_kernels.settings import settings
+
+    rng = np.random.default_rng(4)
+    if pattern == "shared_a":  # weight @ channels-first activations
+        a, b = _arr(rng, (192, 160), dtype), _arr(rng, (3, 160, 256), dtype)
+    elif pattern == "batched_t":  # dout @ x^T per batch (a weight gradient)
+        a = _arr(rng, (3, 192, 256), dtype)
+        b = cupy.swapaxes(_arr(rng, (3, 160, 256), dtype), -1, -2)
+    else:  # tokens @ weight.T (batch folded into rows)
+        a, b = _arr(rng, (3, 256, 160), dtype), _arr(rng, (160, 192), dtype, transposed=True)
+    with settings.override(gemm_tuning=True, gemm_tuning_min_flops=1, deterministic=False):
+        got = blas.matmul(a, b)
+        want = cupy.asnumpy(a).astype(np.float64) @ cupy.asnumpy(b).astype(np.float64)
+        k = a.shape[-1]
+        bound = _bound(cupy.asnumpy(a).astype(np.float64), cupy.asnumpy(b).astype(np.float64),
+                       k, dtype)
+        err = np.abs(cupy.asnumpy(got) - want)
+        assert np.all(err <= bound), f"error {err.max()} beyond the bound {bound.min()}..."
+        assert got.dtype == dtype
+        plan = blas._plan(a, b)
+        key = (plan.m, plan.n, plan.k, plan.batch, np.dtype(dtype).name)
+        assert key in blas.choices(), (key, blas.choices())
+        print("choice", key, blas.choices()[key])
+        before = cupy.asarray(rng.standard_normal(got.shape).astype(dtype))
+        acc = before.copy()
+        blas.matmul(a, b, out=acc, beta=1.0)
+        err = np.abs(cupy.asnumpy(acc) - cupy.asnumpy(before) - want)
+        assert np.all(err <= bound + 2 * np.finfo(dtype).eps * np.abs(cupy.asnumpy(acc))), \
+            f"with beta: error {err.max()}"
+        out = cupy.empty(got.shape, dtype)
+        step = CapturedStep(lambda: blas.matmul(a, b, out=out), graph=True)
+        step()
+        step()
+        assert step.captured
+        b[...] = cupy.asarray(rng.standard_normal(b.shape).astype(dtype))
+        step()
+        eager = blas.matmul(a, b)
+        assert cupy.array_equal(out, eager), \
+            f"replay differs from eager by {float(cupy.abs(out - eager).max())}"
+
+
+def test_no_tuning_when_deterministic_or_off():
+    from numba_mamba.cuda_kernels.settings import settings
+
+    rng = np.random.default_rng(5)
+    for i, fields in enumerate([dict(deterministic=True), dict(gemm_tuning=False)]):
+        a, b = _arr(rng, (96 + i, 64), np.float32), _arr(rng, (2, 64, 80), np.float32)
+        with settings.override(gemm_tuning_min_flops=1, **fields):
+            blas.matmul(a, b)
+        plan = blas._plan(a, b)
+        assert (plan.m, plan.n, plan.k, plan.batch, "float32") not in blas.choices()

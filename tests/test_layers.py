@@ -117,6 +117,24 @@ def test_linear_moving_the_features_equals_a_transpose_of_the_result(axis, out_a
     np.testing.assert_allclose(moved, kept.transpose(0, 2, 1), rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("axis,out_axis", [(-1, -1), (-2, -2), (-1, -2), (-2, -1)])
+def test_linear_backward_adds_dx_to_dx_add_in_place(axis, out_axis):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 5, 6) if axis == -1 else (2, 6, 5))
+    w = rng.standard_normal((4, 6))
+    out, cache = layers.linear_forward(x, w, axis=axis, out_axis=out_axis)
+    dout = rng.standard_normal(out.shape)
+    dx, dw, _ = layers.linear_backward(dout, cache)
+    acc = rng.standard_normal(x.shape)
+    before = acc.copy()
+    dx2, dw2, _ = layers.linear_backward(dout, cache, dx_add=acc)
+    assert dx2 is acc
+    np.testing.assert_allclose(acc, before + dx, rtol=1e-14, atol=1e-14)
+    np.testing.assert_array_equal(dw2, dw)
+    with pytest.raises(ValueError, match="dx_add"):
+        layers.linear_backward(dout, cache, dx_add=np.zeros((3,) + x.shape[1:]))
+
+
 def test_linear_rejects_unknown_out_axis():
     with pytest.raises(ValueError, match=r"^out_axis must be -1 or -2, got 1"):
         layers.linear_forward(np.zeros((3, 4)), np.zeros((5, 4)), out_axis=1)
