@@ -6,15 +6,11 @@ a direct head for ``horizon`` steps and an optional ridge linear skip; the publi
 """
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 
 from ._validation import array_namespace, is_cupy_array
-from .layers import (conv1d_backward, conv1d_forward, linear_backward, linear_forward,
-                      rmsnorm_backward, rmsnorm_forward, selective_scan_backward,
-                      selective_scan_forward, softplus_backward, softplus_forward)
-from .models import MambaConfig, init_params, layer_params, model_backward, model_forward
+from .models import MambaConfig, init_params, model_backward, model_forward
 from .optim import AdamW, warmup_cosine
 from .training import TrainStep, seed_everything
 from ._ts_base import SCALERS, Scaler, _as_2d, _check_finite, _check_int
@@ -29,107 +25,27 @@ COMBINE = ("mean", "median")
 # ---------------------------------------------------------------- the time-aware model
 
 
-class TimedBlockCache(NamedTuple):
-    """What :func:`_timed_block_forward` keeps for :func:`_timed_block_backward`."""
-
-    in_x: object  # LinearCache of in_proj (input u (Bt, L, d_model))
-    conv: object  # Conv1dCache (Bt, d_inner, L)
-    x_proj: object  # LinearCache, channels first: xc (Bt, d_inner, L)
-    dt_proj: object  # LinearCache with bias, channels first: dt_low (Bt, R, L)
-    softplus: object  # (dt_raw,) with dt_raw (Bt, d_inner, L)
-    scan: object  # ScanCache
-    out_proj: object  # LinearCache: y^T (Bt, L, d_inner)
-    A: object  # (d_inner, N)
-    dtau: object  # (Bt, 1, L) time step in units of tau
-    rank: int
-
-
-def _timed_block_forward(u, p, dtau):
-    """Mamba block whose selective step is ``softplus(dt_proj(x) + b) * dtau``."""
-    xp = array_namespace(u=u, dtau=dtau)
-    di = p["in_proj.weight"].shape[0] // 2
-    xz, c_in = linear_forward(u, p["in_proj.weight"], p.get("in_proj.bias"))  # (Bt, L, 2di)
-    xs = xp.ascontiguousarray(xz[..., :di].transpose(0, 2, 1))  # (Bt, di, L)
-    z = xp.ascontiguousarray(xz[..., di:].transpose(0, 2, 1))
-    xc, c_conv = conv1d_forward(xs, p["conv1d.weight"], p.get("conv1d.bias"),
-                                activation="silu")
-    A = -xp.exp(p["A_log"])  # (di, N)
-    N = A.shape[1]
-    R = p["dt_proj.weight"].shape[1]
-    x_dbl, c_xproj = linear_forward(xc, p["x_proj.weight"], axis=-2)  # (Bt, R+2N, L)
-    dt_raw, c_dt = linear_forward(x_dbl[:, :R], p["dt_proj.weight"], p["dt_proj.bias"],
-                                  axis=-2)  # (Bt, di, L)
-    sp, c_sp = softplus_forward(dt_raw)
-    dtau3 = dtau[:, None, :]  # (Bt, 1, L)
-    y, last, c_scan = selective_scan_forward(xc, sp * dtau3, A, x_dbl[:, R:R + N],
-                                             x_dbl[:, R + N:], D=p["D"], z=z)
-    out, c_out = linear_forward(y.transpose(0, 2, 1), p["out_proj.weight"],
-                                p.get("out_proj.bias"))  # (Bt, L, d_model)
-    return out, TimedBlockCache(c_in, c_conv, c_xproj, c_dt, c_sp, c_scan, c_out, A, dtau3, R)
-
-
-def _timed_block_backward(dout, c):
-    xp = array_namespace(dout=dout, A=c.A)
-    g = {}
-    dyT, g["out_proj.weight"], db = linear_backward(dout, c.out_proj)
-    if db is not None:
-        g["out_proj.bias"] = db
-    s = selective_scan_backward(dyT.transpose(0, 2, 1), c.scan)
-    g["A_log"] = s.dA * c.A
-    g["D"] = s.dD
-    ddt_raw = softplus_backward(s.ddelta * c.dtau, c.softplus)  # delta = softplus(dt_raw) dtau
-    ddt_low, g["dt_proj.weight"], g["dt_proj.bias"] = linear_backward(ddt_raw, c.dt_proj)
-    R, N = c.rank, c.A.shape[1]
-    Bt, di, L = s.du.shape
-    dx_dbl = xp.empty((Bt, R + 2 * N, L), dtype=s.du.dtype)
-    dx_dbl[:, :R] = ddt_low
-    dx_dbl[:, R:R + N] = s.dB
-    dx_dbl[:, R + N:] = s.dC
-    dxc2, g["x_proj.weight"], _ = linear_backward(dx_dbl, c.x_proj)
-    dxs, g["conv1d.weight"], dcb = conv1d_backward(s.du + dxc2, c.conv)
-    if dcb is not None:
-        g["conv1d.bias"] = dcb
-    dxz = xp.empty((Bt, L, 2 * di), dtype=dxs.dtype)
-    dxz[..., :di] = dxs.transpose(0, 2, 1)
-    dxz[..., di:] = s.dz.transpose(0, 2, 1)
-    du, g["in_proj.weight"], dbin = linear_backward(dxz, c.in_x)
-    if dbin is not None:
-        g["in_proj.bias"] = dbin
-    return du, g
-
-
-class TimedModelCache(NamedTuple):
-    """What :func:`timed_model_forward` keeps for :func:`timed_model_backward`."""
-
-    config: object
-    stem: object  # LinearCache of the encoder
-    norms: list  # RMSNormCache per layer
-    blocks: list  # TimedBlockCache per layer
-    norm_f: object
-    head: object  # LinearCache of the decoder
-
-
 def timed_model_forward(inputs, params, config, dtau):
-    """Regression model of :mod:`numba_mamba.models` with an external time step per sample.
+    """:func:`~numba_mamba.models.model_forward` with a time factor per sample, ``dtau``.
 
-    The same residual stack, norms, encoder and decoder as
-    :func:`~numba_mamba.models.model_forward`, with every block's selective
-    step multiplied by ``dtau``: ``delta = softplus(dt_proj(x) + b) * dtau``.
+    Every block's selective step is ``softplus(dt_proj(x) + b) * dtau``; the
+    form with ``dtau`` as the fourth positional argument is what a
+    :class:`~numba_mamba.training.TrainStep`'s ``forward`` takes (its
+    ``extra`` arrays), with :func:`timed_model_backward` as ``backward``.
 
     Parameters
     ----------
     inputs : array, shape (Bt, L, d_input)
     params : dict
-        From :func:`~numba_mamba.models.init_params` (``block="mamba"``).
+        From :func:`~numba_mamba.models.init_params`.
     config : MambaConfig
-        A regression config.
     dtau : array, shape (Bt, L)
-        Positive time step before each sample (dtype of ``inputs``).
+        Time step before each sample in units of ``tau`` (the parameters' dtype).
 
     Returns
     -------
     out : array, shape (Bt, L, d_output)
-    cache : TimedModelCache
+    cache : ModelCache
 
     Examples
     --------
@@ -142,53 +58,12 @@ def timed_model_forward(inputs, params, config, dtau):
     >>> bool(np.allclose(out, models.model_forward(x, params, cfg)[0]))  # dtau = 1: plain Mamba
     True
     """
-    if config.head != "regression" or config.block != "mamba":
-        raise ValueError(f"config must be a regression model of Mamba blocks, got head "
-                         f"{config.head!r}, block {config.block!r}")
-    if inputs.ndim != 3 or inputs.shape[-1] != config.d_input:
-        raise ValueError(f"inputs must have shape (batch, length, {config.d_input}), "
-                         f"got {tuple(inputs.shape)}")
-    if tuple(dtau.shape) != tuple(inputs.shape[:2]):
-        raise ValueError(f"dtau must have shape {tuple(inputs.shape[:2])} (batch, length), "
-                         f"got {tuple(dtau.shape)}")
-    h, c_stem = linear_forward(inputs, params["encoder.weight"], params["encoder.bias"])
-    norms, blocks = [], []
-    for i in range(config.n_layers):
-        hn, c_norm = rmsnorm_forward(h, params[f"layers.{i}.norm.weight"], config.norm_eps)
-        o, c_blk = _timed_block_forward(hn, layer_params(params, i), dtau)
-        h = h + o
-        norms.append(c_norm)
-        blocks.append(c_blk)
-    hf, c_normf = rmsnorm_forward(h, params["norm_f.weight"], config.norm_eps)
-    out, c_head = linear_forward(hf, params["decoder.weight"], params["decoder.bias"])
-    return out, TimedModelCache(config, c_stem, norms, blocks, c_normf, c_head)
+    return model_forward(inputs, params, config, dtau=dtau)
 
 
 def timed_model_backward(dout, cache):
-    """Gradients of :func:`timed_model_forward`: ``(dinputs, grads)`` like
-    :func:`~numba_mamba.models.model_backward` (``dtau`` gets none)."""
-    g = {}
-    dhf, g["decoder.weight"], g["decoder.bias"] = linear_backward(dout, cache.head)
-    dh, g["norm_f.weight"] = rmsnorm_backward(dhf, cache.norm_f)
-    for i in reversed(range(cache.config.n_layers)):
-        dhn, gb = _timed_block_backward(dh, cache.blocks[i])
-        for k, v in gb.items():
-            g[f"layers.{i}.mixer.{k}"] = v
-        dh_norm, g[f"layers.{i}.norm.weight"] = rmsnorm_backward(dhn, cache.norms[i])
-        dh = dh + dh_norm
-    dinputs, g["encoder.weight"], g["encoder.bias"] = linear_backward(dh, cache.stem)
-    return dinputs, g
-
-
-def _forward(inputs, params, config, dtau):
-    if dtau is None:
-        return model_forward(inputs, params, config)
-    return timed_model_forward(inputs, params, config, dtau)
-
-
-def _backward(dout, cache):
-    if isinstance(cache, TimedModelCache):
-        return timed_model_backward(dout, cache)
+    """Gradients of :func:`timed_model_forward`: :func:`~numba_mamba.models.model_backward`
+    (``dtau`` gets none)."""
     return model_backward(dout, cache)
 
 
@@ -710,7 +585,7 @@ class _LookbackModel:
         L = self.settings["lookback"]
         starts = np.asarray(val_ends) - (L - 1)
         x, y, dtau, _, sd = self._window(starts, "last", with_scale=True)
-        out, _ = _forward(x, params, self.config_, dtau)
+        out, _ = model_forward(x, params, self.config_, dtau=dtau)
         d = out[:, -1] - y[:, -1]  # (B, H*C)
         if sd is not None:  # instance-normalised: back to the scaler's units
             d = (d.reshape(d.shape[0], -1, self.n_channels_) * sd).reshape(d.shape)
@@ -728,7 +603,7 @@ class _LookbackModel:
         mu = sd = None
         if self.settings["instance_norm"]:
             x, _, mu, sd = self._instance_norm(x)
-        out = _forward(x, params, self.config_, dtau)[0][:, -1].astype(np.float64)  # (B, H*C)
+        out = model_forward(x, params, self.config_, dtau=dtau)[0][:, -1].astype(np.float64)  # (B, H*C)
         B, C = out.shape[0], self.n_channels_
         out = out.reshape(B, -1, C)
         if sd is not None:
@@ -754,7 +629,8 @@ class _LookbackModel:
         # graph replayed per step on the GPU, eager on NumPy; losses are read at evaluations
         timed = self._data[2] is not None and self._use_delta
         ts = TrainStep(params, self.config_, opt, max_grad_norm=s["max_grad_norm"],
-                       **(dict(forward=_forward, backward=_backward) if timed else {}))
+                       **(dict(forward=timed_model_forward, backward=timed_model_backward)
+                          if timed else {}))
         xp = self.xp_
         masked = train_on == "last" or self._data[3] is not None  # (see _window)
         warm = min(s["warmup_steps"], s["steps"])
@@ -958,7 +834,7 @@ class _LookbackModel:
         if self.settings["instance_norm"]:
             x, _, mu, sd = self._instance_norm(x)
         dt = None if dtau is None or not self._use_delta else dtau.astype(self.dtype_)[None]
-        outs = [_forward(x, params, self.config_, dt)[0][0, -1].reshape(H, C).astype(np.float64)
+        outs = [model_forward(x, params, self.config_, dtau=dt)[0][0, -1].reshape(H, C).astype(np.float64)
                 for params in self.members_]
         outs = xp.stack(outs)  # (n_members, H, C)
         if sd is not None:

@@ -57,7 +57,8 @@ from ._cpu_threads import blas_limited
 from ._validation import array_namespace, check_shape
 from .layers import (embedding_backward, embedding_forward, linear_backward, linear_forward,
                      rmsnorm_backward, rmsnorm_forward, conv1d_backward, conv1d_forward,
-                     selective_scan_backward, selective_scan_forward)
+                     selective_scan_backward, selective_scan_forward, softplus_backward,
+                     softplus_forward)
 
 __all__ = [
     "MambaConfig", "MambaBlockCache", "ModelCache",
@@ -411,9 +412,24 @@ class MambaBlockCache(NamedTuple):
     lti: bool
     rank: int  # R (0 for LTI)
     continued: bool = False  # from an initial state: conv.x starts with d_conv - 1 earlier inputs
+    softplus: object = None  # with dtau: cache of the softplus of the raw step (Bt, d_inner, L)
+    dtau: object = None  # with dtau: the time factor as (Bt, 1, L)
 
 
-def mamba_block_forward(u, params, initial_state=None):
+def _check_dtau(dtau, batch_length, dtype, xp):
+    """Raise unless the time factor ``dtau`` is an array of ``xp`` of shape
+    ``batch_length`` and ``dtype`` (its values are not read: no waiting for the device)."""
+    if not (hasattr(dtau, "shape") and hasattr(dtau, "dtype")) \
+            or array_namespace(dtau=dtau) is not xp:
+        raise TypeError(f"dtau must be a {xp.__name__} array like the inputs, got "
+                        f"{type(dtau).__name__}")
+    check_shape("dtau", dtau, batch_length, "(batch, length)")
+    if dtau.dtype != dtype:
+        raise TypeError(f"dtau must have dtype {np.dtype(dtype)} like the parameters, got "
+                        f"{dtau.dtype}")
+
+
+def mamba_block_forward(u, params, initial_state=None, dtau=None):
     """Forward of one Mamba block (selective, or LTI when it has no ``x_proj``).
 
     Parameters
@@ -431,6 +447,15 @@ def mamba_block_forward(u, params, initial_state=None):
         convolution's input), ``ssm_state (Bt, d_inner, N)`` is the scan's
         ``initial_state``.  Default: the zero state.  A forward with an
         initial state has no backward here (inference only).
+    dtau : array, shape (Bt, L), optional
+        A time factor per sample (of ``u``'s dtype) that multiplies the
+        scan's step after the softplus: ``delta = softplus(dt_proj(x) +
+        dt_bias) * dtau`` (LTI: ``softplus(dt_bias) * dtau``), so the state
+        decays over ``dtau`` times the learned step (irregular sampling,
+        :mod:`numba_mamba.timeseries`).  Its values are not checked (that
+        would wait for the device): positive and finite, or 0 where a
+        sample is to leave the state as it is.  Default: none, the plain
+        block (``dtau = 1`` gives the same outputs up to rounding).
 
     Returns
     -------
@@ -448,11 +473,16 @@ def mamba_block_forward(u, params, initial_state=None):
     >>> du, grads = models.mamba_block_backward(np.ones_like(out), cache)
     >>> out.shape, du.shape, grads["A_log"].shape
     ((2, 5, 8), (2, 5, 8), (16, 4))
+    >>> same, _ = models.mamba_block_forward(u, p, dtau=np.ones((2, 5)))  # a unit time factor
+    >>> bool(np.allclose(same, out))
+    True
     """
     xp = array_namespace(u=u, **{k.replace(".", "_"): v for k, v in params.items()})
     if u.ndim != 3:
         raise ValueError(f"u must have 3 dims (batch, length, d_model), got shape "
                          f"{tuple(u.shape)}")
+    if dtau is not None:
+        _check_dtau(dtau, u.shape[:2], u.dtype, xp)
     p = params
     di = p["in_proj.weight"].shape[0] // 2
     lti = "x_proj.weight" not in p
@@ -474,22 +504,30 @@ def mamba_block_forward(u, params, initial_state=None):
     N = A.shape[1]
     if lti:
         R = 0
-        c_xproj = c_dt = None
-        delta = xp.zeros_like(xc)  # delta = softplus(0 + dt_bias) at every step
-        y, last, c_scan = selective_scan_forward(
-            xc, delta, A, p["B"], p["C"], D=p["D"], z=z, delta_bias=p["dt_bias"],
-            delta_softplus=True, initial_state=h0)
+        c_xproj = c_dt = dt = None  # delta = softplus(0 + dt_bias) at every step
+        B, C, bias = p["B"], p["C"], p["dt_bias"]
     else:
         R = p["dt_proj.weight"].shape[1]
         x_dbl, c_xproj = linear_forward(xc, p["x_proj.weight"], axis=-2)  # (Bt, R+2N, L)
-        dt, c_dt = linear_forward(x_dbl[:, :R], p["dt_proj.weight"], axis=-2)  # (Bt, di, L)
+        B, C, bias = x_dbl[:, R:R + N], x_dbl[:, R + N:], p["dt_proj.bias"]
+        # (Bt, di, L); with dtau the bias is added here, not by the scan
+        dt, c_dt = linear_forward(x_dbl[:, :R], p["dt_proj.weight"],
+                                  None if dtau is None else bias, axis=-2)
+    c_sp = dtau3 = None
+    if dtau is None:
         y, last, c_scan = selective_scan_forward(
-            xc, dt, A, x_dbl[:, R:R + N], x_dbl[:, R + N:], D=p["D"], z=z,
-            delta_bias=p["dt_proj.bias"], delta_softplus=True, initial_state=h0)  # y (Bt, di, L)
+            xc, xp.zeros_like(xc) if lti else dt, A, B, C, D=p["D"], z=z, delta_bias=bias,
+            delta_softplus=True, initial_state=h0)  # y (Bt, di, L)
+    else:  # delta = softplus(dt + bias) * dtau, made before the scan
+        dtau3 = dtau[:, None, :]  # (Bt, 1, L)
+        sp, c_sp = softplus_forward(bias if lti else dt)
+        delta = (sp[:, None] if lti else sp) * dtau3
+        y, last, c_scan = selective_scan_forward(xc, delta, A, B, C, D=p["D"], z=z,
+                                                 initial_state=h0)
     out, c_out = linear_forward(y, p["out_proj.weight"], p.get("out_proj.bias"), axis=-2,
                                 out_axis=-1)  # (Bt, L, d_model)
     return out, MambaBlockCache((c_inx, c_inz), c_conv, c_xproj, c_dt, c_scan, c_out, A, last, lti, R,
-                                initial_state is not None)
+                                initial_state is not None, c_sp, dtau3)
 
 
 def mamba_block_backward(dout, cache):
@@ -518,13 +556,21 @@ def mamba_block_backward(dout, cache):
     g["A_log"] = s.dA * c.A  # A = -exp(A_log): dA_log = dA * A
     g["D"] = s.dD
     dxc = s.du  # (Bt, di, L)
+    ddelta = s.ddelta if c.dtau is None else s.ddelta * c.dtau  # d(delta / dtau)
     if c.lti:
-        g["dt_bias"], g["B"], g["C"] = s.ddelta_bias, s.dB, s.dC
+        g["dt_bias"] = s.ddelta_bias if c.dtau is None else \
+            softplus_backward(ddelta.sum(axis=(0, 2)), c.softplus)
+        g["B"], g["C"] = s.dB, s.dC
     else:
         R = c.rank
         N = c.A.shape[1]
-        g["dt_proj.bias"] = s.ddelta_bias
-        ddt_low, g["dt_proj.weight"], _ = linear_backward(s.ddelta, c.dt_proj)  # (Bt, R, L)
+        if c.dtau is None:
+            g["dt_proj.bias"] = s.ddelta_bias
+            ddt_low, g["dt_proj.weight"], _ = linear_backward(ddelta, c.dt_proj)  # (Bt, R, L)
+        else:  # the bias went through dt_proj's linear and the softplus before the scan
+            ddt_low, dW, g["dt_proj.bias"] = linear_backward(
+                softplus_backward(ddelta, c.softplus), c.dt_proj)
+            g["dt_proj.weight"] = dW
         Bt, _, L = dxc.shape
         dx_dbl = xp.empty((Bt, R + 2 * N, L), dtype=dxc.dtype)
         dx_dbl[:, :R] = ddt_low
@@ -609,7 +655,7 @@ def _as_array_like_params(x, params, integer):
 @_blas_limited_on_cpu(_params_arg(1))
 def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
                   initial_state: Any = None, sync: bool = True,
-                  keep_cache: bool = True) -> tuple:
+                  keep_cache: bool = True, dtau: Any = None) -> tuple:
     """Forward of the whole model: stem, residual stack of pre-norm blocks, head.
 
     Parameters
@@ -632,6 +678,13 @@ def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
         input, so the peak memory is that of one block (with the cache, all
         layers' activations live until the backward); the outputs are the
         same to the bit.
+    dtau : array, shape (Bt, L), optional
+        A time factor per sample, of the parameters' dtype, that multiplies
+        every block's step after the softplus (see
+        :func:`mamba_block_forward`): with sample times ``t`` and a time unit
+        ``tau``, ``dtau_k = (t_k - t_{k-1}) / tau`` makes the state decay
+        over the real time elapsed.  :func:`model_backward` gives no gradient
+        for it.  Default: none, the plain model.
 
     Returns
     -------
@@ -652,9 +705,16 @@ def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
     >>> same, none = models.model_forward(np.array([[1, 2, 3]]), params, cfg, keep_cache=False)
     >>> bool((same == logits).all()), none
     (True, None)
+    >>> slow, _ = models.model_forward(np.array([[1, 2, 3]]), params, cfg,
+    ...                                dtau=np.full((1, 3), 0.5, np.float32))
+    >>> slow.shape
+    (1, 3, 11)
     """
     check_params(params, config)
     inputs = _check_inputs(inputs, config, params)
+    if dtau is not None:
+        w = params["norm_f.weight"]
+        _check_dtau(dtau, inputs.shape[:2], w.dtype, array_namespace(w=w))
     if config.head == "lm":
         h, c_stem = embedding_forward(inputs, params["embedding.weight"], sync=sync)
     else:
@@ -664,7 +724,8 @@ def model_forward(inputs: Any, params: Mapping[str, Any], config: "MambaConfig",
         hn, c_norm = rmsnorm_forward(h, params[f"layers.{i}.norm.weight"], config.norm_eps)
         o, c_blk = mamba_block_forward(
             hn, layer_params(params, i),
-            None if initial_state is None else (initial_state[0][i], initial_state[1][i]))
+            None if initial_state is None else (initial_state[0][i], initial_state[1][i]),
+            dtau=dtau)
         h = h + o
         if keep_cache:
             norms.append(c_norm)

@@ -144,6 +144,32 @@ def test_model_gpu_matches_cpu_float64():
 
 
 @pytest.mark.parametrize("block", ["mamba", "lti"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_model_with_dtau_gpu_matches_cpu(block, dtype):
+    cfg = models.MambaConfig(d_model=32, n_layers=2, d_input=3, d_output=2, d_state=8,
+                             block=block)
+    params = models.init_params(cfg, seed=6, dtype=dtype)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 200, 3)).astype(dtype)
+    dtau = rng.uniform(0.0, 3.0, (3, 200)).astype(dtype)
+    R = rng.standard_normal((3, 200, 2)).astype(dtype)
+    out, c = models.model_forward(x, params, cfg, dtau=dtau)
+    gout, gc = models.model_forward(cupy.asarray(x), _gpu(params), cfg, dtau=cupy.asarray(dtau))
+    assert isinstance(gout, cupy.ndarray) and gout.dtype == dtype
+    tol = TOL32 if dtype == np.float32 else TOL64
+    gtol = (1e-3, 1e-4) if dtype == np.float32 else (1e-9, 1e-11)
+    assert_close("out", gout, out, **tol)
+    dx, g = models.model_backward(R, c)
+    gdx, gg = models.model_backward(cupy.asarray(R), gc)
+    assert_close("dinputs", gdx, dx, *gtol)
+    for k in g:
+        assert_close(k, gg[k], g[k], *gtol)
+    with pytest.raises(TypeError, match=r"^dtau must be a cupy array like the inputs, got "
+                                        r"ndarray"):
+        models.model_forward(cupy.asarray(x), _gpu(params), cfg, dtau=dtau)
+
+
+@pytest.mark.parametrize("block", ["mamba", "lti"])
 def test_gpu_step_equals_gpu_parallel_forward_and_cpu_step(block):
     cfg = models.MambaConfig(d_model=32, n_layers=2, vocab_size=17, d_state=8, block=block)
     params = _gpu(models.init_params(cfg, seed=4))

@@ -24,6 +24,18 @@ def test_gpu_engine_matches_cpu_engine():
     np.testing.assert_allclose(cupy.asnumpy(gpu), cpu, rtol=1e-6, atol=1e-8)
 
 
+def test_gpu_engine_with_sample_times_matches_cpu_engine():
+    # irregular times as the scan's step: models.model_forward(..., dtau=) on the GPU
+    y = _ar2(120)
+    t = np.cumsum(np.random.default_rng(1).uniform(0.5, 1.5, 120))
+    kw = dict(lookback=10, horizon=3, steps=10, val_fraction=0.2, dtype=np.float64,
+              d_model=8, n_layers=2, d_state=4, progress=False)
+    cpu = _LookbackModel(**kw).fit(y, t=t).predict(3)
+    gpu = _LookbackModel(**kw).fit(cupy.asarray(y), t=cupy.asarray(t)).predict(3)
+    assert isinstance(gpu, cupy.ndarray)
+    np.testing.assert_allclose(cupy.asnumpy(gpu), cpu, rtol=1e-6, atol=1e-8)
+
+
 def test_gpu_forecaster_matches_cpu_and_pickles():
     y = _ar2(120)
     kw = dict(lookback=(8, 12), dtype=np.float64, **TINY)

@@ -75,20 +75,25 @@ def test_init_is_reproducible_from_the_seed():
 # ---------------------------------------------------------------- block
 
 
+@pytest.mark.parametrize("timed", [False, True], ids=["plain", "dtau"])
 @pytest.mark.parametrize("block", ["mamba", "lti"])
-def test_block_backward_matches_finite_differences(block):
+def test_block_backward_matches_finite_differences(block, timed):
     rng = np.random.default_rng(0)
     cfg = models.MambaConfig(n_layers=1, vocab_size=5, block=block, proj_bias=True, **TINY)
     p = _perturbed(models.layer_params(models.init_params(cfg, seed=0, dtype=np.float64), 0),
                    rng)
     arrays = dict(p, u=rng.standard_normal((2, 7, 4)))
     R = rng.standard_normal((2, 7, 4))
+    dtau = None
+    if timed:  # a time factor per sample; 0 leaves the state as it is
+        dtau = rng.uniform(0.2, 3.0, (2, 7))
+        dtau[1, 2] = 0.0
 
     def f():
         params = {k: v for k, v in arrays.items() if k != "u"}
-        return float((models.mamba_block_forward(arrays["u"], params)[0] * R).sum())
+        return float((models.mamba_block_forward(arrays["u"], params, dtau=dtau)[0] * R).sum())
 
-    out, cache = models.mamba_block_forward(arrays["u"], p)
+    out, cache = models.mamba_block_forward(arrays["u"], p, dtau=dtau)
     du, grads = models.mamba_block_backward(R, cache)
     assert sorted(grads) == sorted(p)
     assert_grads_match("du", du, numeric_grad(f, arrays, "u"))
@@ -96,13 +101,18 @@ def test_block_backward_matches_finite_differences(block):
         assert_grads_match(name, grads[name], numeric_grad(f, arrays, name))
 
 
-def test_lti_block_equals_its_convolution_kernel():
-    # S4D view of the LTI block: y = K * x + D x with K[k] = sum_n C_n exp(dt A_n)^k dt B_n
-    rng = np.random.default_rng(1)
+def _lti_block(seed):
+    """An LTI block's config, float64 parameters off their initial values, an input (2, 9, 4)."""
+    rng = np.random.default_rng(seed)
     cfg = models.MambaConfig(n_layers=1, d_input=2, d_output=2, block="lti", **TINY)
     p = _perturbed(models.layer_params(models.init_params(cfg, seed=0, dtype=np.float64), 0),
                    rng, 0.2)
-    u = rng.standard_normal((2, 9, 4))
+    return cfg, p, rng.standard_normal((2, 9, 4))
+
+
+def test_lti_block_equals_its_convolution_kernel():
+    # S4D view of the LTI block: y = K * x + D x with K[k] = sum_n C_n exp(dt A_n)^k dt B_n
+    cfg, p, u = _lti_block(1)
     out, _ = models.mamba_block_forward(u, p)
     di = cfg.d_inner
     xz = u @ p["in_proj.weight"].T
@@ -145,6 +155,99 @@ def test_block_rejects_2d_input():
     p = models.layer_params(models.init_params(cfg), 0)
     with pytest.raises(ValueError, match=r"^u must have 3 dims"):
         models.mamba_block_forward(np.zeros((7, 4), np.float32), p)
+
+
+# ---------------------------------------------------------------- a time factor per sample
+
+
+@pytest.mark.parametrize("block", ["mamba", "lti"])
+def test_unit_dtau_gives_the_plain_model_and_its_gradients(block):
+    cfg = models.MambaConfig(n_layers=2, d_input=3, d_output=2, block=block, **TINY)
+    rng = np.random.default_rng(11)
+    params = _perturbed(models.init_params(cfg, seed=1, dtype=np.float64), rng, 0.2)
+    x = rng.standard_normal((2, 7, 3))
+    R = rng.standard_normal((2, 7, 2))
+    out, cache = models.model_forward(x, params, cfg, dtau=np.ones((2, 7)))
+    ref, rcache = models.model_forward(x, params, cfg)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-13)
+    dx, g = models.model_backward(R, cache)
+    rdx, rg = models.model_backward(R, rcache)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-10, atol=1e-12)
+    assert list(g) == list(rg)  # the same names in the same order (on_grads' groups)
+    for k in g:
+        np.testing.assert_allclose(g[k], rg[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    # the plain path keeps no time factor and no softplus of its own (the scan applies it)
+    assert all(c.dtau is None and c.softplus is None for c in rcache.blocks)
+
+
+def test_lti_block_dtau_scales_the_step():
+    # LTI: softplus(dt_bias) * c is the step of an LTI block whose softplus(dt_bias') is that
+    _, p, u = _lti_block(12)
+    c = np.array([[0.5], [2.5]])  # one factor per sequence
+    out, _ = models.mamba_block_forward(u, p, dtau=np.repeat(c, 9, axis=1))
+    for b in range(2):
+        step = c[b, 0] * np.log1p(np.exp(p["dt_bias"]))
+        q = dict(p, dt_bias=step + np.log(-np.expm1(-step)))  # inverse softplus
+        ref, _ = models.mamba_block_forward(u[b:b + 1], q)
+        np.testing.assert_allclose(out[b:b + 1], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_dtau_keeps_the_state_and_later_outputs_see_the_gap():
+    cfg = models.MambaConfig(n_layers=1, d_input=2, d_output=2, **TINY)
+    rng = np.random.default_rng(13)
+    params = _perturbed(models.init_params(cfg, seed=2, dtype=np.float64), rng, 0.2)
+    x = rng.standard_normal((1, 8, 2))
+    # all steps 0: the scan's state stays 0, so A does not matter
+    zero = np.zeros((1, 8))
+    out0, _ = models.model_forward(x, params, cfg, dtau=zero)
+    other = dict(params, **{"layers.0.mixer.A_log": params["layers.0.mixer.A_log"] + 1.0})
+    np.testing.assert_array_equal(models.model_forward(x, other, cfg, dtau=zero)[0], out0)
+    # a longer gap at position 5 changes outputs from 5 on, not before (causal)
+    d = np.ones((1, 8))
+    out1, _ = models.model_forward(x, params, cfg, dtau=d)
+    d[0, 5] = 4.0
+    out2, _ = models.model_forward(x, params, cfg, dtau=d)
+    np.testing.assert_array_equal(out2[:, :5], out1[:, :5])
+    assert np.abs(out2[:, 5:] - out1[:, 5:]).max() > 1e-4
+
+
+def test_model_with_dtau_backward_matches_finite_differences():
+    cfg = models.MambaConfig(n_layers=2, d_input=2, d_output=2, **TINY)
+    rng = np.random.default_rng(14)
+    params = _perturbed(models.init_params(cfg, seed=3, dtype=np.float64), rng, 0.2)
+    arrays = dict(params, x=rng.standard_normal((2, 5, 2)))
+    dtau = rng.uniform(0.2, 3.0, (2, 5))
+    R = rng.standard_normal((2, 5, 2))
+
+    def f():
+        p = {k: v for k, v in arrays.items() if k != "x"}
+        return float((models.model_forward(arrays["x"], p, cfg, dtau=dtau)[0] * R).sum())
+
+    _, cache = models.model_forward(arrays["x"], params, cfg, dtau=dtau)
+    dx, grads = models.model_backward(R, cache)
+    assert_grads_match("dinputs", dx, numeric_grad(f, arrays, "x"))
+    for name in params:
+        assert_grads_match(name, grads[name], numeric_grad(f, arrays, name))
+
+
+def test_dtau_is_checked_for_shape_dtype_and_array_type():
+    cfg = models.MambaConfig(n_layers=1, d_input=2, d_output=2, **TINY)
+    params = models.init_params(cfg)  # float32
+    x = np.zeros((2, 7, 2), np.float32)
+    with pytest.raises(ValueError, match=r"^dtau must have shape \(2, 7\) \(batch, length\), "
+                                         r"got \(2, 6\)$"):
+        models.model_forward(x, params, cfg, dtau=np.ones((2, 6), np.float32))
+    with pytest.raises(ValueError, match=r"^dtau must have shape \(2, 7\) .*got \(2, 7, 1\)$"):
+        models.model_forward(x, params, cfg, dtau=np.ones((2, 7, 1), np.float32))
+    with pytest.raises(TypeError, match=r"^dtau must have dtype float32 like the parameters, "
+                                        r"got float64$"):
+        models.model_forward(x, params, cfg, dtau=np.ones((2, 7)))
+    with pytest.raises(TypeError, match=r"^dtau must be a numpy array like the inputs, got list"):
+        models.model_forward(x, params, cfg, dtau=[[1.0] * 7] * 2)
+    p = models.layer_params(params, 0)
+    with pytest.raises(ValueError, match=r"^dtau must have shape \(2, 7\)"):
+        models.mamba_block_forward(np.zeros((2, 7, 4), np.float32), p,
+                                   dtau=np.ones((7, 2), np.float32))
 
 
 # ---------------------------------------------------------------- whole model
