@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 
 from numba_mamba.timeseries import MambaForecaster
-from numba_mamba._ts_engine import _LookbackModel
+from numba_mamba.timeseries._engine import LookbackModel
 from tests.gpu import gpu_module
 from tests.test_timeseries_forecaster import TINY, _ar2
 
@@ -18,8 +18,8 @@ def test_gpu_engine_matches_cpu_engine():
     y = _ar2(120)
     kw = dict(lookback=10, horizon=3, steps=10, val_fraction=0.2, dtype=np.float64,
               d_model=8, n_layers=1, d_state=4, progress=False)
-    cpu = _LookbackModel(**kw).fit(y).predict(3)
-    gpu = _LookbackModel(**kw).fit(cupy.asarray(y)).predict(3)
+    cpu = LookbackModel(**kw).fit(y).predict(3)
+    gpu = LookbackModel(**kw).fit(cupy.asarray(y)).predict(3)
     assert isinstance(gpu, cupy.ndarray)
     np.testing.assert_allclose(cupy.asnumpy(gpu), cpu, rtol=1e-6, atol=1e-8)
 
@@ -30,8 +30,8 @@ def test_gpu_engine_with_sample_times_matches_cpu_engine():
     t = np.cumsum(np.random.default_rng(1).uniform(0.5, 1.5, 120))
     kw = dict(lookback=10, horizon=3, steps=10, val_fraction=0.2, dtype=np.float64,
               d_model=8, n_layers=2, d_state=4, progress=False)
-    cpu = _LookbackModel(**kw).fit(y, t=t).predict(3)
-    gpu = _LookbackModel(**kw).fit(cupy.asarray(y), t=cupy.asarray(t)).predict(3)
+    cpu = LookbackModel(**kw).fit(y, t=t).predict(3)
+    gpu = LookbackModel(**kw).fit(cupy.asarray(y), t=cupy.asarray(t)).predict(3)
     assert isinstance(gpu, cupy.ndarray)
     np.testing.assert_allclose(cupy.asnumpy(gpu), cpu, rtol=1e-6, atol=1e-8)
 

@@ -227,7 +227,7 @@ def _forecaster_fit(monkeypatch, device, graph):
 
     ``graph`` is forced on every TrainStep the forecaster makes; a CaptureWarning fails.
     """
-    from numba_mamba import _ts_engine
+    from numba_mamba.timeseries import _engine as _ts_engine
 
     made = []
 
@@ -241,10 +241,10 @@ def _forecaster_fit(monkeypatch, device, graph):
     rng = np.random.default_rng(0)
     t = np.cumsum(rng.uniform(0.5, 1.5, 200))
     y = np.stack([np.sin(t / 5), np.cos(t / 7)], 1) + 0.05 * rng.standard_normal((200, 2))
-    f = _ts_engine._LookbackModel(lookback=16, horizon=3, steps=30, val_fraction=0.2,
-                                   eval_every=10, time_as="delta", d_model=16, n_layers=2,
-                                   d_state=8, batch_size=8, dtype=np.float64, device=device,
-                                   progress=False)
+    f = _ts_engine.LookbackModel(lookback=16, horizon=3, steps=30, val_fraction=0.2,
+                                  eval_every=10, time_as="delta", d_model=16, n_layers=2,
+                                  d_state=8, batch_size=8, dtype=np.float64, device=device,
+                                  progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CaptureWarning)
         f.fit(y, t=t)

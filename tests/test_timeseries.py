@@ -11,7 +11,7 @@ from numba_mamba.checkpoint import CheckpointError, save_checkpoint
 from numba_mamba.timeseries import (MambaForecaster, Scaler, mae, make_windows, mase, rmse,
                                     seasonal_naive, smape, timed_model_backward,
                                     timed_model_forward)
-from numba_mamba._ts_engine import _LookbackModel as Engine
+from numba_mamba.timeseries._engine import LookbackModel as Engine
 
 SMALL = dict(d_model=8, n_layers=1, d_state=4, progress=False)
 

@@ -99,7 +99,7 @@ def test_pooled_cross_entropy_gradient_matches_finite_differences(pool):
 
 
 def test_reverse_flips_each_series_within_its_own_length():
-    from numba_mamba._ts_classifier import _reverse
+    from numba_mamba.timeseries._classifier import _reverse
     x = np.arange(12.0).reshape(2, 3, 2)
     mask = np.array([[1, 1, 1], [1, 1, 0]], dtype=float)[..., None]
     r = _reverse(x * mask, mask, np.array([3, 2]))

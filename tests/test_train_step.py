@@ -480,7 +480,7 @@ def test_custom_forward_and_extra_errors_name_the_argument():
 def test_forecaster_trains_through_a_train_step_with_the_time_step_as_extra(monkeypatch):
     """Each member's training (one lookback of the forecaster's ensemble) is one TrainStep
     fed dtau; every step's loss is in the history."""
-    from numba_mamba import _ts_engine
+    from numba_mamba.timeseries import _engine as _ts_engine
 
     made = []
 
@@ -493,9 +493,9 @@ def test_forecaster_trains_through_a_train_step_with_the_time_step_as_extra(monk
     rng = np.random.default_rng(0)
     t = np.cumsum(rng.uniform(0.5, 1.5, 90))
     y = np.sin(t / 4) + 0.05 * rng.standard_normal(90)
-    f = _ts_engine._LookbackModel(lookback=8, horizon=2, steps=12, val_fraction=0.2,
-                                   eval_every=5, d_model=8, n_layers=1, d_state=4,
-                                   batch_size=4, progress=False).fit(y, t=t)
+    f = _ts_engine.LookbackModel(lookback=8, horizon=2, steps=12, val_fraction=0.2,
+                                  eval_every=5, d_model=8, n_layers=1, d_state=4,
+                                  batch_size=4, progress=False).fit(y, t=t)
     assert len(made) == 1 and made[0]._model is not None  # the timed model, dtau as extra
     assert len(made[0]._batch) == 4 and made[0]._batch[3].shape == (4, 8)
     hist = f.history_[0]

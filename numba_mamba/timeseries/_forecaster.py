@@ -5,12 +5,13 @@ import time
 
 import numpy as np
 
-from ._validation import is_cupy_array
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ._ts_base import Scaler, _as_2d, _check_int, _Params
-from ._ts_engine import _LookbackModel
-from ._ts_metrics import interval_coverage, mae, mase, pinball_loss, rmse, smape
-from ._ts_metrics import _quantile_levels
+from .._validation import is_cupy_array
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ._engine import LookbackModel
+from ._metrics import (interval_coverage, mae, mase, pinball_loss, quantile_levels, rmse,
+                       smape)
+from ._params import Params
+from ._windows import Scaler, as_2d, check_int
 
 __all__ = ["MambaForecaster", "detect_season"]
 
@@ -62,10 +63,10 @@ def detect_season(y, max_period=None, min_acf=0.3):
     >>> detect_season(np.random.default_rng(0).standard_normal(240))
     1
     """
-    y2, _ = _as_2d("y", _host(y))
+    y2, _ = as_2d("y", _host(y))
     d = np.diff(y2.astype(np.float64), axis=0)
     T = d.shape[0]
-    K = min(T // 3, 500 if max_period is None else _check_int("max_period", max_period))
+    K = min(T // 3, 500 if max_period is None else check_int("max_period", max_period))
     if K < 3:
         return 1
     d = d - d.mean(axis=0)
@@ -90,7 +91,7 @@ def _is_panel(y):
     return isinstance(y, (list, tuple)) and len(y) > 0 and all(hasattr(e, "shape") for e in y)
 
 
-class MambaForecaster(_Params):
+class MambaForecaster(Params):
     """Forecast a series (or a panel of series) with an ensemble of small Mamba models.
 
     ``fit(y, fh=h)`` trains, for every lookback and seed, a Mamba model with
@@ -244,15 +245,15 @@ val_fraction, patience, eval_every : optional
 
     def _validate(self):
         if self.season is not None:
-            _check_int("season", self.season)
-        _check_int("n_seeds", self.n_seeds)
+            check_int("season", self.season)
+        check_int("n_seeds", self.n_seeds)
         lbs = self._lookbacks_given()
         if lbs is not None:
             if not lbs:
                 raise ValueError("lookback must be None, an integer or a non-empty sequence "
                                  "of integers, got an empty sequence")
             for v in lbs:
-                _check_int("lookback", v)
+                check_int("lookback", v)
         r = self.skip_ridge
         if isinstance(r, (list, tuple)) and not r:
             raise ValueError("skip_ridge must be a number >= 0 or a non-empty sequence of them, "
@@ -263,7 +264,7 @@ val_fraction, patience, eval_every : optional
             raise ValueError(f"skip_ridge must be a number >= 0 or a sequence of them, "
                              f"got {r!r}") from None
         # the engine checks the rest (and names the argument)
-        _LookbackModel(max(lbs) if lbs else 8, 1, **self._engine_kwargs(ridges[0]))
+        LookbackModel(max(lbs) if lbs else 8, 1, **self._engine_kwargs(ridges[0]))
 
     def _engine_kwargs(self, ridge, n_members=None):
         return dict(d_model=self.d_model, n_layers=self.n_layers, d_state=self.d_state,
@@ -346,13 +347,13 @@ val_fraction, patience, eval_every : optional
         fh = int(fh)
         self._validate()
         cov = dict(past=past_covariates, future=future_covariates)
-        probe = _LookbackModel(2, 1, **self._engine_kwargs(self._ridges()[0]))
+        probe = LookbackModel(2, 1, **self._engine_kwargs(self._ridges()[0]))
         if _is_panel(y):
             if t is not None or past_covariates is not None or future_covariates is not None:
                 raise ValueError("times and covariates are not supported for a panel yet")
             return self._fit_panel(y, fh, probe._xp_for(y[0]))
         xp = probe._xp_for(y)
-        y2, one_d, tt = _LookbackModel._check_series(y, t, xp)
+        y2, one_d, tt = LookbackModel._check_series(y, t, xp)
         T = y2.shape[0]
         n_val = self._n_val(T, fh)
         season = self.season if self.season is not None \
@@ -380,13 +381,13 @@ val_fraction, patience, eval_every : optional
                     kw = dict(self._engine_kwargs(r, n_members=1), **engine_kw)
                     kw.update(steps=0, refit=False, progress=False)
                     scores[r] = float(np.mean([
-                        _LookbackModel(lb, fh, **kw).fit(yy, **fit_kw).history_[0]["best_val"]
+                        LookbackModel(lb, fh, **kw).fit(yy, **fit_kw).history_[0]["best_val"]
                         for lb in lookbacks]))
                 ridge = min(scores, key=scores.get)
         n_members = 1 if self.linear_skip and self.steps == 0 else None  # identical members
         kw = dict(self._engine_kwargs(ridges[0] if ridge is None else ridge, n_members),
                   **engine_kw)
-        engines = [_LookbackModel(lb, fh, **kw).fit(yy, **fit_kw) for lb in lookbacks]
+        engines = [LookbackModel(lb, fh, **kw).fit(yy, **fit_kw) for lb in lookbacks]
         self._reset()
         self.engines_, self.fh_, self.season_, self.lookbacks_ = engines, fh, int(season), \
             lookbacks
@@ -400,7 +401,7 @@ val_fraction, patience, eval_every : optional
         """One global model on a list of series, each scaled by its own training part."""
         series = []
         for i, yi in enumerate(ys):
-            y2, one_d, _ = _LookbackModel._check_series(yi, None, xp, what=f"y[{i}]")
+            y2, one_d, _ = LookbackModel._check_series(yi, None, xp, what=f"y[{i}]")
             if series and (one_d != series[0][1] or y2.shape[1] != series[0][0].shape[1]):
                 raise ValueError(f"y[{i}] must have the shape kind of y[0] "
                                  f"({'(T,)' if series[0][1] else '(T, C)'} with the same "
@@ -549,7 +550,7 @@ val_fraction, patience, eval_every : optional
         out = []
         for i, (sc, last, yi) in enumerate(zip(self.panel_scalers_, self.panel_last_, ys)):
             if yi is not None:
-                yi, _, _ = _LookbackModel._check_series(yi, None, xp, what=f"y[{i}]")
+                yi, _, _ = LookbackModel._check_series(yi, None, xp, what=f"y[{i}]")
             z = sc.transform(last if yi is None else yi)
             members = xp.concatenate([e.predict(fh, y=z[:, 0] if self.one_d_ else z,
                                                 members=True) for e in self.engines_])
@@ -563,7 +564,7 @@ val_fraction, patience, eval_every : optional
         return out
 
     def _quantile_offsets(self, fh, quantiles):
-        q = _quantile_levels(quantiles)
+        q = quantile_levels(quantiles)
         if self.sigma_ is None:
             raise RuntimeError("quantiles need validation residuals: fit with val_fraction > 0")
         xp = self.engines_[0].xp_
@@ -634,9 +635,9 @@ val_fraction, patience, eval_every : optional
         """
         if _is_panel(y):
             raise ValueError("backtest takes one series: call it for each series of the panel")
-        fh = _check_int("fh", fh)
-        n_origins = _check_int("n_origins", n_origins)
-        step = fh if step is None else _check_int("step", step)
+        fh = check_int("fh", fh)
+        n_origins = check_int("n_origins", n_origins)
+        step = fh if step is None else check_int("step", step)
         yh = _host(y)
         T = yh.shape[0]
         first = T - fh - (n_origins - 1) * step
@@ -728,7 +729,7 @@ val_fraction, patience, eval_every : optional
             if isinstance(params[k], list):
                 params[k] = tuple(params[k])
         self = cls(**params)
-        self.engines_ = [_LookbackModel._restore(meta, ck.params, f"lookback{i}.", ck.config, xp)
+        self.engines_ = [LookbackModel._restore(meta, ck.params, f"lookback{i}.", ck.config, xp)
                          for i, meta in enumerate(extra["engines"])]
         self.fh_, self.season_ = int(extra["fh"]), int(extra["season"])
         self.lookbacks_ = tuple(extra["lookbacks"])

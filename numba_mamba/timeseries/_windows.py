@@ -1,10 +1,8 @@
 """Helpers of the forecasting API: input checks, sliding windows, per-channel scaling."""
 
-import inspect
-
 import numpy as np
 
-from ._validation import array_namespace
+from .._validation import array_namespace
 
 __all__ = ["Scaler", "make_windows"]
 
@@ -14,7 +12,7 @@ SCALERS = ("standard", "robust", "none")
 # ---------------------------------------------------------------- helpers
 
 
-def _as_2d(name, y, xp=None):
+def as_2d(name, y, xp=None):
     """``y`` as a float (T, C) array of its own namespace, and whether it was 1-D."""
     if xp is None:
         xp = array_namespace(**{name: y}) if hasattr(y, "shape") else np
@@ -28,7 +26,7 @@ def _as_2d(name, y, xp=None):
     return (y[:, None] if one_d else y), one_d
 
 
-def _check_finite(name, y, xp):
+def check_finite(name, y, xp):
     bad = ~xp.isfinite(y)
     if bool(bad.any()):
         rows = xp.nonzero(bad.any(axis=tuple(range(1, y.ndim))))[0]
@@ -38,7 +36,7 @@ def _check_finite(name, y, xp):
                          f"pandas .interpolate()) or pass sample times t of the kept ones")
 
 
-def _check_int(name, v, low=1):
+def check_int(name, v, low=1):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
     return int(v)
@@ -85,10 +83,10 @@ def make_windows(y, lookback, horizon, stride=1):
     array([[3., 4.],
            [4., 5.]])
     """
-    lookback = _check_int("lookback", lookback)
-    horizon = _check_int("horizon", horizon)
-    stride = _check_int("stride", stride)
-    y2, one_d = _as_2d("y", y)
+    lookback = check_int("lookback", lookback)
+    horizon = check_int("horizon", horizon)
+    stride = check_int("stride", stride)
+    y2, one_d = as_2d("y", y)
     xp = array_namespace(y=y2)
     T = y2.shape[0]
     if T < lookback + horizon:
@@ -142,7 +140,7 @@ class Scaler:
 
     def fit(self, y):
         """Fit center and scale per channel on ``y (T,)`` or ``(T, C)``; returns self."""
-        y2, _ = _as_2d("y", y)
+        y2, _ = as_2d("y", y)
         xp = array_namespace(y=y2)
         y2 = y2.astype(np.float64)
         if self.method == "standard":
@@ -159,7 +157,7 @@ class Scaler:
     def _check(self, y):
         if self.center_ is None:
             raise RuntimeError("Scaler is not fitted: call fit(y) first")
-        y2, one_d = _as_2d("y", y)
+        y2, one_d = as_2d("y", y)
         if y2.shape[1] != self.center_.shape[0]:
             raise ValueError(f"y must have {self.center_.shape[0]} channels like the series "
                              f"the scaler was fitted on, got shape {tuple(y.shape)}")
@@ -178,47 +176,3 @@ class Scaler:
         out = (y2 * self.scale_ + self.center_).astype(
             y2.dtype if y2.dtype.kind == "f" else np.float64)
         return out[:, 0] if one_d else out
-
-
-class _Params:
-    """``get_params`` / ``set_params`` over the constructor's named arguments (scikit-learn's
-    convention); the class defines ``_validate()`` and may name removed arguments in
-    ``_REMOVED`` (name -> why)."""
-
-    _REMOVED = {}
-
-    @classmethod
-    def _param_names(cls):
-        sig = inspect.signature(cls.__init__)
-        return [p.name for p in sig.parameters.values()
-                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-
-    def get_params(self, deep=True):
-        """The constructor arguments, as given (scikit-learn convention)."""
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params):
-        """Set constructor arguments (checked as by the constructor); returns self.
-
-        Raises
-        ------
-        ValueError
-            An argument the constructor does not have, or a value it rejects
-            (the parameters are then left as they were).
-        """
-        names = self._param_names()
-        for k in params:
-            if k not in names:
-                hint = f" ({self._REMOVED[k]})" if k in self._REMOVED else ""
-                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}{hint}; "
-                                 f"valid parameters: {', '.join(names)}")
-        old = self.get_params()
-        for k, v in params.items():
-            setattr(self, k, v)
-        try:
-            self._validate()
-        except (TypeError, ValueError):
-            for k, v in old.items():
-                setattr(self, k, v)
-            raise
-        return self

@@ -3,8 +3,8 @@ interval coverage), and the seasonal naive forecast."""
 
 import numpy as np
 
-from ._validation import array_namespace
-from ._ts_base import _as_2d, _check_int
+from .._validation import array_namespace
+from ._windows import as_2d, check_int
 
 __all__ = ["mae", "rmse", "mase", "smape", "pinball_loss", "interval_coverage", "seasonal_naive"]
 
@@ -84,12 +84,12 @@ def mase(y_true, y_pred, y_train, m=1):
     >>> mase([5.0, 6.0], [4.0, 4.0], y_train, m=2)  # seasonal errors 1, 1: scale 1
     1.5
     """
-    m = _check_int("m", m)
+    m = check_int("m", m)
     xp, a, p = _pair(y_true, y_pred)
-    tr, _ = _as_2d("y_train", y_train, xp)
+    tr, _ = as_2d("y_train", y_train, xp)
     tr = tr.astype(np.float64)
-    a2, _ = _as_2d("y_true", a, xp)
-    p2, _ = _as_2d("y_pred", p, xp)
+    a2, _ = as_2d("y_true", a, xp)
+    p2, _ = as_2d("y_pred", p, xp)
     if a2.shape[1] != tr.shape[1]:
         raise ValueError(f"y_train must have {a2.shape[1]} channels like y_true, "
                          f"got shape {tuple(tr.shape)}")
@@ -120,7 +120,7 @@ def smape(y_true, y_pred):
     return float(100 * terms.mean())
 
 
-def _quantile_levels(quantiles):
+def quantile_levels(quantiles):
     q = np.asarray(quantiles, dtype=np.float64)
     if q.ndim != 1 or q.size == 0 or not bool(((q > 0) & (q < 1)).all()):
         raise ValueError(f"quantiles must be a non-empty sequence of levels in (0, 1), "
@@ -159,7 +159,7 @@ def pinball_loss(y_true, y_quantiles, quantiles):
     >>> round(pinball_loss(y, yq, (0.1, 0.5, 0.9)), 6)  # (0.1 + 0 + 0.2 + 0) / 6
     0.05
     """
-    q = _quantile_levels(quantiles)
+    q = quantile_levels(quantiles)
     xp = array_namespace(y_true=y_true, y_quantiles=y_quantiles)
     a = xp.asarray(y_true, dtype=np.float64)
     p = xp.asarray(y_quantiles, dtype=np.float64)
@@ -199,9 +199,9 @@ def seasonal_naive(y_train, horizon, m=1):
     >>> seasonal_naive(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), 5, m=2)
     array([4., 5., 4., 5., 4.])
     """
-    horizon = _check_int("horizon", horizon)
-    m = _check_int("m", m)
-    tr, one_d = _as_2d("y_train", y_train)
+    horizon = check_int("horizon", horizon)
+    m = check_int("m", m)
+    tr, one_d = as_2d("y_train", y_train)
     xp = array_namespace(y_train=tr)
     T = tr.shape[0]
     if T < m:

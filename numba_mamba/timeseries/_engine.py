@@ -1,6 +1,6 @@
-"""The single-lookback engine of the forecaster and the time-aware Mamba stack.
+"""The single-lookback engine of the forecaster, and the time-aware model in TrainStep's form.
 
-:class:`_LookbackModel` trains ``n_members`` Mamba models (seeds) of one lookback with
+:class:`LookbackModel` trains ``n_members`` Mamba models (seeds) of one lookback with
 a direct head for ``horizon`` steps and an optional ridge linear skip; the public
 :class:`~numba_mamba.timeseries.MambaForecaster` is an ensemble of these over lookbacks.
 """
@@ -9,11 +9,11 @@ import math
 
 import numpy as np
 
-from ._validation import array_namespace, is_cupy_array
-from .models import MambaConfig, init_params, model_backward, model_forward
-from .optim import AdamW, warmup_cosine
-from .training import TrainStep, seed_everything
-from ._ts_base import SCALERS, Scaler, _as_2d, _check_finite, _check_int
+from .._validation import array_namespace, is_cupy_array
+from ..models import MambaConfig, init_params, model_backward, model_forward
+from ..optim import AdamW, warmup_cosine
+from ..training import TrainStep, seed_everything
+from ._windows import SCALERS, Scaler, as_2d, check_finite, check_int
 
 __all__ = ["timed_model_forward", "timed_model_backward"]
 
@@ -80,7 +80,7 @@ def _progress(iterable, enabled, desc):
     return tqdm(iterable, desc=desc, leave=False)
 
 
-class _LookbackModel:
+class LookbackModel:
     """One lookback of the forecaster: ``n_members`` Mamba models (seeds) and a linear skip.
 
     ``fit(y)`` trains on sliding windows of ``lookback`` samples with a direct
@@ -174,10 +174,10 @@ class _LookbackModel:
     --------
     >>> import numpy as np
     >>> from numba_mamba.timeseries import mae
-    >>> from numba_mamba._ts_engine import _LookbackModel
+    >>> from numba_mamba.timeseries._engine import LookbackModel
     >>> y = np.sin(0.3 * np.arange(200))
-    >>> f = _LookbackModel(lookback=24, horizon=5, d_model=8, n_layers=1, d_state=4,
-    ...                     steps=150, lr=1e-2, val_fraction=0.0, progress=False)
+    >>> f = LookbackModel(lookback=24, horizon=5, d_model=8, n_layers=1, d_state=4,
+    ...                   steps=150, lr=1e-2, val_fraction=0.0, progress=False)
     >>> f = f.fit(y[:190])
     >>> y_hat = f.predict(5)
     >>> y_hat.shape, bool(mae(y[190:195], y_hat) < 0.2)
@@ -192,13 +192,13 @@ class _LookbackModel:
                  refit=False, n_members=1, combine="mean", linear_skip=False,
                  skip_lags=None, skip_ridge=1e-3, seed=0, dtype=np.float32, device=None,
                  progress=True):
-        self.lookback = _check_int("lookback", lookback)
-        self.horizon = _check_int("horizon", horizon)
+        self.lookback = check_int("lookback", lookback)
+        self.horizon = check_int("horizon", horizon)
         for name in ("d_model", "n_layers", "d_state", "d_conv", "expand",
                      "batch_size", "patience", "eval_every", "n_members"):
-            _check_int(name, locals()[name])
-        _check_int("steps", steps, low=0 if linear_skip else 1)  # 0: the linear skip alone
-        _check_int("warmup_steps", warmup_steps, low=0)
+            check_int(name, locals()[name])
+        check_int("steps", steps, low=0 if linear_skip else 1)  # 0: the linear skip alone
+        check_int("warmup_steps", warmup_steps, low=0)
         if scaler not in SCALERS:
             raise ValueError(f"scaler must be one of {SCALERS}, got {scaler!r}")
         if time_as not in TIME_AS:
@@ -208,7 +208,7 @@ class _LookbackModel:
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
         if skip_lags is not None:
-            skip_lags = _check_int("skip_lags", skip_lags)
+            skip_lags = check_int("skip_lags", skip_lags)
             if skip_lags > self.lookback:
                 raise ValueError(f"skip_lags must be <= lookback = {self.lookback}, "
                                  f"got {skip_lags}")
@@ -245,7 +245,7 @@ class _LookbackModel:
 
     def __repr__(self):
         s = self.settings
-        return (f"_LookbackModel(lookback={s['lookback']}, horizon={s['horizon']}, "
+        return (f"LookbackModel(lookback={s['lookback']}, horizon={s['horizon']}, "
                 f"d_model={s['d_model']}, n_layers={s['n_layers']}, "
                 f"n_members={s['n_members']})")
 
@@ -284,9 +284,9 @@ class _LookbackModel:
     def _check_series(y, t, xp, what="y"):
         if is_cupy_array(y) and xp is np:
             y = y.get()
-        y2, one_d = _as_2d(what, xp.asarray(y), xp)
+        y2, one_d = as_2d(what, xp.asarray(y), xp)
         y2 = y2.astype(np.float64)
-        _check_finite(what, y2, xp)
+        check_finite(what, y2, xp)
         tt = None
         if t is not None:
             if is_cupy_array(t) and xp is np:
@@ -295,7 +295,7 @@ class _LookbackModel:
             if tt.shape != (y2.shape[0],):
                 raise ValueError(f"t must have shape ({y2.shape[0]},) (one time per sample of "
                                  f"{what}), got {tuple(tt.shape)}")
-            _check_finite("t", tt, xp)
+            check_finite("t", tt, xp)
             if tt.size > 1 and bool((xp.diff(tt) <= 0).any()):
                 k = int(xp.nonzero(xp.diff(tt) <= 0)[0][0])
                 raise ValueError(f"t must be strictly increasing, got t[{k}] = {float(tt[k])} "
@@ -335,12 +335,12 @@ class _LookbackModel:
         """A covariate array as float64 ``(rows, K)`` (``>= rows`` rows with ``at_least``)."""
         if is_cupy_array(a) and xp is np:
             a = a.get()
-        a2, _ = _as_2d(name, xp.asarray(a), xp)
+        a2, _ = as_2d(name, xp.asarray(a), xp)
         a2 = a2.astype(np.float64)
         if (a2.shape[0] < rows) if at_least else (a2.shape[0] != rows):
             raise ValueError(f"{name} must have {'at least ' if at_least else ''}{rows} rows "
                              f"(time along axis 0), got shape {tuple(a2.shape)}")
-        _check_finite(name, a2, xp)
+        check_finite(name, a2, xp)
         return a2
 
     def _cov_features(self, pc, fc, T):

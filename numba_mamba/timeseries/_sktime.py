@@ -6,7 +6,7 @@ that sktime stays an optional package: nothing imports this module unless it is 
 
 import numpy as np
 
-from ._ts_forecaster import MambaForecaster
+from ._forecaster import MambaForecaster
 
 try:
     import pandas as pd

@@ -2,11 +2,12 @@
 
 import numpy as np
 
-from ._validation import array_namespace, is_cupy_array
-from ._ts_base import _check_int, _Params
-from .models import MambaConfig, init_params, model_backward, model_forward
-from .optim import AdamW, clip_grad_norm, warmup_cosine
-from .training import seed_everything
+from .._validation import array_namespace, is_cupy_array
+from ..models import MambaConfig, init_params, model_backward, model_forward
+from ..optim import AdamW, clip_grad_norm, warmup_cosine
+from ..training import seed_everything
+from ._params import Params
+from ._windows import check_int
 
 __all__ = ["MambaClassifier"]
 
@@ -65,7 +66,7 @@ def _batch(X, n_channels=None, xp=None):
     return x, lengths
 
 
-class MambaClassifier(_Params):
+class MambaClassifier(Params):
     """Classify (multivariate, variable-length) time series with a small Mamba encoder.
 
     A stack of Mamba blocks reads each series causally.  With ``pool="mean"``
@@ -162,8 +163,8 @@ class MambaClassifier(_Params):
     def _validate(self):
         for name in ("d_model", "n_layers", "d_state", "d_conv", "expand", "steps", "n_features",
                      "batch_size", "n_seeds", "eval_every", "patience"):
-            _check_int(name, getattr(self, name))
-        _check_int("warmup_steps", self.warmup_steps, low=0)
+            check_int(name, getattr(self, name))
+        check_int("warmup_steps", self.warmup_steps, low=0)
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if np.dtype(self.dtype) not in (np.float32, np.float64):

@@ -39,11 +39,11 @@ asked to forecast.  ``time_as="feature"`` keeps those inputs but leaves the
 scan's step alone (an ablation); without ``t`` the times are ignored.  The
 causal convolution inside each block still counts samples, not time.
 
-:mod:`numba_mamba.models` builds ``delta`` inside the block and has no input
-for an external time step, so the time-aware stack (:func:`timed_model_forward`,
-:func:`timed_model_backward`) is composed here from :mod:`numba_mamba.layers`
-with the same parameter names; with ``dtau = 1`` it equals
-:func:`~numba_mamba.models.model_forward`.
+The model is :mod:`numba_mamba.models`'s, given ``dtau`` as its time factor
+(``model_forward(inputs, params, config, dtau=dtau)``);
+:func:`timed_model_forward` and :func:`timed_model_backward` are the same in
+the form a :class:`~numba_mamba.training.TrainStep` takes (``dtau`` as the
+fourth positional argument).
 
 Linear skip
 -----------
@@ -62,6 +62,16 @@ absolute error of the seasonal naive forecast with period ``m`` on the
 training series), :func:`smape` (in percent, 0 where ``|y| + |y_hat| = 0``),
 :func:`pinball_loss` of quantile forecasts and :func:`interval_coverage`.
 
+Modules
+-------
+The names above are imported from the package's private modules:
+``_metrics`` (the metrics and the seasonal naive forecast), ``_windows``
+(input checks, sliding windows, scaling), ``_params`` (scikit-learn's
+``get_params``/``set_params``), ``_engine`` (one lookback's members: training,
+forecasting, the linear skip), ``_forecaster`` (:class:`MambaForecaster`, the
+ensemble over lookbacks), ``_classifier`` and ``_sktime`` (the sktime
+adapter, imported on first use).
+
 References
 ----------
 .. [1] A. Gu and T. Dao, "Mamba: Linear-Time Sequence Modeling with Selective
@@ -75,11 +85,11 @@ References
 .. [5] A. Zeng et al., "Are Transformers Effective for Time Series
    Forecasting?", AAAI 2023.
 """
-from ._ts_base import Scaler, make_windows
-from ._ts_classifier import MambaClassifier
-from ._ts_engine import timed_model_backward, timed_model_forward
-from ._ts_forecaster import MambaForecaster, detect_season
-from ._ts_metrics import interval_coverage, mae, mase, pinball_loss, rmse, seasonal_naive, smape
+from ._windows import Scaler, make_windows
+from ._classifier import MambaClassifier
+from ._engine import timed_model_backward, timed_model_forward
+from ._forecaster import MambaForecaster, detect_season
+from ._metrics import interval_coverage, mae, mase, pinball_loss, rmse, seasonal_naive, smape
 
 __all__ = [
     "MambaForecaster", "MambaClassifier", "detect_season", "Scaler", "make_windows",
@@ -91,6 +101,6 @@ __all__ = [
 def __getattr__(name):
     """``MambaSktimeForecaster`` on first use (it imports sktime, an optional package)."""
     if name == "MambaSktimeForecaster":
-        from ._ts_sktime import MambaSktimeForecaster
+        from ._sktime import MambaSktimeForecaster
         return MambaSktimeForecaster
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
