@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["GemmPlan", "available", "choices", "gemm_plan", "lt_layouts", "matmul",
-           "unavailable_reason"]
+           "sum_rows", "unavailable_reason"]
 
 #: Bytes of the workspace given to each handle.
 WORKSPACE_BYTES = 32 * 1024 * 1024
@@ -674,3 +674,24 @@ def matmul(a, b, out=None, *, beta=0.0):
         return out
     _gemm(lib, cupy, plan, a, b, out, beta)
     return out
+
+
+def sum_rows(a):
+    """The sum over the first axis of a 2-D CuPy array, as one product
+    ``ones @ a``: a memory-bound GEMM that reads ``a`` once, in a fixed order
+    (the same bits on every run), where CuPy's reduction over a leading axis
+    is several times slower for tall arrays.  Falls back to ``a.sum(axis=0)``
+    where :func:`matmul` would not take ``a`` (no cuBLAS, other dtypes, not
+    C-contiguous, empty).
+
+    Examples
+    --------
+    >>> from numba_mamba.cuda_kernels import blas  # doctest: +SKIP
+    >>> blas.sum_rows(partial_sums)  # doctest: +SKIP
+    """
+    import cupy
+
+    if (a.ndim != 2 or not a.size or not a.flags.c_contiguous
+            or a.dtype not in (np.float32, np.float64) or not available()):
+        return a.sum(axis=0)
+    return matmul(cupy.ones((1, a.shape[0]), dtype=a.dtype), a).reshape(a.shape[1])

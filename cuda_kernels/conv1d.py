@@ -58,6 +58,7 @@ import numpy as np
 from numba import cuda, types
 
 from ._common import activations, compile_kernel, dummy, inline_device, launch
+from .blas import sum_rows
 
 __all__ = ["THREADS", "conv1d_backward", "conv1d_forward", "get_kernels", "ptx_signatures"]
 
@@ -251,4 +252,5 @@ def conv1d_backward(dout, x, weight, bias, silu):
     launch(bwd, Bt * C * nT, THREADS, "current",
            (dout, x, weight, dummy(cupy, x.dtype, 1) if bias is None else bias, _flags(bias, silu),
             dx, dw_part, db_part))
-    return dx, dw_part.sum(axis=(0, 1)), None if bias is None else db_part.sum(axis=(0, 1))
+    dweight = sum_rows(dw_part.reshape(Bt * nT, C * W)).reshape(C, W)
+    return dx, dweight, None if bias is None else sum_rows(db_part.reshape(Bt * nT, C))

@@ -108,23 +108,17 @@ def gemm_add(xp, a, b, acc):
 
 
 def _sum_to_last(a, keep):
-    """Sum ``a`` over every axis except the last ``keep`` ones.
-
-    On CuPy arrays (C-contiguous, float32/float64, cuBLAS found) the sum is
-    one product ``ones @ a.reshape(lead, -1)``: a memory-bound GEMM that reads
-    ``a`` once in a fixed order, where CuPy's reduction over leading axes is
-    several times slower at the sizes of the weight gradients."""
+    """Sum ``a`` over every axis except the last ``keep`` ones (on CuPy arrays
+    as one memory-bound GEMM, :func:`numba_mamba.cuda_kernels.blas.sum_rows`:
+    CuPy's reduction over leading axes is several times slower at the sizes of
+    the weight gradients)."""
     axes = tuple(range(a.ndim - keep))
     if not axes:
         return a
-    if not isinstance(a, np.ndarray) and a.flags.c_contiguous and \
-            a.dtype in (np.float32, np.float64) and a.size:
-        blas = gpu_module("blas")
-        if blas.available():
-            xp = array_namespace(a=a)
-            lead = a.size // math.prod(a.shape[-keep:])
-            ones = xp.ones((1, lead), dtype=a.dtype)
-            return blas.matmul(ones, a.reshape(lead, -1)).reshape(a.shape[-keep:])
+    if not isinstance(a, np.ndarray) and a.flags.c_contiguous:
+        rest = a.shape[-keep:]
+        lead = a.size // math.prod(rest) if a.size else 0
+        return gpu_module("blas").sum_rows(a.reshape(lead, -1)).reshape(rest)
     return a.sum(axis=axes)
 
 

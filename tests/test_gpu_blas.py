@@ -181,3 +181,19 @@ def test_no_tuning_when_deterministic_or_off():
             blas.matmul(a, b)
         plan = blas._plan(a, b)
         assert (plan.m, plan.n, plan.k, plan.batch, "float32") not in blas.choices()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 5), (8, 300), (64, 7), (33, 1)])
+def test_sum_rows_equals_the_sum_over_the_first_axis(dtype, shape):
+    rng = np.random.default_rng(6)
+    a = _arr(rng, shape, dtype)
+    got = blas.sum_rows(a)
+    host = cupy.asnumpy(a).astype(np.float64)
+    bound = shape[0] * np.finfo(dtype).eps * np.abs(host).sum(axis=0)
+    assert got.shape == (shape[1],) and got.dtype == dtype
+    assert np.all(np.abs(cupy.asnumpy(got) - host.sum(axis=0)) <= bound)
+    strided = _arr(rng, (shape[0], 2 * shape[1]), dtype)[:, ::2]  # the fallback
+    np.testing.assert_allclose(cupy.asnumpy(blas.sum_rows(strided)),
+                               cupy.asnumpy(strided).sum(axis=0), rtol=RTOL[dtype],
+                               atol=RTOL[dtype] * shape[0])
