@@ -421,8 +421,10 @@ def _check_dtau(dtau, batch_length, dtype, xp):
     ``batch_length`` and ``dtype`` (its values are not read: no waiting for the device)."""
     if not (hasattr(dtau, "shape") and hasattr(dtau, "dtype")) \
             or array_namespace(dtau=dtau) is not xp:
+        kind = type(dtau)
+        where = "" if kind.__module__ == "builtins" else kind.__module__.split(".")[0] + "."
         raise TypeError(f"dtau must be a {xp.__name__} array like the inputs, got "
-                        f"{type(dtau).__name__}")
+                        f"{where}{kind.__name__}")
     check_shape("dtau", dtau, batch_length, "(batch, length)")
     if dtau.dtype != dtype:
         raise TypeError(f"dtau must have dtype {np.dtype(dtype)} like the parameters, got "
