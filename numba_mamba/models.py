@@ -578,14 +578,12 @@ def mamba_block_backward(dout, cache):
         dx_dbl[:, :R] = ddt_low
         dx_dbl[:, R:R + N] = s.dB
         dx_dbl[:, R + N:] = s.dC
-        dxc2, g["x_proj.weight"], _ = linear_backward(dx_dbl, c.x_proj)
-        dxc = dxc + dxc2
+        dxc, g["x_proj.weight"], _ = linear_backward(dx_dbl, c.x_proj, dx_add=dxc)
     dxs, g["conv1d.weight"], dcb = conv1d_backward(dxc, c.conv)
     if dcb is not None:
         g["conv1d.bias"] = dcb
     du, dWx, dbx = linear_backward(dxs, c.in_x[0])  # du (Bt, L, d_model)
-    du_z, dWz, dbz = linear_backward(s.dz, c.in_x[1])
-    du += du_z
+    du, dWz, dbz = linear_backward(s.dz, c.in_x[1], dx_add=du)
     g["in_proj.weight"] = xp.concatenate([dWx, dWz])
     if dbx is not None:
         g["in_proj.bias"] = xp.concatenate([dbx, dbz])
