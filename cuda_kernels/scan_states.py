@@ -1569,17 +1569,30 @@ def forward_plan(arrays, delta_softplus, save=True, tuning=None, n_segments=None
     run it too.
     """
     cfg = settings
-    u, B, C = arrays[0], arrays[3], arrays[4]
-    key = (type(u), None if isinstance(u, np.ndarray) else u.data.device_id, u.shape,
-           B.shape, C.shape, tuple([None if x is None else x.dtype for x in arrays]),
-           bool(delta_softplus), bool(save), tuning, n_segments, cfg.generation)
-    forward = _FORWARD_PLANS.get(key)
-    if forward is None:
-        forward = _ForwardPlan(arrays, delta_softplus, save, tuning, n_segments, cfg)
-        if len(_FORWARD_PLANS) >= _MAX_PLANS:
-            _FORWARD_PLANS.clear()
-        _FORWARD_PLANS[key] = forward
-    return forward
+    key = _layout_key(arrays, arrays[0], arrays[3], arrays[4],
+                      (bool(delta_softplus), bool(save), tuning, n_segments, cfg.generation))
+    return _remembered(_FORWARD_PLANS, key, lambda: _ForwardPlan(
+        arrays, delta_softplus, save, tuning, n_segments, cfg))
+
+
+def _layout_key(arrays, u, B, C, flags):
+    """What a plan depends on besides ``flags``: the array type and device,
+    the shapes of ``u``, ``B``, ``C``, the dtypes of ``arrays`` (None for an
+    absent one)."""
+    return (type(u), None if isinstance(u, np.ndarray) else u.data.device_id, u.shape,
+            B.shape, C.shape, tuple([None if x is None else x.dtype for x in arrays]), flags)
+
+
+def _remembered(plans, key, make):
+    """``plans[key]``, made by ``make()`` and kept the first time; ``plans``
+    is started again when it holds :data:`_MAX_PLANS`."""
+    plan = plans.get(key)
+    if plan is None:
+        plan = make()
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plans[key] = plan
+    return plan
 
 
 #: :func:`scan_forward`'s plans by layout (the arrays' shapes, dtypes and
@@ -1632,11 +1645,11 @@ class _ForwardPlan:
         k = get_kernels(dtype, N, p, B.ndim == 4, C.ndim == 4, storage, cfg)
         v = kernel_view if storage == "bfloat16" else _as_is  # (bfloat16 as its bits)
         S, SL = segments(Bt, Dc, L, p, n_segments, cfg)
-        self.segment_buffers = None
-        seg_h, seg_dt = self.no_segments = (self.dummy3.reshape(1, 1, 1, 1), self.dummy3)
-        if S > 1:  # the end state of segments 0 .. S-2 from zero, their delta sums
-            self.segment_buffers = (((Bt, Dc, S - 1, N), dtype), ((Bt, Dc, S - 1), dtype))
-            seg_h, seg_dt = (xp.empty(*shape) for shape in self.segment_buffers)
+        # the end state of segments 0 .. S-2 from zero and their delta sums (S > 1)
+        self.no_segments = _segment_buffers(xp, dtype, Bt, Dc, N, 1, self.dummy3)
+        seg_h, seg_dt = _segment_buffers(xp, dtype, Bt, Dc, N, S, self.dummy3)
+        self.segment_buffers = tuple((x.shape, x.dtype) for x in (seg_h, seg_dt)) \
+            if S > 1 else None
         flags = _flags(D, z, delta_bias, delta_softplus, initial_state, FLAG_INIT)
         if save:
             flags |= np.int32(FLAG_SAVE)
@@ -1726,15 +1739,10 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     arrays = (dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state)
     if cfg.deterministic:
         return _deterministic_backward(arrays, delta_softplus, saved, n_segments, stream, cfg)
-    key = (type(u), None if isinstance(u, np.ndarray) else u.data.device_id, u.shape,
-           B.shape, C.shape, tuple([None if x is None else x.dtype for x in arrays]),
-           bool(delta_softplus), saved.plan, n_segments, cfg.generation)
-    backward = _BACKWARD_PLANS.get(key)
-    if backward is None:
-        backward = _BackwardPlan(arrays, delta_softplus, saved.plan, n_segments, cfg)
-        if len(_BACKWARD_PLANS) >= _MAX_PLANS:
-            _BACKWARD_PLANS.clear()
-        _BACKWARD_PLANS[key] = backward
+    key = _layout_key(arrays, u, B, C,
+                      (bool(delta_softplus), saved.plan, n_segments, cfg.generation))
+    backward = _remembered(_BACKWARD_PLANS, key, lambda: _BackwardPlan(
+        arrays, delta_softplus, saved.plan, n_segments, cfg))
     return backward(arrays, saved.tile_states)
 
 

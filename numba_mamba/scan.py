@@ -616,18 +616,18 @@ def _backward(call, saved):
     :class:`_Call` and the states its forward saved."""
 
     def backward(dout, dlast_state=None):
-        xp, backend, args, given, ftype, dout_dtype = call[:6]
+        xp, args, given = call.xp, call.args, call.given
         Bt, Dc, L = args[0].shape
         N = args[2].shape[1]
         array_namespace(u=given[0], dout=dout, dlast_state=dlast_state)  # not mixed
         dout = _as_array("dout", dout, xp)
         check_shape("dout", dout, (Bt, Dc, L), "like out")
-        canonical = _canonical(dout, dout_dtype, xp)  # (half where the forward read half)
+        canonical = _canonical(dout, call.dout_dtype, xp)  # (half where the forward read half)
         if dlast_state is not None:
             dlast_state = _as_array("dlast_state", dlast_state, xp)
             check_shape("dlast_state", dlast_state, (Bt, Dc, N), "like last_state")
-            dlast_state = _canonical(dlast_state, ftype, xp)
-        grads = backend.scan_backward(canonical, dlast_state, *args, saved)
+            dlast_state = _canonical(dlast_state, call.ftype, xp)
+        grads = call.backend.scan_backward(canonical, dlast_state, *args, saved)
         return _as_given(grads, given)
 
     return backward
