@@ -5,15 +5,16 @@ one place.  Kernels are compiled and launched through :mod:`._launch`
 (:func:`compile_kernel`, :func:`launch`, re-exported here).
 """
 
-import math
-
 import numba
 import numpy as np
 from numba import cuda
 
+from .._math import compiled
+
 __all__ = ["BoundLaunch", "HALF_STORAGE", "RawLaunch", "activations", "array_module",
            "as_variable", "bfloat16_bits_to_float32", "c_strided", "compile_kernel",
-           "current_stream", "dummy", "float32_to_bfloat16_bits", "inline_device", "kernel_view",
+           "current_stream", "device_math", "dummy", "float32_to_bfloat16_bits", "inline_device",
+           "kernel_view",
            "launch", "prepare_launch", "simulator", "storage_dtype", "storage_io", "storage_of", "storage_widen"]
 
 
@@ -33,23 +34,21 @@ def inline_device(fn):
     return cuda.jit(device=True, forceinline=True)(fn)
 
 
-def activations(ftype):
+def device_math():
+    """:mod:`numba_mamba._math`'s scalar bodies as device functions, force-inlined
+    (a namespace: ``sigmoid``, ``softplus``, ``silu``, ``silu_backward``,
+    ``softplus_backward``; plain Python under the simulator).  The CPU kernels
+    compile the same source: one body, both targets.  Constants take the type
+    of the argument, so float32 code stays float32."""
+    return compiled(inline_device)
+
+
+def activations(ftype=None):
     """Device functions ``softplus(x)`` (``x`` itself above 20) and ``sigmoid(x)``
-    with every constant cast to ``ftype``, so float32 code stays float32."""
-    one = ftype(1.0)
-    twenty = ftype(20.0)
-
-    @inline_device
-    def softplus(x):
-        if x > twenty:
-            return x
-        return math.log1p(math.exp(x))
-
-    @inline_device
-    def sigmoid(x):
-        return one / (one + math.exp(-x))
-
-    return softplus, sigmoid
+    of :func:`device_math`.  Both take the type of their argument (``ftype``
+    is accepted for the callers and not needed), so float32 code stays float32."""
+    fns = device_math()
+    return fns.softplus, fns.sigmoid
 
 
 # ------------------------------------------------------ half-precision storage

@@ -13,18 +13,19 @@ Canonical layout
 ----------------
 Every array is C-contiguous and flattened to 1-D (``x``, ``dout``, ``out``,
 ``dx``: ``(n,)``), in one float dtype.  Each kernel reads its inputs once and
-writes its output once, with a grid-stride loop over ``n``; constants are
-made in the kernel's dtype so that float32 stays float32.
+writes its output once, with a grid-stride loop over ``n``.  The per-element
+math is :mod:`numba_mamba._math`'s (the CPU kernels of
+``numba_mamba._cpu_elementwise`` compile the same source), its constants in
+the argument's type so that float32 stays float32.
 """
 
 import functools
-import math
 
 import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import compile_kernel, launch
+from ._common import array_module, compile_kernel, device_math, launch
 
 __all__ = ["THREADS", "get_kernels", "ptx_signatures", "silu_backward", "silu_forward",
            "softplus_backward", "softplus_forward"]
@@ -39,35 +40,33 @@ def _argtypes(ftype):
             "softplus_forward": (a1, a1), "softplus_backward": (a1, a1, a1)}
 
 
-def _make_kernels(ftype):
-    """Python bodies of the four kernels for ``ftype`` (a dict by name)."""
-    ftype = np.dtype(ftype).type
-    one = ftype(1.0)
-    twenty = ftype(20.0)
+def _make_kernels():
+    """Python bodies of the four kernels (a dict by name): grid-stride loops over
+    :mod:`numba_mamba._math`'s bodies, the source the CPU kernels compile too.
+    The same bodies serve every dtype (the signature compiled decides it)."""
+    fns = device_math()
+    silu, silu_grad, softplus, softplus_grad = (fns.silu, fns.silu_backward, fns.softplus,
+                                                fns.softplus_backward)
 
     def silu_forward(x, out):
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for i in range(start, x.shape[0], stride):
-            v = x[i]
-            out[i] = v / (one + math.exp(-v))
+            out[i] = silu(x[i])
 
     def silu_backward(dout, x, dx):
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for i in range(start, x.shape[0], stride):
-            v = x[i]
-            s = one / (one + math.exp(-v))
-            dx[i] = dout[i] * s * (one + v * (one - s))
+            dx[i] = silu_grad(dout[i], x[i])
 
     def softplus_forward(x, out):
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for i in range(start, x.shape[0], stride):
-            v = x[i]
-            out[i] = v if v > twenty else math.log1p(math.exp(v))
+            out[i] = softplus(x[i])
 
     def softplus_backward(dout, x, dx):
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for i in range(start, x.shape[0], stride):
-            dx[i] = dout[i] / (one + math.exp(-x[i]))
+            dx[i] = softplus_grad(dout[i], x[i])
 
     return {"silu_forward": silu_forward, "silu_backward": silu_backward,
             "softplus_forward": softplus_forward, "softplus_backward": softplus_backward}
@@ -76,7 +75,7 @@ def _make_kernels(ftype):
 @functools.lru_cache(maxsize=None)
 def get_kernels(dtype):
     """Compiled kernels for ``dtype`` (a dict by name, cached)."""
-    bodies = _make_kernels(np.dtype(dtype))
+    bodies = _make_kernels()
     sigs = _argtypes(dtype)
     return {name: compile_kernel(bodies[name], types.void(*sigs[name])) for name in _NAMES}
 
@@ -84,17 +83,15 @@ def get_kernels(dtype):
 def ptx_signatures():
     """Yield ``(name, py_func, argtypes, is_float32, launch_bounds)`` of every kernel."""
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
-        bodies = _make_kernels(dtype)
+        bodies = _make_kernels()
         sigs = _argtypes(dtype)
         for name in _NAMES:
             yield (f"{name}_{dtype.name}", bodies[name], sigs[name], dtype == np.float32, ())
 
 
 def _launch(name, *arrays):
-    import cupy
-
     x = arrays[-1]
-    out = cupy.empty_like(x)
+    out = array_module(x).empty_like(x)
     n = x.size
     blocks = max(1, min((n + THREADS - 1) // THREADS, 65536))
     kernel = get_kernels(x.dtype)[name]

@@ -48,7 +48,7 @@ ssm_state       (Bt, Dc, N)                               updated in place
 ``residual_rmsnorm`` runs one block per row (a block-wide sum through shared
 memory); the step kernels one thread per (batch, channel), their arithmetic
 that of ``numba_mamba._cpu_step.step_cells`` (one source for the CPU and the
-GPU): each step is tiny, the kernels exist to update the states without
+GPU, its activations those of ``numba_mamba._math``): each step is tiny, the kernels exist to update the states without
 temporaries.  Token ids are
 not checked here (a check would wait for the device): an id outside
 ``[0, V)`` reads the nearest row instead of memory outside the table.
@@ -62,7 +62,8 @@ import numpy as np
 from numba import cuda, types
 
 from .._cpu_step import step_cells
-from ._common import array_module, compile_kernel, dummy, inline_device, launch, simulator
+from ._common import (array_module, compile_kernel, device_math, dummy, inline_device, launch,
+                      simulator)
 
 __all__ = ["NORM_THREADS", "THREADS", "block_sum", "conv_step", "get_kernels", "ptx_signatures",
            "residual_rmsnorm", "ssm_step"]
@@ -114,7 +115,7 @@ def _make_kernels(ftype, norm_threads=NORM_THREADS):
     ftype = np.dtype(ftype).type
     zero = ftype(0.0)
     one = ftype(1.0)
-    conv_cell, ssm_cell = step_cells(ftype, inline_device)
+    conv_cell, ssm_cell = step_cells(ftype, inline_device, device_math())
     total_of = block_sum(norm_threads)
 
     def conv_step(x, state, w, bias, flags, out):

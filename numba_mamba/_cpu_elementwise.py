@@ -2,8 +2,10 @@
 
 Each kernel reads its inputs once and writes its output once (NumPy would
 make two or three temporaries for the same expression).  Arrays arrive
-C-contiguous and flattened to 1-D, in float32 or float64; constants are made
-in the dtype of the input so float32 stays float32.
+C-contiguous and flattened to 1-D, in float32 or float64.  The per-element
+math is :mod:`numba_mamba._math`'s, the source that the GPU kernels
+(``cuda_kernels/elementwise.py``) compile too; its constants take the
+input's type, so float32 stays float32.
 
 Math
 ----
@@ -19,40 +21,37 @@ import numpy as np
 from numba import njit, prange
 
 from ._cpu_threads import serial_below
+from ._math import cpu
 
 __all__ = ["silu_forward", "silu_backward", "softplus_forward", "softplus_backward"]
 
 
+_silu, _silu_backward, _softplus, _softplus_backward = (
+    cpu.silu, cpu.silu_backward, cpu.softplus, cpu.softplus_backward)
+
+
 @njit(parallel=True, cache=True)
 def _silu_kernel(x, out):
-    one = x.dtype.type(1)
     for i in prange(x.size):
-        v = x[i]
-        out[i] = v / (one + np.exp(-v))
+        out[i] = _silu(x[i])
 
 
 @njit(parallel=True, cache=True)
 def _silu_backward_kernel(dout, x, dx):
-    one = x.dtype.type(1)
     for i in prange(x.size):
-        v = x[i]
-        s = one / (one + np.exp(-v))
-        dx[i] = dout[i] * s * (one + v * (one - s))
+        dx[i] = _silu_backward(dout[i], x[i])
 
 
 @njit(parallel=True, cache=True)
 def _softplus_kernel(x, out):
-    twenty = x.dtype.type(20)
     for i in prange(x.size):
-        v = x[i]
-        out[i] = v if v > twenty else np.log1p(np.exp(v))
+        out[i] = _softplus(x[i])
 
 
 @njit(parallel=True, cache=True)
 def _softplus_backward_kernel(dout, x, dx):
-    one = x.dtype.type(1)
     for i in prange(x.size):
-        dx[i] = dout[i] / (one + np.exp(-x[i]))
+        dx[i] = _softplus_backward(dout[i], x[i])
 
 
 def _run(kernel, *arrays):

@@ -29,25 +29,27 @@ import numpy as np
 from numba import njit, prange
 
 from ._cpu_threads import serial_below
+from ._math import cpu
 
 __all__ = ["conv_step", "residual_rmsnorm", "ssm_step", "step_cells"]
 
 
-def step_cells(ftype, jit):
+def step_cells(ftype, jit, fns):
     """``(conv_cell, ssm_cell)`` compiled by ``jit`` (``numba.njit`` here, a CUDA
     device-function decorator in ``cuda_kernels/step.py``): one source of the
-    step's arithmetic for both targets, constants in ``ftype``.
+    step's arithmetic for both targets, constants in ``ftype``.  ``fns`` holds
+    the activations, :mod:`numba_mamba._math`'s bodies compiled for the same
+    target (:data:`numba_mamba._math.cpu` here, inlined where they are called).
 
-    ``conv_cell(x, state, w, bias, has_bias, silu, out, b, c)`` and
+    ``conv_cell(x, state, w, bias, has_bias, act, out, b, c)`` (``act``: apply
+    SiLU) and
     ``ssm_cell(x, xz, x_dbl, dt_w, dt_bias, A, Bm, Cm, D, var, has_D, has_z,
     state, out, b, d)`` each update one (batch, channel) of the module's math.
     """
-    ftype = np.dtype(ftype).type
-    zero = ftype(0.0)
-    one = ftype(1.0)
-    twenty = ftype(20.0)
+    zero = np.dtype(ftype).type(0.0)
+    silu, softplus = fns.silu, fns.softplus
 
-    def conv_cell(x, state, w, bias, has_bias, silu, out, b, c):
+    def conv_cell(x, state, w, bias, has_bias, act, out, b, c):
         W = state.shape[2]
         acc = bias[c] if has_bias else zero
         for k in range(W - 1):
@@ -57,8 +59,8 @@ def step_cells(ftype, jit):
         v = x[b, c]
         state[b, c, W - 1] = v
         acc += w[c, W - 1] * v
-        if silu:
-            acc = acc / (one + math.exp(-acc))
+        if act:
+            acc = silu(acc)
         out[b, c] = acc
 
     def ssm_cell(x, xz, x_dbl, dt_w, dt_bias, A, Bm, Cm, D, var, has_D, has_z, state, out,
@@ -69,9 +71,7 @@ def step_cells(ftype, jit):
         if var:
             for r in range(R):
                 delta += dt_w[d, r] * x_dbl[b, r]
-        delta += dt_bias[d]
-        if delta <= twenty:
-            delta = math.log1p(math.exp(delta))
+        delta = softplus(delta + dt_bias[d])
         xv = x[b, d]
         y = zero
         for n in range(N):
@@ -87,8 +87,7 @@ def step_cells(ftype, jit):
         if has_D:
             y += D[d] * xv
         if has_z:
-            zv = xz[b, Dc + d]
-            y *= zv / (one + math.exp(-zv))
+            y *= silu(xz[b, Dc + d])
         out[b, d] = y
 
     return jit(conv_cell), jit(ssm_cell)
@@ -97,7 +96,7 @@ def step_cells(ftype, jit):
 @functools.lru_cache(maxsize=None)
 def _step_kernels(dtype):
     """The two parallel kernels for ``dtype``: one task per (batch, channel)."""
-    conv_cell, ssm_cell = step_cells(dtype, njit)
+    conv_cell, ssm_cell = step_cells(dtype, njit, cpu)
 
     @njit(parallel=True)
     def conv_kernel(x, state, w, bias, has_bias, silu, out):
