@@ -56,7 +56,9 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import compile_kernel, launch
+from .._cpu_optim import adamw_element as _adamw_element
+from .._cpu_optim import coef_values as _coef_values
+from ._common import compile_kernel, inline_device, launch
 
 __all__ = ["COEF", "THREADS", "adamw_update", "get_kernels", "prepare", "ptx_signatures",
            "record_loss", "sum_of_squares"]
@@ -80,6 +82,8 @@ def _argtypes(ftype):
 
 def _make_kernels(ftype):
     ftype = np.dtype(ftype).type
+    coef_values = inline_device(_coef_values)
+    adamw_element = inline_device(_adamw_element)
     tiny = 1e-6  # (prepare computes in float64 on purpose: one thread, the host's arithmetic)
 
     def prepare(t, lr, hyper, sq, norm, coef):
@@ -106,26 +110,13 @@ def _make_kernels(ftype):
         coef[_DECAY] = 1.0 - rate * wd
 
     def adamw_update(p, g, m, v, coef, decay):
-        b1 = coef[_B1]
-        c1 = coef[_C1]
-        b2 = coef[_B2]
-        c2 = coef[_C2]
-        eps = coef[_EPS]
-        scale = coef[_SCALE]
-        lr_bc1 = coef[_LR_BC1]
-        bc2_sqrt = coef[_BC2_SQRT]
-        keep = coef[_DECAY]
+        c = coef_values(coef)
         start, stride = cuda.grid(1), cuda.gridsize(1)
         for i in range(start, p.shape[0], stride):
-            gi = g[i] * scale
-            mi = m[i] * b1 + c1 * gi
-            vi = v[i] * b2 + c2 * (gi * gi)
+            pi, mi, vi = adamw_element(p[i], g[i], m[i], v[i], c, decay != 0)
             m[i] = mi
             v[i] = vi
-            pi = p[i]
-            if decay != 0:
-                pi = pi * keep
-            p[i] = pi - (lr_bc1 * mi) / (math.sqrt(vi) / bc2_sqrt + eps)
+            p[i] = pi
 
     def record_loss(loss, bad, hist, state):
         if cuda.grid(1) != 0:

@@ -1,17 +1,21 @@
-"""CPU backend of a captured training step: the AdamW update and the loss history in NumPy.
+"""CPU backend of a captured training step: the AdamW update and the loss history.
 
 The same functions, arguments and layout as ``cuda_kernels/optim.py`` (read
 its docstring for the math), on NumPy arrays.  The arithmetic is that of
 :meth:`numba_mamba.optim.AdamW.step` and :func:`numba_mamba.optim.clip_grad_norm`
 operation for operation (the per-step factors in float64 on the host, then
 rounded to the parameters' dtype), so an update here equals theirs to the bit.
+The update of one element, :func:`adamw_element`, is the source of both this
+``@njit`` loop and the GPU kernel.
 """
 
 import math
 
 import numpy as np
+from numba import njit
 
-__all__ = ["COEF", "adamw_update", "prepare", "record_loss", "sum_of_squares"]
+__all__ = ["COEF", "adamw_element", "adamw_update", "coef_values", "prepare", "record_loss",
+           "sum_of_squares"]
 
 COEF = ("b1", "c1", "b2", "c2", "eps", "scale", "lr_bc1", "bc2_sqrt", "decay")
 _B1, _C1, _B2, _C2, _EPS, _SCALE, _LR_BC1, _BC2_SQRT, _DECAY = range(len(COEF))
@@ -34,16 +38,41 @@ def prepare(t, lr, hyper, sq, norm, coef):
     coef[_DECAY] = 1 - rate * wd
 
 
+def coef_values(coef):
+    """The nine entries of ``coef`` as a tuple of scalars (:data:`COEF` order),
+    read once before a loop of :func:`adamw_element`."""
+    return (coef[0], coef[1], coef[2], coef[3], coef[4], coef[5], coef[6], coef[7], coef[8])
+
+
+def adamw_element(p, g, m, v, c, decay):
+    """One element's AdamW update: ``(p, m, v)`` after the step, from the
+    gradient ``g`` and the values ``c`` of :func:`coef_values` (``decay``:
+    apply the weight decay).  A plain function of scalars that ``@njit`` and
+    the CUDA kernel (``cuda_kernels/optim.py``) both compile, in the
+    operation order of :meth:`numba_mamba.optim.AdamW.step`."""
+    b1, c1, b2, c2, eps, scale, lr_bc1, bc2_sqrt, keep = c
+    gi = g * scale
+    mi = m * b1 + c1 * gi
+    vi = v * b2 + c2 * (gi * gi)
+    if decay:
+        p = p * keep
+    return p - (lr_bc1 * mi) / (math.sqrt(vi) / bc2_sqrt + eps), mi, vi
+
+
+_coef_values = njit(inline="always")(coef_values)
+_adamw_element = njit(inline="always")(adamw_element)
+
+
+@njit(cache=True)
+def _adamw_kernel(p, g, m, v, coef, decay):
+    c = _coef_values(coef)
+    for i in range(p.shape[0]):
+        p[i], m[i], v[i] = _adamw_element(p[i], g[i], m[i], v[i], c, decay)
+
+
 def adamw_update(p, g, m, v, coef, decay):
     """One AdamW update of the flattened parameter ``p`` (and ``m``, ``v``) in place."""
-    g = g * coef[_SCALE]
-    m *= coef[_B1]
-    m += coef[_C1] * g
-    v *= coef[_B2]
-    v += coef[_C2] * (g * g)
-    if decay:
-        p *= coef[_DECAY]
-    p -= coef[_LR_BC1] * m / (np.sqrt(v) / coef[_BC2_SQRT] + coef[_EPS])
+    _adamw_kernel(p, g, m, v, coef, bool(decay))
 
 
 def record_loss(loss, bad, hist, state):
