@@ -23,6 +23,7 @@ __all__ = [
     "check_flag",
     "check_int",
     "check_shape",
+    "complex_of",
     "compute_dtype",
     "is_cupy_array",
     "is_double",
@@ -108,6 +109,12 @@ def compute_dtype(*arrays):
     if any(a is not None and is_double(a.dtype) for a in arrays):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
+
+
+def complex_of(ftype):
+    """The complex dtype of the real float dtype ``ftype``: complex128 for
+    float64, else complex64."""
+    return np.dtype(np.complex128 if ftype == np.float64 else np.complex64)
 
 
 def as_float_array(name, x, xp, allow_complex=False):

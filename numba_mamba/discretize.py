@@ -29,7 +29,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._backends import gpu_module
-from ._validation import array_namespace, as_float_array, is_cupy_array, is_double
+from ._math import phi1, phi2
+from ._validation import (array_namespace, as_float_array, complex_of, compute_dtype,
+                          is_cupy_array)
 
 __all__ = ["DISCRETIZE_METHODS", "DiscretizeGrads", "UnstableFilterWarning", "discretize",
            "discretize_vjp"]
@@ -37,9 +39,6 @@ __all__ = ["DISCRETIZE_METHODS", "DiscretizeGrads", "UnstableFilterWarning", "di
 #: accepted values of ``method``
 DISCRETIZE_METHODS = ("zoh", "euler", "backward_diff", "bilinear", "mamba")
 _GBT_ALPHA = {"euler": 0.0, "backward_diff": 1.0, "bilinear": 0.5}
-# (m - 1) / m! for m = 2..10: the series of phi2 near 0
-_PHI2_SERIES = (1 / 2, 1 / 3, 1 / 8, 1 / 30, 1 / 144, 1 / 840, 1 / 5760, 1 / 45360,
-                1 / 403200)
 
 
 class DiscretizeGrads(NamedTuple):
@@ -100,40 +99,6 @@ def warn_unstable(A, Ab, method, stacklevel):
                       f"'bilinear'", UnstableFilterWarning, stacklevel=stacklevel + 1)
 
 
-def precision(*arrays):
-    """float64 if any array has 64-bit (float64 or complex128) precision, else float32.
-
-    Decided by kind and size (either byte order).  Python scalars are weak:
-    pass only arrays given as arrays.
-    """
-    for a in arrays:
-        if a is not None and is_double(a.dtype):
-            return np.dtype(np.float64)
-    return np.dtype(np.float32)
-
-
-def complex_of(ftype):
-    return np.dtype(np.complex128 if ftype == np.float64 else np.complex64)
-
-
-def _phi1(z, xp):
-    """(exp(z) - 1) / z, 1 at 0 (real or complex)."""
-    nz = z != 0
-    safe = xp.where(nz, z, 1)
-    return xp.where(nz, xp.expm1(safe) / safe, 1)
-
-
-def _phi2(z, xp):
-    """(z exp(z) - (exp(z) - 1)) / z^2, by its series for |z| < 0.1."""
-    small = abs(z) < 0.1
-    safe = xp.where(small, 1, z)
-    closed = (safe * xp.exp(safe) - xp.expm1(safe)) / (safe * safe)
-    series = xp.zeros_like(z)
-    for coef in reversed(_PHI2_SERIES):
-        series = series * z + coef
-    return xp.where(small, series, closed)
-
-
 def _forward_cpu(A, B, dt, method):
     z = dt * A
     if method in _GBT_ALPHA:
@@ -142,7 +107,7 @@ def _forward_cpu(A, B, dt, method):
         return (1 + (1 - alpha) * z) / den, dt * B / den
     Ab = np.exp(z)
     if method == "zoh":
-        return Ab, B * dt * _phi1(z, np)
+        return Ab, B * dt * phi1(z, np)
     return Ab, dt * B
 
 
@@ -162,8 +127,8 @@ def _backward_cpu(A, B, dt, gAb, gBb, method):
         dA = gAb * conj(dt * e)
         ddt = gAb * conj(A * e)
         if method == "zoh":
-            dA = dA + gBb * conj(B * dt * dt * _phi2(z, np))
-            dB = gBb * conj(dt * _phi1(z, np))
+            dA = dA + gBb * conj(B * dt * dt * phi2(z, np))
+            dB = gBb * conj(dt * phi1(z, np))
             ddt = ddt + gBb * conj(B * e)
         else:
             dB = gBb * dt
@@ -182,7 +147,10 @@ def _sum_to_shape(g, shape, xp):
     return g
 
 
-def _prepare(A, B, dt, method):
+def prepare(A, B, dt, method):
+    """Validate :func:`discretize`'s arguments: ``(xp, A, B, dt, shape, dt_is_array)``
+    with ``A``, ``B`` in one (complex where either is) dtype, ``dt`` real, and
+    ``shape`` their broadcast shape (the filters validate through it too)."""
     check_method(method)
     dt_is_array = isinstance(dt, np.ndarray) or is_cupy_array(dt)
     xp = array_namespace(A=A if not np.isscalar(A) else None,
@@ -194,7 +162,7 @@ def _prepare(A, B, dt, method):
     if isinstance(dt, (bool, np.bool_)):
         raise TypeError(f"dt must be a number or an array of time steps, got {dt!r}")
     dt_arr = as_param("dt", dt, xp, allow_complex=False)
-    ftype = precision(A, B, dt_arr if dt_is_array else None)
+    ftype = compute_dtype(A, B, dt_arr if dt_is_array else None)
     try:
         shape = np.broadcast_shapes(A.shape, B.shape, dt_arr.shape)
     except ValueError:
@@ -213,7 +181,7 @@ def _flat(x, shape, xp):
     return xp.ascontiguousarray(xp.broadcast_to(x, shape)).reshape(-1)
 
 
-def _discretize(A, B, dt, method, xp, shape):
+def discretize_prepared(A, B, dt, method, xp, shape):
     """:func:`discretize` of validated arrays (A, B of one dtype, dt real):
     the arithmetic alone, for the filters, which validate once."""
     if xp is np:
@@ -327,8 +295,8 @@ def discretize(A: Any, B: Any, dt: Any, method: str = "zoh") -> tuple:
     >>> bool(np.allclose(np.diag(ad), Ab[0]) and np.allclose(bd[:, 0], Bb[0]))
     True
     """
-    xp, A, B, dt, shape, _ = _prepare(A, B, dt, method)
-    Ab, Bb = _discretize(A, B, dt, method, xp, shape)
+    xp, A, B, dt, shape, _ = prepare(A, B, dt, method)
+    Ab, Bb = discretize_prepared(A, B, dt, method, xp, shape)
     warn_unstable(A, Ab, method, stacklevel=2)
     return Ab, Bb
 
@@ -373,9 +341,9 @@ def discretize_vjp(A: Any, B: Any, dt: Any, method: str = "zoh") -> tuple:
     True
     """
     given = dict(A=A, B=B, dt=dt)
-    xp, A, B, dtc, shape, dt_is_array = _prepare(A, B, dt, method)
+    xp, A, B, dtc, shape, dt_is_array = prepare(A, B, dt, method)
     orig = {k: as_param(k, v, xp, allow_complex=(k != "dt")) for k, v in given.items()}
-    Ab, Bb = _discretize(A, B, dtc, method, xp, shape)
+    Ab, Bb = discretize_prepared(A, B, dtc, method, xp, shape)
     warn_unstable(A, Ab, method, stacklevel=2)
 
     def backward(dAb, dBb=None):

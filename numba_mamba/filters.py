@@ -72,10 +72,12 @@ import numpy as np
 from numba import njit, prange
 
 from ._backends import gpu_module
-from ._validation import array_namespace, check_int, is_cupy_array, is_dask_array, is_double
-from .discretize import _prepare as _prepare_discretize
-from .discretize import (UnstableFilterWarning, _discretize, _phi1, as_param, check_method,
-                         check_state_matrix, complex_of, warn_unstable)
+from ._math import phi1
+from ._validation import (array_namespace, check_int, complex_of, is_cupy_array, is_dask_array,
+                          is_double)
+from .discretize import (UnstableFilterWarning, as_param, check_method, check_state_matrix,
+                         discretize_prepared, warn_unstable)
+from .discretize import prepare as prepare_discretize
 
 __all__ = ["GPU_CONV_MIN_LENGTH", "GPU_CONV_MIN_LENGTH_FAST_SCAN", "SSMFilter",
            "UnstableFilterWarning", "ssm_filter", "ssm_kernel"]
@@ -91,6 +93,19 @@ GPU_CONV_MIN_LENGTH_FAST_SCAN = 2**16
 
 
 # --------------------------------------------------------------- CPU engine
+@njit(inline="always")
+def _advance(h, a, b, c, xt, zero):
+    """One step of both CPU loops, in place: ``h = a h + b xt``; returns
+    ``sum_n Re(c h)`` (``zero`` the real zero of the output's dtype).  Inlined
+    in Numba's IR, so each loop compiles it with its own fastmath flags."""
+    acc = zero
+    for n in range(h.shape[0]):
+        hn = a[n] * h[n] + b[n] * xt
+        h[n] = hn
+        acc += (c[n] * hn).real
+    return acc
+
+
 @njit(parallel=True, cache=True)
 def _recurrence_cpu(x, a, b, c, h0, y, hf):
     """h_t = a_t h_{t-1} + b_t x_t; y_t = sum_n Re(c_t h_t); overwrites y and hf.
@@ -98,7 +113,6 @@ def _recurrence_cpu(x, a, b, c, h0, y, hf):
     x (R, L) real; a, b, c (R, La, N), La in {1, L}; h0, hf (R, N).
     """
     R, L = x.shape
-    N = a.shape[2]
     for r in prange(R):
         h = h0[r].copy()
         va, vb, vc = a.shape[1] > 1, b.shape[1] > 1, c.shape[1] > 1
@@ -111,35 +125,22 @@ def _recurrence_cpu(x, a, b, c, h0, y, hf):
                 br = b[r, t]
             if vc:
                 cr = c[r, t]
-            xt = x[r, t]
-            acc = zero
-            for n in range(N):
-                hn = ar[n] * h[n] + br[n] * xt
-                h[n] = hn
-                acc += (cr[n] * hn).real
-            y[r, t] = acc
+            y[r, t] = _advance(h, ar, br, cr, x[r, t], zero)
         hf[r] = h
 
 
-# 'reassoc' lets LLVM vectorize the sum over states (about 2x here); the
+# 'reassoc' lets LLVM vectorize the sum over states; the
 # recurrence itself is one multiply-add per state and step either way
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
 def _recurrence_lti_cpu(x, a, b, c, h0, y, hf):
     """_recurrence_cpu for constant a, b, c (R, N): each row's coefficients in locals."""
     R, L = x.shape
-    N = a.shape[1]
     for r in prange(R):
         h = h0[r].copy()
         ar, br, cr = a[r].copy(), b[r].copy(), c[r].copy()
         zero = x[r, 0] * 0
         for t in range(L):
-            xt = x[r, t]
-            acc = zero
-            for n in range(N):
-                hn = ar[n] * h[n] + br[n] * xt
-                h[n] = hn
-                acc += (cr[n] * hn).real
-            y[r, t] = acc
+            y[r, t] = _advance(h, ar, br, cr, x[r, t], zero)
         hf[r] = h
 
 
@@ -270,7 +271,7 @@ def _prepare(A, B, C, x, D, dt, method, axis, zi, stacklevel=4):
     A_c = A.astype(ctype, copy=False)
     dt_c = dtm.astype(ftype, copy=False)
     # Bb is linear in B for every method: discretize with B = 1, then scale
-    Ab, G = _discretize(A_c[..., None, :], xp.ones((), ctype), dt_c[..., None], method, xp,
+    Ab, G = discretize_prepared(A_c[..., None, :], xp.ones((), ctype), dt_c[..., None], method, xp,
                         np.broadcast_shapes(A_c[..., None, :].shape, dt_c[..., None].shape))
     Bb = G * Bm.astype(ctype, copy=False)
     warn_unstable(A_c, Ab, method, stacklevel)
@@ -336,7 +337,7 @@ def _selective_scan_gpu(p):
     R, L = x.shape
     Bp = B
     if p["method"] == "zoh":
-        Bp = B * _phi1(dt[:, :, None] * A[:, None, :], xp)  # (R, Ld or Lb, N)
+        Bp = B * phi1(dt[:, :, None] * A[:, None, :], xp)  # (R, Ld or Lb, N)
 
     def as_scan(M):  # (R, 1, N) -> (R, N); (R, L, N) -> (1, R, N, L) grouped
         if M.shape[1] == 1:
@@ -669,8 +670,8 @@ def ssm_kernel(A: Any, B: Any, C: Any, dt: Any, L: int, method: str = "zoh"):
     C = as_param("C", C, xp)
     if is_double(C.dtype) and not is_double(A.dtype):  # (C's precision counts too)
         A = A.astype(np.complex128 if A.dtype.kind == "c" else np.float64)
-    xp, A, B, dt, shape, _ = _prepare_discretize(A, B, dt, method)
-    Ab, Bb = _discretize(A, B, dt, method, xp, shape)
+    xp, A, B, dt, shape, _ = prepare_discretize(A, B, dt, method)
+    Ab, Bb = discretize_prepared(A, B, dt, method, xp, shape)
     warn_unstable(A, Ab, method, stacklevel=2)
     try:
         shape = np.broadcast_shapes(Ab.shape, C.shape)
