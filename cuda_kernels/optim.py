@@ -29,6 +29,10 @@ multiplies the gradient).
 ``record_loss`` (one thread) writes the step's loss at ``count % size`` of a
 ring buffer and keeps the first step whose batch was flagged as invalid.
 
+The three kernels run the functions of :mod:`numba_mamba._cpu_optim`
+(``prepare``, ``adamw_element``, ``record_loss``) compiled as device
+functions: the CPU backend runs the same source.
+
 Canonical layout
 ----------------
 ==============  ======================  =========================================
@@ -50,14 +54,12 @@ state           (3,) int64              count, first invalid step (-1), its bits
 """
 
 import functools
-import math
 
 import numba
 import numpy as np
 from numba import cuda, types
 
-from .._cpu_optim import adamw_element as _adamw_element
-from .._cpu_optim import coef_values as _coef_values
+from .. import _cpu_optim
 from ._common import compile_kernel, inline_device, launch
 
 __all__ = ["COEF", "THREADS", "adamw_update", "get_kernels", "prepare", "ptx_signatures",
@@ -66,8 +68,7 @@ __all__ = ["COEF", "THREADS", "adamw_update", "get_kernels", "prepare", "ptx_sig
 THREADS = 256
 MAX_BLOCKS = 1024
 #: Slots of ``coef``.
-COEF = ("b1", "c1", "b2", "c2", "eps", "scale", "lr_bc1", "bc2_sqrt", "decay")
-_B1, _C1, _B2, _C2, _EPS, _SCALE, _LR_BC1, _BC2_SQRT, _DECAY = range(len(COEF))
+COEF = _cpu_optim.COEF
 
 
 def _argtypes(ftype):
@@ -80,34 +81,18 @@ def _argtypes(ftype):
             "record_loss": (a1, i1, a1, i1)}
 
 
-def _make_kernels(ftype):
-    ftype = np.dtype(ftype).type
-    coef_values = inline_device(_coef_values)
-    adamw_element = inline_device(_adamw_element)
-    tiny = 1e-6  # (prepare computes in float64 on purpose: one thread, the host's arithmetic)
+def _make_kernels():
+    """Python bodies of the three kernels (a dict by name), each the function of
+    ``numba_mamba._cpu_optim`` compiled as a device function; the signature
+    compiled decides the dtype."""
+    coef_values = inline_device(_cpu_optim.coef_values)
+    adamw_element = inline_device(_cpu_optim.adamw_element)
+    prepare_body = inline_device(_cpu_optim.prepare)
+    record_loss_body = inline_device(_cpu_optim.record_loss)
 
     def prepare(t, lr, hyper, sq, norm, coef):
-        if cuda.grid(1) != 0:
-            return
-        step = t[0] + 1
-        t[0] = step
-        b1 = hyper[0]
-        b2 = hyper[1]
-        wd = hyper[2]
-        max_norm = hyper[3]
-        total = 0.0
-        for i in range(sq.shape[0]):
-            total += sq[i]
-        nrm = math.sqrt(total)
-        norm[0] = nrm
-        scale = 1.0
-        if max_norm > 0.0 and nrm > max_norm:
-            scale = max_norm / (nrm + tiny)
-        rate = lr[0]
-        coef[_SCALE] = scale
-        coef[_LR_BC1] = rate / (1.0 - math.pow(b1, float(step)))
-        coef[_BC2_SQRT] = math.sqrt(1.0 - math.pow(b2, float(step)))
-        coef[_DECAY] = 1.0 - rate * wd
+        if cuda.grid(1) == 0:
+            prepare_body(t, lr, hyper, sq, norm, coef)
 
     def adamw_update(p, g, m, v, coef, decay):
         c = coef_values(coef)
@@ -119,23 +104,16 @@ def _make_kernels(ftype):
             p[i] = pi
 
     def record_loss(loss, bad, hist, state):
-        if cuda.grid(1) != 0:
-            return
-        k = state[0]
-        hist[k % hist.shape[0]] = loss[0]
-        if bad[0] != 0 and state[1] < 0:
-            state[1] = k
-            state[2] = bad[0]
-        state[0] = k + 1
+        if cuda.grid(1) == 0:
+            record_loss_body(loss, bad, hist, state)
 
-    del ftype
     return {"prepare": prepare, "adamw_update": adamw_update, "record_loss": record_loss}
 
 
 @functools.lru_cache(maxsize=None)
 def get_kernels(dtype):
     """Compiled kernels for parameters of ``dtype`` (a dict by name; cached)."""
-    bodies = _make_kernels(np.dtype(dtype))
+    bodies = _make_kernels()
     argtypes = _argtypes(dtype)
     return {name: compile_kernel(fn, types.void(*argtypes[name])) for name, fn in bodies.items()}
 
@@ -148,7 +126,7 @@ def ptx_signatures():
     listed as a float32 kernel.
     """
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
-        bodies = _make_kernels(dtype)
+        bodies = _make_kernels()
         argtypes = _argtypes(dtype)
         for name, fn in bodies.items():
             yield (f"{name}_{dtype.name}", fn, argtypes[name],

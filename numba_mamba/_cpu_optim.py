@@ -5,8 +5,8 @@ its docstring for the math), on NumPy arrays.  The arithmetic is that of
 :meth:`numba_mamba.optim.AdamW.step` and :func:`numba_mamba.optim.clip_grad_norm`
 operation for operation (the per-step factors in float64 on the host, then
 rounded to the parameters' dtype), so an update here equals theirs to the bit.
-The update of one element, :func:`adamw_element`, is the source of both this
-``@njit`` loop and the GPU kernel.
+The update of one element (:func:`adamw_element`, an ``@njit`` loop here),
+:func:`prepare` and :func:`record_loss` are the sources of the GPU kernels too.
 """
 
 import math
@@ -22,20 +22,31 @@ _B1, _C1, _B2, _C2, _EPS, _SCALE, _LR_BC1, _BC2_SQRT, _DECAY = range(len(COEF))
 
 
 def prepare(t, lr, hyper, sq, norm, coef):
-    """Advance the step count ``t`` and write this step's ``coef`` and ``norm``."""
-    step = int(t[0]) + 1
+    """Advance the step count ``t`` and write this step's ``coef`` and ``norm``.
+
+    In float64 whatever ``coef``'s dtype (the host's arithmetic of AdamW.step
+    and clip_grad_norm), rounded to it where stored.  Plain Python here (one
+    call a step) and the body of the GPU's one-thread kernel.
+    """
+    step = t[0] + 1
     t[0] = step
-    b1, b2, wd, max_norm = (float(h) for h in hyper)
+    b1 = hyper[0]
+    b2 = hyper[1]
+    wd = hyper[2]
+    max_norm = hyper[3]
     total = 0.0
-    for s in sq:
-        total += float(s)
+    for i in range(sq.shape[0]):
+        total += sq[i]
     nrm = math.sqrt(total)
     norm[0] = nrm
-    coef[_SCALE] = max_norm / (nrm + 1e-6) if 0.0 < max_norm < nrm else 1.0
-    rate = float(lr[0])
-    coef[_LR_BC1] = rate / (1 - b1 ** step)
-    coef[_BC2_SQRT] = math.sqrt(1 - b2 ** step)
-    coef[_DECAY] = 1 - rate * wd
+    scale = 1.0
+    if max_norm > 0.0 and nrm > max_norm:
+        scale = max_norm / (nrm + 1e-6)
+    rate = lr[0]
+    coef[_SCALE] = scale
+    coef[_LR_BC1] = rate / (1.0 - math.pow(b1, float(step)))
+    coef[_BC2_SQRT] = math.sqrt(1.0 - math.pow(b2, float(step)))
+    coef[_DECAY] = 1.0 - rate * wd
 
 
 def coef_values(coef):
@@ -76,8 +87,10 @@ def adamw_update(p, g, m, v, coef, decay):
 
 
 def record_loss(loss, bad, hist, state):
-    """Write ``loss (1,)`` into the ring buffer ``hist`` at ``state[0]``."""
-    k = int(state[0])
+    """Write ``loss (1,)`` into the ring buffer ``hist`` at ``state[0]``; keep the
+    first step whose ``bad`` flag is set.  Plain Python here and the body of
+    the GPU's one-thread kernel."""
+    k = state[0]
     hist[k % hist.shape[0]] = loss[0]
     if bad[0] != 0 and state[1] < 0:
         state[1] = k
