@@ -16,6 +16,12 @@ keeps its own on purpose.)
 Array functions (:func:`phi1`, :func:`phi2`, :func:`softplus_array`) take
 NumPy or CuPy arrays and the array module ``xp``.
 
+Numba's disk cache of a kernel does not see the source of the functions it
+calls from another module: after editing a body here, delete the CPU
+kernels' cache files (``numba_mamba/__pycache__/_cpu_*.nb[ci]``).  The GPU
+kernels' cache names carry a digest of the sources they compile
+(``cuda_kernels/_launch.py``, ``_source_digest``, which must read this file).
+
 Math
 ----
 ::
