@@ -48,10 +48,10 @@ ssm_state       (Bt, Dc, N)                               updated in place
 ``residual_rmsnorm`` runs one block per row (a block-wide sum through shared
 memory); the step kernels one thread per (batch, channel), their arithmetic
 that of ``numba_mamba._cpu_step.step_cells`` (one source for the CPU and the
-GPU, its activations those of ``numba_mamba._math``): each step is tiny, the kernels exist to update the states without
-temporaries.  Token ids are
-not checked here (a check would wait for the device): an id outside
-``[0, V)`` reads the nearest row instead of memory outside the table.
+GPU, its activations those of ``numba_mamba._math``): each step is tiny, the
+kernels exist to update the states without temporaries.  Token ids are not
+checked here (a check would wait for the device): an id outside ``[0, V)``
+reads the nearest row instead of memory outside the table.
 """
 
 import functools
