@@ -58,7 +58,6 @@ import numpy as np
 from numba import cuda, types
 
 from ._common import activations, compile_kernel, dummy, inline_device, launch
-from .blas import sum_rows
 
 __all__ = ["THREADS", "conv1d_backward", "conv1d_forward", "get_kernels", "ptx_signatures"]
 
@@ -252,5 +251,5 @@ def conv1d_backward(dout, x, weight, bias, silu):
     launch(bwd, Bt * C * nT, THREADS, "current",
            (dout, x, weight, dummy(cupy, x.dtype, 1) if bias is None else bias, _flags(bias, silu),
             dx, dw_part, db_part))
-    dweight = sum_rows(dw_part.reshape(Bt * nT, C * W)).reshape(C, W)
-    return dx, dweight, None if bias is None else sum_rows(db_part.reshape(Bt * nT, C))
+    dweight = dw_part.reshape(Bt * nT, C * W).sum(axis=0).reshape(C, W)
+    return dx, dweight, None if bias is None else db_part.reshape(Bt * nT, C).sum(axis=0)

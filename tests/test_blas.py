@@ -201,3 +201,45 @@ def test_unavailable_when_a_symbol_is_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(blas, "_LIB", blas._Library())
     assert blas.available() is False
     assert "lacks cublasCreate_v2" in blas.unavailable_reason()
+
+
+def _lt_emulate(plan, a, b):
+    """``C`` of a cuBLASLt matmul with the layouts of :func:`blas.lt_layouts`
+    (``A`` = ``b``, ``B`` = ``a``; each stored column-major as rows x cols
+    with its leading dim and batch stride, then transposed by its flag)."""
+    def stored(x, rows, cols, ld, batch, stride):
+        it = x.itemsize
+        return np.lib.stride_tricks.as_strided(x, shape=(batch, rows, cols),
+                                               strides=(stride * it, it, ld * it),
+                                               writeable=False)
+    lay_a, lay_b, lay_c = blas.lt_layouts(plan)
+    A = stored(b, *lay_a)
+    B = stored(a, *lay_b)
+    A = np.swapaxes(A, 1, 2) if plan.transa else A
+    B = np.swapaxes(B, 1, 2) if plan.transb else B
+    C = np.matmul(A, B)
+    rows, cols, ldc, batch, stride_c = lay_c
+    assert C.shape == (batch, rows, cols)
+    out = np.zeros(plan.out_shape, a.dtype)
+    it = out.itemsize
+    np.lib.stride_tricks.as_strided(out, shape=C.shape,
+                                    strides=(stride_c * it, it, ldc * it))[...] = C
+    return out
+
+
+@pytest.mark.parametrize("case", ["2d", "folded", "shared_a", "batched", "transposed"])
+def test_lt_layouts_describe_the_same_product(case):
+    rng = np.random.default_rng(11)
+    if case == "2d":
+        a, b = rng.standard_normal((3, 4)), _padded(rng, (4, 5))
+    elif case == "folded":
+        a, b = rng.standard_normal((2, 3, 4)), _padded(rng, (4, 5), transposed=True)
+    elif case == "shared_a":
+        a, b = rng.standard_normal((6, 4)), np.swapaxes(rng.standard_normal((3, 5, 4)), -1, -2)
+    elif case == "batched":
+        a, b = rng.standard_normal((3, 6, 4)), rng.standard_normal((3, 4, 5))
+    else:
+        a, b = _padded(rng, (3, 4), transposed=True), _padded(rng, (4, 5), transposed=True)
+    plan = blas.gemm_plan(a.shape, _strides(a), b.shape, _strides(b))
+    np.testing.assert_allclose(_lt_emulate(plan, a, b), np.matmul(a, b), rtol=1e-12,
+                               atol=1e-12)

@@ -53,6 +53,9 @@ def test_an_override_is_undone_after_an_exception_and_refuses_bad_fields_first()
             (dict(save_every=2.0), TypeError, "save_every must be an int, got float"),
             (dict(raw_launch="no"), TypeError, "raw_launch must be a bool, got str"),
             (dict(deterministic=1), TypeError, "deterministic must be a bool, got int"),
+            (dict(gemm_tuning="yes"), TypeError, "gemm_tuning must be a bool, got str"),
+            (dict(gemm_tuning_min_flops=0), ValueError, "gemm_tuning_min_flops must be at least 1"),
+            (dict(gemm_tuning_min_flops=1.5), TypeError, "gemm_tuning_min_flops must be an int"),
             (dict(min_blocks={(F32, "sideways"): 2}), ValueError, "min_blocks maps")]:
         with pytest.raises(error, match=pattern):
             settings.override(**changes)
