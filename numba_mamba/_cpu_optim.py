@@ -74,7 +74,7 @@ _coef_values = njit(inline="always")(coef_values)
 _adamw_element = njit(inline="always")(adamw_element)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")  # (divisions without a zero check: SIMD)
 def _adamw_kernel(p, g, m, v, coef, decay):
     c = _coef_values(coef)
     for i in range(p.shape[0]):
