@@ -2,10 +2,11 @@
 
 Scalar bodies (:func:`sigmoid`, :func:`softplus`, :func:`silu` and the
 backward factors) are plain Python functions of scalars that Numba compiles
-for both targets: :func:`compiled` makes them ``@njit`` functions for the CPU
-kernels (``compiled(numba.njit)``) or CUDA device functions for the GPU
-kernels (``compiled(cuda_kernels._common.inline_device)``), so a CPU kernel
-and its GPU twin run the same per-element source.  They are dtype-generic:
+for both targets: :data:`cpu` holds them as ``@njit`` functions inlined into
+the CPU kernels (``compiled(numba.njit(inline="always"))``), and
+``cuda_kernels._common.device_math()`` as force-inlined CUDA device functions
+(``compiled(inline_device)``), so a CPU kernel and its GPU twin run the same
+per-element source.  They are dtype-generic:
 every constant is made in the argument's type by :func:`like`, so float32
 code stays float32 (no float64 instruction in a float32 kernel's PTX) and
 float64 stays float64.  (The CPU scan's vectorizable versions, in plain
