@@ -8,7 +8,7 @@ implementation's figures measured on an H200 (issue 3).
 
 Both GPU engines are timed in the same run: ``states`` (one thread per state,
 ``cuda_kernels/scan_states.py``) and ``blocks`` (the parallel block scan along
-the sequence, ``cuda_kernels/scan.py``); ``auto`` is what the public API picks.
+the sequence, ``cuda_kernels/scan_blocks.py``); ``auto`` is what the public API picks.
 Where PyTorch with CUDA is importable, a second table times the forward as a
 plain PyTorch loop over the sequence (one step of the recurrence per
 iteration, :func:`sequential_loop`) on the same inputs, next to the figure

@@ -53,7 +53,7 @@ def main():
 
     import cupy
 
-    from numba_mamba.cuda_kernels import scan
+    from numba_mamba.cuda_kernels import scan, scan_blocks
     from numba_mamba import reference
 
     props = cupy.cuda.runtime.getDeviceProperties(0)
@@ -111,7 +111,7 @@ def main():
 
     print("kernel resources (registers/thread, local bytes/thread, static shared bytes):")
     for dtype, (threads, items) in scan.settings.blocks_tuning.items():
-        k = scan.get_kernels(dtype, threads, items)  # compiled once, cached
+        k = scan_blocks.get_kernels(dtype, threads, items)  # compiled once, cached
         for kind, disp in (("forward", k.forward), ("backward", k.backward)):
             print(f"  {kind:8s} {dtype.name} threads {threads} items {items}: "
                   f"regs {_per_kernel(disp.get_regs_per_thread())}, "
@@ -122,6 +122,8 @@ def main():
 def _sweep(scan, dev, dout, stream, repeat):
     """Time splits of the chunk and kinds of B/C (what the atomics cost)."""
     import cupy
+
+    from numba_mamba.cuda_kernels import scan_blocks
 
     Bt, Dc, L = dev["u"].shape
     N = dev["A"].shape[1]
@@ -144,7 +146,7 @@ def _sweep(scan, dev, dout, stream, repeat):
             print(f"  {label:38s} threads {threads:3d} items {items:2d}: "
                   f"forward {fwd[0]:.3f} ms, backward {bwd[0]:.3f} ms")
         for threads, items in [(128, 16), (256, 8), (512, 4)]:
-            k = scan.get_kernels(np.float32, threads, items).backward
+            k = scan_blocks.get_kernels(np.float32, threads, items).backward
             print(f"    backward threads {threads} items {items}: regs "
                   f"{_per_kernel(k.get_regs_per_thread())}, local "
                   f"{_per_kernel(k.get_local_mem_per_thread())}")

@@ -122,13 +122,15 @@ _KERNEL_SOURCES = pathlib.Path(__file__).resolve().parent
 @functools.lru_cache(maxsize=1)
 def _source_digest():
     """A digest of the kernel modules' source files (``*.py`` of this folder)
-    and of the CPU modules whose functions some kernels compile as device
-    functions (``numba_mamba/_cpu_*.py``: one source of the step arithmetic)."""
+    and of the package modules whose functions some kernels compile as device
+    functions (``numba_mamba/_cpu_*.py`` and ``numba_mamba/_math.py``: one
+    source of the step and elementwise arithmetic)."""
     import numba_mamba
 
     cpu = pathlib.Path(numba_mamba.__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(_KERNEL_SOURCES.glob("*.py")) + sorted(cpu.glob("_cpu_*.py")):
+    shared = sorted(cpu.glob("_cpu_*.py")) + [cpu / "_math.py"]
+    for path in sorted(_KERNEL_SOURCES.glob("*.py")) + shared:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()

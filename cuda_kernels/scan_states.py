@@ -1,6 +1,6 @@
 """State-parallel selective scan kernels: one thread per (batch, channel, state).
 
-Same math and canonical layout as :mod:`cuda_kernels.scan` (see its module
+Same math and canonical layout as :mod:`cuda_kernels.scan_blocks` (see its module
 docstring); a second engine for problems with many independent recurrences.
 
 Why a second engine

@@ -20,13 +20,13 @@ import json
 import sys
 
 CC = (9, 0)
-MODULES = ("scan", "scan_states", "discretize", "conv1d", "elementwise", "embedding", "step",
+MODULES = ("scan_blocks", "scan_states", "discretize", "conv1d", "elementwise", "embedding", "step",
            "sample", "optim")
 #: the compile jobs, ``(modules, part, parts)``: the state engine holds most of the
 #: kernels and of the compile time, so it is split in parts; the decoder's kernels
 #: (step, sample) compile alone for the tests that need only them
 JOBS = tuple((("scan_states",), i, 4) for i in range(4)) + (
-    (("scan", "discretize", "conv1d", "elementwise", "embedding"), 0, 1),
+    (("scan_blocks", "discretize", "conv1d", "elementwise", "embedding"), 0, 1),
     (("step", "sample", "optim"), 0, 1))
 assert sorted(m for modules, part, _ in JOBS if part == 0 for m in modules) == sorted(MODULES)
 

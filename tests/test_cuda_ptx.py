@@ -25,7 +25,7 @@ if numba.config.ENABLE_CUDASIM:  # pragma: no cover - the simulator has no PTX
     pytest.skip("compile_ptx is not available under the CUDA simulator",
                 allow_module_level=True)
 
-from numba_mamba.cuda_kernels import scan, scan_states  # noqa: E402
+from numba_mamba.cuda_kernels import scan, scan_blocks, scan_states  # noqa: E402
 from tests.ptx_kernels import CC, signatures, sm90_device  # noqa: E402
 
 SIGNATURES = signatures()
@@ -101,7 +101,7 @@ def test_conv1d_backward_uses_shared_memory_and_barriers(ptx):
 def test_chunk_too_large_for_static_shared_memory_is_rejected(dtype, threads, items):
     # four staged rows of threads * (items + 1) values must fit in 48 KiB
     with pytest.raises(ValueError, match=rf"^threads \* items = {threads * items} needs"):
-        scan._make_kernels(np.dtype(dtype), threads, items, sim=False)
+        scan_blocks._make_kernels(np.dtype(dtype), threads, items, sim=False)
 
 
 @pytest.mark.parametrize("shape", [(8, 1536, 2048), (2, 1536, 16384), (64, 64, 1024),

@@ -142,7 +142,7 @@ def _simulate_case(name):
     import numba
 
     assert numba.config.ENABLE_CUDASIM, "the simulator must be on"
-    from numba_mamba.cuda_kernels import scan
+    from numba_mamba.cuda_kernels import scan_blocks
     from numba_mamba import reference
     from tests.scan_cases import half_dtype, make_inputs
 
@@ -220,7 +220,7 @@ def _simulate_case(name):
     out = np.full((Bt, Dc, L), np.nan, dtype)
     last = np.full((Bt, Dc, N), np.nan, dtype)
     states = np.full((Bt, Dc, n_chunks, N), np.nan, dtype)
-    scan.forward_into(u, delta, A, B, C, D, z, bias, sp, init, out, last, states,
+    scan_blocks.forward_into(u, delta, A, B, C, D, z, bias, sp, init, out, last, states,
                       threads=THREADS, items=ITEMS)
 
     du = np.full_like(u, np.nan)
@@ -232,7 +232,7 @@ def _simulate_case(name):
     dz = None if z is None else np.full_like(u, np.nan)
     dbias = None if bias is None else np.zeros_like(bias)
     q_buf = np.full((2, Bt, Dc, N), np.nan, dtype)
-    scan.backward_into(dout, dlast, u, delta, A, B, C, D, z, bias, sp, states,
+    scan_blocks.backward_into(dout, dlast, u, delta, A, B, C, D, z, bias, sp, states,
                        du, ddelta, dA, dB, dC, dD, dz, dbias, q_buf,
                        threads=THREADS, items=ITEMS)
     return _compare(dtype, z, init, g_ref, out_ref, last_ref, out, last, du, ddelta, dA, dB, dC,

@@ -441,10 +441,10 @@ def test_numpy_arrays_launch_through_numba_on_the_given_stream(seam):
 def test_every_kernel_signature_is_laid_out_as_raw_launch_writes_it():
     """Numba's own description of each kernel's parameters (array data model
     and argument packer) agrees with the slots RawLaunch writes."""
-    from numba_mamba.cuda_kernels import conv1d, discretize, elementwise, scan, scan_states, step
+    from numba_mamba.cuda_kernels import conv1d, discretize, elementwise, scan_blocks, scan_states, step
 
     n = 0
-    for module in (scan, scan_states, discretize, conv1d, elementwise, step):
+    for module in (scan_blocks, scan_states, discretize, conv1d, elementwise, step):
         for name, _, argtypes, *_ in module.ptx_signatures():
             _launch.check_argument_layout(tuple(argtypes), cuda_target.target_context)
             n += 1
@@ -537,9 +537,9 @@ def test_compile_kernel_without_the_cache_where_the_environment_says_so(fake_jit
 _KEY_PROBE = r"""
 import hashlib, json
 from numba.cuda.serialize import dumps
-from numba_mamba.cuda_kernels import conv1d, discretize, elementwise, scan, scan_states, step
+from numba_mamba.cuda_kernels import conv1d, discretize, elementwise, scan_blocks, scan_states, step
 out = {}
-for m in (scan, scan_states, discretize, conv1d, elementwise, step):
+for m in (scan_blocks, scan_states, discretize, conv1d, elementwise, step):
     for name, f, *_ in m.ptx_signatures():
         cells = tuple(c.cell_contents for c in (f.__closure__ or ()))
         out[name] = hashlib.sha256(dumps(cells)).hexdigest()

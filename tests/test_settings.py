@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from numba_mamba.cuda_kernels import scan, scan_states
+from numba_mamba.cuda_kernels import scan, scan_blocks, scan_states
 from numba_mamba.cuda_kernels.settings import Settings, settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_the_block_engines_default_tuning_follows_the_settings():
     assert scan._tuning(F32, None, None, settings) == (128, 16)
     with settings.override(blocks_tuning={F32: (64, 4), F64: (32, 2)}):
         assert scan._tuning(F32, None, 8, settings) == (64, 8)
-        names = [name for name, *_ in scan.ptx_signatures()]
+        names = [name for name, *_ in scan_blocks.ptx_signatures()]
         assert "forward_float32_t64_i4" in names and "forward_float64_t32_i2" in names
     assert scan._tuning(F64, None, None, settings) == (128, 8)
 
