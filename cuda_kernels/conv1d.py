@@ -77,7 +77,8 @@ def _argtypes(ftype):
     a4 = types.Array(t, 4, "C")
     i32 = types.int32
     fwd = (a3, a2, a1, i32, a3)  # x, weight, bias, flags, out
-    bwd = (a3, a3, a2, a1, i32, a3, a4, a3)  # dout, x, weight, bias, flags, dx, dw_part, db_part
+    # dout, x, weight, bias, flags, dx (channels from dx_channel), dx_channel, dw_part, db_part
+    bwd = (a3, a3, a2, a1, i32, a3, types.int64, a4, a3)
     return fwd, bwd
 
 
@@ -143,7 +144,7 @@ def _make_kernels(ftype, width):
                     acc = acc * sigmoid(acc)
                 out[b, c, t] = acc
 
-    def backward(dout, x, w, bias, flags, dx, dw_part, db_part):
+    def backward(dout, x, w, bias, flags, dx, dx_channel, dw_part, db_part):
         Bt, C, L = x.shape
         b, c, j, t0 = row_start(dw_part.shape[1], C)
         tid = cuda.threadIdx.x
@@ -168,7 +169,7 @@ def _make_kernels(ftype, width):
                 acc = zero
                 for k in range(W):
                     acc += wk[k] * g[i + (W - 1) - k]
-                dx[b, c, t] = acc
+                dx[b, dx_channel + c, t] = acc
         red = cuda.shared.array(RED, nb_ftype)
         for k in range(W):
             acc = zero
@@ -237,19 +238,23 @@ def conv1d_forward(x, weight, bias, silu):
     return out
 
 
-def conv1d_backward(dout, x, weight, bias, silu):
-    """Launch the backward; returns ``(dx, dweight, dbias)`` (``dbias`` None without bias)."""
+def conv1d_backward(dout, x, weight, bias, silu, dx_out=None, dx_channel=0):
+    """Launch the backward; returns ``(dx, dweight, dbias)`` (``dbias`` None
+    without bias).  ``dx`` goes into channels ``dx_channel .. dx_channel + C``
+    of ``dx_out`` (C-contiguous, ``(Bt, C', L)``) where given, and is that view."""
     import cupy
 
     Bt, C, L = x.shape
     W = weight.shape[1]
     _, bwd = get_kernels(x.dtype, W)
-    dx = cupy.empty_like(x)
+    dx = cupy.empty_like(x) if dx_out is None else dx_out
     nT = _row_blocks(L)
     dw_part = cupy.empty((Bt, nT, C, W), x.dtype)
     db_part = cupy.empty((Bt, nT, C), x.dtype)
     launch(bwd, Bt * C * nT, THREADS, "current",
            (dout, x, weight, dummy(cupy, x.dtype, 1) if bias is None else bias, _flags(bias, silu),
-            dx, dw_part, db_part))
+            dx, np.int64(dx_channel), dw_part, db_part))
+    if dx_out is not None:
+        dx = dx_out[:, dx_channel:dx_channel + C]
     dweight = dw_part.reshape(Bt * nT, C * W).sum(axis=0).reshape(C, W)
     return dx, dweight, None if bias is None else db_part.reshape(Bt * nT, C).sum(axis=0)

@@ -176,15 +176,16 @@ def conv1d_forward(x, weight, bias, silu):
     return out
 
 
-def conv1d_backward(dout, x, weight, bias, silu):
+def conv1d_backward(dout, x, weight, bias, silu, dx_out=None, dx_channel=0):
     """Gradients ``(dx, dweight, dbias)`` of :func:`conv1d_forward`.
 
-    ``dbias`` is None when ``bias`` is None.  See the module docstring for
-    the formulas.
+    ``dbias`` is None when ``bias`` is None.  ``dx`` is written into channels
+    ``dx_channel .. dx_channel + C`` of ``dx_out`` (shape ``(Bt, C', L)``)
+    where given, and is that view.  See the module docstring for the formulas.
     """
     Bt, C, L = x.shape
     W = weight.shape[1]
-    dx = np.empty_like(x)
+    dx = np.empty_like(x) if dx_out is None else dx_out[:, dx_channel:dx_channel + C]
     dw_part = np.empty((Bt, C, W), dtype=x.dtype)
     db_part = np.empty((Bt, C), dtype=x.dtype)
     with serial_below(dx.size):

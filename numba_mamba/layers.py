@@ -496,17 +496,35 @@ def conv1d_forward(x, weight, bias=None, activation=None):
     return out, Conv1dCache(x, weight, bias, activation)
 
 
-def conv1d_backward(dout, cache):
+def conv1d_backward(dout, cache, dx_out=None, dx_channel=0):
     """Gradients ``(dx, dweight, dbias)`` of :func:`conv1d_forward`.
 
     ``dbias`` is None when the forward had no bias.  The pre-activation is
     recomputed from ``x``.
+
+    ``dx_out``, optional: a C-contiguous array of shape ``(Bt, C', L)`` and
+    ``x``'s dtype whose channels ``dx_channel .. dx_channel + C`` receive
+    ``dx`` (returned as that view): a gradient written straight into a buffer
+    it shares with others, as the Mamba block's joint gradient of in_proj's
+    output.
     """
     x, weight, bias, activation = cache
     xp = array_namespace(x=x, dout=dout)
     check_shape("dout", dout, x.shape, "like out")
+    if dx_out is not None:
+        Bt, C, L = x.shape
+        array_namespace(x=x, dx_out=dx_out)
+        if (dx_out.ndim != 3 or dx_out.shape[0] != Bt or dx_out.shape[2] != L
+                or not 0 <= dx_channel <= dx_out.shape[1] - C):
+            raise ValueError(f"dx_out must have shape ({Bt}, C', {L}) with channels "
+                             f"{dx_channel} .. {dx_channel + C} inside, got "
+                             f"{tuple(dx_out.shape)} and dx_channel={dx_channel}")
+        if dx_out.dtype != x.dtype or not dx_out.flags.c_contiguous:
+            raise ValueError(f"dx_out must be C-contiguous of dtype {x.dtype}, got "
+                             f"{dx_out.dtype}, C-contiguous {dx_out.flags.c_contiguous}")
     dout = xp.ascontiguousarray(dout, dtype=x.dtype)
-    return _backend(xp, "conv1d").conv1d_backward(dout, x, weight, bias, activation == "silu")
+    return _backend(xp, "conv1d").conv1d_backward(dout, x, weight, bias, activation == "silu",
+                                                  dx_out, int(dx_channel))
 
 
 # ---------------------------------------------------------------- SiLU and softplus

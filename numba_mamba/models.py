@@ -579,14 +579,18 @@ def mamba_block_backward(dout, cache):
         dx_dbl[:, R:R + N] = s.dB
         dx_dbl[:, R + N:] = s.dC
         dxc, g["x_proj.weight"], _ = linear_backward(dx_dbl, c.x_proj, dx_add=dxc)
-    dxs, g["conv1d.weight"], dcb = conv1d_backward(dxc, c.conv)
+    # the gradient of in_proj's whole output, x's channels then z's: one GEMM
+    # each for du and the weight gradient rather than one per half
+    Bt, di, L = dxc.shape
+    dxz = xp.empty((Bt, 2 * di, L), dtype=dxc.dtype)
+    _, g["conv1d.weight"], dcb = conv1d_backward(dxc, c.conv, dx_out=dxz, dx_channel=0)
     if dcb is not None:
         g["conv1d.bias"] = dcb
-    du, dWx, dbx = linear_backward(dxs, c.in_x[0])  # du (Bt, L, d_model)
-    du, dWz, dbz = linear_backward(s.dz, c.in_x[1], dx_add=du)
-    g["in_proj.weight"] = xp.concatenate([dWx, dWz])
-    if dbx is not None:
-        g["in_proj.bias"] = xp.concatenate([dbx, dbz])
+    dxz[:, di:] = s.dz
+    c_in = c.in_x[0]._replace(weight=xp.concatenate([c.in_x[0].weight, c.in_x[1].weight]))
+    du, g["in_proj.weight"], db_in = linear_backward(dxz, c_in)  # du (Bt, L, d_model)
+    if db_in is not None:
+        g["in_proj.bias"] = db_in
     return du, g
 
 

@@ -41,6 +41,21 @@ def assert_close(name, got, want, rtol, atol, scale_atol=True):
 # ---------------------------------------------------------------- layers
 
 
+@pytest.mark.parametrize("L", [5, 2051])
+def test_conv1d_gpu_writes_dx_into_a_channel_range_of_dx_out(L):
+    rng = np.random.default_rng(L + 1)
+    x = cupy.asarray(rng.standard_normal((2, 40, L)).astype(np.float32))
+    w = cupy.asarray(rng.standard_normal((40, 4)).astype(np.float32))
+    out, cache = layers.conv1d_forward(x, w, None, activation="silu")
+    dout = cupy.asarray(rng.standard_normal(out.shape).astype(np.float32))
+    dx, dw, _ = layers.conv1d_backward(dout, cache)
+    joint = cupy.full((2, 100, L), np.nan, np.float32)
+    dx2, dw2, _ = layers.conv1d_backward(dout, cache, dx_out=joint, dx_channel=50)
+    assert cupy.array_equal(dx2, dx) and cupy.array_equal(joint[:, 50:90], dx)
+    assert bool(cupy.isnan(joint[:, :50]).all()) and bool(cupy.isnan(joint[:, 90:]).all())
+    assert cupy.array_equal(dw2, dw)
+
+
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("L", [3, 128, 131, 2051])

@@ -312,3 +312,24 @@ def test_scan_layer_backward_matches_finite_differences_including_last_state():
 
     for name in arrays:
         assert_grads_match(f"d{name}", getattr(grads, f"d{name}"), numeric_grad(f, arrays, name))
+
+
+@pytest.mark.parametrize("channel", [0, 2])
+def test_conv1d_backward_writes_dx_into_a_channel_range_of_dx_out(channel):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 7))
+    w = rng.standard_normal((3, 4))
+    out, cache = layers.conv1d_forward(x, w, rng.standard_normal(3), activation="silu")
+    dout = rng.standard_normal(out.shape)
+    dx, dw, db = layers.conv1d_backward(dout, cache)
+    joint = np.full((2, 6, 7), np.nan)
+    dx2, dw2, db2 = layers.conv1d_backward(dout, cache, dx_out=joint, dx_channel=channel)
+    np.testing.assert_array_equal(dx2, dx)
+    np.testing.assert_array_equal(joint[:, channel:channel + 3], dx)
+    assert np.isnan(np.delete(joint, range(channel, channel + 3), axis=1)).all()
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
+    with pytest.raises(ValueError, match="dx_out must have shape"):
+        layers.conv1d_backward(dout, cache, dx_out=joint, dx_channel=4)
+    with pytest.raises(ValueError, match="dx_out must be C-contiguous of dtype float64"):
+        layers.conv1d_backward(dout, cache, dx_out=joint.astype(np.float32))
