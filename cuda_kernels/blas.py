@@ -32,6 +32,7 @@ cuBLASLt error, takes cuBLAS's own call.
 """
 
 import ctypes
+import functools
 import threading
 from typing import NamedTuple
 
@@ -111,8 +112,12 @@ def _collapse(shape, strides):
     return dims[-1][1]
 
 
+@functools.lru_cache(maxsize=4096)
 def gemm_plan(a_shape, a_strides, b_shape, b_strides):
     """cuBLAS arguments for ``a @ b`` with NumPy's matmul semantics, or None.
+
+    Remembered per arguments (a pure function of them: a layout seen before
+    costs a lookup).
 
     Parameters
     ----------
@@ -584,7 +589,7 @@ def _plan(a, b):
     sa, sb = _elements(a), _elements(b)
     if sa is None or sb is None:
         return None
-    return gemm_plan(a.shape, sa, b.shape, sb)
+    return gemm_plan(tuple(a.shape), sa, tuple(b.shape), sb)
 
 
 def matmul(a, b, out=None, *, beta=0.0):
@@ -676,13 +681,18 @@ def matmul(a, b, out=None, *, beta=0.0):
     return out
 
 
+#: Elements from which :func:`sum_rows` multiplies rather than reduces.
+SUM_ROWS_MIN = 1 << 20
+
+
 def sum_rows(a):
-    """The sum over the first axis of a 2-D CuPy array, as one product
-    ``ones @ a``: a memory-bound GEMM that reads ``a`` once, in a fixed order
-    (the same bits on every run), where CuPy's reduction over a leading axis
-    is several times slower for tall arrays.  Falls back to ``a.sum(axis=0)``
-    where :func:`matmul` would not take ``a`` (no cuBLAS, other dtypes, not
-    C-contiguous, empty).
+    """The sum over the first axis of a 2-D CuPy array; for arrays of at least
+    :data:`SUM_ROWS_MIN` elements as one product ``ones @ a``: a memory-bound
+    GEMM that reads ``a`` once, in a fixed order (the same bits on every run),
+    where CuPy's reduction over a leading axis is several times slower on the
+    GPU (it is faster on the host: smaller arrays take it).  Also
+    ``a.sum(axis=0)`` where :func:`matmul` would not take ``a`` (no cuBLAS,
+    other dtypes, not C-contiguous).
 
     Examples
     --------
@@ -691,7 +701,7 @@ def sum_rows(a):
     """
     import cupy
 
-    if (a.ndim != 2 or not a.size or not a.flags.c_contiguous
+    if (a.ndim != 2 or a.size < SUM_ROWS_MIN or not a.flags.c_contiguous
             or a.dtype not in (np.float32, np.float64) or not available()):
         return a.sum(axis=0)
     return matmul(cupy.ones((1, a.shape[0]), dtype=a.dtype), a).reshape(a.shape[1])

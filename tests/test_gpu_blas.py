@@ -185,7 +185,9 @@ def test_no_tuning_when_deterministic_or_off():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 5), (8, 300), (64, 7), (33, 1)])
-def test_sum_rows_equals_the_sum_over_the_first_axis(dtype, shape):
+@pytest.mark.parametrize("gemm", [True, False])
+def test_sum_rows_equals_the_sum_over_the_first_axis(dtype, shape, gemm, monkeypatch):
+    monkeypatch.setattr(blas, "SUM_ROWS_MIN", 1 if gemm else 1 << 40)
     rng = np.random.default_rng(6)
     a = _arr(rng, shape, dtype)
     got = blas.sum_rows(a)
