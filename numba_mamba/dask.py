@@ -57,6 +57,7 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from ._math import softplus_array
 from ._validation import array_namespace, as_float_array, is_double
 
 __all__ = ["forecast_many", "lookahead", "parallelism", "prefix_kind", "selective_scan",
@@ -141,11 +142,6 @@ def _chain(state, pair):
 def _last_state(state, shape, dtype):
     xp = array_namespace(state=state)
     return xp.ascontiguousarray(xp.broadcast_to(state, shape).astype(dtype, copy=False))
-
-
-def _softplus(v, xp):
-    """``log1p(exp(v))``, ``v`` itself above 20 (as the scan's kernels)."""
-    return xp.where(v > 20, v, xp.log1p(xp.exp(xp.minimum(v, 20))))
 
 
 def _build(name, out_dims, chunks, pass1, pass2, args, state0, need_last):
@@ -407,7 +403,7 @@ def _filter_pass1(x, A, B, dt, method):
     B (..., T, N), dt (..., T), T in {1, Lc}.
     """
     from .discretize import discretize
-    from .filters import _decayed_sum
+    from .filters import decayed_sum
     from .filters import ssm_filter as filt
 
     xp = array_namespace(x=x, A=A, B=B, dt=dt)
@@ -424,7 +420,7 @@ def _filter_pass1(x, A, B, dt, method):
         lead = np.broadcast_shapes(x.shape[:-1], Ab.shape[:-1])
         rows = math.prod(lead)
         xr = xp.broadcast_to(x.astype(ftype, copy=False), lead + (Lc,)).reshape(rows, Lc)
-        E = _decayed_sum(xr, xp.broadcast_to(Ab, lead + Ab.shape[-1:]).reshape(rows, -1), xp)
+        E = decayed_sum(xr, xp.broadcast_to(Ab, lead + Ab.shape[-1:]).reshape(rows, -1), xp)
         return Ab ** Lc, Bb * E.reshape(lead + Ab.shape[-1:])
     _, b = filt(A, B, xp.ones((1,), ftype), x, dt=dt, method=method, axis=-1,
                 zi=xp.zeros((A.shape[-1],), ftype))
@@ -603,7 +599,7 @@ def _scan_pass1(u, delta, A, B, C, delta_bias, delta_softplus):
     if delta_bias is not None:
         dt = dt + xp.asarray(delta_bias).astype(ftype)[:, None]
     if delta_softplus:
-        dt = _softplus(dt, xp)
+        dt = softplus_array(dt, xp)
     total = dt.sum(axis=-1, dtype=np.float64).astype(ftype)                # (Bt, D)
     return xp.exp(xp.asarray(A).astype(ftype)[None] * total[..., None]), b
 

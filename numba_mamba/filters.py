@@ -396,7 +396,7 @@ def _power_sums(coefs, Ab, L, xp):
     return out
 
 
-def _decayed_sum(x, Ab, xp):
+def decayed_sum(x, Ab, xp):
     """E[r, n] = sum_t Ab[r, n]^(L-1-t) x[r, t] for real x (R, L) and Ab (R, N).
 
     The end state of the filter from a zero start is ``Bb * E`` (and its
@@ -447,7 +447,7 @@ def _conv(p):
     y = fft.irfft(fft.rfft(x, n, axis=-1) * fft.rfft(K.astype(x.dtype, copy=False), n,
                                                      axis=-1), n, axis=-1)[:, :L]
     y = y + Y0
-    hf = Ab ** L * h0 + Bb * _decayed_sum(x, Ab, xp)  # (zf, in closed form)
+    hf = Ab ** L * h0 + Bb * decayed_sum(x, Ab, xp)  # (zf, in closed form)
     return xp.ascontiguousarray(y.astype(x.dtype, copy=False)), hf.astype(h0.dtype, copy=False)
 
 

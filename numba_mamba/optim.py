@@ -166,11 +166,6 @@ def clip_grad_norm(grads, max_norm):
     return norm
 
 
-def _optim_kernels(xp):
-    """The AdamW and loss-history kernels for ``xp``'s arrays (NumPy or CUDA)."""
-    return backend(xp, "optim")
-
-
 def _slot(a, i):
     """``a[i]`` of a 1-D array as a writeable 0-d view (NumPy would give a scalar)."""
     return a[i:i + 1].reshape(())
@@ -199,7 +194,7 @@ def clip_grad_norm_device(grads, max_norm):
     if max_norm <= 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
     xp = array_namespace(**{f"grads[{k!r}]": g for k, g in grads.items()})
-    kernels = _optim_kernels(xp)
+    kernels = backend(xp, "optim")
     sq = xp.zeros(len(grads), xp.float64)
     for i, g in enumerate(grads.values()):
         kernels.sum_of_squares(g, _slot(sq, i))
@@ -280,7 +275,7 @@ class FusedAdamW:
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.xp = xp
         self.dtype = np.dtype(dtypes[0])
-        self._kernels = _optim_kernels(xp)
+        self._kernels = backend(xp, "optim")
         self.m = {name: xp.zeros_like(p) for name, p in params.items()}
         self.v = {name: xp.zeros_like(p) for name, p in params.items()}
         self.t = xp.zeros(1, xp.int64)

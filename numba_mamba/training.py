@@ -24,7 +24,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .graphs import CapturedStep, check_graph_mode
 from .models import (cross_entropy_backward, cross_entropy_forward, device_loss_and_grads,
                      mse_backward, mse_forward)
-from .optim import AdamW, FusedAdamW, _optim_kernels, warmup_cosine
+from ._backends import backend
+from .optim import AdamW, FusedAdamW, warmup_cosine
 
 __all__ = ["TrainResult", "TrainStep", "seed_everything", "train"]
 
@@ -145,7 +146,7 @@ class TrainStep:
         self.optimizer = AdamW() if optimizer is None else optimizer
         self._fused = FusedAdamW(self.optimizer, params, max_grad_norm)
         xp = self.xp = self._fused.xp
-        self._kernels = _optim_kernels(xp)
+        self._kernels = backend(xp, "optim")
         self._hist = xp.zeros(int(history), self._fused.dtype)
         self._state = xp.asarray(np.array([0, -1, 0], np.int64))
         self._batch = None  # static (inputs, targets, mask, *extra)
