@@ -90,7 +90,6 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba import njit, prange
-from numba.extending import overload
 
 from ._cpu_threads import serial_below
 from ._cpu_vmath import fma, vexp, vsigmoid, vsoftplus
@@ -100,11 +99,10 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "CpuScanSaved", "scan_forward", "scan_backward"
 #: Steps per chunk: the backward recomputes one chunk of states at a time.
 DEFAULT_CHUNK_SIZE = 64
 
-
-#: Channels per block, processed as SIMD lanes, per compute dtype.  16 float32
-#: fill one 512-bit register; float64 takes 16 too, as two, since LLVM does not
-#: vectorize a loop of fewer than 16 iterations.
-LANES = {np.dtype(np.float32): 16, np.dtype(np.float64): 16}
+#: States per block, the SIMD lanes of the inner loops: 16 float32 fill one
+#: 512-bit register, 16 float64 two.  N is padded up to a multiple of it with
+#: states whose A, B and C are 0 (they stay 0 and add exact zeros).
+SB = 16
 
 
 class CpuScanSaved(NamedTuple):
@@ -114,494 +112,382 @@ class CpuScanSaved(NamedTuple):
     chunk_size: int  # steps per chunk used by the forward
 
 
-# ---------------------------------------------------------------- tiles
+# ---------------------------------------------------------------- the inner loops
 #
-# A block's data lives in small tiles with the block's channels innermost, as
-# SIMD lanes: (steps, lanes) for per-step values (flat arrays, element
-# [s * lanes + k]), (N, lanes) for per-state ones.  Loops over lanes have the
-# compile-time trip count ``lanes``.  Two things keep LLVM vectorizing them:
-#
-# - The hot loops (one step, one state, all lanes) read and write few arrays,
-#   each with constant inner dimensions: per-state values are rows of one
-#   (N, 8, lanes) array, the step's values rows of one (8, lanes) array.
-#   LLVM then sees that the rows do not overlap; with a dozen separate arrays
-#   it needs a run-time overlap check per pair, gives up past eight and
-#   leaves the loop scalar.
-# - Loops that call vexp, vsoftplus or vsigmoid outside the hot loops run over
-#   a whole tile as one flat loop (LLVM leaves a 16-iteration loop with calls
-#   that long unvectorized).
+# LLVM (Numba leaves its SLP vectorizer off) vectorizes a loop over the SB
+# states of a block only when (i) the loop body is long enough not to be
+# unrolled completely first (each loop below computes an exp), (ii) few
+# distinct arrays are written in it (each pair needs a run-time overlap
+# check, and past eight LLVM gives up), and (iii) the enclosing loop over
+# time walks memory upwards (with a decreasing address the loop stays
+# scalar).  Hence: a channel's per-state values are rows of one (n_blocks,
+# 8, SB) array ``pv``; B_t and C_t come as (time, Np) planes, states
+# innermost; and the adjoint, which runs backwards in time, reads and writes
+# time-reversed copies (row j of a reversed chunk is its step steps - 1 - j).
 
-# rows of the per-state array ``par`` (N, 8, lanes)
-_A, _B, _C, _H, _Q, _DA, _DB, _DC = range(8)
-# rows of the per-step array ``cur`` (8, lanes)
-_DT, _X, _DTX, _DY, _DU, _DDT, _Y = range(7)
+# rows of the per-channel array ``pv`` (n_blocks, 8, SB)
+_A, _B, _C, _H, _Q, _DA = range(6)
 
 
-def _lane_count(x):
-    """Channels per block for an array ``x`` of the compute dtype (in kernels only)."""
-    return LANES[x.dtype]
+@njit(fastmath={"reassoc"}, error_model="numpy")  # (called, not inlined: that would drop the flag)
+def _forward_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs, keep):
+    """``steps`` steps of one channel from the state in pv[:, _H]: ys[s] =
+    <C_t, h_t> (summed in any order), pv[:, _H] the state after the last
+    step; with ``keep`` also hs[s + 1] = h_t (hs[0] is the caller's).  Step
+    s uses rows rb0 + s of BT and rc0 + s of CT where variable, row 0 where
+    constant (whose values then live in pv[:, _B] and pv[:, _C], the other
+    factor 1)."""
+    zero = ys.dtype.type(0)
+    for s in range(steps):
+        dt = dts[s]
+        x = dtx[s]
+        rb = rb0 + s if b_var else 0
+        rc = rc0 + s if c_var else 0
+        acc = zero
+        for blk in range(pv.shape[0]):
+            o = blk * SB
+            for n in range(SB):
+                a = vexp(dt * pv[blk, _A, n])
+                hn = fma(a, pv[blk, _H, n], x * (pv[blk, _B, n] * BT[rb, o + n]))
+                pv[blk, _H, n] = hn
+                acc += (pv[blk, _C, n] * CT[rc, o + n]) * hn
+                if keep:
+                    hs[s + 1, o + n] = hn
+        ys[s] = acc
 
 
-@overload(_lane_count, inline="always")
-def _ov_lane_count(x):
-    lanes = LANES[np.dtype(str(x.dtype))]
-
-    return lambda x: lanes
+@njit(fastmath={"reassoc"}, error_model="numpy")
+def _adjoint_steps(pv, BTR, CTR, rb0, rc0, b_var, c_var, dtR, xR, gR, hR, dhR, duR, ddtR,
+                   steps):
+    """The adjoint of one channel through a chunk, on time-reversed copies
+    (row j is step t = t0 + steps - 1 - j): hR[j] = h_t, hR[j + 1] = h_{t-1};
+    dtR, xR, gR the step, input and dy.  pv[:, _Q] goes from the gradient
+    reaching the chunk's last state to the one reaching the state entering
+    it, pv[:, _DA] accumulates; dhR[j] = dh_t, duR[j] = <dh_t, B_t> and
+    ddtR[j] = <dh_t, a_t A h_{t-1} + B_t u_t> (sums in any order).  The decay
+    a_t = exp(delta_t A) is recomputed: the forward's arithmetic, so its
+    value."""
+    zero = duR.dtype.type(0)
+    for j in range(steps):
+        dt = dtR[j]
+        x = xR[j]
+        dy = gR[j]
+        rb = rb0 + j if b_var else 0
+        rc = rc0 + j if c_var else 0
+        au = zero
+        at = zero
+        for blk in range(pv.shape[0]):
+            o = blk * SB
+            for n in range(SB):
+                A_n = pv[blk, _A, n]
+                a = vexp(dt * A_n)
+                bk = pv[blk, _B, n] * BTR[rb, o + n]
+                dh = fma(pv[blk, _C, n] * CTR[rc, o + n], dy, pv[blk, _Q, n])  # at h_t
+                ah = a * hR[steps - 1 - j, o + n]  # exp(delta_t A) h_{t-1}
+                at += dh * fma(ah, A_n, bk * x)
+                pv[blk, _DA, n] = fma(dh * ah, dt, pv[blk, _DA, n])
+                au += dh * bk
+                pv[blk, _Q, n] = a * dh
+                dhR[j, o + n] = dh
+        duR[j] = au
+        ddtR[j] = at
 
 
 @njit(inline="always")
-def _load_tile(src, b, d0, kb, s0, steps, tile):
-    """tile[s * lanes + k] = src[b, d0 + k, s0 + s]: a (steps, kb) block, channels innermost."""
-    lanes = _lane_count(tile)
-    for k in range(kb):
-        row = src[b, d0 + k]
+def _outer_add(M, r0, var, X, w, steps, Np):
+    """M[r0 + j] += w[j] X[j] (rows, Np states) for j < steps where ``var``,
+    else M[0] += w[j] X[j]: dB from dh and delta u, dC from h and dy."""
+    for j in range(steps):
+        r = r0 + j if var else 0
+        wj = w[j]
+        for m in range(Np):
+            M[r, m] = fma(X[j, m], wj, M[r, m])
+
+
+@njit(inline="always")
+def _load_channel(pv, A, Bc, Cc, d, bd, cd, h0, has_h0, b, dlast, has_dlast, N):
+    """pv of channel d: A; B and C where constant (rows bd, cd of Bc, Cc:
+    ones where variable); h from h0, q from dlast (zeros without); dA 0.
+    Padded states get zeros."""
+    zero = pv.dtype.type(0)
+    for blk in range(pv.shape[0]):
+        for n in range(SB):
+            m = blk * SB + n
+            pv[blk, _A, n] = A[d, m]
+            pv[blk, _B, n] = Bc[bd, m]
+            pv[blk, _C, n] = Cc[cd, m]
+            pv[blk, _H, n] = h0[b, d, m] if has_h0 and m < N else zero
+            pv[blk, _Q, n] = dlast[b, d, m] if has_dlast and m < N else zero
+            pv[blk, _DA, n] = zero
+
+
+@njit(inline="always")
+def _chunk_inputs(delta, u, b, d, t0, steps, bias, has_bias, softplus, pre, dts, xs, dtx):
+    """The chunk's raw step (+ bias) in pre, step in dts (softplus), input in
+    xs, their product in dtx."""
+    drow = delta[b, d, t0:]
+    urow = u[b, d, t0:]
+    for s in range(steps):
+        v = drow[s] + bias if has_bias else drow[s]
+        pre[s] = v
+        xs[s] = urow[s]
+    if softplus:
         for s in range(steps):
-            tile[s * lanes + k] = row[s0 + s]
-
-
-@njit(inline="always")
-def _store_tile(tile, b, d0, kb, s0, steps, dst):
-    """dst[b, d0 + k, s0 + s] = tile[s * lanes + k]."""
-    lanes = _lane_count(tile)
-    for k in range(kb):
-        row = dst[b, d0 + k]
+            dts[s] = vsoftplus(pre[s])
+    else:
         for s in range(steps):
-            row[s0 + s] = tile[s * lanes + k]
-
-
-@njit(inline="always")
-def _load_steps(M, var, bm, gm, s0, steps, tile):
-    """tile[s, n] = M[bm, gm, n, s0 + s] for a variable B or C; a constant one
-    leaves the tile as it is (ones: its values are per lane, not per step)."""
-    if var:
-        for n in range(tile.shape[1]):
-            row = M[bm, gm, n]
-            for s in range(steps):
-                tile[s, n] = row[s0 + s]
-
-
-@njit(inline="always")
-def _block_params(par, A, B, C, b_var, c_var, d0, kb):
-    """par[n, _A/_B/_C, k] for the block's lanes: A, and B and C where constant
-    (ones where variable: their values come per step); unused lanes 0 and 1."""
-    zero = par.dtype.type(0)  # (a bare 0 or 1 would make the selects float64)
-    one = par.dtype.type(1)
-    N = par.shape[0]
-    for n in range(N):
-        for k in range(par.shape[2]):
-            use = k < kb
-            d = d0 + k if use else d0
-            par[n, _A, k] = A[d, n] if use else zero
-            par[n, _B, k] = B[0, d, n, 0] if use and not b_var else one
-            par[n, _C, k] = C[0, d, n, 0] if use and not c_var else one
-
-
-@njit(inline="always")
-def _step(par, cur, dts, dtx, ys, Bs, Cs, s, st, keep):
-    """Step s of a tile for every state and lane: par[n, _H] becomes h_t,
-    ys[s] gets y_t = <C_t, h_t>; with ``keep`` also st[s + 1, n] = (h_t,
-    decay).  The forward and the backward's recomputation both run this, so
-    the backward sees the forward's states bit for bit."""
-    lanes = _lane_count(par)
-    for k in range(lanes):
-        cur[_DT, k] = dts[s * lanes + k]
-        cur[_DTX, k] = dtx[s * lanes + k]
-        cur[_Y, k] = 0
-    for n in range(par.shape[0]):
-        b_sn = Bs[s, n]
-        c_sn = Cs[s, n]
-        for k in range(lanes):
-            a = vexp(cur[_DT, k] * par[n, _A, k])
-            hn = fma(a, par[n, _H, k], cur[_DTX, k] * (par[n, _B, k] * b_sn))
-            par[n, _H, k] = hn
-            cur[_Y, k] = fma(par[n, _C, k] * c_sn, hn, cur[_Y, k])
-            if keep:
-                st[s + 1, n, 0, k] = hn
-                st[s + 1, n, 1, k] = a
-    for k in range(lanes):
-        ys[s * lanes + k] = cur[_Y, k]
-
-
-@njit(inline="always")
-def _add_lanes(tile, v, steps):
-    """tile[s * lanes + k] += v[k]."""
-    lanes = _lane_count(tile)
+            dts[s] = pre[s]
     for s in range(steps):
-        for k in range(lanes):
-            tile[s * lanes + k] += v[k]
-
-
-@njit(inline="always")
-def _fma_lanes(tile, v, x, steps):
-    """tile[s * lanes + k] += v[k] * x[s * lanes + k] (rounded once)."""
-    lanes = _lane_count(tile)
-    for s in range(steps):
-        for k in range(lanes):
-            tile[s * lanes + k] = fma(v[k], x[s * lanes + k], tile[s * lanes + k])
-
-
-@njit(inline="always")
-def _sum_lanes(acc, x, y, steps):
-    """acc[k] += x[s * lanes + k] * y[s * lanes + k], s from the last step to the first (the
-    adjoint's order, whatever the chunking)."""
-    lanes = _lane_count(acc)
-    for s in range(steps - 1, -1, -1):
-        for k in range(lanes):
-            acc[k] = fma(x[s * lanes + k], y[s * lanes + k], acc[k])
-
-
-@njit(inline="always")
-def _add_steps(acc, x, steps):
-    """acc[k] += x[s * lanes + k], s from the last step to the first."""
-    lanes = _lane_count(acc)
-    for s in range(steps - 1, -1, -1):
-        for k in range(lanes):
-            acc[k] += x[s * lanes + k]
-
-
-@njit(inline="always")
-def _softplus_flat(x, n):
-    for i in range(n):
-        x[i] = vsoftplus(x[i])
-
-
-@njit(inline="always")
-def _mul_flat(a, b, out, n):
-    for i in range(n):
-        out[i] = a[i] * b[i]
-
-
-@njit(inline="always")
-def _gate_flat(y, z, n):
-    """y *= silu(z)."""
-    for i in range(n):
-        zi = z[i]
-        y[i] *= zi * vsigmoid(zi)
-
-
-@njit(inline="always")
-def _gate_grad_flat(g, z, y, dz, n, one):
-    """Through ``out = y silu(z)``: dz = g y silu'(z), then g becomes g silu(z)."""
-    for i in range(n):
-        zi = z[i]
-        sz = vsigmoid(zi)
-        gi = g[i]
-        dz[i] = gi * y[i] * sz * fma(zi, one - sz, one)
-        g[i] = gi * zi * sz
-
-
-@njit(inline="always")
-def _sigmoid_mul_flat(x, pre, n):
-    """x *= sigmoid(pre): through the softplus."""
-    for i in range(n):
-        x[i] *= vsigmoid(pre[i])
-
-
-@njit(fastmath={"reassoc"}, error_model="numpy")  # (not inlined by Numba: that would drop the flag)
-def _grouped_grads(st, dhs, dtx, gs, steps, dB_accum, bb, pb, gb, dC_accum, cb, pc, gc,
-                   t0, b_var, c_var):
-    """The chunk's variable dB[n, t] += sum_k dh_t[n, k] dtx_t[k] and
-    dC[n, t] += sum_k dy_t[k] h_t[n, k] over the lanes, in any order (a
-    reduction LLVM vectorizes).  ``st[s + 1, n, 0]`` holds h and ``dhs[s, n]``
-    dh of step t0 + s.  Unused lanes add exact zeros: their dy, and so their
-    dh and their input (so h and dtx), are 0."""
-    N = st.shape[1]
-    lanes = _lane_count(st)  # (all of them: 16 iterations make one vector, 15 would not)
-    zero = st.dtype.type(0)
-    for s in range(steps):
-        for n in range(N):
-            if b_var:
-                acc = zero
-                for k in range(lanes):
-                    acc += dhs[s, n, k] * dtx[s * lanes + k]
-                dB_accum[bb, pb, gb, n, t0 + s] += acc
-            if c_var:
-                acc = zero
-                for k in range(lanes):
-                    acc += gs[s * lanes + k] * st[s + 1, n, 0, k]
-                dC_accum[cb, pc, gc, n, t0 + s] += acc
+        dtx[s] = dts[s] * xs[s]
 
 
 # ---------------------------------------------------------------- forward
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _forward_kernel(u, delta, A, B, C, D, z, delta_bias, h0, blocks, tile,
+def _forward_kernel(u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias, h0, slice_starts,
                     b_var, c_var, b_group_size, c_group_size,
                     has_D, has_z, has_bias, softplus, has_h0, chunk_size,
                     out, last_state, chunk_states):
     """Write out (Bt, Dc, L), last_state (Bt, Dc, N), chunk_states (Bt, Dc, n_chunks, N).
 
-    One parallel task per (batch, channel block); ``blocks[j] = (d0, d1)``
-    are the channel blocks (at most ``lanes`` channels, inside one group of
-    every variable B/C).  B and C are 4-D: (Bt, G, N, L) when ``*_var``, else
-    the constant (Dc, N) seen as (1, Dc, N, 1).  Time runs in tiles of at most
-    ``tile`` steps, split at chunk boundaries.
+    One parallel task per (batch b, slice p): the channels ``slice_starts[p]
+    <= d < slice_starts[p + 1]``, chunk by chunk.  ``A`` is (Dc, Np), N padded to
+    Np with zeros; a variable B is ``BT`` (Bt, G, L, Np), B_t[n] at
+    BT[b, g, t, n], with ``Bc`` ones (1, Np); a constant one is ``Bc``
+    (Dc, Np) with ``BT`` ones (1, 1, 1, Np).  The same for C.
     """
     Bt, Dc, L = u.shape
-    N = A.shape[1]
+    N = last_state.shape[2]
+    Np = A.shape[1]
     n_chunks = chunk_states.shape[2]
-    n_blocks = blocks.shape[0]
+    n_slices = slice_starts.shape[0] - 1
     ftype = u.dtype
     zero = ftype.type(0)  # constants in ftype: bare literals would widen float32
-    lanes = _lane_count(u)  # a compile-time constant
-    T = min(tile, L, chunk_size)
-    for task in prange(Bt * n_blocks):
-        b = task // n_blocks
-        j = task - b * n_blocks
-        d0 = blocks[j, 0]
-        kb = blocks[j, 1] - d0
-        bb = b if b_var else 0
-        cb = b if c_var else 0
-        gb = d0 // b_group_size
-        gc = d0 // c_group_size
-        # per state and lane (channel d0 + k): A, constant B and C, h; per step
-        # and lane: step size, step * input, y.  B_t[n] of lane k is
-        # par[n, _B, k] * Bs[s, n], one factor of the two 1.
-        par = np.zeros((N, 8, lanes), dtype=ftype)
-        cur = np.zeros((8, lanes), dtype=ftype)
-        no_states = np.zeros((1, 1, 2, lanes), dtype=ftype)  # (the forward keeps none)
-        _block_params(par, A, B, C, b_var, c_var, d0, kb)
-        Dk = np.zeros(lanes, dtype=ftype)
-        biask = np.zeros(lanes, dtype=ftype)
-        Bs = np.ones((T, N), dtype=ftype)
-        Cs = np.ones((T, N), dtype=ftype)
-        dts = np.zeros(T * lanes, dtype=ftype)
-        xs = np.zeros(T * lanes, dtype=ftype)
-        dtx = np.zeros(T * lanes, dtype=ftype)
-        ys = np.zeros(T * lanes, dtype=ftype)
-        zs = np.zeros(T * lanes, dtype=ftype)
-        for k in range(kb):
-            d = d0 + k
-            if has_h0:
-                for n in range(N):
-                    par[n, _H, k] = h0[b, d, n]
-            if has_D:
-                Dk[k] = D[d]
-            if has_bias:
-                biask[k] = delta_bias[d]
+    T = min(chunk_size, L)
+    for task in prange(Bt * n_slices):
+        b = task // n_slices
+        p = task - b * n_slices
+        d0 = slice_starts[p]
+        nd = slice_starts[p + 1] - d0
+        pvs = np.zeros((nd, Np // SB, 8, SB), dtype=ftype)
+        pre = np.zeros(T, dtype=ftype)
+        dts = np.zeros(T, dtype=ftype)
+        xs = np.zeros(T, dtype=ftype)
+        dtx = np.zeros(T, dtype=ftype)
+        ys = np.zeros(T, dtype=ftype)
+        no_states = np.zeros((1, 1), dtype=ftype)
+        for i in range(nd):
+            d = d0 + i
+            _load_channel(pvs[i], A, Bc, Cc, d, 0 if b_var else d, 0 if c_var else d, h0, has_h0,
+                          b, h0, False, N)
+        # chunk by chunk, all the slice's channels (which share B_t and C_t rows)
         for c in range(n_chunks):
-            for k in range(kb):
-                for n in range(N):
-                    chunk_states[b, d0 + k, c, n] = par[n, _H, k]
-            t_end = min(L, (c + 1) * chunk_size)
-            for s0 in range(c * chunk_size, t_end, T):
-                steps = min(T, t_end - s0)
-                flat = steps * lanes
-                _load_tile(delta, b, d0, kb, s0, steps, dts)
-                _load_tile(u, b, d0, kb, s0, steps, xs)
-                _load_steps(B, b_var, bb, gb, s0, steps, Bs)
-                _load_steps(C, c_var, cb, gc, s0, steps, Cs)
-                if has_bias:
-                    _add_lanes(dts, biask, steps)
-                if softplus:
-                    _softplus_flat(dts, flat)
-                _mul_flat(dts, xs, dtx, flat)
+            t0 = c * chunk_size
+            steps = min(L, t0 + chunk_size) - t0
+            for i in range(nd):
+                d = d0 + i
+                pv = pvs[i]
+                for m in range(N):
+                    chunk_states[b, d, c, m] = pv[m // SB, _H, m % SB]
+                BTp = BT[b if b_var else 0, d // b_group_size if b_var else 0]
+                CTp = CT[b if c_var else 0, d // c_group_size if c_var else 0]
+                bias = delta_bias[d] if has_bias else zero
+                Dd = D[d] if has_D else zero
+                _chunk_inputs(delta, u, b, d, t0, steps, bias, has_bias, softplus, pre, dts, xs,
+                              dtx)
+                _forward_steps(pv, BTp, CTp, t0, t0, b_var, c_var, dts, dtx, ys, steps,
+                               no_states, False)
+                oseg = out[b, d, t0:]
+                zseg = z[b if has_z else 0, d if has_z else 0, t0 if has_z else 0:]
                 for s in range(steps):
-                    _step(par, cur, dts, dtx, ys, Bs, Cs, s, no_states, False)
-                if has_D:
-                    _fma_lanes(ys, Dk, xs, steps)
-                if has_z:
-                    _load_tile(z, b, d0, kb, s0, steps, zs)
-                    _gate_flat(ys, zs, flat)
-                _store_tile(ys, b, d0, kb, s0, steps, out)
-        for k in range(kb):
-            for n in range(N):
-                last_state[b, d0 + k, n] = par[n, _H, k]
+                    y = fma(Dd, xs[s], ys[s]) if has_D else ys[s]
+                    if has_z:
+                        zs = zseg[s]
+                        y *= zs * vsigmoid(zs)
+                    oseg[s] = y
+        for i in range(nd):
+            for m in range(N):
+                last_state[b, d0 + i, m] = pvs[i, m // SB, _H, m % SB]
 
 
 # ---------------------------------------------------------------- backward
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _backward_kernel(dout, dlast, u, delta, A, B, C, D, z, delta_bias, chunk_states,
-                     blocks, slice_starts,
+def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, delta_bias,
+                     chunk_states, slice_starts,
                      b_var, c_var, b_group_size, c_group_size,
                      has_D, has_z, has_bias, softplus, has_dlast, chunk_size,
                      du, ddelta, dz, dinit,
                      dA_part, dD_part, dbias_part, dB_accum, dC_accum):
     """Write du, ddelta, dz, dinit and accumulate the partial reductions.
 
-    Parallel tasks are (batch b, slice p): task (b, p) handles the channel
-    blocks ``slice_starts[p] <= j < slice_starts[p + 1]`` one after the
-    other, each block's channels as SIMD lanes.  Every array a task writes is
-    indexed so that no two tasks touch the same element, so no atomics are
-    needed:
+    Parallel tasks are (batch b, slice p): task (b, p) handles the channels
+    ``slice_starts[p] <= d < slice_starts[p + 1]`` one after the other.
+    Inputs as for :func:`_forward_kernel`, plus ``BTR`` and ``CTR``: BT and
+    CT with time reversed (row L - 1 - t is step t).  Every array a task
+    writes is indexed so that no two tasks touch the same element, so no
+    atomics are needed:
 
     - du, ddelta, dz, dinit: per element (b, d, ...), unique to the task.
-    - dA_part (Bt, Dc, N), dD_part, dbias_part (Bt, Dc): per (b, d) partial
-      sums over time; the caller sums over batch after the loop.
-    - dB_accum / dC_accum when constant: (Bt, 1, Dc, N, 1), per (b, d) partial
+    - dA_part (Bt, Dc, Np), dD_part, dbias_part (Bt, Dc): per (b, d) partial
       sums over time; the caller sums over batch.
-    - dB_accum / dC_accum when variable: (Bt, n_slices, G, N, L), accumulated
-      over the channels of a group that fall in the task's slice (summed over
-      a block's lanes, then over its blocks); the caller sums over slices.
+    - dB_accum / dC_accum when constant: (Bt, 1, Dc, 1, Np), per (b, d)
+      partial sums over time; the caller sums over batch.
+    - dB_accum / dC_accum when variable: (Bt, n_slices, G, L, Np), time
+      reversed (row L - 1 - t), accumulated over the channels of a group
+      that fall in the task's slice; the caller sums over slices.
 
     ``dB_accum`` and ``dC_accum`` accumulate and must be zero on entry; every
     other output is overwritten.  Sums over time run from the last step to the
     first, as the adjoint does, so that no result depends on the chunking.
     """
     Bt, Dc, L = u.shape
-    N = A.shape[1]
+    N = dinit.shape[2]
+    Np = A.shape[1]
     n_chunks = chunk_states.shape[2]
     n_slices = slice_starts.shape[0] - 1
     ftype = u.dtype
     zero = ftype.type(0)  # constants in ftype: bare literals would widen float32
     one = ftype.type(1)
-    lanes = _lane_count(u)  # a compile-time constant
     T = min(chunk_size, L)
     for task in prange(Bt * n_slices):
         b = task // n_slices
         p = task - b * n_slices
-        bb = b if b_var else 0
-        cb = b if c_var else 0
-        pb = p if b_var else 0  # slice index into dB_accum (constant: one slot per channel)
-        pc = p if c_var else 0
-        # per state and lane: A, constant B and C, the running state h, and the
-        # accumulators q (gradient reaching h_t from later steps), dA, constant
-        # dB and dC; per step and lane: step size, input, step * input, dy, du,
-        # ddelta, y.  Per chunk: st[s, n] = (h, decay) of step t0 + s - 1
-        # (st[0, n, 0] the saved state), dhs[s, n] = dh of step t0 + s (apart:
-        # a store into st would keep the adjoint loop scalar), and the
-        # (steps, lanes) tiles.
-        par = np.zeros((N, 8, lanes), dtype=ftype)
-        cur = np.zeros((8, lanes), dtype=ftype)
-        Dk = np.zeros(lanes, dtype=ftype)
-        biask = np.zeros(lanes, dtype=ftype)
-        dD_acc = np.zeros(lanes, dtype=ftype)
-        dbias_acc = np.zeros(lanes, dtype=ftype)
-        Bs = np.ones((T, N), dtype=ftype)
-        Cs = np.ones((T, N), dtype=ftype)
-        st = np.zeros((T + 1, N, 2, lanes), dtype=ftype)
-        dhs = np.zeros((T, N, lanes), dtype=ftype)
-        dts = np.zeros(T * lanes, dtype=ftype)
-        pre = np.zeros(T * lanes, dtype=ftype)
-        xs = np.zeros(T * lanes, dtype=ftype)
-        dtx = np.zeros(T * lanes, dtype=ftype)
-        ys = np.zeros(T * lanes, dtype=ftype)
-        gs = np.zeros(T * lanes, dtype=ftype)
-        zs = np.zeros(T * lanes, dtype=ftype)
-        dus = np.zeros(T * lanes, dtype=ftype)
-        ddts = np.zeros(T * lanes, dtype=ftype)
-        dzs = np.zeros(T * lanes, dtype=ftype)
-        for j in range(slice_starts[p], slice_starts[p + 1]):
-            d0 = blocks[j, 0]
-            kb = blocks[j, 1] - d0
-            gb = d0 // b_group_size
-            gc = d0 // c_group_size
-            _block_params(par, A, B, C, b_var, c_var, d0, kb)
-            for k in range(lanes):
-                use = k < kb
-                d = d0 + k if use else d0
-                for n in range(N):
-                    par[n, _Q, k] = dlast[b, d, n] if has_dlast and use else zero
-                    par[n, _DA, k] = zero
-                    par[n, _DB, k] = zero
-                    par[n, _DC, k] = zero
-                Dk[k] = D[d] if has_D and use else zero
-                biask[k] = delta_bias[d] if has_bias and use else zero
-                dD_acc[k] = zero
-                dbias_acc[k] = zero
-                for s in range(T):  # unused lanes of the tiles loaded below
-                    dts[s * lanes + k] = zero
-                    xs[s * lanes + k] = zero
-                    gs[s * lanes + k] = zero
-                    zs[s * lanes + k] = zero
-            for c in range(n_chunks - 1, -1, -1):
-                t0 = c * chunk_size
-                steps = min(L, t0 + chunk_size) - t0
-                flat = steps * lanes
-                _load_tile(delta, b, d0, kb, t0, steps, dts)
-                _load_tile(u, b, d0, kb, t0, steps, xs)
-                _load_steps(B, b_var, bb, gb, t0, steps, Bs)
-                _load_steps(C, c_var, cb, gc, t0, steps, Cs)
-                if has_bias:
-                    _add_lanes(dts, biask, steps)
-                if softplus:
-                    pre[:flat] = dts[:flat]
-                    _softplus_flat(dts, flat)
-                _mul_flat(dts, xs, dtx, flat)
-                # recompute this chunk's states from the saved boundary state (the
+        hs = np.zeros((T + 1, Np), dtype=ftype)  # recomputed states, forward in time
+        dhR = np.zeros((T, Np), dtype=ftype)  # dh, time reversed
+        # per step: forward in time, then time reversed (rows of one array)
+        fw = np.zeros((7, T), dtype=ftype)
+        pre, dts, xs, dtx, ys, gs, sgm = fw[0], fw[1], fw[2], fw[3], fw[4], fw[5], fw[6]
+        rv = np.zeros((6, T), dtype=ftype)
+        dtR, xR, dtxR, gR, duR, ddtR = rv[0], rv[1], rv[2], rv[3], rv[4], rv[5]
+        d0 = slice_starts[p]
+        nd = slice_starts[p + 1] - d0
+        pvs = np.zeros((nd, Np // SB, 8, SB), dtype=ftype)
+        accs = np.zeros((nd, 2), dtype=ftype)  # per channel: dD, dbias
+        for i in range(nd):
+            d = d0 + i
+            _load_channel(pvs[i], A, Bc, Cc, d, 0 if b_var else d, 0 if c_var else d, dlast,
+                          False, b, dlast, has_dlast, N)
+        # chunk by chunk from the last, all the slice's channels (which share
+        # B_t and C_t rows and, where variable, the dB and dC rows)
+        for c in range(n_chunks - 1, -1, -1):
+            t0 = c * chunk_size
+            steps = min(L, t0 + chunk_size) - t0
+            r0 = L - t0 - steps  # reversed row of the chunk's last step
+            for i in range(nd):
+                d = d0 + i
+                pv = pvs[i]
+                gb = d // b_group_size if b_var else 0
+                gc = d // c_group_size if c_var else 0
+                BTp = BT[b if b_var else 0, gb]
+                CTp = CT[b if c_var else 0, gc]
+                BTRp = BTR[b if b_var else 0, gb]
+                CTRp = CTR[b if c_var else 0, gc]
+                # dB, dC: the group's time-reversed plane of this slice, or this channel's row
+                dBp = dB_accum[b, p if b_var else 0, gb if b_var else d]
+                dCp = dC_accum[b, p if c_var else 0, gc if c_var else d]
+                bias = delta_bias[d] if has_bias else zero
+                Dd = D[d] if has_D else zero
+                _chunk_inputs(delta, u, b, d, t0, steps, bias, has_bias, softplus, pre, dts, xs,
+                              dtx)
+                # recompute the chunk's states from its saved boundary state (the
                 # forward's arithmetic, so the forward's values), and y
-                for k in range(lanes):
-                    for n in range(N):
-                        h = chunk_states[b, d0 + k, c, n] if k < kb else zero
-                        par[n, _H, k] = h
-                        st[0, n, 0, k] = h
-                for s in range(steps):
-                    _step(par, cur, dts, dtx, ys, Bs, Cs, s, st, True)
-                # upstream gradient at y: dy = dout * silu(z), and dz
-                _load_tile(dout, b, d0, kb, t0, steps, gs)
+                for blk in range(Np // SB):
+                    for n in range(SB):
+                        m = blk * SB + n
+                        h = chunk_states[b, d, c, m] if m < N else zero
+                        pv[blk, _H, n] = h
+                        hs[0, m] = h
+                _forward_steps(pv, BTp, CTp, t0, t0, b_var, c_var, dts, dtx, ys, steps, hs, True)
+                # upstream gradient at y: dy = dout silu(z), and dz
+                gseg = dout[b, d, t0:]
                 if has_z:
-                    if has_D:
-                        _fma_lanes(ys, Dk, xs, steps)
-                    _load_tile(z, b, d0, kb, t0, steps, zs)
-                    _gate_grad_flat(gs, zs, ys, dzs, flat, one)
-                    _store_tile(dzs, b, d0, kb, t0, steps, dz)
-                # adjoint sweep through the chunk, last step first
-                for s in range(steps - 1, -1, -1):
-                    for k in range(lanes):
-                        cur[_DT, k] = dts[s * lanes + k]
-                        cur[_X, k] = xs[s * lanes + k]
-                        cur[_DTX, k] = dtx[s * lanes + k]
-                        cur[_DY, k] = gs[s * lanes + k]
-                        cur[_DU, k] = zero
-                        cur[_DDT, k] = zero
-                    for n in range(N):
-                        b_sn = Bs[s, n]
-                        c_sn = Cs[s, n]
-                        for k in range(lanes):
-                            a = st[s + 1, n, 1, k]
-                            h_t = st[s + 1, n, 0, k]
-                            bk = par[n, _B, k] * b_sn
-                            dy = cur[_DY, k]
-                            dh = fma(par[n, _C, k] * c_sn, dy, par[n, _Q, k])  # gradient at h_t
-                            ah = a * st[s, n, 0, k]  # exp(delta_t A) h_{t-1}
-                            cur[_DDT, k] = fma(dh, fma(ah, par[n, _A, k], bk * cur[_X, k]),
-                                               cur[_DDT, k])
-                            par[n, _DA, k] = fma(dh * ah, cur[_DT, k], par[n, _DA, k])
-                            cur[_DU, k] = fma(dh, bk, cur[_DU, k])
-                            par[n, _Q, k] = a * dh
-                            par[n, _DB, k] = fma(dh, cur[_DTX, k], par[n, _DB, k])
-                            par[n, _DC, k] = fma(dy, h_t, par[n, _DC, k])
-                            dhs[s, n, k] = dh
-                    for k in range(lanes):
-                        dus[s * lanes + k] = cur[_DU, k]
-                        ddts[s * lanes + k] = cur[_DDT, k]
-                if b_var or c_var:
-                    _grouped_grads(st, dhs, dtx, gs, steps, dB_accum, b, pb, gb, dC_accum, b, pc,
-                                   gc, t0, b_var, c_var)
+                    zseg = z[b, d, t0:]
+                    dzseg = dz[b, d, t0:]
+                    for s in range(steps):
+                        zs = zseg[s]
+                        sz = vsigmoid(zs)
+                        gi = gseg[s]
+                        y = fma(Dd, xs[s], ys[s]) if has_D else ys[s]
+                        dzseg[s] = gi * y * sz * fma(zs, one - sz, one)
+                        gs[s] = gi * zs * sz
+                else:
+                    for s in range(steps):
+                        gs[s] = gseg[s]
+                # time-reversed copies for the adjoint
+                for j in range(steps):
+                    s = steps - 1 - j
+                    dtR[j] = dts[s]
+                    xR[j] = xs[s]
+                    dtxR[j] = dtx[s]
+                    gR[j] = gs[s]
+                _adjoint_steps(pv, BTRp, CTRp, r0, r0, b_var, c_var, dtR, xR, gR, hs, dhR, duR,
+                               ddtR, steps)
+                _outer_add(dBp, r0, b_var, dhR, dtxR, steps, Np)
+                for j in range(steps):
+                    rc = r0 + j if c_var else 0
+                    wj = gR[j]
+                    hrow = hs[steps - j]
+                    for m in range(Np):
+                        dCp[rc, m] = fma(hrow[m], wj, dCp[rc, m])
                 # du = <dh, B> delta + dy D; ddelta through the softplus; dD, dbias
-                _mul_flat(dus, dts, dus, flat)
-                if has_D:
-                    _fma_lanes(dus, Dk, gs, steps)
-                    _sum_lanes(dD_acc, gs, xs, steps)
-                if softplus:
-                    _sigmoid_mul_flat(ddts, pre, flat)
-                _add_steps(dbias_acc, ddts, steps)
-                _store_tile(dus, b, d0, kb, t0, steps, du)
-                _store_tile(ddts, b, d0, kb, t0, steps, ddelta)
-            for k in range(kb):
-                d = d0 + k
-                for n in range(N):
-                    dinit[b, d, n] = par[n, _Q, k]
-                    dA_part[b, d, n] = par[n, _DA, k]
-                    if not b_var:
-                        dB_accum[b, 0, d, n, 0] = par[n, _DB, k]
-                    if not c_var:
-                        dC_accum[b, 0, d, n, 0] = par[n, _DC, k]
-                dD_part[b, d] = dD_acc[k]
-                dbias_part[b, d] = dbias_acc[k]
+                if softplus:  # (a loop of its own: one walking time backwards stays scalar)
+                    for s in range(steps):
+                        sgm[s] = vsigmoid(pre[s])
+                duseg = du[b, d, t0:]
+                ddseg = ddelta[b, d, t0:]
+                for j in range(steps):
+                    s = steps - 1 - j
+                    v = duR[j] * dtR[j]
+                    duseg[s] = fma(Dd, gR[j], v) if has_D else v
+                    g = ddtR[j] * sgm[s] if softplus else ddtR[j]
+                    ddseg[s] = g
+                    accs[i, 1] += g
+                    if has_D:
+                        accs[i, 0] = fma(gR[j], xR[j], accs[i, 0])
+        for i in range(nd):
+            d = d0 + i
+            for m in range(N):
+                dinit[b, d, m] = pvs[i, m // SB, _Q, m % SB]
+                dA_part[b, d, m] = pvs[i, m // SB, _DA, m % SB]
+            dD_part[b, d] = accs[i, 0]
+            dbias_part[b, d] = accs[i, 1]
 
 
 # ---------------------------------------------------------------- launchers
 
 
-def _as_4d(M, Dc):
-    """(M4, is_variable, group_size): B or C in the kernels' 4-D indexing scheme."""
-    if M.ndim == 2:  # constant (Dc, N): batch and time index 0, one "group" per channel
-        return M.reshape(1, Dc, M.shape[1], 1), False, 1
-    return M, True, Dc // M.shape[1]
+def _padded(N):
+    """N rounded up to a multiple of :data:`SB`."""
+    return -(-N // SB) * SB
+
+
+def _states_last(M, Dc, Np, ftype, reversed_too):
+    """B or C as the kernels take it: (Bc, BT, BTR, is_variable, group_size).
+
+    Constant (Dc, N): ``Bc`` the (Dc, Np) values, ``BT`` and ``BTR`` ones
+    (1, 1, 1, Np).  Variable (Bt, G, N, L): ``Bc`` ones (1, Np), ``BT`` the
+    (Bt, G, L, Np) transpose, states innermost, ``BTR`` the same with time
+    reversed (only with ``reversed_too``, else None).  Padded states are 0.
+    """
+    if M.ndim == 2:
+        Bc = np.zeros((Dc, Np), dtype=ftype)
+        Bc[:, :M.shape[1]] = M
+        ones = np.ones((1, 1, 1, Np), dtype=ftype)
+        return Bc, ones, ones, False, 1
+    Bt, G, N, L = M.shape
+    BT = np.zeros((Bt, G, L, Np), dtype=ftype)
+    BT[..., :N] = M.transpose(0, 1, 3, 2)
+    BTR = np.ascontiguousarray(BT[:, :, ::-1]) if reversed_too else None
+    return np.ones((1, Np), dtype=ftype), BT, BTR, True, Dc // G
+
+
+def _padded_A(A, Np):
+    Ap = np.zeros((A.shape[0], Np), dtype=A.dtype)
+    Ap[:, :A.shape[1]] = A
+    return Ap
 
 
 def _dummy(ndim, ftype):
@@ -613,34 +499,15 @@ def _n_chunks(L, chunk_size):
     return (L + chunk_size - 1) // chunk_size
 
 
-def _num_slices(Bt, n_blocks):
-    """Block slices per batch element in the backward: enough tasks for every thread."""
+def _num_slices(Bt, Dc):
+    """Channel slices per batch element: enough tasks for every thread."""
     threads = numba.get_num_threads()
-    return max(1, min(n_blocks, -(-threads // Bt)))
+    return max(1, min(Dc, -(-threads // Bt)))
 
 
-#: Most steps per forward tile (the backward's tile is the chunk).
-TILE = 64
-
-
-def _blocks(Dc, lanes, *group_sizes):
-    """(n_blocks, 2) int64 array of channel ranges ``[d0, d1)``: at most ``lanes``
-    channels, never across a multiple of any of ``group_sizes`` (the groups of
-    a variable B or C, whose per-step values a block shares)."""
-    blocks = []
-    d0 = 0
-    while d0 < Dc:
-        d1 = min(Dc, d0 + lanes)
-        for g in group_sizes:
-            d1 = min(d1, (d0 // g + 1) * g)
-        blocks.append((d0, d1))
-        d0 = d1
-    return np.array(blocks, dtype=np.int64)
-
-
-def _scan_blocks(Dc, ftype, b_var, b_group_size, c_var, c_group_size):
-    sizes = [g for var, g in ((b_var, b_group_size), (c_var, c_group_size)) if var]
-    return _blocks(Dc, LANES[np.dtype(ftype)], *sizes)
+def _slice_starts(Dc, n_slices):
+    """Slice p holds channels [starts[p], starts[p + 1]), as even as can be."""
+    return (np.arange(n_slices + 1, dtype=np.int64) * Dc) // n_slices
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
@@ -721,21 +588,21 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     Bt, Dc, L = u.shape
     N = A.shape[1]
     ftype = u.dtype
-    B4, b_var, b_group_size = _as_4d(B, Dc)
-    C4, c_var, c_group_size = _as_4d(C, Dc)
+    Np = _padded(N)
+    Bc, BT, _, b_var, b_group_size = _states_last(B, Dc, Np, ftype, False)
+    Cc, CT, _, c_var, c_group_size = _states_last(C, Dc, Np, ftype, False)
     if out is None:
         out = np.empty((Bt, Dc, L), dtype=ftype)
     last_state = np.empty((Bt, Dc, N), dtype=ftype)
     chunk_states = np.empty((Bt, Dc, _n_chunks(L, chunk_size), N), dtype=ftype)
-    blocks = _scan_blocks(Dc, ftype, b_var, b_group_size, c_var, c_group_size)
     with serial_below(Bt * Dc * N * L):
         _forward_kernel(
-            u, delta, A, B4, C4,
+            u, delta, _padded_A(A, Np), Bc, BT, Cc, CT,
             _dummy(1, ftype) if D is None else D,
             _dummy(3, ftype) if z is None else z,
             _dummy(1, ftype) if delta_bias is None else delta_bias,
             _dummy(3, ftype) if initial_state is None else initial_state,
-            blocks, TILE,
+            _slice_starts(Dc, _num_slices(Bt, Dc)),
             b_var, c_var, b_group_size, c_group_size,
             D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
             initial_state is not None, chunk_size,
@@ -760,9 +627,8 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_
     chunk_size : int or None, optional
         Must be None or the forward's ``chunk_size`` (which ``saved`` holds).
     n_slices : int or None, optional
-        Parallel tasks per batch element: the channel blocks (of up to
-        ``LANES`` channels, see :func:`_blocks`) are split into this many
-        contiguous slices (capped at the number of blocks).  Variable dB/dC take
+        Parallel tasks per batch element: the channels are split into this
+        many contiguous slices (capped at the number of channels).  Variable dB/dC take
         ``n_slices`` times their own size in partial sums.  Default: just
         enough tasks to occupy every Numba thread.  Only the summation order
         of variable dB/dC depends on it.
@@ -824,21 +690,20 @@ def _scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta
     Bt, Dc, L = u.shape
     N = A.shape[1]
     ftype = u.dtype
-    B4, b_var, b_group_size = _as_4d(B, Dc)
-    C4, c_var, c_group_size = _as_4d(C, Dc)
-    blocks = _scan_blocks(Dc, ftype, b_var, b_group_size, c_var, c_group_size)
-    n_blocks = len(blocks)
+    Np = _padded(N)
+    Bc, BT, BTR, b_var, b_group_size = _states_last(B, Dc, Np, ftype, True)
+    Cc, CT, CTR, c_var, c_group_size = _states_last(C, Dc, Np, ftype, True)
     if n_slices is None:
-        n_slices = _num_slices(Bt, n_blocks)
-    n_slices = min(n_blocks, _check_positive("n_slices", n_slices))
-    # slice p holds blocks slice_starts[p] .. slice_starts[p + 1] - 1, as even as can be
-    slice_starts = (np.arange(n_slices + 1, dtype=np.int64) * n_blocks) // n_slices
+        n_slices = _num_slices(Bt, Dc)
+    n_slices = min(Dc, _check_positive("n_slices", n_slices))
+    slice_starts = _slice_starts(Dc, n_slices)
 
-    def part_like(M4, var):
-        # variable: (Bt, n_slices, G, N, L) per slice; constant: (Bt, 1, Dc, N, 1) per channel
+    def part_like(BTx, var):
+        # variable: (Bt, n_slices, G, L, Np) per slice, time reversed;
+        # constant: (Bt, 1, Dc, 1, Np) per channel
         if var:
-            return np.zeros((Bt, n_slices) + M4.shape[1:], dtype=ftype)
-        return np.zeros((Bt, 1) + M4.shape[1:], dtype=ftype)
+            return np.zeros((Bt, n_slices) + BTx.shape[1:], dtype=ftype)
+        return np.zeros((Bt, 1, Dc, 1, Np), dtype=ftype)
 
     du = np.empty((Bt, Dc, L), dtype=ftype)
     ddelta = np.empty((Bt, Dc, L), dtype=ftype)
@@ -847,31 +712,32 @@ def _scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta
     dA_part = np.empty((Bt, Dc, N), dtype=ftype)
     dD_part = np.empty((Bt, Dc), dtype=ftype)
     dbias_part = np.empty((Bt, Dc), dtype=ftype)
-    dB_accum = part_like(B4, b_var)
-    dC_accum = part_like(C4, c_var)
+    dB_accum = part_like(BT, b_var)
+    dC_accum = part_like(CT, c_var)
     _backward_kernel(
         dout, _dummy(3, ftype) if dlast_state is None else dlast_state,
-        u, delta, A, B4, C4,
+        u, delta, _padded_A(A, Np), Bc, BT, BTR, Cc, CT, CTR,
         _dummy(1, ftype) if D is None else D,
         _dummy(3, ftype) if z is None else z,
         _dummy(1, ftype) if delta_bias is None else delta_bias,
-        saved.chunk_states, blocks, slice_starts,
+        saved.chunk_states, slice_starts,
         b_var, c_var, b_group_size, c_group_size,
         D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
         dlast_state is not None, chunk_size,
         du, ddelta, dz, dinit, dA_part, dD_part, dbias_part, dB_accum, dC_accum)
 
-    def finish(part, var, like):
-        if var:  # sum the slices' partials: (Bt, G, N, L)
-            return part[:, 0] if n_slices == 1 else part.sum(axis=1)
-        return part.sum(axis=(0, 1)).reshape(like.shape)  # over batch: (Dc, N)
+    def finish(part, var):
+        if var:  # sum the slices' partials, time back in order: (Bt, G, N, L)
+            total = part[:, 0] if n_slices == 1 else part.sum(axis=1)
+            return np.ascontiguousarray(total[:, :, ::-1, :N].transpose(0, 1, 3, 2))
+        return part.sum(axis=(0, 1, 3))[:, :N]  # over batch: (Dc, N)
 
     return (
         du,
         ddelta,
         dA_part.sum(axis=0),
-        finish(dB_accum, b_var, B),
-        finish(dC_accum, c_var, C),
+        finish(dB_accum, b_var),
+        finish(dC_accum, c_var),
         None if D is None else dD_part.sum(axis=0),
         None if z is None else dz,
         None if delta_bias is None else dbias_part.sum(axis=0),

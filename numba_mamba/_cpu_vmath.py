@@ -87,6 +87,19 @@ def _rint(typingctx, x):
 
 
 @intrinsic
+def _select(typingctx, cond, a, b):
+    """``a if cond else b`` as one LLVM ``select``: no branch, and no Python-level
+    conditional (whose phi nodes Numba's inliner warns about)."""
+    if not (isinstance(cond, types.Boolean) and isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(args[0], args[1], args[2])
+
+    return a(cond, a, b), codegen
+
+
+@intrinsic
 def _pow2(typingctx, k):
     """``2**k`` for an integer-valued float ``k`` in ``[-bias, bias + 1]``, from
     its bits (``k = -bias`` gives 0, ``k = bias + 1`` gives ``inf``)."""
@@ -215,19 +228,19 @@ def _exp_impl(c):
 
     def impl(x):
         # (written as x86's max and min read them: a NaN x becomes x_lo here ...)
-        xc = x if x > x_lo else x_lo
-        xc = xc if xc < x_hi else x_hi
+        xc = _select(x > x_lo, x, x_lo)
+        xc = _select(xc < x_hi, xc, x_hi)
         k = _rint(xc * log2e)
         r = fma(k, -ln2_hi, xc)
         r = fma(k, -ln2_lo, r)
         er = fma(poly(r), r * r, r) + one
         res = er * _pow2(k)
-        return res if x == x else x  # (... and NaN again here)
+        return _select(x == x, res, x)  # (... and NaN again here)
 
     return impl
 
 
-@overload(vexp, jit_options=_JIT)
+@overload(vexp, jit_options=_JIT, inline="always")
 def _ov_vexp(x):
     if isinstance(x, types.Float):
         return _exp_impl(_consts(x))
@@ -251,28 +264,28 @@ def _softplus_impl(c):
     series = njit(inline="always")(series)
 
     def impl(x):
-        ax = x if x > zero else -x
+        ax = _select(x > zero, x, -x)
         y = vexp(-ax)  # in (0, 1]
         w = one + y  # in (1, 2]
         big = w > sqrt2
-        m = w * half if big else w
-        e = one if big else zero
+        m = _select(big, w * half, w)
+        e = _select(big, one, zero)
         s = (m - one) / (m + one)
         lg = two * s * series(s * s) + e * ln2 + (y - (w - one)) / w
-        pos = x if x > zero else zero
+        pos = _select(x > zero, x, zero)
         res = pos + lg
-        return x if x > twenty else res
+        return _select(x > twenty, x, res)
 
     return impl
 
 
-@overload(vsoftplus, jit_options=_JIT)
+@overload(vsoftplus, jit_options=_JIT, inline="always")
 def _ov_vsoftplus(x):
     if isinstance(x, types.Float):
         return _softplus_impl(_consts(x))
 
 
-@overload(vsigmoid, jit_options=_JIT)
+@overload(vsigmoid, jit_options=_JIT, inline="always")
 def _ov_vsigmoid(x):
     if isinstance(x, types.Float):
         one = _consts(x).one

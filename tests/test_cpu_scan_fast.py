@@ -1,8 +1,8 @@
 """Tests of the vectorized CPU scan (issue 22): the arithmetic exp, softplus and
-sigmoid of ``numba_mamba._cpu_vmath``, and the channel blocks of
-``numba_mamba._cpu_scan`` at sizes where blocks are full, several and cut
-at group boundaries (``tests/test_cpu_backend.py`` covers the options on
-4 channels)."""
+sigmoid of ``numba_mamba._cpu_vmath``, and ``numba_mamba._cpu_scan``'s
+blocks of 16 states (N a multiple, or padded), its channel slices and its
+time-major B/C planes, on many channels and groups
+(``tests/test_cpu_backend.py`` covers the options on 4 channels)."""
 
 import numpy as np
 import pytest
@@ -101,40 +101,58 @@ def test_vsigmoid_within_three_units_in_the_last_place(dtype):
     assert err.max() <= 3, f"worst {err.max():.3f} ulp at x = {x[err.argmax()]!r}"
 
 
-def test_blocks_stay_inside_groups():
-    blocks = _cpu_scan._blocks(40, 16, 10)  # 4 groups of 10 channels
-    assert blocks.tolist() == [[0, 10], [10, 20], [20, 30], [30, 40]]
-    blocks = _cpu_scan._blocks(40, 16, 20, 8)  # both a B and a C group boundary cut
-    assert blocks.tolist() == [[0, 8], [8, 16], [16, 20], [20, 24], [24, 32], [32, 40]]
-    assert _cpu_scan._blocks(37, 16).tolist() == [[0, 16], [16, 32], [32, 37]]
+def test_states_padded_to_whole_blocks():
+    assert [_cpu_scan._padded(n) for n in (1, 4, 16, 17, 32, 33)] == [16, 16, 16, 32, 32, 48]
+
+
+def test_slices_cover_the_channels_evenly():
+    assert _cpu_scan._slice_starts(10, 3).tolist() == [0, 3, 6, 10]
+    assert _cpu_scan._slice_starts(5, 1).tolist() == [0, 5]
+
+
+def test_variable_B_becomes_time_major_planes_padded_with_zeros():
+    rng = np.random.default_rng(3)
+    B = rng.standard_normal((2, 3, 5, 7))  # (Bt, G, N, L)
+    Bc, BT, BTR, var, group = _cpu_scan._states_last(B, 6, 16, np.float64, True)
+    assert var and group == 2 and Bc.shape == (1, 16) and (Bc == 1).all()
+    assert BT.shape == BTR.shape == (2, 3, 7, 16)
+    np.testing.assert_array_equal(BT[..., :5], B.transpose(0, 1, 3, 2))
+    np.testing.assert_array_equal(BTR, BT[:, :, ::-1])
+    assert (BT[..., 5:] == 0).all()
+    # constant: per-channel values, the planes ones
+    Bc, BT, BTR, var, group = _cpu_scan._states_last(B[0, 0, :, :6].T.copy(), 6, 16,
+                                                      np.float64, True)
+    assert not var and group == 1 and Bc.shape == (6, 16) and (Bc[:, 5:] == 0).all()
+    assert BT.shape == (1, 1, 1, 16) and (BT == 1).all()
 
 
 # (B kind, C kind, D, z, delta_bias, softplus, initial_state, dlast_state)
 FULL = ("var", "var", True, True, True, True, True, True)
 CASES = [
-    # 37 channels: two full blocks of 16 and a partial one of 5
-    dict(Dc=37, G=1, combo=FULL, L=150),
-    # 40 channels in 4 groups of 10: blocks cut at the groups, unused lanes
-    dict(Dc=40, G=4, combo=("grouped", "grouped", True, True, True, True, True, True), L=97),
-    # constant B and C: per-lane values, blocks not cut
-    dict(Dc=35, G=1, combo=("const", "const", True, False, True, True, True, False), L=130),
-    # B grouped in 5 groups of 7, C variable: a block is cut at every 7
-    dict(Dc=35, G=5, combo=("grouped", "var", False, True, False, True, False, True), L=70),
+    # 37 channels, N 16: one block of states
+    dict(Dc=37, G=1, N=16, combo=FULL, L=150),
+    # 40 channels in 4 groups of 10; N 20: two blocks, the second padded
+    dict(Dc=40, G=4, N=20, combo=("grouped", "grouped", True, True, True, True, True, True),
+         L=97),
+    # constant B and C: per-channel values
+    dict(Dc=35, G=1, N=16, combo=("const", "const", True, False, True, True, True, False), L=130),
+    # B grouped in 5 groups of 7, C variable; N 5, padded to 16
+    dict(Dc=35, G=5, N=5, combo=("grouped", "var", False, True, False, True, False, True), L=70),
 ]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("case", CASES, ids=[f"D{c['Dc']}-G{c['G']}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"D{c['Dc']}-G{c['G']}-N{c['N']}" for c in CASES])
 def test_many_channels_match_reference(case, dtype):
-    kwargs, dout, dlast = _draw(5, case["L"], case["combo"], dtype, Bt=2, Dc=case["Dc"], N=16,
-                                G=case["G"])
+    kwargs, dout, dlast = _draw(5, case["L"], case["combo"], dtype, Bt=2, Dc=case["Dc"],
+                                N=case["N"], G=case["G"])
     got = _run_backend(kwargs, dout, dlast, chunk_size=32)
     _check_against_reference(kwargs, dout, dlast, got, dtype)
 
 
 @pytest.mark.parametrize("n_slices", [1, 2, 3, 5])
-def test_many_blocks_any_slicing(n_slices):
-    # 3 blocks per batch element; slices of 0, 1 or several blocks
+def test_many_channels_any_slicing(n_slices):
+    # 48 channels in 3 groups split in 1 to 5 slices, some across a group boundary
     kwargs, dout, dlast = _draw(9, 60, ("grouped", "var") + (True,) * 6, np.float64, Bt=1, Dc=48,
                                 N=4, G=3)
     got = _run_backend(kwargs, dout, dlast, chunk_size=16, n_slices=n_slices)
