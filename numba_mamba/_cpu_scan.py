@@ -40,27 +40,31 @@ name               shape                            notes
 
 Algorithm
 ---------
-Channels are processed in blocks of ``LANES`` (16) channels of one group of
-every variable B/C, the block's channels as the SIMD lanes of the inner loops:
-at a step, the update of state n is the same arithmetic for every channel,
-with ``delta``, ``u`` and ``A`` differing per lane and a variable ``B_t[n]``,
-``C_t[n]`` shared by the group (a scalar broadcast over the lanes).  ``exp``,
-softplus and sigmoid are :mod:`numba_mamba._cpu_vmath`'s, written in
-arithmetic LLVM vectorizes.  A block reads ``u``, ``delta``, ``z`` in tiles of
-up to 64 steps, transposed so that channels are innermost (the transposition
-costs one copy per (channel, step), the update N of them).
+One channel at a time, its N states as the SIMD lanes of the inner loops
+(N padded up to a multiple of ``SB`` = 16 with states whose A, B and C are
+0): at a step the update of every state is the same arithmetic, with
+``delta_t`` and ``u_t`` scalars of the channel, ``A`` a row per channel and
+a variable ``B_t``, ``C_t`` rows of (time, state) planes that the channels of
+a group share (the launchers transpose B and C to that layout once per call,
+a copy per (batch, group, state, step) against N per (channel, state, step)
+of updates).  ``exp``, softplus and sigmoid are
+:mod:`numba_mamba._cpu_vmath`'s, written in arithmetic LLVM vectorizes.  The
+sum ``y_t = <C_t, h_t>`` over the lanes is taken in any order (the inner
+loops are compiled with ``fastmath={"reassoc"}``); so are the backward's
+sums over states.
 
-Forward: one parallel task per (batch, block) keeps the block's N x 16 states
-in a small local array and sweeps over time, writing ``out`` and, at the
-start of every chunk of ``chunk_size`` steps, a copy of the states.  Only
-these chunk-boundary states (and ``h_L``) are kept, never the (Bt, Dc, L, N)
-history.
+Forward: one parallel task per (batch, slice of channels) walks the chunks
+of ``chunk_size`` steps and, in each, every channel of its slice (so that a
+chunk's B/C rows stay in cache): softplus of the chunk's steps, the
+recurrence from the channel's state, ``out``; at the start of every chunk a
+copy of the states.  Only these chunk-boundary states (and ``h_L``) are
+kept, never the (Bt, Dc, L, N) history.
 
-Backward: per block, walk the chunks in reverse.  For each chunk, recompute
-the states inside it from its saved boundary state into a local
-``(chunk_size + 1, N, 2, lanes)`` buffer (with the decays
-``exp(delta_t A)``; the same step function as the forward, so the same
-values), then run the adjoint recurrence backwards through the chunk::
+Backward: the chunks in reverse, each channel of the slice in turn.  For a
+chunk, recompute the states inside it from its saved boundary state into a
+local ``(chunk_size + 1, Np)`` buffer (the forward's step function, so the
+forward's states bit for bit), then run the adjoint recurrence backwards
+through the chunk::
 
     dy_t = dout_t * silu(z_t)                (dout_t without z)
     dh_t = C_t * dy_t + q_{t+1},   q_{t+1} = exp(delta_{t+1} A) * dh_{t+1},
@@ -68,13 +72,16 @@ values), then run the adjoint recurrence backwards through the chunk::
 
 and from ``dh_t``: ``du``, ``ddelta`` (through the softplus by multiplying with
 ``sigmoid(delta + delta_bias)``), ``dA``, ``dB``, ``dC``, ``dD``,
-``ddelta_bias``.  A variable dB/dC is a sum over the block's lanes (done per
-chunk, after the sweep).  Reductions are race-free: see
-:func:`_backward_kernel`.
+``ddelta_bias``.  The adjoint recomputes ``exp(delta_t A)`` rather than
+storing it, and reads its per-step inputs and B/C rows from time-reversed
+copies (LLVM leaves an inner loop scalar when the loop around it walks
+memory downwards).  dB and dC are outer products (dh with delta u, h with
+dy) added into per-channel rows (constant B/C) or the group's time-reversed
+plane (variable).  Reductions are race-free: see :func:`_backward_kernel`.
 
 To keep compile time low there is one forward and one backward kernel, each
-compiled once per dtype: constant B/C are per-lane values and variable ones
-per-step values, the other factor 1 (``B_t[n]`` of a lane is the product),
+compiled once per dtype: constant B/C are per-channel rows and variable ones
+per-step rows, the other factor 1 (``B_t[n]`` of a channel is the product),
 and absent optional inputs are replaced by tiny dummy arrays plus a flag.
 
 References
@@ -118,12 +125,14 @@ class CpuScanSaved(NamedTuple):
 # states of a block only when (i) the loop body is long enough not to be
 # unrolled completely first (each loop below computes an exp), (ii) few
 # distinct arrays are written in it (each pair needs a run-time overlap
-# check, and past eight LLVM gives up), and (iii) the enclosing loop over
-# time walks memory upwards (with a decreasing address the loop stays
-# scalar).  Hence: a channel's per-state values are rows of one (n_blocks,
-# 8, SB) array ``pv``; B_t and C_t come as (time, Np) planes, states
-# innermost; and the adjoint, which runs backwards in time, reads and writes
-# time-reversed copies (row j of a reversed chunk is its step steps - 1 - j).
+# check, and past eight LLVM gives up), and (iii) (seen on the recurrence
+# loops, not understood) the enclosing loop over time walks B/C rows and the
+# per-step values upwards in memory.  Hence: a channel's per-state values
+# are rows of one (n_blocks, 8, SB) array ``pv``; B_t and C_t come as (time,
+# Np) planes, states innermost; and the adjoint, which runs backwards in
+# time, reads B/C rows and per-step values from time-reversed copies (row j
+# of a reversed chunk is its step steps - 1 - j), the recomputed states
+# where the recomputation left them.
 
 # rows of the per-channel array ``pv`` (n_blocks, 8, SB)
 _A, _B, _C, _H, _Q, _DA = range(6)
@@ -131,9 +140,10 @@ _A, _B, _C, _H, _Q, _DA = range(6)
 
 @njit(fastmath={"reassoc"}, error_model="numpy")  # (called, not inlined: that would drop the flag)
 def _forward_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs, keep):
-    """``steps`` steps of one channel from the state in pv[:, _H]: ys[s] =
-    <C_t, h_t> (summed in any order), pv[:, _H] the state after the last
-    step; with ``keep`` also hs[s + 1] = h_t (hs[0] is the caller's).  Step
+    """``steps`` steps of one channel: ys[s] = <C_t, h_t> (summed in any
+    order).  Without ``keep``, from the state in pv[:, _H] to the state after
+    the last step; with ``keep``, from hs[0] (the caller's), writing hs[s + 1]
+    = h_t (pv[:, _H] unused).  Step
     s uses rows rb0 + s of BT and rc0 + s of CT where variable, row 0 where
     constant (whose values then live in pv[:, _B] and pv[:, _C], the other
     factor 1)."""
@@ -148,20 +158,22 @@ def _forward_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs, 
             o = blk * SB
             for n in range(SB):
                 a = vexp(dt * pv[blk, _A, n])
-                hn = fma(a, pv[blk, _H, n], x * (pv[blk, _B, n] * BT[rb, o + n]))
-                pv[blk, _H, n] = hn
-                acc += (pv[blk, _C, n] * CT[rc, o + n]) * hn
+                h = hs[s, o + n] if keep else pv[blk, _H, n]
+                hn = fma(a, h, x * (pv[blk, _B, n] * BT[rb, o + n]))
                 if keep:
                     hs[s + 1, o + n] = hn
+                else:
+                    pv[blk, _H, n] = hn
+                acc += (pv[blk, _C, n] * CT[rc, o + n]) * hn
         ys[s] = acc
 
 
 @njit(fastmath={"reassoc"}, error_model="numpy")
-def _adjoint_steps(pv, BTR, CTR, rb0, rc0, b_var, c_var, dtR, xR, gR, hR, dhR, duR, ddtR,
+def _adjoint_steps(pv, BTR, CTR, rb0, rc0, b_var, c_var, dtR, xR, gR, hs, dhR, duR, ddtR,
                    steps):
     """The adjoint of one channel through a chunk, on time-reversed copies
-    (row j is step t = t0 + steps - 1 - j): hR[j] = h_t, hR[j + 1] = h_{t-1};
-    dtR, xR, gR the step, input and dy.  pv[:, _Q] goes from the gradient
+    (row j is step t = t0 + steps - 1 - j): dtR, xR, gR the step, input and
+    dy, and :func:`_forward_steps`'s hs (hs[s] = h_{t0 + s - 1}, in time order).  pv[:, _Q] goes from the gradient
     reaching the chunk's last state to the one reaching the state entering
     it, pv[:, _DA] accumulates; dhR[j] = dh_t, duR[j] = <dh_t, B_t> and
     ddtR[j] = <dh_t, a_t A h_{t-1} + B_t u_t> (sums in any order).  The decay
@@ -183,7 +195,7 @@ def _adjoint_steps(pv, BTR, CTR, rb0, rc0, b_var, c_var, dtR, xR, gR, hR, dhR, d
                 a = vexp(dt * A_n)
                 bk = pv[blk, _B, n] * BTR[rb, o + n]
                 dh = fma(pv[blk, _C, n] * CTR[rc, o + n], dy, pv[blk, _Q, n])  # at h_t
-                ah = a * hR[steps - 1 - j, o + n]  # exp(delta_t A) h_{t-1}
+                ah = a * hs[steps - 1 - j, o + n]  # exp(delta_t A) h_{t-1}
                 at += dh * fma(ah, A_n, bk * x)
                 pv[blk, _DA, n] = fma(dh * ah, dt, pv[blk, _DA, n])
                 au += dh * bk
@@ -331,7 +343,7 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, d
     atomics are needed:
 
     - du, ddelta, dz, dinit: per element (b, d, ...), unique to the task.
-    - dA_part (Bt, Dc, Np), dD_part, dbias_part (Bt, Dc): per (b, d) partial
+    - dA_part (Bt, Dc, N), dD_part, dbias_part (Bt, Dc): per (b, d) partial
       sums over time; the caller sums over batch.
     - dB_accum / dC_accum when constant: (Bt, 1, Dc, 1, Np), per (b, d)
       partial sums over time; the caller sums over batch.
@@ -394,12 +406,8 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, d
                               dtx)
                 # recompute the chunk's states from its saved boundary state (the
                 # forward's arithmetic, so the forward's values), and y
-                for blk in range(Np // SB):
-                    for n in range(SB):
-                        m = blk * SB + n
-                        h = chunk_states[b, d, c, m] if m < N else zero
-                        pv[blk, _H, n] = h
-                        hs[0, m] = h
+                for m in range(Np):
+                    hs[0, m] = chunk_states[b, d, c, m] if m < N else zero
                 _forward_steps(pv, BTp, CTp, t0, t0, b_var, c_var, dts, dtx, ys, steps, hs, True)
                 # upstream gradient at y: dy = dout silu(z), and dz
                 gseg = dout[b, d, t0:]
