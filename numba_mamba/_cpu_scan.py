@@ -347,9 +347,10 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, d
       sums over time; the caller sums over batch.
     - dB_accum / dC_accum when constant: (Bt, 1, Dc, 1, Np), per (b, d)
       partial sums over time; the caller sums over batch.
-    - dB_accum / dC_accum when variable: (Bt, n_slices, G, L, Np), time
-      reversed (row L - 1 - t), accumulated over the channels of a group
-      that fall in the task's slice; the caller sums over slices.
+    - dB_accum / dC_accum when variable: (Bt, n_slices, G, L, Np), dB time
+      reversed (row L - 1 - t), dC in time order, accumulated over the
+      channels of a group that fall in the task's slice; the caller sums
+      over slices.
 
     ``dB_accum`` and ``dC_accum`` accumulate and must be zero on entry; every
     other output is overwritten.  Sums over time run from the last step to the
@@ -397,7 +398,7 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, d
                 CTp = CT[b if c_var else 0, gc]
                 BTRp = BTR[b if b_var else 0, gb]
                 CTRp = CTR[b if c_var else 0, gc]
-                # dB, dC: the group's time-reversed plane of this slice, or this channel's row
+                # dB, dC: the group's plane of this slice (dB's time reversed), or this channel's row
                 dBp = dB_accum[b, p if b_var else 0, gb if b_var else d]
                 dCp = dC_accum[b, p if c_var else 0, gc if c_var else d]
                 bias = delta_bias[d] if has_bias else zero
@@ -434,12 +435,7 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, d
                 _adjoint_steps(pv, BTRp, CTRp, r0, r0, b_var, c_var, dtR, xR, gR, hs, dhR, duR,
                                ddtR, steps)
                 _outer_add(dBp, r0, b_var, dhR, dtxR, steps, Np)
-                for j in range(steps):
-                    rc = r0 + j if c_var else 0
-                    wj = gR[j]
-                    hrow = hs[steps - j]
-                    for m in range(Np):
-                        dCp[rc, m] = fma(hrow[m], wj, dCp[rc, m])
+                _outer_add(dCp, t0, c_var, hs[1:], gs, steps, Np)
                 # du = <dh, B> delta + dy D; ddelta through the softplus; dD, dbias
                 if softplus:  # (a loop of its own: one walking time backwards stays scalar)
                     for s in range(steps):
@@ -734,18 +730,20 @@ def _scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta
         dlast_state is not None, chunk_size,
         du, ddelta, dz, dinit, dA_part, dD_part, dbias_part, dB_accum, dC_accum)
 
-    def finish(part, var):
-        if var:  # sum the slices' partials, time back in order: (Bt, G, N, L)
+    def finish(part, var, reversed_time):
+        if var:  # sum the slices' partials, time in order: (Bt, G, N, L)
             total = part[:, 0] if n_slices == 1 else part.sum(axis=1)
-            return np.ascontiguousarray(total[:, :, ::-1, :N].transpose(0, 1, 3, 2))
+            if reversed_time:
+                total = total[:, :, ::-1]
+            return np.ascontiguousarray(total[..., :N].transpose(0, 1, 3, 2))
         return part.sum(axis=(0, 1, 3))[:, :N]  # over batch: (Dc, N)
 
     return (
         du,
         ddelta,
         dA_part.sum(axis=0),
-        finish(dB_accum, b_var),
-        finish(dC_accum, c_var),
+        finish(dB_accum, b_var, True),
+        finish(dC_accum, c_var, False),
         None if D is None else dD_part.sum(axis=0),
         None if z is None else dz,
         None if delta_bias is None else dbias_part.sum(axis=0),
