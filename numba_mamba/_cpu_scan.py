@@ -206,14 +206,16 @@ def _adjoint_steps(pv, BTR, CTR, rb0, rc0, b_var, c_var, dtR, xR, gR, hs, dhR, d
 
 
 @njit(inline="always")
-def _outer_add(M, r0, var, X, w, steps, Np):
-    """M[r0 + j] += w[j] X[j] (rows, Np states) for j < steps where ``var``,
-    else M[0] += w[j] X[j]: dB from dh and delta u, dC from h and dy."""
+def _outer_add(M, r0, var, X, x0, xstep, w, steps, Np):
+    """M[r0 + j] += w[j] X[x0 + xstep j] (rows of Np states) for j < steps
+    where ``var``, else M[0] += the same: dB from dh and delta u, dC from h
+    and dy."""
     for j in range(steps):
         r = r0 + j if var else 0
         wj = w[j]
+        xrow = X[x0 + xstep * j]
         for m in range(Np):
-            M[r, m] = fma(X[j, m], wj, M[r, m])
+            M[r, m] = fma(xrow[m], wj, M[r, m])
 
 
 @njit(inline="always")
@@ -434,8 +436,11 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, d
                     gR[j] = gs[s]
                 _adjoint_steps(pv, BTRp, CTRp, r0, r0, b_var, c_var, dtR, xR, gR, hs, dhR, duR,
                                ddtR, steps)
-                _outer_add(dBp, r0, b_var, dhR, dtxR, steps, Np)
-                _outer_add(dCp, t0, c_var, hs[1:], gs, steps, Np)
+                _outer_add(dBp, r0, b_var, dhR, 0, 1, dtxR, steps, Np)
+                if c_var:  # (rows in time order)
+                    _outer_add(dCp, t0, True, hs, 1, 1, gs, steps, Np)
+                else:  # (one row, summed from the last step as everywhere: see below)
+                    _outer_add(dCp, 0, False, hs, steps, -1, gR, steps, Np)
                 # du = <dh, B> delta + dy D; ddelta through the softplus; dD, dbias
                 if softplus:  # (a loop of its own: one walking time backwards stays scalar)
                     for s in range(steps):
