@@ -73,11 +73,11 @@ through the chunk::
 and from ``dh_t``: ``du``, ``ddelta`` (through the softplus by multiplying with
 ``sigmoid(delta + delta_bias)``), ``dA``, ``dB``, ``dC``, ``dD``,
 ``ddelta_bias``.  The adjoint recomputes ``exp(delta_t A)`` rather than
-storing it, and reads its per-step inputs and B/C rows from time-reversed
-copies (LLVM leaves an inner loop scalar when the loop around it walks
-memory downwards).  dB and dC are outer products (dh with delta u, h with
-dy) added into per-channel rows (constant B/C) or the group's time-reversed
-plane (variable).  Reductions are race-free: see :func:`_backward_kernel`.
+storing it, and writes dh and its per-step sums time reversed (LLVM left
+the recurrence loops scalar where the loop around them wrote memory
+downwards).  dB and dC are outer products (dh with delta u, h with
+dy) added into per-channel rows (constant B/C) or the group's (time, state)
+plane (variable; dB's time reversed).  Reductions are race-free: see :func:`_backward_kernel`.
 
 To keep compile time low there is one forward and one backward kernel, each
 compiled once per dtype: constant B/C are per-channel rows and variable ones
@@ -126,13 +126,12 @@ class CpuScanSaved(NamedTuple):
 # unrolled completely first (each loop below computes an exp), (ii) few
 # distinct arrays are written in it (each pair needs a run-time overlap
 # check, and past eight LLVM gives up), and (iii) (seen on the recurrence
-# loops, not understood) the enclosing loop over time walks B/C rows and the
-# per-step values upwards in memory.  Hence: a channel's per-state values
-# are rows of one (n_blocks, 8, SB) array ``pv``; B_t and C_t come as (time,
-# Np) planes, states innermost; and the adjoint, which runs backwards in
-# time, reads B/C rows and per-step values from time-reversed copies (row j
-# of a reversed chunk is its step steps - 1 - j), the recomputed states
-# where the recomputation left them.
+# loops, not understood; the adjoint's loop is vectorized all the same) the
+# enclosing loop over time writes upwards in memory.  Hence: a channel's
+# per-state values are rows of one (n_blocks, 8, SB) array ``pv``; B_t and
+# C_t come as (time, Np) planes, states innermost; and the adjoint, which
+# runs backwards in time, writes its per-step results time reversed (row j
+# of a reversed chunk is its step steps - 1 - j).
 
 # rows of the per-channel array ``pv`` (n_blocks, 8, SB)
 _A, _B, _C, _H, _Q, _DA = range(6)
@@ -169,23 +168,25 @@ def _forward_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs, 
 
 
 @njit(fastmath={"reassoc"}, error_model="numpy")
-def _adjoint_steps(pv, BTR, CTR, rb0, rc0, b_var, c_var, dtR, xR, gR, hs, dhR, duR, ddtR,
-                   steps):
-    """The adjoint of one channel through a chunk, on time-reversed copies
-    (row j is step t = t0 + steps - 1 - j): dtR, xR, gR the step, input and
-    dy, and :func:`_forward_steps`'s hs (hs[s] = h_{t0 + s - 1}, in time order).  pv[:, _Q] goes from the gradient
-    reaching the chunk's last state to the one reaching the state entering
-    it, pv[:, _DA] accumulates; dhR[j] = dh_t, duR[j] = <dh_t, B_t> and
-    ddtR[j] = <dh_t, a_t A h_{t-1} + B_t u_t> (sums in any order).  The decay
-    a_t = exp(delta_t A) is recomputed: the forward's arithmetic, so its
-    value."""
+def _adjoint_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, xs, gs, hs, dhR, duR, ddtR, steps):
+    """The adjoint of one channel through a chunk of ``steps`` steps, last
+    step first: j = 0 is step s = steps - 1, t = t0 + s.  ``dts``, ``xs``,
+    ``gs`` the step, input and dy, BT/CT rows rb0 + s and rc0 + s (row 0
+    where constant), ``hs`` :func:`_forward_steps`'s states (hs[s + 1] =
+    h_t), all in time order.  pv[:, _Q] goes from the gradient reaching the
+    chunk's last state to the one reaching the state entering it, pv[:, _DA]
+    accumulates; written time reversed: dhR[j] = dh_t, duR[j] = <dh_t, B_t>
+    and ddtR[j] = <dh_t, a_t A h_{t-1} + B_t u_t> (sums in any order).  The
+    decay a_t = exp(delta_t A) is recomputed: the forward's arithmetic, so
+    its value."""
     zero = duR.dtype.type(0)
     for j in range(steps):
-        dt = dtR[j]
-        x = xR[j]
-        dy = gR[j]
-        rb = rb0 + j if b_var else 0
-        rc = rc0 + j if c_var else 0
+        sj = steps - 1 - j
+        dt = dts[sj]
+        x = xs[sj]
+        dy = gs[sj]
+        rb = rb0 + sj if b_var else 0
+        rc = rc0 + sj if c_var else 0
         au = zero
         at = zero
         for blk in range(pv.shape[0]):
@@ -193,9 +194,9 @@ def _adjoint_steps(pv, BTR, CTR, rb0, rc0, b_var, c_var, dtR, xR, gR, hs, dhR, d
             for n in range(SB):
                 A_n = pv[blk, _A, n]
                 a = vexp(dt * A_n)
-                bk = pv[blk, _B, n] * BTR[rb, o + n]
-                dh = fma(pv[blk, _C, n] * CTR[rc, o + n], dy, pv[blk, _Q, n])  # at h_t
-                ah = a * hs[steps - 1 - j, o + n]  # exp(delta_t A) h_{t-1}
+                bk = pv[blk, _B, n] * BT[rb, o + n]
+                dh = fma(pv[blk, _C, n] * CT[rc, o + n], dy, pv[blk, _Q, n])  # at h_t
+                ah = a * hs[sj, o + n]  # exp(delta_t A) h_{t-1}
                 at += dh * fma(ah, A_n, bk * x)
                 pv[blk, _DA, n] = fma(dh * ah, dt, pv[blk, _DA, n])
                 au += dh * bk
@@ -329,7 +330,7 @@ def _forward_kernel(u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias, h0, slice_sta
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, delta_bias,
+def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias,
                      chunk_states, slice_starts,
                      b_var, c_var, b_group_size, c_group_size,
                      has_D, has_z, has_bias, softplus, has_dlast, chunk_size,
@@ -339,8 +340,7 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, d
 
     Parallel tasks are (batch b, slice p): task (b, p) handles the channels
     ``slice_starts[p] <= d < slice_starts[p + 1]`` one after the other.
-    Inputs as for :func:`_forward_kernel`, plus ``BTR`` and ``CTR``: BT and
-    CT with time reversed (row L - 1 - t is step t).  Every array a task
+    Inputs as for :func:`_forward_kernel`.  Every array a task
     writes is indexed so that no two tasks touch the same element, so no
     atomics are needed:
 
@@ -398,8 +398,6 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, d
                 gc = d // c_group_size if c_var else 0
                 BTp = BT[b if b_var else 0, gb]
                 CTp = CT[b if c_var else 0, gc]
-                BTRp = BTR[b if b_var else 0, gb]
-                CTRp = CTR[b if c_var else 0, gc]
                 # dB, dC: the group's plane of this slice (dB's time reversed), or this channel's row
                 dBp = dB_accum[b, p if b_var else 0, gb if b_var else d]
                 dCp = dC_accum[b, p if c_var else 0, gc if c_var else d]
@@ -434,7 +432,7 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, BTR, Cc, CT, CTR, D, z, d
                     xR[j] = xs[s]
                     dtxR[j] = dtx[s]
                     gR[j] = gs[s]
-                _adjoint_steps(pv, BTRp, CTRp, r0, r0, b_var, c_var, dtR, xR, gR, hs, dhR, duR,
+                _adjoint_steps(pv, BTp, CTp, t0, t0, b_var, c_var, dts, xs, gs, hs, dhR, duR,
                                ddtR, steps)
                 _outer_add(dBp, r0, b_var, dhR, 0, 1, dtxR, steps, Np)
                 if c_var:  # (rows in time order)
@@ -473,24 +471,21 @@ def _padded(N):
     return -(-N // SB) * SB
 
 
-def _states_last(M, Dc, Np, ftype, reversed_too):
-    """B or C as the kernels take it: (Bc, BT, BTR, is_variable, group_size).
+def _states_last(M, Dc, Np, ftype):
+    """B or C as the kernels take it: (Bc, BT, is_variable, group_size).
 
-    Constant (Dc, N): ``Bc`` the (Dc, Np) values, ``BT`` and ``BTR`` ones
-    (1, 1, 1, Np).  Variable (Bt, G, N, L): ``Bc`` ones (1, Np), ``BT`` the
-    (Bt, G, L, Np) transpose, states innermost, ``BTR`` the same with time
-    reversed (only with ``reversed_too``, else None).  Padded states are 0.
+    Constant (Dc, N): ``Bc`` the (Dc, Np) values, ``BT`` ones (1, 1, 1, Np).
+    Variable (Bt, G, N, L): ``Bc`` ones (1, Np), ``BT`` the (Bt, G, L, Np)
+    transpose, states innermost.  Padded states are 0.
     """
     if M.ndim == 2:
         Bc = np.zeros((Dc, Np), dtype=ftype)
         Bc[:, :M.shape[1]] = M
-        ones = np.ones((1, 1, 1, Np), dtype=ftype)
-        return Bc, ones, ones, False, 1
+        return Bc, np.ones((1, 1, 1, Np), dtype=ftype), False, 1
     Bt, G, N, L = M.shape
     BT = np.zeros((Bt, G, L, Np), dtype=ftype)
     BT[..., :N] = M.transpose(0, 1, 3, 2)
-    BTR = np.ascontiguousarray(BT[:, :, ::-1]) if reversed_too else None
-    return np.ones((1, Np), dtype=ftype), BT, BTR, True, Dc // G
+    return np.ones((1, Np), dtype=ftype), BT, True, Dc // G
 
 
 def _padded_A(A, Np):
@@ -598,8 +593,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     N = A.shape[1]
     ftype = u.dtype
     Np = _padded(N)
-    Bc, BT, _, b_var, b_group_size = _states_last(B, Dc, Np, ftype, False)
-    Cc, CT, _, c_var, c_group_size = _states_last(C, Dc, Np, ftype, False)
+    Bc, BT, b_var, b_group_size = _states_last(B, Dc, Np, ftype)
+    Cc, CT, c_var, c_group_size = _states_last(C, Dc, Np, ftype)
     if out is None:
         out = np.empty((Bt, Dc, L), dtype=ftype)
     last_state = np.empty((Bt, Dc, N), dtype=ftype)
@@ -700,8 +695,8 @@ def _scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta
     N = A.shape[1]
     ftype = u.dtype
     Np = _padded(N)
-    Bc, BT, BTR, b_var, b_group_size = _states_last(B, Dc, Np, ftype, True)
-    Cc, CT, CTR, c_var, c_group_size = _states_last(C, Dc, Np, ftype, True)
+    Bc, BT, b_var, b_group_size = _states_last(B, Dc, Np, ftype)
+    Cc, CT, c_var, c_group_size = _states_last(C, Dc, Np, ftype)
     if n_slices is None:
         n_slices = _num_slices(Bt, Dc)
     n_slices = min(Dc, _check_positive("n_slices", n_slices))
@@ -725,7 +720,7 @@ def _scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta
     dC_accum = part_like(CT, c_var)
     _backward_kernel(
         dout, _dummy(3, ftype) if dlast_state is None else dlast_state,
-        u, delta, _padded_A(A, Np), Bc, BT, BTR, Cc, CT, CTR,
+        u, delta, _padded_A(A, Np), Bc, BT, Cc, CT,
         _dummy(1, ftype) if D is None else D,
         _dummy(3, ftype) if z is None else z,
         _dummy(1, ftype) if delta_bias is None else delta_bias,

@@ -113,15 +113,13 @@ def test_slices_cover_the_channels_evenly():
 def test_variable_B_becomes_time_major_planes_padded_with_zeros():
     rng = np.random.default_rng(3)
     B = rng.standard_normal((2, 3, 5, 7))  # (Bt, G, N, L)
-    Bc, BT, BTR, var, group = _cpu_scan._states_last(B, 6, 16, np.float64, True)
+    Bc, BT, var, group = _cpu_scan._states_last(B, 6, 16, np.float64)
     assert var and group == 2 and Bc.shape == (1, 16) and (Bc == 1).all()
-    assert BT.shape == BTR.shape == (2, 3, 7, 16)
+    assert BT.shape == (2, 3, 7, 16)
     np.testing.assert_array_equal(BT[..., :5], B.transpose(0, 1, 3, 2))
-    np.testing.assert_array_equal(BTR, BT[:, :, ::-1])
     assert (BT[..., 5:] == 0).all()
     # constant: per-channel values, the planes ones
-    Bc, BT, BTR, var, group = _cpu_scan._states_last(B[0, 0, :, :6].T.copy(), 6, 16,
-                                                      np.float64, True)
+    Bc, BT, var, group = _cpu_scan._states_last(B[0, 0, :, :6].T.copy(), 6, 16, np.float64)
     assert not var and group == 1 and Bc.shape == (6, 16) and (Bc[:, 5:] == 0).all()
     assert BT.shape == (1, 1, 1, 16) and (BT == 1).all()
 
