@@ -43,8 +43,9 @@ Examples
 >>> m = _math.compiled(njit)  # (the CPU kernels use _math.cpu, inlined)
 >>> round(m.silu(np.float32(2.0)), 4)
 1.7616
->>> m.silu.nopython_signatures  # float32 in, float32 out
-[(float32,) -> float32]
+>>> from numba import float32
+>>> [str(s) for s in m.silu.nopython_signatures if s.args == (float32,)]  # float32 out
+['(float32,) -> float32']
 >>> round(float(m.softplus(np.float64(-1.0))), 4), float(m.softplus(30.0))
 (0.3133, 30.0)
 >>> _math.phi1(np.array([0.0, 1.0]), np)
