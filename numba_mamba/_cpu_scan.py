@@ -99,7 +99,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._cpu_threads import serial_below
-from ._cpu_vmath import fma, vexp, vsigmoid, vsoftplus
+from ._cpu_vmath import fma, njit_noalias, vexp, vsigmoid, vsoftplus
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "CpuScanSaved", "scan_forward", "scan_backward"]
 
@@ -132,12 +132,17 @@ class CpuScanSaved(NamedTuple):
 # C_t come as (time, Np) planes, states innermost; and the adjoint, which
 # runs backwards in time, writes its per-step results time reversed (row j
 # of a reversed chunk is its step steps - 1 - j).
+#
+# The functions holding these loops are compiled with ``njit_noalias``
+# (their array arguments never overlap): without it LLVM guards each entry
+# into a loop over a block's states, i.e. every step, with overlap checks of
+# every pair of arrays, more instructions than the step's own work.
 
 # rows of the per-channel array ``pv`` (n_blocks, 8, SB)
 _A, _B, _C, _H, _Q, _DA = range(6)
 
 
-@njit(fastmath={"reassoc"}, error_model="numpy")  # (called, not inlined: that would drop the flag)
+@njit_noalias(fastmath={"reassoc"}, error_model="numpy")  # (called: inlining drops the flags)
 def _forward_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs, keep):
     """``steps`` steps of one channel: ys[s] = <C_t, h_t> (summed in any
     order).  Without ``keep``, from the state in pv[:, _H] to the state after
@@ -167,7 +172,7 @@ def _forward_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs, 
         ys[s] = acc
 
 
-@njit(fastmath={"reassoc"}, error_model="numpy")
+@njit_noalias(fastmath={"reassoc"}, error_model="numpy")
 def _adjoint_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, xs, gs, hs, dhR, duR, ddtR, steps):
     """The adjoint of one channel through a chunk of ``steps`` steps, last
     step first: j = 0 is step s = steps - 1, t = t0 + s.  ``dts``, ``xs``,
@@ -206,7 +211,7 @@ def _adjoint_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, xs, gs, hs, dhR, duR
         ddtR[j] = at
 
 
-@njit(inline="always")
+@njit_noalias(error_model="numpy")
 def _outer_add(M, r0, var, X, x0, xstep, w, steps, Np):
     """M[r0 + j] += w[j] X[x0 + xstep j] (rows of Np states) for j < steps
     where ``var``, else M[0] += the same: dB from dh and delta u, dC from h
@@ -236,7 +241,7 @@ def _load_channel(pv, A, Bc, Cc, d, bd, cd, h0, has_h0, b, dlast, has_dlast, N):
             pv[blk, _DA, n] = zero
 
 
-@njit(inline="always")
+@njit_noalias(error_model="numpy")
 def _chunk_inputs(delta, u, b, d, t0, steps, bias, has_bias, softplus, pre, dts, xs, dtx):
     """The chunk's raw step (+ bias) in pre, step in dts (softplus), input in
     xs, their product in dtx."""

@@ -9,7 +9,7 @@ import pytest
 from numba import njit
 
 from numba_mamba import _cpu_scan
-from numba_mamba._cpu_vmath import EXP_COEFFS, vexp, vsigmoid, vsoftplus
+from numba_mamba._cpu_vmath import EXP_COEFFS, njit_noalias, vexp, vsigmoid, vsoftplus
 from tests.scan_cases import TOLERANCES
 from tests.test_cpu_backend import TOL, _check_against_reference, _draw, _run_backend
 
@@ -199,3 +199,32 @@ def test_backward_recomputes_the_forward_states_bit_for_bit(dtype):
     terms = np.abs(pv[:, _cpu_scan._C].reshape(-1).astype(np.float64) * CT * hs[1:])
     bound = Np * np.finfo(dtype).eps * terms.sum(axis=1)
     assert (np.abs(ys_b.astype(np.float64) - ys_f) <= bound).all()
+
+
+def _axpy(a, x, y):
+    for i in range(x.shape[0]):
+        y[i] += a * x[i]
+
+
+def _noalias_in_definition(dispatcher):
+    """How many ``noalias`` the LLVM definition of the compiled function itself carries."""
+    ir = next(iter(dispatcher.inspect_llvm().values()))
+    name = dispatcher.py_func.__name__
+    lines = [ln for ln in ir.splitlines() if ln.startswith("define") and name in ln
+             and "cpython" not in ln and "cfunc" not in ln]
+    assert len(lines) == 1, lines
+    return lines[0].count("noalias")
+
+
+def test_noalias_functions_mark_their_array_arguments():
+    with_flag = njit_noalias(error_model="numpy")(_axpy)
+    plain = njit(error_model="numpy")(_axpy)
+    for f in (with_flag, plain):
+        y = np.ones(3)
+        f(2.0, np.arange(3.0), y)
+        np.testing.assert_array_equal(y, [1.0, 3.0, 5.0])
+    # the return and exception pointers carry it in both; the arrays' pointers only with the flag
+    assert _noalias_in_definition(with_flag) >= _noalias_in_definition(plain) + 2 * 3
+    for helper in (_cpu_scan._forward_steps, _cpu_scan._adjoint_steps, _cpu_scan._outer_add,
+                   _cpu_scan._chunk_inputs):
+        assert type(helper) is type(with_flag)
