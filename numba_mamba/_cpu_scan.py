@@ -73,10 +73,10 @@ through the chunk::
 and from ``dh_t``: ``du``, ``ddelta`` (through the softplus by multiplying with
 ``sigmoid(delta + delta_bias)``), ``dA``, ``dB``, ``dC``, ``dD``,
 ``ddelta_bias``.  The adjoint recomputes ``exp(delta_t A)`` rather than
-storing it, and writes dh and its per-step sums time reversed (LLVM left
-the recurrence loops scalar where the loop around them wrote memory
-downwards).  dB and dC are outer products (dh with delta u, h with
-dy) added into per-channel rows (constant B/C) or the group's (time, state)
+storing it, and writes its per-step sums time reversed (LLVM left the
+recurrence loops scalar where the loop around them wrote memory
+downwards).  In the same loop it adds dB_t = dh_t delta_t u_t and dC_t =
+h_t dy_t into per-channel rows (constant B/C) or the group's (time, state)
 plane (variable; dB's time reversed).  Reductions are race-free: see :func:`_backward_kernel`.
 
 To keep compile time low there is one forward and one backward kernel, each
@@ -173,17 +173,21 @@ def _forward_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs, 
 
 
 @njit_noalias(fastmath={"reassoc"}, error_model="numpy")
-def _adjoint_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, xs, gs, hs, dhR, duR, ddtR, steps):
+def _adjoint_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, xs, dtx, gs, hs, dBp, rdb0, dCp,
+                   duR, ddtR, steps):
     """The adjoint of one channel through a chunk of ``steps`` steps, last
     step first: j = 0 is step s = steps - 1, t = t0 + s.  ``dts``, ``xs``,
-    ``gs`` the step, input and dy, BT/CT rows rb0 + s and rc0 + s (row 0
-    where constant), ``hs`` :func:`_forward_steps`'s states (hs[s + 1] =
-    h_t), all in time order.  pv[:, _Q] goes from the gradient reaching the
-    chunk's last state to the one reaching the state entering it, pv[:, _DA]
-    accumulates; written time reversed: dhR[j] = dh_t, duR[j] = <dh_t, B_t>
-    and ddtR[j] = <dh_t, a_t A h_{t-1} + B_t u_t> (sums in any order).  The
-    decay a_t = exp(delta_t A) is recomputed: the forward's arithmetic, so
-    its value."""
+    ``dtx``, ``gs`` the step, input, their product and dy, BT/CT rows rb0 + s
+    and rc0 + s (row 0 where constant), ``hs`` :func:`_forward_steps`'s
+    states (hs[s + 1] = h_t), all in time order.  pv[:, _Q] goes from the
+    gradient reaching the chunk's last state to the one reaching the state
+    entering it, pv[:, _DA] accumulates; so do dB_t = dh_t delta_t u_t, into
+    row rdb0 + j of ``dBp`` (time reversed), and dC_t = h_t dy_t, into row
+    rc0 + s of ``dCp`` (each row 0 where constant: then summed from the
+    chunk's last step, as everywhere).  Written time reversed: duR[j] =
+    <dh_t, B_t> and ddtR[j] = <dh_t, a_t A h_{t-1} + B_t u_t> (sums in any
+    order).  The decay a_t = exp(delta_t A) is recomputed: the forward's
+    arithmetic, so its value."""
     zero = duR.dtype.type(0)
     for j in range(steps):
         sj = steps - 1 - j
@@ -192,6 +196,8 @@ def _adjoint_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, xs, gs, hs, dhR, duR
         dy = gs[sj]
         rb = rb0 + sj if b_var else 0
         rc = rc0 + sj if c_var else 0
+        rdb = rdb0 + j if b_var else 0
+        w = dtx[sj]
         au = zero
         at = zero
         for blk in range(pv.shape[0]):
@@ -206,22 +212,10 @@ def _adjoint_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, xs, gs, hs, dhR, duR
                 pv[blk, _DA, n] = fma(dh * ah, dt, pv[blk, _DA, n])
                 au += dh * bk
                 pv[blk, _Q, n] = a * dh
-                dhR[j, o + n] = dh
+                dBp[rdb, o + n] = fma(dh, w, dBp[rdb, o + n])
+                dCp[rc, o + n] = fma(hs[sj + 1, o + n], dy, dCp[rc, o + n])
         duR[j] = au
         ddtR[j] = at
-
-
-@njit_noalias(error_model="numpy")
-def _outer_add(M, r0, var, X, x0, xstep, w, steps, Np):
-    """M[r0 + j] += w[j] X[x0 + xstep j] (rows of Np states) for j < steps
-    where ``var``, else M[0] += the same: dB from dh and delta u, dC from h
-    and dy."""
-    for j in range(steps):
-        r = r0 + j if var else 0
-        wj = w[j]
-        xrow = X[x0 + xstep * j]
-        for m in range(Np):
-            M[r, m] = fma(xrow[m], wj, M[r, m])
 
 
 @njit(inline="always")
@@ -376,12 +370,11 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias,
         b = task // n_slices
         p = task - b * n_slices
         hs = np.zeros((T + 1, Np), dtype=ftype)  # recomputed states, forward in time
-        dhR = np.zeros((T, Np), dtype=ftype)  # dh, time reversed
         # per step: forward in time, then time reversed (rows of one array)
         fw = np.zeros((7, T), dtype=ftype)
         pre, dts, xs, dtx, ys, gs, sgm = fw[0], fw[1], fw[2], fw[3], fw[4], fw[5], fw[6]
-        rv = np.zeros((6, T), dtype=ftype)
-        dtR, xR, dtxR, gR, duR, ddtR = rv[0], rv[1], rv[2], rv[3], rv[4], rv[5]
+        rv = np.zeros((5, T), dtype=ftype)
+        dtR, xR, gR, duR, ddtR = rv[0], rv[1], rv[2], rv[3], rv[4]
         d0 = slice_starts[p]
         nd = slice_starts[p + 1] - d0
         pvs = np.zeros((nd, Np // SB, 8, SB), dtype=ftype)
@@ -435,15 +428,9 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias,
                     s = steps - 1 - j
                     dtR[j] = dts[s]
                     xR[j] = xs[s]
-                    dtxR[j] = dtx[s]
                     gR[j] = gs[s]
-                _adjoint_steps(pv, BTp, CTp, t0, t0, b_var, c_var, dts, xs, gs, hs, dhR, duR,
-                               ddtR, steps)
-                _outer_add(dBp, r0, b_var, dhR, 0, 1, dtxR, steps, Np)
-                if c_var:  # (rows in time order)
-                    _outer_add(dCp, t0, True, hs, 1, 1, gs, steps, Np)
-                else:  # (one row, summed from the last step as everywhere: see below)
-                    _outer_add(dCp, 0, False, hs, steps, -1, gR, steps, Np)
+                _adjoint_steps(pv, BTp, CTp, t0, t0, b_var, c_var, dts, xs, dtx, gs, hs, dBp, r0,
+                               dCp, duR, ddtR, steps)
                 # du = <dh, B> delta + dy D; ddelta through the softplus; dD, dbias
                 if softplus:  # (a loop of its own: one walking time backwards stays scalar)
                     for s in range(steps):

@@ -225,6 +225,6 @@ def test_noalias_functions_mark_their_array_arguments():
         np.testing.assert_array_equal(y, [1.0, 3.0, 5.0])
     # the return and exception pointers carry it in both; the arrays' pointers only with the flag
     assert _noalias_in_definition(with_flag) >= _noalias_in_definition(plain) + 2 * 3
-    for helper in (_cpu_scan._forward_steps, _cpu_scan._adjoint_steps, _cpu_scan._outer_add,
+    for helper in (_cpu_scan._forward_steps, _cpu_scan._adjoint_steps,
                    _cpu_scan._chunk_inputs):
         assert type(helper) is type(with_flag)
