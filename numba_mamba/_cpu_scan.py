@@ -127,29 +127,33 @@ class CpuScanSaved(NamedTuple):
 # distinct arrays are written in it (each pair needs a run-time overlap
 # check, and past eight LLVM gives up), and (iii) (seen on the recurrence
 # loops, not understood; the adjoint's loop is vectorized all the same) the
-# enclosing loop over time writes upwards in memory.  Hence: a channel's
-# per-state values are rows of one (n_blocks, 8, SB) array ``pv``; B_t and
-# C_t come as (time, Np) planes, states innermost; and the adjoint, which
-# runs backwards in time, writes its per-step results time reversed (row j
-# of a reversed chunk is its step steps - 1 - j).
+# enclosing loop over time writes upwards in memory.  Hence: B_t and C_t
+# come as (time, Np) planes, states innermost; and the adjoint, which runs
+# backwards in time, writes its per-step results time reversed (row j of a
+# reversed chunk is its step steps - 1 - j).
 #
 # The functions holding these loops are compiled with ``njit_noalias``
 # (their array arguments never overlap): without it LLVM guards each entry
 # into a loop over a block's states, i.e. every step, with overlap checks of
-# every pair of arrays, more instructions than the step's own work.
+# every pair of arrays, more instructions than the step's own work.  A
+# channel's per-state values (A, B, C, h, q, dA) are rows of one (8, Np)
+# array ``pv``, handed to them as separate row arguments: within one array
+# LLVM checks the rows' overlap over all blocks at once, which fails (and
+# takes the scalar loop) as soon as N > SB.
 
-# rows of the per-channel array ``pv`` (n_blocks, 8, SB)
+# rows of the per-channel array ``pv`` (8, Np)
 _A, _B, _C, _H, _Q, _DA = range(6)
 
 
 @njit_noalias(fastmath={"reassoc"}, error_model="numpy")  # (called: inlining drops the flags)
-def _forward_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs, keep):
+def _forward_steps(pA, pB, pC, pH, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs,
+                   keep):
     """``steps`` steps of one channel: ys[s] = <C_t, h_t> (summed in any
-    order).  Without ``keep``, from the state in pv[:, _H] to the state after
+    order).  Without ``keep``, from the state in pH to the state after
     the last step; with ``keep``, from hs[0] (the caller's), writing hs[s + 1]
-    = h_t (pv[:, _H] unused).  Step
+    = h_t (pH unused).  Step
     s uses rows rb0 + s of BT and rc0 + s of CT where variable, row 0 where
-    constant (whose values then live in pv[:, _B] and pv[:, _C], the other
+    constant (whose values then live in pB and pC, the other
     factor 1)."""
     zero = ys.dtype.type(0)
     for s in range(steps):
@@ -158,30 +162,30 @@ def _forward_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs, 
         rb = rb0 + s if b_var else 0
         rc = rc0 + s if c_var else 0
         acc = zero
-        for blk in range(pv.shape[0]):
+        for blk in range(pA.shape[0] // SB):
             o = blk * SB
             for n in range(SB):
-                a = vexp(dt * pv[blk, _A, n])
-                h = hs[s, o + n] if keep else pv[blk, _H, n]
-                hn = fma(a, h, x * (pv[blk, _B, n] * BT[rb, o + n]))
+                a = vexp(dt * pA[o + n])
+                h = hs[s, o + n] if keep else pH[o + n]
+                hn = fma(a, h, x * (pB[o + n] * BT[rb, o + n]))
                 if keep:
                     hs[s + 1, o + n] = hn
                 else:
-                    pv[blk, _H, n] = hn
-                acc += (pv[blk, _C, n] * CT[rc, o + n]) * hn
+                    pH[o + n] = hn
+                acc += (pC[o + n] * CT[rc, o + n]) * hn
         ys[s] = acc
 
 
 @njit_noalias(fastmath={"reassoc"}, error_model="numpy")
-def _adjoint_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, xs, dtx, gs, hs, dBp, rdb0, dCp,
-                   duR, ddtR, steps):
+def _adjoint_steps(pA, pB, pC, pQ, pDA, BT, CT, rb0, rc0, b_var, c_var, dts, xs, dtx, gs, hs,
+                   dBp, rdb0, dCp, duR, ddtR, steps):
     """The adjoint of one channel through a chunk of ``steps`` steps, last
     step first: j = 0 is step s = steps - 1, t = t0 + s.  ``dts``, ``xs``,
     ``dtx``, ``gs`` the step, input, their product and dy, BT/CT rows rb0 + s
     and rc0 + s (row 0 where constant), ``hs`` :func:`_forward_steps`'s
-    states (hs[s + 1] = h_t), all in time order.  pv[:, _Q] goes from the
+    states (hs[s + 1] = h_t), all in time order.  pQ goes from the
     gradient reaching the chunk's last state to the one reaching the state
-    entering it, pv[:, _DA] accumulates; so do dB_t = dh_t delta_t u_t, into
+    entering it, pDA accumulates; so do dB_t = dh_t delta_t u_t, into
     row rdb0 + j of ``dBp`` (time reversed), and dC_t = h_t dy_t, into row
     rc0 + s of ``dCp`` (each row 0 where constant: then summed from the
     chunk's last step, as everywhere).  Written time reversed: duR[j] =
@@ -200,18 +204,18 @@ def _adjoint_steps(pv, BT, CT, rb0, rc0, b_var, c_var, dts, xs, dtx, gs, hs, dBp
         w = dtx[sj]
         au = zero
         at = zero
-        for blk in range(pv.shape[0]):
+        for blk in range(pA.shape[0] // SB):
             o = blk * SB
             for n in range(SB):
-                A_n = pv[blk, _A, n]
+                A_n = pA[o + n]
                 a = vexp(dt * A_n)
-                bk = pv[blk, _B, n] * BT[rb, o + n]
-                dh = fma(pv[blk, _C, n] * CT[rc, o + n], dy, pv[blk, _Q, n])  # at h_t
+                bk = pB[o + n] * BT[rb, o + n]
+                dh = fma(pC[o + n] * CT[rc, o + n], dy, pQ[o + n])  # at h_t
                 ah = a * hs[sj, o + n]  # exp(delta_t A) h_{t-1}
                 at += dh * fma(ah, A_n, bk * x)
-                pv[blk, _DA, n] = fma(dh * ah, dt, pv[blk, _DA, n])
+                pDA[o + n] = fma(dh * ah, dt, pDA[o + n])
                 au += dh * bk
-                pv[blk, _Q, n] = a * dh
+                pQ[o + n] = a * dh
                 dBp[rdb, o + n] = fma(dh, w, dBp[rdb, o + n])
                 dCp[rc, o + n] = fma(hs[sj + 1, o + n], dy, dCp[rc, o + n])
         duR[j] = au
@@ -224,15 +228,13 @@ def _load_channel(pv, A, Bc, Cc, d, bd, cd, h0, has_h0, b, dlast, has_dlast, N):
     ones where variable); h from h0, q from dlast (zeros without); dA 0.
     Padded states get zeros."""
     zero = pv.dtype.type(0)
-    for blk in range(pv.shape[0]):
-        for n in range(SB):
-            m = blk * SB + n
-            pv[blk, _A, n] = A[d, m]
-            pv[blk, _B, n] = Bc[bd, m]
-            pv[blk, _C, n] = Cc[cd, m]
-            pv[blk, _H, n] = h0[b, d, m] if has_h0 and m < N else zero
-            pv[blk, _Q, n] = dlast[b, d, m] if has_dlast and m < N else zero
-            pv[blk, _DA, n] = zero
+    for m in range(pv.shape[1]):
+        pv[_A, m] = A[d, m]
+        pv[_B, m] = Bc[bd, m]
+        pv[_C, m] = Cc[cd, m]
+        pv[_H, m] = h0[b, d, m] if has_h0 and m < N else zero
+        pv[_Q, m] = dlast[b, d, m] if has_dlast and m < N else zero
+        pv[_DA, m] = zero
 
 
 @njit_noalias(error_model="numpy")
@@ -284,7 +286,7 @@ def _forward_kernel(u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias, h0, slice_sta
         p = task - b * n_slices
         d0 = slice_starts[p]
         nd = slice_starts[p + 1] - d0
-        pvs = np.zeros((nd, Np // SB, 8, SB), dtype=ftype)
+        pvs = np.zeros((nd, 8, Np), dtype=ftype)
         pre = np.zeros(T, dtype=ftype)
         dts = np.zeros(T, dtype=ftype)
         xs = np.zeros(T, dtype=ftype)
@@ -303,15 +305,15 @@ def _forward_kernel(u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias, h0, slice_sta
                 d = d0 + i
                 pv = pvs[i]
                 for m in range(N):
-                    chunk_states[b, d, c, m] = pv[m // SB, _H, m % SB]
+                    chunk_states[b, d, c, m] = pv[_H, m]
                 BTp = BT[b if b_var else 0, d // b_group_size if b_var else 0]
                 CTp = CT[b if c_var else 0, d // c_group_size if c_var else 0]
                 bias = delta_bias[d] if has_bias else zero
                 Dd = D[d] if has_D else zero
                 _chunk_inputs(delta, u, b, d, t0, steps, bias, has_bias, softplus, pre, dts, xs,
                               dtx)
-                _forward_steps(pv, BTp, CTp, t0, t0, b_var, c_var, dts, dtx, ys, steps,
-                               no_states, False)
+                _forward_steps(pv[_A], pv[_B], pv[_C], pv[_H], BTp, CTp, t0, t0, b_var, c_var,
+                               dts, dtx, ys, steps, no_states, False)
                 oseg = out[b, d, t0:]
                 zseg = z[b if has_z else 0, d if has_z else 0, t0 if has_z else 0:]
                 for s in range(steps):
@@ -322,7 +324,7 @@ def _forward_kernel(u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias, h0, slice_sta
                     oseg[s] = y
         for i in range(nd):
             for m in range(N):
-                last_state[b, d0 + i, m] = pvs[i, m // SB, _H, m % SB]
+                last_state[b, d0 + i, m] = pvs[i, _H, m]
 
 
 # ---------------------------------------------------------------- backward
@@ -377,7 +379,7 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias,
         dtR, xR, gR, duR, ddtR = rv[0], rv[1], rv[2], rv[3], rv[4]
         d0 = slice_starts[p]
         nd = slice_starts[p + 1] - d0
-        pvs = np.zeros((nd, Np // SB, 8, SB), dtype=ftype)
+        pvs = np.zeros((nd, 8, Np), dtype=ftype)
         accs = np.zeros((nd, 2), dtype=ftype)  # per channel: dD, dbias
         for i in range(nd):
             d = d0 + i
@@ -407,7 +409,8 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias,
                 # forward's arithmetic, so the forward's values), and y
                 for m in range(Np):
                     hs[0, m] = chunk_states[b, d, c, m] if m < N else zero
-                _forward_steps(pv, BTp, CTp, t0, t0, b_var, c_var, dts, dtx, ys, steps, hs, True)
+                _forward_steps(pv[_A], pv[_B], pv[_C], pv[_H], BTp, CTp, t0, t0, b_var, c_var,
+                               dts, dtx, ys, steps, hs, True)
                 # upstream gradient at y: dy = dout silu(z), and dz
                 gseg = dout[b, d, t0:]
                 if has_z:
@@ -429,8 +432,8 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias,
                     dtR[j] = dts[s]
                     xR[j] = xs[s]
                     gR[j] = gs[s]
-                _adjoint_steps(pv, BTp, CTp, t0, t0, b_var, c_var, dts, xs, dtx, gs, hs, dBp, r0,
-                               dCp, duR, ddtR, steps)
+                _adjoint_steps(pv[_A], pv[_B], pv[_C], pv[_Q], pv[_DA], BTp, CTp, t0, t0, b_var,
+                               c_var, dts, xs, dtx, gs, hs, dBp, r0, dCp, duR, ddtR, steps)
                 # du = <dh, B> delta + dy D; ddelta through the softplus; dD, dbias
                 if softplus:  # (a loop of its own: one walking time backwards stays scalar)
                     for s in range(steps):
@@ -449,8 +452,8 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias,
         for i in range(nd):
             d = d0 + i
             for m in range(N):
-                dinit[b, d, m] = pvs[i, m // SB, _Q, m % SB]
-                dA_part[b, d, m] = pvs[i, m // SB, _DA, m % SB]
+                dinit[b, d, m] = pvs[i, _Q, m]
+                dA_part[b, d, m] = pvs[i, _DA, m]
             dD_part[b, d] = accs[i, 0]
             dbias_part[b, d] = accs[i, 1]
 

@@ -180,23 +180,26 @@ def test_backward_recomputes_the_forward_states_bit_for_bit(dtype):
     # y = <C_t, h_t> is summed in any order, so within that sum's rounding
     rng = np.random.default_rng(4)
     steps, Np = 40, 32
-    pv = np.zeros((Np // 16, 8, 16), dtype)
-    pv[:, _cpu_scan._A] = -rng.uniform(0.1, 3, (Np // 16, 16))
-    pv[:, _cpu_scan._B] = rng.standard_normal((Np // 16, 16))
-    pv[:, _cpu_scan._C] = rng.standard_normal((Np // 16, 16))
+    pv = np.zeros((8, Np), dtype)
+    A, B, C, H = (pv[r] for r in (_cpu_scan._A, _cpu_scan._B, _cpu_scan._C, _cpu_scan._H))
+    A[:] = -rng.uniform(0.1, 3, Np)
+    B[:] = rng.standard_normal(Np)
+    C[:] = rng.standard_normal(Np)
     h0 = rng.standard_normal(Np).astype(dtype)
-    pv[:, _cpu_scan._H] = h0.reshape(-1, 16)
+    H[:] = h0
     BT, CT = (rng.standard_normal((steps, Np)).astype(dtype) for _ in range(2))
     dts = rng.uniform(0.01, 2, steps).astype(dtype)
     dtx = rng.standard_normal(steps).astype(dtype)
     ys_f, ys_b = np.zeros(steps, dtype), np.zeros(steps, dtype)
     hs = np.zeros((steps + 1, Np), dtype)
     hs[0] = h0
-    _cpu_scan._forward_steps(pv, BT, CT, 0, 0, True, True, dts, dtx, ys_f, steps,
+    _cpu_scan._forward_steps(A, B, C, H, BT, CT, 0, 0, True, True, dts, dtx, ys_f, steps,
                              np.zeros((1, 1), dtype), False)
-    _cpu_scan._forward_steps(pv, BT, CT, 0, 0, True, True, dts, dtx, ys_b, steps, hs, True)
-    np.testing.assert_array_equal(hs[steps], pv[:, _cpu_scan._H].reshape(-1))
-    terms = np.abs(pv[:, _cpu_scan._C].reshape(-1).astype(np.float64) * CT * hs[1:])
+    _cpu_scan._forward_steps(A, B, C, H, BT, CT, 0, 0, True, True, dts, dtx, ys_b, steps, hs,
+                             True)
+    assert not np.array_equal(H, h0)
+    np.testing.assert_array_equal(hs[steps], H)
+    terms = np.abs(C.astype(np.float64) * CT * hs[1:])
     bound = Np * np.finfo(dtype).eps * terms.sum(axis=1)
     assert (np.abs(ys_b.astype(np.float64) - ys_f) <= bound).all()
 
