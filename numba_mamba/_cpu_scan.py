@@ -62,8 +62,9 @@ kept, never the (Bt, Dc, L, N) history.
 
 Backward: the chunks in reverse, each channel of the slice in turn.  For a
 chunk, recompute the states inside it from its saved boundary state into a
-local ``(chunk_size + 1, Np)`` buffer (the forward's step function, so the
-forward's states bit for bit), then run the adjoint recurrence backwards
+local ``(chunk_size + 1, Np)`` buffer, and their decays ``exp(delta_t A)``
+into another (the forward's step function, so the forward's values bit for
+bit), then run the adjoint recurrence backwards
 through the chunk::
 
     dy_t = dout_t * silu(z_t)                (dout_t without z)
@@ -72,8 +73,8 @@ through the chunk::
 
 and from ``dh_t``: ``du``, ``ddelta`` (through the softplus by multiplying with
 ``sigmoid(delta + delta_bias)``), ``dA``, ``dB``, ``dC``, ``dD``,
-``ddelta_bias``.  The adjoint recomputes ``exp(delta_t A)`` rather than
-storing it, and writes its per-step sums time reversed (LLVM left the
+``ddelta_bias``.  The adjoint reads the decays from that buffer, and
+writes its per-step sums time reversed (LLVM left the
 recurrence loops scalar where the loop around them wrote memory
 downwards).  In the same loop it adds dB_t = dh_t delta_t u_t and dC_t =
 h_t dy_t into per-channel rows (constant B/C) or the group's (time, state)
@@ -147,11 +148,11 @@ _A, _B, _C, _H, _Q, _DA = range(6)
 
 @njit_noalias(fastmath={"reassoc"}, error_model="numpy")  # (called: inlining drops the flags)
 def _forward_steps(pA, pB, pC, pH, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys, steps, hs,
-                   keep):
+                   aa, keep):
     """``steps`` steps of one channel: ys[s] = <C_t, h_t> (summed in any
     order).  Without ``keep``, from the state in pH to the state after
     the last step; with ``keep``, from hs[0] (the caller's), writing hs[s + 1]
-    = h_t (pH unused).  Step
+    = h_t and aa[s + 1] = exp(delta_t A) (pH unused).  Step
     s uses rows rb0 + s of BT and rc0 + s of CT where variable, row 0 where
     constant (whose values then live in pB and pC, the other
     factor 1)."""
@@ -170,6 +171,7 @@ def _forward_steps(pA, pB, pC, pH, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys,
                 hn = fma(a, h, x * (pB[o + n] * BT[rb, o + n]))
                 if keep:
                     hs[s + 1, o + n] = hn
+                    aa[s + 1, o + n] = a
                 else:
                     pH[o + n] = hn
                 acc += (pC[o + n] * CT[rc, o + n]) * hn
@@ -178,7 +180,7 @@ def _forward_steps(pA, pB, pC, pH, BT, CT, rb0, rc0, b_var, c_var, dts, dtx, ys,
 
 @njit_noalias(fastmath={"reassoc"}, error_model="numpy")
 def _adjoint_steps(pA, pB, pC, pQ, pDA, BT, CT, rb0, rc0, b_var, c_var, dts, xs, dtx, gs, hs,
-                   dBp, rdb0, dCp, duR, ddtR, steps):
+                   aa, dBp, rdb0, dCp, duR, ddtR, steps):
     """The adjoint of one channel through a chunk of ``steps`` steps, last
     step first: j = 0 is step s = steps - 1, t = t0 + s.  ``dts``, ``xs``,
     ``dtx``, ``gs`` the step, input, their product and dy, BT/CT rows rb0 + s
@@ -190,8 +192,8 @@ def _adjoint_steps(pA, pB, pC, pQ, pDA, BT, CT, rb0, rc0, b_var, c_var, dts, xs,
     rc0 + s of ``dCp`` (each row 0 where constant: then summed from the
     chunk's last step, as everywhere).  Written time reversed: duR[j] =
     <dh_t, B_t> and ddtR[j] = <dh_t, a_t A h_{t-1} + B_t u_t> (sums in any
-    order).  The decay a_t = exp(delta_t A) is recomputed: the forward's
-    arithmetic, so its value."""
+    order).  The decay a_t = exp(delta_t A) is aa[s + 1], from
+    :func:`_forward_steps`."""
     zero = duR.dtype.type(0)
     for j in range(steps):
         sj = steps - 1 - j
@@ -208,7 +210,7 @@ def _adjoint_steps(pA, pB, pC, pQ, pDA, BT, CT, rb0, rc0, b_var, c_var, dts, xs,
             o = blk * SB
             for n in range(SB):
                 A_n = pA[o + n]
-                a = vexp(dt * A_n)
+                a = aa[sj + 1, o + n]
                 bk = pB[o + n] * BT[rb, o + n]
                 dh = fma(pC[o + n] * CT[rc, o + n], dy, pQ[o + n])  # at h_t
                 ah = a * hs[sj, o + n]  # exp(delta_t A) h_{t-1}
@@ -313,7 +315,7 @@ def _forward_kernel(u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias, h0, slice_sta
                 _chunk_inputs(delta, u, b, d, t0, steps, bias, has_bias, softplus, pre, dts, xs,
                               dtx)
                 _forward_steps(pv[_A], pv[_B], pv[_C], pv[_H], BTp, CTp, t0, t0, b_var, c_var,
-                               dts, dtx, ys, steps, no_states, False)
+                               dts, dtx, ys, steps, no_states, no_states, False)
                 oseg = out[b, d, t0:]
                 zseg = z[b if has_z else 0, d if has_z else 0, t0 if has_z else 0:]
                 for s in range(steps):
@@ -372,6 +374,7 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias,
         b = task // n_slices
         p = task - b * n_slices
         hs = np.zeros((T + 1, Np), dtype=ftype)  # recomputed states, forward in time
+        aa = np.zeros((T + 1, Np), dtype=ftype)  # their decays exp(delta_t A), row t + 1
         # per step: forward in time, then time reversed (rows of one array)
         fw = np.zeros((7, T), dtype=ftype)
         pre, dts, xs, dtx, ys, gs, sgm = fw[0], fw[1], fw[2], fw[3], fw[4], fw[5], fw[6]
@@ -410,7 +413,7 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias,
                 for m in range(Np):
                     hs[0, m] = chunk_states[b, d, c, m] if m < N else zero
                 _forward_steps(pv[_A], pv[_B], pv[_C], pv[_H], BTp, CTp, t0, t0, b_var, c_var,
-                               dts, dtx, ys, steps, hs, True)
+                               dts, dtx, ys, steps, hs, aa, True)
                 # upstream gradient at y: dy = dout silu(z), and dz
                 gseg = dout[b, d, t0:]
                 if has_z:
@@ -433,7 +436,7 @@ def _backward_kernel(dout, dlast, u, delta, A, Bc, BT, Cc, CT, D, z, delta_bias,
                     xR[j] = xs[s]
                     gR[j] = gs[s]
                 _adjoint_steps(pv[_A], pv[_B], pv[_C], pv[_Q], pv[_DA], BTp, CTp, t0, t0, b_var,
-                               c_var, dts, xs, dtx, gs, hs, dBp, r0, dCp, duR, ddtR, steps)
+                               c_var, dts, xs, dtx, gs, hs, aa, dBp, r0, dCp, duR, ddtR, steps)
                 # du = <dh, B> delta + dy D; ddelta through the softplus; dD, dbias
                 if softplus:  # (a loop of its own: one walking time backwards stays scalar)
                     for s in range(steps):
