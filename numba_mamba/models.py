@@ -401,7 +401,7 @@ def init_params(config: "MambaConfig", seed: Any = 0, dtype: Any = np.float32,
 class MambaBlockCache(NamedTuple):
     """What :func:`mamba_block_forward` keeps for :func:`mamba_block_backward`."""
 
-    in_x: object  # LinearCaches of in_proj's x and z halves (input u (Bt, L, d_model))
+    in_proj: object  # LinearCache of the whole in_proj (input u (Bt, L, d_model), out channels first)
     conv: object  # Conv1dCache: x before the conv (Bt, d_inner, L), contiguous
     x_proj: object  # LinearCache, channels first: xc (Bt, d_inner, L); None for LTI
     dt_proj: object  # LinearCache, channels first: dt_low (Bt, R, L) view; None for LTI
@@ -492,7 +492,7 @@ def mamba_block_forward(u, params, initial_state=None, dtau=None):
     # first, the scan's layout (the block has no transposing copy)
     W_in, b_in = p["in_proj.weight"], p.get("in_proj.bias")
     xs, c_inx = linear_forward(u, W_in[:di], None if b_in is None else b_in[:di], out_axis=-2)
-    z, c_inz = linear_forward(u, W_in[di:], None if b_in is None else b_in[di:], out_axis=-2)
+    z, _ = linear_forward(u, W_in[di:], None if b_in is None else b_in[di:], out_axis=-2)
     conv0, h0 = (None, None) if initial_state is None else initial_state
     if initial_state is not None:  # the conv sees the inputs before u; their outputs dropped
         W = p["conv1d.weight"].shape[1]
@@ -528,7 +528,7 @@ def mamba_block_forward(u, params, initial_state=None, dtau=None):
                                                  initial_state=h0)
     out, c_out = linear_forward(y, p["out_proj.weight"], p.get("out_proj.bias"), axis=-2,
                                 out_axis=-1)  # (Bt, L, d_model)
-    return out, MambaBlockCache((c_inx, c_inz), c_conv, c_xproj, c_dt, c_scan, c_out, A, last, lti, R,
+    return out, MambaBlockCache(c_inx._replace(weight=W_in), c_conv, c_xproj, c_dt, c_scan, c_out, A, last, lti, R,
                                 initial_state is not None, c_sp, dtau3)
 
 
@@ -587,8 +587,7 @@ def mamba_block_backward(dout, cache):
     if dcb is not None:
         g["conv1d.bias"] = dcb
     dxz[:, di:] = s.dz
-    c_in = c.in_x[0]._replace(weight=xp.concatenate([c.in_x[0].weight, c.in_x[1].weight]))
-    du, g["in_proj.weight"], db_in = linear_backward(dxz, c_in)  # du (Bt, L, d_model)
+    du, g["in_proj.weight"], db_in = linear_backward(dxz, c.in_proj)  # du (Bt, L, d_model)
     if db_in is not None:
         g["in_proj.bias"] = db_in
     return du, g
