@@ -119,3 +119,58 @@ def ptx():
     if numba.config.ENABLE_CUDASIM:
         pytest.skip("compile_ptx is not available under the CUDA simulator")
     return _Ptx()
+
+
+class Backend:
+    """One backend of the public functions, for tests parametrised by backend.
+
+    ``name`` is ``'cpu'`` (NumPy arrays) or ``'gpu'`` (CuPy arrays); ``xp`` the
+    array module; ``put`` moves a NumPy array, or every NumPy array among the
+    values of a dict, to the backend (anything else is passed through);
+    ``host`` brings an array of the backend back as a NumPy array.
+    """
+
+    def __init__(self, name, xp):
+        self.name, self.xp = name, xp
+
+    def put(self, value):
+        if isinstance(value, dict):
+            return {k: self.put(v) for k, v in value.items()}
+        import numpy as np
+
+        return self.xp.asarray(value) if isinstance(value, np.ndarray) else value
+
+    def host(self, value):
+        return value.get() if self.name == "gpu" else value
+
+    def __repr__(self):
+        return f"Backend({self.name!r})"
+
+
+def _gpu_backend():
+    from tests.gpu import cupy_or_why_not
+
+    cupy, why_not = cupy_or_why_not()
+    if cupy is None:
+        pytest.skip(why_not)
+    return Backend("gpu", cupy)
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def backend(request):
+    """The backend a test runs on: ``'cpu'`` (NumPy), and ``'gpu'`` (CuPy; marked
+    ``gpu``, skipped where CuPy sees no CUDA GPU).  The CUDA simulator cannot be
+    a backend here: it must be switched on before ``numba.cuda`` is imported, so
+    its tests run in subprocesses (``tests/test_cuda_simulator.py``)."""
+    if request.param == "cpu":
+        import numpy as np
+
+        return Backend("cpu", np)
+    return _gpu_backend()
+
+
+@pytest.fixture
+def gpu():
+    """The GPU backend alone, for tests that compare it with the CPU path (mark such
+    tests ``gpu``); skipped where CuPy sees no CUDA GPU."""
+    return _gpu_backend()

@@ -1,6 +1,23 @@
 """What the GPU test modules share: CuPy, whether it sees a GPU, their marks."""
 
+import functools
+
 import pytest
+
+
+@functools.lru_cache(maxsize=1)
+def cupy_or_why_not():
+    """``(cupy, None)`` where CuPy imports and sees a CUDA GPU, else ``(None, reason)``."""
+    try:
+        import cupy
+    except ImportError as exc:
+        return None, f"CuPy is not installed ({exc})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return cupy, None
+    except Exception as exc:  # CUDA driver or runtime missing
+        return None, f"CuPy sees no CUDA GPU ({type(exc).__name__}: {exc})"
+    return None, "CuPy sees no CUDA GPU"
 
 
 def gpu_module():

@@ -298,7 +298,7 @@ def test_sdist_carries_the_tests_and_their_helpers(tmp_path):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for name in ("LICENSE", "README.md", "pyproject.toml", "tests/__init__.py", "tests/gpu.py",
-                 "tests/scan_cases.py", "tests/conftest.py", "tests/test_api.py",
+                 "tests/scan_cases.py", "tests/conftest.py", "tests/test_selective_scan.py",
                  "numba_mamba/py.typed", "cuda_kernels/_launch.py", "examples/quickstart.py",
                  "benchmarks/bench_scan.py"):
         assert name in names, f"the sdist lacks {name}"

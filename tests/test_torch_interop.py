@@ -342,7 +342,7 @@ def _cuda_or_skip():
 
 
 # the reference project's half tolerances (out) and a half-rounding allowance for the
-# gradients, as in tests/test_gpu_api.py; float32/float64: tests/scan_cases.TOLERANCES
+# gradients, as in tests/test_selective_scan.py; float32/float64: tests/scan_cases.TOLERANCES
 HALF_TOLERANCES = {
     torch.float16: dict(out=(3e-3, 5e-3), grads=(5e-3, 1e-2)),
     torch.bfloat16: dict(out=(3e-2, 5e-2), grads=(5e-2, 1e-1)),
