@@ -3,7 +3,9 @@ against finite differences, broadcasting, dtypes and errors.
 
 The GPU kernels are also run here under the CUDA simulator (in a subprocess:
 the simulator must be switched on before numba.cuda is imported) and compared
-with the NumPy path, so their logic is checked on a machine without a GPU.
+with the NumPy path, so their logic is checked on a machine without a GPU; on a
+GPU (marker ``gpu``) the forward and backward on CuPy arrays are compared with
+the NumPy path.
 """
 
 import json
@@ -18,6 +20,7 @@ from scipy import signal
 
 import numba_mamba as nm
 from numba_mamba.discretize import DISCRETIZE_METHODS
+from tests import filter_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIPY_METHODS = ("zoh", "euler", "backward_diff", "bilinear")
@@ -212,6 +215,28 @@ def test_backward_rejects_wrong_gradient_shape():
     _, _, backward = nm.discretize_vjp(-np.ones((2, 3)), np.ones(3), 0.1)
     with pytest.raises(ValueError, match=r"^dAb must have shape \(2, 3\) like Ab, got \(3,\)"):
         backward(np.ones(3))
+
+
+# ------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("method", filter_cases.METHODS)
+def test_gpu_discretize_and_backward_match_cpu(gpu, method, cplx, dtype):
+    rng = np.random.default_rng(0)
+    A, B, _ = filter_cases.system(rng, (5,), 7, cplx, dtype)
+    A[0, :3] = [0, -1e-3, -0.05]
+    dt = rng.uniform(0.05, 1.0, (5, 1)).astype(dtype)
+    gA = rng.standard_normal((5, 7)).astype(A.dtype)
+    gB = rng.standard_normal((5, 7)).astype(A.dtype)
+    Ab, Bb, bwd = nm.discretize_vjp(A, B, dt, method)
+    g = bwd(gA, gB)
+    Abg, Bbg, bwdg = nm.discretize_vjp(gpu.put(A), gpu.put(B), gpu.put(dt), method)
+    gg = bwdg(gpu.put(gA), gpu.put(gB))
+    assert isinstance(Abg, gpu.xp.ndarray) and Abg.dtype == Ab.dtype
+    for name, got, ref in (("Ab", Abg, Ab), ("Bb", Bbg, Bb), ("dA", gg.dA, g.dA),
+                           ("dB", gg.dB, g.dB), ("ddt", gg.ddt, g.ddt)):
+        filter_cases.close(name, got, ref, dtype)
 
 
 # ------------------------------------------------- GPU kernels, simulated

@@ -638,7 +638,7 @@ def test_property_ssm_filter(case):
         return
     assert error is None, f"no error naming {error}"
     if mode == "conv" and np.isfinite(_f64(args["x"])).all():
-        return  # (the FFT's rounding: test_filters compares it with the scan)
+        return  # (the FFT's rounding: test_ssm_filter compares it with the scan)
     with np.errstate(all="ignore"):
         ref = _filter_reference(*(_f64(args[k]) for k in ("A", "B", "C", "x")), _f64(args["dt"]))
     x_dtype = np.dtype(np.float64) if np.dtype(dtypes["x"]).kind in "iu" else \

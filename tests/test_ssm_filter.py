@@ -6,7 +6,12 @@
 - time-varying filters: scipy.linalg.solve_banded on the bidiagonal system;
 - properties (hypothesis): splitting with zi/zf, streaming, conv == scan, axis;
 - the GPU recurrence kernels under the CUDA simulator (subprocess) against
-  the CPU engine, and the selective-scan route of the GPU run on NumPy arrays.
+  the CPU engine, and the selective-scan route of the GPU run on NumPy arrays;
+- tests taking ``backend`` run on NumPy and on CuPy arrays (``gpu``: marker
+  ``gpu``, skipped where CuPy sees no CUDA GPU); those marked ``gpu`` alone
+  compare every GPU route with the CPU path on the same inputs: the
+  selective-scan route (real A, 'zoh'/'mamba'), the chunked-scan kernels
+  (complex A and the other methods), the FFT convolution, the kernel.
 """
 
 import json
@@ -24,6 +29,7 @@ from scipy import linalg, signal
 
 import numba_mamba as nm
 from numba_mamba import filters as F
+from tests import filter_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("zoh", "euler", "backward_diff", "bilinear")
@@ -458,6 +464,89 @@ def test_rejects_bad_axis_empty_signal_and_complex_x():
 def test_ssm_kernel_rejects_bad_length():
     with pytest.raises(ValueError, match=r"^L must be an integer >= 1 \(the number of taps\)"):
         nm.ssm_kernel(-np.ones(2), 1.0, 1.0, 0.1, 0)
+
+
+# ------------------------------------------------- on both backends, and GPU against CPU
+def test_lti_long_signal_matches_lfilter_per_state(backend):
+    rng = np.random.default_rng(3)
+    A, B, C = filter_cases.system(rng, (2,), 3, False, np.float64)
+    x = rng.standard_normal((2, 100_000))
+    dt = 0.1
+    y = nm.ssm_filter(*(backend.put(v) for v in (A, B, C, x)), dt=dt)
+    ref = np.zeros_like(x)
+    for d in range(2):
+        ad, bd, *_ = signal.cont2discrete((np.diag(A[d]), B[d][:, None], C[d][None], 0), dt)
+        for n in range(3):
+            ref[d] += C[d, n] * signal.lfilter([bd[n, 0]], [1, -ad[n, n]], x[d])
+    filter_cases.close("y", backend.host(y), ref, np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streaming_equals_one_pass(backend, dtype):
+    rng = np.random.default_rng(4)
+    A, B, C = filter_cases.system(rng, (3,), 4, False, dtype)
+    x = backend.put(rng.standard_normal((3, 400)).astype(dtype))
+    args = [backend.put(v) for v in (A, B, C)]
+    y = nm.ssm_filter(*args, x, dt=0.2)
+    f = nm.SSMFilter(*args, dt=0.2)
+    parts = [f(x[:, :150]), f(x[:, 150:390])] + [f.step(x[:, t])[:, None]
+                                                  for t in range(390, 400)]
+    filter_cases.close("y", backend.host(backend.xp.concatenate(parts, axis=-1)),
+                       backend.host(y).astype(np.float64), dtype)
+
+
+GPU_CASES = [(m, c, v) for m in filter_cases.METHODS for c in (False, True)
+             for v in ("lti", "varying")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("method,cplx,varying", GPU_CASES,
+                         ids=[f"{m}-{'c' if c else 'r'}-{v}" for m, c, v in GPU_CASES])
+@pytest.mark.parametrize("L", [1, 300, 5000])
+def test_gpu_scan_matches_cpu(gpu, method, cplx, varying, dtype, L):
+    rng = np.random.default_rng(1)
+    A, B, C = filter_cases.system(rng, (3,), 4, cplx, dtype)
+    x = rng.standard_normal((2, 3, L)).astype(dtype)
+    dt = rng.uniform(0.05, 0.3, (3, 1)).astype(dtype)
+    if varying == "varying":
+        dt = rng.uniform(0.05, 0.3, (2, 3, L)).astype(dtype)
+        B = rng.standard_normal((2, 1, L, 4)).astype(dtype)
+    zi = rng.standard_normal((2, 3, 4)).astype(A.dtype)
+    D = rng.standard_normal((3, 1)).astype(dtype)
+    kw = dict(method=method, mode="scan")
+    y, zf = nm.ssm_filter(A, B, C, x, D=D, dt=dt, zi=zi, **kw)
+    yg, zfg = nm.ssm_filter(*(gpu.put(v) for v in (A, B, C, x)), D=gpu.put(D),
+                            dt=gpu.put(dt), zi=gpu.put(zi), **kw)
+    assert isinstance(yg, gpu.xp.ndarray) and yg.dtype == dtype
+    filter_cases.close("y", yg, y, dtype)
+    filter_cases.close("zf", zfg, zf, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("method", filter_cases.METHODS)
+def test_gpu_conv_and_kernel_match_cpu(gpu, method, cplx, dtype):
+    rng = np.random.default_rng(2)
+    A, B, C = filter_cases.system(rng, (4,), 8, cplx, dtype)
+    x = rng.standard_normal((4, 3000)).astype(dtype)
+    dt = rng.uniform(0.05, 0.3, (4, 1)).astype(dtype)
+    zi = rng.standard_normal((4, 8)).astype(A.dtype)
+    y, zf = nm.ssm_filter(A, B, C, x, dt=dt, zi=zi, method=method, mode="scan")
+    yg, zfg = nm.ssm_filter(*(gpu.put(v) for v in (A, B, C, x)), dt=gpu.put(dt),
+                            zi=gpu.put(zi), method=method, mode="conv")
+    filter_cases.close("y", yg, y, dtype)
+    filter_cases.close("zf", zfg, zf, dtype)
+    K = nm.ssm_kernel(A, B, C, dt, 500, method)
+    Kg = nm.ssm_kernel(*(gpu.put(v) for v in (A, B, C, dt)), 500, method)
+    filter_cases.close("K", Kg, K, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_rejects_mixed_numpy_and_cupy(gpu):
+    with pytest.raises(TypeError, match="must all be NumPy .* or all CuPy"):
+        nm.ssm_filter(gpu.put(-np.ones(2)), np.ones(2), np.ones(2), np.ones(10))
 
 
 # ------------------------------------------------- GPU kernels, simulated
