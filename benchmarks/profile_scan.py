@@ -124,9 +124,10 @@ def host_rounds(cupy, rounds, reps=200, n_sets=8):
     backend's launch) on (batch 1, D 4, N 4, L 16) float32, per round of
     ``reps`` calls (the stream synchronized before each), with and without
     ``out=``, and of CuPy's ``u + z`` in the same rounds as a gauge of the
-    host's speed, which drifts by up to 1.5x between runs; the target is at
-    most 2x the gauge.  The calls cycle over ``n_sets`` sets of inputs at
-    different addresses, as a training loop passes new arrays each step."""
+    host's speed, which drifts between runs and machines (see
+    ``benchmarks/RESULTS.md``); the target is at most 2x the gauge.  The
+    calls cycle over ``n_sets`` sets of inputs at different addresses, as a
+    training loop passes new arrays each step."""
     import statistics
 
     import numba_mamba as nm
