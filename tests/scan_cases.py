@@ -9,7 +9,7 @@ around the range a trained Mamba uses, unit-scale u, B, C.
 import numpy as np
 
 __all__ = ["make_inputs", "TOLERANCES", "HALF_UNIT_ROUNDOFF", "assert_close", "half_dtype",
-           "rounded_once"]
+           "rounded_once", "float64_args", "non_native"]
 
 
 def _bc(rng, kind, Bt, Dc, N, L, G, dtype):
@@ -86,3 +86,19 @@ def assert_close(name, got, expected, rtol, atol):
     err = np.max(np.abs(got - expected)) if got.size else 0.0
     np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol,
                                err_msg=f"{name}: max abs error {err:.3g}")
+
+
+def float64_args(rng, Bt=2, D=3, N=4, L=9):
+    """Small float64 arguments of ``selective_scan`` with variable B and C, D, z and a
+    bias (for tests of input kinds, not of accuracy)."""
+    return dict(u=rng.standard_normal((Bt, D, L)), delta=rng.uniform(0.1, 1, (Bt, D, L)),
+                A=-rng.uniform(0.5, 2, (D, N)), B=rng.standard_normal((Bt, N, L)),
+                C=rng.standard_normal((Bt, N, L)), D=rng.standard_normal(D),
+                z=rng.standard_normal((Bt, D, L)), delta_bias=rng.standard_normal(D))
+
+
+def non_native(x, code="f8"):
+    """``x`` as dtype ``code`` in non-native byte order (big-endian on a little-endian
+    host)."""
+    other = np.dtype(code).newbyteorder("S")
+    return np.asarray(x).astype(other)

@@ -1,9 +1,11 @@
 """Hardening (issue 21): no silent wrong answers, one validation path.
 
-Byte order, the causality of the filters' engines, SSMFilter's state and
-cache, the checkpoint's metadata schema, the validation shared by the SSM
-functions and the models' parameters; then a property test per public
-function (dtypes with byte order, shapes, strides, special values).
+The model's and the checkpoint's byte order, the checkpoint's metadata
+schema, the validation shared by the SSM functions and the models'
+parameters; then a property test per public function (dtypes with byte
+order, shapes, strides, special values).  The byte order, integer-input,
+causality and SSMFilter-state cases of one function are in that function's
+file (test_selective_scan.py, test_ssm_filter.py).
 """
 
 import json
@@ -17,6 +19,8 @@ from hypothesis import strategies as st
 import numba_mamba as nm
 from numba_mamba import models
 from numba_mamba.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tests.scan_cases import float64_args as _scan_args
+from tests.scan_cases import non_native as _swapped
 
 _QUIET = pytest.mark.filterwarnings("ignore::numba_mamba.UnstableFilterWarning")
 
@@ -25,89 +29,7 @@ def _rng(seed=0):
     return np.random.default_rng(seed)
 
 
-def _scan_args(rng, Bt=2, D=3, N=4, L=9):
-    return dict(u=rng.standard_normal((Bt, D, L)), delta=rng.uniform(0.1, 1, (Bt, D, L)),
-                A=-rng.uniform(0.5, 2, (D, N)), B=rng.standard_normal((Bt, N, L)),
-                C=rng.standard_normal((Bt, N, L)), D=rng.standard_normal(D),
-                z=rng.standard_normal((Bt, D, L)), delta_bias=rng.standard_normal(D))
-
-
-def _filter_args(rng, D=3, N=4):
-    return dict(A=-rng.uniform(0.1, 1, (D, N)), B=rng.standard_normal((D, N)),
-                C=rng.standard_normal((D, N)))
-
-
-def _swapped(x, code="f8"):
-    """``x`` in non-native byte order (big-endian on a little-endian host)."""
-    other = np.dtype(code).newbyteorder("S")
-    return np.asarray(x).astype(other)
-
-
 # ------------------------------------------------------------------ byte order
-@pytest.mark.parametrize("code", ["f8", "f4"])
-def test_selective_scan_in_non_native_byte_order(code):
-    args = {k: v.astype(code) for k, v in _scan_args(_rng()).items()}
-    want, want_h = nm.selective_scan(**args, return_last_state=True)
-    swapped = {k: _swapped(v, code) for k, v in args.items()}
-    got, h = nm.selective_scan(**swapped, return_last_state=True)
-    assert got.dtype == np.dtype(code) and got.dtype.isnative
-    assert h.dtype == want_h.dtype and h.dtype.isnative
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(h, want_h)
-    out, _, backward = nm.selective_scan_vjp(**swapped)
-    grads = backward(_swapped(np.ones_like(want), code))
-    want_grads = nm.selective_scan_vjp(**args)[2](np.ones_like(want))
-    assert grads.dinitial_state is None and sum(g is not None for g in grads) == 8
-    for g, w in zip(grads[:-1], want_grads):
-        assert g.dtype == w.dtype and g.dtype.isnative
-        np.testing.assert_array_equal(g, w)
-    # out= of either byte order
-    target = np.empty(want.shape, np.dtype(code).newbyteorder("S"))
-    assert nm.selective_scan(**swapped, out=target) is target
-    np.testing.assert_array_equal(target, want)
-
-
-def test_big_endian_float64_computes_in_float64():
-    """A ``>f8`` signal was filtered in float32 while the result said ``>f8``."""
-    rng = _rng(1)
-    p = _filter_args(rng)
-    x = rng.standard_normal((3, 200))
-    want = nm.ssm_filter(**p, x=x)
-    got = nm.ssm_filter(**{k: _swapped(v) for k, v in p.items()}, x=_swapped(x))
-    assert got.dtype == np.float64 and got.dtype.isnative
-    np.testing.assert_array_equal(got, want)
-    got = nm.ssm_filter(**p, x=_swapped(x), zi=np.zeros((3, 4)))[1]
-    assert got.dtype == np.float64
-
-
-@pytest.mark.parametrize("code", ["f8", "f4"])
-def test_discretize_kernel_and_streaming_in_non_native_byte_order(code):
-    rng = _rng(2)
-    p = {k: v.astype(code) for k, v in _filter_args(rng).items()}
-    s = {k: _swapped(v, code) for k, v in p.items()}
-    dt = rng.uniform(0.1, 1, (3, 1)).astype(code)
-    sdt = _swapped(dt, code)
-    ones = np.ones((3, 4), code)
-    pairs = [(nm.discretize(p["A"], p["B"], dt), nm.discretize(s["A"], s["B"], sdt)),
-             (nm.discretize_vjp(p["A"], p["B"], dt)[2](ones),
-              nm.discretize_vjp(s["A"], s["B"], sdt)[2](_swapped(ones, code))),
-             ((nm.ssm_kernel(**p, dt=dt, L=16),), (nm.ssm_kernel(**s, dt=sdt, L=16),))]
-    for want, got in pairs:
-        for w, g in zip(want, got):
-            assert g.dtype == w.dtype == np.dtype(code) and g.dtype.isnative
-            np.testing.assert_array_equal(g, w)
-    x = rng.standard_normal((3, 20)).astype(code)
-    f, fs = nm.SSMFilter(**p), nm.SSMFilter(**s)
-    for piece in (x[:, :10], x[:, 10:19]):
-        w, g = f(piece), fs(_swapped(piece, code))
-        assert g.dtype == np.dtype(code) and g.dtype.isnative
-        np.testing.assert_array_equal(g, w)
-    w, g = f.step(x[:, 19]), fs.step(_swapped(x[:, 19], code))
-    assert g.dtype == np.dtype(code) and g.dtype.isnative
-    np.testing.assert_array_equal(g, w)
-    assert fs.state.dtype.isnative
-
-
 def test_model_forward_with_big_endian_inputs():
     cfg = models.MambaConfig(d_model=8, n_layers=1, d_input=2, d_output=1, d_state=4)
     params = models.init_params(cfg, dtype=np.float64)
@@ -128,98 +50,6 @@ def test_checkpoint_of_the_other_byte_order_loads_native(tmp_path):
     got = load_checkpoint(path).params["w"]
     assert got.dtype == np.float32 and got.dtype.isnative
     np.testing.assert_array_equal(got, w)
-
-
-# ------------------------------------------------------------------ causality
-def _lti(rng, L, dtype=np.float32):
-    p = {k: v.astype(dtype) for k, v in _filter_args(rng, D=2, N=8).items()}
-    return p, rng.standard_normal((2, L)).astype(dtype)
-
-
-@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_conv_mode_never_spreads_a_non_finite_sample_backwards(value):
-    """mode='conv' turned every output before a NaN or inf sample NaN."""
-    p, x = _lti(_rng(4), 4096)
-    t = 3000
-    clean = nm.ssm_filter(**p, x=x, mode="scan")
-    bad = x.copy()
-    bad[1, t] = value
-    for mode in ("conv", "auto", "scan"):
-        y = nm.ssm_filter(**p, x=bad, mode=mode)
-        np.testing.assert_array_equal(y[:, :t], np.r_[clean[:1, :t], clean[1:, :t]])
-        np.testing.assert_array_equal(y[0], clean[0])  # (the other channel)
-        assert not np.isfinite(y[1, t])
-        zf = nm.ssm_filter(**p, x=bad, mode=mode, zi=np.zeros((2, 8), np.float32))[1]
-        assert np.isfinite(zf[0]).all() and not np.isfinite(zf[1]).all()
-
-
-def test_auto_mode_outputs_before_an_outlier_do_not_move():
-    """An outlier changes no output before it, to the bit, in the default mode."""
-    p, x = _lti(_rng(5), 2**14)
-    t = 2**14 - 100
-    spiked = x.copy()
-    spiked[:, t] = 1e6
-    for mode in ("auto", "scan"):
-        a = nm.ssm_filter(**p, x=x, mode=mode)
-        b = nm.ssm_filter(**p, x=spiked, mode=mode)
-        np.testing.assert_array_equal(a[:, :t], b[:, :t])
-    f, g = nm.SSMFilter(**p), nm.SSMFilter(**p)
-    np.testing.assert_array_equal(f(x)[:, :t], g(spiked)[:, :t])
-
-
-def test_auto_mode_scans_on_every_device():
-    from numba_mamba import filters
-
-    assert filters._pick_mode("auto") == "scan" and filters._pick_mode("conv") == "conv"
-    with pytest.raises(ValueError, match="^mode must be one of"):
-        filters._pick_mode(True)
-
-
-# ------------------------------------------------------------------ SSMFilter
-def test_ssmfilter_step_cache_follows_the_batch_shape_and_reset():
-    """step cached coefficients of the first call's batch shape; reset kept them."""
-    rng = _rng(6)
-    p = _filter_args(rng, D=2, N=3)
-    f = nm.SSMFilter(**p)
-    batch = rng.standard_normal((4, 2))
-    assert f.step(batch).shape == (4, 2)
-    f.reset()
-    one = rng.standard_normal(2)
-    y = f.step(one)
-    assert y.shape == (2,)
-    np.testing.assert_allclose(y, nm.ssm_filter(**p, x=one[:, None])[:, 0], rtol=1e-12)
-    y2 = f.step(one)  # (from the cache now)
-    np.testing.assert_allclose(y2, nm.ssm_filter(**p, x=np.c_[one, one])[:, 1], rtol=1e-12)
-
-
-def test_ssmfilter_validates_in_init():
-    p = _filter_args(_rng(7), D=2, N=3)
-    with pytest.raises(ValueError, match="^mode must be one of"):
-        nm.SSMFilter(**p, mode="fft")
-    with pytest.raises(ValueError, match="^B must have 3 states"):
-        nm.SSMFilter(p["A"], np.ones((2, 5)), p["C"])
-    with pytest.raises(ValueError, match="channel axes of the arguments must broadcast"):
-        nm.SSMFilter(np.resize(p["A"], (4, 3)), p["B"], p["C"])
-    with pytest.raises(ValueError, match="^A must be finite"):
-        nm.SSMFilter(np.full((2, 3), np.nan), p["B"], p["C"])
-    with pytest.raises(ValueError, match="^dt must be finite"):
-        nm.SSMFilter(**p, dt=-1.0)
-    with pytest.raises(ValueError, match="^zi must have shape"):
-        nm.SSMFilter(**p, zi=np.zeros((2, 4)))
-
-
-def test_ssmfilter_change_of_channels_names_the_state():
-    rng = _rng(8)
-    f = nm.SSMFilter(-np.ones(3), np.ones(3), np.ones(3))  # channels broadcast from x
-    f(rng.standard_normal((2, 10)))
-    with pytest.raises(ValueError, match=r"zi \(2,\).*state from earlier samples.*reset\(\)"):
-        f(rng.standard_normal((5, 10)))
-    f.reset()
-    assert f(rng.standard_normal((5, 10))).shape == (5, 10)
-    f.reset()
-    f.step(rng.standard_normal(2))
-    with pytest.raises(ValueError, match=r"zi \(2,\).*state from earlier samples.*reset\(\)"):
-        f.step(rng.standard_normal(5))
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -355,16 +185,6 @@ def test_integer_arrays_are_taken_like_integer_lists(name, kind):
     for a, b in zip(*(r if isinstance(r, tuple) else (r,) for r in (from_list, from_array))):
         assert a.dtype == b.dtype == np.float64
         np.testing.assert_array_equal(a, b)
-
-
-def test_integer_arrays_in_the_scan():
-    rng = _rng(9)
-    args = _scan_args(rng)
-    ints = dict(args, u=np.arange(54).reshape(2, 3, 9) % 5 - 2)
-    want = nm.selective_scan(**dict(ints, u=ints["u"].tolist()))
-    got = nm.selective_scan(**ints)
-    assert got.dtype == np.float64
-    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("call,message", [

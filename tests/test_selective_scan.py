@@ -22,8 +22,8 @@ from hypothesis import given, settings, strategies as st
 import numba_mamba as nm
 from numba_mamba import reference
 from tests.gpu import cupy_or_why_not
-from tests.scan_cases import (HALF_UNIT_ROUNDOFF, TOLERANCES, assert_close, half_dtype,
-                              make_inputs)
+from tests.scan_cases import (HALF_UNIT_ROUNDOFF, TOLERANCES, assert_close, float64_args,
+                              half_dtype, make_inputs, non_native)
 
 cupy = cupy_or_why_not()[0]  # (None without a GPU: the tests that use it skip)
 
@@ -324,6 +324,41 @@ def test_gpu_non_finite_A_shows_in_the_results_without_a_check(gpu, Bt, Dc):
                  *TOLERANCES[np.dtype(np.float32)]["out"])
     grads = backward(cupy.ones_like(out))
     assert np.isnan(grads.ddelta.get()[:, 1]).any()
+
+
+# ---------------------------------------------------------------- byte order, integers
+
+@pytest.mark.parametrize("code", ["f8", "f4"])
+def test_selective_scan_in_non_native_byte_order(code):
+    args = {k: v.astype(code) for k, v in float64_args(np.random.default_rng(0)).items()}
+    want, want_h = nm.selective_scan(**args, return_last_state=True)
+    swapped = {k: non_native(v, code) for k, v in args.items()}
+    got, h = nm.selective_scan(**swapped, return_last_state=True)
+    assert got.dtype == np.dtype(code) and got.dtype.isnative
+    assert h.dtype == want_h.dtype and h.dtype.isnative
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(h, want_h)
+    out, _, backward = nm.selective_scan_vjp(**swapped)
+    grads = backward(non_native(np.ones_like(want), code))
+    want_grads = nm.selective_scan_vjp(**args)[2](np.ones_like(want))
+    assert grads.dinitial_state is None and sum(g is not None for g in grads) == 8
+    for g, w in zip(grads[:-1], want_grads):
+        assert g.dtype == w.dtype and g.dtype.isnative
+        np.testing.assert_array_equal(g, w)
+    # out= of either byte order
+    target = np.empty(want.shape, np.dtype(code).newbyteorder("S"))
+    assert nm.selective_scan(**swapped, out=target) is target
+    np.testing.assert_array_equal(target, want)
+
+
+def test_integer_arrays_in_the_scan():
+    rng = np.random.default_rng(9)
+    args = float64_args(rng)
+    ints = dict(args, u=np.arange(54).reshape(2, 3, 9) % 5 - 2)
+    want = nm.selective_scan(**dict(ints, u=ints["u"].tolist()))
+    got = nm.selective_scan(**ints)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, want)
 
 
 # ---------------------------------------------------------------- properties

@@ -30,6 +30,7 @@ from scipy import linalg, signal
 import numba_mamba as nm
 from numba_mamba import filters as F
 from tests import filter_cases
+from tests.scan_cases import non_native
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("zoh", "euler", "backward_diff", "bilinear")
@@ -464,6 +465,147 @@ def test_rejects_bad_axis_empty_signal_and_complex_x():
 def test_ssm_kernel_rejects_bad_length():
     with pytest.raises(ValueError, match=r"^L must be an integer >= 1 \(the number of taps\)"):
         nm.ssm_kernel(-np.ones(2), 1.0, 1.0, 0.1, 0)
+
+
+# ------------------------------------------------- byte order, causality, SSMFilter's state
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _filter_args(rng, D=3, N=4):
+    return dict(A=-rng.uniform(0.1, 1, (D, N)), B=rng.standard_normal((D, N)),
+                C=rng.standard_normal((D, N)))
+
+
+def test_big_endian_float64_computes_in_float64():
+    """A ``>f8`` signal was filtered in float32 while the result said ``>f8``."""
+    rng = _rng(1)
+    p = _filter_args(rng)
+    x = rng.standard_normal((3, 200))
+    want = nm.ssm_filter(**p, x=x)
+    got = nm.ssm_filter(**{k: non_native(v) for k, v in p.items()}, x=non_native(x))
+    assert got.dtype == np.float64 and got.dtype.isnative
+    np.testing.assert_array_equal(got, want)
+    got = nm.ssm_filter(**p, x=non_native(x), zi=np.zeros((3, 4)))[1]
+    assert got.dtype == np.float64
+
+
+@pytest.mark.parametrize("code", ["f8", "f4"])
+def test_discretize_kernel_and_streaming_in_non_native_byte_order(code):
+    rng = _rng(2)
+    p = {k: v.astype(code) for k, v in _filter_args(rng).items()}
+    s = {k: non_native(v, code) for k, v in p.items()}
+    dt = rng.uniform(0.1, 1, (3, 1)).astype(code)
+    sdt = non_native(dt, code)
+    ones = np.ones((3, 4), code)
+    pairs = [(nm.discretize(p["A"], p["B"], dt), nm.discretize(s["A"], s["B"], sdt)),
+             (nm.discretize_vjp(p["A"], p["B"], dt)[2](ones),
+              nm.discretize_vjp(s["A"], s["B"], sdt)[2](non_native(ones, code))),
+             ((nm.ssm_kernel(**p, dt=dt, L=16),), (nm.ssm_kernel(**s, dt=sdt, L=16),))]
+    for want, got in pairs:
+        for w, g in zip(want, got):
+            assert g.dtype == w.dtype == np.dtype(code) and g.dtype.isnative
+            np.testing.assert_array_equal(g, w)
+    x = rng.standard_normal((3, 20)).astype(code)
+    f, fs = nm.SSMFilter(**p), nm.SSMFilter(**s)
+    for piece in (x[:, :10], x[:, 10:19]):
+        w, g = f(piece), fs(non_native(piece, code))
+        assert g.dtype == np.dtype(code) and g.dtype.isnative
+        np.testing.assert_array_equal(g, w)
+    w, g = f.step(x[:, 19]), fs.step(non_native(x[:, 19], code))
+    assert g.dtype == np.dtype(code) and g.dtype.isnative
+    np.testing.assert_array_equal(g, w)
+    assert fs.state.dtype.isnative
+
+
+def _lti(rng, L, dtype=np.float32):
+    p = {k: v.astype(dtype) for k, v in _filter_args(rng, D=2, N=8).items()}
+    return p, rng.standard_normal((2, L)).astype(dtype)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_conv_mode_never_spreads_a_non_finite_sample_backwards(value):
+    """mode='conv' turned every output before a NaN or inf sample NaN."""
+    p, x = _lti(_rng(4), 4096)
+    t = 3000
+    clean = nm.ssm_filter(**p, x=x, mode="scan")
+    bad = x.copy()
+    bad[1, t] = value
+    for mode in ("conv", "auto", "scan"):
+        y = nm.ssm_filter(**p, x=bad, mode=mode)
+        np.testing.assert_array_equal(y[:, :t], np.r_[clean[:1, :t], clean[1:, :t]])
+        np.testing.assert_array_equal(y[0], clean[0])  # (the other channel)
+        assert not np.isfinite(y[1, t])
+        zf = nm.ssm_filter(**p, x=bad, mode=mode, zi=np.zeros((2, 8), np.float32))[1]
+        assert np.isfinite(zf[0]).all() and not np.isfinite(zf[1]).all()
+
+
+def test_auto_mode_outputs_before_an_outlier_do_not_move():
+    """An outlier changes no output before it, to the bit, in the default mode."""
+    p, x = _lti(_rng(5), 2**14)
+    t = 2**14 - 100
+    spiked = x.copy()
+    spiked[:, t] = 1e6
+    for mode in ("auto", "scan"):
+        a = nm.ssm_filter(**p, x=x, mode=mode)
+        b = nm.ssm_filter(**p, x=spiked, mode=mode)
+        np.testing.assert_array_equal(a[:, :t], b[:, :t])
+    f, g = nm.SSMFilter(**p), nm.SSMFilter(**p)
+    np.testing.assert_array_equal(f(x)[:, :t], g(spiked)[:, :t])
+
+
+def test_auto_mode_scans_on_every_device():
+    from numba_mamba import filters
+
+    assert filters._pick_mode("auto") == "scan" and filters._pick_mode("conv") == "conv"
+    with pytest.raises(ValueError, match="^mode must be one of"):
+        filters._pick_mode(True)
+
+
+def test_ssmfilter_step_cache_follows_the_batch_shape_and_reset():
+    """step cached coefficients of the first call's batch shape; reset kept them."""
+    rng = _rng(6)
+    p = _filter_args(rng, D=2, N=3)
+    f = nm.SSMFilter(**p)
+    batch = rng.standard_normal((4, 2))
+    assert f.step(batch).shape == (4, 2)
+    f.reset()
+    one = rng.standard_normal(2)
+    y = f.step(one)
+    assert y.shape == (2,)
+    np.testing.assert_allclose(y, nm.ssm_filter(**p, x=one[:, None])[:, 0], rtol=1e-12)
+    y2 = f.step(one)  # (from the cache now)
+    np.testing.assert_allclose(y2, nm.ssm_filter(**p, x=np.c_[one, one])[:, 1], rtol=1e-12)
+
+
+def test_ssmfilter_validates_in_init():
+    p = _filter_args(_rng(7), D=2, N=3)
+    with pytest.raises(ValueError, match="^mode must be one of"):
+        nm.SSMFilter(**p, mode="fft")
+    with pytest.raises(ValueError, match="^B must have 3 states"):
+        nm.SSMFilter(p["A"], np.ones((2, 5)), p["C"])
+    with pytest.raises(ValueError, match="channel axes of the arguments must broadcast"):
+        nm.SSMFilter(np.resize(p["A"], (4, 3)), p["B"], p["C"])
+    with pytest.raises(ValueError, match="^A must be finite"):
+        nm.SSMFilter(np.full((2, 3), np.nan), p["B"], p["C"])
+    with pytest.raises(ValueError, match="^dt must be finite"):
+        nm.SSMFilter(**p, dt=-1.0)
+    with pytest.raises(ValueError, match="^zi must have shape"):
+        nm.SSMFilter(**p, zi=np.zeros((2, 4)))
+
+
+def test_ssmfilter_change_of_channels_names_the_state():
+    rng = _rng(8)
+    f = nm.SSMFilter(-np.ones(3), np.ones(3), np.ones(3))  # channels broadcast from x
+    f(rng.standard_normal((2, 10)))
+    with pytest.raises(ValueError, match=r"zi \(2,\).*state from earlier samples.*reset\(\)"):
+        f(rng.standard_normal((5, 10)))
+    f.reset()
+    assert f(rng.standard_normal((5, 10))).shape == (5, 10)
+    f.reset()
+    f.step(rng.standard_normal(2))
+    with pytest.raises(ValueError, match=r"zi \(2,\).*state from earlier samples.*reset\(\)"):
+        f.step(rng.standard_normal(5))
 
 
 # ------------------------------------------------- on both backends, and GPU against CPU
