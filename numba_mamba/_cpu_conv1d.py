@@ -43,46 +43,79 @@ import numpy as np
 from numba import njit, prange
 
 from ._cpu_threads import serial_below
-from ._cpu_vmath import vsigmoid
+from ._cpu_vmath import njit_noalias, vsigmoid
 
 __all__ = ["conv1d_forward", "conv1d_backward"]
 
+_ROWS_PER_TASK = 16  # (batch, channel) rows per parallel task of the backward (one scratch row)
 
-@njit(inline="always")
-def _pre_row(xr, w, c, out):
-    """``out[t] += sum_k w[c, k] * xr[t - (W-1) + k]`` over the causal window.
 
-    One contiguous loop per tap (the taps in order, as the math sums them),
-    each of which LLVM vectorizes; terms before ``t = 0`` are left out.
+# The row functions are compiled with ``njit_noalias`` and called, not
+# inlined (inlining would drop their flags): their arguments are distinct rows,
+# so LLVM vectorizes each loop over time without run-time overlap checks.
+# A shifted row is read or written through a slice (``row[shift:][t]``), not
+# as ``row[t + shift]`` or ``row[t - shift]``: an index that LLVM cannot prove
+# non-negative keeps Numba's wraparound of negative indices in the loop, which
+# then stays scalar (several times slower).
+
+
+@njit_noalias(error_model="numpy")
+def _taps_row(src, w, c, b0, causal, out):
+    """The taps of channel ``c`` over one row, in order (as the math sums them).
+
+    ``causal``: ``out[t] = b0 + sum_k w[c, k] * src[t - (W-1) + k]`` (the
+    forward's pre-activation, terms before ``t = 0`` left out); else
+    ``out[t] = b0 + sum_k w[c, k] * src[t + (W-1) - k]`` (the backward's
+    ``dx`` from ``g``, terms past ``L - 1`` left out).  One contiguous loop
+    per tap.
     """
     W = w.shape[1]
-    L = xr.shape[0]
+    L = src.shape[0]
+    for t in range(L):
+        out[t] = b0
     for k in range(W):
         shift = W - 1 - k
         wk = w[c, k]
-        for t in range(shift, L):
-            out[t] += wk * xr[t - shift]
+        o = out[shift:] if causal else out
+        s = src if causal else src[shift:]
+        for t in range(max(L - shift, 0)):
+            o[t] += wk * s[t]
 
 
-@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
-def _dot(a, a0, b, b0, n):
-    """``sum_i a[a0 + i] * b[b0 + i]`` over ``i < n``, in any order (SIMD partial sums).
-
-    Not inlined: Numba would drop the fastmath flag of an inlined function.
-    """
-    acc = a.dtype.type(0)
-    for i in range(n):
-        acc += a[a0 + i] * b[b0 + i]
-    return acc
+@njit_noalias(error_model="numpy")
+def _silu_row(o):
+    """``o = o * sigmoid(o)`` in place."""
+    for t in range(o.shape[0]):
+        v = o[t]
+        o[t] = v * vsigmoid(v)
 
 
-@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
-def _sum(a):
-    """``sum(a)`` in any order (SIMD partial sums)."""
-    acc = a.dtype.type(0)
-    for i in range(a.shape[0]):
-        acc += a[i]
-    return acc
+@njit_noalias(error_model="numpy")
+def _silu_grad_row(dr, g):
+    """``g = dr * silu'(g)`` in place (``g`` holds the pre-activation)."""
+    one = g.dtype.type(1)
+    for t in range(g.shape[0]):
+        pre = g[t]
+        s = vsigmoid(pre)
+        g[t] = dr[t] * (s * (one + pre * (one - s)))
+
+
+@njit_noalias(fastmath={"reassoc"}, error_model="numpy")
+def _sums_row(g, xr, dw):
+    """``dw[k] = sum_t g[t + shift_k] * xr[t]``; returns ``sum(g)`` (any order: SIMD partial sums)."""
+    W = dw.shape[0]
+    L = g.shape[0]
+    for k in range(W):
+        shift = W - 1 - k
+        gs = g[shift:]
+        acc = g.dtype.type(0)
+        for t in range(max(L - shift, 0)):
+            acc += gs[t] * xr[t]
+        dw[k] = acc
+    total = g.dtype.type(0)
+    for t in range(L):
+        total += g[t]
+    return total
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -94,57 +127,37 @@ def _forward_kernel(x, w, bias, has_bias, silu, out):
         b = bc // C
         c = bc - b * C
         o = out[b, c]
-        b0 = bias[c] if has_bias else zero
-        for t in range(L):
-            o[t] = b0
-        _pre_row(x[b, c], w, c, o)
+        _taps_row(x[b, c], w, c, bias[c] if has_bias else zero, True, o)
         if silu:
-            for t in range(L):
-                v = o[t]
-                o[t] = v * vsigmoid(v)
+            _silu_row(o)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _backward_kernel(dout, x, w, bias, has_bias, silu, dx, dw_part, db_part):
+def _backward_kernel(dout, x, w, bias, has_bias, silu, rows_per_task, dx, dw_part, db_part):
     """Overwrite dx (Bt, C, L), dw_part (Bt, C, W) and db_part (Bt, C).
 
-    Task (b, c) writes only its own rows, so the partial sums over time need
-    no atomics; the caller sums them over the batch.
+    Each parallel task takes ``rows_per_task`` (batch, channel) rows with one
+    scratch row for the gradient at the pre-activation, and writes only its
+    own rows, so the partial sums over time need no atomics; the caller sums
+    them over the batch.
     """
     Bt, C, L = x.shape
-    W = w.shape[1]
     zero = x.dtype.type(0)
-    one = x.dtype.type(1)
-    for bc in prange(Bt * C):
-        b = bc // C
-        c = bc - b * C
-        xr = x[b, c]
-        dr = dout[b, c]
+    rows = Bt * C
+    n_tasks = (rows + rows_per_task - 1) // rows_per_task
+    for task in prange(n_tasks):
         g = np.empty(L, dtype=x.dtype)  # (L,) gradient at the pre-activation
-        if silu:  # the pre-activation recomputed, not stored by the forward
-            b0 = bias[c] if has_bias else zero
-            for t in range(L):
-                g[t] = b0
-            _pre_row(xr, w, c, g)
-            for t in range(L):
-                pre = g[t]
-                s = vsigmoid(pre)
-                g[t] = dr[t] * (s * (one + pre * (one - s)))
-        else:
-            for t in range(L):
-                g[t] = dr[t]
-        for k in range(W):
-            shift = W - 1 - k
-            dw_part[b, c, k] = _dot(g, shift, xr, 0, max(L - shift, 0))
-        d = dx[b, c]
-        for t in range(L):
-            d[t] = zero
-        for k in range(W):
-            shift = W - 1 - k
-            wk = w[c, k]
-            for t in range(L - shift):
-                d[t] += wk * g[t + shift]
-        db_part[b, c] = _sum(g)
+        for bc in range(task * rows_per_task, min(rows, (task + 1) * rows_per_task)):
+            b = bc // C
+            c = bc - b * C
+            xr = x[b, c]
+            if silu:  # the pre-activation recomputed, not stored by the forward
+                _taps_row(xr, w, c, bias[c] if has_bias else zero, True, g)
+                _silu_grad_row(dout[b, c], g)
+            else:
+                g[:] = dout[b, c]
+            db_part[b, c] = _sums_row(g, xr, dw_part[b, c])
+            _taps_row(g, w, c, zero, False, dx[b, c])
 
 
 def conv1d_forward(x, weight, bias, silu):
@@ -190,7 +203,7 @@ def conv1d_backward(dout, x, weight, bias, silu, dx_out=None, dx_channel=0):
     db_part = np.empty((Bt, C), dtype=x.dtype)
     with serial_below(dx.size):
         _backward_kernel(dout, x, weight, _bias_or_dummy(bias, x.dtype), bias is not None,
-                         bool(silu), dx, dw_part, db_part)
+                         bool(silu), _ROWS_PER_TASK, dx, dw_part, db_part)
     return dx, dw_part.sum(axis=0), None if bias is None else db_part.sum(axis=0)
 
 
