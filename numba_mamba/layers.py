@@ -397,22 +397,50 @@ def rmsnorm_forward(x, weight, eps=1e-5):
     _check_float("x", x)
     _check_same_dtype("x", x, weight=weight)
     check_shape("weight", weight, (x.shape[-1],), "(last axis of x)")
+    if xp is np:  # one Numba pass per row
+        x = np.ascontiguousarray(x)
+        weight = np.ascontiguousarray(weight)
+        out, rstd = _backend(xp, "elementwise").rmsnorm_forward(
+            x.reshape(-1, x.shape[-1]), weight, eps)
+        return out.reshape(x.shape), RMSNormCache(x, weight, rstd.reshape(x.shape[:-1] + (1,)))
     rstd = 1 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
     return x * rstd * weight, RMSNormCache(x, weight, rstd)
 
 
-def rmsnorm_backward(dout, cache):
+def rmsnorm_backward(dout, cache, dx_add=None):
     """Gradients ``(dx, dweight)`` of :func:`rmsnorm_forward`.
 
     With ``xhat = x * rstd`` and ``g = dout * weight``:
     ``dx = rstd * (g - xhat * mean(g * xhat, axis=-1))`` and
     ``dweight = sum(dout * xhat)`` over the leading axes.
+
+    ``dx_add``, optional: an array of ``x``'s shape and dtype that ``dx`` is
+    added to in place (and returned as ``dx``): a residual stream's
+    gradient, summed without another array.
     """
     x, weight, rstd = cache
     xp = array_namespace(x=x, dout=dout)
+    check_shape("dout", dout, x.shape, "like x")
+    if dx_add is not None:
+        check_shape("dx_add", dx_add, x.shape, "like x")
+        _check_same_dtype("x", x, dx_add=dx_add)
+    if xp is np:  # one Numba pass per row
+        d = x.shape[-1]
+        add = dx_add is not None and dx_add.flags.c_contiguous
+        dx, dweight = _backend(xp, "elementwise").rmsnorm_backward(
+            np.ascontiguousarray(dout, dtype=x.dtype).reshape(-1, d), x.reshape(-1, d), weight,
+            rstd.reshape(-1), dx_add.reshape(-1, d) if add else None)
+        if dx_add is None:
+            return dx.reshape(x.shape), dweight
+        if not add:
+            dx_add += dx.reshape(x.shape)
+        return dx_add, dweight
     xhat = x * rstd
     g = dout * weight
     dx = rstd * (g - xhat * xp.mean(g * xhat, axis=-1, keepdims=True))
+    if dx_add is not None:
+        dx_add += dx
+        dx = dx_add
     return dx, _sum_to_last(dout * xhat, 1)
 
 

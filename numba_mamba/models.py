@@ -792,9 +792,9 @@ def model_backward(dout: Any, cache: Any, on_grads: Any = None) -> tuple:
         dhn, gb = mamba_block_backward(dh, cache.blocks[i])
         for k, v in gb.items():
             g[f"layers.{i}.mixer.{k}"] = v
-        dh_norm, g[f"layers.{i}.norm.weight"] = rmsnorm_backward(dhn, cache.norms[i])
+        # the residual: the norm's dx added to dh in place (dh is this function's own)
+        dh, g[f"layers.{i}.norm.weight"] = rmsnorm_backward(dhn, cache.norms[i], dx_add=dh)
         final([f"layers.{i}.mixer.{k}" for k in gb] + [f"layers.{i}.norm.weight"])
-        dh = dh + dh_norm
     if config.head == "lm":
         dE = embedding_backward(dh, cache.stem)
         g["embedding.weight"] = g["embedding.weight"] + dE if config.tie_embeddings else dE

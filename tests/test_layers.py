@@ -204,6 +204,52 @@ def test_rmsnorm_output_has_unit_rms_with_unit_weight():
     np.testing.assert_allclose(np.sqrt((out ** 2).mean(-1)), 1.0, rtol=1e-12)
 
 
+def _rmsnorm_float64(x, w, dout, eps):
+    """(out, dx, dweight) of RMSNorm in float64 from the formulas of rmsnorm_backward's docstring."""
+    x, w, dout = (a.astype(np.float64) for a in (x, w, dout))
+    rstd = 1 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    xhat, g = x * rstd, dout * w
+    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdims=True))
+    return xhat * w, dx, (dout * xhat).reshape(-1, x.shape[-1]).sum(0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape, strided", [((3, 7, 64), False), ((5, 130), True), ((9,), False),
+                                            ((70, 3), False)])
+def test_rmsnorm_cpu_kernels_match_float64_formulas(dtype, shape, strided):
+    """The Numba rows (vectorized sums, tasks of 64 rows for dweight) against NumPy in float64,
+    on a strided ``x`` too; ``dx_add`` receives ``dx`` in place."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[-1])
+    full = rng.standard_normal(shape[:-1] + (2 * shape[-1],) if strided else shape) * 3
+    x = (full[..., ::2] if strided else full).astype(dtype)
+    w = rng.uniform(0.5, 1.5, shape[-1]).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-5)
+    want = _rmsnorm_float64(x, w, dout, 1e-5)
+    out, cache = layers.rmsnorm_forward(x, w, 1e-5)
+    dx, dw = layers.rmsnorm_backward(dout, cache)
+    for name, got, ref in zip(("out", "dx", "dweight"), (out, dx, dw), want):
+        assert got.dtype == dtype and got.shape == ref.shape, name
+        scale = np.sqrt(x.size / shape[-1]) if name == "dweight" else 1.0  # a sum over rows
+        np.testing.assert_allclose(got, ref, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                                   err_msg=name)
+    acc = rng.standard_normal(shape).astype(dtype)
+    before = acc.copy()
+    dx2, dw2 = layers.rmsnorm_backward(dout, cache, dx_add=acc)
+    assert dx2 is acc
+    np.testing.assert_array_equal(acc, before + dx)
+    np.testing.assert_array_equal(dw2, dw)
+    strided = np.repeat(before, 2, axis=-1)[..., ::2]  # dx_add not C-contiguous
+    assert layers.rmsnorm_backward(dout, cache, dx_add=strided)[0] is strided
+    np.testing.assert_array_equal(strided, before + dx)
+
+
+def test_rmsnorm_backward_rejects_dx_add_of_another_shape():
+    out, cache = layers.rmsnorm_forward(np.ones((2, 4)), np.ones(4))
+    with pytest.raises(ValueError, match=r"dx_add"):
+        layers.rmsnorm_backward(out, cache, dx_add=np.zeros((2, 5)))
+
+
 # ---------------------------------------------------------------- causal depthwise Conv1d
 
 
