@@ -9,7 +9,6 @@ file (test_selective_scan.py, test_ssm_filter.py).
 """
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -21,9 +20,6 @@ from numba_mamba import models
 from numba_mamba.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests.scan_cases import float64_args as _scan_args
 from tests.scan_cases import non_native as _swapped
-
-_QUIET = pytest.mark.filterwarnings("ignore::numba_mamba.UnstableFilterWarning")
-
 
 def _rng(seed=0):
     return np.random.default_rng(seed)
