@@ -32,15 +32,38 @@ below ``SERIAL_BELOW`` (``benchmarks/bench_cpu.py --parts tiny`` measures the
 crossover).  The work is counted as the elements of the kernel's innermost
 update (state updates for the scan, output elements for the elementwise
 kernels and the convolution).
+
+Memory: a training step on NumPy arrays allocates and frees tens of
+megabytes of activations and gradients.  glibc's ``malloc`` gives large
+blocks back to the kernel when they are freed (``munmap``, or a trim of the
+heap's top), so the next step's arrays start as fresh pages, each a page
+fault that zeroes 4 KiB: thousands per step of the examples' model, a
+fifth of its time on this machine.  :func:`hold_heap`, called by
+:class:`numba_mamba.training.TrainStep` on NumPy parameters, sets
+``malloc``'s thresholds once for the process (``mallopt``: blocks up to
+``MMAP_THRESHOLD`` bytes come from the heap, and up to ``TRIM_THRESHOLD``
+bytes of free heap are kept) so that the memory of one step is reused by
+the next.  The cost: the process keeps up to that much freed memory.  It
+does nothing outside glibc, where a ``MALLOC_*_`` variable or
+``GLIBC_TUNABLES`` already sets the allocator, or with
+``NUMBA_MAMBA_HOLD_HEAP=0``.
 """
 
+import ctypes
 import os
+import platform
 import threading
 from contextlib import contextmanager
 
 import numba
 
-__all__ = ["BLAS_THREADS", "SERIAL_BELOW", "blas_limited", "blas_threads", "serial_below"]
+__all__ = ["BLAS_THREADS", "MMAP_THRESHOLD", "SERIAL_BELOW", "TRIM_THRESHOLD", "blas_limited",
+           "blas_threads", "hold_heap", "serial_below"]
+
+MMAP_THRESHOLD = 32 << 20  # bytes: larger blocks are mapped (glibc's largest dynamic value)
+TRIM_THRESHOLD = 512 << 20  # bytes of free heap kept rather than given back
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+_heap = None  # hold_heap's result, once tried
 
 SERIAL_BELOW = 1 << 15
 
@@ -161,3 +184,45 @@ def serial_below(work):
         yield
     finally:
         numba.set_num_threads(n)
+
+
+def hold_heap():
+    """Keep freed memory in the process for the next allocations (glibc only; once).
+
+    Sets ``mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)`` and
+    ``mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)`` the first time it is
+    called (see the module docstring) and returns whether they are in
+    force.  False, and nothing set: not glibc, the allocator already set by
+    the environment (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_`` or ``GLIBC_TUNABLES``), or
+    ``NUMBA_MAMBA_HOLD_HEAP=0``.
+
+    Examples
+    --------
+    >>> from numba_mamba._cpu_threads import hold_heap
+    >>> hold_heap() in (True, False) and hold_heap() == hold_heap()
+    True
+    """
+    global _heap
+    if _heap is None:
+        _heap = _set_malloc_thresholds()
+    return _heap
+
+
+def _set_malloc_thresholds():
+    if os.environ.get("NUMBA_MAMBA_HOLD_HEAP", "").strip() == "0":
+        return False
+    if any(v in os.environ for v in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
+                                     "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover (glibc has it)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    # both, or the other stays at its start value (setting one stops glibc's adjusting both)
+    return (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._cpu_threads import hold_heap
 from ._validation import is_cupy_array
 from .checkpoint import load_checkpoint, save_checkpoint
 from .graphs import CapturedStep, check_graph_mode
@@ -146,6 +147,8 @@ class TrainStep:
         self.optimizer = AdamW() if optimizer is None else optimizer
         self._fused = FusedAdamW(self.optimizer, params, max_grad_norm)
         xp = self.xp = self._fused.xp
+        if xp is np:  # each step's arrays reuse the last step's memory (no page faults)
+            hold_heap()
         self._kernels = backend(xp, "optim")
         self._hist = xp.zeros(int(history), self._fused.dtype)
         self._state = xp.asarray(np.array([0, -1, 0], np.int64))
