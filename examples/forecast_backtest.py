@@ -12,8 +12,11 @@ fitted on the samples before the origin and forecasts the ``fh`` after it.  Rows
 * ETS (Holt-Winters: additive or multiplicative season, damped or not), chosen by AIC;
 * ARIMA(p, d, q) with p <= 3, d <= 1, q <= 2 (a constant when d = 0) chosen by AIC
   (``--arima``);
-* the linear skip alone (``MambaForecaster(steps=0)``: the ridge direct autoregression of
-  the default ensemble, no Mamba);
+* the linear skip alone (``MambaForecaster(steps=0)``: the default ensemble's linear
+  autoregression, no Mamba: lags by AIC, the mean of the direct ridge map and the iterated
+  one-step autoregression);
+* the skip of the earlier default (``skip_lags=None, skip_fit="direct"``: each lookback's
+  lags, direct ridge, median over lookbacks m, 2m, 3m);
 * Mamba alone: the default without the ridge skip (``linear_skip=False``; ``--mamba-alone``);
 * the default ``MambaForecaster(season=m)`` (lookbacks m, 2m, 3m; ridge skip; median).
 
@@ -95,10 +98,11 @@ def run(name, args):
     T = len(y)
     origins = [T - fh - (args.origins - 1 - i) * fh for i in range(args.origins)]
     names = (["seasonal naive", "AutoReg (AIC)", "ETS (AIC)"] + ["ARIMA (AIC)"] * args.arima
-             + ["linear skip alone"] + [f"Mamba alone (x{3 * args.seeds})"] * args.mamba_alone
+             + ["linear skip alone", "earlier skip (direct m/2m/3m)"]
+             + [f"Mamba alone (x{3 * args.seeds})"] * args.mamba_alone
              + [f"MambaForecaster (x{3 * args.seeds})"])
     scores = {k: [] for k in names}
-    member_mase, cover, width, pinball, secs = [], [], [], [], 0.0
+    member_mase, cover, width, pinball, secs, stops, lags = [], [], [], [], 0.0, [], []
     for o in origins:
         train, test = y[:o], y[o:o + fh]
         with warnings.catch_warnings():
@@ -106,6 +110,8 @@ def run(name, args):
             fcs = [seasonal_naive(train, fh, m), autoreg_aic(train, fh, m),
                    ets_aic(train, fh, m)] + ([arima_aic(train, fh, m)] if args.arima else [])
         fcs.append(MambaForecaster(season=m, steps=0).fit(train, fh=fh).predict())
+        fcs.append(MambaForecaster(season=m, steps=0, skip_lags=None, skip_fit="direct")
+                   .fit(train, fh=fh).predict())
         if args.mamba_alone:
             fcs.append(MambaForecaster(season=m, n_seeds=args.seeds, linear_skip=False)
                        .fit(train, fh=fh).predict())
@@ -119,6 +125,8 @@ def run(name, args):
         for k, fc in zip(names, fcs):
             scores[k].append(mase(test, fc, train, m))
         member_mase.append([mase(test, p, train, m) for p in f.predict_members()])
+        stops.append([h["best_step"] for e in f.engines_ for h in e.history_])
+        lags.append(f.skip_lags_)
         cover.append(interval_coverage(test, lo, hi))
         width.append(float((hi - lo).mean()))
         pinball.append(pinball_loss(test, qs, (0.1, 0.5, 0.9)))
@@ -139,7 +147,9 @@ def run(name, args):
     lines.append(f"80% interval coverage per origin {[round(c, 2) for c in cover]}, overall "
                  f"{np.mean(cover):.3f} ({len(origins) * fh} test samples); mean width "
                  f"{np.mean(width):.2f}; mean pinball (0.1, 0.5, 0.9) {np.mean(pinball):.3f}")
-    lines.append(f"MambaForecaster: {secs:.0f} s for {len(origins)} fits (+ predictions)")
+    lines.append(f"MambaForecaster: {secs:.0f} s for {len(origins)} fits (+ predictions); "
+                 f"skip lags (AIC) per origin {lags}; members' stopping steps per origin "
+                 f"{stops} (0: the skip alone)")
     return "\n".join(lines), cover
 
 

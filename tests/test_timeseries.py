@@ -206,6 +206,15 @@ def test_sample_times_reduce_error_on_an_irregularly_sampled_sine():
     assert e_timed < 0.5 * e_plain, f"MSE with times {e_timed:.4f}, without {e_plain:.4f}"
 
 
+def _ridge_map(z, P, H, lam):
+    """Hand-made ridge map (P + 1, H) from P lags and 1 to the next H values."""
+    X, Y = make_windows(z, P, H)
+    Z = np.c_[X, np.ones(len(X))]
+    R = lam * len(Z) * np.eye(P + 1)
+    R[-1, -1] = 0
+    return np.linalg.solve(Z.T @ Z + R, Z.T @ Y)
+
+
 def test_linear_skip_alone_is_the_ridge_direct_autoregression():
     # steps=0: the forecast is the closed-form ridge regression of the next H scaled values
     # on the last P scaled values (and 1), fitted on every window of the series
@@ -214,14 +223,75 @@ def test_linear_skip_alone_is_the_ridge_direct_autoregression():
     f = Engine(lookback=10, horizon=H, skip_lags=P, skip_ridge=lam, steps=0,
                         linear_skip=True, val_fraction=0.0, **SMALL).fit(y)
     z = (y - y.mean()) / y.std()
-    X, Y = make_windows(z, P, H)
-    Z = np.c_[X, np.ones(len(X))]
-    R = lam * len(Z) * np.eye(P + 1)
-    R[-1, -1] = 0
-    W = np.linalg.solve(Z.T @ Z + R, Z.T @ Y)
+    W = _ridge_map(z, P, H, lam)
     np.testing.assert_allclose(f.skip_, W, rtol=1e-8, atol=1e-10)
     want = (np.r_[z[-P:], 1.0] @ W) * y.std() + y.mean()
     np.testing.assert_allclose(f.predict(H), want, rtol=1e-5)
+
+
+def _iterated_ar(z, P, H):
+    """Hand-made recursive forecast of the least-squares AR(P) with intercept."""
+    rows = np.arange(P - 1, len(z) - 1)
+    X = np.stack([np.r_[z[k - P + 1:k + 1], 1.0] for k in rows])
+    a = np.linalg.lstsq(X, z[rows + 1], rcond=None)[0]
+    hist = list(z[-P:])
+    for _ in range(H):
+        hist.append(float(np.r_[hist[-P:], 1.0] @ a))
+    return np.array(hist[P:])
+
+
+def test_recursive_skip_is_the_iterated_autoregression_and_both_is_the_mean():
+    y = _ar2(150) + 3.0
+    P, H = 5, 4
+    kw = dict(lookback=8, horizon=H, skip_lags=P, steps=0, linear_skip=True,
+              val_fraction=0.0, dtype=np.float64, **SMALL)
+    rec = Engine(skip_fit="recursive", **kw).fit(y)
+    z = (y - y.mean()) / y.std()
+    np.testing.assert_allclose(rec.predict(H), _iterated_ar(z, P, H) * y.std() + y.mean(),
+                               rtol=1e-9)
+    direct = Engine(skip_fit="direct", **kw).fit(y)
+    both = Engine(skip_fit="both", **kw).fit(y)
+    np.testing.assert_allclose(both.skip_, (rec.skip_ + direct.skip_) / 2, rtol=1e-12)
+    np.testing.assert_allclose(both.predict(H), (rec.predict(H) + direct.predict(H)) / 2,
+                               rtol=1e-9)
+    assert not np.allclose(rec.predict(H), direct.predict(H))
+
+
+def test_skip_may_read_more_lags_than_the_lookback():
+    y = _ar2(200)
+    P, H, lam = 12, 3, 1e-3
+    f = Engine(lookback=4, horizon=H, skip_lags=P, skip_ridge=lam, steps=0, linear_skip=True,
+               val_fraction=0.0, dtype=np.float64, **SMALL).fit(y)
+    z = (y - y.mean()) / y.std()
+    W = _ridge_map(z, P, H, lam)
+    np.testing.assert_allclose(f.skip_, W, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(f.predict(H), (np.r_[z[-P:], 1.0] @ W) * y.std() + y.mean(),
+                               rtol=1e-8)
+    np.testing.assert_allclose(f.predict(H, y=y[:150]),
+                               (np.r_[z[150 - P:150], 1.0] @ W) * y.std() + y.mean(), rtol=1e-8)
+    with pytest.raises(ValueError, match=r"at least skip_lags = 12 \(the linear skip's lags\) "
+                                         r"samples, got 11"):
+        f.predict(H, y=y[:11])
+    # with Mamba members (window 4) on top: trains, validates and forecasts
+    g = Engine(lookback=4, horizon=H, skip_lags=P, linear_skip=True, steps=10, eval_every=5,
+               val_fraction=0.2, **SMALL).fit(y)
+    assert g.predict(H).shape == (H,) and np.isfinite(g.predict(H)).all()
+
+
+def test_min_gain_keeps_the_skip_alone_unless_mamba_removes_that_share_of_its_error():
+    y = _ar2(200)
+    kw = dict(lookback=8, horizon=2, linear_skip=True, val_fraction=0.2, steps=50,
+              eval_every=10, patience=100, lr=1e-2, seed=1, **SMALL)
+    free = Engine(**kw).fit(y).history_[0]
+    v0 = free["val_losses"][0][1]
+    assert free["best_step"] > 0 and free["best_val"] < v0  # some step beats the skip...
+    gain = 1 - free["best_val"] / v0
+    strict = Engine(min_gain=min(0.99, gain + 0.01), **kw).fit(y).history_[0]
+    assert strict["best_step"] == 0 and strict["best_val"] == v0  # ...but not by that much
+    loose = Engine(min_gain=gain / 2, **kw).fit(y).history_[0]
+    assert loose["best_step"] == free["best_step"]
+    with pytest.raises(ValueError, match=r"min_gain must be in \[0, 1\), got 1.0"):
+        Engine(min_gain=1.0)
 
 
 def test_linear_skip_members_validate_against_the_same_skip_and_refit_uses_all_data():
@@ -269,8 +339,8 @@ def test_median_combine_with_linear_skip_and_constructor_errors():
     assert not np.allclose(f.predict(3), m.predict(3))  # median of 3 differs from the mean
     with pytest.raises(ValueError, match="combine must be one of"):
         Engine(combine="max")
-    with pytest.raises(ValueError, match="skip_lags must be <= lookback = 10"):
-        Engine(lookback=10, skip_lags=11, linear_skip=True)
+    with pytest.raises(ValueError, match="skip_fit must be one of"):
+        Engine(lookback=10, skip_fit="ols", linear_skip=True)
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         Engine(steps=0)  # 0 steps only with the linear skip
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from numba_mamba.checkpoint import CheckpointError, save_checkpoint
-from numba_mamba.timeseries import (MambaForecaster, detect_season, interval_coverage, mae,
-                                    make_windows, pinball_loss)
+from numba_mamba.timeseries import (MambaForecaster, ar_order_aic, detect_season,
+                                    interval_coverage, mae, make_windows, pinball_loss)
 
 # tiny members, few steps: these tests check the protocol, not accuracy
 TINY = dict(d_model=8, n_layers=1, d_state=4, steps=10, eval_every=5)
@@ -105,7 +105,8 @@ def test_save_load_round_trip_multichannel(tmp_path):
     f.save(tmp_path / "f.npz")
     g = MambaForecaster.load(tmp_path / "f.npz")
     assert g.get_params() == f.get_params()
-    assert (g.fh_, g.lookbacks_, g.season_, g.ridge_) == (f.fh_, f.lookbacks_, f.season_, f.ridge_)
+    assert (g.fh_, g.lookbacks_, g.season_, g.ridge_, g.skip_lags_) == \
+        (f.fh_, f.lookbacks_, f.season_, f.ridge_, f.skip_lags_)
     np.testing.assert_array_equal(g.predict(), f.predict())
     np.testing.assert_array_equal(g.predict(y=y[:90]), f.predict(y=y[:90]))
     np.testing.assert_array_equal(g.predict_members(), f.predict_members())
@@ -118,7 +119,7 @@ def test_save_load_round_trip_with_sample_times(tmp_path):
     rng = np.random.default_rng(1)
     t = np.cumsum(rng.uniform(0.1, 1.0, 120))
     y = np.sin(t)
-    f = MambaForecaster(lookback=10, season=1, **TINY).fit(y, fh=3, t=t)
+    f = MambaForecaster(lookback=10, season=1, min_gain=0.0, **TINY).fit(y, fh=3, t=t)
     f.save(tmp_path / "f.npz")
     g = MambaForecaster.load(tmp_path / "f.npz")
     tf = t[-1] + np.array([0.3, 0.9, 1.2])
@@ -155,7 +156,7 @@ def test_residuals_are_the_out_of_sample_errors_of_the_skip_fitted_on_the_traini
     y = _ar2(150) + 3.0
     P, H, lam = 6, 3, 1e-2
     f = MambaForecaster(lookback=P, skip_ridge=lam, steps=0, val_fraction=0.2,
-                        dtype=np.float64).fit(y, fh=H)
+                        skip_lags=None, skip_fit="direct", dtype=np.float64).fit(y, fh=H)
     cut = 150 - 30
     mu, sd = y[:cut].mean(), y[:cut].std()
     z = (y - mu) / sd
@@ -204,6 +205,52 @@ def test_members_are_combined_by_the_median(fitted):
 
 
 # ---------------------------------------------------------------- season and defaults
+
+
+def _var(n, order, seed=0):
+    """A stable 2-channel VAR of the given order (coefficients only at lags 1 and order)."""
+    rng = np.random.default_rng(seed)
+    y = np.zeros((n + 50, 2))
+    A1, Ap = np.array([[0.5, 0.1], [0.0, 0.4]]), np.array([[-0.3, 0.0], [0.2, -0.35]])
+    for t in range(order, n + 50):
+        y[t] = A1 @ y[t - 1] + Ap @ y[t - order] + rng.standard_normal(2)
+    return y[50:]
+
+
+def test_ar_order_aic_finds_the_order_of_univariate_vector_and_panel_series():
+    assert ar_order_aic(_ar2(400), 12) == 2
+    assert ar_order_aic(_var(600, 4), 10) == 4
+    # a panel end to end (each series scaled alike): no lag row spans two series; a series
+    # shorter than max_lag gives no rows
+    y = np.r_[_ar2(300, seed=3), _ar2(300, seed=4), _ar2(5, seed=5)]
+    segs = [(0, 300), (300, 600), (600, 605)]
+    assert ar_order_aic(y, 8, segments=segs) == 2
+    assert ar_order_aic(np.full(100, 3.0), 6) == 1  # no order explains more: the smallest
+    with pytest.raises(ValueError, match="max_lag must be an integer >= 1, got 0"):
+        ar_order_aic(y, 0)
+    with pytest.raises(ValueError, match="more than max_lag"):
+        ar_order_aic(np.arange(8.0), 6)
+
+
+def test_default_skip_reads_the_aic_order_and_averages_direct_and_recursive_maps():
+    y = _seasonal(200, m=12) + 0.3 * _ar2(200)
+    f = MambaForecaster(season=12, steps=0, dtype=np.float64).fit(y, fh=6)
+    assert f.skip_lags_ == ar_order_aic(y, min(36, 200 // 4))
+    assert all(e.settings["skip_lags"] == f.skip_lags_ and e.settings["skip_fit"] == "both"
+               for e in f.engines_)
+    direct = MambaForecaster(season=12, steps=0, skip_fit="direct", skip_lags=f.skip_lags_,
+                             dtype=np.float64).fit(y, fh=6)
+    rec = MambaForecaster(season=12, steps=0, skip_fit="recursive", skip_lags=f.skip_lags_,
+                          dtype=np.float64).fit(y, fh=6)
+    assert rec.ridge_scores_ and direct.ridge_ == f.ridge_  # the same penalty is picked
+    np.testing.assert_allclose(f.predict(), (direct.predict() + rec.predict()) / 2, rtol=1e-9)
+    # the earlier skip: each lookback's lags, direct ridge
+    old = MambaForecaster(season=12, steps=0, skip_lags=None, skip_fit="direct").fit(y, fh=6)
+    assert old.skip_lags_ is None and [e._skip_lags for e in old.engines_] == [12, 24, 36]
+    with pytest.raises(ValueError, match="skip_lags must be 'aic', a positive integer or None"):
+        MambaForecaster(skip_lags="bic")
+    with pytest.raises(ValueError, match="skip_fit must be one of"):
+        MambaForecaster(skip_fit="ols")
 
 
 def test_detect_season_finds_the_period_under_a_trend_and_none_in_noise():
@@ -278,7 +325,8 @@ def test_backtest_refits_copies_at_each_origin_and_reports_metrics(fitted):
 
 def test_a_list_of_series_is_one_global_model_with_per_series_scaling():
     ys = [_ar2(90, seed=s) * (s + 1) + 10 * s for s in range(3)] + [3 * _ar2(130, seed=7) - 5]
-    f = MambaForecaster(lookback=(6, 12), steps=0, skip_ridge=1e-3).fit(ys, fh=3)
+    f = MambaForecaster(lookback=(6, 12), steps=0, skip_ridge=1e-3, skip_lags=None,
+                        skip_fit="direct").fit(ys, fh=3)
     preds = f.predict()
     assert len(preds) == 4 and all(p.shape == (3,) for p in preds)
     # the global skip, by hand: ridge on every series' (own-scaled) lag windows, training parts
@@ -300,6 +348,13 @@ def test_a_list_of_series_is_one_global_model_with_per_series_scaling():
     assert len(lo) == 4 and all((a < b).all() for a, b in zip(lo, hi))
     # intervals scale with each series: the fourth (x3) is wider than the first (x1)
     assert (hi[3] - lo[3]).mean() > 2 * (hi[0] - lo[0]).mean()
+    # the default skip: the AIC order of the scaled series, no lag row across two of them
+    g = MambaForecaster(lookback=(6, 12), steps=0).fit(ys, fh=3)
+    z = np.concatenate([(y - m) / s for y, (m, s) in zip(ys, sc)])
+    ends = np.cumsum([len(y) for y in ys])
+    assert g.skip_lags_ == ar_order_aic(z, min(12, 90 // 4),
+                                        [(e - len(y), e) for e, y in zip(ends, ys)])
+    assert all(np.isfinite(p).all() for p in g.predict())
     histories = [y[:80] for y in ys]
     assert len(f.predict(y=histories)) == 4
     with pytest.raises(ValueError, match="list of 4 histories"):
@@ -353,6 +408,9 @@ def test_past_covariates_drive_the_next_step_and_the_mamba_members_take_them():
         MambaForecaster(steps=0).fit(y[:150], fh=1, past_covariates=x[:149])
     with pytest.raises(ValueError, match="past_covariates of the history y are needed"):
         f.predict(y=y[:120])
+    with pytest.raises(ValueError, match="skip_fit='recursive' takes no covariates"):
+        MambaForecaster(steps=0, skip_fit="recursive").fit(y[:150], fh=1,
+                                                           past_covariates=x[:150])
     m = MambaForecaster(lookback=8, **TINY).fit(y[:150], fh=2, past_covariates=np.c_[x, x][:150])
     assert m.engines_[0].config_.d_input == 1 + 2 and np.isfinite(m.predict()).all()
     rows = MambaForecaster(lookback=8, steps=0).backtest(y, fh=1, n_origins=3,

@@ -48,10 +48,14 @@ fourth positional argument).
 Linear skip
 -----------
 With ``linear_skip=True`` the forecast is ``skip(y[k-P+1..k]) + model(window)``:
-a ridge-regression direct forecast of all ``H`` steps from the last ``P``
-scaled values (a linear autoregression, fitted in closed form, like the
-highway component of LSTNet [4]_ or the linear models of [5]_) plus the Mamba
-model's correction, trained on the skip's residuals.  With instance
+an affine forecast of all ``H`` steps from the last ``P`` scaled values (a
+linear autoregression, fitted in closed form, like the highway component of
+LSTNet [4]_ or the linear models of [5]_) plus the Mamba model's
+correction, trained on the skip's residuals.  The map is a ridge regression
+per step (direct), the least-squares one-step autoregression iterated over
+the ``H`` steps (recursive; still an affine map of the lags), or by default
+the mean of the two; ``P`` is by default the AIC's lag order
+(:func:`ar_order_aic`).  With instance
 normalisation the model's inputs are the normalised window and its targets
 ``(y - skip) / sd``.  ``steps=0`` gives the skip alone, an ablation.
 
@@ -88,11 +92,11 @@ References
 from ._windows import Scaler, make_windows
 from ._classifier import MambaClassifier
 from ._engine import timed_model_backward, timed_model_forward
-from ._forecaster import MambaForecaster, detect_season
+from ._forecaster import MambaForecaster, ar_order_aic, detect_season
 from ._metrics import interval_coverage, mae, mase, pinball_loss, rmse, seasonal_naive, smape
 
 __all__ = [
-    "MambaForecaster", "MambaClassifier", "detect_season", "Scaler", "make_windows",
+    "MambaForecaster", "MambaClassifier", "detect_season", "ar_order_aic", "Scaler", "make_windows",
     "seasonal_naive", "mae", "rmse", "mase", "smape", "pinball_loss", "interval_coverage",
     "timed_model_forward", "timed_model_backward",
 ]

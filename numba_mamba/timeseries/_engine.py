@@ -18,6 +18,7 @@ from ._windows import SCALERS, Scaler, as_2d, check_finite, check_int
 __all__ = ["timed_model_forward", "timed_model_backward"]
 
 TIME_AS = ("delta", "feature")
+SKIP_FIT = ("direct", "recursive", "both")
 TRAIN_ON = ("auto", "all", "last")
 COMBINE = ("mean", "median")
 
@@ -126,6 +127,12 @@ class LookbackModel:
     val_fraction : float, optional
         Fraction of the series (its end) held out to pick the stopping step;
         0 disables validation (train ``steps`` steps).
+    min_gain : float, optional
+        With the linear skip and validation: a member keeps its Mamba part
+        only if that lowers the validation MSE of the skip alone (step 0) by
+        at least this fraction; otherwise it is the skip alone (the stopping
+        step is the minimum over many noisy evaluations, so a small gain is
+        expected by chance).  0: the best step, whatever its gain.
     patience : int, optional
         Stop after this many evaluations without a better validation loss.
     eval_every : int, optional
@@ -148,7 +155,16 @@ class LookbackModel:
         scaled values, so it keeps the level and amplitude that instance
         normalisation and the final RMSNorm take from the model's input.
     skip_lags : int, optional
-        Lags of the linear skip (<= ``lookback``); default ``lookback``.
+        Lags of the linear skip; default ``lookback``.  More lags than
+        ``lookback`` are allowed: the skip reads them from the series, the
+        Mamba model its last ``lookback`` samples.
+    skip_fit : {"direct", "recursive", "both"}, optional
+        How the skip's map from the lags to the ``horizon`` next values is
+        fitted: a ridge regression per step (``"direct"``); the one-step
+        least-squares autoregression (no penalty) iterated over the horizon,
+        which is also an affine map of the lags (``"recursive"``); or the
+        mean of the two maps (``"both"``; with covariates, which a recursion
+        cannot read ahead: ``"direct"``).
     skip_ridge : float, optional
         Ridge penalty of the skip, per training row (the intercept is not
         penalised).
@@ -188,10 +204,11 @@ class LookbackModel:
                  d_conv=4, expand=2, dt_min=1e-3, dt_max=1e-1, scaler="standard",
                  instance_norm=False, train_on="auto", time_as="delta", steps=1000,
                  batch_size=32, lr=3e-3, weight_decay=0.01, warmup_steps=50,
-                 max_grad_norm=1.0, val_fraction=0.15, patience=10, eval_every=25,
+                 max_grad_norm=1.0, val_fraction=0.15, min_gain=0.0, patience=10,
+                 eval_every=25,
                  refit=False, n_members=1, combine="mean", linear_skip=False,
-                 skip_lags=None, skip_ridge=1e-3, seed=0, dtype=np.float32, device=None,
-                 progress=True):
+                 skip_lags=None, skip_ridge=1e-3, skip_fit="direct", seed=0,
+                 dtype=np.float32, device=None, progress=True):
         self.lookback = check_int("lookback", lookback)
         self.horizon = check_int("horizon", horizon)
         for name in ("d_model", "n_layers", "d_state", "d_conv", "expand",
@@ -209,11 +226,12 @@ class LookbackModel:
             raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
         if skip_lags is not None:
             skip_lags = check_int("skip_lags", skip_lags)
-            if skip_lags > self.lookback:
-                raise ValueError(f"skip_lags must be <= lookback = {self.lookback}, "
-                                 f"got {skip_lags}")
+        if skip_fit not in SKIP_FIT:
+            raise ValueError(f"skip_fit must be one of {SKIP_FIT}, got {skip_fit!r}")
         if not skip_ridge >= 0:
             raise ValueError(f"skip_ridge must be >= 0, got {skip_ridge!r}")
+        if not 0 <= min_gain < 1:
+            raise ValueError(f"min_gain must be in [0, 1), got {min_gain!r}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         if np.dtype(dtype) not in (np.float32, np.float64):
@@ -228,11 +246,13 @@ class LookbackModel:
             steps=int(steps), batch_size=int(batch_size), lr=float(lr),
             weight_decay=float(weight_decay), warmup_steps=int(warmup_steps),
             max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
-            val_fraction=float(val_fraction), patience=int(patience),
+            val_fraction=float(val_fraction), min_gain=float(min_gain),
+            patience=int(patience),
             eval_every=int(eval_every), refit=bool(refit), n_members=int(n_members),
             combine=combine, linear_skip=bool(linear_skip),
             skip_lags=None if skip_lags is None else int(skip_lags),
-            skip_ridge=float(skip_ridge), seed=int(seed), dtype=np.dtype(dtype).name, device=device,
+            skip_ridge=float(skip_ridge), skip_fit=skip_fit, seed=int(seed),
+            dtype=np.dtype(dtype).name, device=device,
             progress=bool(progress))
         self.config_ = None
         self.members_ = None
@@ -411,7 +431,7 @@ class LookbackModel:
             n_val = int(round(s["val_fraction"] * Ti)) if s["val_fraction"] > 0 else 0
             if n_val:
                 n_val = max(n_val, H)
-            need = L + H + n_val
+            need = self._span + H + n_val
             if Ti < need:
                 what = "y" if segments is None else f"series {i} of the panel"
                 raise ValueError(f"{what} must have at least lookback + horizon"
@@ -456,9 +476,12 @@ class LookbackModel:
         # window w covers positions [w, w + L); its last position w + L - 1 forecasts up to w+L-1+H
         # window starts of training (last target inside [a, cut)) and of the refit, last
         # positions of the validation windows, per segment
-        pool = np.concatenate([np.arange(a, c - L - H + 1) for (a, _), c in zip(segs, cuts)])
-        pool_all = np.concatenate([np.arange(a, b - L - H + 1) for a, b in segs])
-        val_ends = [k for (a, b), c in zip(segs, cuts) for k in range(max(c - 1, a + L - 1), b - H)]
+        # (a skip with more lags than L: windows start where its lags are complete)
+        g = self._span - L
+        pool = np.concatenate([np.arange(a + g, c - L - H + 1) for (a, _), c in zip(segs, cuts)])
+        pool_all = np.concatenate([np.arange(a + g, b - L - H + 1) for a, b in segs])
+        val_ends = [k for (a, b), c in zip(segs, cuts)
+                    for k in range(max(c - 1, a + self._span - 1), b - H)]
         n_val = T - int(sum(c - a for (a, _), c in zip(segs, cuts)))
         skip = skip_all = S = S_all = None
         if s["linear_skip"]:
@@ -469,11 +492,20 @@ class LookbackModel:
             Yh = ys[idx].reshape(T, H * C)
             rows = xp.asarray(np.concatenate([np.arange(a + P - 1, c - H)
                                               for (a, _), c in zip(segs, cuts)]))
-            skip = skip_all = self._fit_skip(Z[rows], Yh[rows])
+            rows1 = xp.asarray(np.concatenate([np.arange(a + P - 1, c - 1)
+                                               for (a, _), c in zip(segs, cuts)]))
+            how = s["skip_fit"]
+            if cov is not None and how != "direct":  # a recursion cannot read future covariates
+                if how == "recursive":
+                    raise ValueError("skip_fit='recursive' takes no covariates: use 'direct' "
+                                     "(or 'both', which is direct with covariates)")
+                how = "direct"
+            skip = skip_all = self._fit_skip(Z, Yh, rows, rows1, ys, how)
             S = S_all = (Z @ skip).astype(dt)  # (T, H*C)
             if n_val and s["refit"]:  # the refit's skip sees all of y too
                 rows = xp.asarray(np.concatenate([np.arange(a + P - 1, b - H) for a, b in segs]))
-                skip_all = self._fit_skip(Z[rows], Yh[rows])
+                rows1 = xp.asarray(np.concatenate([np.arange(a + P - 1, b - 1) for a, b in segs]))
+                skip_all = self._fit_skip(Z, Yh, rows, rows1, ys, how)
                 S_all = (Z @ skip_all).astype(dt)
         # positions with a full lag vector for the skip inside their segment (host)
         self._lag_ok = np.concatenate([np.arange(b - a) >= self._skip_lags - 1
@@ -497,7 +529,7 @@ class LookbackModel:
         self.val_pred_ = xp.stack(val_pred, axis=1).reshape(-1, len(val_pred), H, C) \
             if val_pred else None
         self.val_true_ = ys[idx][xp.asarray(val_ends, dtype=np.int64)] if val_ends else None
-        keep = min(T, L)
+        keep = min(T, self._span)
         self.last_y_ = y2[T - keep:]
         self.last_past_ = None if pc is None else pc[T - keep:]
         self.last_future_ = None if fc is None else fc[T - keep:]  # history rows + known future
@@ -538,6 +570,12 @@ class LookbackModel:
     def _skip_lags(self):
         return self.settings["skip_lags"] or self.settings["lookback"]
 
+    @property
+    def _span(self):
+        """Samples of history a forecast reads: the lookback, or more lags of the skip."""
+        L = self.settings["lookback"]
+        return max(L, self._skip_lags) if self.settings["linear_skip"] else L
+
     def _lags(self, ys, cov=None):
         """Rows ``[ys[k-P+1..k] flattened, cov[k], 1]`` of the linear skip, ``(T, P*C + K + 1)``.
 
@@ -552,14 +590,48 @@ class LookbackModel:
         cols = [pad[idx].reshape(T, P * C)] + ([] if cov is None else [cov])
         return xp.concatenate(cols + [xp.ones((T, 1))], axis=1)
 
-    def _fit_skip(self, Z, Y):
-        """Ridge solution ``W (P*C + 1, H*C)`` of ``Z W ~ Y`` (penalty ``skip_ridge * n``,
-        the intercept not penalised)."""
+    def _fit_skip(self, Z, Y, rows, rows1, ys, how):
+        """The skip's map ``W (P*C + K + 1, H*C)`` from the lag rows ``Z`` (see :meth:`_lags`)
+        to the next ``H`` values ``Y (T, H*C)``: ridge on ``rows``, the recursive
+        autoregression fitted on the one-step ``rows1`` (targets ``ys[k + 1]``), or their mean
+        (``how``, the ``skip_fit``)."""
+        maps = []
+        if how in ("direct", "both"):
+            maps.append(self._ridge(Z[rows], Y[rows]))
+        if how in ("recursive", "both"):
+            maps.append(self._recursive_map(Z[rows1], ys[rows1 + 1], Z.shape[1]))
+        return maps[0] if len(maps) == 1 else (maps[0] + maps[1]) / 2
+
+    def _ridge(self, Z, Y):
+        """Ridge solution ``W (d, H*C)`` of ``Z W ~ Y`` (penalty ``skip_ridge * n``, the
+        intercept not penalised)."""
         xp = array_namespace(Z=Z)
         n, d = Z.shape
         R = xp.eye(d) * (self.settings["skip_ridge"] * n)
         R[-1, -1] = 0.0
         return xp.linalg.solve(Z.T @ Z + R, Z.T @ Y.astype(np.float64))
+
+    def _recursive_map(self, Z, y1, d):
+        """The ``H``-step forecast of the least-squares AR(P) on the lags (and intercept), as
+        an affine map ``W (d, H*C)`` of a lag row: each forecast step is a linear function of
+        the row, found by iterating the one-step model on those functions."""
+        xp = array_namespace(Z=Z)
+        C, P, H = self.n_channels_, self._skip_lags, self.horizon
+        cols = list(range(P * C)) + [d - 1]  # the lags and the intercept
+        A = xp.linalg.lstsq(Z[:, cols], y1.astype(np.float64), rcond=None)[0]  # (P*C+1, C)
+        E = xp.zeros((d, len(cols)))
+        E[xp.asarray(cols), xp.arange(len(cols))] = 1.0
+        # the functions (d, C) of the last P values, oldest first, then the forecasts
+        vals = [E[:, j * C:(j + 1) * C] for j in range(P)]
+        one = E[:, -1:]
+        out = []
+        for _ in range(H):
+            nxt = one @ A[-1:]
+            for j in range(P):
+                nxt = nxt + vals[len(vals) - P + j] @ A[j * C:(j + 1) * C]
+            vals.append(nxt)
+            out.append(nxt)
+        return xp.concatenate(out, axis=1)
 
     def _instance_norm(self, x, y=None, base=None):
         """Normalise the value columns of windows ``x (B, L, d_in)`` by their own stats.
@@ -641,6 +713,7 @@ class LookbackModel:
             v = self._val_loss(params, val_ends)
             hist["val_losses"].append((0, v))
             best.update(val=v, step=0, params={k: a.copy() for k, a in params.items()})
+        zero = dict(best)
         bar = _progress(range(steps), s["progress"], f"member {j + 1}/{s['n_members']}")
         for step in bar:
             starts = pool[rng.integers(0, len(pool), min(s["batch_size"], len(pool)))]
@@ -665,6 +738,8 @@ class LookbackModel:
                     if bad >= s["patience"]:
                         break
         hist["train_losses"].extend(ts.losses())
+        if val_ends and s["linear_skip"] and best["val"] > (1 - s["min_gain"]) * zero["val"]:
+            best = zero  # too small a gain over the skip alone to tell from noise
         hist["steps_run"] = len(hist["train_losses"])
         hist["best_step"] = best["step"] if best["params"] is not None else hist["steps_run"]
         hist["best_val"] = best["val"] if best["params"] is not None else None
@@ -730,9 +805,10 @@ class LookbackModel:
             if yh.shape[1] != C:
                 raise ValueError(f"y must have {C} channel(s) like the fitted series, got "
                                  f"shape {tuple(xp.asarray(y).shape)}")
-            if yh.shape[0] < L:
-                raise ValueError(f"y must have at least lookback = {L} samples, got "
-                                 f"{yh.shape[0]}")
+            if yh.shape[0] < self._span:
+                what = f"lookback = {L}" if self._span == L else \
+                    f"skip_lags = {self._span} (the linear skip's lags)"
+                raise ValueError(f"y must have at least {what} samples, got {yh.shape[0]}")
             if self._timed and th is None:
                 raise ValueError("this forecaster was fitted with sample times: pass t with y")
         if th is not None and not self._timed:
@@ -750,7 +826,8 @@ class LookbackModel:
                     raise ValueError("t_future must be strictly increasing and after the "
                                      "last time of t")
         cov = self._predict_cov(y, yh.shape[0], past, future)
-        yh, th = yh[-L:], None if th is None else th[-L:]
+        R = self._span
+        yh, th = yh[-R:], None if th is None else th[-R:]
         if cov is not None and (not members or horizon > H):
             raise ValueError(f"with covariates the forecast is direct only: horizon must be "
                              f"<= {H} (members=True)")
@@ -766,9 +843,9 @@ class LookbackModel:
             step = self._predict_block(yh, th, None if tf is None else tf[done:])
             n = min(H, horizon - done)
             out.append(step[:n])
-            yh = xp.concatenate([yh, step[:n]])[-L:]
+            yh = xp.concatenate([yh, step[:n]])[-R:]
             if th is not None:
-                th = xp.concatenate([th, tf[done:done + n]])[-L:]
+                th = xp.concatenate([th, tf[done:done + n]])[-R:]
             done += n
         res = xp.concatenate(out)
         return res[:, 0] if self.one_d_ else res
@@ -810,7 +887,7 @@ class LookbackModel:
             else:
                 fc = self._check_cov("future_covariates", future, n_hist + H, xp,
                                      at_least=True)
-        n = min(n_hist, L)
+        n = min(n_hist, self._span)
         pc = None if pc is None else pc[pc.shape[0] - n:]
         if fc is not None:
             start = (self.last_y_.shape[0] if y is None else n_hist) - n
@@ -818,10 +895,11 @@ class LookbackModel:
         return self._cov_features(pc, fc, n)
 
     def _member_forecasts(self, yh, th, tf, cov=None):
-        """Each member's direct forecast ``(n_members, H, C)`` after history ``yh (L, C)``,
-        with covariate features ``cov (L, K)`` (or None)."""
+        """Each member's direct forecast ``(n_members, H, C)`` after history ``yh (R, C)``,
+        with covariate features ``cov (R, K)`` (or None); the models read the last
+        ``lookback`` rows, the skip its lags."""
         xp = self.xp_
-        H, C = self.horizon, self.n_channels_
+        H, C, L = self.horizon, self.n_channels_, self.settings["lookback"]
         ys = self.scaler_.transform(yh)
         q = None
         if self._timed:
@@ -829,13 +907,13 @@ class LookbackModel:
         feats, dtau = self._features(ys, th, q)
         if cov is not None:
             feats = xp.concatenate([feats, cov], axis=1)
-        x = feats.astype(self.dtype_)[None]  # (1, L, d_in)
+        x = feats[-L:].astype(self.dtype_)[None]  # (1, L, d_in)
         mu = sd = None
         if self.settings["instance_norm"]:
             x, _, mu, sd = self._instance_norm(x)
-        dt = None if dtau is None or not self._use_delta else dtau.astype(self.dtype_)[None]
-        outs = [model_forward(x, params, self.config_, dtau=dt)[0][0, -1].reshape(H, C).astype(np.float64)
-                for params in self.members_]
+        dt = None if dtau is None or not self._use_delta else dtau[-L:].astype(self.dtype_)[None]
+        outs = [model_forward(x, params, self.config_, dtau=dt)[0][0, -1].reshape(H, C)
+                .astype(np.float64) for params in self.members_]
         outs = xp.stack(outs)  # (n_members, H, C)
         if sd is not None:
             outs = outs * sd[0]

@@ -13,7 +13,7 @@ from ._metrics import (interval_coverage, mae, mase, pinball_loss, quantile_leve
 from ._params import Params
 from ._windows import Scaler, as_2d, check_int
 
-__all__ = ["MambaForecaster", "detect_season"]
+__all__ = ["MambaForecaster", "ar_order_aic", "detect_season"]
 
 _FORMAT = "numba-mamba-forecaster-ensemble"
 _OLD_FORMAT = "numba-mamba-forecaster"
@@ -23,7 +23,6 @@ _REMOVED = {
     "horizon": "the forecast horizon is given at fit: fit(y, fh=h) trains a direct head for "
                "h steps and predict(fh) forecasts up to h steps (horizon had two meanings)",
     "n_members": "members now differ in lookback and seed: use n_seeds (seeds per lookback)",
-    "skip_lags": "the linear skip uses each member's lookback as its lags",
 }
 
 
@@ -86,6 +85,59 @@ def detect_season(y, max_period=None, min_acf=0.3):
     return min(k for k in peaks if acf[k] >= 0.9 * best)
 
 
+def ar_order_aic(y, max_lag, segments=None):
+    """Lag order of a least-squares autoregression with intercept, chosen by AIC.
+
+    Every order ``p = 0 .. max_lag`` is fitted on the same rows (those with
+    ``max_lag`` earlier samples); the AIC is ``n log det(S) + 2 k``, with
+    ``S`` the residual covariance and ``k = (p C + 1) C`` coefficients
+    (a vector autoregression for ``C`` channels).
+
+    Parameters
+    ----------
+    y : array, shape (T,) or (T, C)
+    max_lag : int
+    segments : list of (start, end), optional
+        ``y`` is several series end to end (a panel): lags stay inside each.
+
+    Returns
+    -------
+    int
+        The order, at least 1 (0 is scored, but the linear skip needs a lag).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_mamba.timeseries import ar_order_aic
+    >>> rng = np.random.default_rng(0)
+    >>> y = np.zeros(500)
+    >>> for t in range(3, 500):
+    ...     y[t] = 0.5 * y[t - 1] - 0.4 * y[t - 2] + 0.3 * y[t - 3] + rng.standard_normal()
+    >>> ar_order_aic(y, 10)
+    3
+    """
+    y2, _ = as_2d("y", _host(y))
+    y2 = y2.astype(np.float64)
+    T, C = y2.shape
+    P = check_int("max_lag", max_lag)
+    segs = [(0, T)] if segments is None else [(int(a), int(b)) for a, b in segments]
+    ks = np.concatenate([np.arange(a + P, b) for a, b in segs])
+    if ks.size <= P * C + 1:
+        raise ValueError(f"y must have more than max_lag + {P * C + 1} samples in its "
+                         f"segments for max_lag = {P}, got {T}")
+    lags = np.stack([y2[ks - j] for j in range(1, P + 1)], axis=1).reshape(len(ks), P * C)
+    target, n = y2[ks], len(ks)
+    jitter = 1e-12 * np.eye(C) * max(float(target.var(axis=0).max()), 1e-300)
+    best = None
+    for p in range(P + 1):
+        X = np.concatenate([lags[:, :p * C], np.ones((n, 1))], axis=1)
+        r = target - X @ np.linalg.lstsq(X, target, rcond=None)[0]
+        aic = n * np.linalg.slogdet(r.T @ r / n + jitter)[1] + 2 * (p * C + 1) * C
+        if best is None or aic < best[0] - 1e-9 * abs(best[0]):
+            best = (aic, p)
+    return max(best[1], 1)
+
+
 def _is_panel(y):
     """A list or tuple of arrays (not of numbers or nested lists) is a panel of series."""
     return isinstance(y, (list, tuple)) and len(y) > 0 and all(hasattr(e, "shape") for e in y)
@@ -96,22 +148,30 @@ class MambaForecaster(Params):
 
     ``fit(y, fh=h)`` trains, for every lookback and seed, a Mamba model with
     a *direct* head for the ``h`` steps after each position, on top of a
-    ridge-regression linear autoregression (the linear skip); ``predict()``
+    linear autoregression (the linear skip); ``predict()``
     forecasts the ``h`` samples after the end of ``y`` as the median over
     all members, and ``predict(quantiles=...)`` / :meth:`predict_interval`
     add quantiles from the validation residuals.
 
-    The defaults are the recipe that held up on sunspots and CO2:
+    The defaults (skip lags, skip map and ``min_gain`` chosen on development
+    origins of sunspots, CO2, airline and lynx; ``examples/forecast_select.py``):
 
     * lookbacks of 1, 2 and 3 seasonal periods (``season`` given, or found
       by :func:`detect_season`; 8, 16, 32 samples without a season), capped
       on short series so that every lookback keeps at least 8 training
       windows;
     * ``n_seeds`` members per lookback, combined by the median;
+    * the linear skip reads ``skip_lags`` lags, chosen by AIC on the
+      series (:func:`ar_order_aic`, up to the longest lookback and a
+      quarter of the series' length), and is the mean of a direct ridge map and the
+      iterated one-step autoregression (``skip_fit="both"``); all members
+      share it;
     * the last ``val_fraction`` of the series is a validation split: it
       picks the ridge penalty of the skip among ``skip_ridge`` (mean
       validation MSE over lookbacks, skip alone), each member's stopping
-      step, and gives the residuals of the intervals; each member is then
+      step (step 0 is the skip alone, and a member keeps its Mamba part
+      only if it removes ``min_gain`` = 25 % of the skip's validation MSE),
+      and gives the residuals of the intervals; each member is then
       refitted on the whole series (``refit``);
     * each window is normalised by its own mean and spread for the Mamba
       part (``instance_norm``); the skip sees the globally scaled series.
@@ -136,18 +196,30 @@ class MambaForecaster(Params):
     combine : {"median", "mean"}, optional
         How all members' forecasts are combined.
     linear_skip : bool, optional
-        Add the ridge direct autoregression; the Mamba models learn what it
-        leaves over.  ``steps=0``: the skip alone.
+        Add the linear autoregression (the skip); the Mamba models learn what
+        it leaves over, and each member's early stopping can keep the skip
+        alone (step 0).  ``steps=0``: the skip alone.
+    skip_lags : "aic", int or None, optional
+        Lags of the skip: chosen by AIC on the training part (``"aic"``), a
+        fixed number, or None: each member's lookback.
+    skip_fit : {"both", "direct", "recursive"}, optional
+        The skip's map from its lags to the ``fh`` next values: a ridge
+        regression per step (``"direct"``), the least-squares one-step
+        autoregression iterated over the horizon (``"recursive"``), or the
+        mean of the two (``"both"``; direct alone with covariates, which a
+        recursion cannot read ahead).
     skip_ridge : float or sequence of float, optional
         Ridge penalty (per training row) of the skip, or candidates picked
         on validation (without validation: the middle candidate).
     instance_norm, refit, d_model, n_layers, d_state, d_conv, expand, dt_min, dt_max, scaler, \
 train_on, time_as, steps, batch_size, lr, weight_decay, warmup_steps, max_grad_norm, \
-val_fraction, patience, eval_every : optional
+val_fraction, min_gain, patience, eval_every : optional
         Training and model settings of every member, as in the engine (see
         the module docstring): ``steps`` is the most optimizer steps per
         member, ``val_fraction`` the held-out end of the series (0: no
-        validation, no intervals), ``patience`` evaluations every
+        validation, no intervals), ``min_gain`` the fraction of the skip's
+        validation MSE a member's Mamba part must remove to be kept,
+        ``patience`` evaluations every
         ``eval_every`` steps without improvement stop a member.
     seed : int, optional
         First seed; the members of every lookback use seeds
@@ -166,6 +238,8 @@ val_fraction, patience, eval_every : optional
     lookbacks_ : tuple of int
     ridge_ : float or None
         The skip's penalty used.
+    skip_lags_ : int or None
+        The skip's lags (None: each member's lookback, or no skip).
     residuals_ : array, shape (n_windows, fh, C) or None
         Validation residuals ``y - forecast`` of the combined forecast of the
         members trained before the refit (original units; after a fit on a
@@ -198,11 +272,13 @@ val_fraction, patience, eval_every : optional
     _REMOVED = _REMOVED
 
     def __init__(self, lookback=None, *, season=None, n_seeds=1, combine="median",
-                 linear_skip=True, skip_ridge=(1e-5, 1e-3, 1e-1), instance_norm=True,
+                 linear_skip=True, skip_ridge=(1e-5, 1e-3, 1e-1), skip_lags="aic",
+                 skip_fit="both", instance_norm=True,
                  refit=True, d_model=16, n_layers=2, d_state=16, d_conv=4, expand=2,
                  dt_min=0.01, dt_max=1.0, scaler="standard", train_on="auto",
                  time_as="delta", steps=300, batch_size=32, lr=2e-3, weight_decay=0.01,
-                 warmup_steps=50, max_grad_norm=1.0, val_fraction=0.15, patience=100,
+                 warmup_steps=50, max_grad_norm=1.0, val_fraction=0.15, min_gain=0.25,
+                 patience=100,
                  eval_every=25, seed=0, dtype=np.float32, device=None, progress=False,
                  **removed):
         args = {k: v for k, v in locals().items() if k not in ("self", "removed")}
@@ -263,22 +339,29 @@ val_fraction, patience, eval_every : optional
         except (TypeError, ValueError):
             raise ValueError(f"skip_ridge must be a number >= 0 or a sequence of them, "
                              f"got {r!r}") from None
+        sl = self.skip_lags
+        if sl is not None and sl != "aic":
+            if isinstance(sl, str):
+                raise ValueError(f"skip_lags must be 'aic', a positive integer or None, "
+                                 f"got {sl!r}")
+            check_int("skip_lags", sl)
         # the engine checks the rest (and names the argument)
         LookbackModel(max(lbs) if lbs else 8, 1, **self._engine_kwargs(ridges[0]))
 
-    def _engine_kwargs(self, ridge, n_members=None):
+    def _engine_kwargs(self, ridge, n_members=None, skip_lags=None):
         return dict(d_model=self.d_model, n_layers=self.n_layers, d_state=self.d_state,
                     d_conv=self.d_conv, expand=self.expand, dt_min=self.dt_min,
                     dt_max=self.dt_max, scaler=self.scaler, instance_norm=self.instance_norm,
                     train_on=self.train_on, time_as=self.time_as, steps=self.steps,
                     batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                     warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm,
-                    val_fraction=self.val_fraction, patience=self.patience,
+                    val_fraction=self.val_fraction, min_gain=self.min_gain,
+                    patience=self.patience,
                     eval_every=self.eval_every, refit=self.refit,
                     n_members=self.n_seeds if n_members is None else n_members,
                     combine=self.combine, linear_skip=self.linear_skip, skip_ridge=ridge,
-                    seed=self.seed, dtype=self.dtype, device=self.device,
-                    progress=self.progress)
+                    skip_lags=skip_lags, skip_fit=self.skip_fit, seed=self.seed,
+                    dtype=self.dtype, device=self.device, progress=self.progress)
 
     def __repr__(self):
         default = type(self)()
@@ -361,8 +444,10 @@ val_fraction, patience, eval_every : optional
         lookbacks = self._lookbacks_given()
         lookbacks = tuple(int(v) for v in lookbacks) if lookbacks is not None \
             else self._auto_lookbacks(season, T, fh)
+        lags = self._choose_skip_lags(y2, lookbacks)
         self._fit_members(y2[:, 0] if one_d else y2, fh, season, lookbacks, n_val > 0,
-                          dict(t=tt, **cov), {})
+                          dict(t=tt, **cov), dict(skip_lags=lags))
+        self.skip_lags_ = lags
         self.one_d_, self.n_channels_ = one_d, y2.shape[1]
         if self.residuals_ is not None:  # to the series' units
             self.residuals_ = self.residuals_ * self.engines_[0].scaler_.scale_
@@ -424,16 +509,29 @@ val_fraction, patience, eval_every : optional
         ends = np.cumsum(lengths)
         segments = [(int(e - T), int(e)) for e, T in zip(ends, lengths)]
         one_d = series[0][1]
+        lags = self._choose_skip_lags(z, lookbacks, segments)
         self._fit_members(z[:, 0] if one_d else z, fh, season, lookbacks, n_vals[0] > 0,
-                          dict(segments=segments), dict(scaler="none"))
+                          dict(segments=segments), dict(scaler="none", skip_lags=lags))
+        self.skip_lags_ = lags
         self.one_d_, self.n_channels_ = one_d, z.shape[1]
         self.panel_scalers_ = scalers
-        self.panel_last_ = [y2[-max(lookbacks):] for y2, _ in series]
+        self.panel_last_ = [y2[-max(max(lookbacks), lags or 0):] for y2, _ in series]
         self._set_sigma()  # in scaled units: each series' scale multiplies it
         return self
 
+    def _choose_skip_lags(self, train, lookbacks, segments=None):
+        """The skip's lags: ``skip_lags``, or by AIC on the whole series ``train`` (an
+        in-sample criterion, as for AutoReg; up to the longest lookback and a quarter of the
+        shortest series)."""
+        if not self.linear_skip or self.skip_lags is None:
+            return None
+        if self.skip_lags != "aic":
+            return int(self.skip_lags)
+        shortest = min(b - a for a, b in segments) if segments else train.shape[0]
+        return ar_order_aic(train, max(1, min(max(lookbacks), shortest // 4)), segments)
+
     def _reset(self):
-        self.engines_ = self.panel_scalers_ = self.panel_last_ = None
+        self.engines_ = self.panel_scalers_ = self.panel_last_ = self.skip_lags_ = None
         self.residuals_ = self.sigma_ = None
 
     def _set_sigma(self):
@@ -699,6 +797,7 @@ val_fraction, patience, eval_every : optional
         params["dtype"] = np.dtype(params["dtype"]).name
         extra = {"format": _FORMAT, "params": params, "fh": self.fh_, "season": self.season_,
                  "lookbacks": list(self.lookbacks_), "ridge": self.ridge_,
+                 "skip_lags": self.skip_lags_,
                  "ridge_scores": [[k, v] for k, v in self.ridge_scores_.items()],
                  "one_d": self.one_d_, "n_channels": self.n_channels_,
                  "engines": [e._meta() for e in self.engines_]}
@@ -725,6 +824,9 @@ val_fraction, patience, eval_every : optional
                                   f"MambaForecaster (extra format {extra.get('format')!r})")
         params = dict(extra["params"])
         params["dtype"] = np.dtype(params["dtype"]).type
+        # checkpoints from before skip_lags/skip_fit: each lookback's lags, the direct map
+        params.setdefault("skip_lags", None)
+        params.setdefault("skip_fit", "direct")
         for k in ("lookback", "skip_ridge"):
             if isinstance(params[k], list):
                 params[k] = tuple(params[k])
@@ -734,6 +836,7 @@ val_fraction, patience, eval_every : optional
         self.fh_, self.season_ = int(extra["fh"]), int(extra["season"])
         self.lookbacks_ = tuple(extra["lookbacks"])
         self.ridge_ = extra["ridge"]
+        self.skip_lags_ = extra.get("skip_lags")
         self.ridge_scores_ = {k: v for k, v in extra["ridge_scores"]}
         self.one_d_, self.n_channels_ = bool(extra["one_d"]), int(extra["n_channels"])
         self.residuals_ = ck.params.get("residuals")
