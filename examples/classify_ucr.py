@@ -84,13 +84,17 @@ def main():
     ap.add_argument("--bidirectional", action=argparse.BooleanOptionalAction,
                     default=d["bidirectional"])
     ap.add_argument("--crop", type=float, default=d["crop"])
+    norm = {True: "series", False: "none"}.get(d["normalize"], d["normalize"])
+    ap.add_argument("--normalize", choices=("series", "global", "none"), default=norm,
+                    help="MambaClassifier's normalize (none: False)")
     ap.add_argument("--jitter", type=float, default=d["jitter"])
     ap.add_argument("--select", type=float, default=0.0,
                     help="hold out this share of each training split (test split unused)")
     args = ap.parse_args()
     options = dict(steps=args.steps, n_seeds=args.seeds, seed=args.seed,
                    val_fraction=args.val_fraction, pool=args.pool, n_features=args.features,
-                   bidirectional=args.bidirectional, crop=args.crop, jitter=args.jitter)
+                   bidirectional=args.bidirectional, crop=args.crop, jitter=args.jitter,
+                   normalize=False if args.normalize == "none" else args.normalize)
     print(f"MambaClassifier options: {options}")
     if args.select:
         return select(args.datasets.split(","), args.select, options)

@@ -15,12 +15,20 @@ with ``min_gain`` in ``--gains`` (the fraction of the skip's validation MSE a me
 part must remove to be kept; 0 keeps the best validation step, as before) and the skip alone
 (``steps=0``).
 
-The rule, fixed before the first run: the chosen variant has the lowest mean over the four
+``--linear``: the linear skip alone (``steps=0``, no Mamba) instead, in the variants that
+set the skip's default: the earlier skip (each lookback's lags, direct ridge, median over
+lookbacks m, 2m, 3m) and, with the AIC's lag order, the direct ridge map, the iterated one-step
+autoregression (the same forecast as statsmodels' ``AutoReg`` at that order) and their mean
+(the default, ``skip_fit="both"``).  No rule picks among these automatically: the mean was
+taken for being close to the best variant on every series (forecast combination), see
+``examples/RESULTS_forecasting.md``.
+
+The rule for ``min_gain``, fixed before its first run: the chosen variant has the lowest mean over the four
 series of (variant's mean MASE) / (seasonal naive's mean MASE), so that each series weighs
 the same; among variants within 0.005 of the lowest, the larger ``min_gain`` (the simpler
 forecast).
 
-Run:  python examples/forecast_select.py [--gains 0,0.1,0.25] [--series ...]
+Run:  python examples/forecast_select.py [--gains 0,0.1,0.25] [--series ...] [--linear]
 """
 
 import argparse
@@ -39,10 +47,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--series", default=",".join(DEV))
     ap.add_argument("--gains", default="0,0.1,0.25")
+    ap.add_argument("--linear", action="store_true", help="the skip's variants, no Mamba")
     args = ap.parse_args()
     gains = [float(g) for g in args.gains.split(",")]
-    variants = {f"default, min_gain={g}": dict(min_gain=g) for g in gains}
-    variants["skip alone (steps=0)"] = dict(steps=0)
+    if args.linear:
+        gains = []
+        variants = {"earlier skip (direct m/2m/3m)": dict(skip_lags=None, skip_fit="direct"),
+                    "direct ridge, AIC lags": dict(skip_fit="direct"),
+                    "recursive AR, AIC lags": dict(skip_fit="recursive"),
+                    "mean of both (default skip)": dict(skip_fit="both")}
+        variants = {k: dict(v, steps=0) for k, v in variants.items()}
+    else:
+        variants = {f"default, min_gain={g}": dict(min_gain=g) for g in gains}
+        variants["skip alone (steps=0)"] = dict(steps=0)
     rel = {k: [] for k in variants}
     for name in args.series.split(","):
         y, m, h = load(name)
@@ -64,6 +81,8 @@ def main():
     score = {k: float(np.mean(v)) for k, v in rel.items()}
     for k, v in score.items():
         print(f"{k:<30}{v:8.3f}")
+    if not gains:
+        return
     low = min(score.values())
     close = [g for g in gains if score[f"default, min_gain={g}"] <= low + 0.005]
     print(f"chosen: min_gain = {max(close)}" if close else

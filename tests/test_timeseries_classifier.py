@@ -146,6 +146,24 @@ def test_meanmax_bidirectional_augmented_learns_and_pickles():
         MambaClassifier(jitter=-1)
 
 
+def test_global_normalization_keeps_the_level_that_per_series_normalization_removes():
+    # the classes differ only in level (0 or 3): standardising each series removes it
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    X = 3.0 * y[:, None, None] + rng.standard_normal((60, 20, 2)) * [1.0, 5.0]
+    kw = dict(steps=60, bidirectional=False, **TINY)
+    glob = MambaClassifier(normalize="global", **kw).fit(X[:40], y[:40])
+    np.testing.assert_allclose(glob.center_, X[:40].mean(axis=(0, 1)), rtol=1e-10)
+    np.testing.assert_allclose(glob.scale_, X[:40].std(axis=(0, 1)), rtol=1e-10)
+    assert glob.score(X[40:], y[40:]) >= 0.9
+    per_series = MambaClassifier(normalize="series", **kw).fit(X[:40], y[:40])
+    assert per_series.score(X[40:], y[40:]) <= 0.75
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(glob)).predict_proba(X[40:]),
+                                  glob.predict_proba(X[40:]))
+    with pytest.raises(ValueError, match="normalize must be True, False, 'series' or 'global'"):
+        MambaClassifier(normalize="minmax")
+
+
 def test_parameters_clone_and_pickle():
     X, y = _two_frequencies(20)
     clf = MambaClassifier(steps=5, pool="last", **TINY)
