@@ -16,8 +16,8 @@ and, for reference, ``ExponentialSmoothing(trend="add", seasonal="add")``
 with statsmodels' default fit.
 
 The forecaster is the library's default, ``MambaForecaster(season=12)``
-fitted with ``fit(train, fh=48)`` (see ``forecast_sunspots.py``): a ridge
-linear autoregression of the next 48 months on the last ``lookback`` months
+fitted with ``fit(train, fh=48)`` (see ``forecast_sunspots.py``): a
+linear autoregression of the next 48 months on the AIC's number of lags
 plus a small Mamba model on the instance-normalised window that learns the
 remainder; lookbacks of one, two and three years (12, 24, 36), median over
 lookbacks x seeds; the ridge penalty and each member's stopping step are

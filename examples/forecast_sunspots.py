@@ -7,11 +7,13 @@ error of the naive forecast, m = 1, on the training years) and sMAPE.
 
 The forecaster is the library's default, ``MambaForecaster(season=11)``
 fitted with ``fit(train, fh=20)``: an ensemble over lookbacks of one, two
-and three solar cycles (11, 22, 33 years) and seeds, each member a direct
-linear autoregression of the next 20 years (ridge, closed form, in
+and three solar cycles (11, 22, 33 years) and seeds, each member a linear
+autoregression of the next 20 years on the AIC's number of lags (the mean
+of a direct ridge map and the iterated one-step fit, closed form, in
 globally scaled units: it keeps the amplitude of the cycles) plus a small
 Mamba model that sees the window normalised by its own mean and spread and
-learns what the linear part leaves over; the forecast is the median over
+learns what the linear part leaves over (kept only if it removes a quarter
+of the linear part's validation error); the forecast is the median over
 members.
 
 Protocol (the test years are used only for the table): the last 15 % of
