@@ -11,7 +11,8 @@ flags are in :mod:`.scan_blocks`' docstring):
 
 :func:`choose_engine` picks one by size and ``settings.engine``;
 :func:`scan_forward` / :func:`scan_backward` allocate the outputs and launch
-it; :func:`forward_plan` gives the state engine's per-layout plan.
+it; :func:`forward_plan` / :func:`backward_plan` give the state engine's
+per-layout plans.
 """
 
 from typing import NamedTuple
@@ -20,8 +21,8 @@ from . import scan_states
 from .scan_blocks import backward_into, forward_into
 from .settings import settings
 
-__all__ = ["GpuScanSaved", "choose_engine", "forward_plan", "scan_backward", "scan_forward",
-           "settings"]
+__all__ = ["GpuScanSaved", "backward_plan", "choose_engine", "forward_plan", "scan_backward",
+           "scan_forward", "settings"]
 
 
 class GpuScanSaved(NamedTuple):
@@ -140,6 +141,20 @@ def forward_plan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
         return None
     return scan_states.forward_plan((u, delta, A, B, C, D, z, delta_bias, initial_state),
                                     delta_softplus, save)
+
+
+def backward_plan(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                  initial_state, saved):
+    """The state engine's plan of :func:`scan_backward` for these canonical
+    arguments and the forward's ``saved``
+    (:func:`cuda_kernels.scan_states.backward_plan`: ``plan(arrays,
+    tile_states)``), where that engine ran the forward and
+    ``settings.deterministic`` is off; else None."""
+    if not isinstance(saved, scan_states.StatesSaved):
+        return None
+    return scan_states.backward_plan(
+        (dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state),
+        delta_softplus, saved.plan)
 
 
 def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,

@@ -115,6 +115,7 @@ __all__ = [
     "MAX_STATES",
     "StatesPlan",
     "StatesSaved",
+    "backward_plan",
     "backward_segments",
     "gradient_buffers",
     "compile_options",
@@ -140,6 +141,15 @@ FLAG_DLAST = 128
 
 _BLOCK = 128  # most threads per block
 _MAX_STATIC_SHARED = 48 * 1024
+# Most output steps per thread and tile whose per-step inputs (u and z in the
+# forward, dout and z in the backward) are read into registers before the
+# recurrence, so that their latency hides behind it; more are read after it.
+# The forward in float32 without half storage has the registers for 8 where
+# the N threads of a channel share a tile's steps evenly (N = 4: 32 steps over
+# 4 threads); half storage, an uneven share (N = 5: 7 steps each, guarded) or
+# the backward spill at 8.
+_EARLY_STEPS = 4
+_EARLY_STEPS_FLOAT32 = 8
 
 #: Largest state size the engine takes (one block holds at least one channel).
 MAX_STATES = _BLOCK
@@ -485,7 +495,9 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, det=Fal
     NSUM = (TF + N - 1) // N              # output steps each thread sums per tile
     # the forward reads u and z of those steps before the recurrence (into 2 *
     # NSUM registers) where they are few, else in the epilogue
-    EPI_EARLY = NSUM <= 4
+    EARLY = (_EARLY_STEPS_FLOAT32 if ftype is np.float32 and storage is None and NSUM * N == TF
+             else _EARLY_STEPS)
+    EPI_EARLY = NSUM <= EARLY
     UTF = U(TF)
     UN = U(N)
     # With more states than a tile has steps (N > TF), PF = N // TF threads of
@@ -763,7 +775,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, det=Fal
     # Flat arrays and unsigned offsets as in the forward (gradients too:
     # du, ddelta, dz like u; dB_acc/dC_acc like B/C).
     NSUMB = (TB + N - 1) // N             # steps each thread sums over states per tile
-    EPI_EARLY_B = NSUMB <= 4  # dout and z of those steps read early (as EPI_EARLY)
+    EPI_EARLY_B = NSUMB <= _EARLY_STEPS  # dout and z of those steps read early (as EPI_EARLY)
     # The sums over channels of a variable dB/dC cover N * TB (state, step)
     # items per tile, NIC per thread, item = state * TB + step: a warp's threads
     # take consecutive steps of one or two states, so that their atomic adds
@@ -1449,13 +1461,16 @@ def segments(Bt, Dc, L, p, n_segments=None, cfg=settings):
     """``(S, SL)``: the forward's split of the sequence into ``S`` segments of
     ``SL`` steps (a multiple of the forward tile; the last one shorter).
 
-    One segment where ``Bt * Dc`` channels make ``cfg.target_blocks`` blocks
-    (an H200 holds 132 multiprocessors x 8 forward blocks); fewer blocks split
-    the sequence so that they approach that count, with segments of at least
+    One segment where ``Bt * Dc`` channels make at least
+    ``cfg.forward_split_below`` blocks; fewer blocks split the sequence so
+    that they approach ``cfg.target_blocks`` (an H200 holds 132
+    multiprocessors x 8 forward blocks), with segments of at least
     ``cfg.min_segment`` steps.  ``n_segments`` forces a count (for tests).
     """
     if n_segments is None:
-        S = min(-(-cfg.target_blocks // _grid(Bt, Dc, p)), L // cfg.min_segment)
+        grid = _grid(Bt, Dc, p)
+        S = 1 if grid >= cfg.forward_split_below else min(-(-cfg.target_blocks // grid),
+                                                           L // cfg.min_segment)
     else:
         S = int(n_segments)
     S = max(1, min(S, -(-L // p.t_fwd)))
@@ -1712,7 +1727,12 @@ def gradient_buffers(xp, u, A, B, C, D, z, delta_bias):
     views = []
     start = 0
     for shape, size in zip(shapes, sizes):
-        views.append(None if shape is None else acc[start:start + size].reshape(shape))
+        if shape is None:
+            views.append(None)
+        elif xp is np:  # (the simulator)
+            views.append(acc[start:start + size].reshape(shape))
+        else:  # (a view made directly: cheaper on the host than a slice and a reshape)
+            views.append(xp.ndarray(shape, dtype, memptr=acc.data + start * acc.itemsize))
         start += size
     dA, dB, dC, dD, ddelta_bias = views
     return (xp.empty(u.shape, u.dtype), xp.empty(u.shape, u.dtype), dA, dB, dC, dD,
@@ -1735,15 +1755,35 @@ def scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
     cast to ``B``'s/``C``'s dtype at the end; ``dA``, ``dD``,
     ``ddelta_bias``, ``dinitial_state`` are float32.
     """
-    cfg = settings
     arrays = (dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if settings.deterministic:
+        return _deterministic_backward(arrays, delta_softplus, saved, n_segments, stream,
+                                       settings)
+    return backward_plan(arrays, delta_softplus, saved.plan, n_segments)(arrays,
+                                                                         saved.tile_states)
+
+
+def backward_plan(arrays, delta_softplus, saved_plan, n_segments=None):
+    """The plan of :func:`scan_backward` for the layout of ``arrays`` (``dout,
+    dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state``,
+    canonical) and the forward's :class:`StatesPlan`, as :func:`forward_plan`;
+    None where ``settings.deterministic`` is on (that backward sums in a
+    fixed order, unplanned).
+
+    Calling it, ``plan(arrays, tile_states)``, returns the gradients of
+    :func:`scan_backward` for ``arrays`` of that layout and the forward's
+    saved ``tile_states``; as a forward plan, it reads only the arrays' data
+    pointers, and gives ``dB``/``dC`` the shapes of the ``B``/``C`` it is
+    called with.
+    """
+    cfg = settings
     if cfg.deterministic:
-        return _deterministic_backward(arrays, delta_softplus, saved, n_segments, stream, cfg)
+        return None
+    dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state = arrays
     key = _layout_key(arrays, u, B, C,
-                      (bool(delta_softplus), saved.plan, n_segments, cfg.generation))
-    backward = _remembered(_BACKWARD_PLANS, key, lambda: _BackwardPlan(
-        arrays, delta_softplus, saved.plan, n_segments, cfg))
-    return backward(arrays, saved.tile_states)
+                      (bool(delta_softplus), saved_plan, n_segments, cfg.generation))
+    return _remembered(_BACKWARD_PLANS, key, lambda: _BackwardPlan(
+        arrays, delta_softplus, saved_plan, n_segments, cfg))
 
 
 #: :func:`scan_backward`'s plans by layout (as :data:`_FORWARD_PLANS`, and the

@@ -99,8 +99,13 @@ class Settings:
         segments it is the faster of the two on every shape of
         ``benchmarks/bench_scan.py --grid``, few recurrences included.
     target_blocks : int
-        Thread blocks the state engine's forward aims for before it splits
+        Thread blocks the state engine's forward aims for where it splits
         the sequence into segments.
+    forward_split_below : int
+        The state engine's forward splits the sequence only where the
+        ``Bt * D`` channels make fewer blocks than this (two per
+        multiprocessor of an H200); from there on the occupancy the split
+        buys costs more than its pass over the segments' ends.  0: never.
     backward_target_blocks : int
         Resident backward blocks (one wave) the state engine's backward
         fills by splitting the sequence.
@@ -155,6 +160,7 @@ class Settings:
     save_every: int = 1
     min_recurrences: int = 1
     target_blocks: int = 1056
+    forward_split_below: int = 264
     backward_target_blocks: int = 660
     min_segment: int = 256
     long_segment: int = 2048
@@ -213,7 +219,8 @@ class Settings:
                 for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
 
 
-_POSITIVE = ("save_every", "min_recurrences", "target_blocks", "backward_target_blocks",
+_POSITIVE = ("save_every", "min_recurrences", "target_blocks", "forward_split_below",
+             "backward_target_blocks",
              "min_segment", "long_segment", "long_segment_waves", "gemm_tuning_min_flops")
 
 
@@ -242,9 +249,10 @@ def _checked(name, value):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         value = int(value)
-        if value < (0 if name in ("target_blocks", "backward_target_blocks") else 1):
+        if value < (0 if name in ("target_blocks", "forward_split_below",
+                                  "backward_target_blocks") else 1):
             raise ValueError(f"{name} must be at least "
-                             f"{0 if 'target' in name else 1}, got {value}")
+                             f"{0 if 'target' in name or 'below' in name else 1}, got {value}")
     elif name == "min_blocks":
         value = _mapping({(np.dtype(dt), kind): int(m) for (dt, kind), m in dict(value).items()})
         for (dt, kind), m in value.items():

@@ -163,7 +163,8 @@ class _Checked(NamedTuple):
     half_casts: tuple   # the same where the per-step arrays stay in ``half`` (else None)
     spans: tuple        # per argument: :func:`_span` (None where absent), for a given ``out``
     out_nbytes: int     # the given ``out``'s bytes (0: none)
-    plans: dict         # delta_softplus -> (settings generation, the GPU forward's plan)
+    plans: dict         # delta_softplus -> (settings generation, the GPU forward's plan);
+                        # (delta_softplus, "vjp") -> (generation, :class:`_VjpPlan`)
 
 
 def _casts(arrays, ftype, half):
@@ -346,17 +347,17 @@ def _generation():
     return _gpu_backend().settings.generation
 
 
-def _remembered_plan(values, out, delta_softplus):
+def _remembered_plan(values, out, key):
     """``(layout, checked, plan)``: :func:`_gpu_layout` of the forward's
     arguments ``values`` and ``out`` (None: not given), the validation
-    remembered for that layout (None: none yet) and the plan of the GPU
-    forward remembered with it for these flags and the current settings
-    (None where there is none yet)."""
+    remembered for that layout (None: none yet) and the plan remembered with
+    it under ``key`` (see :class:`_Checked`'s ``plans``) for the current
+    settings (None where there is none yet)."""
     layout = _gpu_layout(values if out is None else values + (out,))
     checked = None if layout is None else _VALIDATED.get(layout)
     if checked is None:
         return layout, None, None
-    generation, plan = checked.plans.get(delta_softplus, (None, None))
+    generation, plan = checked.plans.get(key, (None, None))
     return layout, checked, plan if generation == _generation() else None
 
 
@@ -606,14 +607,68 @@ def selective_scan_vjp(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any = None
     True
     """
     check_flag("delta_softplus", delta_softplus)
-    call = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    values = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    key = (bool(delta_softplus), "vjp")
+    layout, checked, plan = _remembered_plan(values, None, key)
+    if plan is not None:  # a GPU layout validated before: its remembered plans
+        out, last_state, saved = plan.forward(values, None)
+        return out, last_state, _planned_backward(plan, values, saved)
+    call = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                    layout=layout)
     out, last_state, saved = call.backend.scan_forward(*call.args)
-    return out.astype(call.given[0].dtype, copy=False), last_state, _backward(call, saved)
+    plan = None
+    if call.plans is not None and call.direct:
+        # (the next call of this layout runs the plans: their kernels read the
+        # given arrays, of which the canonical ones are views)
+        forward = call.backend.forward_plan(*call.args)
+        if forward is not None:
+            plan = _VjpPlan(forward, call.backend, call.dout_dtype, bool(delta_softplus))
+            call.plans[key] = (_generation(), plan)
+    return (out.astype(call.given[0].dtype, copy=False), last_state,
+            _backward(call, saved, plan))
 
 
-def _backward(call, saved):
+class _VjpPlan:
+    """The GPU plans of one validated layout of :func:`selective_scan_vjp`
+    whose canonical arrays are views of the given ones: the forward's, and
+    the backward's once a backward of the layout has run (with the settings'
+    generation it was made in).  Holds no arrays."""
+
+    def __init__(self, forward, backend, dout_dtype, delta_softplus):
+        self.forward = forward
+        self.backend = backend
+        self.dout_dtype = dout_dtype
+        self.delta_softplus = delta_softplus
+        self.backward = None
+
+
+def _planned_backward(plan, values, saved):
+    """The ``backward`` of a :func:`selective_scan_vjp` call that ran the
+    remembered forward ``plan`` on the given ``values``: the remembered
+    backward plan where ``dout`` is of the layout it expects (a CuPy array
+    on the inputs' device, of the shape of ``u`` and the dtype the forward
+    read, C-contiguous) and no ``dlast_state`` is given; else the full path."""
+    u = values[0]
+    contiguous = _seam_contiguous()
+
+    def backward(dout, dlast_state=None):
+        planned = plan.backward
+        if (planned is not None and dlast_state is None and planned[0] == _generation()
+                and type(dout) is type(u) and dout.dtype == plan.dout_dtype
+                and dout.shape == u.shape and dout.data.device_id == u.data.device_id
+                and contiguous(dout)):
+            return _as_given(planned[1]((dout, None) + values, saved.tile_states), values)
+        call = _prepare(*values[:8], plan.delta_softplus, values[8])
+        return _backward(call, saved, plan)(dout, dlast_state)
+
+    return backward
+
+
+def _backward(call, saved, plan=None):
     """The ``backward`` of a :func:`selective_scan_vjp` call: its
-    :class:`_Call` and the states its forward saved."""
+    :class:`_Call` and the states its forward saved; ``plan``, where the
+    layout is remembered (:class:`_VjpPlan`), keeps the backward's plan for
+    the next calls of the layout."""
 
     def backward(dout, dlast_state=None):
         xp, args, given = call.xp, call.args, call.given
@@ -628,6 +683,10 @@ def _backward(call, saved):
             check_shape("dlast_state", dlast_state, (Bt, Dc, N), "like last_state")
             dlast_state = _canonical(dlast_state, call.ftype, xp)
         grads = call.backend.scan_backward(canonical, dlast_state, *args, saved)
+        if plan is not None and dlast_state is None:
+            backward_plan = call.backend.backward_plan(canonical, None, *args, saved)
+            if backward_plan is not None:
+                plan.backward = (_generation(), backward_plan)
         return _as_given(grads, given)
 
     return backward

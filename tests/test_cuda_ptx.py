@@ -113,7 +113,9 @@ def test_state_engine_segments_cover_the_sequence(shape):
     S, SL = scan_states.segments(Bt, Dc, L, p)
     assert SL % p.t_fwd == 0 and (S - 1) * SL < L <= S * SL
     blocks = scan_states._grid(Bt, Dc, p)
-    if blocks >= scan_states.settings.target_blocks or L < 2 * scan_states.settings.min_segment:
+    cfg = scan_states.settings
+    if (blocks >= min(cfg.target_blocks, cfg.forward_split_below)
+            or L < 2 * cfg.min_segment):
         assert S == 1
     else:
         assert S > 1 and SL >= scan_states.settings.min_segment - p.t_fwd

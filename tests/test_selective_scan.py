@@ -554,6 +554,25 @@ def test_gpu_repeated_layout_gives_the_first_calls_result_to_the_bit(gpu, monkey
         _equal(last, want_last, "last_state")
 
 
+def _assert_grads_equal(grads, want, f):
+    """Gradients equal to the bit, but for the sums added atomically (a few units
+    in the last place of the largest; a half dB/dC may flip its last bit)."""
+    for field in want._fields:
+        g, w = getattr(grads, field), getattr(want, field)
+        if w is None:
+            assert g is None, field
+            continue
+        assert g.dtype == w.dtype and g.shape == w.shape, field
+        if field not in ATOMIC_SUMS:
+            _equal(g, w, field)
+            continue
+        half = g.dtype.name
+        g, w = g.get().astype(np.float64), w.get().astype(np.float64)
+        rtol = 2 * HALF_UNIT_ROUNDOFF[half] if half in HALF_UNIT_ROUNDOFF else 0
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=64 * np.finfo(f).eps * np.abs(w).max(),
+                                   err_msg=field)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", REPEAT_CASES[:6], ids=lambda c: f"{c[:4]}-{c[4]}")
 def test_gpu_repeated_layout_vjp_and_backward_give_the_first_calls_results(gpu, monkeypatch,
@@ -572,23 +591,78 @@ def test_gpu_repeated_layout_vjp_and_backward_give_the_first_calls_results(gpu, 
         want_out, want_last, want = _first_seen(monkeypatch, lambda: run(kw, *d))
         _equal(out, want_out, "out")
         _equal(last, want_last, "last_state")
-        for field in want._fields:
-            g, w = getattr(grads, field), getattr(want, field)
-            if w is None:
-                assert g is None, field
-                continue
-            assert g.dtype == w.dtype and g.shape == w.shape, field
-            if field not in ATOMIC_SUMS:
-                _equal(g, w, field)
-                continue
-            # a few units in the last place of the largest sums; a sum returned in a half
-            # dtype (B, C) is rounded after that, which may flip its last bit
-            g, w = g.get().astype(np.float64), w.get().astype(np.float64)
-            eps = np.finfo(f).eps
-            half = getattr(grads, field).dtype.name
-            rtol = 2 * HALF_UNIT_ROUNDOFF[half] if half in HALF_UNIT_ROUNDOFF else 0
-            np.testing.assert_allclose(g, w, rtol=rtol, atol=64 * eps * np.abs(w).max(),
-                                       err_msg=field)
+        _assert_grads_equal(grads, want, f)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", REPEAT_CASES[:6], ids=lambda c: f"{c[:4]}-{c[4]}")
+def test_gpu_a_vjp_layout_seen_before_runs_its_plans_with_the_first_calls_results(
+        gpu, monkeypatch, case):
+    """From the third call of a layout on (the first validates, the second plans),
+    ``selective_scan_vjp`` runs the state engine's remembered forward plan, and
+    its backward the remembered backward
+    plan (no pass through the launchers) where ``dout`` is C-contiguous, of the
+    dtype the forward read and no ``dlast_state`` is given; each call gives
+    what a call of a layout never seen gives.  A ``dout`` of another dtype or
+    strides, or a ``dlast_state``, takes the full path, and so does a call
+    after a change of settings."""
+    from numba_mamba import scan as api
+    from numba_mamba.cuda_kernels import scan_states
+    from numba_mamba.cuda_kernels.settings import settings
+
+    Bt, Dc, N, L, dtype, rng, inputs = _repeat_start(gpu, monkeypatch, case, 2)
+    f = np.float64 if dtype == np.float64 else np.float32
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        launcher = getattr(scan_states, f"scan_{name}")
+
+        def spy(*args, _launcher=launcher, _name=name, **kwargs):
+            calls[_name] += 1
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(scan_states, f"scan_{name}", spy)
+    states = scan_states.usable(Bt, Dc, N) and settings.engine != "blocks"
+
+    def run(kw, dout, dlast=None):
+        out, last, backward = nm.selective_scan_vjp(**kw)
+        return out, last, backward(dout, dlast)
+
+    def check(kw, dout, dlast=None):
+        got = run(kw, dout, dlast)
+        want = _first_seen(monkeypatch, lambda: run(kw, dout, dlast))
+        _equal(got[0], want[0], "out")
+        _equal(got[1], want[1], "last_state")
+        _assert_grads_equal(got[2], want[2], f)
+
+    def dout_of(kw, dt=None, length=L):
+        dt = dtype if dt is None else dt
+        return cupy.asarray(rng.standard_normal((Bt, Dc, length)).astype(np.float32).astype(dt))
+
+    seen = []
+    for kw in inputs:  # (validated, planned, then the plans)
+        before = dict(calls)
+        check(kw, dout_of(kw))
+        seen.append((calls["forward"] - before["forward"], calls["backward"] - before["backward"]))
+    # (each check's reference call, a layout never seen, passes through the launchers once)
+    if states:
+        assert seen == [(2, 2), (2, 2), (1, 1)], seen
+    (checked,) = api._VALIDATED.values()
+    planned = checked.plans.get((True if case[5].get("softplus") else False, "vjp"))
+    assert (planned is not None) == states
+    kw = inputs[0]
+    other = np.float64 if dtype != np.float64 else np.float32
+    for dout, dlast in ((dout_of(kw, length=2 * L)[..., ::2], None), (dout_of(kw, other), None),
+                        (dout_of(kw), cupy.asarray(rng.standard_normal((Bt, Dc, N)).astype(f)))):
+        before = calls["backward"]
+        check(kw, dout, dlast)
+        if states:
+            assert calls["backward"] - before == 2  # (the full path, and the reference's)
+    with settings.override(save_every=2):  # (a new generation: the full path again)
+        before = dict(calls)
+        check(inputs[1], dout_of(inputs[1]))
+        if states:
+            assert (calls["forward"] - before["forward"],
+                    calls["backward"] - before["backward"]) == (2, 2)
 
 
 @pytest.mark.gpu

@@ -88,6 +88,14 @@ def test_the_state_engines_plan_splits_and_bounds_follow_the_settings():
     S, _ = scan_states.segments(1, 8, 4096, small)
     with settings.override(target_blocks=1):
         assert scan_states.segments(1, 8, 4096, small) == (1, 4096)
+    with settings.override(forward_split_below=1):  # (one block: not below 1)
+        assert scan_states.segments(1, 8, 4096, small) == (1, 4096)
+    with settings.override(forward_split_below=2):
+        assert scan_states.segments(1, 8, 4096, small)[0] == S
+    # 384 blocks of 8 channels: enough not to split by default
+    assert scan_states.segments(2, 1536, 16384, p)[0] == 1
+    with settings.override(forward_split_below=385):
+        assert scan_states.segments(2, 1536, 16384, p)[0] == -(-settings.target_blocks // 384)
     with settings.override(min_segment=2048):
         assert scan_states.segments(1, 8, 4096, small)[0] == min(S, 2)
     assert S > 2 and scan_states.segments(1, 8, 4096, small)[0] == S
