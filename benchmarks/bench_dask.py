@@ -16,19 +16,27 @@ every run and in the baseline); it is never held whole.  Compared:
 Both reduce the output to its sum per channel (so that nothing of the
 length of the signal is kept) and return the final state; the two must
 agree.  Every worker, and the baseline, runs one thread (Numba, BLAS), so
-the scaling is the workers'.  Reported: wall time (the Dask one includes
-building the graph and scheduling), the CPU time of the processes involved
-(the workers' and, for Dask, the client's and scheduler's: on a machine
-shared with other work it moves less than the wall time), the peak resident
-memory of each worker process (``ru_maxrss``; a fresh cluster per run) and
-that of the baseline's.  ``--repeat`` interleaves the runs and reports the
-best.
+the scaling is the workers'.  The generator makes one fresh array per
+chunk (as a reader would), the library's pass 2 one more (its output), in
+both runs alike.  Reported: wall time (the Dask one includes building the
+graph and scheduling, not the one-time compilation of the call's validating
+probe in the client, as the baseline's compilation is not timed either), the
+CPU time (user + system) of the processes involved (the workers' and, for
+Dask, the client's and scheduler's: on a machine shared with other work it
+moves less than the wall time) and its system part (mostly the kernel
+clearing freshly faulted pages), the peak resident memory of each worker
+process (``ru_maxrss``; a fresh cluster per run) and that of the baseline's.
+``--saturation S`` adds the Dask rows again on clusters whose scheduler has
+``worker-saturation`` S (Dask's default 1.1 gives a worker of one thread two
+chunk generations at once, so it holds a chunk more than the loop; 1.0 one).
+``--repeat`` interleaves the runs and reports the best.
 
 Run::
 
     python benchmarks/bench_dask.py --quick            # ~1 min on 2 cores
     python benchmarks/bench_dask.py                    # the issue's 64 x 16 x 2^24
     python benchmarks/bench_dask.py --costs            # one chunk's parts (paper estimate)
+    python benchmarks/bench_dask.py --quick --repeat 2 --saturation 1.0 --no-chain
 
 With ``--series N`` it runs the issue's second target instead: N series
 (AR(2) with random stable coefficients plus a period-12 seasonality, 500
@@ -59,8 +67,9 @@ def piece(channels, start, n, seed):
     """Samples ``start .. start + n`` of the test signal (channels, n): white
     noise plus a slow sine, generated from the chunk's position."""
     rng = np.random.default_rng([seed, start])
-    t = np.arange(start, start + n)
-    return rng.standard_normal((channels, n)) + np.sin(2e-5 * t)[None, :]
+    out = rng.standard_normal((channels, n))
+    out += np.sin(2e-5 * np.arange(start, start + n))[None, :]  # (in place: one fresh chunk)
+    return out
 
 
 def filter_bank(channels, states):
@@ -76,6 +85,13 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_times():
+    """This process's (user + system, system) CPU seconds."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return np.array([r.ru_utime + r.ru_stime, r.ru_stime])
+
+
 def pieces(channels, states, length, chunk, seed):
     """The baseline: chunks one after another with zi/zf (in one worker process)."""
     import numba_mamba as nm
@@ -84,12 +100,12 @@ def pieces(channels, states, length, chunk, seed):
     h = np.zeros((channels, states))
     nm.ssm_filter(A, B, C, piece(channels, 0, 16, seed), zi=h)  # (compile outside the timing)
     total = np.zeros(channels)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), cpu_times()
     for start in range(0, length, chunk):
         y, h = nm.ssm_filter(A, B, C, piece(channels, start, min(chunk, length - start), seed),
                              zi=h)
         total += y.sum(axis=-1)
-    return total, h, time.perf_counter() - t0, time.process_time() - c0, peak_rss_mib()
+    return total, h, time.perf_counter() - t0, cpu_times() - c0, peak_rss_mib()
 
 
 def warm_up():
@@ -125,33 +141,45 @@ def lazy_signal(channels, length, chunk, seed):
                          meta=np.empty((0, 0), np.float64))
 
 
-def cluster(workers):
+def cluster(workers, saturation=None):
+    """A LocalCluster of ``workers`` processes of one thread (kernels compiled in
+    each); ``saturation``: the scheduler's ``worker-saturation`` (Dask's default
+    if None), how many root tasks (here: chunk generations) a thread is given
+    at once."""
+    import dask
     from distributed import Client, LocalCluster
 
-    lc = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      memory_limit=0, dashboard_address=None)
+    config = {} if saturation is None else {"distributed.scheduler.worker-saturation":
+                                            saturation}
+    with dask.config.set(config):  # (read when the scheduler starts)
+        lc = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                          memory_limit=0, dashboard_address=None)
     client = Client(lc)
     client.run(warm_up)
     return lc, client
 
 
-def run_dask(workers, channels, states, length, chunk, seed, prefix="auto"):
+def run_dask(workers, channels, states, length, chunk, seed, prefix="auto", saturation=None):
     import dask
 
     import numba_mamba as nm
 
-    lc, client = cluster(workers)
+    lc, client = cluster(workers, saturation)
     try:
         base = client.run(peak_rss_mib)
         A, B, C = filter_bank(channels, states)
-        c0 = sum(client.run(time.process_time).values()) + time.process_time()
+        # (the call validates with a one-sample probe: compile it here outside the timing,
+        # as the baseline's kernels are)
+        nm.ssm_filter(A, B, C, lazy_signal(channels, length, chunk, seed),
+                      zi=np.zeros((channels, states)))
+        c0 = sum(client.run(cpu_times).values()) + cpu_times()
         t0 = time.perf_counter()
         with dask.config.set({"numba-mamba.prefix": prefix}):
             y, zf = nm.ssm_filter(A, B, C, lazy_signal(channels, length, chunk, seed),
                                   zi=np.zeros((channels, states)))
         total, h = dask.compute(y.sum(axis=-1), zf)
         elapsed = time.perf_counter() - t0
-        cpu = sum(client.run(time.process_time).values()) + time.process_time() - c0
+        cpu = sum(client.run(cpu_times).values()) + cpu_times() - c0
         peaks = client.run(peak_rss_mib)
     finally:
         client.close()
@@ -265,6 +293,11 @@ def main():
                         help="runs of each (interleaved); the table has the best and all")
     parser.add_argument("--quick", action="store_true",
                         help="2^21 samples in chunks of 2^17 (about a minute on 2 cores)")
+    parser.add_argument("--saturation", type=float, default=None,
+                        help="also run the Dask rows with this worker-saturation (Dask's "
+                             "default 1.1: a thread is given two chunk generations at once)")
+    parser.add_argument("--no-chain", action="store_true",
+                        help="leave out the row prefix=chain (the two-pass graph on 1 worker)")
     parser.add_argument("--costs", action="store_true",
                         help="only time one chunk's generation, pass 1 and pass 2 (one thread)")
     parser.add_argument("--series", type=int, default=0,
@@ -295,27 +328,31 @@ def main():
         want, want_h, t_base, cpu, peak_base, idle = run_pieces(ch, st, length, chunk,
                                                                  args.seed)
         runs.setdefault(("pieces with zi/zf", 1), []).append((t_base, cpu, [peak_base]))
-        kinds = [(w, "auto") for w in args.workers] + [(1, "chain")] * (1 in args.workers)
-        for w, prefix in kinds:
+        kinds = [(w, "auto", None) for w in args.workers] \
+            + [(1, "chain", None)] * (1 in args.workers and not args.no_chain) \
+            + [(w, "auto", args.saturation) for w in args.workers] * (args.saturation is not None)
+        for w, prefix, sat in kinds:
             total, h, t, cpu, peaks, idle = run_dask(w, ch, st, length, chunk, args.seed,
-                                                     prefix)
+                                                     prefix, sat)
             err = max(np.abs(total - want).max() / np.abs(want).max(),
                       np.abs(h - want_h).max() / np.abs(want_h).max())
             if err > 1e-9:
                 raise SystemExit(f"dask and pieces disagree: relative difference {err:.2e}")
             name = {"auto": "dask ssm_filter"}.get(prefix, f"dask ssm_filter, prefix={prefix}")
+            name += "" if sat is None else f", worker-saturation {sat:g}"
             runs.setdefault((name, w), []).append((t, cpu, peaks))
     base = min(t for t, _, _ in runs[("pieces with zi/zf", 1)])
-    base_cpu = min(c for _, c, _ in runs[("pieces with zi/zf", 1)])
+    base_cpu = min(c[0] for _, c, _ in runs[("pieces with zi/zf", 1)])
     print(f"| run | workers | time s (best of {args.repeat}) | vs pieces | all times s | "
-          f"CPU s (best) | CPU vs pieces | peak RSS per worker MiB (idle {idle:.0f}) |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"CPU s (best) | CPU vs pieces | of which system s | peak RSS per worker MiB "
+          f"(idle {idle:.0f}) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (name, w), got in runs.items():
-        best, cpu = min(t for t, _, _ in got), min(c for _, c, _ in got)
+        best, cpu = min(t for t, _, _ in got), min((c for _, c, _ in got), key=lambda c: c[0])
         peaks = [max(p[i] for _, _, p in got) for i in range(len(got[0][2]))]
         print(f"| {name} | {w} | {best:.2f} | {best / base:.2f} | "
-              f"{', '.join(f'{t:.1f}' for t, _, _ in got)} | {cpu:.1f} | {cpu / base_cpu:.2f} | "
-              f"{', '.join(f'{p:.0f}' for p in peaks)} |")
+              f"{', '.join(f'{t:.1f}' for t, _, _ in got)} | {cpu[0]:.1f} | "
+              f"{cpu[0] / base_cpu:.2f} | {cpu[1]:.1f} | {', '.join(f'{p:.0f}' for p in peaks)} |")
     print(f"load average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 if __name__ == "__main__":
