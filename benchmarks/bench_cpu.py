@@ -35,6 +35,9 @@ Parts (``--parts``, default all):
     a PyTorch user has it (``TrainStep`` sets ``malloc``'s thresholds for
     its process, :func:`numba_mamba._cpu_threads.hold_heap`); the last
     column times it in our process too, where that setting speeds it up.
+    Beside the ratio of wall times, the ratio of the processes' CPU times
+    (on a loaded machine less disturbed by waiting for a core; with 2
+    threads it counts spinning threads too).
 
 ``tiny``
     Small calls, where waking Numba's threads costs more than the work: the
@@ -96,24 +99,27 @@ def best_time(fn, reps, warmup=1):
 
 
 def alternating_best(fns, reps, timers=None):
-    """Smallest wall times of each of ``fns`` in seconds, timed in turns (``f, g,
-    ..., f, g, ...``, ``reps`` each, after one warm-up each), so that a change
-    in the machine's load reaches all alike.  ``timers[i]``, where not None,
-    is called instead of timing ``fns[i]`` here and returns its own time (a
-    call run in another process)."""
+    """Smallest wall and CPU times of each of ``fns`` in seconds, timed in turns
+    (``f, g, ..., f, g, ...``, ``reps`` each, after one warm-up each), so that
+    a change in the machine's load reaches all alike: ``(walls, cpus)``, the
+    CPU time that of the whole process (all its threads).  ``timers[i]``,
+    where not None, is called instead of timing ``fns[i]`` here and returns
+    its own ``(wall, cpu)`` (a call run in another process)."""
     timers = timers or [None] * len(fns)
     for fn in fns:
         fn()
-    best = [float("inf")] * len(fns)
+    wall = [float("inf")] * len(fns)
+    cpu = [float("inf")] * len(fns)
     for _ in range(reps):
         for i, fn in enumerate(fns):
             if timers[i] is not None:
-                best[i] = min(best[i], timers[i]())
-                continue
-            t = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t)
-    return best
+                w, c = timers[i]()
+            else:
+                t, c0 = time.perf_counter(), time.process_time()
+                fn()
+                w, c = time.perf_counter() - t, time.process_time() - c0
+            wall[i], cpu[i] = min(wall[i], w), min(cpu[i], c)
+    return wall, cpu
 
 
 def thread_counts():
@@ -328,9 +334,9 @@ def _torch_child(conn, threads):
     theirs = torch_five_steps(torch, threads)
     conn.send(None)
     while conn.recv():
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         theirs()
-        conn.send(time.perf_counter() - t)
+        conn.send((time.perf_counter() - t, time.process_time() - c))
 
 
 def part_train(args):
@@ -353,7 +359,7 @@ def part_train(args):
           f"clipping 1.0, float32; ms/step (min of {args.reps} x 5 steps, ours and theirs in "
           f"turns); PyTorch in its own process (glibc malloc's defaults), and in ours")
     head = ("threads", "BLAS limit", "TrainStep (NumPy)", "PyTorch eager", "ours / theirs",
-            "PyTorch eager in our process")
+            "CPU time: ours / theirs", "PyTorch eager in our process")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     spawn = multiprocessing.get_context("spawn")
     for threads in thread_counts():
@@ -377,10 +383,11 @@ def part_train(args):
 
         for blas in blas_policies(args):
             _cpu_threads.BLAS_THREADS = blas
-            mine, them, here = (t / 5 for t in alternating_best(
-                [ours, theirs_apart, theirs_here], args.reps, timers=[None, theirs_apart, None]))
+            wall, cpu = alternating_best([ours, theirs_apart, theirs_here], args.reps,
+                                         timers=[None, theirs_apart, None])
+            mine, them, here = (t / 5 for t in wall)
             print(f"| {threads} | {blas or 'none'} | {mine * 1e3:.2f} | {them * 1e3:.2f} | "
-                  f"{mine / them:.2f} | {here * 1e3:.2f} |", flush=True)
+                  f"{mine / them:.2f} | {cpu[0] / cpu[1]:.2f} | {here * 1e3:.2f} |", flush=True)
         conn.send(False)
         child.join()
     _cpu_threads.BLAS_THREADS = 1
