@@ -78,7 +78,7 @@ and of every shared tile, register and saved state) and may read and write
 the per-step arrays in a half type, the storage type: ``u``, ``delta``,
 ``z``, a variable ``B``/``C`` and ``dout`` are read in it, ``out``, ``du``,
 ``ddelta`` and ``dz`` written in it, each value converted once in registers
-(:func:`~cuda_kernels._common.storage_io`: float16 through the hardware's
+(:func:`~cuda_kernels.half.storage_io`: float16 through the hardware's
 conversions, bfloat16 -- passed as its ``uint16`` bits -- with bit
 operations, rounding to nearest even).  So float16 and bfloat16 inputs need
 no cast to float32 before the scan nor back after it, and move half the bytes.
@@ -106,9 +106,10 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._common import (HALF_STORAGE, activations, array_module, compile_kernel, dummy,
-                      inline_device, kernel_view, launch, prepare_launch, simulator,
-                      storage_dtype, storage_io, storage_of, storage_widen)
+from ._common import (activations, array_module, compile_kernel, dummy, inline_device, launch,
+                      prepare_launch, simulator)
+from .half import (HALF_STORAGE, kernel_view, storage_dtype, storage_io, storage_of,
+                   storage_widen)
 from .settings import settings
 
 __all__ = [
@@ -247,7 +248,7 @@ def _plan(dtype, N, Dc, groups_B, groups_C, save_every):
 def _argtypes(ftype, storage=None, b_var=True, c_var=True):
     """Argument types of the four kernels (forward, backward, forward_ends,
     backward_ends) for compute type ``ftype`` and per-step arrays of
-    ``storage`` (:func:`~cuda_kernels._common.storage_dtype`; a constant
+    ``storage`` (:func:`~cuda_kernels.half.storage_dtype`; a constant
     ``B``/``C`` is of ``ftype``)."""
     t = numba.from_dtype(np.dtype(ftype))
     a1 = types.Array(t, 1, "C")
@@ -291,7 +292,7 @@ def _make_kernels(ftype, N, CH, TF, TB, b_var, c_var, K=1, storage=None, det=Fal
     compute type.  ``storage`` (None, ``'float16'``, ``'bfloat16'``): the
     type in which the per-step arrays (``u, delta, z``, variable ``B``/``C``,
     ``dout``; ``out, du, ddelta, dz``) are read and written, through
-    :func:`~cuda_kernels._common.storage_io` (None: ``ftype`` itself).
+    :func:`~cuda_kernels.half.storage_io` (None: ``ftype`` itself).
     ``det``: the backward stores its partial sums (:func:`partial_shapes`)
     instead of adding them atomically, for a reduction in a fixed order.
     """

@@ -180,10 +180,10 @@ def test_state_engine_lists_its_backward_segment_kernel():
 
 def _storage_copy_kernel(storage):
     """A kernel that loads each element of a ``storage`` array as float32 and
-    stores twice it back: the conversions of ``_common.storage_io`` alone."""
+    stores twice it back: the conversions of ``half.storage_io`` alone."""
     from numba import types
 
-    from numba_mamba.cuda_kernels._common import storage_dtype, storage_io
+    from numba_mamba.cuda_kernels.half import storage_dtype, storage_io
 
     load, store = storage_io(storage, np.float32)
 
@@ -228,7 +228,7 @@ def test_storage_widen_of_a_read_is_a_load(storage):
     long before it widens it, and gets what a load gives."""
     from numba import types
 
-    from numba_mamba.cuda_kernels._common import storage_dtype, storage_io, storage_widen
+    from numba_mamba.cuda_kernels.half import storage_dtype, storage_io, storage_widen
 
     load, _ = storage_io(storage, np.float32)
     zero, widen = storage_widen(storage, np.float32)

@@ -1,4 +1,4 @@
-"""The half-precision storage conversions of ``cuda_kernels._common`` on the CPU.
+"""The half-precision storage conversions of ``cuda_kernels.half`` on the CPU.
 
 The state-parallel engine reads and writes bfloat16 arrays as their bits
 (``uint16``): a load puts the bits in the high half of a float32, a store
@@ -12,8 +12,8 @@ import types
 import numpy as np
 import pytest
 
-from numba_mamba.cuda_kernels._common import (bfloat16_bits_to_float32, float32_to_bfloat16_bits,
-                                  kernel_view, storage_dtype, storage_of)
+from numba_mamba.cuda_kernels.half import (bfloat16_bits_to_float32, float32_to_bfloat16_bits,
+                                            kernel_view, storage_dtype, storage_of)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
