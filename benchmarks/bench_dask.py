@@ -296,6 +296,10 @@ def main():
     parser.add_argument("--saturation", type=float, default=None,
                         help="also run the Dask rows with this worker-saturation (Dask's "
                              "default 1.1: a thread is given two chunk generations at once)")
+    parser.add_argument("--prefix", nargs="*", default=[],
+                        choices=["chain", "tree", "sequential"],
+                        help="also run the Dask rows with these numba-mamba.prefix kinds (on "
+                             "clusters with --saturation, if given)")
     parser.add_argument("--no-chain", action="store_true",
                         help="leave out the row prefix=chain (the two-pass graph on 1 worker)")
     parser.add_argument("--costs", action="store_true",
@@ -330,7 +334,9 @@ def main():
         runs.setdefault(("pieces with zi/zf", 1), []).append((t_base, cpu, [peak_base]))
         kinds = [(w, "auto", None) for w in args.workers] \
             + [(1, "chain", None)] * (1 in args.workers and not args.no_chain) \
-            + [(w, "auto", args.saturation) for w in args.workers] * (args.saturation is not None)
+            + [(w, "auto", args.saturation) for w in args.workers] * (args.saturation is not None) \
+            + [(w, prefix, args.saturation) for prefix in args.prefix for w in args.workers]
+        kinds = list(dict.fromkeys(kinds))  # (each row once)
         for w, prefix, sat in kinds:
             total, h, t, cpu, peaks, idle = run_dask(w, ch, st, length, chunk, args.seed,
                                                      prefix, sat)

@@ -31,11 +31,17 @@ from its read to its pass 2 only, so on a ``dask.distributed`` cluster
 (which starts input chunks only as workers have room) a worker's memory
 stays at a few chunks.  Dask's local threaded scheduler starts every ready
 input chunk as threads come free, so with many threads it may read ahead
-further.  Where the lookahead covers all chunks, pass 1 runs on them at
-once and the prefix is the tree; otherwise pass 2 paces it and a chain
-(fewer tasks) is as fast.  Built for a scheduler of one thread the graph
-has no pass 1 at all: each chunk runs from the final state of the one
-before, which is what one thread would do best.  For a time-invariant
+further.  On a cluster of one-thread workers, the scheduler's
+``distributed.scheduler.worker-saturation`` (Dask's default 1.1) hands a
+worker two input chunks at once, so it holds one chunk more than a loop
+with ``zi``/``zf`` would; 1.0 holds none more (set it before the cluster
+starts).  Where fresh memory is dear (the kernel clearing newly faulted
+pages) that extra chunk shows in the time.  Where the lookahead covers
+all chunks, pass 1 runs on them at once and the prefix is the tree;
+otherwise pass 2 paces it and a chain (fewer tasks) is as fast.  Built
+for a scheduler of one thread the graph has no pass 1 at all: each chunk
+runs from the final state of the one before, which is what one thread
+would do best.  For a time-invariant
 filter pass 1 needs no recurrence: the end state is
 ``Bb sum_t Ab^(len-1-t) x_t``, a batched matrix product with tables of
 powers (``mode='conv'``'s final state), about half the scan's work.
