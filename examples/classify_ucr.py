@@ -73,7 +73,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--seeds", type=int, default=1, help="n_seeds of MambaClassifier")
+    ap.add_argument("--seeds", type=int, default=MambaClassifier().n_seeds,
+                    help="n_seeds of MambaClassifier")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="MambaClassifier's early-stopping split (0: none, the default)")

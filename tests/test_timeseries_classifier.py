@@ -9,7 +9,7 @@ import pytest
 from numba_mamba.models import init_params, model_backward, model_forward
 from numba_mamba.timeseries import MambaClassifier
 
-TINY = dict(d_model=8, n_layers=1, d_state=4, lr=1e-2)
+TINY = dict(d_model=8, n_layers=1, d_state=4, lr=1e-2, n_seeds=1)  # (the default is 2)
 
 
 def _two_frequencies(n, length=40, seed=0, channels=1):
@@ -48,7 +48,7 @@ def test_early_stopping_holds_out_each_class_and_refits_on_all():
 def test_ragged_multivariate_list_input_pads_without_changing_a_series_result():
     X, y = _two_frequencies(40, channels=2)
     ragged = [x[:30 + (i % 7)] for i, x in enumerate(X)]
-    clf = MambaClassifier(steps=40, n_seeds=2, **TINY).fit(ragged, y)
+    clf = MambaClassifier(steps=40, **dict(TINY, n_seeds=2)).fit(ragged, y)
     p_all = clf.predict_proba(ragged)
     # a series alone (no padding) gets the same probabilities as inside the padded batch
     np.testing.assert_allclose(clf.predict_proba([ragged[3]])[0], p_all[3], rtol=1e-5)
@@ -132,7 +132,7 @@ def test_meanmax_bidirectional_augmented_learns_and_pickles():
     X, y = _two_frequencies(60, channels=2)
     ragged = [x[:30 + (i % 7)] for i, x in enumerate(X)]
     clf = MambaClassifier(steps=60, pool="meanmax", n_features=8, bidirectional=True, crop=0.8,
-                          jitter=0.1, n_seeds=2, **TINY).fit(ragged[:40], y[:40])
+                          jitter=0.1, **dict(TINY, n_seeds=2)).fit(ragged[:40], y[:40])
     assert [m["reverse"] for m in clf.members_] == [False, True, False, True]
     assert clf.score(ragged[40:], y[40:]) >= 0.9
     # one series alone gets the probabilities it gets inside the padded batch
