@@ -222,6 +222,7 @@ class Settings:
 _POSITIVE = ("save_every", "min_recurrences", "target_blocks", "forward_split_below",
              "backward_target_blocks",
              "min_segment", "long_segment", "long_segment_waves", "gemm_tuning_min_flops")
+_ZERO_ALLOWED = ("target_blocks", "forward_split_below", "backward_target_blocks")  # 0: no split
 
 
 _GENERATION = [0]
@@ -249,10 +250,9 @@ def _checked(name, value):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         value = int(value)
-        if value < (0 if name in ("target_blocks", "forward_split_below",
-                                  "backward_target_blocks") else 1):
-            raise ValueError(f"{name} must be at least "
-                             f"{0 if 'target' in name or 'below' in name else 1}, got {value}")
+        least = 0 if name in _ZERO_ALLOWED else 1
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
     elif name == "min_blocks":
         value = _mapping({(np.dtype(dt), kind): int(m) for (dt, kind), m in dict(value).items()})
         for (dt, kind), m in value.items():

@@ -622,7 +622,7 @@ def selective_scan_vjp(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any = None
         # given arrays, of which the canonical ones are views)
         forward = call.backend.forward_plan(*call.args)
         if forward is not None:
-            plan = _VjpPlan(forward, call.backend, call.dout_dtype, bool(delta_softplus))
+            plan = _VjpPlan(forward, call.dout_dtype, bool(delta_softplus))
             call.plans[key] = (_generation(), plan)
     return (out.astype(call.given[0].dtype, copy=False), last_state,
             _backward(call, saved, plan))
@@ -634,9 +634,8 @@ class _VjpPlan:
     the backward's once a backward of the layout has run (with the settings'
     generation it was made in).  Holds no arrays."""
 
-    def __init__(self, forward, backend, dout_dtype, delta_softplus):
+    def __init__(self, forward, dout_dtype, delta_softplus):
         self.forward = forward
-        self.backend = backend
         self.dout_dtype = dout_dtype
         self.delta_softplus = delta_softplus
         self.backward = None
